@@ -1,0 +1,429 @@
+//! `ckpt-agent dump`: freeze a process tree, read its state from outside, store the
+//! image, then let the tree go (or kill it).
+//!
+//! Order, and why:
+//! 1. freeze every thread (ptrace seize + interrupt);
+//! 2. per thread and per process, what needs injected system calls (sigaltstack,
+//!    handlers, timers, tid address, brk) — while the tree is frozen, before memory is
+//!    read, because the scratch bytes we borrow on the stack are put back first;
+//! 3. descriptors (pipes are copied with tee, nothing is consumed);
+//! 4. memory, in parallel worker threads, straight into the store;
+//! 5. with `--leave-running` the tree is thawed here; the rest (file checks, sync,
+//!    manifest) runs while it computes;
+//! 6. sync the store, write the manifest — the commit point;
+//! 7. without `--leave-running`, kill the tree only now that the image is safe.
+//!
+//! Any error before 7 drops the [`Frozen`] guard, which thaws the tree as if nothing
+//! had happened. A manifest never exists for a failed dump.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use ckpt_shared::codec;
+use ckpt_shared::image::{
+    self, Creds, DumpStats, FileCheck, FileKind, HostFingerprint, Image, Mapping, MappingKind,
+    MmFields, Process,
+};
+use ckpt_shared::store::ChunkStore;
+use libc::pid_t;
+use tracing::info;
+
+use crate::fd::{FdError, FdTable};
+use crate::freeze::{self, FreezeError};
+use crate::inject::{self, InjectError, Remote};
+use crate::mem::{self, MemError, ShmemPlan, Target};
+use crate::signals::{self, SignalError};
+use crate::sys::{self, nr, proc};
+use crate::thread::{self, StackScratch, ThreadError, SCRATCH_LEN};
+
+#[derive(Debug, thiserror::Error)]
+pub enum DumpError {
+    #[error(transparent)]
+    Freeze(#[from] FreezeError),
+    #[error(transparent)]
+    Thread(#[from] ThreadError),
+    #[error(transparent)]
+    Signal(#[from] SignalError),
+    #[error(transparent)]
+    Fd(#[from] FdError),
+    #[error(transparent)]
+    Mem(#[from] MemError),
+    #[error(transparent)]
+    Inject(#[from] InjectError),
+    #[error(transparent)]
+    Proc(#[from] proc::ProcError),
+    #[error(transparent)]
+    Sys(#[from] sys::SysError),
+    #[error(transparent)]
+    Store(#[from] ckpt_shared::store::StoreError),
+    #[error(transparent)]
+    Codec(#[from] codec::CodecError),
+    #[error("process {pid} has no vDSO: cannot inject system calls into it")]
+    NoVdso { pid: pid_t },
+    #[error("{path} already holds an image; choose another directory or remove it first")]
+    ImageExists { path: PathBuf },
+    #[error("cannot check file {path}: {source}")]
+    FileCheck {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("induced failure at stage {0} (CKPT_FAULT, test hook)")]
+    Fault(&'static str),
+}
+
+/// What to dump and how.
+#[derive(Debug, Clone)]
+pub struct DumpOptions {
+    pub pid: pid_t,
+    pub image: PathBuf,
+    pub leave_running: bool,
+    /// zstd level for chunks; `None` stores them raw.
+    pub zstd_level: Option<i32>,
+    /// Worker threads for memory.
+    pub workers: usize,
+}
+
+/// Test-only fault hook: `CKPT_FAULT=<stage>` makes the dump fail at that stage.
+fn fault(stage: &'static str) -> Result<(), DumpError> {
+    match std::env::var("CKPT_FAULT") {
+        Ok(s) if s == stage => Err(DumpError::Fault(stage)),
+        _ => Ok(()),
+    }
+}
+
+/// Files larger than this are checked by size, mtime and inode only.
+const HASH_LIMIT: u64 = 64 << 20;
+
+pub fn dump(opts: &DumpOptions) -> Result<Image, DumpError> {
+    let t0 = Instant::now();
+    let store = ChunkStore::open(&opts.image)?;
+    if opts.image.join("manifest.ckpt").exists() {
+        return Err(DumpError::ImageExists {
+            path: opts.image.clone(),
+        });
+    }
+    let mut frozen = freeze::freeze(opts.pid)?;
+    let t_frozen = Instant::now();
+    fault("after-seize")?;
+
+    // Per process: threads, signals, mm, credentials, layout.
+    let mut processes = Vec::new();
+    let mut smaps_of: Vec<Vec<proc::Vma>> = Vec::new();
+    let mut host: Option<HostFingerprint> = None;
+    let mut shmem = ShmemPlan::default();
+    for pi in 0..frozen.procs.len() {
+        let pid = frozen.procs[pi].pid;
+        let vmas = proc::smaps(pid)?;
+        let (syscall_ip, vdso_bytes) = find_vdso(pid, &vmas)?;
+        if host.is_none() {
+            let xsave_size = 0; // filled from the first thread below
+            let vvar_size = vmas
+                .iter()
+                .filter(|v| v.name.starts_with("[vvar"))
+                .map(|v| v.end - v.start)
+                .sum();
+            host = Some(HostFingerprint {
+                kernel: uname_release(),
+                hostname: hostname(),
+                xcr0: sys::host_xcr0(),
+                xsave_size,
+                vdso_hash: *blake3::hash(&vdso_bytes).as_bytes(),
+                vdso_size: vdso_bytes.len() as u64,
+                vvar_size,
+            });
+        }
+        let mut threads = Vec::new();
+        let fp = &mut frozen.procs[pi];
+        for t in &mut fp.threads {
+            let (th, swallowed) = thread::dump(pid, t, syscall_ip)?;
+            fp.swallowed
+                .extend(swallowed.into_iter().map(|s| (t.tid, s)));
+            threads.push(th);
+        }
+        // Process-wide state, injected into the leader.
+        let leader = &fp.threads[0];
+        let scratch = StackScratch::take(leader.tid, leader.regs.rsp)?;
+        let mut remote = Remote {
+            tid: leader.tid,
+            syscall_ip,
+            base: leader.regs,
+            scratch: scratch.addr,
+            scratch_len: SCRATCH_LEN,
+            new_children: Vec::new(),
+            swallowed: Vec::new(),
+        };
+        let got = (|| -> Result<_, DumpError> {
+            let sig = signals::dump(&mut remote, pid)?;
+            let brk = remote.syscall(nr::BRK, [0; 6])?;
+            Ok((sig, brk))
+        })();
+        scratch.give_back(leader.tid)?;
+        fp.swallowed
+            .extend(remote.swallowed.iter().map(|&s| (leader.tid, s)));
+        let ((sigactions, itimers, posix_timers), brk) = got?;
+        let shared_pending = sys::ptrace::peek_siginfo(leader.tid, true)
+            .map_err(ThreadError::from)?
+            .into_iter()
+            .map(thread::siginfo)
+            .collect();
+        let stopped = fp.stopped;
+
+        let st = proc::stat(pid)?;
+        let status = proc::status(pid)?;
+        let mut rlimits = Vec::new();
+        for res in 0..16u32 {
+            let (soft, hard) = sys::prlimit_get(pid, res)?;
+            rlimits.push((res, soft, hard));
+        }
+        let personality = std::fs::read_to_string(format!("/proc/{pid}/personality"))
+            .ok()
+            .and_then(|s| u32::from_str_radix(s.trim(), 16).ok())
+            .unwrap_or(0);
+        let mut mappings = Vec::new();
+        for v in &vmas {
+            let kind = mem::classify(pid, v, &mut shmem)?;
+            let prot = (v.read as u32) * image::prot::READ
+                | (v.write as u32) * image::prot::WRITE
+                | (v.exec as u32) * image::prot::EXEC;
+            mappings.push(Mapping {
+                start: v.start,
+                end: v.end,
+                prot,
+                shared: v.shared,
+                kind,
+                vm_flags: v.vm_flags.clone(),
+                data: Vec::new(),
+            });
+        }
+        processes.push(Process {
+            pid,
+            ppid: st.ppid,
+            pgid: st.pgid,
+            sid: st.sid,
+            threads,
+            mappings,
+            mm: MmFields {
+                start_code: st.start_code,
+                end_code: st.end_code,
+                start_data: st.start_data,
+                end_data: st.end_data,
+                start_brk: st.start_brk,
+                brk,
+                start_stack: st.start_stack,
+                arg_start: st.arg_start,
+                arg_end: st.arg_end,
+                env_start: st.env_start,
+                env_end: st.env_end,
+                auxv: proc::auxv(pid)?,
+                exe: proc::readlink(format!("/proc/{pid}/exe"))?,
+            },
+            fds: Vec::new(),
+            sigactions,
+            shared_pending,
+            itimers,
+            posix_timers,
+            rlimits,
+            cwd: proc::readlink(format!("/proc/{pid}/cwd"))?,
+            umask: status.umask,
+            creds: Creds {
+                uid: status.uid,
+                gid: status.gid,
+                groups: status.groups,
+            },
+            stopped,
+            personality,
+        });
+        smaps_of.push(vmas);
+    }
+    let mut host = host.expect("a tree has a root");
+    host.xsave_size = processes[0].threads[0].xsave.len() as u32;
+    fault("after-regs")?;
+
+    // Descriptors.
+    let mut table = FdTable::default();
+    for p in &mut processes {
+        p.fds = table.dump_process(p.pid)?;
+    }
+    {
+        let mut view: Vec<(pid_t, &mut Vec<image::Fd>)> =
+            processes.iter_mut().map(|p| (p.pid, &mut p.fds)).collect();
+        table.finish(&mut view)?;
+    }
+    fault("after-files")?;
+
+    // Memory.
+    let mut jobs = Vec::new();
+    let mut seen_shm = std::collections::HashSet::new();
+    for (pi, p) in processes.iter().enumerate() {
+        let pm = std::fs::File::open(format!("/proc/{}/pagemap", p.pid)).map_err(|source| {
+            MemError::Read {
+                pid: p.pid,
+                addr: 0,
+                source,
+            }
+        })?;
+        for (mi, m) in p.mappings.iter().enumerate() {
+            let target = match m.kind {
+                MappingKind::SharedAnon { shmem_id, .. } => Target::Shmem { id: shmem_id },
+                _ => Target::Mapping { p: pi, m: mi },
+            };
+            jobs.extend(mem::plan_reads(&pm, p.pid, target, m, &mut seen_shm)?);
+        }
+    }
+    let (mut extents, totals) = mem::dump_parallel(&jobs, &store, opts.zstd_level, opts.workers)?;
+    fault("after-memory")?;
+    let freeze_end = Instant::now();
+    let frozen_for_kill = if opts.leave_running {
+        frozen.thaw();
+        None
+    } else {
+        Some(frozen)
+    };
+    let freeze_us = freeze_end.duration_since(t_frozen).as_micros() as u64;
+
+    for (pi, p) in processes.iter_mut().enumerate() {
+        for (mi, m) in p.mappings.iter_mut().enumerate() {
+            if let Some(e) = extents.remove(&Target::Mapping { p: pi, m: mi }) {
+                m.data = e;
+            }
+        }
+    }
+    let mut shm_objs: Vec<image::SharedMemory> = shmem
+        .size
+        .iter()
+        .map(|(&id, &size)| image::SharedMemory {
+            id,
+            size,
+            data: extents.remove(&Target::Shmem { id }).unwrap_or_default(),
+        })
+        .collect();
+    shm_objs.sort_by_key(|s| s.id);
+
+    // File checks, outside the freeze window where possible.
+    let mut checks: Vec<FileCheck> = Vec::new();
+    let mut check_index: HashMap<String, u32> = HashMap::new();
+    let mut check_for = |path: &str| -> Result<u32, DumpError> {
+        if let Some(&i) = check_index.get(path) {
+            return Ok(i);
+        }
+        let c = file_check(path)?;
+        checks.push(c);
+        let i = (checks.len() - 1) as u32;
+        check_index.insert(path.to_string(), i);
+        Ok(i)
+    };
+    for p in &mut processes {
+        for m in &mut p.mappings {
+            if let MappingKind::File { path, check, .. } = &mut m.kind {
+                *check = check_for(path)?;
+            }
+        }
+    }
+    let mut files = table.files;
+    for f in &mut files {
+        if let FileKind::Regular { path, check, .. } = &mut f.kind {
+            *check = check_for(path)?;
+        }
+    }
+
+    let chunks: std::collections::HashSet<_> = processes
+        .iter()
+        .flat_map(|p| p.mappings.iter().flat_map(|m| m.data.iter()))
+        .chain(shm_objs.iter().flat_map(|s| s.data.iter()))
+        .map(|e| e.chunk.hash)
+        .collect();
+    let mut img = Image {
+        format_version: image::FORMAT_VERSION,
+        arch: image::ARCH.to_string(),
+        tool_version: env!("CARGO_PKG_VERSION").to_string(),
+        created_unix: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0),
+        host,
+        root_pid: opts.pid,
+        processes,
+        files,
+        shmem: shm_objs,
+        file_checks: checks,
+        stats: DumpStats {
+            freeze_us,
+            total_us: 0,
+            memory_bytes: totals.memory_bytes,
+            stored_bytes: totals.stored_bytes,
+            chunks: chunks.len() as u64,
+        },
+    };
+    store.sync()?;
+    fault("before-commit")?;
+    img.stats.total_us = t0.elapsed().as_micros() as u64;
+    let bytes = codec::encode_image(&img)?;
+    store.put_manifest(&bytes)?;
+    if let Some(f) = frozen_for_kill {
+        f.kill();
+        img.stats.freeze_us = t_frozen.elapsed().as_micros() as u64;
+    }
+    info!(
+        pid = opts.pid,
+        freeze_us = img.stats.freeze_us,
+        bytes = img.stats.memory_bytes,
+        "dump complete"
+    );
+    Ok(img)
+}
+
+/// Find the vDSO: a `syscall` instruction in it to inject through, and its bytes.
+fn find_vdso(pid: pid_t, vmas: &[proc::Vma]) -> Result<(u64, Vec<u8>), DumpError> {
+    let v = vmas
+        .iter()
+        .find(|v| v.name == "[vdso]")
+        .ok_or(DumpError::NoVdso { pid })?;
+    let mut bytes = vec![0u8; (v.end - v.start) as usize];
+    let n = sys::process_vm_readv(pid, v.start, &mut bytes)?;
+    bytes.truncate(n);
+    let ip = inject::find_syscall_insn(&bytes, v.start).ok_or(DumpError::NoVdso { pid })?;
+    Ok((ip, bytes))
+}
+
+pub fn file_check(path: &str) -> Result<FileCheck, DumpError> {
+    use std::os::unix::fs::MetadataExt;
+    let err = |source| DumpError::FileCheck {
+        path: path.to_string(),
+        source,
+    };
+    let m = std::fs::metadata(path).map_err(err)?;
+    let hash = if m.len() <= HASH_LIMIT {
+        Some(hash_file(Path::new(path)).map_err(err)?)
+    } else {
+        None
+    };
+    Ok(FileCheck {
+        path: path.to_string(),
+        size: m.len(),
+        mtime_ns: m.mtime() as i128 * 1_000_000_000 + m.mtime_nsec() as i128,
+        dev: m.dev(),
+        ino: m.ino(),
+        hash,
+    })
+}
+
+pub fn hash_file(path: &Path) -> std::io::Result<[u8; 32]> {
+    let mut h = blake3::Hasher::new();
+    let mut f = std::fs::File::open(path)?;
+    std::io::copy(&mut f, &mut h)?;
+    Ok(*h.finalize().as_bytes())
+}
+
+pub fn uname_release() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_default()
+}
+
+pub fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_default()
+}

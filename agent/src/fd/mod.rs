@@ -1,0 +1,385 @@
+//! Descriptor tables — dump and restore.
+//!
+//! Dump: each descriptor is classified from `/proc/PID/fd/N` (the link and a `stat`
+//! through it) and `/proc/PID/fdinfo/N` (position and flags). Descriptors that share
+//! one open file description, across processes too (dup, fork), are found with
+//! `kcmp(KCMP_FILE)` and stored once, so the sharing comes back.
+//!
+//! Restore: the restorer opens every description itself ([`open_all`]), then each
+//! husk takes its descriptors with an injected `pidfd_getfd` and `dup3`s them into
+//! place. Descriptions shared between processes are shared again.
+//!
+//! Supported: regular files, directories, `/dev/{null,zero,random,urandom}`, pipes
+//! and FIFOs (with the data buffered in them). Descriptors 0–2 that lead out of the
+//! tree (a terminal, a pipe to the shell) are inherited from the restore command.
+//! Everything else is refused at dump with a message naming the fd and the PID.
+
+pub mod pipe;
+
+use std::collections::HashMap;
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
+
+use ckpt_shared::image::{Fd, FileKind, OpenFile};
+use libc::pid_t;
+
+use crate::inject::{InjectError, Remote};
+use crate::sys::{self, nr, proc, SysError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum FdError {
+    #[error("unsupported: fd {fd} of PID {pid} is {what}")]
+    Unsupported { pid: pid_t, fd: RawFd, what: String },
+    #[error(transparent)]
+    Proc(#[from] proc::ProcError),
+    #[error(transparent)]
+    Sys(#[from] SysError),
+    #[error(transparent)]
+    Inject(#[from] InjectError),
+    #[error("cannot reopen {path} for fd restore: {source}")]
+    Open {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Character devices we can reopen by path: (major, minor).
+const SAFE_CHARDEVS: [(u64, u64, &str); 4] = [
+    (1, 3, "/dev/null"),
+    (1, 5, "/dev/zero"),
+    (1, 8, "/dev/random"),
+    (1, 9, "/dev/urandom"),
+];
+
+fn major(rdev: u64) -> u64 {
+    libc::major(rdev) as u64
+}
+fn minor(rdev: u64) -> u64 {
+    libc::minor(rdev) as u64
+}
+
+/// The descriptions found so far in the tree.
+#[derive(Default)]
+pub struct FdTable {
+    pub files: Vec<OpenFile>,
+    /// For each file: a representative (pid, fd) and its (dev, ino) for kcmp.
+    reps: Vec<(pid_t, RawFd, u64, u64)>,
+    /// Pipe inodes → (seen a read end, seen a write end, is a FIFO).
+    pipes: HashMap<u64, (bool, bool)>,
+    /// Regular files behind descriptors (for the restore check).
+    pub regular_paths: Vec<String>,
+}
+
+impl FdTable {
+    /// Dump the descriptor table of `pid`.
+    pub fn dump_process(&mut self, pid: pid_t) -> Result<Vec<Fd>, FdError> {
+        let mut out = Vec::new();
+        let pidfd = sys::pidfd_open(pid)?;
+        for fd in proc::fds(pid)? {
+            let link = proc::readlink(format!("/proc/{pid}/fd/{fd}"))?;
+            let meta = std::fs::metadata(format!("/proc/{pid}/fd/{fd}")).map_err(|source| {
+                FdError::Open {
+                    path: format!("/proc/{pid}/fd/{fd}"),
+                    source,
+                }
+            })?;
+            let (pos, flags) = proc::fdinfo(pid, fd)?;
+            let cloexec = flags & libc::O_CLOEXEC as u32 != 0;
+            let flags = flags & !(libc::O_CLOEXEC as u32);
+            let (dev, ino) = (meta.dev(), meta.ino());
+            // Already seen this description (dup, fork)?
+            let mut found = None;
+            for (i, &(rp, rfd, rdev, rino)) in self.reps.iter().enumerate() {
+                if rdev == dev && rino == ino && sys::same_file_description(rp, rfd, pid, fd)? {
+                    found = Some(i);
+                    break;
+                }
+            }
+            if let Some(i) = found {
+                out.push(Fd {
+                    fd,
+                    cloexec,
+                    file: i as u32,
+                });
+                continue;
+            }
+            let ft = meta.file_type();
+            let unsupported = |what: String| FdError::Unsupported { pid, fd, what };
+            let kind = if link.starts_with("pipe:[") || ft.is_fifo() {
+                let dup = sys::pidfd_getfd(&pidfd, pid, fd)?;
+                let (buffered, capacity) = pipe::peek(&dup, flags)?;
+                let read_end = flags & libc::O_ACCMODE as u32 != libc::O_WRONLY as u32;
+                let e = self.pipes.entry(ino).or_default();
+                if read_end {
+                    e.0 = true;
+                }
+                if flags & libc::O_ACCMODE as u32 != libc::O_RDONLY as u32 {
+                    e.1 = true;
+                }
+                // The data is stored once per pipe: on the first description seen.
+                let already = self
+                    .files
+                    .iter()
+                    .any(|f| matches!(&f.kind, FileKind::Pipe { pipe_id, .. } if *pipe_id == ino));
+                FileKind::Pipe {
+                    pipe_id: ino,
+                    read_end,
+                    fifo_path: (!link.starts_with("pipe:[")).then(|| link.clone()),
+                    buffered: if already { Vec::new() } else { buffered },
+                    capacity,
+                }
+            } else if link.starts_with("socket:[") {
+                if fd <= 2 {
+                    FileKind::Inherited { what: link.clone() }
+                } else {
+                    let dup = sys::pidfd_getfd(&pidfd, pid, fd)?;
+                    let (domain, _) = sys::socket_domain_type(dup.as_raw_fd())?;
+                    return Err(unsupported(format!("a {} socket", domain_name(domain))));
+                }
+            } else if let Some(rest) = link.strip_prefix("anon_inode:") {
+                return Err(unsupported(format!(
+                    "an {} (anon inode)",
+                    rest.trim_matches(|c| c == '[' || c == ']')
+                )));
+            } else if link.ends_with(" (deleted)") {
+                return Err(unsupported(format!("a deleted file ({link})")));
+            } else if ft.is_dir() {
+                FileKind::Directory {
+                    path: link.clone(),
+                    pos,
+                }
+            } else if ft.is_file() {
+                self.regular_paths.push(link.clone());
+                FileKind::Regular {
+                    path: link.clone(),
+                    pos,
+                    check: u32::MAX,
+                }
+            } else if ft.is_char_device() {
+                let rdev = meta.rdev();
+                if let Some(&(_, _, p)) = SAFE_CHARDEVS
+                    .iter()
+                    .find(|(ma, mi, _)| *ma == major(rdev) && *mi == minor(rdev))
+                {
+                    FileKind::CharDevice {
+                        path: p.to_string(),
+                        rdev,
+                    }
+                } else if fd <= 2 {
+                    FileKind::Inherited { what: link.clone() }
+                } else {
+                    return Err(unsupported(format!("the character device {link}")));
+                }
+            } else {
+                return Err(unsupported(format!("{link} (not a supported file type)")));
+            };
+            let id = self.files.len() as u32;
+            self.files.push(OpenFile { id, flags, kind });
+            self.reps.push((pid, fd, dev, ino));
+            out.push(Fd {
+                fd,
+                cloexec,
+                file: id,
+            });
+        }
+        Ok(out)
+    }
+
+    /// After every process: anonymous pipes with an end outside the tree can only be
+    /// inherited stdio.
+    pub fn finish(&mut self, procs: &mut [(pid_t, &mut Vec<Fd>)]) -> Result<(), FdError> {
+        for (pid, fds) in procs.iter_mut() {
+            for fd in fds.iter() {
+                let f = &mut self.files[fd.file as usize];
+                if let FileKind::Pipe {
+                    pipe_id,
+                    fifo_path: None,
+                    ..
+                } = f.kind
+                {
+                    let (r, w) = self.pipes.get(&pipe_id).copied().unwrap_or_default();
+                    if !(r && w) {
+                        if fd.fd <= 2 {
+                            f.kind = FileKind::Inherited {
+                                what: format!("pipe:[{pipe_id}]"),
+                            };
+                        } else {
+                            return Err(FdError::Unsupported {
+                                pid: *pid,
+                                fd: fd.fd,
+                                what: format!(
+                                    "a pipe to a process outside the tree (pipe:[{pipe_id}])"
+                                ),
+                            });
+                        }
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+fn domain_name(d: i32) -> String {
+    match d {
+        libc::AF_UNIX => "UNIX".into(),
+        libc::AF_INET => "TCP/UDP IPv4".into(),
+        libc::AF_INET6 => "TCP/UDP IPv6".into(),
+        libc::AF_NETLINK => "netlink".into(),
+        libc::AF_PACKET => "packet".into(),
+        other => format!("family-{other}"),
+    }
+}
+
+/// Open every description of the image in the restorer. Returns our descriptor for
+/// each file id. FIFO holders (kept open until the husks took their ends) are
+/// returned as well.
+pub fn open_all(files: &[OpenFile]) -> Result<(Vec<OwnedFd>, Vec<OwnedFd>), FdError> {
+    // Pipes first: one rebuilt pipe (or one FIFO holder) per pipe, filled with the
+    // data that the dump stored on one of its descriptions.
+    let mut data: HashMap<u64, (&[u8], u32, Option<&str>)> = HashMap::new();
+    for f in files {
+        if let FileKind::Pipe {
+            pipe_id,
+            fifo_path,
+            buffered,
+            capacity,
+            ..
+        } = &f.kind
+        {
+            let e = data
+                .entry(*pipe_id)
+                .or_insert((&[], *capacity, fifo_path.as_deref()));
+            if !buffered.is_empty() {
+                e.0 = buffered;
+            }
+        }
+    }
+    let mut pipes: HashMap<u64, pipe::RebuiltPipe> = HashMap::new();
+    let mut holders = Vec::new();
+    for (id, (bytes, capacity, fifo)) in data {
+        match fifo {
+            Some(path) => {
+                // Holding the FIFO open read-write lets the ends open without
+                // blocking and keeps the data until every husk has its end.
+                let h = pipe::open_fifo(path, libc::O_RDWR)?;
+                pipe::write_all(&h, bytes)?;
+                holders.push(h);
+            }
+            None => {
+                pipes.insert(id, pipe::rebuild(bytes, capacity)?);
+            }
+        }
+    }
+    let mut out = Vec::with_capacity(files.len());
+    for f in files {
+        let flags = f.flags as i32;
+        let fd: OwnedFd = match &f.kind {
+            FileKind::Regular { path, pos, .. } | FileKind::Directory { path, pos } => {
+                let file = open_path(path, flags)?;
+                if *pos != 0 {
+                    // SAFETY: plain lseek on a descriptor we own.
+                    if unsafe { libc::lseek(file.as_raw_fd(), *pos as i64, libc::SEEK_SET) } < 0 {
+                        return Err(SysError::last("lseek", path).into());
+                    }
+                }
+                file
+            }
+            FileKind::CharDevice { path, .. } => open_path(path, flags)?,
+            FileKind::Pipe {
+                pipe_id,
+                read_end,
+                fifo_path,
+                ..
+            } => {
+                if let Some(path) = fifo_path {
+                    let fd = pipe::open_fifo(path, flags)?;
+                    set_status_flags(&fd, flags)?;
+                    fd
+                } else {
+                    let p = &pipes[pipe_id];
+                    let src = if *read_end { &p.read } else { &p.write };
+                    let dup = src.try_clone().map_err(|source| FdError::Open {
+                        path: format!("pipe:[{pipe_id}]"),
+                        source,
+                    })?;
+                    set_status_flags(&dup, flags)?;
+                    dup
+                }
+            }
+            FileKind::Inherited { .. } => {
+                // Which fd number inherits is decided by the descriptor slot; any of
+                // 0..=2 of ours stands in. The slot picks it at install time.
+                let own = std::fs::File::open("/dev/null").map_err(|source| FdError::Open {
+                    path: "/dev/null".into(),
+                    source,
+                })?;
+                own.into()
+            }
+        };
+        out.push(fd);
+    }
+    Ok((out, holders))
+}
+
+fn open_path(path: &str, flags: i32) -> Result<OwnedFd, FdError> {
+    let acc = flags & libc::O_ACCMODE;
+    let keep = flags
+        & !(libc::O_ACCMODE
+            | libc::O_CREAT
+            | libc::O_EXCL
+            | libc::O_TRUNC
+            | libc::O_NOCTTY
+            | libc::O_CLOEXEC);
+    let f = std::fs::OpenOptions::new()
+        .read(acc == libc::O_RDONLY || acc == libc::O_RDWR)
+        .write(acc == libc::O_WRONLY || acc == libc::O_RDWR)
+        .custom_flags(keep)
+        .open(path)
+        .map_err(|source| FdError::Open {
+            path: path.to_string(),
+            source,
+        })?;
+    Ok(f.into())
+}
+
+/// Set O_NONBLOCK/O_APPEND/... as the image says (status flags live in the
+/// description, so every sharer sees them).
+fn set_status_flags(fd: &OwnedFd, flags: i32) -> Result<(), FdError> {
+    let settable =
+        libc::O_APPEND | libc::O_NONBLOCK | libc::O_ASYNC | libc::O_DIRECT | libc::O_NOATIME;
+    // SAFETY: F_SETFL on a descriptor we own.
+    if unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETFL, flags & settable) } < 0 {
+        return Err(SysError::last("fcntl(F_SETFL)", fd.as_raw_fd()).into());
+    }
+    Ok(())
+}
+
+/// Install the descriptors of one husk. `pidfd_slot` is the husk's descriptor for a
+/// pidfd of the restorer; `ours` maps a file id to the restorer's descriptor.
+pub fn install(
+    r: &mut Remote,
+    pidfd_slot: u64,
+    fds: &[Fd],
+    files: &[OpenFile],
+    ours: &[OwnedFd],
+) -> Result<(), FdError> {
+    for fd in fds {
+        let src: RawFd = match files[fd.file as usize].kind {
+            // Inherited descriptors come from the restore command's own 0..=2.
+            FileKind::Inherited { .. } => fd.fd,
+            _ => ours[fd.file as usize].as_raw_fd(),
+        };
+        let tmp = r.syscall(nr::PIDFD_GETFD, [pidfd_slot, src as u64, 0, 0, 0, 0])?;
+        if tmp as RawFd == fd.fd {
+            let v = if fd.cloexec { libc::FD_CLOEXEC } else { 0 };
+            r.syscall(nr::FCNTL, [tmp, libc::F_SETFD as u64, v as u64, 0, 0, 0])?;
+        } else {
+            let fl = if fd.cloexec { libc::O_CLOEXEC } else { 0 };
+            r.syscall(nr::DUP3, [tmp, fd.fd as u64, fl as u64, 0, 0, 0])?;
+            r.syscall(nr::CLOSE, [tmp, 0, 0, 0, 0, 0])?;
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,224 @@
+//! `ckpt-agent inspect`: an image for a person (text) and for a script (JSON).
+
+use std::fmt::Write;
+
+use ckpt_shared::image::{prot, FileKind, Image, Mapping, MappingKind};
+use serde_json::{json, Value};
+
+pub fn human(b: u64) -> String {
+    const U: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = b as f64;
+    let mut i = 0;
+    while v >= 1024.0 && i < U.len() - 1 {
+        v /= 1024.0;
+        i += 1;
+    }
+    if i == 0 {
+        format!("{b} B")
+    } else {
+        format!("{v:.1} {}", U[i])
+    }
+}
+
+fn prot_str(m: &Mapping) -> String {
+    format!(
+        "{}{}{}{}",
+        if m.prot & prot::READ != 0 { 'r' } else { '-' },
+        if m.prot & prot::WRITE != 0 { 'w' } else { '-' },
+        if m.prot & prot::EXEC != 0 { 'x' } else { '-' },
+        if m.shared { 's' } else { 'p' }
+    )
+}
+
+fn kind_str(k: &MappingKind) -> String {
+    match k {
+        MappingKind::Anon { name } => name.clone().unwrap_or_else(|| "[anon]".into()),
+        MappingKind::SharedAnon { shmem_id, .. } => format!("[shared anon #{shmem_id}]"),
+        MappingKind::File { path, .. } => path.clone(),
+        MappingKind::Vdso => "[vdso]".into(),
+        MappingKind::Vvar => "[vvar]".into(),
+        MappingKind::Vsyscall => "[vsyscall]".into(),
+    }
+}
+
+fn stored(m: &Mapping) -> u64 {
+    m.data.iter().map(|e| e.chunk.len as u64).sum()
+}
+
+fn file_json(k: &FileKind) -> Value {
+    match k {
+        FileKind::Regular { path, pos, .. } => json!({"kind": "file", "path": path, "pos": pos}),
+        FileKind::Directory { path, pos } => json!({"kind": "directory", "path": path, "pos": pos}),
+        FileKind::CharDevice { path, .. } => json!({"kind": "chardev", "path": path}),
+        FileKind::Pipe {
+            pipe_id,
+            read_end,
+            fifo_path,
+            buffered,
+            capacity,
+        } => json!({
+            "kind": if fifo_path.is_some() { "fifo" } else { "pipe" }, "pipe": pipe_id,
+            "end": if *read_end { "read" } else { "write" }, "path": fifo_path,
+            "buffered": buffered.len(), "capacity": capacity,
+        }),
+        FileKind::Inherited { what } => json!({"kind": "inherited", "what": what}),
+    }
+}
+
+pub fn stats_json(img: &Image) -> Value {
+    json!({
+        "root_pid": img.root_pid,
+        "processes": img.processes.len(),
+        "threads": img.processes.iter().map(|p| p.threads.len()).sum::<usize>(),
+        "freeze_us": img.stats.freeze_us,
+        "total_us": img.stats.total_us,
+        "memory_bytes": img.stats.memory_bytes,
+        "stored_bytes": img.stats.stored_bytes,
+        "chunks": img.stats.chunks,
+    })
+}
+
+pub fn to_json(img: &Image) -> Value {
+    let procs: Vec<Value> = img
+        .processes
+        .iter()
+        .map(|p| {
+            json!({
+                "pid": p.pid, "ppid": p.ppid, "pgid": p.pgid, "sid": p.sid,
+                "comm": p.threads.first().map(|t| t.comm.clone()),
+                "exe": p.mm.exe, "cwd": p.cwd, "stopped": p.stopped,
+                "uid": p.creds.uid, "gid": p.creds.gid,
+                "threads": p.threads.iter().map(|t| json!({
+                    "tid": t.tid, "comm": t.comm, "sigmask": format!("{:#x}", t.sigmask),
+                    "pending": t.pending.iter().map(|s| s.signo).collect::<Vec<_>>(),
+                    "rseq": t.rseq.is_some(), "sigaltstack": t.sigaltstack.size,
+                })).collect::<Vec<_>>(),
+                "mappings": p.mappings.iter().map(|m| json!({
+                    "start": format!("{:#x}", m.start), "end": format!("{:#x}", m.end),
+                    "prot": prot_str(m), "what": kind_str(&m.kind),
+                    "stored_bytes": stored(m), "extents": m.data.len(),
+                })).collect::<Vec<_>>(),
+                "fds": p.fds.iter().map(|f| {
+                    let of = &img.files[f.file as usize];
+                    let mut v = file_json(&of.kind);
+                    v["fd"] = json!(f.fd);
+                    v["flags"] = json!(format!("{:#o}", of.flags));
+                    v["cloexec"] = json!(f.cloexec);
+                    v["file"] = json!(f.file);
+                    v
+                }).collect::<Vec<_>>(),
+                "signal_handlers": p.sigactions.len(),
+                "shared_pending": p.shared_pending.iter().map(|s| s.signo).collect::<Vec<_>>(),
+                "posix_timers": p.posix_timers.len(),
+            })
+        })
+        .collect();
+    json!({
+        "format_version": img.format_version,
+        "arch": img.arch,
+        "tool_version": img.tool_version,
+        "created_unix": img.created_unix,
+        "host": {"kernel": img.host.kernel, "hostname": img.host.hostname, "xcr0": format!("{:#x}", img.host.xcr0), "xsave_size": img.host.xsave_size},
+        "root_pid": img.root_pid,
+        "stats": stats_json(img),
+        "processes": procs,
+        "shared_memory": img.shmem.iter().map(|s| json!({"id": s.id, "size": s.size, "stored_bytes": s.data.iter().map(|e| e.chunk.len as u64).sum::<u64>()})).collect::<Vec<_>>(),
+        "file_checks": img.file_checks.iter().map(|c| json!({"path": c.path, "size": c.size, "hashed": c.hash.is_some()})).collect::<Vec<_>>(),
+    })
+}
+
+pub fn to_text(img: &Image) -> String {
+    let mut o = String::new();
+    let s = &img.stats;
+    let _ = writeln!(
+        o,
+        "image format {} ({}), dumped on {} ({}), root PID {}",
+        img.format_version, img.arch, img.host.hostname, img.host.kernel, img.root_pid
+    );
+    let _ = writeln!(
+        o,
+        "memory {} captured, {} stored in {} chunks; frozen {:.1} ms, dump {:.1} ms",
+        human(s.memory_bytes),
+        human(s.stored_bytes),
+        s.chunks,
+        s.freeze_us as f64 / 1e3,
+        s.total_us as f64 / 1e3
+    );
+    for p in &img.processes {
+        let comm = p.threads.first().map(|t| t.comm.as_str()).unwrap_or("?");
+        let _ = writeln!(
+            o,
+            "\nPID {} ({comm}) ppid {} pgid {} sid {}{}  exe {}  cwd {}",
+            p.pid,
+            p.ppid,
+            p.pgid,
+            p.sid,
+            if p.stopped { " [stopped]" } else { "" },
+            p.mm.exe,
+            p.cwd
+        );
+        let tids: Vec<String> = p
+            .threads
+            .iter()
+            .map(|t| format!("{} ({})", t.tid, t.comm))
+            .collect();
+        let _ = writeln!(o, "  threads: {}", tids.join(", "));
+        let _ = writeln!(o, "  mappings:");
+        for m in &p.mappings {
+            let _ = writeln!(
+                o,
+                "    {:>12x}-{:<12x} {} {:>10} stored  {}",
+                m.start,
+                m.end,
+                prot_str(m),
+                human(stored(m)),
+                kind_str(&m.kind)
+            );
+        }
+        let _ = writeln!(o, "  descriptors:");
+        for f in &p.fds {
+            let of = &img.files[f.file as usize];
+            let what = match &of.kind {
+                FileKind::Regular { path, pos, .. } => format!("file {path} @ {pos}"),
+                FileKind::Directory { path, .. } => format!("dir {path}"),
+                FileKind::CharDevice { path, .. } => format!("chardev {path}"),
+                FileKind::Pipe {
+                    pipe_id,
+                    read_end,
+                    fifo_path,
+                    buffered,
+                    ..
+                } => format!(
+                    "{} {} end{}{}",
+                    if fifo_path.is_some() { "fifo" } else { "pipe" },
+                    if *read_end { "read" } else { "write" },
+                    fifo_path
+                        .as_ref()
+                        .map(|p| format!(" {p}"))
+                        .unwrap_or_else(|| format!(" [{pipe_id}]")),
+                    if buffered.is_empty() {
+                        String::new()
+                    } else {
+                        format!(", {} buffered", human(buffered.len() as u64))
+                    }
+                ),
+                FileKind::Inherited { what } => format!("inherited from the restorer ({what})"),
+            };
+            let _ = writeln!(
+                o,
+                "    {:>4}  {what}  flags {:#o}{}",
+                f.fd,
+                of.flags,
+                if f.cloexec { " cloexec" } else { "" }
+            );
+        }
+        let _ = writeln!(
+            o,
+            "  signals: {} handlers, {} pending (shared); timers: {} posix",
+            p.sigactions.len(),
+            p.shared_pending.len(),
+            p.posix_timers.len()
+        );
+    }
+    o
+}

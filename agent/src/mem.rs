@@ -1,0 +1,537 @@
+//! Memory: mappings and their pages — dump and restore.
+//!
+//! Dump reads `/proc/PID/smaps` for the mappings and their `VmFlags`, and
+//! `/proc/PID/pagemap` to find the pages that exist: pages never touched are not
+//! stored. What is stored depends on the mapping:
+//!
+//! | mapping                 | pages stored                                         |
+//! |-------------------------|------------------------------------------------------|
+//! | private anonymous       | present or swapped                                   |
+//! | private file            | the process's own copies (present and not file pages, or swapped) |
+//! | shared anonymous        | present or swapped, once per object for the whole tree |
+//! | shared file             | none: the file holds them                            |
+//! | vDSO / vvar / vsyscall  | none: mapped again by the kernel                     |
+//!
+//! All-zero pages are dropped too (fresh anonymous memory is zero). The rest is cut
+//! into chunks of at most [`CHUNK_MAX`] contiguous bytes, hashed (BLAKE3) and put
+//! in the store.
+//!
+//! Reading and writing target memory needs no ptrace relationship, only
+//! PTRACE_MODE_ATTACH credentials, so worker threads do `process_vm_readv`/`writev`,
+//! hashing and store I/O in parallel while the tracer thread keeps to ptrace.
+//! `process_vm_readv` copies once; `/proc/PID/mem` (two copies, through a bounce
+//! page) is used only for mappings the process itself cannot read (PROT_NONE).
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Mutex;
+
+use ckpt_shared::image::{prot, ChunkRef, Extent, Mapping, MappingKind, PAGE_SIZE};
+use ckpt_shared::store::ChunkStore;
+use libc::pid_t;
+
+use crate::sys::{self, proc};
+
+/// Largest chunk: 1 MiB of contiguous pages.
+pub const CHUNK_MAX: u64 = 1 << 20;
+
+#[derive(Debug, thiserror::Error)]
+pub enum MemError {
+    #[error("unsupported: mapping {start:#x}-{end:#x} of PID {pid} is {what}")]
+    Unsupported {
+        pid: pid_t,
+        start: u64,
+        end: u64,
+        what: String,
+    },
+    #[error("reading memory of PID {pid} at {addr:#x}: {source}")]
+    Read {
+        pid: pid_t,
+        addr: u64,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("writing memory of PID {pid} at {addr:#x}: {source}")]
+    Write {
+        pid: pid_t,
+        addr: u64,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Store(#[from] ckpt_shared::store::StoreError),
+    #[error(transparent)]
+    Proc(#[from] proc::ProcError),
+}
+
+/// Where the bytes of a read job belong in the image.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Target {
+    /// Mapping `m` of process `p` (indexes into the image); extents at absolute addresses.
+    Mapping { p: usize, m: usize },
+    /// Shared memory object `id`; extents at offsets into the object.
+    Shmem { id: u32 },
+}
+
+/// A contiguous run of pages to read.
+#[derive(Debug, Clone)]
+pub struct ReadJob {
+    pub target: Target,
+    pub pid: pid_t,
+    pub addr: u64,
+    pub len: u64,
+    /// Subtract from an address to get the extent's `addr` (0 for mappings).
+    pub rebase: i64,
+    /// Read through `/proc/PID/mem` (the mapping is not readable by the process).
+    pub force: bool,
+}
+
+/// Identity of a shared anonymous object: (device, inode).
+pub type ShmemKey = (u32, u32, u64);
+
+/// What we learn about the tree's shared anonymous objects while planning.
+#[derive(Default)]
+pub struct ShmemPlan {
+    pub ids: HashMap<ShmemKey, u32>,
+    /// Largest byte offset seen per object id.
+    pub size: HashMap<u32, u64>,
+}
+
+/// Classify one mapping; `Err` for what we can't restore.
+pub fn classify(pid: pid_t, v: &proc::Vma, shmem: &mut ShmemPlan) -> Result<MappingKind, MemError> {
+    let unsupported = |what: &str| MemError::Unsupported {
+        pid,
+        start: v.start,
+        end: v.end,
+        what: what.to_string(),
+    };
+    match v.name.as_str() {
+        "[vdso]" => return Ok(MappingKind::Vdso),
+        "[vvar]" | "[vvar_vclock]" => return Ok(MappingKind::Vvar),
+        "[vsyscall]" => return Ok(MappingKind::Vsyscall),
+        _ => {}
+    }
+    if v.inode == 0 {
+        if v.shared {
+            return Err(unsupported("a shared mapping without a file"));
+        }
+        if v.name.starts_with('[')
+            && !matches!(v.name.as_str(), "[heap]" | "[stack]")
+            && !v.name.starts_with("[anon:")
+        {
+            return Err(unsupported(&format!("the special mapping {}", v.name)));
+        }
+        let name = (!v.name.is_empty()).then(|| v.name.clone());
+        return Ok(MappingKind::Anon { name });
+    }
+    if v.name.starts_with("/dev/zero") {
+        let key = (v.dev.0, v.dev.1, v.inode);
+        let next = shmem.ids.len() as u32;
+        let id = *shmem.ids.entry(key).or_insert(next);
+        let end = v.pgoff + (v.end - v.start);
+        let s = shmem.size.entry(id).or_insert(0);
+        *s = (*s).max(end);
+        if !v.shared {
+            // A private mapping of /dev/zero is plain anonymous memory.
+            return Ok(MappingKind::Anon { name: None });
+        }
+        return Ok(MappingKind::SharedAnon {
+            shmem_id: id,
+            offset: v.pgoff,
+        });
+    }
+    if v.name.starts_with("/SYSV") {
+        return Err(unsupported("System V shared memory"));
+    }
+    if v.name.starts_with("/memfd:") {
+        return Err(unsupported(&format!("a memfd mapping ({})", v.name)));
+    }
+    if v.name.ends_with(" (deleted)") {
+        return Err(unsupported(&format!(
+            "a mapping of a deleted file ({})",
+            v.name
+        )));
+    }
+    if !v.name.starts_with('/') {
+        return Err(unsupported(&format!("a mapping of {}", v.name)));
+    }
+    Ok(MappingKind::File {
+        path: v.name.clone(),
+        offset: v.pgoff,
+        check: u32::MAX,
+    })
+}
+
+/// Which pages of a mapping must be stored, given its pagemap entry.
+fn wanted(kind: &MappingKind, shared: bool, pm: u64) -> bool {
+    let present = pm & proc::PM_PRESENT != 0;
+    let swapped = pm & proc::PM_SWAP != 0;
+    match kind {
+        MappingKind::Anon { .. } | MappingKind::SharedAnon { .. } => present || swapped,
+        MappingKind::File { .. } if !shared => (present && pm & proc::PM_FILE == 0) || swapped,
+        _ => false,
+    }
+}
+
+/// Plan the reads for one mapping: runs of wanted pages, at most [`CHUNK_MAX`] each.
+pub fn plan_reads(
+    pagemap: &File,
+    pid: pid_t,
+    target: Target,
+    map: &Mapping,
+    seen_shmem: &mut std::collections::HashSet<(u32, u64)>,
+) -> Result<Vec<ReadJob>, MemError> {
+    if matches!(
+        map.kind,
+        MappingKind::Vdso | MappingKind::Vvar | MappingKind::Vsyscall
+    ) {
+        return Ok(Vec::new());
+    }
+    if matches!(map.kind, MappingKind::File { .. }) && map.shared {
+        return Ok(Vec::new());
+    }
+    let pm = proc::pagemap(pagemap, map.start, map.end).map_err(|source| MemError::Read {
+        pid,
+        addr: map.start,
+        source,
+    })?;
+    let (rebase, shm) = match map.kind {
+        MappingKind::SharedAnon { shmem_id, offset } => {
+            ((map.start as i64) - offset as i64, Some((shmem_id, offset)))
+        }
+        _ => (0, None),
+    };
+    let force = map.prot & prot::READ == 0;
+    let mut jobs = Vec::new();
+    let mut run: Option<(u64, u64)> = None;
+    let flush = |run: &mut Option<(u64, u64)>, jobs: &mut Vec<ReadJob>| {
+        if let Some((a, l)) = run.take() {
+            jobs.push(ReadJob {
+                target,
+                pid,
+                addr: a,
+                len: l,
+                rebase,
+                force,
+            });
+        }
+    };
+    for (i, &e) in pm.iter().enumerate() {
+        let addr = map.start + i as u64 * PAGE_SIZE;
+        let mut want = wanted(&map.kind, map.shared, e);
+        if let Some((id, _)) = shm {
+            // Each page of a shared object is stored once, whoever maps it.
+            let off = (addr as i64 - rebase) as u64;
+            if want && !seen_shmem.insert((id, off)) {
+                want = false;
+            }
+        }
+        match (&mut run, want) {
+            (Some((a, l)), true) if *a + *l == addr && *l < CHUNK_MAX => *l += PAGE_SIZE,
+            (_, true) => {
+                flush(&mut run, &mut jobs);
+                run = Some((addr, PAGE_SIZE));
+            }
+            (_, false) => flush(&mut run, &mut jobs),
+        }
+    }
+    flush(&mut run, &mut jobs);
+    Ok(jobs)
+}
+
+/// Totals of a parallel dump.
+#[derive(Debug, Default)]
+pub struct DumpTotals {
+    pub memory_bytes: u64,
+    pub stored_bytes: u64,
+}
+
+fn is_zero(page: &[u8]) -> bool {
+    let (pre, mid, post) = {
+        // SAFETY: u8 -> u64 reinterpretation is sound for any bit pattern; align_to
+        // returns the aligned middle part only.
+        unsafe { page.align_to::<u64>() }
+    };
+    pre.iter().all(|&b| b == 0) && mid.iter().all(|&w| w == 0) && post.iter().all(|&b| b == 0)
+}
+
+/// Read, hash and store every job with `workers` threads. Returns the extents of
+/// each target, sorted by address.
+pub fn dump_parallel(
+    jobs: &[ReadJob],
+    store: &ChunkStore,
+    zstd_level: Option<i32>,
+    workers: usize,
+) -> Result<(HashMap<Target, Vec<Extent>>, DumpTotals), MemError> {
+    let next = AtomicUsize::new(0);
+    let out: Mutex<HashMap<Target, Vec<Extent>>> = Mutex::new(HashMap::new());
+    let mem_bytes = AtomicU64::new(0);
+    let stored = AtomicU64::new(0);
+    let err: Mutex<Option<MemError>> = Mutex::new(None);
+    std::thread::scope(|s| {
+        for _ in 0..workers.max(1) {
+            s.spawn(|| {
+                let mut buf = vec![0u8; CHUNK_MAX as usize];
+                let mut mem_files: HashMap<pid_t, File> = HashMap::new();
+                loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    if i >= jobs.len() || err.lock().expect("poisoned").is_some() {
+                        return;
+                    }
+                    let j = &jobs[i];
+                    let r = (|| -> Result<Vec<Extent>, MemError> {
+                        let b = &mut buf[..j.len as usize];
+                        read_job(j, b, &mut mem_files)?;
+                        mem_bytes.fetch_add(j.len, Ordering::Relaxed);
+                        let mut exts = Vec::new();
+                        let pages = (j.len / PAGE_SIZE) as usize;
+                        let mut p = 0;
+                        while p < pages {
+                            if is_zero(&b[p * 4096..(p + 1) * 4096]) {
+                                p += 1;
+                                continue;
+                            }
+                            let s0 = p;
+                            while p < pages && !is_zero(&b[p * 4096..(p + 1) * 4096]) {
+                                p += 1;
+                            }
+                            let bytes = &b[s0 * 4096..p * 4096];
+                            let chunk = ChunkRef::of(bytes);
+                            let put = store.put_chunk_with_ref(chunk, bytes, zstd_level)?;
+                            stored.fetch_add(put.stored_bytes, Ordering::Relaxed);
+                            let addr = ((j.addr + s0 as u64 * PAGE_SIZE) as i64 - j.rebase) as u64;
+                            exts.push(Extent { addr, chunk });
+                        }
+                        Ok(exts)
+                    })();
+                    match r {
+                        Ok(exts) => out
+                            .lock()
+                            .expect("poisoned")
+                            .entry(j.target)
+                            .or_default()
+                            .extend(exts),
+                        Err(e) => {
+                            err.lock().expect("poisoned").get_or_insert(e);
+                            return;
+                        }
+                    }
+                }
+            });
+        }
+    });
+    if let Some(e) = err.into_inner().expect("poisoned") {
+        return Err(e);
+    }
+    let mut out = out.into_inner().expect("poisoned");
+    for v in out.values_mut() {
+        v.sort_by_key(|e| e.addr);
+    }
+    Ok((
+        out,
+        DumpTotals {
+            memory_bytes: mem_bytes.into_inner(),
+            stored_bytes: stored.into_inner(),
+        },
+    ))
+}
+
+fn read_job(
+    j: &ReadJob,
+    b: &mut [u8],
+    mem_files: &mut HashMap<pid_t, File>,
+) -> Result<(), MemError> {
+    let mut done = 0usize;
+    if !j.force {
+        match sys::process_vm_readv(j.pid, j.addr, b) {
+            Ok(n) => done = n,
+            Err(e) if e.errno() == Some(libc::EFAULT) => {}
+            Err(e) => {
+                return Err(MemError::Read {
+                    pid: j.pid,
+                    addr: j.addr,
+                    source: e.source,
+                })
+            }
+        }
+    }
+    if done < b.len() {
+        // Unreadable by the process itself: go through /proc/PID/mem, which may
+        // read with FOLL_FORCE.
+        if !mem_files.contains_key(&j.pid) {
+            let f =
+                File::open(format!("/proc/{}/mem", j.pid)).map_err(|source| MemError::Read {
+                    pid: j.pid,
+                    addr: j.addr,
+                    source,
+                })?;
+            mem_files.insert(j.pid, f);
+        }
+        let f = &mem_files[&j.pid];
+        while done < b.len() {
+            let n = f
+                .read_at(&mut b[done..], j.addr + done as u64)
+                .map_err(|source| MemError::Read {
+                    pid: j.pid,
+                    addr: j.addr + done as u64,
+                    source,
+                })?;
+            if n == 0 {
+                return Err(MemError::Read {
+                    pid: j.pid,
+                    addr: j.addr + done as u64,
+                    source: std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "page vanished"),
+                });
+            }
+            done += n;
+        }
+    }
+    Ok(())
+}
+
+/// Where restored bytes go.
+#[derive(Debug, Clone, Copy)]
+pub enum Dest {
+    /// Memory of a husk process.
+    Process(pid_t),
+    /// A descriptor of ours (a memfd standing for a shared object), at offsets.
+    Fd(std::os::fd::RawFd),
+}
+
+/// One extent to write back.
+#[derive(Debug, Clone)]
+pub struct WriteJob {
+    pub dest: Dest,
+    pub addr: u64,
+    pub chunk: ChunkRef,
+}
+
+/// Fetch, verify and write back every job with `workers` threads.
+pub fn restore_parallel(
+    jobs: &[WriteJob],
+    store: &ChunkStore,
+    workers: usize,
+) -> Result<u64, MemError> {
+    let next = AtomicUsize::new(0);
+    let written = AtomicU64::new(0);
+    let err: Mutex<Option<MemError>> = Mutex::new(None);
+    std::thread::scope(|s| {
+        for _ in 0..workers.max(1) {
+            s.spawn(|| {
+                let mut buf = vec![0u8; CHUNK_MAX as usize];
+                loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    if i >= jobs.len() || err.lock().expect("poisoned").is_some() {
+                        return;
+                    }
+                    let j = &jobs[i];
+                    let r = (|| -> Result<(), MemError> {
+                        if buf.len() < j.chunk.len as usize {
+                            buf.resize(j.chunk.len as usize, 0);
+                        }
+                        let b = &mut buf[..j.chunk.len as usize];
+                        store.get_chunk(&j.chunk, b)?;
+                        match j.dest {
+                            Dest::Process(pid) => {
+                                let n = sys::process_vm_writev(pid, j.addr, b).map_err(|e| {
+                                    MemError::Write {
+                                        pid,
+                                        addr: j.addr,
+                                        source: e.source,
+                                    }
+                                })?;
+                                if n != b.len() {
+                                    return Err(MemError::Write {
+                                        pid,
+                                        addr: j.addr + n as u64,
+                                        source: std::io::Error::new(
+                                            std::io::ErrorKind::WriteZero,
+                                            "short write",
+                                        ),
+                                    });
+                                }
+                            }
+                            Dest::Fd(fd) => {
+                                // SAFETY: fd is a memfd we own for the whole restore;
+                                // ManuallyDrop keeps this temporary File from closing it.
+                                let f = std::mem::ManuallyDrop::new(unsafe {
+                                    <File as std::os::fd::FromRawFd>::from_raw_fd(fd)
+                                });
+                                f.write_all_at(b, j.addr)
+                                    .map_err(|source| MemError::Write {
+                                        pid: 0,
+                                        addr: j.addr,
+                                        source,
+                                    })?;
+                            }
+                        }
+                        written.fetch_add(b.len() as u64, Ordering::Relaxed);
+                        Ok(())
+                    })();
+                    if let Err(e) = r {
+                        err.lock().expect("poisoned").get_or_insert(e);
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    if let Some(e) = err.into_inner().expect("poisoned") {
+        return Err(e);
+    }
+    Ok(written.into_inner())
+}
+
+/// Merge extents into address ranges `[start, end)` (to populate them in bulk).
+pub fn ranges(exts: &[Extent]) -> Vec<(u64, u64)> {
+    let mut out: Vec<(u64, u64)> = Vec::new();
+    for e in exts {
+        let (s, t) = (e.addr, e.addr + e.chunk.len as u64);
+        match out.last_mut() {
+            Some(last) if last.1 == s => last.1 = t,
+            _ => out.push((s, t)),
+        }
+    }
+    out
+}
+
+/// `madvise` advice that recreates a smaps VmFlag.
+pub fn advice_for(flag: &str) -> Option<i32> {
+    Some(match flag {
+        "dd" => libc::MADV_DONTDUMP,
+        "dc" => libc::MADV_DONTFORK,
+        "hg" => libc::MADV_HUGEPAGE,
+        "nh" => libc::MADV_NOHUGEPAGE,
+        "mg" => libc::MADV_MERGEABLE,
+        "wf" => libc::MADV_WIPEONFORK,
+        _ => return None,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn zero_pages_are_found() {
+        let mut p = vec![0u8; 4096];
+        assert!(is_zero(&p));
+        p[4095] = 1;
+        assert!(!is_zero(&p));
+    }
+
+    #[test]
+    fn extents_merge_into_ranges() {
+        let c = |len| ChunkRef { hash: [0; 32], len };
+        let e = |addr, len| Extent {
+            addr,
+            chunk: c(len),
+        };
+        assert_eq!(
+            ranges(&[e(0, 4096), e(4096, 8192), e(20480, 4096)]),
+            vec![(0, 12288), (20480, 24576)]
+        );
+    }
+}

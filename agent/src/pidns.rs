@@ -1,0 +1,115 @@
+//! Restoring into a fresh PID namespace (`restore --new-pid-ns`).
+//!
+//! The original PIDs may be taken on this node; in a new PID namespace they are all
+//! free. A namespace needs an init (PID 1) that outlives the tree, so we fork one
+//! with `CLONE_NEWPID`: it is a copy of the restorer, taken after the restorer opened
+//! the tree's files, so it holds the same descriptors at the same numbers. Husks
+//! inside the namespace cannot see the restorer, but they see PID 1, and take their
+//! descriptors from it with `pidfd_getfd`. When the restore is over we close a
+//! control pipe; init then closes everything it holds (so pipes see EOF as they
+//! should) and only reaps orphans until the tree is gone.
+//!
+//! The restorer joins the namespace for its children with `setns(CLONE_NEWPID)`, so
+//! the root husk is created inside it with `clone3(set_tid)` and keeps its PID there.
+
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+
+use libc::pid_t;
+
+use crate::restore::RestoreError;
+use crate::sys::SysError;
+
+#[repr(C)]
+#[derive(Default)]
+struct CloneArgs {
+    flags: u64,
+    pidfd: u64,
+    child_tid: u64,
+    parent_tid: u64,
+    exit_signal: u64,
+    stack: u64,
+    stack_size: u64,
+    tls: u64,
+}
+
+/// Fork the namespace's init. Returns its PID (in our namespace) and the write end
+/// of its control pipe: dropping it lets init close the restore's descriptors.
+pub fn spawn_ns_init() -> Result<(pid_t, OwnedFd), RestoreError> {
+    let mut fds = [0; 2];
+    // SAFETY: fds has room for two descriptors.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } < 0 {
+        return Err(SysError::last("pipe2", "pid namespace control").into());
+    }
+    let args = CloneArgs {
+        flags: libc::CLONE_NEWPID as u64,
+        exit_signal: libc::SIGCHLD as u64,
+        ..Default::default()
+    };
+    // SAFETY: a fork (no CLONE_VM); the child makes only raw system calls and never
+    // returns into Rust code that could take a lock or allocate.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_clone3,
+            &args as *const CloneArgs,
+            std::mem::size_of::<CloneArgs>(),
+        )
+    };
+    if r == 0 {
+        // SAFETY: raw system calls only; see above.
+        unsafe { ns_init(fds[0], fds[1]) }
+    }
+    if r < 0 {
+        return Err(SysError::last("clone3(CLONE_NEWPID)", "namespace init").into());
+    }
+    // SAFETY: closing our copy of the read end; we own it.
+    unsafe { libc::close(fds[0]) };
+    // SAFETY: the write end is ours.
+    Ok((r as pid_t, unsafe { OwnedFd::from_raw_fd(fds[1]) }))
+}
+
+/// The body of the namespace init.
+///
+/// # Safety
+/// Must only run in the freshly forked child.
+unsafe fn ns_init(ctl_r: i32, ctl_w: i32) -> ! {
+    // SAFETY: raw system calls on our own descriptors and children.
+    unsafe {
+        libc::syscall(libc::SYS_close, ctl_w);
+        // Our parent dying means the restore failed: die with it.
+        libc::syscall(libc::SYS_prctl, libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+        let mut b = 0u8;
+        while libc::syscall(libc::SYS_read, ctl_r, &mut b as *mut u8, 1) != 0 {}
+        libc::syscall(libc::SYS_prctl, libc::PR_SET_PDEATHSIG, 0);
+        libc::syscall(libc::SYS_close_range, 0u32, u32::MAX, 0u32);
+        let mut seen = false;
+        loop {
+            let r = libc::syscall(libc::SYS_wait4, -1, 0usize, libc::__WALL, 0usize);
+            if r > 0 {
+                seen = true;
+                continue;
+            }
+            if seen {
+                libc::syscall(libc::SYS_exit_group, 0);
+            }
+            let ts = libc::timespec {
+                tv_sec: 0,
+                tv_nsec: 50_000_000,
+            };
+            libc::syscall(libc::SYS_nanosleep, &ts as *const libc::timespec, 0usize);
+        }
+    }
+}
+
+/// Make our next children be born in `init`'s PID namespace.
+pub fn enter(init: pid_t) -> Result<(), RestoreError> {
+    let f = std::fs::File::open(format!("/proc/{init}/ns/pid")).map_err(|source| SysError {
+        op: "open",
+        what: format!("/proc/{init}/ns/pid"),
+        source,
+    })?;
+    // SAFETY: setns on a namespace descriptor we just opened.
+    if unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWPID) } < 0 {
+        return Err(SysError::last("setns(CLONE_NEWPID)", init).into());
+    }
+    Ok(())
+}

@@ -1,0 +1,415 @@
+//! Readers of `/proc/PID/*`.
+//!
+//! The formats are the kernel's (Documentation/filesystems/proc.rst). Parsers are
+//! strict about what they use and ignore the rest, so new kernel fields don't break
+//! them.
+
+use std::fs;
+use std::io;
+
+use libc::pid_t;
+
+#[derive(Debug, thiserror::Error)]
+#[error("reading {path}: {source}")]
+pub struct ProcError {
+    pub path: String,
+    #[source]
+    pub source: io::Error,
+}
+
+type Result<T> = std::result::Result<T, ProcError>;
+
+fn read(path: String) -> Result<String> {
+    fs::read_to_string(&path).map_err(|source| ProcError { path, source })
+}
+
+fn bad(path: String, what: &str) -> ProcError {
+    ProcError {
+        path,
+        source: io::Error::new(io::ErrorKind::InvalidData, what.to_string()),
+    }
+}
+
+/// Thread IDs of a process.
+pub fn tasks(pid: pid_t) -> Result<Vec<pid_t>> {
+    let path = format!("/proc/{pid}/task");
+    let mut out = Vec::new();
+    for e in fs::read_dir(&path).map_err(|source| ProcError {
+        path: path.clone(),
+        source,
+    })? {
+        let e = e.map_err(|source| ProcError {
+            path: path.clone(),
+            source,
+        })?;
+        if let Some(t) = e.file_name().to_str().and_then(|s| s.parse().ok()) {
+            out.push(t);
+        }
+    }
+    out.sort_unstable();
+    Ok(out)
+}
+
+/// Children of a process (of all its threads).
+pub fn children(pid: pid_t) -> Result<Vec<pid_t>> {
+    let mut out = Vec::new();
+    for tid in tasks(pid)? {
+        let s = read(format!("/proc/{pid}/task/{tid}/children"))?;
+        out.extend(s.split_whitespace().filter_map(|x| x.parse::<pid_t>().ok()));
+    }
+    out.sort_unstable();
+    out.dedup();
+    Ok(out)
+}
+
+/// Fields of `/proc/PID/stat` that we use.
+#[derive(Debug, Clone, Default)]
+pub struct Stat {
+    pub comm: String,
+    pub state: char,
+    pub ppid: pid_t,
+    pub pgid: pid_t,
+    pub sid: pid_t,
+    pub start_code: u64,
+    pub end_code: u64,
+    pub start_stack: u64,
+    pub start_data: u64,
+    pub end_data: u64,
+    pub start_brk: u64,
+    pub arg_start: u64,
+    pub arg_end: u64,
+    pub env_start: u64,
+    pub env_end: u64,
+}
+
+pub fn stat(pid: pid_t) -> Result<Stat> {
+    let path = format!("/proc/{pid}/stat");
+    let s = read(path.clone())?;
+    parse_stat(&s).ok_or_else(|| bad(path, "unexpected format"))
+}
+
+pub fn thread_stat(pid: pid_t, tid: pid_t) -> Result<Stat> {
+    let path = format!("/proc/{pid}/task/{tid}/stat");
+    let s = read(path.clone())?;
+    parse_stat(&s).ok_or_else(|| bad(path, "unexpected format"))
+}
+
+fn parse_stat(s: &str) -> Option<Stat> {
+    let open = s.find('(')?;
+    let close = s.rfind(')')?;
+    let comm = s[open + 1..close].to_string();
+    let rest: Vec<&str> = s[close + 2..].split_whitespace().collect();
+    // rest[0] is field 3 (state).
+    let f = |n: usize| -> Option<u64> { rest.get(n - 3)?.parse().ok() };
+    Some(Stat {
+        comm,
+        state: rest.first()?.chars().next()?,
+        ppid: f(4)? as pid_t,
+        pgid: f(5)? as pid_t,
+        sid: f(6)? as pid_t,
+        start_code: f(26)?,
+        end_code: f(27)?,
+        start_stack: f(28)?,
+        start_data: f(45)?,
+        end_data: f(46)?,
+        start_brk: f(47)?,
+        arg_start: f(48)?,
+        arg_end: f(49)?,
+        env_start: f(50)?,
+        env_end: f(51)?,
+    })
+}
+
+/// Fields of `/proc/PID/status` that we use.
+#[derive(Debug, Clone, Default)]
+pub struct Status {
+    pub uid: [u32; 4],
+    pub gid: [u32; 4],
+    pub groups: Vec<u32>,
+    pub umask: u32,
+    pub sig_ign: u64,
+    pub sig_cgt: u64,
+    pub nspid: Vec<pid_t>,
+}
+
+pub fn status(pid: pid_t) -> Result<Status> {
+    let path = format!("/proc/{pid}/status");
+    let s = read(path.clone())?;
+    let mut st = Status::default();
+    for line in s.lines() {
+        let Some((k, v)) = line.split_once(':') else {
+            continue;
+        };
+        let v = v.trim();
+        let nums = || {
+            v.split_whitespace()
+                .filter_map(|x| x.parse::<u32>().ok())
+                .collect::<Vec<_>>()
+        };
+        match k {
+            "Uid" | "Gid" => {
+                let n = nums();
+                if n.len() != 4 {
+                    return Err(bad(path, "bad Uid/Gid line"));
+                }
+                let a = [n[0], n[1], n[2], n[3]];
+                if k == "Uid" {
+                    st.uid = a
+                } else {
+                    st.gid = a
+                }
+            }
+            "Groups" => st.groups = nums(),
+            "Umask" => {
+                st.umask = u32::from_str_radix(v, 8).map_err(|_| bad(path.clone(), "bad Umask"))?
+            }
+            "SigIgn" => {
+                st.sig_ign =
+                    u64::from_str_radix(v, 16).map_err(|_| bad(path.clone(), "bad SigIgn"))?
+            }
+            "SigCgt" => {
+                st.sig_cgt =
+                    u64::from_str_radix(v, 16).map_err(|_| bad(path.clone(), "bad SigCgt"))?
+            }
+            "NSpid" => {
+                st.nspid = v
+                    .split_whitespace()
+                    .filter_map(|x| x.parse().ok())
+                    .collect()
+            }
+            _ => {}
+        }
+    }
+    Ok(st)
+}
+
+/// One line of `/proc/PID/smaps`, with its `VmFlags`.
+#[derive(Debug, Clone)]
+pub struct Vma {
+    pub start: u64,
+    pub end: u64,
+    pub read: bool,
+    pub write: bool,
+    pub exec: bool,
+    pub shared: bool,
+    pub pgoff: u64,
+    pub dev: (u32, u32),
+    pub inode: u64,
+    /// The path or pseudo-name (`[heap]`, `[stack]`, `[vdso]`, ...), empty if none.
+    pub name: String,
+    pub vm_flags: Vec<String>,
+}
+
+impl Vma {
+    pub fn has_flag(&self, f: &str) -> bool {
+        self.vm_flags.iter().any(|x| x == f)
+    }
+}
+
+pub fn smaps(pid: pid_t) -> Result<Vec<Vma>> {
+    let path = format!("/proc/{pid}/smaps");
+    let s = read(path.clone())?;
+    let mut out: Vec<Vma> = Vec::new();
+    for line in s.lines() {
+        if let Some(flags) = line.strip_prefix("VmFlags:") {
+            if let Some(v) = out.last_mut() {
+                v.vm_flags = flags.split_whitespace().map(str::to_string).collect();
+            }
+            continue;
+        }
+        let first = line.split_whitespace().next().unwrap_or("");
+        if !first.contains('-') || first.ends_with(':') {
+            continue;
+        }
+        out.push(parse_maps_line(line).ok_or_else(|| bad(path.clone(), "bad mapping line"))?);
+    }
+    Ok(out)
+}
+
+fn parse_maps_line(line: &str) -> Option<Vma> {
+    let mut it = line.splitn(6, ' ');
+    let range = it.next()?;
+    let perms = it.next()?.as_bytes();
+    let off = it.next()?;
+    let dev = it.next()?;
+    let inode = it.next()?;
+    let name = it.next().unwrap_or("").trim_start().to_string();
+    let (a, b) = range.split_once('-')?;
+    let (ma, mi) = dev.split_once(':')?;
+    Some(Vma {
+        start: u64::from_str_radix(a, 16).ok()?,
+        end: u64::from_str_radix(b, 16).ok()?,
+        read: perms.first() == Some(&b'r'),
+        write: perms.get(1) == Some(&b'w'),
+        exec: perms.get(2) == Some(&b'x'),
+        shared: perms.get(3) == Some(&b's'),
+        pgoff: u64::from_str_radix(off, 16).ok()?,
+        dev: (
+            u32::from_str_radix(ma, 16).ok()?,
+            u32::from_str_radix(mi, 16).ok()?,
+        ),
+        inode: inode.parse().ok()?,
+        name,
+        vm_flags: Vec::new(),
+    })
+}
+
+/// `/proc/PID/fdinfo/FD`: (pos, flags).
+pub fn fdinfo(pid: pid_t, fd: i32) -> Result<(u64, u32)> {
+    let path = format!("/proc/{pid}/fdinfo/{fd}");
+    let s = read(path.clone())?;
+    let mut pos = None;
+    let mut flags = None;
+    for line in s.lines() {
+        if let Some(v) = line.strip_prefix("pos:") {
+            pos = v.trim().parse().ok();
+        } else if let Some(v) = line.strip_prefix("flags:") {
+            flags = u32::from_str_radix(v.trim(), 8).ok();
+        }
+    }
+    match (pos, flags) {
+        (Some(p), Some(f)) => Ok((p, f)),
+        _ => Err(bad(path, "missing pos or flags")),
+    }
+}
+
+/// Open descriptor numbers of a process.
+pub fn fds(pid: pid_t) -> Result<Vec<i32>> {
+    let path = format!("/proc/{pid}/fd");
+    let mut out = Vec::new();
+    for e in fs::read_dir(&path).map_err(|source| ProcError {
+        path: path.clone(),
+        source,
+    })? {
+        let e = e.map_err(|source| ProcError {
+            path: path.clone(),
+            source,
+        })?;
+        if let Some(n) = e.file_name().to_str().and_then(|s| s.parse().ok()) {
+            out.push(n);
+        }
+    }
+    out.sort_unstable();
+    Ok(out)
+}
+
+pub fn readlink(path: String) -> Result<String> {
+    fs::read_link(&path)
+        .map(|p| p.to_string_lossy().into_owned())
+        .map_err(|source| ProcError { path, source })
+}
+
+/// `/proc/PID/auxv` as words.
+pub fn auxv(pid: pid_t) -> Result<Vec<u64>> {
+    let path = format!("/proc/{pid}/auxv");
+    let b = fs::read(&path).map_err(|source| ProcError { path, source })?;
+    Ok(b.chunks_exact(8)
+        .map(|c| u64::from_ne_bytes(c.try_into().expect("8 bytes")))
+        .collect())
+}
+
+/// Entries of `/proc/PID/timers` (POSIX timers): (id, signo, notify, notify_tid, clock).
+pub fn posix_timers(pid: pid_t) -> Result<Vec<(i32, i32, i32, i32, i32, u64)>> {
+    let path = format!("/proc/{pid}/timers");
+    let s = read(path.clone())?;
+    let mut out = Vec::new();
+    let (mut id, mut signo, mut value, mut notify, mut ntid) = (0i32, 0i32, 0u64, 0i32, 0i32);
+    for line in s.lines() {
+        let line = line.trim();
+        if let Some(v) = line.strip_prefix("ID:") {
+            id = v.trim().parse().map_err(|_| bad(path.clone(), "bad ID"))?;
+        } else if let Some(v) = line.strip_prefix("signal:") {
+            // "signal: 14/0000000000000000"
+            let (a, b) = v
+                .trim()
+                .split_once('/')
+                .ok_or_else(|| bad(path.clone(), "bad signal"))?;
+            signo = a.parse().map_err(|_| bad(path.clone(), "bad signal"))?;
+            value = u64::from_str_radix(b.trim_start_matches("0x"), 16).unwrap_or(0);
+        } else if let Some(v) = line.strip_prefix("notify:") {
+            // "notify: signal/pid.123" or "thread/tid.123" or "none/pid.0"
+            let (kind, who) = v
+                .trim()
+                .split_once('/')
+                .ok_or_else(|| bad(path.clone(), "bad notify"))?;
+            notify = match kind {
+                "signal" => libc::SIGEV_SIGNAL,
+                "thread" => libc::SIGEV_THREAD_ID,
+                _ => libc::SIGEV_NONE,
+            };
+            ntid = who
+                .split('.')
+                .nth(1)
+                .and_then(|x| x.parse().ok())
+                .unwrap_or(0);
+        } else if let Some(v) = line.strip_prefix("ClockID:") {
+            let clock = v
+                .trim()
+                .parse()
+                .map_err(|_| bad(path.clone(), "bad ClockID"))?;
+            out.push((id, signo, notify, ntid, clock, value));
+        }
+    }
+    Ok(out)
+}
+
+/// Read the pagemap entries for `[start, end)`: one u64 per page.
+pub fn pagemap(file: &fs::File, start: u64, end: u64) -> io::Result<Vec<u64>> {
+    use std::os::unix::fs::FileExt;
+    let pages = ((end - start) / 4096) as usize;
+    let mut buf = vec![0u8; pages * 8];
+    let mut done = 0;
+    while done < buf.len() {
+        let n = file.read_at(&mut buf[done..], (start / 4096) * 8 + done as u64)?;
+        if n == 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "short pagemap read",
+            ));
+        }
+        done += n;
+    }
+    Ok(buf
+        .chunks_exact(8)
+        .map(|c| u64::from_ne_bytes(c.try_into().expect("8 bytes")))
+        .collect())
+}
+
+pub const PM_PRESENT: u64 = 1 << 63;
+pub const PM_SWAP: u64 = 1 << 62;
+pub const PM_FILE: u64 = 1 << 61;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_maps_line() {
+        let v =
+            parse_maps_line("7f0000000000-7f0000021000 rw-p 00001000 fd:01 1234   /usr/lib/x y.so")
+                .unwrap();
+        assert_eq!(
+            (v.start, v.end, v.pgoff, v.inode),
+            (0x7f0000000000, 0x7f0000021000, 0x1000, 1234)
+        );
+        assert!(v.read && v.write && !v.exec && !v.shared);
+        assert_eq!(v.name, "/usr/lib/x y.so");
+        assert_eq!(v.dev, (0xfd, 1));
+        let v = parse_maps_line(
+            "7ffd1000-7ffd2000 r-xp 00000000 00:00 0                          [vdso]",
+        )
+        .unwrap();
+        assert_eq!(v.name, "[vdso]");
+    }
+
+    #[test]
+    fn parses_own_stat_and_status() {
+        let me = std::process::id() as pid_t;
+        let s = stat(me).unwrap();
+        assert_eq!(s.state, 'R');
+        assert!(s.start_brk > 0 && s.arg_end > s.arg_start);
+        let st = status(me).unwrap();
+        assert_eq!(st.nspid.first(), Some(&me));
+        assert!(!smaps(me).unwrap().is_empty());
+    }
+}

@@ -1,0 +1,285 @@
+//! Wrappers for the system calls the agent makes itself (not injected).
+
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+
+use libc::pid_t;
+
+/// A failed system call: its name, the object it acted on, and the errno.
+#[derive(Debug, thiserror::Error)]
+#[error("{op}({what}): {source}")]
+pub struct SysError {
+    pub op: &'static str,
+    pub what: String,
+    #[source]
+    pub source: io::Error,
+}
+
+impl SysError {
+    pub fn last(op: &'static str, what: impl ToString) -> SysError {
+        SysError {
+            op,
+            what: what.to_string(),
+            source: io::Error::last_os_error(),
+        }
+    }
+    pub fn errno(&self) -> Option<i32> {
+        self.source.raw_os_error()
+    }
+}
+
+type Result<T> = std::result::Result<T, SysError>;
+
+/// Read `len` bytes at `addr` of `pid` into `buf` with one copy. Returns the number of
+/// bytes read, which is short if part of the range is unmapped or unreadable.
+pub fn process_vm_readv(pid: pid_t, addr: u64, buf: &mut [u8]) -> Result<usize> {
+    let local = libc::iovec {
+        iov_base: buf.as_mut_ptr().cast(),
+        iov_len: buf.len(),
+    };
+    let remote = libc::iovec {
+        iov_base: addr as *mut libc::c_void,
+        iov_len: buf.len(),
+    };
+    // SAFETY: `local` covers exactly `buf`, which we own mutably; `remote` is only
+    // interpreted in the target's address space.
+    let r = unsafe { libc::process_vm_readv(pid, &local, 1, &remote, 1, 0) };
+    if r < 0 {
+        return Err(SysError::last(
+            "process_vm_readv",
+            format!("pid {pid} at {addr:#x}"),
+        ));
+    }
+    Ok(r as usize)
+}
+
+/// Write `buf` to `addr` of `pid`. Pages must be writable in the target.
+pub fn process_vm_writev(pid: pid_t, addr: u64, buf: &[u8]) -> Result<usize> {
+    let local = libc::iovec {
+        iov_base: buf.as_ptr().cast_mut().cast(),
+        iov_len: buf.len(),
+    };
+    let remote = libc::iovec {
+        iov_base: addr as *mut libc::c_void,
+        iov_len: buf.len(),
+    };
+    // SAFETY: the kernel only reads from `local`, which covers `buf`.
+    let r = unsafe { libc::process_vm_writev(pid, &local, 1, &remote, 1, 0) };
+    if r < 0 {
+        return Err(SysError::last(
+            "process_vm_writev",
+            format!("pid {pid} at {addr:#x}"),
+        ));
+    }
+    Ok(r as usize)
+}
+
+/// pidfd_open(2): Linux ≥ 5.3.
+pub fn pidfd_open(pid: pid_t) -> Result<OwnedFd> {
+    // SAFETY: no pointers.
+    let r = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    if r < 0 {
+        return Err(SysError::last("pidfd_open", pid));
+    }
+    // SAFETY: the kernel returned a fresh descriptor that we now own.
+    Ok(unsafe { OwnedFd::from_raw_fd(r as RawFd) })
+}
+
+/// pidfd_getfd(2): a duplicate of descriptor `fd` of the process behind `pidfd`.
+/// Linux ≥ 5.6, PTRACE_MODE_ATTACH_REALCREDS over the target.
+pub fn pidfd_getfd(pidfd: &OwnedFd, pid: pid_t, fd: RawFd) -> Result<OwnedFd> {
+    // SAFETY: no pointers.
+    let r = unsafe { libc::syscall(libc::SYS_pidfd_getfd, pidfd.as_raw_fd(), fd, 0) };
+    if r < 0 {
+        return Err(SysError::last(
+            "pidfd_getfd",
+            format!("fd {fd} of pid {pid}"),
+        ));
+    }
+    // SAFETY: fresh descriptor owned by us.
+    Ok(unsafe { OwnedFd::from_raw_fd(r as RawFd) })
+}
+
+/// kcmp(KCMP_FILE): do the two descriptors share one open file description?
+pub fn same_file_description(pid1: pid_t, fd1: RawFd, pid2: pid_t, fd2: RawFd) -> Result<bool> {
+    const KCMP_FILE: i32 = 0;
+    // SAFETY: no pointers.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_kcmp,
+            pid1,
+            pid2,
+            KCMP_FILE,
+            fd1 as u64,
+            fd2 as u64,
+        )
+    };
+    if r < 0 {
+        return Err(SysError::last(
+            "kcmp",
+            format!("fd {fd1} of {pid1} / fd {fd2} of {pid2}"),
+        ));
+    }
+    Ok(r == 0)
+}
+
+pub fn prlimit_get(pid: pid_t, resource: u32) -> Result<(u64, u64)> {
+    let mut old = libc::rlimit64 {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: new is NULL, old points at a valid rlimit64.
+    let r = unsafe { libc::prlimit64(pid, resource as _, std::ptr::null(), &mut old) };
+    if r < 0 {
+        return Err(SysError::last(
+            "prlimit",
+            format!("pid {pid} resource {resource}"),
+        ));
+    }
+    Ok((old.rlim_cur, old.rlim_max))
+}
+
+pub fn prlimit_set(pid: pid_t, resource: u32, soft: u64, hard: u64) -> Result<()> {
+    let new = libc::rlimit64 {
+        rlim_cur: soft,
+        rlim_max: hard,
+    };
+    // SAFETY: new points at a valid rlimit64, old is NULL.
+    let r = unsafe { libc::prlimit64(pid, resource as _, &new, std::ptr::null_mut()) };
+    if r < 0 {
+        return Err(SysError::last(
+            "prlimit",
+            format!("pid {pid} resource {resource}"),
+        ));
+    }
+    Ok(())
+}
+
+/// get_robust_list(2) of another thread: (head, len).
+pub fn get_robust_list(tid: pid_t) -> Result<(u64, u64)> {
+    let mut head: u64 = 0;
+    let mut len: usize = 0;
+    // SAFETY: both out-pointers are valid.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_get_robust_list,
+            tid,
+            &mut head as *mut u64,
+            &mut len as *mut usize,
+        )
+    };
+    if r < 0 {
+        return Err(SysError::last("get_robust_list", tid));
+    }
+    Ok((head, len as u64))
+}
+
+/// Duplicate up to `len` bytes buffered in pipe `from` into pipe `to` without
+/// consuming them (tee(2)).
+pub fn tee(from: RawFd, to: RawFd, len: usize) -> Result<usize> {
+    // SAFETY: no pointers.
+    let r = unsafe { libc::tee(from, to, len, libc::SPLICE_F_NONBLOCK) };
+    if r < 0 {
+        return Err(SysError::last("tee", format!("fd {from}")));
+    }
+    Ok(r as usize)
+}
+
+/// Bytes waiting in a pipe (FIONREAD).
+pub fn fionread(fd: RawFd) -> Result<usize> {
+    let mut n: libc::c_int = 0;
+    // SAFETY: FIONREAD writes one int.
+    let r = unsafe { libc::ioctl(fd, libc::FIONREAD, &mut n) };
+    if r < 0 {
+        return Err(SysError::last("ioctl(FIONREAD)", format!("fd {fd}")));
+    }
+    Ok(n as usize)
+}
+
+pub fn pipe_capacity(fd: RawFd) -> Result<usize> {
+    // SAFETY: no pointers.
+    let r = unsafe { libc::fcntl(fd, libc::F_GETPIPE_SZ) };
+    if r < 0 {
+        return Err(SysError::last("fcntl(F_GETPIPE_SZ)", format!("fd {fd}")));
+    }
+    Ok(r as usize)
+}
+
+pub fn set_pipe_capacity(fd: RawFd, size: usize) -> Result<()> {
+    // SAFETY: no pointers.
+    let r = unsafe { libc::fcntl(fd, libc::F_SETPIPE_SZ, size as libc::c_int) };
+    if r < 0 {
+        return Err(SysError::last(
+            "fcntl(F_SETPIPE_SZ)",
+            format!("fd {fd} to {size}"),
+        ));
+    }
+    Ok(())
+}
+
+/// pipe2(O_CLOEXEC): (read end, write end).
+pub fn pipe() -> Result<(OwnedFd, OwnedFd)> {
+    let mut fds = [0; 2];
+    // SAFETY: fds has room for two descriptors.
+    let r = unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) };
+    if r < 0 {
+        return Err(SysError::last("pipe2", ""));
+    }
+    // SAFETY: two fresh descriptors that we now own.
+    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
+}
+
+/// getsockopt(SO_DOMAIN) and (SO_TYPE).
+pub fn socket_domain_type(fd: RawFd) -> Result<(i32, i32)> {
+    let get = |opt| {
+        let mut v: libc::c_int = 0;
+        let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+        // SAFETY: v and len are valid out-pointers of the right size.
+        let r = unsafe {
+            libc::getsockopt(
+                fd,
+                libc::SOL_SOCKET,
+                opt,
+                (&mut v as *mut libc::c_int).cast(),
+                &mut len,
+            )
+        };
+        if r < 0 {
+            return Err(SysError::last("getsockopt", format!("fd {fd}")));
+        }
+        Ok(v)
+    };
+    Ok((get(libc::SO_DOMAIN)?, get(libc::SO_TYPE)?))
+}
+
+/// XCR0 of this CPU: which XSAVE state components the OS enabled.
+pub fn host_xcr0() -> u64 {
+    // SAFETY: xgetbv with ECX=0 is always valid where OSXSAVE is set, which every
+    // x86_64 Linux with XSAVE (all that we support) has; it only reads a register.
+    unsafe { std::arch::x86_64::_xgetbv(0) }
+}
+
+pub fn kill(pid: pid_t, sig: i32) -> Result<()> {
+    // SAFETY: no pointers.
+    if unsafe { libc::kill(pid, sig) } < 0 {
+        return Err(SysError::last("kill", pid));
+    }
+    Ok(())
+}
+
+pub fn tgkill(pid: pid_t, tid: pid_t, sig: i32) -> Result<()> {
+    // SAFETY: no pointers.
+    if unsafe { libc::syscall(libc::SYS_tgkill, pid, tid, sig) } < 0 {
+        return Err(SysError::last("tgkill", tid));
+    }
+    Ok(())
+}
+
+/// syncfs(2) of the file system holding `fd`.
+pub fn syncfs(fd: RawFd) -> Result<()> {
+    // SAFETY: no pointers.
+    if unsafe { libc::syncfs(fd) } < 0 {
+        return Err(SysError::last("syncfs", fd));
+    }
+    Ok(())
+}

@@ -1,0 +1,220 @@
+//! Thread state: registers, XSAVE, signal mask and queue, rseq, robust list,
+//! `clear_child_tid`, sigaltstack and comm — its dump and its restore.
+//!
+//! Read from outside: `PTRACE_GETREGS`, `PTRACE_GETREGSET(NT_X86_XSTATE)`,
+//! `PTRACE_GETSIGMASK`, `PTRACE_PEEKSIGINFO`, `PTRACE_GET_RSEQ_CONFIGURATION`,
+//! `get_robust_list`. Injected (no outside interface): `sigaltstack(NULL, &old)` and
+//! `prctl(PR_GET_TID_ADDRESS)`.
+
+use ckpt_shared::image::{Rseq, SigAltStack, SigInfo, Thread};
+use libc::pid_t;
+
+use crate::freeze::{normalize_restart, FrozenThread};
+use crate::inject::{InjectError, Remote};
+use crate::sys::{self, nr, ptrace};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ThreadError {
+    #[error(transparent)]
+    Ptrace(#[from] ptrace::PtraceError),
+    #[error(transparent)]
+    Sys(#[from] sys::SysError),
+    #[error(transparent)]
+    Inject(#[from] InjectError),
+    #[error(transparent)]
+    Proc(#[from] sys::proc::ProcError),
+    #[error("thread {tid}: register blob has the wrong size ({len} bytes)")]
+    BadRegs { tid: pid_t, len: usize },
+}
+
+pub fn regs_to_bytes(r: &libc::user_regs_struct) -> Vec<u8> {
+    // SAFETY: user_regs_struct is plain old data of 27 u64s with no padding; viewing
+    // it as bytes for its exact size is sound.
+    unsafe {
+        std::slice::from_raw_parts(
+            (r as *const libc::user_regs_struct).cast::<u8>(),
+            std::mem::size_of_val(r),
+        )
+        .to_vec()
+    }
+}
+
+pub fn regs_from_bytes(tid: pid_t, b: &[u8]) -> Result<libc::user_regs_struct, ThreadError> {
+    if b.len() != std::mem::size_of::<libc::user_regs_struct>() {
+        return Err(ThreadError::BadRegs { tid, len: b.len() });
+    }
+    // SAFETY: the length matches exactly and every bit pattern is a valid
+    // user_regs_struct (all fields are integers); read_unaligned copes with alignment.
+    Ok(unsafe { std::ptr::read_unaligned(b.as_ptr().cast::<libc::user_regs_struct>()) })
+}
+
+/// A scratch area on the thread's stack, below the red zone, whose bytes are saved
+/// and put back after the injections.
+pub struct StackScratch {
+    pub addr: u64,
+    saved: Vec<u8>,
+}
+
+pub const SCRATCH_LEN: u64 = 512;
+
+impl StackScratch {
+    pub fn take(tid: pid_t, rsp: u64) -> Result<StackScratch, ThreadError> {
+        let addr = (rsp - 1024) & !15;
+        let mut saved = vec![0u8; SCRATCH_LEN as usize];
+        let n = sys::process_vm_readv(tid, addr, &mut saved)?;
+        if n != saved.len() {
+            return Err(InjectError::Vanished {
+                tid,
+                how: "stack scratch area not readable".into(),
+            }
+            .into());
+        }
+        Ok(StackScratch { addr, saved })
+    }
+
+    pub fn give_back(self, tid: pid_t) -> Result<(), ThreadError> {
+        sys::process_vm_writev(tid, self.addr, &self.saved)?;
+        Ok(())
+    }
+}
+
+/// Dump one frozen thread. `syscall_ip` points at a `syscall` instruction in the
+/// target (from its vDSO).
+pub fn dump(
+    pid: pid_t,
+    ft: &mut FrozenThread,
+    syscall_ip: u64,
+) -> Result<(Thread, Vec<i32>), ThreadError> {
+    let tid = ft.tid;
+    let xsave = ptrace::get_xstate(tid)?;
+    let mut pending = Vec::new();
+    for raw in ptrace::peek_siginfo(tid, false)? {
+        pending.push(siginfo(raw));
+    }
+    let rseq =
+        ptrace::rseq_configuration(tid)?.map(|(abi_pointer, abi_size, signature, flags)| Rseq {
+            abi_pointer,
+            abi_size,
+            flags,
+            signature,
+        });
+    let robust_list = sys::get_robust_list(tid)?;
+    let comm = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/comm"))
+        .map(|s| s.trim_end_matches('\n').to_string())
+        .unwrap_or_default();
+
+    // Injections: block every signal first so none is delivered while we step.
+    ft.touched = true;
+    ptrace::set_sigmask(tid, !0)?;
+    let scratch = StackScratch::take(tid, ft.regs.rsp)?;
+    let mut remote = Remote {
+        tid,
+        syscall_ip,
+        base: ft.regs,
+        scratch: scratch.addr,
+        scratch_len: SCRATCH_LEN,
+        new_children: Vec::new(),
+        swallowed: Vec::new(),
+    };
+    let result = (|| -> Result<(SigAltStack, u64), ThreadError> {
+        let ss = remote.scratch;
+        remote.syscall(nr::SIGALTSTACK, [0, ss, 0, 0, 0, 0])?;
+        let b = remote.get(0, 24)?;
+        let word = |i: usize| u64::from_ne_bytes(b[i * 8..i * 8 + 8].try_into().expect("8 bytes"));
+        let alt = SigAltStack {
+            sp: word(0),
+            flags: word(1) as i32,
+            size: word(2),
+        };
+        remote.syscall(nr::PRCTL, [libc::PR_GET_TID_ADDRESS as u64, ss, 0, 0, 0, 0])?;
+        let b = remote.get(0, 8)?;
+        Ok((alt, u64::from_ne_bytes(b.try_into().expect("8 bytes"))))
+    })();
+    scratch.give_back(tid)?;
+    let (sigaltstack, clear_child_tid) = result?;
+
+    let mut regs = ft.regs;
+    normalize_restart(&mut regs);
+    Ok((
+        Thread {
+            tid,
+            comm,
+            regs: regs_to_bytes(&regs),
+            xsave,
+            sigmask: ft.sigmask,
+            pending,
+            rseq,
+            robust_list,
+            clear_child_tid,
+            sigaltstack,
+        },
+        remote.swallowed,
+    ))
+}
+
+pub fn siginfo(raw: [u8; 128]) -> SigInfo {
+    SigInfo {
+        signo: i32::from_ne_bytes(raw[0..4].try_into().expect("4 bytes")),
+        raw: raw.to_vec(),
+    }
+}
+
+/// Restore the per-thread kernel state of a husk thread (everything but registers,
+/// mask and credentials, which come last). The thread runs injections through `r`.
+pub fn restore_state(r: &mut Remote, t: &Thread) -> Result<(), ThreadError> {
+    if t.robust_list.0 != 0 {
+        r.syscall(
+            nr::SET_ROBUST_LIST,
+            [t.robust_list.0, t.robust_list.1, 0, 0, 0, 0],
+        )?;
+    }
+    r.syscall(nr::SET_TID_ADDRESS, [t.clear_child_tid, 0, 0, 0, 0, 0])?;
+    if let Some(rs) = &t.rseq {
+        r.syscall(
+            nr::RSEQ,
+            [
+                rs.abi_pointer,
+                rs.abi_size as u64,
+                0,
+                rs.signature as u64,
+                0,
+                0,
+            ],
+        )?;
+    }
+    if t.sigaltstack.flags & libc::SS_DISABLE == 0 {
+        let mut b = Vec::with_capacity(24);
+        b.extend_from_slice(&t.sigaltstack.sp.to_ne_bytes());
+        b.extend_from_slice(
+            &(t.sigaltstack.flags as u64 & !(libc::SS_ONSTACK as u64)).to_ne_bytes(),
+        );
+        b.extend_from_slice(&t.sigaltstack.size.to_ne_bytes());
+        let a = r.put(0, &b)?;
+        r.syscall(nr::SIGALTSTACK, [a, 0, 0, 0, 0, 0])?;
+    }
+    let a = r.put_str(0, &t.comm)?;
+    r.syscall(nr::PRCTL, [libc::PR_SET_NAME as u64, a, 0, 0, 0, 0])?;
+    Ok(())
+}
+
+/// Queue the thread's own pending signals again (as the thread itself, which may
+/// queue any si_code to itself), with every signal blocked so none fires early.
+pub fn restore_pending(r: &mut Remote, pid: pid_t, t: &Thread) -> Result<(), ThreadError> {
+    for s in &t.pending {
+        let a = r.put(0, &s.raw)?;
+        r.syscall(
+            nr::RT_TGSIGQUEUEINFO,
+            [pid as u64, t.tid as u64, s.signo as u64, a, 0, 0],
+        )?;
+    }
+    Ok(())
+}
+
+/// Last step for a thread: the mask, the extended state and the registers.
+pub fn restore_final(t: &Thread) -> Result<(), ThreadError> {
+    let regs = regs_from_bytes(t.tid, &t.regs)?;
+    ptrace::set_xstate(t.tid, &t.xsave)?;
+    ptrace::set_sigmask(t.tid, t.sigmask)?;
+    ptrace::set_regs(t.tid, &regs)?;
+    Ok(())
+}

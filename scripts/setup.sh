@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Installs what ckpt's demo and tests need on a fresh Debian 12 machine (run as root).
+# Idempotent: packages already present are not reinstalled.
+set -euo pipefail
+
+need=()
+command -v gcc >/dev/null 2>&1 || need+=(gcc)
+[ -e /usr/include/stdio.h ] || need+=(libc6-dev)
+command -v python3 >/dev/null 2>&1 || need+=(python3)
+if [ ${#need[@]} -gt 0 ]; then
+    echo "setup: installing ${need[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -q
+    apt-get install -y -q "${need[@]}"
+fi
+if ! command -v cargo >/dev/null 2>&1; then
+    echo "setup: cargo (Rust) is required and was not found on PATH" >&2
+    exit 1
+fi

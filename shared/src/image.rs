@@ -1,0 +1,381 @@
+//! The checkpoint image model.
+//!
+//! An image is one [`Image`] manifest plus the content-addressed chunks its memory
+//! extents name. The manifest is plain data: it is encoded by [`crate::codec`] and the
+//! chunks live in a [`crate::store::ChunkStore`]. Everything here is what the dumper
+//! read from outside the process, in the form the restorer needs to rebuild it.
+//!
+//! Register blobs (`user_regs_struct`, XSAVE) are kept as raw bytes in the kernel's
+//! layout for the architecture named in [`Image::arch`]; restore refuses an image of
+//! another architecture before it looks at them.
+
+use serde::{Deserialize, Serialize};
+
+/// Version of the image format. Bumped on every incompatible change; restore refuses
+/// any other version with a message naming both.
+pub const FORMAT_VERSION: u32 = 1;
+
+/// Architecture string this build produces and accepts.
+pub const ARCH: &str = "x86_64";
+
+/// Page size the image was taken with (x86_64 base pages).
+pub const PAGE_SIZE: u64 = 4096;
+
+/// A whole process-tree image.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Image {
+    pub format_version: u32,
+    /// `x86_64`.
+    pub arch: String,
+    /// Version of the tool that wrote the image (for messages only).
+    pub tool_version: String,
+    /// Seconds since the epoch at which the tree was frozen.
+    pub created_unix: u64,
+    pub host: HostFingerprint,
+    /// PID of the root of the dumped tree.
+    pub root_pid: i32,
+    /// Every process of the tree, parents before children.
+    pub processes: Vec<Process>,
+    /// Open file descriptions, shared by the descriptors that refer to them.
+    pub files: Vec<OpenFile>,
+    /// Shared memory objects (shared anonymous mappings), filled from chunks.
+    pub shmem: Vec<SharedMemory>,
+    /// Files that mappings or descriptors depend on, checked before restore.
+    pub file_checks: Vec<FileCheck>,
+    /// Figures of the dump (freeze time, bytes), for `inspect` and the demo.
+    pub stats: DumpStats,
+}
+
+/// What the restorer compares with the host before it maps anything.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct HostFingerprint {
+    /// `uname -r` of the dumping host (informational).
+    pub kernel: String,
+    /// Hostname of the dumping host (informational).
+    pub hostname: String,
+    /// XCR0: the XSAVE feature mask the registers were saved with.
+    pub xcr0: u64,
+    /// Size in bytes of the XSAVE area (`NT_X86_XSTATE`).
+    pub xsave_size: u32,
+    /// BLAKE3 of the vDSO text, and its size in bytes.
+    pub vdso_hash: [u8; 32],
+    pub vdso_size: u64,
+    /// Size of the vvar area in front of the vDSO.
+    pub vvar_size: u64,
+}
+
+/// Figures measured while dumping.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct DumpStats {
+    /// How long the tree was stopped, in microseconds.
+    pub freeze_us: u64,
+    /// Total wall time of the dump, in microseconds.
+    pub total_us: u64,
+    /// Bytes of memory captured (before dedup and compression).
+    pub memory_bytes: u64,
+    /// Bytes written to the store (chunks, after dedup and compression).
+    pub stored_bytes: u64,
+    /// Number of distinct chunks referenced.
+    pub chunks: u64,
+}
+
+/// One process.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Process {
+    pub pid: i32,
+    /// Parent PID; for the root this is outside the tree.
+    pub ppid: i32,
+    pub pgid: i32,
+    pub sid: i32,
+    /// Threads; the first one is the thread-group leader (tid == pid).
+    pub threads: Vec<Thread>,
+    pub mappings: Vec<Mapping>,
+    pub mm: MmFields,
+    /// Descriptor table.
+    pub fds: Vec<Fd>,
+    /// Handlers of signals 1..=64 that are not `SIG_DFL`.
+    pub sigactions: Vec<SigAction>,
+    /// Signals pending for the whole process (shared queue).
+    pub shared_pending: Vec<SigInfo>,
+    /// ITIMER_REAL, ITIMER_VIRTUAL, ITIMER_PROF, in that order.
+    pub itimers: [ITimer; 3],
+    pub posix_timers: Vec<PosixTimer>,
+    /// (resource, soft, hard).
+    pub rlimits: Vec<(u32, u64, u64)>,
+    pub cwd: String,
+    pub umask: u32,
+    pub creds: Creds,
+    /// Was the process stopped (job control, `T` state) when it was dumped.
+    pub stopped: bool,
+    /// `personality(2)` value.
+    pub personality: u32,
+}
+
+/// Credentials of a process (all threads share them in what we support).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct Creds {
+    pub uid: [u32; 4],
+    pub gid: [u32; 4],
+    pub groups: Vec<u32>,
+}
+
+/// The mm fields set back with `PR_SET_MM_MAP`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct MmFields {
+    pub start_code: u64,
+    pub end_code: u64,
+    pub start_data: u64,
+    pub end_data: u64,
+    pub start_brk: u64,
+    pub brk: u64,
+    pub start_stack: u64,
+    pub arg_start: u64,
+    pub arg_end: u64,
+    pub env_start: u64,
+    pub env_end: u64,
+    pub auxv: Vec<u64>,
+    /// Path of `/proc/PID/exe`.
+    pub exe: String,
+}
+
+/// One thread.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Thread {
+    pub tid: i32,
+    pub comm: String,
+    /// `struct user_regs_struct`, raw, normalised so that an interrupted restartable
+    /// system call is re-issued on resume.
+    #[serde(with = "serde_bytes")]
+    pub regs: Vec<u8>,
+    /// XSAVE area (`NT_X86_XSTATE`), raw.
+    #[serde(with = "serde_bytes")]
+    pub xsave: Vec<u8>,
+    /// Blocked signal mask.
+    pub sigmask: u64,
+    /// Signals pending for this thread only.
+    pub pending: Vec<SigInfo>,
+    pub rseq: Option<Rseq>,
+    /// `get_robust_list`: head and length.
+    pub robust_list: (u64, u64),
+    /// `PR_GET_TID_ADDRESS`.
+    pub clear_child_tid: u64,
+    pub sigaltstack: SigAltStack,
+}
+
+/// rseq registration (`PTRACE_GET_RSEQ_CONFIGURATION`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Rseq {
+    pub abi_pointer: u64,
+    pub abi_size: u32,
+    pub flags: u32,
+    pub signature: u32,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct SigAltStack {
+    pub sp: u64,
+    pub flags: i32,
+    pub size: u64,
+}
+
+/// A queued signal: the raw 128-byte `siginfo_t`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct SigInfo {
+    pub signo: i32,
+    #[serde(with = "serde_bytes")]
+    pub raw: Vec<u8>,
+}
+
+/// A `struct kernel_sigaction` as `rt_sigaction` sees it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct SigAction {
+    pub signo: i32,
+    /// Handler address, or 1 for `SIG_IGN`.
+    pub handler: u64,
+    pub flags: u64,
+    pub restorer: u64,
+    pub mask: u64,
+}
+
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq)]
+pub struct ITimer {
+    /// Interval and current value, in microseconds.
+    pub interval_us: u64,
+    pub value_us: u64,
+}
+
+/// A POSIX timer (`timer_create`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct PosixTimer {
+    pub id: i32,
+    pub clock: i32,
+    /// `sigev_notify` (SIGEV_SIGNAL, SIGEV_THREAD_ID, SIGEV_NONE).
+    pub notify: i32,
+    pub signo: i32,
+    /// Thread the signal goes to, for `SIGEV_THREAD_ID`.
+    pub notify_tid: i32,
+    /// `sigev_value`.
+    pub value: u64,
+    pub interval_ns: u64,
+    pub value_ns: u64,
+    pub overrun: i32,
+}
+
+/// Memory protection bits (`PROT_*`).
+pub mod prot {
+    pub const READ: u32 = 1;
+    pub const WRITE: u32 = 2;
+    pub const EXEC: u32 = 4;
+}
+
+/// One virtual memory area.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Mapping {
+    pub start: u64,
+    pub end: u64,
+    /// `prot::*` bits.
+    pub prot: u32,
+    /// MAP_SHARED (true) or MAP_PRIVATE (false).
+    pub shared: bool,
+    pub kind: MappingKind,
+    /// `VmFlags` of smaps that matter: growsdown, dontfork, dontdump, hugepage...
+    pub vm_flags: Vec<String>,
+    /// The page contents that must be written back, as extents over
+    /// `[start, end)`. Pages not listed are zero (anonymous) or come from the file.
+    pub data: Vec<Extent>,
+}
+
+/// What backs a mapping.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub enum MappingKind {
+    /// Private or shared anonymous memory (`[heap]` and `[stack]` included).
+    Anon { name: Option<String> },
+    /// A shared anonymous object, filled once from [`Image::shmem`] and mapped by
+    /// every process that shares it.
+    SharedAnon { shmem_id: u32, offset: u64 },
+    /// A regular file. `check` indexes [`Image::file_checks`].
+    File {
+        path: String,
+        offset: u64,
+        check: u32,
+    },
+    /// The vDSO text.
+    Vdso,
+    /// The vvar pages in front of the vDSO.
+    Vvar,
+    /// The legacy vsyscall page (fixed; nothing to restore).
+    Vsyscall,
+}
+
+/// A run of memory whose bytes are one chunk of the store.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Extent {
+    /// Address (or offset, inside a shared-memory object) of the first byte.
+    pub addr: u64,
+    /// Content address of the bytes; its length is `chunk.len`.
+    pub chunk: ChunkRef,
+}
+
+/// The identity of a chunk: BLAKE3 of its uncompressed bytes, and their length.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ChunkRef {
+    pub hash: [u8; 32],
+    pub len: u32,
+}
+
+impl ChunkRef {
+    pub fn of(bytes: &[u8]) -> ChunkRef {
+        ChunkRef {
+            hash: *blake3::hash(bytes).as_bytes(),
+            len: u32::try_from(bytes.len()).expect("chunk larger than 4 GiB"),
+        }
+    }
+
+    /// Lowercase hex of the hash: the chunk's name in the store.
+    pub fn hex(&self) -> String {
+        const DIGITS: &[u8; 16] = b"0123456789abcdef";
+        let mut s = String::with_capacity(64);
+        for b in self.hash {
+            s.push(char::from(DIGITS[usize::from(b >> 4)]));
+            s.push(char::from(DIGITS[usize::from(b & 0x0f)]));
+        }
+        s
+    }
+}
+
+/// A shared anonymous memory object.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct SharedMemory {
+    pub id: u32,
+    /// Size in bytes.
+    pub size: u64,
+    /// Contents; `Extent::addr` is an offset into the object.
+    pub data: Vec<Extent>,
+}
+
+/// A descriptor slot.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Fd {
+    pub fd: i32,
+    pub cloexec: bool,
+    /// Index into [`Image::files`].
+    pub file: u32,
+}
+
+/// An open file description. Descriptors in one or many processes that refer to
+/// the same description (dup, fork) share one entry, as `kcmp(KCMP_FILE)` showed.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct OpenFile {
+    pub id: u32,
+    /// `O_*` status flags from fdinfo (access mode included).
+    pub flags: u32,
+    pub kind: FileKind,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub enum FileKind {
+    /// A regular file. `check` indexes [`Image::file_checks`].
+    Regular {
+        path: String,
+        pos: u64,
+        check: u32,
+    },
+    Directory {
+        path: String,
+        pos: u64,
+    },
+    /// `/dev/null`, `/dev/zero`, `/dev/random`, `/dev/urandom`.
+    CharDevice {
+        path: String,
+        rdev: u64,
+    },
+    /// One end of a pipe (or a FIFO at `fifo_path`). Ends of the same pipe share
+    /// `pipe_id`; the data buffered in the pipe is stored once, on the read end.
+    Pipe {
+        pipe_id: u64,
+        read_end: bool,
+        fifo_path: Option<String>,
+        #[serde(with = "serde_bytes")]
+        buffered: Vec<u8>,
+        capacity: u32,
+    },
+    /// A descriptor whose other side is outside the tree (a terminal, a pipe to the
+    /// shell): at restore it is replaced by the restore command's own descriptor of
+    /// the same number. Only fds 0, 1 and 2 may be inherited.
+    Inherited {
+        what: String,
+    },
+}
+
+/// A file the image depends on, as it was when dumped.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct FileCheck {
+    pub path: String,
+    pub size: u64,
+    pub mtime_ns: i128,
+    pub dev: u64,
+    pub ino: u64,
+    /// BLAKE3 of the content, for files small enough to hash at dump time (a file
+    /// with the same content is accepted even if it was copied or touched).
+    pub hash: Option<[u8; 32]>,
+}

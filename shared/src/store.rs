@@ -1,0 +1,996 @@
+//! The content-addressed chunk store, on a local directory.
+//!
+//! ```text
+//! DIR/manifest.ckpt                  the image manifest (crate::codec envelope)
+//! DIR/chunks/<first 2 hex>/<64 hex>  one object per distinct chunk
+//! ```
+//!
+//! A chunk object is a 12-byte header and the payload:
+//!
+//! ```text
+//! offset  size  field
+//!      0     4  magic  b"CKCH"
+//!      4     1  object version (1)
+//!      5     1  codec: 0 = raw, 1 = zstd
+//!      6     2  reserved, zero
+//!      8     4  uncompressed length, u32 LE
+//!     12     …  payload (raw bytes, or one zstd frame)
+//! ```
+//!
+//! The name of an object is the BLAKE3 of the *uncompressed* bytes
+//! ([`ChunkRef::of`]), so the compression level never changes a chunk's identity: the
+//! same page dumped with zstd by one rank and raw by another is stored once, and the
+//! S3 backend to come keeps the very same object format under the same keys.
+//!
+//! Durability, and why it is split the way it is:
+//! - Each chunk is written to a temporary file in its final directory and renamed
+//!   into place, so a reader never sees half an object under a real name (a crash can
+//!   leave only temporaries, which [`ChunkStore::list_chunks`] ignores).
+//! - Chunks are **not** fsynced one by one: a dump writes tens of thousands of them
+//!   from several threads, and an fsync each would dominate the dump. Instead
+//!   [`ChunkStore::sync`] flushes the whole file system once (`syncfs(2)`), and
+//!   [`ChunkStore::put_manifest`] does that before it writes the manifest.
+//! - The manifest is the commit point: written last, to a temporary, fsynced, renamed,
+//!   and the directory fsynced. Before it exists there is no image, only garbage.
+//!
+//! Every read is verified: header, length and BLAKE3 of the uncompressed bytes. A
+//! store is shared with whoever can write to its directory, so nothing read from it is
+//! trusted.
+//!
+//! Kernel contract: `syncfs(2)` (Linux ≥ 2.6.39); no capability needed beyond write
+//! access to the directory.
+
+use std::cell::RefCell;
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Read, Write};
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use crate::codec;
+use crate::image::ChunkRef;
+
+/// First 4 bytes of every chunk object.
+pub const CHUNK_MAGIC: [u8; 4] = *b"CKCH";
+/// Version of the chunk object format.
+pub const CHUNK_VERSION: u8 = 1;
+/// Codec byte: the payload is the raw bytes.
+pub const CODEC_RAW: u8 = 0;
+/// Codec byte: the payload is one zstd frame.
+pub const CODEC_ZSTD: u8 = 1;
+/// Size of the chunk object header.
+pub const CHUNK_HEADER_LEN: usize = 12;
+
+/// File name of the image manifest inside the store directory.
+pub const MANIFEST_NAME: &str = "manifest.ckpt";
+const MANIFEST_TMP_NAME: &str = "manifest.ckpt.tmp";
+const CHUNKS_DIR: &str = "chunks";
+
+/// Errors of the chunk store. Each names the chunk or path and what went wrong.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("{op} {}: {source}", path.display())]
+    Io {
+        op: &'static str,
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+
+    #[error(
+        "chunk {chunk} is missing from the store: the image cannot be restored from this store"
+    )]
+    Missing { chunk: String },
+
+    #[error("chunk {chunk} is corrupted ({reason}): the image cannot be restored from this store")]
+    Corrupt { chunk: String, reason: String },
+
+    #[error("no image at {}: {MANIFEST_NAME} is missing (the dump did not complete?)", dir.display())]
+    NoImage { dir: PathBuf },
+
+    #[error(
+        "manifest {} is {len} bytes, more than the limit of {max}: it is not a ckpt manifest",
+        path.display()
+    )]
+    ManifestTooLarge { path: PathBuf, len: u64, max: u64 },
+
+    #[error("read buffer for chunk {chunk} is {got} bytes but the chunk is {expected} bytes")]
+    BufferSize {
+        chunk: String,
+        expected: u32,
+        got: usize,
+    },
+
+    #[error("chunk of {len} bytes is too large: a chunk holds at most 4 GiB")]
+    ChunkTooLarge { len: usize },
+
+    #[error("chunk {chunk}: its reference says {expected} bytes but {got} were given")]
+    RefMismatch {
+        chunk: String,
+        expected: u32,
+        got: usize,
+    },
+
+    #[error(
+        "zstd level {level} is out of range ({min}..={max}); pick a level in range or \
+         turn compression off"
+    )]
+    ZstdLevel { level: i32, min: i32, max: i32 },
+
+    #[error("zstd failed on chunk {chunk}: {reason}")]
+    Zstd { chunk: String, reason: String },
+
+    #[error("{name:?} is not a chunk name (64 lowercase hex digits expected)")]
+    BadName { name: String },
+}
+
+/// What [`ChunkStore::put_chunk`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PutOutcome {
+    /// The chunk's identity (BLAKE3 and length of the uncompressed bytes).
+    pub chunk: ChunkRef,
+    /// Bytes written to the store, header included; 0 when the chunk was already
+    /// there (dedup).
+    pub stored_bytes: u64,
+}
+
+/// A content-addressed chunk store on a directory. `Send + Sync`: many threads may
+/// put and get at once.
+#[derive(Debug)]
+pub struct ChunkStore {
+    dir: PathBuf,
+    chunks: PathBuf,
+    /// Makes temporary names unique between threads of this process.
+    tmp_seq: AtomicU64,
+}
+
+fn io_err<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> StoreError + 'a {
+    move |source| StoreError::Io {
+        op,
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+fn corrupt(chunk: &ChunkRef, reason: impl Into<String>) -> StoreError {
+    StoreError::Corrupt {
+        chunk: chunk.hex(),
+        reason: reason.into(),
+    }
+}
+
+/// Per-thread zstd contexts: creating one costs an allocation of several MiB at high
+/// levels, far more than compressing a 1 MiB chunk, so each worker thread keeps its own.
+struct ZstdCtx {
+    level: i32,
+    compressor: zstd::bulk::Compressor<'static>,
+    buf: Vec<u8>,
+}
+
+thread_local! {
+    static COMPRESSOR: RefCell<Option<ZstdCtx>> = const { RefCell::new(None) };
+    static DECOMPRESSOR: RefCell<Option<zstd::bulk::Decompressor<'static>>> =
+        const { RefCell::new(None) };
+}
+
+impl ChunkStore {
+    /// Opens (creating if needed) a store on `dir`.
+    pub fn open(dir: &Path) -> Result<Self, StoreError> {
+        let chunks = dir.join(CHUNKS_DIR);
+        fs::create_dir_all(&chunks).map_err(io_err("create chunk directory", &chunks))?;
+        Ok(ChunkStore {
+            dir: dir.to_path_buf(),
+            chunks,
+            tmp_seq: AtomicU64::new(0),
+        })
+    }
+
+    /// The store's directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Path of the object for `hex` (a chunk name).
+    fn object_path(&self, hex: &str) -> PathBuf {
+        self.chunks.join(&hex[..2]).join(hex)
+    }
+
+    /// Stores `bytes`, compressed with zstd at `zstd_level` when that makes it smaller.
+    pub fn put_chunk(
+        &self,
+        bytes: &[u8],
+        zstd_level: Option<i32>,
+    ) -> Result<PutOutcome, StoreError> {
+        if u32::try_from(bytes.len()).is_err() {
+            return Err(StoreError::ChunkTooLarge { len: bytes.len() });
+        }
+        self.put_chunk_with_ref(ChunkRef::of(bytes), bytes, zstd_level)
+    }
+
+    /// Stores `bytes` under `chunk`, which the caller already computed with
+    /// [`ChunkRef::of`] (the hash is trusted, not recomputed; the length is checked).
+    pub fn put_chunk_with_ref(
+        &self,
+        chunk: ChunkRef,
+        bytes: &[u8],
+        zstd_level: Option<i32>,
+    ) -> Result<PutOutcome, StoreError> {
+        if bytes.len() != chunk.len as usize {
+            return Err(StoreError::RefMismatch {
+                chunk: chunk.hex(),
+                expected: chunk.len,
+                got: bytes.len(),
+            });
+        }
+        if let Some(level) = zstd_level {
+            let range = zstd::compression_level_range();
+            if !range.contains(&level) {
+                return Err(StoreError::ZstdLevel {
+                    level,
+                    min: *range.start(),
+                    max: *range.end(),
+                });
+            }
+        }
+        let hex = chunk.hex();
+        let path = self.object_path(&hex);
+        if path.exists() {
+            return Ok(PutOutcome {
+                chunk,
+                stored_bytes: 0,
+            });
+        }
+
+        match zstd_level {
+            Some(level) if !bytes.is_empty() => COMPRESSOR.with(|cell| {
+                let mut slot = cell.borrow_mut();
+                let ctx = zstd_ctx(&mut slot, level).map_err(|e| StoreError::Zstd {
+                    chunk: hex.clone(),
+                    reason: e.to_string(),
+                })?;
+                // Only a strictly smaller result is worth the decompression at restore:
+                // an output buffer one byte short of the input makes zstd fail on
+                // anything else. The buffer only grows, so it is zero-filled once.
+                let cap = bytes.len() - 1;
+                if ctx.buf.len() < cap {
+                    ctx.buf.resize(cap, 0);
+                }
+                let ZstdCtx {
+                    compressor, buf, ..
+                } = ctx;
+                match compressor.compress_to_buffer(bytes, &mut buf[..cap]) {
+                    Ok(n) => self.write_object(&path, &hex, CODEC_ZSTD, chunk.len, &buf[..n]),
+                    Err(_) => self.write_object(&path, &hex, CODEC_RAW, chunk.len, bytes),
+                }
+            }),
+            _ => self.write_object(&path, &hex, CODEC_RAW, chunk.len, bytes),
+        }
+        .map(|stored_bytes| PutOutcome {
+            chunk,
+            stored_bytes,
+        })
+    }
+
+    /// Writes one object through a temporary and a rename; returns the bytes written.
+    fn write_object(
+        &self,
+        path: &Path,
+        hex: &str,
+        codec: u8,
+        len: u32,
+        payload: &[u8],
+    ) -> Result<u64, StoreError> {
+        let shard = self.chunks.join(&hex[..2]);
+        let seq = self.tmp_seq.fetch_add(1, Ordering::Relaxed);
+        let tmp = shard.join(format!(".tmp.{hex}.{}.{seq}", std::process::id()));
+        let mut file = match create_new(&tmp) {
+            Ok(f) => f,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                fs::create_dir_all(&shard).map_err(io_err("create chunk directory", &shard))?;
+                create_new(&tmp).map_err(io_err("create chunk temporary", &tmp))?
+            }
+            Err(e) => return Err(io_err("create chunk temporary", &tmp)(e)),
+        };
+        let mut header = [0u8; CHUNK_HEADER_LEN];
+        header[..4].copy_from_slice(&CHUNK_MAGIC);
+        header[4] = CHUNK_VERSION;
+        header[5] = codec;
+        header[8..12].copy_from_slice(&len.to_le_bytes());
+        let written = file
+            .write_all(&header)
+            .and_then(|()| file.write_all(payload));
+        drop(file);
+        if let Err(e) = written {
+            let _ = fs::remove_file(&tmp);
+            return Err(io_err("write chunk temporary", &tmp)(e));
+        }
+        if let Err(e) = fs::rename(&tmp, path) {
+            let _ = fs::remove_file(&tmp);
+            return Err(io_err("rename chunk into place", path)(e));
+        }
+        Ok((CHUNK_HEADER_LEN + payload.len()) as u64)
+    }
+
+    /// Reads `chunk` into `out` (which must be exactly `chunk.len` bytes), verifying its
+    /// header, length and BLAKE3.
+    pub fn get_chunk(&self, chunk: &ChunkRef, out: &mut [u8]) -> Result<(), StoreError> {
+        if out.len() != chunk.len as usize {
+            return Err(StoreError::BufferSize {
+                chunk: chunk.hex(),
+                expected: chunk.len,
+                got: out.len(),
+            });
+        }
+        let hex = chunk.hex();
+        let path = self.object_path(&hex);
+        let mut file = match File::open(&path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                return Err(StoreError::Missing { chunk: hex });
+            }
+            Err(e) => return Err(io_err("open chunk", &path)(e)),
+        };
+        let size = file.metadata().map_err(io_err("stat chunk", &path))?.len();
+        if size < CHUNK_HEADER_LEN as u64 {
+            return Err(corrupt(chunk, format!("object is only {size} bytes")));
+        }
+        let mut header = [0u8; CHUNK_HEADER_LEN];
+        file.read_exact(&mut header)
+            .map_err(io_err("read chunk", &path))?;
+        if header[..4] != CHUNK_MAGIC {
+            return Err(corrupt(chunk, "bad magic"));
+        }
+        if header[4] != CHUNK_VERSION {
+            return Err(corrupt(
+                chunk,
+                format!(
+                    "object version {} (this ckpt reads version {CHUNK_VERSION})",
+                    header[4]
+                ),
+            ));
+        }
+        if header[6..8] != [0, 0] {
+            return Err(corrupt(chunk, "reserved header bytes are not zero"));
+        }
+        let stated = u32::from_le_bytes([header[8], header[9], header[10], header[11]]);
+        if stated != chunk.len {
+            return Err(corrupt(
+                chunk,
+                format!("length is {stated} bytes, expected {}", chunk.len),
+            ));
+        }
+        let payload_len = size - CHUNK_HEADER_LEN as u64;
+        match header[5] {
+            CODEC_RAW => {
+                if payload_len != u64::from(chunk.len) {
+                    return Err(corrupt(
+                        chunk,
+                        format!("raw payload is {payload_len} bytes, expected {}", chunk.len),
+                    ));
+                }
+                read_exact_or_corrupt(&mut file, out, chunk, &path)?;
+            }
+            CODEC_ZSTD => {
+                // Only smaller-than-raw payloads are ever stored compressed.
+                if payload_len >= u64::from(chunk.len) {
+                    return Err(corrupt(
+                        chunk,
+                        format!(
+                            "compressed payload is {payload_len} bytes, not smaller than {}",
+                            chunk.len
+                        ),
+                    ));
+                }
+                let mut compressed = vec![0u8; payload_len as usize];
+                read_exact_or_corrupt(&mut file, &mut compressed, chunk, &path)?;
+                let n = DECOMPRESSOR.with(|cell| {
+                    let mut slot = cell.borrow_mut();
+                    let d = match slot.take() {
+                        Some(d) => slot.insert(d),
+                        None => slot.insert(zstd::bulk::Decompressor::new().map_err(|e| {
+                            StoreError::Zstd {
+                                chunk: chunk.hex(),
+                                reason: e.to_string(),
+                            }
+                        })?),
+                    };
+                    d.decompress_to_buffer(&compressed[..], out)
+                        .map_err(|e| corrupt(chunk, format!("zstd: {e}")))
+                })?;
+                if n != out.len() {
+                    return Err(corrupt(
+                        chunk,
+                        format!("decompressed to {n} bytes, expected {}", chunk.len),
+                    ));
+                }
+            }
+            other => return Err(corrupt(chunk, format!("unknown codec {other}"))),
+        }
+        if blake3::hash(out).as_bytes() != &chunk.hash {
+            return Err(corrupt(chunk, "checksum mismatch"));
+        }
+        Ok(())
+    }
+
+    /// Whether an object for `chunk` exists (its content is not checked).
+    pub fn has_chunk(&self, chunk: &ChunkRef) -> bool {
+        self.object_path(&chunk.hex()).exists()
+    }
+
+    /// Names (64 hex digits) of every chunk object in the store, sorted. Temporaries
+    /// and foreign files are skipped.
+    pub fn list_chunks(&self) -> Result<Vec<String>, StoreError> {
+        let mut names = Vec::new();
+        let shards = fs::read_dir(&self.chunks).map_err(io_err("list chunks", &self.chunks))?;
+        for shard in shards {
+            let shard = shard.map_err(io_err("list chunks", &self.chunks))?;
+            let shard_name = shard.file_name();
+            let Some(prefix) = shard_name.to_str() else {
+                continue;
+            };
+            if prefix.len() != 2 || !is_lower_hex(prefix) {
+                continue;
+            }
+            let shard_path = shard.path();
+            let entries = fs::read_dir(&shard_path).map_err(io_err("list chunks", &shard_path))?;
+            for entry in entries {
+                let entry = entry.map_err(io_err("list chunks", &shard_path))?;
+                if let Some(name) = entry.file_name().to_str() {
+                    if is_chunk_name(name) && name.starts_with(prefix) {
+                        names.push(name.to_string());
+                    }
+                }
+            }
+        }
+        names.sort_unstable();
+        Ok(names)
+    }
+
+    /// Removes the chunk named `hex` (as [`list_chunks`](Self::list_chunks) gives it).
+    /// Returns whether it existed.
+    pub fn remove_chunk(&self, hex: &str) -> Result<bool, StoreError> {
+        if !is_chunk_name(hex) {
+            return Err(StoreError::BadName {
+                name: hex.to_string(),
+            });
+        }
+        let path = self.object_path(hex);
+        match fs::remove_file(&path) {
+            Ok(()) => Ok(true),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
+            Err(e) => Err(io_err("remove chunk", &path)(e)),
+        }
+    }
+
+    /// Flushes everything written to the store's file system to stable storage, once
+    /// (`syncfs(2)`), instead of an fsync per chunk.
+    pub fn sync(&self) -> Result<(), StoreError> {
+        let dir = File::open(&self.dir).map_err(io_err("open store directory", &self.dir))?;
+        // SAFETY: `dir` is an open descriptor owned by this function for the duration of
+        // the call; syncfs only reads the descriptor and touches no memory of ours.
+        let rc = unsafe { libc::syncfs(dir.as_raw_fd()) };
+        if rc != 0 {
+            return Err(io_err("syncfs", &self.dir)(io::Error::last_os_error()));
+        }
+        Ok(())
+    }
+
+    /// Commits the image: flushes the chunks ([`sync`](Self::sync)), then writes the
+    /// manifest to a temporary, fsyncs it, renames it to `manifest.ckpt` and fsyncs the
+    /// directory. Once this returns, the image exists and survives a crash.
+    pub fn put_manifest(&self, bytes: &[u8]) -> Result<(), StoreError> {
+        // The manifest must never be durable before the chunks it names.
+        self.sync()?;
+        let tmp = self.dir.join(MANIFEST_TMP_NAME);
+        let path = self.dir.join(MANIFEST_NAME);
+        let mut file = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&tmp)
+            .map_err(io_err("create manifest temporary", &tmp))?;
+        file.write_all(bytes)
+            .map_err(io_err("write manifest temporary", &tmp))?;
+        file.sync_all()
+            .map_err(io_err("fsync manifest temporary", &tmp))?;
+        drop(file);
+        fs::rename(&tmp, &path).map_err(io_err("rename manifest into place", &path))?;
+        let dir = File::open(&self.dir).map_err(io_err("open store directory", &self.dir))?;
+        dir.sync_all()
+            .map_err(io_err("fsync store directory", &self.dir))?;
+        Ok(())
+    }
+
+    /// Reads the manifest (at most [`codec::MAX_ENVELOPE`] bytes).
+    pub fn get_manifest(&self) -> Result<Vec<u8>, StoreError> {
+        let path = self.dir.join(MANIFEST_NAME);
+        let file = match File::open(&path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                return Err(StoreError::NoImage {
+                    dir: self.dir.clone(),
+                });
+            }
+            Err(e) => return Err(io_err("open manifest", &path)(e)),
+        };
+        let max = codec::MAX_ENVELOPE;
+        let size = file
+            .metadata()
+            .map_err(io_err("stat manifest", &path))?
+            .len();
+        if size > max {
+            return Err(StoreError::ManifestTooLarge {
+                path,
+                len: size,
+                max,
+            });
+        }
+        // `take` guards against a file that grows after the stat.
+        let mut bytes = Vec::with_capacity(size as usize);
+        file.take(max + 1)
+            .read_to_end(&mut bytes)
+            .map_err(io_err("read manifest", &path))?;
+        if bytes.len() as u64 > max {
+            return Err(StoreError::ManifestTooLarge {
+                path,
+                len: bytes.len() as u64,
+                max,
+            });
+        }
+        Ok(bytes)
+    }
+}
+
+/// Returns this thread's compressor, set to `level`.
+fn zstd_ctx(slot: &mut Option<ZstdCtx>, level: i32) -> io::Result<&mut ZstdCtx> {
+    match slot {
+        Some(ctx) if ctx.level == level => {}
+        Some(ctx) => {
+            ctx.compressor.set_compression_level(level)?;
+            ctx.level = level;
+        }
+        None => {
+            *slot = Some(ZstdCtx {
+                level,
+                compressor: zstd::bulk::Compressor::new(level)?,
+                buf: Vec::new(),
+            });
+        }
+    }
+    // The arms above leave `slot` filled.
+    slot.as_mut()
+        .ok_or_else(|| io::Error::other("zstd context missing"))
+}
+
+fn create_new(path: &Path) -> io::Result<File> {
+    OpenOptions::new().write(true).create_new(true).open(path)
+}
+
+/// Reads exactly `buf.len()` bytes; a short read means the object changed under us.
+fn read_exact_or_corrupt(
+    file: &mut File,
+    buf: &mut [u8],
+    chunk: &ChunkRef,
+    path: &Path,
+) -> Result<(), StoreError> {
+    match file.read_exact(buf) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => {
+            Err(corrupt(chunk, "object is shorter than its header says"))
+        }
+        Err(e) => Err(io_err("read chunk", path)(e)),
+    }
+}
+
+fn is_lower_hex(s: &str) -> bool {
+    s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+}
+
+fn is_chunk_name(s: &str) -> bool {
+    s.len() == 64 && is_lower_hex(s)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::codec::{self, CodecError};
+
+    fn store() -> (tempfile::TempDir, ChunkStore) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = ChunkStore::open(dir.path()).unwrap();
+        (dir, store)
+    }
+
+    /// Pseudo-random bytes (xorshift), incompressible for zstd.
+    fn noise(len: usize, seed: u64) -> Vec<u8> {
+        let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+        (0..len)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect()
+    }
+
+    fn text(len: usize) -> Vec<u8> {
+        b"the quick brown fox jumps over the lazy dog. "
+            .iter()
+            .copied()
+            .cycle()
+            .take(len)
+            .collect()
+    }
+
+    fn object_bytes(store: &ChunkStore, c: &ChunkRef) -> Vec<u8> {
+        fs::read(store.object_path(&c.hex())).unwrap()
+    }
+
+    fn get(store: &ChunkStore, c: &ChunkRef) -> Result<Vec<u8>, StoreError> {
+        let mut out = vec![0u8; c.len as usize];
+        store.get_chunk(c, &mut out).map(|()| out)
+    }
+
+    #[test]
+    fn is_send_sync() {
+        fn check<T: Send + Sync>() {}
+        check::<ChunkStore>();
+    }
+
+    #[test]
+    fn chunk_names_are_blake3_hex() {
+        // BLAKE3 of the empty input, a published test vector.
+        assert_eq!(
+            ChunkRef::of(b"").hex(),
+            "af1349b9f5f9a1a6a0404dea36dcc9499bcb25c9adc112b7cc9a93cae41f3262"
+        );
+    }
+
+    #[test]
+    fn open_creates_layout() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("a/b");
+        let store = ChunkStore::open(&root).unwrap();
+        assert!(root.join("chunks").is_dir());
+        assert_eq!(store.dir(), root);
+        // Opening again is fine.
+        ChunkStore::open(&root).unwrap();
+    }
+
+    #[test]
+    fn raw_round_trip() {
+        let (_d, store) = store();
+        let data = noise(10_000, 1);
+        let put = store.put_chunk(&data, None).unwrap();
+        assert_eq!(put.chunk, ChunkRef::of(&data));
+        assert_eq!(put.stored_bytes, (CHUNK_HEADER_LEN + data.len()) as u64);
+        let hex = put.chunk.hex();
+        let path = store.dir().join("chunks").join(&hex[..2]).join(&hex);
+        assert!(path.is_file());
+        let obj = fs::read(&path).unwrap();
+        assert_eq!(&obj[..4], b"CKCH");
+        assert_eq!(obj[4], CHUNK_VERSION);
+        assert_eq!(obj[5], CODEC_RAW);
+        assert_eq!(&obj[6..8], &[0, 0]);
+        assert_eq!(&obj[8..12], &(data.len() as u32).to_le_bytes());
+        assert!(store.has_chunk(&put.chunk));
+        assert_eq!(get(&store, &put.chunk).unwrap(), data);
+    }
+
+    #[test]
+    fn zstd_round_trip() {
+        let (_d, store) = store();
+        let data = text(1 << 20);
+        let put = store.put_chunk(&data, Some(3)).unwrap();
+        assert_eq!(
+            put.chunk,
+            ChunkRef::of(&data),
+            "identity ignores compression"
+        );
+        assert!(
+            put.stored_bytes < data.len() as u64 / 10,
+            "{}",
+            put.stored_bytes
+        );
+        assert_eq!(object_bytes(&store, &put.chunk)[5], CODEC_ZSTD);
+        assert_eq!(get(&store, &put.chunk).unwrap(), data);
+
+        // Another level on the same thread (the cached context is re-levelled).
+        let data2 = text(5000);
+        let put2 = store.put_chunk(&data2, Some(19)).unwrap();
+        assert_eq!(get(&store, &put2.chunk).unwrap(), data2);
+        // A page of zeros, the common case.
+        let zeros = vec![0u8; 4096];
+        let put3 = store.put_chunk(&zeros, Some(1)).unwrap();
+        assert_eq!(get(&store, &put3.chunk).unwrap(), zeros);
+    }
+
+    #[test]
+    fn incompressible_falls_back_to_raw() {
+        let (_d, store) = store();
+        let data = noise(64 * 1024, 7);
+        let put = store.put_chunk(&data, Some(3)).unwrap();
+        assert_eq!(object_bytes(&store, &put.chunk)[5], CODEC_RAW);
+        assert_eq!(put.stored_bytes, (CHUNK_HEADER_LEN + data.len()) as u64);
+        assert_eq!(get(&store, &put.chunk).unwrap(), data);
+        // Tiny inputs never shrink either.
+        let put = store.put_chunk(b"x", Some(3)).unwrap();
+        assert_eq!(object_bytes(&store, &put.chunk)[5], CODEC_RAW);
+        assert_eq!(get(&store, &put.chunk).unwrap(), b"x");
+    }
+
+    #[test]
+    fn empty_chunk() {
+        let (_d, store) = store();
+        let put = store.put_chunk(b"", Some(3)).unwrap();
+        assert_eq!(put.chunk.len, 0);
+        assert_eq!(get(&store, &put.chunk).unwrap(), b"");
+    }
+
+    #[test]
+    fn dedup() {
+        let (_d, store) = store();
+        let data = text(8192);
+        let first = store.put_chunk(&data, Some(3)).unwrap();
+        assert!(first.stored_bytes > 0);
+        let second = store.put_chunk(&data, None).unwrap();
+        assert_eq!(second.chunk, first.chunk);
+        assert_eq!(second.stored_bytes, 0);
+        let third = store
+            .put_chunk_with_ref(first.chunk, &data, Some(3))
+            .unwrap();
+        assert_eq!(third.stored_bytes, 0);
+        assert_eq!(store.list_chunks().unwrap(), vec![first.chunk.hex()]);
+    }
+
+    #[test]
+    fn put_with_ref() {
+        let (_d, store) = store();
+        let data = text(3000);
+        let c = ChunkRef::of(&data);
+        let put = store.put_chunk_with_ref(c, &data, None).unwrap();
+        assert_eq!(put.chunk, c);
+        assert_eq!(get(&store, &c).unwrap(), data);
+        assert!(matches!(
+            store.put_chunk_with_ref(c, &data[..10], None),
+            Err(StoreError::RefMismatch { .. })
+        ));
+    }
+
+    #[test]
+    fn bad_zstd_level() {
+        let (_d, store) = store();
+        assert!(matches!(
+            store.put_chunk(b"abc", Some(1000)),
+            Err(StoreError::ZstdLevel { level: 1000, .. })
+        ));
+    }
+
+    #[test]
+    fn flipped_byte_is_corrupt_naming_the_chunk() {
+        for level in [None, Some(3)] {
+            let (_d, store) = store();
+            let data = text(20_000);
+            let put = store.put_chunk(&data, level).unwrap();
+            let path = store.object_path(&put.chunk.hex());
+            let mut obj = fs::read(&path).unwrap();
+            let last = obj.len() - 1;
+            obj[last] ^= 0x40;
+            fs::write(&path, &obj).unwrap();
+            let err = get(&store, &put.chunk).unwrap_err();
+            match &err {
+                StoreError::Corrupt { chunk, .. } => assert_eq!(chunk, &put.chunk.hex()),
+                other => panic!("{level:?}: expected Corrupt, got {other:?}"),
+            }
+            let msg = err.to_string();
+            assert!(msg.starts_with(&format!("chunk {} is corrupted (", put.chunk.hex())));
+            assert!(msg.ends_with("the image cannot be restored from this store"));
+            if level.is_none() {
+                assert!(msg.contains("(checksum mismatch)"), "{msg}");
+            }
+        }
+    }
+
+    #[test]
+    fn damaged_headers_are_corrupt() {
+        let (_d, store) = store();
+        let data = text(5000);
+        let put = store.put_chunk(&data, None).unwrap();
+        let path = store.object_path(&put.chunk.hex());
+        let good = fs::read(&path).unwrap();
+        type Damage = fn(&mut Vec<u8>);
+        let cases: Vec<(Damage, &str)> = vec![
+            (|o| o[0] = b'X', "bad magic"),
+            (|o| o[4] = 9, "object version 9"),
+            (|o| o[5] = 7, "unknown codec 7"),
+            (|o| o[6] = 1, "reserved"),
+            (|o| o[8] ^= 1, "length is"),
+            (|o| o.truncate(100), "raw payload is 88 bytes"),
+            (|o| o.truncate(5), "only 5 bytes"),
+            (|o| o.push(0), "raw payload is 5001 bytes"),
+            (|o| o[5] = CODEC_ZSTD, "not smaller"),
+            (
+                |o| {
+                    o[5] = CODEC_ZSTD;
+                    o.truncate(200);
+                },
+                "zstd",
+            ),
+        ];
+        for (damage, want) in cases {
+            let mut obj = good.clone();
+            damage(&mut obj);
+            fs::write(&path, &obj).unwrap();
+            match get(&store, &put.chunk) {
+                Err(StoreError::Corrupt { chunk, reason }) => {
+                    assert_eq!(chunk, put.chunk.hex());
+                    assert!(reason.contains(want), "want {want:?}, got {reason:?}");
+                }
+                other => panic!("want Corrupt({want}), got {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn zstd_frame_of_other_content_is_corrupt() {
+        // A valid zstd frame of the right length but the wrong bytes.
+        let (_d, store) = store();
+        let a = text(4000);
+        let mut b = a.clone();
+        b[0] = b'T';
+        let pa = store.put_chunk(&a, Some(3)).unwrap();
+        let pb = store.put_chunk(&b, Some(3)).unwrap();
+        fs::copy(
+            store.object_path(&pb.chunk.hex()),
+            store.object_path(&pa.chunk.hex()),
+        )
+        .unwrap();
+        match get(&store, &pa.chunk) {
+            Err(StoreError::Corrupt { reason, .. }) => assert_eq!(reason, "checksum mismatch"),
+            other => panic!("expected Corrupt, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn deleted_chunk_is_missing() {
+        let (_d, store) = store();
+        let put = store.put_chunk(b"some bytes", None).unwrap();
+        assert!(store.remove_chunk(&put.chunk.hex()).unwrap());
+        assert!(!store.remove_chunk(&put.chunk.hex()).unwrap());
+        assert!(!store.has_chunk(&put.chunk));
+        let err = get(&store, &put.chunk).unwrap_err();
+        match &err {
+            StoreError::Missing { chunk } => assert_eq!(chunk, &put.chunk.hex()),
+            other => panic!("expected Missing, got {other:?}"),
+        }
+        assert!(err.to_string().contains(&put.chunk.hex()));
+    }
+
+    #[test]
+    fn wrong_buffer_size() {
+        let (_d, store) = store();
+        let put = store.put_chunk(b"12345", None).unwrap();
+        let mut out = [0u8; 4];
+        assert!(matches!(
+            store.get_chunk(&put.chunk, &mut out),
+            Err(StoreError::BufferSize {
+                expected: 5,
+                got: 4,
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn list_and_remove() {
+        let (_d, store) = store();
+        let mut want: Vec<String> = (0..20u64)
+            .map(|i| {
+                store
+                    .put_chunk(&noise(100, i + 1), None)
+                    .unwrap()
+                    .chunk
+                    .hex()
+            })
+            .collect();
+        want.sort();
+        // Leftover temporaries and strangers are not chunks.
+        let shard = store.dir().join("chunks").join(&want[0][..2]);
+        fs::write(shard.join(format!(".tmp.{}.1.2", want[0])), b"x").unwrap();
+        fs::write(shard.join("README"), b"x").unwrap();
+        fs::create_dir_all(store.dir().join("chunks/zz")).unwrap();
+        assert_eq!(store.list_chunks().unwrap(), want);
+        assert!(store.remove_chunk(&want[3]).unwrap());
+        want.remove(3);
+        assert_eq!(store.list_chunks().unwrap(), want);
+        assert!(matches!(
+            store.remove_chunk("../../etc/passwd"),
+            Err(StoreError::BadName { .. })
+        ));
+    }
+
+    #[test]
+    fn manifest_round_trip_and_commit() {
+        let (_d, store) = store();
+        let img = codec::tests::sample_image();
+        let bytes = codec::encode_image(&img).unwrap();
+        store.put_manifest(&bytes).unwrap();
+        assert!(!store.dir().join("manifest.ckpt.tmp").exists());
+        let back = store.get_manifest().unwrap();
+        assert_eq!(back, bytes);
+        assert_eq!(codec::decode_image(&back).unwrap(), img);
+        // Overwriting replaces it whole.
+        store.put_manifest(b"second").unwrap();
+        assert_eq!(store.get_manifest().unwrap(), b"second");
+    }
+
+    #[test]
+    fn missing_manifest() {
+        let (d, store) = store();
+        let err = store.get_manifest().unwrap_err();
+        assert!(matches!(err, StoreError::NoImage { .. }));
+        assert_eq!(
+            err.to_string(),
+            format!(
+                "no image at {}: manifest.ckpt is missing (the dump did not complete?)",
+                d.path().display()
+            )
+        );
+    }
+
+    #[test]
+    fn truncated_manifest() {
+        let (_d, store) = store();
+        let bytes = codec::encode_image(&codec::tests::sample_image()).unwrap();
+        fs::write(store.dir().join(MANIFEST_NAME), &bytes[..bytes.len() - 10]).unwrap();
+        let back = store.get_manifest().unwrap();
+        assert!(matches!(
+            codec::decode_image(&back),
+            Err(CodecError::Truncated { .. })
+        ));
+    }
+
+    #[test]
+    fn oversized_manifest_is_refused_without_reading() {
+        let (_d, store) = store();
+        let f = File::create(store.dir().join(MANIFEST_NAME)).unwrap();
+        f.set_len(codec::MAX_ENVELOPE + 1).unwrap(); // sparse
+        assert!(matches!(
+            store.get_manifest(),
+            Err(StoreError::ManifestTooLarge { .. })
+        ));
+    }
+
+    #[test]
+    fn sync_works() {
+        let (_d, store) = store();
+        store.put_chunk(b"abc", None).unwrap();
+        store.sync().unwrap();
+    }
+
+    #[test]
+    fn concurrent_puts_and_gets() {
+        let (_d, store) = store();
+        let store = &store;
+        std::thread::scope(|s| {
+            for t in 0..4u64 {
+                s.spawn(move || {
+                    for i in 0..50u64 {
+                        // Half the chunks are shared between threads (dedup races).
+                        let data = if i % 2 == 0 {
+                            text(4096 + i as usize)
+                        } else {
+                            noise(4096, t * 1000 + i + 1)
+                        };
+                        let level = if t % 2 == 0 { Some(3) } else { None };
+                        let put = store.put_chunk(&data, level).unwrap();
+                        assert_eq!(get(store, &put.chunk).unwrap(), data);
+                    }
+                });
+            }
+        });
+        // 25 shared + 4 * 25 private chunks.
+        assert_eq!(store.list_chunks().unwrap().len(), 125);
+    }
+}
