@@ -98,6 +98,7 @@ const HASH_LIMIT: u64 = 64 << 20;
 
 pub fn dump(opts: &DumpOptions) -> Result<Image, DumpError> {
     let t0 = Instant::now();
+    let mut ph = crate::Phases::new("dump");
     let store = ChunkStore::open(&opts.image)?;
     if opts.image.join("manifest.ckpt").exists() {
         return Err(DumpError::ImageExists {
@@ -106,6 +107,7 @@ pub fn dump(opts: &DumpOptions) -> Result<Image, DumpError> {
     }
     let mut frozen = freeze::freeze(opts.pid)?;
     let t_frozen = Instant::now();
+    ph.mark("freeze");
     fault("after-seize")?;
 
     // Per process: threads, signals, mm, credentials, layout.
@@ -162,7 +164,14 @@ pub fn dump(opts: &DumpOptions) -> Result<Image, DumpError> {
         scratch.give_back(leader.tid)?;
         fp.swallowed
             .extend(remote.swallowed.iter().map(|&s| (leader.tid, s)));
-        let ((sigactions, itimers, posix_timers), brk) = got?;
+        let (
+            signals::SignalState {
+                actions: sigactions,
+                itimers,
+                timers: posix_timers,
+            },
+            brk,
+        ) = got?;
         let shared_pending = sys::ptrace::peek_siginfo(leader.tid, true)
             .map_err(ThreadError::from)?
             .into_iter()
@@ -184,9 +193,14 @@ pub fn dump(opts: &DumpOptions) -> Result<Image, DumpError> {
         let mut mappings = Vec::new();
         for v in &vmas {
             let kind = mem::classify(pid, v, &mut shmem)?;
-            let prot = (v.read as u32) * image::prot::READ
-                | (v.write as u32) * image::prot::WRITE
-                | (v.exec as u32) * image::prot::EXEC;
+            let prot = [
+                (v.read, image::prot::READ),
+                (v.write, image::prot::WRITE),
+                (v.exec, image::prot::EXEC),
+            ]
+            .iter()
+            .filter(|(on, _)| *on)
+            .fold(0, |acc, (_, bit)| acc | bit);
             mappings.push(Mapping {
                 start: v.start,
                 end: v.end,
@@ -239,6 +253,7 @@ pub fn dump(opts: &DumpOptions) -> Result<Image, DumpError> {
     }
     let mut host = host.expect("a tree has a root");
     host.xsave_size = processes[0].threads[0].xsave.len() as u32;
+    ph.mark("threads+process");
     fault("after-regs")?;
 
     // Descriptors.
@@ -251,6 +266,7 @@ pub fn dump(opts: &DumpOptions) -> Result<Image, DumpError> {
             processes.iter_mut().map(|p| (p.pid, &mut p.fds)).collect();
         table.finish(&mut view)?;
     }
+    ph.mark("fds");
     fault("after-files")?;
 
     // Memory.
@@ -272,7 +288,9 @@ pub fn dump(opts: &DumpOptions) -> Result<Image, DumpError> {
             jobs.extend(mem::plan_reads(&pm, p.pid, target, m, &mut seen_shm)?);
         }
     }
+    ph.mark("plan-memory");
     let (mut extents, totals) = mem::dump_parallel(&jobs, &store, opts.zstd_level, opts.workers)?;
+    ph.mark("memory");
     fault("after-memory")?;
     let freeze_end = Instant::now();
     let frozen_for_kill = if opts.leave_running {
@@ -356,11 +374,14 @@ pub fn dump(opts: &DumpOptions) -> Result<Image, DumpError> {
             chunks: chunks.len() as u64,
         },
     };
+    ph.mark("file-checks");
     store.sync()?;
+    ph.mark("sync");
     fault("before-commit")?;
     img.stats.total_us = t0.elapsed().as_micros() as u64;
     let bytes = codec::encode_image(&img)?;
     store.put_manifest(&bytes)?;
+    ph.mark("manifest");
     if let Some(f) = frozen_for_kill {
         f.kill();
         img.stats.freeze_us = t_frozen.elapsed().as_micros() as u64;

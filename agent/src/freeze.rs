@@ -90,7 +90,9 @@ impl Frozen {
             let _ = sys::kill(p.pid, libc::SIGKILL);
         }
         for p in &self.procs {
-            for t in &p.threads {
+            // Other threads first: the kernel holds back the leader's exit until the
+            // tracer has collected every other thread of the group.
+            for t in p.threads.iter().rev() {
                 // The tracer sees each traced thread's exit; collect them so the
                 // PIDs are released as soon as the parents reap.
                 loop {

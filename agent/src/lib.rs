@@ -23,3 +23,40 @@ pub mod restore;
 pub mod signals;
 pub mod sys;
 pub mod thread;
+
+/// Wall-clock time of the phases of one operation, logged at debug level
+/// (`CKPT_LOG=debug`), so a slow dump or restore shows where its time went.
+pub struct Phases {
+    what: &'static str,
+    last: std::time::Instant,
+    marks: Vec<(&'static str, u128)>,
+}
+
+impl Phases {
+    pub fn new(what: &'static str) -> Phases {
+        Phases {
+            what,
+            last: std::time::Instant::now(),
+            marks: Vec::new(),
+        }
+    }
+
+    /// Close the phase that ran since the previous mark.
+    pub fn mark(&mut self, phase: &'static str) {
+        let now = std::time::Instant::now();
+        self.marks
+            .push((phase, now.duration_since(self.last).as_micros()));
+        self.last = now;
+    }
+}
+
+impl Drop for Phases {
+    fn drop(&mut self) {
+        let s: Vec<String> = self
+            .marks
+            .iter()
+            .map(|(p, us)| format!("{p}={:.1}ms", *us as f64 / 1e3))
+            .collect();
+        tracing::debug!(op = self.what, phases = %s.join(" "), "timing");
+    }
+}

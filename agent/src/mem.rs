@@ -360,16 +360,19 @@ fn read_job(
     if done < b.len() {
         // Unreadable by the process itself: go through /proc/PID/mem, which may
         // read with FOLL_FORCE.
-        if !mem_files.contains_key(&j.pid) {
-            let f =
-                File::open(format!("/proc/{}/mem", j.pid)).map_err(|source| MemError::Read {
-                    pid: j.pid,
-                    addr: j.addr,
-                    source,
+        let f = match mem_files.entry(j.pid) {
+            std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+            std::collections::hash_map::Entry::Vacant(e) => {
+                let f = File::open(format!("/proc/{}/mem", j.pid)).map_err(|source| {
+                    MemError::Read {
+                        pid: j.pid,
+                        addr: j.addr,
+                        source,
+                    }
                 })?;
-            mem_files.insert(j.pid, f);
-        }
-        let f = &mem_files[&j.pid];
+                e.insert(f)
+            }
+        };
         while done < b.len() {
             let n = f
                 .read_at(&mut b[done..], j.addr + done as u64)
@@ -408,80 +411,157 @@ pub struct WriteJob {
     pub chunk: ChunkRef,
 }
 
-/// Fetch, verify and write back every job with `workers` threads.
-pub fn restore_parallel(
-    jobs: &[WriteJob],
+/// A run of contiguous extents of one husk, populated with one injected
+/// `madvise(MADV_POPULATE_WRITE)` before its chunks are written.
+#[derive(Debug, Clone)]
+pub struct Segment {
+    /// Index of the husk (for the caller's populate step).
+    pub husk: usize,
+    pub start: u64,
+    pub end: u64,
+    pub jobs: Vec<WriteJob>,
+}
+
+/// Largest segment: big enough that the injection costs nothing, small enough that
+/// populating the next one overlaps with filling this one.
+pub const SEGMENT_MAX: u64 = 32 << 20;
+
+/// Cut a mapping's extents into segments.
+pub fn segments(husk: usize, pid: pid_t, exts: &[Extent], out: &mut Vec<Segment>) {
+    let mut cur: Option<Segment> = None;
+    for e in exts {
+        let (s, t) = (e.addr, e.addr + e.chunk.len as u64);
+        let job = WriteJob {
+            dest: Dest::Process(pid),
+            addr: e.addr,
+            chunk: e.chunk,
+        };
+        match &mut cur {
+            Some(c) if c.end == s && t - c.start <= SEGMENT_MAX => {
+                c.end = t;
+                c.jobs.push(job);
+            }
+            _ => {
+                out.extend(cur.take());
+                cur = Some(Segment {
+                    husk,
+                    start: s,
+                    end: t,
+                    jobs: vec![job],
+                });
+            }
+        }
+    }
+    out.extend(cur);
+}
+
+/// Fill memory from the store, pipelined: the calling thread (the tracer) runs
+/// `populate` for each segment in turn and hands the segment's chunks to `workers`
+/// threads, which fetch, verify and write them while the next segment is being
+/// populated. `direct` jobs (shared memory objects) need no populate.
+pub fn fill_pipelined<E: From<MemError>>(
+    direct: Vec<WriteJob>,
+    segs: Vec<Segment>,
     store: &ChunkStore,
     workers: usize,
-) -> Result<u64, MemError> {
-    let next = AtomicUsize::new(0);
+    mut populate: impl FnMut(&Segment) -> Result<(), E>,
+) -> Result<u64, E> {
     let written = AtomicU64::new(0);
     let err: Mutex<Option<MemError>> = Mutex::new(None);
+    let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<WriteJob>>(4);
+    let rx = Mutex::new(rx);
+    let mut outer: Result<(), E> = Ok(());
     std::thread::scope(|s| {
         for _ in 0..workers.max(1) {
             s.spawn(|| {
                 let mut buf = vec![0u8; CHUNK_MAX as usize];
                 loop {
-                    let i = next.fetch_add(1, Ordering::Relaxed);
-                    if i >= jobs.len() || err.lock().expect("poisoned").is_some() {
-                        return;
-                    }
-                    let j = &jobs[i];
-                    let r = (|| -> Result<(), MemError> {
-                        if buf.len() < j.chunk.len as usize {
-                            buf.resize(j.chunk.len as usize, 0);
+                    let batch = match rx.lock().expect("poisoned").recv() {
+                        Ok(b) => b,
+                        Err(_) => return,
+                    };
+                    for j in &batch {
+                        if err.lock().expect("poisoned").is_some() {
+                            break;
                         }
-                        let b = &mut buf[..j.chunk.len as usize];
-                        store.get_chunk(&j.chunk, b)?;
-                        match j.dest {
-                            Dest::Process(pid) => {
-                                let n = sys::process_vm_writev(pid, j.addr, b).map_err(|e| {
-                                    MemError::Write {
-                                        pid,
-                                        addr: j.addr,
-                                        source: e.source,
-                                    }
-                                })?;
-                                if n != b.len() {
-                                    return Err(MemError::Write {
-                                        pid,
-                                        addr: j.addr + n as u64,
-                                        source: std::io::Error::new(
-                                            std::io::ErrorKind::WriteZero,
-                                            "short write",
-                                        ),
-                                    });
-                                }
+                        match write_job(j, store, &mut buf) {
+                            Ok(n) => {
+                                written.fetch_add(n, Ordering::Relaxed);
                             }
-                            Dest::Fd(fd) => {
-                                // SAFETY: fd is a memfd we own for the whole restore;
-                                // ManuallyDrop keeps this temporary File from closing it.
-                                let f = std::mem::ManuallyDrop::new(unsafe {
-                                    <File as std::os::fd::FromRawFd>::from_raw_fd(fd)
-                                });
-                                f.write_all_at(b, j.addr)
-                                    .map_err(|source| MemError::Write {
-                                        pid: 0,
-                                        addr: j.addr,
-                                        source,
-                                    })?;
+                            Err(e) => {
+                                err.lock().expect("poisoned").get_or_insert(e);
                             }
                         }
-                        written.fetch_add(b.len() as u64, Ordering::Relaxed);
-                        Ok(())
-                    })();
-                    if let Err(e) = r {
-                        err.lock().expect("poisoned").get_or_insert(e);
-                        return;
                     }
                 }
             });
         }
+        let send = |jobs: Vec<WriteJob>| {
+            // Batches of 8 chunks keep both workers busy without lock churn.
+            let mut it = jobs.into_iter().peekable();
+            while it.peek().is_some() {
+                let b: Vec<WriteJob> = it.by_ref().take(8).collect();
+                if tx.send(b).is_err() {
+                    return;
+                }
+            }
+        };
+        send(direct);
+        for seg in segs {
+            if err.lock().expect("poisoned").is_some() {
+                break;
+            }
+            if let Err(e) = populate(&seg) {
+                outer = Err(e);
+                break;
+            }
+            send(seg.jobs);
+        }
+        drop(tx);
     });
+    outer?;
     if let Some(e) = err.into_inner().expect("poisoned") {
-        return Err(e);
+        return Err(e.into());
     }
     Ok(written.into_inner())
+}
+
+fn write_job(j: &WriteJob, store: &ChunkStore, buf: &mut Vec<u8>) -> Result<u64, MemError> {
+    if buf.len() < j.chunk.len as usize {
+        buf.resize(j.chunk.len as usize, 0);
+    }
+    let b = &mut buf[..j.chunk.len as usize];
+    store.get_chunk(&j.chunk, b)?;
+    match j.dest {
+        Dest::Process(pid) => {
+            let n = sys::process_vm_writev(pid, j.addr, b).map_err(|e| MemError::Write {
+                pid,
+                addr: j.addr,
+                source: e.source,
+            })?;
+            if n != b.len() {
+                return Err(MemError::Write {
+                    pid,
+                    addr: j.addr + n as u64,
+                    source: std::io::Error::new(std::io::ErrorKind::WriteZero, "short write"),
+                });
+            }
+        }
+        Dest::Fd(fd) => {
+            // SAFETY: fd is a memfd the restorer owns for the whole restore;
+            // ManuallyDrop keeps this temporary File from closing it.
+            let f = std::mem::ManuallyDrop::new(unsafe {
+                <File as std::os::fd::FromRawFd>::from_raw_fd(fd)
+            });
+            f.write_all_at(b, j.addr)
+                .map_err(|source| MemError::Write {
+                    pid: 0,
+                    addr: j.addr,
+                    source,
+                })?;
+        }
+    }
+    Ok(b.len() as u64)
 }
 
 /// Merge extents into address ranges `[start, end)` (to populate them in bulk).

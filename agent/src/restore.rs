@@ -234,13 +234,18 @@ pub fn check_host(img: &Image, new_pid_ns: bool) -> Result<(), RestoreError> {
     if !new_pid_ns {
         for p in &img.processes {
             for t in &p.threads {
-                if Path::new(&format!("/proc/{}", t.tid)).exists() {
-                    let by = std::fs::read_to_string(format!("/proc/{}/comm", t.tid))
-                        .unwrap_or_default();
-                    return Err(RestoreError::PidTaken {
-                        pid: t.tid,
-                        by: by.trim().to_string(),
-                    });
+                if pid_in_use(t.tid) {
+                    let by = match sys::proc::stat(t.tid) {
+                        Ok(st) if st.state == 'Z' => {
+                            format!(
+                                "a zombie of {} that its parent, PID {}, has not reaped",
+                                st.comm, st.ppid
+                            )
+                        }
+                        Ok(st) => st.comm,
+                        Err(_) => "a process that just exited".into(),
+                    };
+                    return Err(RestoreError::PidTaken { pid: t.tid, by });
                 }
             }
         }
@@ -286,6 +291,24 @@ pub fn check_host(img: &Image, new_pid_ns: bool) -> Result<(), RestoreError> {
         }
     }
     Ok(())
+}
+
+/// Is `pid` taken? A zombie whose parent is about to reap it (the usual state
+/// right after `dump` killed the tree) is given a moment to go.
+fn pid_in_use(pid: pid_t) -> bool {
+    let deadline = Instant::now() + std::time::Duration::from_secs(3);
+    loop {
+        match sys::proc::stat(pid) {
+            Err(_) => return false,
+            Ok(st) if st.state == 'Z' || st.state == 'X' => {
+                if Instant::now() > deadline {
+                    return true;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+            Ok(_) => return true,
+        }
+    }
 }
 
 /// Pick and map the trampoline in our own process: two pages, free in every
@@ -442,7 +465,9 @@ struct Husk<'a> {
 
 pub fn restore(opts: &RestoreOptions) -> Result<RestoreReport, RestoreError> {
     let t0 = Instant::now();
+    let mut ph = crate::Phases::new("restore");
     let (store, img) = load(&opts.image)?;
+    ph.mark("load");
     // A cheap look at every chunk before anything is created; each one is verified
     // again, byte for byte, when it is read.
     for c in img
@@ -459,6 +484,7 @@ pub fn restore(opts: &RestoreOptions) -> Result<RestoreReport, RestoreError> {
         }
     }
     check_host(&img, opts.new_pid_ns)?;
+    ph.mark("check");
 
     // Resources in the restorer.
     let (ours, fifo_holders) = fd::open_all(&img.files)?;
@@ -484,7 +510,9 @@ pub fn restore(opts: &RestoreOptions) -> Result<RestoreReport, RestoreError> {
         for m in &p.mappings {
             if let MappingKind::File { path, .. } = &m.kind {
                 let write = m.shared && m.prot & ckpt_shared::image::prot::WRITE != 0;
-                if !map_files.contains_key(&(path.clone(), write)) {
+                if let std::collections::hash_map::Entry::Vacant(e) =
+                    map_files.entry((path.clone(), write))
+                {
                     let f = std::fs::OpenOptions::new()
                         .read(true)
                         .write(write)
@@ -493,19 +521,22 @@ pub fn restore(opts: &RestoreOptions) -> Result<RestoreReport, RestoreError> {
                             path: path.clone(),
                             source,
                         })?;
-                    map_files.insert((path.clone(), write), f.into());
+                    e.insert(f.into());
                 }
             }
         }
-        if !map_files.contains_key(&(p.mm.exe.clone(), false)) {
+        if let std::collections::hash_map::Entry::Vacant(e) =
+            map_files.entry((p.mm.exe.clone(), false))
+        {
             let f = std::fs::File::open(&p.mm.exe).map_err(|source| FdError::Open {
                 path: p.mm.exe.clone(),
                 source,
             })?;
-            map_files.insert((p.mm.exe.clone(), false), f.into());
+            e.insert(f.into());
         }
     }
 
+    ph.mark("open-files");
     let tramp = map_trampoline(&img)?;
     let mut husks_guard = Husks {
         pids: Vec::new(),
@@ -585,9 +616,10 @@ pub fn restore(opts: &RestoreOptions) -> Result<RestoreReport, RestoreError> {
     }
     husks.sort_by_key(|h| img.processes.iter().position(|p| p.pid == h.p.pid));
 
+    ph.mark("fork-tree");
     // Memory layout and descriptors of every husk.
-    let mut jobs: Vec<WriteJob> = Vec::new();
-    for h in &mut husks {
+    let mut segs: Vec<mem::Segment> = Vec::new();
+    for (hi, h) in husks.iter_mut().enumerate() {
         let p = h.p;
         let r = &mut h.r;
         let max_fd = p.fds.iter().map(|f| f.fd).max().unwrap_or(2).max(2);
@@ -598,22 +630,41 @@ pub fn restore(opts: &RestoreOptions) -> Result<RestoreReport, RestoreError> {
             r.syscall(nr::CLOSE, [pfd, 0, 0, 0, 0, 0])?;
         }
         h.pidfd_slot = slot;
-        map_memory(r, p, slot, &map_files, &shm_fds, tramp, &mut jobs)?;
+        map_memory(r, p, hi, slot, &map_files, &shm_fds, &mut segs)?;
     }
+    let mut direct = Vec::new();
     for s in &img.shmem {
         let fd = shm_fds[&s.id].as_raw_fd();
-        jobs.extend(s.data.iter().map(|e| WriteJob {
+        direct.extend(s.data.iter().map(|e| WriteJob {
             dest: Dest::Fd(fd),
             addr: e.addr,
             chunk: e.chunk,
         }));
     }
-    // Shared memory objects must be filled before husks map... they are: the memfd
-    // pages are shared, so filling after mapping is the same memory.
+    // Shared memory objects are filled through our memfd: the pages are the same
+    // ones the husks mapped.
+    ph.mark("map");
     let t_fill = Instant::now();
-    let written = mem::restore_parallel(&jobs, &store, opts.workers)?;
+    let written = mem::fill_pipelined(
+        direct,
+        segs,
+        &store,
+        opts.workers,
+        |seg| -> Result<(), RestoreError> {
+            let r = &mut husks[seg.husk].r;
+            // Populate in bulk: far cheaper than a fault per page when we write. It is
+            // only an optimisation: where it fails, the writes fault pages in.
+            if let Err(err) = r.syscall(
+                nr::MADVISE,
+                [seg.start, seg.end - seg.start, MADV_POPULATE_WRITE, 0, 0, 0],
+            ) {
+                debug!(pid = r.tid, start = format!("{:#x}", seg.start), %err, "populate failed");
+            }
+            Ok(())
+        },
+    )?;
     let fill_us = t_fill.elapsed().as_micros() as u64;
-    debug!(written, fill_us, "memory filled");
+    ph.mark("populate+fill");
 
     for h in &mut husks {
         let p = h.p;
@@ -671,6 +722,7 @@ pub fn restore(opts: &RestoreOptions) -> Result<RestoreReport, RestoreError> {
         }
     }
 
+    ph.mark("mm+fds+threads");
     // Process groups: leaders first, then members (sessions were made at fork).
     for pass in 0..2 {
         for h in &mut husks {
@@ -723,6 +775,7 @@ pub fn restore(opts: &RestoreOptions) -> Result<RestoreReport, RestoreError> {
             thread::restore_final(t)?;
         }
     }
+    ph.mark("thread-state");
     drop(fifo_holders);
     drop(ours);
 
@@ -739,6 +792,7 @@ pub fn restore(opts: &RestoreOptions) -> Result<RestoreReport, RestoreError> {
         ptrace::detach(h.r.tid, 0)?;
     }
     husks_guard.released = true;
+    ph.mark("release");
     drop(ctl_w);
     // SAFETY: unmapping our own trampoline pages.
     unsafe { libc::munmap(tramp as *mut libc::c_void, TRAMP_LEN as usize) };
@@ -750,14 +804,15 @@ pub fn restore(opts: &RestoreOptions) -> Result<RestoreReport, RestoreError> {
     })
 }
 
+#[allow(clippy::too_many_arguments)]
 fn map_memory(
     r: &mut Remote,
     p: &Process,
+    husk: usize,
     slot: u64,
     map_files: &HashMap<(String, bool), OwnedFd>,
     shm_fds: &HashMap<u32, OwnedFd>,
-    _tramp: u64,
-    jobs: &mut Vec<WriteJob>,
+    segs: &mut Vec<mem::Segment>,
 ) -> Result<(), RestoreError> {
     use ckpt_shared::image::prot;
     let host_pid = r.tid;
@@ -838,18 +893,7 @@ fn map_memory(
         if matches!(m.kind, MappingKind::SharedAnon { .. }) {
             continue;
         }
-        for (s, e) in mem::ranges(&m.data) {
-            // Populate in bulk: far cheaper than a fault per page when we write.
-            // It is only an optimisation: where it fails, the writes fault pages in.
-            if let Err(err) = r.syscall(nr::MADVISE, [s, e - s, MADV_POPULATE_WRITE, 0, 0, 0]) {
-                debug!(pid = host_pid, start = format!("{s:#x}"), len = e - s, what = ?m.kind, %err, "populate failed");
-            }
-        }
-        jobs.extend(m.data.iter().map(|e| WriteJob {
-            dest: Dest::Process(host_pid),
-            addr: e.addr,
-            chunk: e.chunk,
-        }));
+        mem::segments(husk, host_pid, &m.data, segs);
     }
     Ok(())
 }

@@ -29,11 +29,15 @@ fn words(b: &[u8]) -> Vec<u64> {
         .collect()
 }
 
+/// The process-wide signal and timer state.
+pub struct SignalState {
+    pub actions: Vec<SigAction>,
+    pub itimers: [ITimer; 3],
+    pub timers: Vec<PosixTimer>,
+}
+
 /// Dump handlers, itimers and POSIX timers of `pid`, injecting into its leader `r`.
-pub fn dump(
-    r: &mut Remote,
-    pid: i32,
-) -> Result<(Vec<SigAction>, [ITimer; 3], Vec<PosixTimer>), SignalError> {
+pub fn dump(r: &mut Remote, pid: i32) -> Result<SignalState, SignalError> {
     let st = proc::status(pid)?;
     let mut actions = Vec::new();
     for sig in 1..=64 {
@@ -72,7 +76,15 @@ pub fn dump(
         };
     }
     let mut timers = Vec::new();
-    for (id, signo, notify, notify_tid, clock, value) in proc::posix_timers(pid)? {
+    for proc::TimerInfo {
+        id,
+        signo,
+        notify,
+        notify_tid,
+        clock,
+        value,
+    } in proc::posix_timers(pid)?
+    {
         r.syscall(nr::TIMER_GETTIME, [id as u64, r.scratch, 0, 0, 0, 0])?;
         let w = words(&r.get(0, 32)?);
         timers.push(PosixTimer {
@@ -87,7 +99,11 @@ pub fn dump(
             overrun: 0,
         });
     }
-    Ok((actions, itimers, timers))
+    Ok(SignalState {
+        actions,
+        itimers,
+        timers,
+    })
 }
 
 fn bytes(ws: &[u64]) -> Vec<u8> {
@@ -112,16 +128,24 @@ pub fn restore_timers(
     timers: &[PosixTimer],
 ) -> Result<(), SignalError> {
     for (which, it) in itimers.iter().enumerate() {
-        if it.value_us == 0 {
+        if it.value_us == 0 && it.interval_us == 0 {
             continue;
         }
+        // A periodic ITIMER_REAL whose SIGALRM is pending reads as value 0: the
+        // kernel re-arms it only when the signal is dequeued. Arm it one interval
+        // out; the pending SIGALRM is queued again separately.
+        let value_us = if it.value_us == 0 {
+            it.interval_us
+        } else {
+            it.value_us
+        };
         let p = r.put(
             0,
             &bytes(&[
                 it.interval_us / 1_000_000,
                 it.interval_us % 1_000_000,
-                it.value_us / 1_000_000,
-                it.value_us % 1_000_000,
+                value_us / 1_000_000,
+                value_us % 1_000_000,
             ]),
         )?;
         r.syscall(nr::SETITIMER, [which as u64, p, 0, 0, 0, 0])?;

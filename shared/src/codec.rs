@@ -322,7 +322,7 @@ pub(crate) mod tests {
                         shared: false,
                         kind: MappingKind::File {
                             path: "/bin/true".into(),
-                            pgoff: 0,
+                            offset: 0,
                             check: 0,
                         },
                         vm_flags: vec![],

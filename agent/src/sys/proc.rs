@@ -308,8 +308,20 @@ pub fn auxv(pid: pid_t) -> Result<Vec<u64>> {
         .collect())
 }
 
-/// Entries of `/proc/PID/timers` (POSIX timers): (id, signo, notify, notify_tid, clock).
-pub fn posix_timers(pid: pid_t) -> Result<Vec<(i32, i32, i32, i32, i32, u64)>> {
+/// One entry of `/proc/PID/timers` (a POSIX timer).
+#[derive(Debug, Clone, Copy)]
+pub struct TimerInfo {
+    pub id: i32,
+    pub signo: i32,
+    pub notify: i32,
+    pub notify_tid: i32,
+    pub clock: i32,
+    /// `sigev_value`.
+    pub value: u64,
+}
+
+/// Entries of `/proc/PID/timers` (POSIX timers).
+pub fn posix_timers(pid: pid_t) -> Result<Vec<TimerInfo>> {
     let path = format!("/proc/{pid}/timers");
     let s = read(path.clone())?;
     let mut out = Vec::new();
@@ -347,7 +359,14 @@ pub fn posix_timers(pid: pid_t) -> Result<Vec<(i32, i32, i32, i32, i32, u64)>> {
                 .trim()
                 .parse()
                 .map_err(|_| bad(path.clone(), "bad ClockID"))?;
-            out.push((id, signo, notify, ntid, clock, value));
+            out.push(TimerInfo {
+                id,
+                signo,
+                notify,
+                notify_tid: ntid,
+                clock,
+                value,
+            });
         }
     }
     Ok(out)
