@@ -112,6 +112,7 @@ pub fn run(cli: Cli) -> Result<()> {
                 leave_running,
                 zstd_level: (compress > 0).then_some(compress),
                 workers: workers.unwrap_or_else(cpus),
+                snapshot_limit: crate::dump::default_snapshot_limit(),
             };
             let img = crate::dump::dump(&opts).with_context(|| {
                 format!("dump of PID {pid} failed; the process tree was left running")

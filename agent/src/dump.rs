@@ -83,6 +83,36 @@ pub struct DumpOptions {
     pub zstd_level: Option<i32>,
     /// Worker threads for memory.
     pub workers: usize,
+    /// Largest tree (anonymous memory, bytes) that `--leave-running` copies into a
+    /// snapshot to shorten the freeze; larger trees are stored while frozen.
+    pub snapshot_limit: u64,
+}
+
+/// Half of the memory available now: the default snapshot limit.
+pub fn default_snapshot_limit() -> u64 {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("MemAvailable:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse::<u64>().ok())
+        })
+        .map(|kb| kb * 1024 / 2)
+        .unwrap_or(0)
+}
+
+/// Anonymous resident memory of the tree under `root`, before it is frozen.
+fn tree_anon_bytes(root: pid_t) -> u64 {
+    let mut total = 0;
+    let mut queue = vec![root];
+    while let Some(pid) = queue.pop() {
+        if let Ok(st) = proc::status(pid) {
+            total += st.rss_anon_kb * 1024;
+        }
+        queue.extend(proc::children(pid).unwrap_or_default());
+    }
+    total
 }
 
 /// Test-only fault hook: `CKPT_FAULT=<stage>` makes the dump fail at that stage.
@@ -105,6 +135,28 @@ pub fn dump(opts: &DumpOptions) -> Result<Image, DumpError> {
             path: opts.image.clone(),
         });
     }
+    // With --leave-running, memory is copied into a snapshot while the tree is
+    // frozen and stored after it runs again. Populate the snapshot's memory now,
+    // before the freeze, from an estimate of the tree's anonymous memory.
+    let snapshot_pool = if opts.leave_running {
+        let estimate = tree_anon_bytes(opts.pid);
+        if estimate <= opts.snapshot_limit {
+            Some(mem::Region::new(
+                (estimate + estimate / 16 + (16 << 20)) as usize,
+                true,
+            )?)
+        } else {
+            info!(
+                estimate,
+                limit = opts.snapshot_limit,
+                "tree too large for a snapshot: storing while frozen"
+            );
+            None
+        }
+    } else {
+        None
+    };
+    ph.mark("snapshot-pool");
     let mut frozen = freeze::freeze(opts.pid)?;
     let t_frozen = Instant::now();
     ph.mark("freeze");
@@ -289,7 +341,21 @@ pub fn dump(opts: &DumpOptions) -> Result<Image, DumpError> {
         }
     }
     ph.mark("plan-memory");
-    let (mut extents, totals) = mem::dump_parallel(&jobs, &store, opts.zstd_level, opts.workers)?;
+    let snapshot = match snapshot_pool {
+        Some(pool) => Some(mem::Snapshot::take(&jobs, Some(pool), opts.workers)?),
+        None => None,
+    };
+    let stored_now = if snapshot.is_none() {
+        Some(mem::dump_parallel(
+            &jobs,
+            None,
+            &store,
+            opts.zstd_level,
+            opts.workers,
+        )?)
+    } else {
+        None
+    };
     ph.mark("memory");
     fault("after-memory")?;
     let freeze_end = Instant::now();
@@ -300,6 +366,18 @@ pub fn dump(opts: &DumpOptions) -> Result<Image, DumpError> {
         Some(frozen)
     };
     let freeze_us = freeze_end.duration_since(t_frozen).as_micros() as u64;
+    let (mut extents, totals) = match stored_now {
+        Some(x) => x,
+        None => mem::dump_parallel(
+            &jobs,
+            snapshot.as_ref(),
+            &store,
+            opts.zstd_level,
+            opts.workers,
+        )?,
+    };
+    drop(snapshot);
+    ph.mark("store-snapshot");
 
     for (pi, p) in processes.iter_mut().enumerate() {
         for (mi, m) in p.mappings.iter_mut().enumerate() {

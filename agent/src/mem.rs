@@ -257,10 +257,139 @@ fn is_zero(page: &[u8]) -> bool {
     pre.iter().all(|&b| b == 0) && mid.iter().all(|&w| w == 0) && post.iter().all(|&b| b == 0)
 }
 
-/// Read, hash and store every job with `workers` threads. Returns the extents of
-/// each target, sorted by address.
+/// Memory captured while the tree was frozen, to be hashed and stored after it
+/// runs again (`dump --leave-running`): the freeze then lasts only as long as a
+/// copy. One anonymous region, populated before the freeze where its size could be
+/// estimated, since this VM faults fresh pages in slowly.
+pub struct Snapshot {
+    region: Region,
+    /// Offset of each job's bytes in the region.
+    offsets: Vec<usize>,
+}
+
+/// An anonymous private mapping of ours.
+pub struct Region {
+    ptr: *mut u8,
+    len: usize,
+}
+
+// SAFETY: the region is plain memory owned by this struct; threads only touch
+// disjoint parts of it (see `Snapshot::take`), or read it after those writes joined.
+unsafe impl Send for Region {}
+// SAFETY: as above.
+unsafe impl Sync for Region {}
+
+impl Region {
+    /// Map `len` bytes, populated (faulted in) now if `populate`.
+    pub fn new(len: usize, populate: bool) -> Result<Region, MemError> {
+        let len = len.max(PAGE_SIZE as usize);
+        let flags = libc::MAP_PRIVATE
+            | libc::MAP_ANONYMOUS
+            | libc::MAP_NORESERVE
+            | if populate { libc::MAP_POPULATE } else { 0 };
+        // SAFETY: a fresh anonymous mapping; the result is checked.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                flags,
+                -1,
+                0,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            return Err(MemError::Read {
+                pid: 0,
+                addr: 0,
+                source: std::io::Error::last_os_error(),
+            });
+        }
+        Ok(Region { ptr: p.cast(), len })
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
+impl Drop for Region {
+    fn drop(&mut self) {
+        // SAFETY: unmapping exactly what `new` mapped.
+        unsafe { libc::munmap(self.ptr.cast(), self.len) };
+    }
+}
+
+impl Snapshot {
+    /// Copy every job's pages into `pool` (or a bigger region if the estimate was
+    /// short), with `workers` threads. Runs while the tree is frozen.
+    pub fn take(
+        jobs: &[ReadJob],
+        pool: Option<Region>,
+        workers: usize,
+    ) -> Result<Snapshot, MemError> {
+        let total: u64 = jobs.iter().map(|j| j.len).sum();
+        let region = match pool {
+            Some(r) if r.len() as u64 >= total => r,
+            _ => Region::new(total as usize, false)?,
+        };
+        let mut offsets = Vec::with_capacity(jobs.len());
+        let mut off = 0usize;
+        for j in jobs {
+            offsets.push(off);
+            off += j.len as usize;
+        }
+        let next = AtomicUsize::new(0);
+        let err: Mutex<Option<MemError>> = Mutex::new(None);
+        let base = region.ptr as usize;
+        std::thread::scope(|s| {
+            for _ in 0..workers.max(1) {
+                s.spawn(|| {
+                    let mut mem_files = HashMap::new();
+                    loop {
+                        let i = next.fetch_add(1, Ordering::Relaxed);
+                        if i >= jobs.len() || err.lock().expect("poisoned").is_some() {
+                            return;
+                        }
+                        let j = &jobs[i];
+                        // SAFETY: job i owns bytes [offsets[i], offsets[i] + len) of the
+                        // region, disjoint from every other job's; the region outlives
+                        // the scope.
+                        let b = unsafe {
+                            std::slice::from_raw_parts_mut(
+                                (base + offsets[i]) as *mut u8,
+                                j.len as usize,
+                            )
+                        };
+                        if let Err(e) = read_job(j, b, &mut mem_files) {
+                            err.lock().expect("poisoned").get_or_insert(e);
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        if let Some(e) = err.into_inner().expect("poisoned") {
+            return Err(e);
+        }
+        Ok(Snapshot { region, offsets })
+    }
+
+    fn bytes(&self, i: usize, len: u64) -> &[u8] {
+        // SAFETY: written by `take` (its threads joined), within the region.
+        unsafe { std::slice::from_raw_parts(self.region.ptr.add(self.offsets[i]), len as usize) }
+    }
+}
+
+/// Read (from the live tree, or from a snapshot of it), hash and store every job
+/// with `workers` threads. Returns the extents of each target, sorted by address.
 pub fn dump_parallel(
     jobs: &[ReadJob],
+    snapshot: Option<&Snapshot>,
     store: &ChunkStore,
     zstd_level: Option<i32>,
     workers: usize,
@@ -273,7 +402,14 @@ pub fn dump_parallel(
     std::thread::scope(|s| {
         for _ in 0..workers.max(1) {
             s.spawn(|| {
-                let mut buf = vec![0u8; CHUNK_MAX as usize];
+                let mut buf = vec![
+                    0u8;
+                    if snapshot.is_some() {
+                        0
+                    } else {
+                        CHUNK_MAX as usize
+                    }
+                ];
                 let mut mem_files: HashMap<pid_t, File> = HashMap::new();
                 loop {
                     let i = next.fetch_add(1, Ordering::Relaxed);
@@ -282,8 +418,14 @@ pub fn dump_parallel(
                     }
                     let j = &jobs[i];
                     let r = (|| -> Result<Vec<Extent>, MemError> {
-                        let b = &mut buf[..j.len as usize];
-                        read_job(j, b, &mut mem_files)?;
+                        let b: &[u8] = match snapshot {
+                            Some(snap) => snap.bytes(i, j.len),
+                            None => {
+                                let b = &mut buf[..j.len as usize];
+                                read_job(j, b, &mut mem_files)?;
+                                b
+                            }
+                        };
                         mem_bytes.fetch_add(j.len, Ordering::Relaxed);
                         let mut exts = Vec::new();
                         let pages = (j.len / PAGE_SIZE) as usize;

@@ -130,6 +130,8 @@ pub struct Status {
     pub sig_ign: u64,
     pub sig_cgt: u64,
     pub nspid: Vec<pid_t>,
+    /// Resident anonymous and shared-memory kilobytes (RssAnon + RssShmem).
+    pub rss_anon_kb: u64,
 }
 
 pub fn status(pid: pid_t) -> Result<Status> {
@@ -170,6 +172,13 @@ pub fn status(pid: pid_t) -> Result<Status> {
             "SigCgt" => {
                 st.sig_cgt =
                     u64::from_str_radix(v, 16).map_err(|_| bad(path.clone(), "bad SigCgt"))?
+            }
+            "RssAnon" | "RssShmem" => {
+                st.rss_anon_kb += v
+                    .split_whitespace()
+                    .next()
+                    .and_then(|x| x.parse::<u64>().ok())
+                    .unwrap_or(0)
             }
             "NSpid" => {
                 st.nspid = v
