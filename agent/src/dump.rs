@@ -233,11 +233,7 @@ pub fn dump(opts: &DumpOptions) -> Result<Image, DumpError> {
 
         let st = proc::stat(pid)?;
         let status = proc::status(pid)?;
-        let mut rlimits = Vec::new();
-        for res in 0..16u32 {
-            let (soft, hard) = sys::prlimit_get(pid, res)?;
-            rlimits.push((res, soft, hard));
-        }
+        let rlimits = proc::limits(pid)?;
         let personality = std::fs::read_to_string(format!("/proc/{pid}/personality"))
             .ok()
             .and_then(|s| u32::from_str_radix(s.trim(), 16).ok())

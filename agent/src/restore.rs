@@ -679,8 +679,12 @@ pub fn restore(opts: &RestoreOptions) -> Result<RestoreReport, RestoreError> {
         }
         signals::restore_actions(&mut h.r, &p.sigactions)?;
         for &(res, soft, hard) in &p.rlimits {
-            if let Err(e) = sys::prlimit_set(h.r.tid, res, soft, hard) {
-                warn!(pid = p.pid, res, ?e, "rlimit not restored");
+            // From inside the husk: prlimit on another process needs
+            // CAP_SYS_RESOURCE, which a restoring root may not have.
+            let a =
+                h.r.put(0, &[soft.to_ne_bytes(), hard.to_ne_bytes()].concat())?;
+            if let Err(e) = h.r.syscall(nr::PRLIMIT64, [0, res as u64, a, 0, 0, 0]) {
+                warn!(pid = p.pid, res, soft, hard, %e, "rlimit not restored");
             }
         }
         // Threads, with their TIDs.
@@ -829,6 +833,31 @@ fn map_memory(
         .find(|m| matches!(m.kind, MappingKind::Vdso))
     {
         r.syscall(nr::ARCH_PRCTL, [ARCH_MAP_VDSO_64, vd.start, 0, 0, 0, 0])?;
+    }
+    // The kernel takes the address as a hint: make sure the vDSO is where the
+    // program's saved pointers into it expect it.
+    if let Some(vd) = p
+        .mappings
+        .iter()
+        .find(|m| matches!(m.kind, MappingKind::Vdso))
+    {
+        let now = sys::proc::smaps(host_pid).map_err(|e| RestoreError::Husk {
+            pid: host_pid,
+            what: e.to_string(),
+        })?;
+        match now.iter().find(|v| v.name == "[vdso]") {
+            Some(v) if v.start == vd.start && v.end == vd.end => {}
+            other => {
+                return Err(RestoreError::Husk {
+                    pid: host_pid,
+                    what: format!(
+                        "the vDSO could not be placed at {:#x} (it is at {})",
+                        vd.start,
+                        other.map_or("no address".to_string(), |v| format!("{:#x}", v.start))
+                    ),
+                })
+            }
+        }
     }
     for m in &p.mappings {
         let len = m.end - m.start;

@@ -308,6 +308,33 @@ pub fn readlink(path: String) -> Result<String> {
         .map_err(|source| ProcError { path, source })
 }
 
+/// `/proc/PID/limits`: (resource, soft, hard) in resource order, `u64::MAX` for
+/// unlimited. Read from /proc rather than with `prlimit(2)`, which needs
+/// CAP_SYS_RESOURCE for a process of another user.
+pub fn limits(pid: pid_t) -> Result<Vec<(u32, u64, u64)>> {
+    let path = format!("/proc/{pid}/limits");
+    let s = read(path.clone())?;
+    let val = |v: &str| -> Option<u64> {
+        let v = v.trim();
+        if v == "unlimited" {
+            Some(u64::MAX)
+        } else {
+            v.parse().ok()
+        }
+    };
+    let mut out = Vec::new();
+    for (i, line) in s.lines().skip(1).enumerate() {
+        let (Some(soft), Some(hard)) = (
+            line.get(26..47).and_then(val),
+            line.get(47..68).and_then(val),
+        ) else {
+            return Err(bad(path, "unexpected limits line"));
+        };
+        out.push((i as u32, soft, hard));
+    }
+    Ok(out)
+}
+
 /// `/proc/PID/auxv` as words.
 pub fn auxv(pid: pid_t) -> Result<Vec<u64>> {
     let path = format!("/proc/{pid}/auxv");
@@ -434,10 +461,20 @@ mod tests {
     fn parses_own_stat_and_status() {
         let me = std::process::id() as pid_t;
         let s = stat(me).unwrap();
-        assert_eq!(s.state, 'R');
+        assert!(matches!(s.state, 'R' | 'S'), "state {}", s.state);
         assert!(s.start_brk > 0 && s.arg_end > s.arg_start);
         let st = status(me).unwrap();
         assert_eq!(st.nspid.first(), Some(&me));
         assert!(!smaps(me).unwrap().is_empty());
+        let lim = limits(me).unwrap();
+        assert_eq!(lim.len(), 16);
+        let nofile = lim[libc::RLIMIT_NOFILE as usize];
+        let mut r = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        // SAFETY: getrlimit writes one rlimit.
+        unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) };
+        assert_eq!((nofile.1, nofile.2), (r.rlim_cur, r.rlim_max));
     }
 }

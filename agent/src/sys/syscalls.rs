@@ -123,38 +123,6 @@ pub fn same_file_description(pid1: pid_t, fd1: RawFd, pid2: pid_t, fd2: RawFd) -
     Ok(r == 0)
 }
 
-pub fn prlimit_get(pid: pid_t, resource: u32) -> Result<(u64, u64)> {
-    let mut old = libc::rlimit64 {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: new is NULL, old points at a valid rlimit64.
-    let r = unsafe { libc::prlimit64(pid, resource as _, std::ptr::null(), &mut old) };
-    if r < 0 {
-        return Err(SysError::last(
-            "prlimit",
-            format!("pid {pid} resource {resource}"),
-        ));
-    }
-    Ok((old.rlim_cur, old.rlim_max))
-}
-
-pub fn prlimit_set(pid: pid_t, resource: u32, soft: u64, hard: u64) -> Result<()> {
-    let new = libc::rlimit64 {
-        rlim_cur: soft,
-        rlim_max: hard,
-    };
-    // SAFETY: new points at a valid rlimit64, old is NULL.
-    let r = unsafe { libc::prlimit64(pid, resource as _, &new, std::ptr::null_mut()) };
-    if r < 0 {
-        return Err(SysError::last(
-            "prlimit",
-            format!("pid {pid} resource {resource}"),
-        ));
-    }
-    Ok(())
-}
-
 /// get_robust_list(2) of another thread: (head, len).
 pub fn get_robust_list(tid: pid_t) -> Result<(u64, u64)> {
     let mut head: u64 = 0;
