@@ -505,7 +505,7 @@ impl ChunkStore {
                     .collect();
                 handles
                     .into_iter()
-                    .try_for_each(|h| h.join().unwrap_or_else(|_| Ok(())))
+                    .try_for_each(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
             })
         };
         let done = fsync_all(&files, "fsync chunk")
