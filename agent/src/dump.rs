@@ -353,6 +353,32 @@ pub fn dump(opts: &DumpOptions) -> Result<Image, DumpError> {
         None
     };
     ph.mark("memory");
+    // File checks: size, mtime and inode as they are at the freeze (a tree let run
+    // on may write to its files right after); the content hash comes later.
+    let mut checks: Vec<FileCheck> = Vec::new();
+    let mut check_index: HashMap<String, u32> = HashMap::new();
+    let mut check_for = |path: &str| -> Result<u32, DumpError> {
+        if let Some(&i) = check_index.get(path) {
+            return Ok(i);
+        }
+        checks.push(stat_check(path)?);
+        let i = (checks.len() - 1) as u32;
+        check_index.insert(path.to_string(), i);
+        Ok(i)
+    };
+    for p in &mut processes {
+        for m in &mut p.mappings {
+            if let MappingKind::File { path, check, .. } = &mut m.kind {
+                *check = check_for(path)?;
+            }
+        }
+    }
+    let mut files = table.files;
+    for f in &mut files {
+        if let FileKind::Regular { path, check, .. } = &mut f.kind {
+            *check = check_for(path)?;
+        }
+    }
     fault("after-memory")?;
     let freeze_end = Instant::now();
     let frozen_for_kill = if opts.leave_running {
@@ -393,32 +419,12 @@ pub fn dump(opts: &DumpOptions) -> Result<Image, DumpError> {
         .collect();
     shm_objs.sort_by_key(|s| s.id);
 
-    // File checks, outside the freeze window where possible.
-    let mut checks: Vec<FileCheck> = Vec::new();
-    let mut check_index: HashMap<String, u32> = HashMap::new();
-    let mut check_for = |path: &str| -> Result<u32, DumpError> {
-        if let Some(&i) = check_index.get(path) {
-            return Ok(i);
-        }
-        let c = file_check(path)?;
-        checks.push(c);
-        let i = (checks.len() - 1) as u32;
-        check_index.insert(path.to_string(), i);
-        Ok(i)
-    };
-    for p in &mut processes {
-        for m in &mut p.mappings {
-            if let MappingKind::File { path, check, .. } = &mut m.kind {
-                *check = check_for(path)?;
-            }
-        }
+    // Hash the files behind the checks, now that the tree may run: only the bytes
+    // that existed at the freeze (see `stat_check`).
+    for c in &mut checks {
+        c.hash = hash_prefix(&c.path, c.size)?;
     }
-    let mut files = table.files;
-    for f in &mut files {
-        if let FileKind::Regular { path, check, .. } = &mut f.kind {
-            *check = check_for(path)?;
-        }
-    }
+    ph.mark("file-hashes");
 
     let chunks: std::collections::HashSet<_> = processes
         .iter()
@@ -482,26 +488,42 @@ fn find_vdso(pid: pid_t, vmas: &[proc::Vma]) -> Result<(u64, Vec<u8>), DumpError
     Ok((ip, bytes))
 }
 
-pub fn file_check(path: &str) -> Result<FileCheck, DumpError> {
+/// Size, mtime and identity of a file, taken while the tree is frozen.
+pub fn stat_check(path: &str) -> Result<FileCheck, DumpError> {
     use std::os::unix::fs::MetadataExt;
-    let err = |source| DumpError::FileCheck {
+    let m = std::fs::metadata(path).map_err(|source| DumpError::FileCheck {
         path: path.to_string(),
         source,
-    };
-    let m = std::fs::metadata(path).map_err(err)?;
-    let hash = if m.len() <= HASH_LIMIT {
-        Some(hash_file(Path::new(path)).map_err(err)?)
-    } else {
-        None
-    };
+    })?;
     Ok(FileCheck {
         path: path.to_string(),
         size: m.len(),
         mtime_ns: m.mtime() as i128 * 1_000_000_000 + m.mtime_nsec() as i128,
         dev: m.dev(),
         ino: m.ino(),
-        hash,
+        hash: None,
     })
+}
+
+/// BLAKE3 of the first `size` bytes of a file (those that existed at the freeze),
+/// if the file is small enough to hash.
+pub fn hash_prefix(path: &str, size: u64) -> Result<Option<[u8; 32]>, DumpError> {
+    if size > HASH_LIMIT {
+        return Ok(None);
+    }
+    let err = |source| DumpError::FileCheck {
+        path: path.to_string(),
+        source,
+    };
+    let f = std::fs::File::open(path).map_err(err)?;
+    let mut h = blake3::Hasher::new();
+    let copied = std::io::copy(&mut std::io::Read::take(f, size), &mut h).map_err(err)?;
+    if copied != size {
+        return Err(err(std::io::Error::other(format!(
+            "the file shrank below {size} bytes while it was hashed"
+        ))));
+    }
+    Ok(Some(*h.finalize().as_bytes()))
 }
 
 pub fn hash_file(path: &Path) -> std::io::Result<[u8; 32]> {

@@ -7,7 +7,8 @@
 //! inside the namespace cannot see the restorer, but they see PID 1, and take their
 //! descriptors from it with `pidfd_getfd`. When the restore is over we close a
 //! control pipe; init then closes everything it holds (so pipes see EOF as they
-//! should) and only reaps orphans until the tree is gone.
+//! should), reaps what becomes its child, and exits once no other process is left
+//! in the namespace.
 //!
 //! The restorer joins the namespace for its children with `setns(CLONE_NEWPID)`, so
 //! the root husk is created inside it with `clone3(set_tid)` and keeps its PID there.
@@ -81,14 +82,19 @@ unsafe fn ns_init(ctl_r: i32, ctl_w: i32) -> ! {
         while libc::syscall(libc::SYS_read, ctl_r, &mut b as *mut u8, 1) != 0 {}
         libc::syscall(libc::SYS_prctl, libc::PR_SET_PDEATHSIG, 0);
         libc::syscall(libc::SYS_close_range, 0u32, u32::MAX, 0u32);
-        let mut seen = false;
+        // The restored root was forked by the restorer, so it is not our child:
+        // reap whatever becomes ours, and leave once nothing else lives in the
+        // namespace (kill(-1, 0) reaches every process of it but us).
         loop {
-            let r = libc::syscall(libc::SYS_wait4, -1, 0usize, libc::__WALL, 0usize);
-            if r > 0 {
-                seen = true;
-                continue;
-            }
-            if seen {
+            while libc::syscall(
+                libc::SYS_wait4,
+                -1,
+                0usize,
+                libc::__WALL | libc::WNOHANG,
+                0usize,
+            ) > 0
+            {}
+            if libc::syscall(libc::SYS_kill, -1, 0) < 0 {
                 libc::syscall(libc::SYS_exit_group, 0);
             }
             let ts = libc::timespec {
@@ -100,8 +106,14 @@ unsafe fn ns_init(ctl_r: i32, ctl_w: i32) -> ! {
     }
 }
 
-/// Make our next children be born in `init`'s PID namespace.
-pub fn enter(init: pid_t) -> Result<(), RestoreError> {
+/// Make our next children be born in `init`'s PID namespace. Returns our own
+/// namespace, to go back to with [`leave`].
+pub fn enter(init: pid_t) -> Result<std::fs::File, RestoreError> {
+    let ours = std::fs::File::open("/proc/self/ns/pid").map_err(|source| SysError {
+        op: "open",
+        what: "/proc/self/ns/pid".into(),
+        source,
+    })?;
     let f = std::fs::File::open(format!("/proc/{init}/ns/pid")).map_err(|source| SysError {
         op: "open",
         what: format!("/proc/{init}/ns/pid"),
@@ -110,6 +122,15 @@ pub fn enter(init: pid_t) -> Result<(), RestoreError> {
     // SAFETY: setns on a namespace descriptor we just opened.
     if unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWPID) } < 0 {
         return Err(SysError::last("setns(CLONE_NEWPID)", init).into());
+    }
+    Ok(ours)
+}
+
+/// Children are born in our own PID namespace again.
+pub fn leave(ours: std::fs::File) -> Result<(), RestoreError> {
+    // SAFETY: setns on a namespace descriptor we own.
+    if unsafe { libc::setns(ours.as_raw_fd(), libc::CLONE_NEWPID) } < 0 {
+        return Err(SysError::last("setns(CLONE_NEWPID)", "our own namespace").into());
     }
     Ok(())
 }

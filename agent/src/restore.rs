@@ -547,9 +547,13 @@ pub fn restore(opts: &RestoreOptions) -> Result<RestoreReport, RestoreError> {
     let (ctl_w, root_pid) = if opts.new_pid_ns {
         let (init, ctl) = crate::pidns::spawn_ns_init()?;
         husks_guard.ns_init = Some(init);
-        crate::pidns::enter(init)?;
+        let ours = crate::pidns::enter(init)?;
         src_pid = 1;
-        (Some(ctl), fork_root(img.root_pid)?)
+        let root = fork_root(img.root_pid);
+        // Back to our own namespace for children: the kernel refuses to create
+        // threads (our fill workers) while it differs from our active one.
+        crate::pidns::leave(ours)?;
+        (Some(ctl), root?)
     } else {
         src_pid = std::process::id() as pid_t;
         (None, fork_root(img.root_pid)?)
@@ -775,8 +779,13 @@ pub fn restore(opts: &RestoreOptions) -> Result<RestoreReport, RestoreError> {
         // Drop the trampoline: the last injected call unmaps its own page, and the
         // thread never executes there again (its registers are set next).
         h.r.syscall(nr::MUNMAP, [tramp, TRAMP_LEN, 0, 0, 0, 0])?;
-        for t in &p.threads {
-            thread::restore_final(t)?;
+        for (i, t) in p.threads.iter().enumerate() {
+            let host_tid = if i == 0 {
+                h.r.tid
+            } else {
+                h.threads[i - 1].tid
+            };
+            thread::restore_final(host_tid, t)?;
         }
     }
     ph.mark("thread-state");
@@ -796,6 +805,18 @@ pub fn restore(opts: &RestoreOptions) -> Result<RestoreReport, RestoreError> {
         ptrace::detach(h.r.tid, 0)?;
     }
     husks_guard.released = true;
+    // A process that was stopped is stopped again when we return: the SIGSTOP we
+    // queued takes effect once it is detached, so wait for it to land.
+    for h in husks.iter().filter(|h| h.p.stopped) {
+        let deadline = Instant::now() + std::time::Duration::from_secs(2);
+        while sys::proc::stat(h.r.tid)
+            .map(|st| st.state != 'T')
+            .unwrap_or(false)
+            && Instant::now() < deadline
+        {
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+    }
     ph.mark("release");
     drop(ctl_w);
     // SAFETY: unmapping our own trampoline pages.

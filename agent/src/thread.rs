@@ -211,10 +211,12 @@ pub fn restore_pending(r: &mut Remote, pid: pid_t, t: &Thread) -> Result<(), Thr
 }
 
 /// Last step for a thread: the mask, the extended state and the registers.
-pub fn restore_final(t: &Thread) -> Result<(), ThreadError> {
-    let regs = regs_from_bytes(t.tid, &t.regs)?;
-    ptrace::set_xstate(t.tid, &t.xsave)?;
-    ptrace::set_sigmask(t.tid, t.sigmask)?;
-    ptrace::set_regs(t.tid, &regs)?;
+/// `host_tid` is the thread as the restorer sees it (it differs from `t.tid` in a
+/// new PID namespace).
+pub fn restore_final(host_tid: pid_t, t: &Thread) -> Result<(), ThreadError> {
+    let regs = regs_from_bytes(host_tid, &t.regs)?;
+    ptrace::set_xstate(host_tid, &t.xsave)?;
+    ptrace::set_sigmask(host_tid, t.sigmask)?;
+    ptrace::set_regs(host_tid, &regs)?;
     Ok(())
 }

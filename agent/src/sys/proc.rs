@@ -375,15 +375,21 @@ pub fn posix_timers(pid: pid_t) -> Result<Vec<TimerInfo>> {
             signo = a.parse().map_err(|_| bad(path.clone(), "bad signal"))?;
             value = u64::from_str_radix(b.trim_start_matches("0x"), 16).unwrap_or(0);
         } else if let Some(v) = line.strip_prefix("notify:") {
-            // "notify: signal/pid.123" or "thread/tid.123" or "none/pid.0"
+            // "notify: signal/pid.123", "signal/tid.123" (SIGEV_THREAD_ID),
+            // "none/pid.0"; "thread" is SIGEV_THREAD.
             let (kind, who) = v
                 .trim()
                 .split_once('/')
                 .ok_or_else(|| bad(path.clone(), "bad notify"))?;
-            notify = match kind {
+            let base = match kind {
                 "signal" => libc::SIGEV_SIGNAL,
-                "thread" => libc::SIGEV_THREAD_ID,
+                "thread" => libc::SIGEV_THREAD,
                 _ => libc::SIGEV_NONE,
+            };
+            notify = if who.starts_with("tid.") {
+                base | libc::SIGEV_THREAD_ID
+            } else {
+                base
             };
             ntid = who
                 .split('.')
