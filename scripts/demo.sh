@@ -5,7 +5,7 @@
 # same state. Run as root.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-scripts/setup.sh
+CKPT_SETUP_S3=0 scripts/setup.sh
 cargo build --release --locked -p ckpt-agent
 agent="$PWD/target/release/ckpt-agent"
 

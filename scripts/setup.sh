@@ -17,3 +17,8 @@ if ! command -v cargo >/dev/null 2>&1; then
     echo "setup: cargo (Rust) is required and was not found on PATH" >&2
     exit 1
 fi
+# The S3-compatible server the storage tests run against (a real server process,
+# built from the crate registry; skipped when already installed).
+if [ "${CKPT_SETUP_S3:-1}" = 1 ]; then
+    "$(dirname "$0")/s3-server.sh" install
+fi

@@ -309,7 +309,12 @@ impl ChunkStore {
             // read and hash the next chunks, and the fsync in `sync` finds little left.
             // SAFETY: sync_file_range on a descriptor we own; no memory is passed.
             unsafe {
-                libc::sync_file_range(std::os::fd::AsRawFd::as_raw_fd(&file), 0, 0, libc::SYNC_FILE_RANGE_WRITE);
+                libc::sync_file_range(
+                    std::os::fd::AsRawFd::as_raw_fd(&file),
+                    0,
+                    0,
+                    libc::SYNC_FILE_RANGE_WRITE,
+                );
             }
         }
         drop(file);

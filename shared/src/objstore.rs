@@ -1,0 +1,1203 @@
+//! Chunk stores named by URL, on the `object_store` crate: `file:///path`,
+//! `s3://bucket/prefix` (any S3-compatible endpoint) and `memory://` (unit tests).
+//!
+//! ```text
+//! <prefix>/chunks/<first 2 hex>/<64 hex>   one object per distinct chunk
+//! <prefix>/images/<name>/manifest.ckpt     one manifest per image, written last
+//! ```
+//!
+//! A chunk object is byte for byte what [`crate::store::ChunkStore`] writes
+//! ([`crate::chunkfmt`]), under the same `chunks/<2 hex>/<64 hex>` names, so a
+//! directory can be filled by one and read by the other, and copying a directory
+//! store into a bucket (`aws s3 sync`, `rclone`) gives a valid S3 store.
+//!
+//! Why `object_store` and not an S3 SDK: it speaks S3 (SigV4, path-style or
+//! virtual-hosted addressing, any endpoint), a local directory and memory through one
+//! trait, so one code path and one test suite cover all three; it retries transient
+//! errors itself (see [`RetryPolicy`]); and it is a fraction of the size of the AWS
+//! SDK. Its S3 client sends plain `PUT`s (atomic: an object is never seen half written)
+//! and is used here for objects of one chunk (about 1 MiB), so multipart uploads are
+//! never needed.
+//!
+//! Writing, and what a commit is:
+//! - [`ObjectStoreBackend::put_chunk`] asks first whether the object exists (`HEAD`)
+//!   and uploads only when it does not: the same pages across ranks or checkpoints
+//!   cost one request, not one upload. Two writers racing on one new chunk may both
+//!   upload it; the content is the same (content addressing), so either copy is right.
+//! - A `PUT` that returned is durable on S3. For `file://` the local backend is opened
+//!   with `fsync` on, so every object is on disk when its put returns: this costs the
+//!   write throughput that [`crate::store::ChunkStore`] saves with its batched sync,
+//!   and `ChunkStore` stays the fast path for a local directory.
+//! - The manifest is the commit point: the caller writes it with
+//!   [`ObjectStoreBackend::put_manifest`] after every chunk it names was put. Before it
+//!   exists there is no image, only garbage for a later gc.
+//!
+//! Every read is verified (header, length, BLAKE3 of the uncompressed bytes), and an
+//! object larger than its chunk could be is refused before it is fetched: a store is
+//! shared, so nothing read from it is trusted.
+//!
+//! Configuration of S3 comes from an [`S3Config`] (a config file, later) and, for what
+//! it leaves unset, the usual AWS variables: `AWS_ENDPOINT_URL`, `AWS_REGION` (default
+//! `us-east-1`), `AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`. With a custom endpoint
+//! requests use path-style addressing (`http://host:port/bucket/key`), which every
+//! S3-compatible server accepts; plain `http` is allowed only when the endpoint is
+//! `http://`.
+//!
+//! The API is async; [`BlockingStore`] wraps it for plain threads (the agent's dump
+//! workers), with a runtime of its own. Compression and verification run on the
+//! thread that polls the call: in [`BlockingStore`] that is the caller's thread, so a
+//! dump's CPU work stays on its workers and off the runtime's two I/O threads.
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::TryStreamExt;
+use object_store::aws::AmazonS3Builder;
+use object_store::local::LocalFileSystem;
+use object_store::memory::InMemory;
+use object_store::path::Path as ObjPath;
+use object_store::{
+    BackoffConfig, ClientOptions, ObjectStore, ObjectStoreExt, PutPayload, RetryConfig,
+};
+
+use crate::chunkfmt::{self, ChunkFmtError};
+use crate::codec;
+use crate::image::ChunkRef;
+use crate::store::{PutOutcome, MANIFEST_NAME};
+
+const CHUNKS_DIR: &str = "chunks";
+const IMAGES_DIR: &str = "images";
+/// Longest image name accepted (one path segment in every store).
+pub const MAX_IMAGE_NAME: usize = 200;
+
+/// Errors of an object store. Each names the store (its URL) and the object.
+#[derive(Debug, thiserror::Error)]
+pub enum ObjStoreError {
+    #[error("not a store URL {url:?}: use file:///path, s3://bucket/prefix or memory://")]
+    NotAUrl { url: String },
+
+    #[error("unsupported store URL scheme {scheme:?}: use file://, s3:// or memory://")]
+    UnsupportedScheme { scheme: String },
+
+    #[error("invalid store URL {url:?}: {reason}")]
+    BadUrl { url: String, reason: String },
+
+    #[error("cannot open store {store}: {reason}")]
+    Config { store: String, reason: String },
+
+    #[error("cannot open store {store}: {source}")]
+    Open {
+        store: String,
+        #[source]
+        source: Box<object_store::Error>,
+    },
+
+    /// `cause` is the innermost error (say, "Connection refused"); `source` has the
+    /// whole chain with the retries made.
+    #[error(
+        "store {store} is unreachable: {op} {key} failed after retries ({cause}); check \
+         that the server is up and that the endpoint (AWS_ENDPOINT_URL) and network are \
+         right, then run the command again"
+    )]
+    Unreachable {
+        store: String,
+        op: &'static str,
+        key: String,
+        cause: String,
+        #[source]
+        source: Box<object_store::Error>,
+    },
+
+    #[error(
+        "store {store} refused {op} {key} ({source}): check the credentials \
+         (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY) and their rights on the bucket"
+    )]
+    Denied {
+        store: String,
+        op: &'static str,
+        key: String,
+        #[source]
+        source: Box<object_store::Error>,
+    },
+
+    #[error(
+        "store {store} has no such bucket or directory ({op} {key}: {source}): create it, \
+         or fix the store URL"
+    )]
+    NoBucket {
+        store: String,
+        op: &'static str,
+        key: String,
+        #[source]
+        source: Box<object_store::Error>,
+    },
+
+    #[error("{op} {key} on store {store} failed: {source}")]
+    Request {
+        store: String,
+        op: &'static str,
+        key: String,
+        #[source]
+        source: Box<object_store::Error>,
+    },
+
+    #[error(
+        "chunk {chunk} is missing from store {store}: the image cannot be restored from \
+         this store"
+    )]
+    Missing { store: String, chunk: String },
+
+    #[error(
+        "chunk {chunk} in store {store} is corrupted ({reason}): the image cannot be \
+         restored from this store"
+    )]
+    Corrupt {
+        store: String,
+        chunk: String,
+        reason: String,
+    },
+
+    #[error(
+        "no image {name:?} in store {store}: its manifest is missing (the dump did not complete?)"
+    )]
+    NoImage { store: String, name: String },
+
+    #[error(
+        "manifest of image {name:?} in store {store} is {len} bytes, more than the limit \
+         of {max}: it is not a ckpt manifest"
+    )]
+    ManifestTooLarge {
+        store: String,
+        name: String,
+        len: u64,
+        max: u64,
+    },
+
+    #[error(
+        "{name:?} is not an image name: use 1 to {MAX_IMAGE_NAME} letters, digits, '.', \
+         '_' or '-', not starting with '.'"
+    )]
+    BadImageName { name: String },
+
+    #[error("{name:?} is not a chunk name (64 lowercase hex digits expected)")]
+    BadChunkName { name: String },
+
+    /// Bad input to a put or get (length, level, buffer): not the store's fault.
+    #[error(transparent)]
+    Format(#[from] ChunkFmtError),
+
+    #[error("cannot start the I/O runtime of store {store}: {source}")]
+    Runtime {
+        store: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// A parsed store URL.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoreUrl {
+    /// `file:///path`: a local directory (created if missing).
+    File(std::path::PathBuf),
+    /// `memory://`: a new, empty store in this process.
+    Memory,
+    /// `s3://bucket/prefix`: objects under `prefix/` (which may be empty) in `bucket`.
+    S3 { bucket: String, prefix: String },
+}
+
+impl StoreUrl {
+    /// Parses a store URL, with an error that says which forms are accepted.
+    pub fn parse(s: &str) -> Result<Self, ObjStoreError> {
+        let url = url::Url::parse(s).map_err(|_| ObjStoreError::NotAUrl { url: s.into() })?;
+        let bad = |reason: &str| ObjStoreError::BadUrl {
+            url: s.into(),
+            reason: reason.into(),
+        };
+        if url.query().is_some() || url.fragment().is_some() {
+            return Err(bad("a store URL has no query (?...) or fragment (#...)"));
+        }
+        match url.scheme() {
+            "file" => {
+                if url.host().is_some() {
+                    return Err(bad(
+                        "a file URL names a local directory: file:///absolute/path",
+                    ));
+                }
+                let path = url
+                    .to_file_path()
+                    .map_err(|()| bad("a file URL needs an absolute path: file:///path"))?;
+                Ok(StoreUrl::File(path))
+            }
+            "memory" => {
+                if url.path().trim_matches('/').is_empty() && url.host().is_none() {
+                    Ok(StoreUrl::Memory)
+                } else {
+                    Err(bad("a memory store has no name or path: memory://"))
+                }
+            }
+            "s3" => {
+                let bucket = url.host_str().unwrap_or_default();
+                if bucket.is_empty() {
+                    return Err(bad("no bucket: s3://bucket/prefix"));
+                }
+                if url.port().is_some() || !url.username().is_empty() || url.password().is_some() {
+                    return Err(bad("an s3 URL names a bucket only; set the endpoint with \
+                         AWS_ENDPOINT_URL and the credentials with AWS_ACCESS_KEY_ID and \
+                         AWS_SECRET_ACCESS_KEY"));
+                }
+                // The URL parser resolves "a/../b" to "b": refuse it instead, since a
+                // prefix that means another one is a typo more often than not.
+                if s.split(['/', '?', '#'])
+                    .any(|seg| seg == "." || seg == "..")
+                {
+                    return Err(bad("no . or .. segments in the prefix"));
+                }
+                let prefix = url.path().trim_matches('/');
+                let prefix =
+                    percent_decode(prefix).ok_or_else(|| bad("bad %-escape in the prefix"))?;
+                if !prefix.is_empty() {
+                    ObjPath::parse(&prefix).map_err(|e| bad(&format!("bad prefix: {e}")))?;
+                }
+                Ok(StoreUrl::S3 {
+                    bucket: bucket.to_string(),
+                    prefix,
+                })
+            }
+            other => Err(ObjStoreError::UnsupportedScheme {
+                scheme: other.to_string(),
+            }),
+        }
+    }
+}
+
+impl fmt::Display for StoreUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            StoreUrl::File(p) => write!(f, "file://{}", p.display()),
+            StoreUrl::Memory => f.write_str("memory://"),
+            StoreUrl::S3 { bucket, prefix } if prefix.is_empty() => write!(f, "s3://{bucket}"),
+            StoreUrl::S3 { bucket, prefix } => write!(f, "s3://{bucket}/{prefix}"),
+        }
+    }
+}
+
+fn percent_decode(s: &str) -> Option<String> {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' {
+            let hex = s.get(i + 1..i + 3)?;
+            out.push(u8::from_str_radix(hex, 16).ok()?);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).ok()
+}
+
+/// How to reach an S3-compatible endpoint. Each field left `None` is filled from the
+/// environment by [`S3Config::fill_from_env`].
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct S3Config {
+    /// `http(s)://host:port` of a non-AWS endpoint (`AWS_ENDPOINT_URL`); `None` is AWS.
+    pub endpoint: Option<String>,
+    /// Region (`AWS_REGION`, then `AWS_DEFAULT_REGION`; default `us-east-1`).
+    pub region: Option<String>,
+    /// `AWS_ACCESS_KEY_ID`.
+    pub access_key_id: Option<String>,
+    /// `AWS_SECRET_ACCESS_KEY`.
+    pub secret_access_key: Option<String>,
+    /// Whether plain `http` is allowed; by default only when the endpoint is `http://`.
+    pub allow_http: Option<bool>,
+}
+
+impl S3Config {
+    /// Fills each unset field from the process environment.
+    pub fn fill_from_env(self) -> Self {
+        self.fill_from(|k| std::env::var(k).ok())
+    }
+
+    /// Fills each unset field from `lookup` (an environment); empty values count as
+    /// unset.
+    pub fn fill_from(self, lookup: impl Fn(&str) -> Option<String>) -> Self {
+        let get = |k: &str| lookup(k).filter(|v| !v.is_empty());
+        S3Config {
+            endpoint: self.endpoint.or_else(|| get("AWS_ENDPOINT_URL")),
+            region: self
+                .region
+                .or_else(|| get("AWS_REGION"))
+                .or_else(|| get("AWS_DEFAULT_REGION")),
+            access_key_id: self.access_key_id.or_else(|| get("AWS_ACCESS_KEY_ID")),
+            secret_access_key: self
+                .secret_access_key
+                .or_else(|| get("AWS_SECRET_ACCESS_KEY")),
+            allow_http: self.allow_http,
+        }
+    }
+}
+
+/// How long a request is retried before the store is declared down.
+///
+/// Transient errors (connection refused or reset, timeouts, HTTP 5xx, 429) are retried
+/// by `object_store`'s own S3 client ([`object_store::RetryConfig`]) with exponential
+/// backoff and jitter: each wait is drawn between `init_backoff` and twice the previous
+/// wait, capped at `max_backoff`, and retrying stops after `max_retries` retries or
+/// once `retry_timeout` has passed, whichever comes first.
+/// Other errors (403, 404, a bad signature) are not retried. `file://` and
+/// `memory://` do not retry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RetryPolicy {
+    pub max_retries: usize,
+    pub init_backoff: Duration,
+    pub max_backoff: Duration,
+    pub retry_timeout: Duration,
+    /// Limit on establishing one connection.
+    pub connect_timeout: Duration,
+    /// Limit on one whole request (a chunk upload, say).
+    pub request_timeout: Duration,
+}
+
+impl Default for RetryPolicy {
+    /// About a minute of retries: a store that restarts or fails over is waited for,
+    /// and one that stays down fails the operation within about 1.5 minutes.
+    fn default() -> Self {
+        RetryPolicy {
+            max_retries: 10,
+            init_backoff: Duration::from_millis(100),
+            max_backoff: Duration::from_secs(15),
+            retry_timeout: Duration::from_secs(60),
+            connect_timeout: Duration::from_secs(5),
+            request_timeout: Duration::from_secs(60),
+        }
+    }
+}
+
+/// Everything needed to open a store besides its URL.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct StoreConfig {
+    pub s3: S3Config,
+    pub retry: RetryPolicy,
+}
+
+impl StoreConfig {
+    /// S3 settings from the environment, default retries.
+    pub fn from_env() -> Self {
+        StoreConfig {
+            s3: S3Config::default().fill_from_env(),
+            retry: RetryPolicy::default(),
+        }
+    }
+}
+
+/// A content-addressed chunk store and image manifests on an object store.
+/// `Send + Sync`; clones share the connection pool.
+#[derive(Debug, Clone)]
+pub struct ObjectStoreBackend {
+    url: StoreUrl,
+    /// How errors name the store: the URL, and the endpoint where there is one.
+    name: Arc<str>,
+    store: Arc<dyn ObjectStore>,
+    /// Key prefix inside the store (empty for `file://` and `memory://`).
+    root: ObjPath,
+}
+
+impl ObjectStoreBackend {
+    /// Opens the store at `url` (see [`StoreUrl::parse`]). Nothing is sent to the
+    /// store yet: [`check`](Self::check) does that.
+    pub fn open(url: &str, config: &StoreConfig) -> Result<Self, ObjStoreError> {
+        Self::open_url(StoreUrl::parse(url)?, config)
+    }
+
+    /// Opens a parsed store URL.
+    pub fn open_url(url: StoreUrl, config: &StoreConfig) -> Result<Self, ObjStoreError> {
+        let plain = url.to_string();
+        let (store, root, name): (Arc<dyn ObjectStore>, ObjPath, String) = match &url {
+            StoreUrl::Memory => (Arc::new(InMemory::new()), ObjPath::default(), plain),
+            StoreUrl::File(dir) => {
+                std::fs::create_dir_all(dir).map_err(|e| ObjStoreError::Config {
+                    store: plain.clone(),
+                    reason: format!("create directory {}: {e}", dir.display()),
+                })?;
+                let fs = LocalFileSystem::new_with_prefix(dir)
+                    .map_err(|source| ObjStoreError::Open {
+                        store: plain.clone(),
+                        source: Box::new(source),
+                    })?
+                    .with_fsync(true);
+                (Arc::new(fs), ObjPath::default(), plain)
+            }
+            StoreUrl::S3 { bucket, prefix } => {
+                let s3 = open_s3(&plain, bucket, &config.s3, &config.retry)?;
+                let name = match &config.s3.endpoint {
+                    Some(ep) => format!("{plain} (endpoint {ep})"),
+                    None => plain,
+                };
+                (s3, ObjPath::from(prefix.as_str()), name)
+            }
+        };
+        Ok(ObjectStoreBackend {
+            url,
+            name: name.into(),
+            store,
+            root,
+        })
+    }
+
+    /// The store's URL.
+    pub fn url(&self) -> &StoreUrl {
+        &self.url
+    }
+
+    /// How errors name this store: its URL, and its endpoint where it has one.
+    pub fn display_name(&self) -> &str {
+        &self.name
+    }
+
+    /// The underlying `object_store` (for tools and tests that need raw objects).
+    pub fn raw_store(&self) -> &Arc<dyn ObjectStore> {
+        &self.store
+    }
+
+    /// Key of the object holding the chunk named `hex`.
+    pub fn chunk_key(&self, hex: &str) -> ObjPath {
+        self.root
+            .clone()
+            .join(CHUNKS_DIR)
+            .join(hex.get(..2).unwrap_or(hex))
+            .join(hex)
+    }
+
+    /// Key of the manifest of image `name`.
+    pub fn manifest_key(&self, name: &str) -> ObjPath {
+        self.root
+            .clone()
+            .join(IMAGES_DIR)
+            .join(name)
+            .join(MANIFEST_NAME)
+    }
+
+    /// Checks that the store answers and its bucket (or directory) exists, with one
+    /// listing request, so a command can fail before it freezes anything.
+    pub async fn check(&self) -> Result<(), ObjStoreError> {
+        self.store
+            .list_with_delimiter(Some(&self.root))
+            .await
+            .map(|_| ())
+            .map_err(|e| self.request_err("list", &self.root, e))
+    }
+
+    /// Stores `bytes` under `chunk` (computed by the caller with [`ChunkRef::of`]: the
+    /// hash is trusted, the length checked), compressed with zstd at `zstd_level` when
+    /// that makes it smaller. A chunk already in the store is not uploaded again:
+    /// `stored_bytes` is then 0.
+    pub async fn put_chunk(
+        &self,
+        chunk: ChunkRef,
+        bytes: &[u8],
+        zstd_level: Option<i32>,
+    ) -> Result<PutOutcome, ObjStoreError> {
+        if bytes.len() != chunk.len as usize {
+            return Err(ChunkFmtError::RefMismatch {
+                chunk: chunk.hex(),
+                expected: chunk.len,
+                got: bytes.len(),
+            }
+            .into());
+        }
+        if let Some(level) = zstd_level {
+            chunkfmt::check_zstd_level(level)?;
+        }
+        if self.has_chunk(&chunk).await? {
+            return Ok(PutOutcome {
+                chunk,
+                stored_bytes: 0,
+            });
+        }
+        let object = chunkfmt::encode(&chunk, bytes, zstd_level)?;
+        let stored_bytes = object.len() as u64;
+        let key = self.chunk_key(&chunk.hex());
+        self.store
+            .put(&key, PutPayload::from(object))
+            .await
+            .map_err(|e| self.write_err("put chunk", &key, e))?;
+        Ok(PutOutcome {
+            chunk,
+            stored_bytes,
+        })
+    }
+
+    /// Whether an object for `chunk` exists (its content is not checked).
+    pub async fn has_chunk(&self, chunk: &ChunkRef) -> Result<bool, ObjStoreError> {
+        let key = self.chunk_key(&chunk.hex());
+        match self.store.head(&key).await {
+            Ok(_) => Ok(true),
+            Err(object_store::Error::NotFound { .. }) => Ok(false),
+            Err(e) => Err(self.request_err("head chunk", &key, e)),
+        }
+    }
+
+    /// Reads `chunk` into `out` (exactly `chunk.len` bytes), verifying its header,
+    /// length and BLAKE3.
+    pub async fn get_chunk(&self, chunk: &ChunkRef, out: &mut [u8]) -> Result<(), ObjStoreError> {
+        if out.len() != chunk.len as usize {
+            return Err(ChunkFmtError::BufferSize {
+                chunk: chunk.hex(),
+                expected: chunk.len,
+                got: out.len(),
+            }
+            .into());
+        }
+        let hex = chunk.hex();
+        let key = self.chunk_key(&hex);
+        let got = match self.store.get(&key).await {
+            Ok(got) => got,
+            Err(ref e @ object_store::Error::NotFound { .. }) if !is_missing_bucket(e) => {
+                return Err(ObjStoreError::Missing {
+                    store: self.name.to_string(),
+                    chunk: hex,
+                });
+            }
+            Err(e) => return Err(self.request_err("get chunk", &key, e)),
+        };
+        let max = chunkfmt::max_object_len(chunk.len);
+        if got.meta.size > max {
+            return Err(self.corrupt(
+                hex,
+                format!(
+                    "object is {} bytes, more than the {max} a chunk of {} bytes takes",
+                    got.meta.size, chunk.len
+                ),
+            ));
+        }
+        let object = got
+            .bytes()
+            .await
+            .map_err(|e| self.request_err("get chunk", &key, e))?;
+        chunkfmt::decode_into(chunk, &object, out).map_err(|e| match e {
+            ChunkFmtError::Corrupt { chunk, reason } => self.corrupt(chunk, reason),
+            other => other.into(),
+        })
+    }
+
+    /// Names (64 hex digits) of every chunk in the store, sorted. Objects that are not
+    /// chunks are skipped.
+    pub async fn list_chunks(&self) -> Result<Vec<String>, ObjStoreError> {
+        let dir = self.root.clone().join(CHUNKS_DIR);
+        let mut names: Vec<String> = self
+            .list_under(&dir)
+            .await?
+            .into_iter()
+            .filter_map(|parts| match <[String; 2]>::try_from(parts) {
+                Ok([shard, name]) if chunkfmt::is_chunk_name(&name) && name[..2] == shard => {
+                    Some(name)
+                }
+                _ => None,
+            })
+            .collect();
+        names.sort_unstable();
+        Ok(names)
+    }
+
+    /// Deletes the chunk named `hex` (as [`list_chunks`](Self::list_chunks) gives it).
+    /// Deleting a chunk that is not there is not an error (S3 does not tell).
+    pub async fn delete_chunk(&self, hex: &str) -> Result<(), ObjStoreError> {
+        if !chunkfmt::is_chunk_name(hex) {
+            return Err(ObjStoreError::BadChunkName { name: hex.into() });
+        }
+        let key = self.chunk_key(hex);
+        match self.store.delete(&key).await {
+            Ok(()) => Ok(()),
+            Err(ref e @ object_store::Error::NotFound { .. }) if !is_missing_bucket(e) => Ok(()),
+            Err(e) => Err(self.request_err("delete chunk", &key, e)),
+        }
+    }
+
+    /// Writes the manifest of image `name`: the commit point, to be called after every
+    /// chunk the manifest names was put. Replaces an older manifest of that name whole.
+    pub async fn put_manifest(&self, name: &str, bytes: &[u8]) -> Result<(), ObjStoreError> {
+        check_image_name(name)?;
+        let max = codec::MAX_ENVELOPE;
+        if bytes.len() as u64 > max {
+            return Err(ObjStoreError::ManifestTooLarge {
+                store: self.name.to_string(),
+                name: name.into(),
+                len: bytes.len() as u64,
+                max,
+            });
+        }
+        let key = self.manifest_key(name);
+        self.store
+            .put(&key, PutPayload::from(bytes.to_vec()))
+            .await
+            .map_err(|e| self.write_err("put manifest", &key, e))?;
+        Ok(())
+    }
+
+    /// Reads the manifest of image `name` (at most [`codec::MAX_ENVELOPE`] bytes; a
+    /// larger one is refused before it is fetched). The bytes are not decoded here:
+    /// [`codec::decode_image`] checks them.
+    pub async fn get_manifest(&self, name: &str) -> Result<Vec<u8>, ObjStoreError> {
+        check_image_name(name)?;
+        let key = self.manifest_key(name);
+        let got = match self.store.get(&key).await {
+            Ok(got) => got,
+            Err(ref e @ object_store::Error::NotFound { .. }) if !is_missing_bucket(e) => {
+                return Err(ObjStoreError::NoImage {
+                    store: self.name.to_string(),
+                    name: name.into(),
+                });
+            }
+            Err(e) => return Err(self.request_err("get manifest", &key, e)),
+        };
+        let max = codec::MAX_ENVELOPE;
+        let too_large = |len| ObjStoreError::ManifestTooLarge {
+            store: self.name.to_string(),
+            name: name.into(),
+            len,
+            max,
+        };
+        if got.meta.size > max {
+            return Err(too_large(got.meta.size));
+        }
+        let bytes = got
+            .bytes()
+            .await
+            .map_err(|e| self.request_err("get manifest", &key, e))?;
+        if bytes.len() as u64 > max {
+            return Err(too_large(bytes.len() as u64));
+        }
+        Ok(bytes.to_vec())
+    }
+
+    /// Names of the images that have a manifest, sorted.
+    pub async fn list_manifests(&self) -> Result<Vec<String>, ObjStoreError> {
+        let dir = self.root.clone().join(IMAGES_DIR);
+        let mut names: Vec<String> = self
+            .list_under(&dir)
+            .await?
+            .into_iter()
+            .filter_map(|parts| match <[String; 2]>::try_from(parts) {
+                Ok([name, file]) if file == MANIFEST_NAME && check_image_name(&name).is_ok() => {
+                    Some(name)
+                }
+                _ => None,
+            })
+            .collect();
+        names.sort_unstable();
+        Ok(names)
+    }
+
+    /// The path segments below `dir` of every object under it.
+    async fn list_under(&self, dir: &ObjPath) -> Result<Vec<Vec<String>>, ObjStoreError> {
+        let metas: Vec<_> = match self.store.list(Some(dir)).try_collect().await {
+            Ok(m) => m,
+            // A local store whose directory was never written lists as not found.
+            Err(object_store::Error::NotFound { .. })
+                if !matches!(self.url, StoreUrl::S3 { .. }) =>
+            {
+                Vec::new()
+            }
+            Err(e) => return Err(self.request_err("list", dir, e)),
+        };
+        Ok(metas
+            .into_iter()
+            .filter_map(|m| {
+                m.location
+                    .prefix_match(dir)
+                    .map(|parts| parts.map(|p| p.as_ref().to_string()).collect())
+            })
+            .collect())
+    }
+
+    fn corrupt(&self, chunk: String, reason: String) -> ObjStoreError {
+        ObjStoreError::Corrupt {
+            store: self.name.to_string(),
+            chunk,
+            reason,
+        }
+    }
+
+    /// A failed write: "not found" there means the bucket (or directory) is missing.
+    fn write_err(&self, op: &'static str, key: &ObjPath, e: object_store::Error) -> ObjStoreError {
+        match e {
+            object_store::Error::NotFound { .. } => ObjStoreError::NoBucket {
+                store: self.name.to_string(),
+                op,
+                key: key.to_string(),
+                source: Box::new(e),
+            },
+            e => self.request_err(op, key, e),
+        }
+    }
+
+    /// Sorts a failed request into what the user should do about it.
+    fn request_err(
+        &self,
+        op: &'static str,
+        key: &ObjPath,
+        e: object_store::Error,
+    ) -> ObjStoreError {
+        let store = self.name.to_string();
+        let key = key.to_string();
+        match e {
+            object_store::Error::PermissionDenied { .. }
+            | object_store::Error::Unauthenticated { .. } => ObjStoreError::Denied {
+                store,
+                op,
+                key,
+                source: Box::new(e),
+            },
+            object_store::Error::NotFound { .. } => ObjStoreError::NoBucket {
+                store,
+                op,
+                key,
+                source: Box::new(e),
+            },
+            e if is_missing_bucket(&e) => ObjStoreError::NoBucket {
+                store,
+                op,
+                key,
+                source: Box::new(e),
+            },
+            e if is_transport_error(&e) => ObjStoreError::Unreachable {
+                store,
+                op,
+                key,
+                cause: root_cause(&e),
+                source: Box::new(e),
+            },
+            e => ObjStoreError::Request {
+                store,
+                op,
+                key,
+                source: Box::new(e),
+            },
+        }
+    }
+}
+
+/// Whether `e` comes from the network (connect, timeout, reset) or from the server
+/// failing (5xx), after the client's own retries: the store is down, not wrong.
+fn is_transport_error(e: &object_store::Error) -> bool {
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = cur {
+        if let Some(h) = err.downcast_ref::<object_store::client::HttpError>() {
+            use object_store::client::HttpErrorKind as K;
+            return matches!(
+                h.kind(),
+                K::Connect | K::Request | K::Timeout | K::Interrupted
+            );
+        }
+        // object_store keeps the status of a failed request in a private type; its
+        // message is the only way to see a 5xx (after retries: the server is failing).
+        if err
+            .to_string()
+            .contains("Server returned non-2xx status code: 5")
+        {
+            return true;
+        }
+        cur = err.source();
+    }
+    false
+}
+
+/// The message of the innermost error of `e`'s chain.
+fn root_cause(e: &object_store::Error) -> String {
+    let mut cur: &(dyn std::error::Error + 'static) = e;
+    while let Some(next) = cur.source() {
+        cur = next;
+    }
+    cur.to_string()
+}
+
+/// Whether the server said the bucket does not exist (S3's `NoSuchBucket`, which
+/// `object_store` reports as a plain "not found", or not at all for a listing).
+fn is_missing_bucket(e: &object_store::Error) -> bool {
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = cur {
+        if err.to_string().contains("<Code>NoSuchBucket</Code>") {
+            return true;
+        }
+        cur = err.source();
+    }
+    false
+}
+
+fn check_image_name(name: &str) -> Result<(), ObjStoreError> {
+    let ok = !name.is_empty()
+        && name.len() <= MAX_IMAGE_NAME
+        && !name.starts_with('.')
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
+    if ok {
+        Ok(())
+    } else {
+        Err(ObjStoreError::BadImageName { name: name.into() })
+    }
+}
+
+fn open_s3(
+    store: &str,
+    bucket: &str,
+    s3: &S3Config,
+    retry: &RetryPolicy,
+) -> Result<Arc<dyn ObjectStore>, ObjStoreError> {
+    let config_err = |reason: String| ObjStoreError::Config {
+        store: store.to_string(),
+        reason,
+    };
+    let mut client = ClientOptions::new()
+        .with_connect_timeout(retry.connect_timeout)
+        .with_timeout(retry.request_timeout);
+    let mut builder = AmazonS3Builder::new()
+        .with_bucket_name(bucket)
+        .with_region(s3.region.as_deref().unwrap_or("us-east-1"))
+        .with_retry(RetryConfig {
+            backoff: BackoffConfig {
+                init_backoff: retry.init_backoff,
+                max_backoff: retry.max_backoff,
+                base: 2.0,
+            },
+            max_retries: retry.max_retries,
+            retry_timeout: retry.retry_timeout,
+        });
+    match &s3.endpoint {
+        Some(endpoint) => {
+            let parsed = url::Url::parse(endpoint).map_err(|e| {
+                config_err(format!(
+                    "endpoint {endpoint:?} is not a URL ({e}): use http(s)://host:port"
+                ))
+            })?;
+            let is_http = match parsed.scheme() {
+                "http" => true,
+                "https" => false,
+                other => {
+                    return Err(config_err(format!(
+                        "endpoint {endpoint:?} has scheme {other:?}: use http:// or https://"
+                    )))
+                }
+            };
+            if is_http && s3.allow_http == Some(false) {
+                return Err(config_err(format!(
+                    "endpoint {endpoint} is plain http but http is not allowed: use an \
+                     https endpoint, or allow http"
+                )));
+            }
+            client = client.with_allow_http(s3.allow_http.unwrap_or(is_http));
+            // Path-style addressing (endpoint/bucket/key): what every S3-compatible
+            // server accepts, and needs no DNS name per bucket.
+            builder = builder
+                .with_endpoint(endpoint.trim_end_matches('/'))
+                .with_virtual_hosted_style_request(false);
+            if s3.access_key_id.is_none() || s3.secret_access_key.is_none() {
+                return Err(config_err(format!(
+                    "no credentials for endpoint {endpoint}: set AWS_ACCESS_KEY_ID and \
+                     AWS_SECRET_ACCESS_KEY"
+                )));
+            }
+        }
+        None => {
+            // AWS itself: virtual-hosted addressing, the only kind new buckets accept.
+            client = client.with_allow_http(s3.allow_http.unwrap_or(false));
+            builder = builder.with_virtual_hosted_style_request(true);
+        }
+    }
+    match (&s3.access_key_id, &s3.secret_access_key) {
+        (Some(id), Some(secret)) => {
+            builder = builder
+                .with_access_key_id(id)
+                .with_secret_access_key(secret);
+        }
+        (None, None) => {} // AWS: instance or container credentials.
+        _ => {
+            return Err(config_err(
+                "set both AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or neither".into(),
+            ))
+        }
+    }
+    let s3 = builder
+        .with_client_options(client)
+        .build()
+        .map_err(|source| ObjStoreError::Open {
+            store: store.to_string(),
+            source: Box::new(source),
+        })?;
+    Ok(Arc::new(s3))
+}
+
+/// [`ObjectStoreBackend`] for plain threads: the same operations, synchronous. It owns
+/// a Tokio runtime of 2 worker threads that drive the connections; each call runs on
+/// the caller's thread with [`tokio::runtime::Handle::block_on`], so many threads can
+/// call at once (`Send + Sync`). Must not be called, nor dropped, from inside an async
+/// context (Tokio forbids blocking there): async code uses the backend directly.
+#[derive(Debug)]
+pub struct BlockingStore {
+    backend: ObjectStoreBackend,
+    runtime: tokio::runtime::Runtime,
+}
+
+impl BlockingStore {
+    /// Opens the store at `url` with a runtime of its own.
+    pub fn open(url: &str, config: &StoreConfig) -> Result<Self, ObjStoreError> {
+        let url = StoreUrl::parse(url)?;
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("ckpt-store-io")
+            .enable_all()
+            .build()
+            .map_err(|source| ObjStoreError::Runtime {
+                store: url.to_string(),
+                source,
+            })?;
+        // The HTTP client is created inside the runtime it will use.
+        let backend = {
+            let _guard = runtime.enter();
+            ObjectStoreBackend::open_url(url, config)?
+        };
+        Ok(BlockingStore { backend, runtime })
+    }
+
+    /// The async backend (for code that has a runtime of its own).
+    pub fn backend(&self) -> &ObjectStoreBackend {
+        &self.backend
+    }
+
+    /// Runs `fut` to completion on this store's runtime, from the calling thread.
+    pub fn block_on<F: std::future::Future>(&self, fut: F) -> F::Output {
+        self.runtime.handle().block_on(fut)
+    }
+
+    /// See [`ObjectStoreBackend::check`].
+    pub fn check(&self) -> Result<(), ObjStoreError> {
+        self.block_on(self.backend.check())
+    }
+
+    /// See [`ObjectStoreBackend::put_chunk`].
+    pub fn put_chunk(
+        &self,
+        chunk: ChunkRef,
+        bytes: &[u8],
+        zstd_level: Option<i32>,
+    ) -> Result<PutOutcome, ObjStoreError> {
+        self.block_on(self.backend.put_chunk(chunk, bytes, zstd_level))
+    }
+
+    /// See [`ObjectStoreBackend::get_chunk`].
+    pub fn get_chunk(&self, chunk: &ChunkRef, out: &mut [u8]) -> Result<(), ObjStoreError> {
+        self.block_on(self.backend.get_chunk(chunk, out))
+    }
+
+    /// See [`ObjectStoreBackend::has_chunk`].
+    pub fn has_chunk(&self, chunk: &ChunkRef) -> Result<bool, ObjStoreError> {
+        self.block_on(self.backend.has_chunk(chunk))
+    }
+
+    /// See [`ObjectStoreBackend::list_chunks`].
+    pub fn list_chunks(&self) -> Result<Vec<String>, ObjStoreError> {
+        self.block_on(self.backend.list_chunks())
+    }
+
+    /// See [`ObjectStoreBackend::delete_chunk`].
+    pub fn delete_chunk(&self, hex: &str) -> Result<(), ObjStoreError> {
+        self.block_on(self.backend.delete_chunk(hex))
+    }
+
+    /// See [`ObjectStoreBackend::put_manifest`].
+    pub fn put_manifest(&self, name: &str, bytes: &[u8]) -> Result<(), ObjStoreError> {
+        self.block_on(self.backend.put_manifest(name, bytes))
+    }
+
+    /// See [`ObjectStoreBackend::get_manifest`].
+    pub fn get_manifest(&self, name: &str) -> Result<Vec<u8>, ObjStoreError> {
+        self.block_on(self.backend.get_manifest(name))
+    }
+
+    /// See [`ObjectStoreBackend::list_manifests`].
+    pub fn list_manifests(&self) -> Result<Vec<String>, ObjStoreError> {
+        self.block_on(self.backend.list_manifests())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn is_send_sync() {
+        fn check<T: Send + Sync>() {}
+        check::<ObjectStoreBackend>();
+        check::<BlockingStore>();
+    }
+
+    #[test]
+    fn parses_store_urls() {
+        assert_eq!(
+            StoreUrl::parse("file:///var/ckpt/store").unwrap(),
+            StoreUrl::File("/var/ckpt/store".into())
+        );
+        assert_eq!(StoreUrl::parse("memory://").unwrap(), StoreUrl::Memory);
+        assert_eq!(
+            StoreUrl::parse("s3://bucket/a/b/").unwrap(),
+            StoreUrl::S3 {
+                bucket: "bucket".into(),
+                prefix: "a/b".into()
+            }
+        );
+        assert_eq!(
+            StoreUrl::parse("s3://bucket").unwrap(),
+            StoreUrl::S3 {
+                bucket: "bucket".into(),
+                prefix: String::new()
+            }
+        );
+        for s in ["file:///x/y", "memory://", "s3://b", "s3://b/p/q"] {
+            assert_eq!(StoreUrl::parse(s).unwrap().to_string(), s);
+        }
+    }
+
+    #[test]
+    fn url_errors_say_what_to_use() {
+        let err = StoreUrl::parse("ftp://host/x").unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            r#"unsupported store URL scheme "ftp": use file://, s3:// or memory://"#
+        );
+        assert!(matches!(
+            StoreUrl::parse("/var/ckpt"),
+            Err(ObjStoreError::NotAUrl { .. })
+        ));
+        for bad in [
+            "s3:///prefix",
+            "s3://bucket:9000/x",
+            "s3://key:secret@bucket/x",
+            "s3://bucket/a/../b",
+            "file://host/x",
+            "memory://name",
+            "s3://bucket/x?region=eu",
+        ] {
+            match StoreUrl::parse(bad) {
+                Err(ObjStoreError::BadUrl { url, .. }) => assert_eq!(url, bad),
+                other => panic!("{bad}: expected BadUrl, got {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn s3_config_from_environment() {
+        let env = |k: &str| {
+            match k {
+                "AWS_ENDPOINT_URL" => Some("http://127.0.0.1:9000"),
+                "AWS_DEFAULT_REGION" => Some("eu-west-1"),
+                "AWS_ACCESS_KEY_ID" => Some("id"),
+                "AWS_SECRET_ACCESS_KEY" => Some(""),
+                _ => None,
+            }
+            .map(String::from)
+        };
+        let filled = S3Config {
+            secret_access_key: Some("from-file".into()),
+            ..S3Config::default()
+        }
+        .fill_from(env);
+        assert_eq!(
+            filled,
+            S3Config {
+                endpoint: Some("http://127.0.0.1:9000".into()),
+                region: Some("eu-west-1".into()),
+                access_key_id: Some("id".into()),
+                secret_access_key: Some("from-file".into()),
+                allow_http: None,
+            }
+        );
+        // Set fields win over the environment.
+        let set = S3Config {
+            region: Some("us-west-2".into()),
+            ..S3Config::default()
+        }
+        .fill_from(env);
+        assert_eq!(set.region.as_deref(), Some("us-west-2"));
+        assert_eq!(set.secret_access_key, None, "empty values count as unset");
+    }
+
+    fn s3_config(endpoint: &str) -> StoreConfig {
+        StoreConfig {
+            s3: S3Config {
+                endpoint: Some(endpoint.into()),
+                access_key_id: Some("id".into()),
+                secret_access_key: Some("secret".into()),
+                ..S3Config::default()
+            },
+            retry: RetryPolicy::default(),
+        }
+    }
+
+    #[test]
+    fn s3_open_checks_its_config() {
+        // Opening sends nothing, so these need no server.
+        ObjectStoreBackend::open("s3://b/p", &s3_config("http://127.0.0.1:1")).unwrap();
+        ObjectStoreBackend::open("s3://b/p", &s3_config("https://s3.example.org")).unwrap();
+        let mut no_http = s3_config("http://127.0.0.1:1");
+        no_http.s3.allow_http = Some(false);
+        let mut no_creds = s3_config("http://127.0.0.1:1");
+        no_creds.s3.secret_access_key = None;
+        let mut half_creds = StoreConfig::default();
+        half_creds.s3.access_key_id = Some("id".into());
+        for (config, want) in [
+            (no_http, "plain http"),
+            (no_creds, "AWS_SECRET_ACCESS_KEY"),
+            (s3_config("ftp://x"), "use http:// or https://"),
+            (s3_config("not a url"), "not a URL"),
+            (half_creds, "or neither"),
+        ] {
+            match ObjectStoreBackend::open("s3://b/p", &config) {
+                Err(e @ ObjStoreError::Config { .. }) => {
+                    let msg = e.to_string();
+                    assert!(msg.starts_with("cannot open store s3://b/p: "), "{msg}");
+                    assert!(msg.contains(want), "want {want:?} in {msg}");
+                }
+                other => panic!("expected Config error, got {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn keys_follow_the_layout() {
+        let b = ObjectStoreBackend::open("s3://b/run/7", &s3_config("http://127.0.0.1:1")).unwrap();
+        let hex = ChunkRef::of(b"").hex();
+        assert_eq!(
+            b.chunk_key(&hex).to_string(),
+            format!("run/7/chunks/af/{hex}")
+        );
+        assert_eq!(
+            b.manifest_key("job-1").to_string(),
+            "run/7/images/job-1/manifest.ckpt"
+        );
+        let m = ObjectStoreBackend::open("memory://", &StoreConfig::default()).unwrap();
+        assert_eq!(m.chunk_key(&hex).to_string(), format!("chunks/af/{hex}"));
+    }
+
+    #[test]
+    fn image_names() {
+        for ok in ["job-1", "a", "step_2.rank-3", &"x".repeat(MAX_IMAGE_NAME)] {
+            check_image_name(ok).unwrap();
+        }
+        for bad in [
+            "",
+            ".hidden",
+            "a/b",
+            "..",
+            "a b",
+            &"x".repeat(MAX_IMAGE_NAME + 1),
+        ] {
+            assert!(matches!(
+                check_image_name(bad),
+                Err(ObjStoreError::BadImageName { .. })
+            ));
+        }
+    }
+}

@@ -1,0 +1,645 @@
+//! One storage test suite, run against every backend: `memory://`, `file://` and
+//! `s3://` against a real S3 server (s3s-fs, a separate process speaking HTTP with
+//! SigV4), in the manner of object_store's shared `put_get_delete_list`.
+//!
+//! The S3 server is the one `scripts/s3-server.sh install` builds. Each test that needs
+//! it starts its own on a free port with a fresh data directory, and a `Drop` guard
+//! kills it by PID, even when the test panics. When the server is not installed these
+//! tests fail (they do not skip): CI installs it, and a missing server must not pass
+//! for a green S3 backend.
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use ckpt_shared::chunkfmt::ChunkFmtError;
+use ckpt_shared::codec::{self, CodecError};
+use ckpt_shared::image::ChunkRef;
+use ckpt_shared::objstore::{
+    BlockingStore, ObjStoreError, RetryPolicy, S3Config, StoreConfig, StoreUrl,
+};
+use ckpt_shared::store::{ChunkStore, CHUNK_HEADER_LEN, CODEC_RAW, CODEC_ZSTD};
+use object_store::{ObjectStoreExt, PutPayload};
+
+const ACCESS_KEY: &str = "ckpt-test";
+const SECRET_KEY: &str = "ckpt-test-secret";
+const BUCKET: &str = "ckpt";
+
+// ---------------------------------------------------------------- data
+
+/// Pseudo-random bytes (xorshift), incompressible for zstd.
+fn noise(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+fn text(len: usize) -> Vec<u8> {
+    b"the quick brown fox jumps over the lazy dog. "
+        .iter()
+        .copied()
+        .cycle()
+        .take(len)
+        .collect()
+}
+
+fn get(store: &BlockingStore, c: &ChunkRef) -> Result<Vec<u8>, ObjStoreError> {
+    let mut out = vec![0u8; c.len as usize];
+    store.get_chunk(c, &mut out).map(|()| out)
+}
+
+fn put(store: &BlockingStore, data: &[u8], level: Option<i32>) -> (ChunkRef, u64) {
+    let c = ChunkRef::of(data);
+    let out = store.put_chunk(c, data, level).unwrap();
+    assert_eq!(out.chunk, c);
+    (c, out.stored_bytes)
+}
+
+/// The raw object of a chunk, read around the backend.
+fn raw_object(store: &BlockingStore, c: &ChunkRef) -> Vec<u8> {
+    let b = store.backend();
+    let key = b.chunk_key(&c.hex());
+    store
+        .block_on(async { b.raw_store().get(&key).await?.bytes().await })
+        .unwrap()
+        .to_vec()
+}
+
+/// Replaces the raw object of a chunk, around the backend.
+fn put_raw_object(store: &BlockingStore, c: &ChunkRef, bytes: Vec<u8>) {
+    let b = store.backend();
+    let key = b.chunk_key(&c.hex());
+    store
+        .block_on(b.raw_store().put(&key, PutPayload::from(bytes)))
+        .unwrap();
+}
+
+// ---------------------------------------------------------------- the suite
+
+/// Everything a backend must do, run against each. `store` must be empty.
+fn suite(store: &BlockingStore) {
+    let name = store.backend().display_name().to_string();
+    store.check().unwrap();
+
+    // An empty store.
+    assert_eq!(store.list_chunks().unwrap(), Vec::<String>::new());
+    assert_eq!(store.list_manifests().unwrap(), Vec::<String>::new());
+    assert!(!store.has_chunk(&ChunkRef::of(b"nothing")).unwrap());
+
+    // Put and get, through every branch of the encoder.
+    let cases: Vec<(Vec<u8>, Option<i32>, u8)> = vec![
+        (noise(10_000, 1), None, CODEC_RAW),
+        (text(1 << 20), Some(3), CODEC_ZSTD),
+        (noise(64 * 1024, 7), Some(3), CODEC_RAW), // zstd does not pay: raw
+        (vec![0u8; 4096], Some(1), CODEC_ZSTD),
+        (Vec::new(), Some(3), CODEC_RAW),
+    ];
+    let mut names = Vec::new();
+    for (data, level, codec) in &cases {
+        let (c, stored) = put(store, data, *level);
+        assert!(store.has_chunk(&c).unwrap());
+        assert_eq!(get(store, &c).unwrap(), *data, "{name}: round trip");
+        let object = raw_object(store, &c);
+        assert_eq!(object.len() as u64, stored);
+        assert_eq!(&object[..4], b"CKCH");
+        assert_eq!(object[5], *codec, "{name}: codec of {} bytes", data.len());
+        if *codec == CODEC_RAW {
+            assert_eq!(stored, (CHUNK_HEADER_LEN + data.len()) as u64);
+        } else {
+            assert!(stored < data.len() as u64);
+        }
+        names.push(c.hex());
+    }
+    names.sort();
+
+    // Dedup: a chunk already stored is not uploaded again, whatever the level.
+    for (data, _, _) in &cases {
+        for level in [None, Some(3)] {
+            let (_, stored) = put(store, data, level);
+            assert_eq!(stored, 0, "{name}: dedup");
+        }
+    }
+    assert_eq!(store.list_chunks().unwrap(), names);
+
+    // Bad input is refused before anything is sent.
+    let c = ChunkRef::of(b"abc");
+    assert!(matches!(
+        store.put_chunk(c, b"ab", None),
+        Err(ObjStoreError::Format(ChunkFmtError::RefMismatch { .. }))
+    ));
+    assert!(matches!(
+        store.put_chunk(c, b"abc", Some(1000)),
+        Err(ObjStoreError::Format(ChunkFmtError::ZstdLevel { .. }))
+    ));
+    let (c, _) = put(store, b"12345", None);
+    names.push(c.hex());
+    names.sort();
+    assert!(matches!(
+        store.get_chunk(&c, &mut [0u8; 4]),
+        Err(ObjStoreError::Format(ChunkFmtError::BufferSize {
+            expected: 5,
+            got: 4,
+            ..
+        }))
+    ));
+
+    // A flipped byte is Corrupt, naming the chunk and the store.
+    for level in [None, Some(3)] {
+        let data = text(20_000 + level.unwrap_or(0) as usize);
+        let (c, _) = put(store, &data, level);
+        names.push(c.hex());
+        let mut object = raw_object(store, &c);
+        let last = object.len() - 1;
+        object[last] ^= 0x40;
+        put_raw_object(store, &c, object);
+        let err = get(store, &c).unwrap_err();
+        match &err {
+            ObjStoreError::Corrupt {
+                chunk, store: s, ..
+            } => {
+                assert_eq!(chunk, &c.hex());
+                assert_eq!(s, &name);
+            }
+            other => panic!("{name} {level:?}: expected Corrupt, got {other:?}"),
+        }
+        let msg = err.to_string();
+        assert!(
+            msg.starts_with(&format!("chunk {} in store {name} is corrupted (", c.hex())),
+            "{msg}"
+        );
+        if level.is_none() {
+            assert!(msg.contains("(checksum mismatch)"), "{msg}");
+        }
+    }
+    names.sort();
+
+    // An object longer than its chunk can be is refused without being decoded.
+    let data = noise(3000, 9);
+    let (c, _) = put(store, &data, None);
+    names.push(c.hex());
+    names.sort();
+    let mut object = raw_object(store, &c);
+    object.extend_from_slice(&[0u8; 100]);
+    put_raw_object(store, &c, object);
+    match get(store, &c) {
+        Err(ObjStoreError::Corrupt { chunk, reason, .. }) => {
+            assert_eq!(chunk, c.hex());
+            assert!(reason.contains("more than the 3012"), "{reason}");
+        }
+        other => panic!("{name}: expected Corrupt, got {other:?}"),
+    }
+
+    // List and delete.
+    assert_eq!(store.list_chunks().unwrap(), names);
+    let small = ChunkRef::of(b"12345");
+    store.delete_chunk(&small.hex()).unwrap();
+    store.delete_chunk(&small.hex()).unwrap(); // twice is fine
+    names.retain(|n| *n != small.hex());
+    assert_eq!(store.list_chunks().unwrap(), names);
+    assert!(!store.has_chunk(&small).unwrap());
+    match get(store, &small) {
+        Err(ObjStoreError::Missing { chunk, .. }) => assert_eq!(chunk, small.hex()),
+        other => panic!("{name}: expected Missing, got {other:?}"),
+    }
+    assert!(matches!(
+        store.delete_chunk("../../etc/passwd"),
+        Err(ObjStoreError::BadChunkName { .. })
+    ));
+
+    // A missing chunk is Missing, naming the chunk and the store.
+    let absent = ChunkRef::of(b"never stored");
+    let err = get(store, &absent).unwrap_err();
+    match &err {
+        ObjStoreError::Missing { chunk, store: s } => {
+            assert_eq!(chunk, &absent.hex());
+            assert_eq!(s, &name);
+        }
+        other => panic!("{name}: expected Missing, got {other:?}"),
+    }
+    assert_eq!(
+        err.to_string(),
+        format!(
+            "chunk {} is missing from store {name}: the image cannot be restored from this store",
+            absent.hex()
+        )
+    );
+
+    // Manifests: put, get, list, overwrite.
+    let manifest = codec::encode(*b"TEST", &(1u32..500).collect::<Vec<_>>()).unwrap();
+    store.put_manifest("job-1", &manifest).unwrap();
+    store.put_manifest("job-2.step_0", b"second").unwrap();
+    assert_eq!(store.get_manifest("job-1").unwrap(), manifest);
+    assert_eq!(
+        codec::decode::<Vec<u32>>(*b"TEST", &store.get_manifest("job-1").unwrap()).unwrap(),
+        (1u32..500).collect::<Vec<_>>()
+    );
+    assert_eq!(store.list_manifests().unwrap(), ["job-1", "job-2.step_0"]);
+    store.put_manifest("job-2.step_0", b"replaced").unwrap();
+    assert_eq!(store.get_manifest("job-2.step_0").unwrap(), b"replaced");
+    // Manifests and chunks do not see each other.
+    assert_eq!(store.list_chunks().unwrap(), names);
+
+    // A missing manifest names the image and the store.
+    match store.get_manifest("nope") {
+        Err(e @ ObjStoreError::NoImage { .. }) => assert_eq!(
+            e.to_string(),
+            format!(
+                "no image \"nope\" in store {name}: its manifest is missing (the dump did not \
+                 complete?)"
+            )
+        ),
+        other => panic!("{name}: expected NoImage, got {other:?}"),
+    }
+    for bad in ["", "../x", "a/b", ".hidden"] {
+        assert!(matches!(
+            store.put_manifest(bad, b"x"),
+            Err(ObjStoreError::BadImageName { .. })
+        ));
+    }
+
+    // A truncated manifest comes back as stored; the codec refuses it.
+    store
+        .put_manifest("cut", &manifest[..manifest.len() - 10])
+        .unwrap();
+    let back = store.get_manifest("cut").unwrap();
+    assert!(matches!(
+        codec::decode::<Vec<u32>>(*b"TEST", &back),
+        Err(CodecError::Truncated { .. })
+    ));
+}
+
+/// Many threads on one store at once, half the chunks shared (dedup races).
+fn concurrent(store: &BlockingStore) {
+    std::thread::scope(|s| {
+        for t in 0..4u64 {
+            s.spawn(move || {
+                for i in 0..20u64 {
+                    let data = if i % 2 == 0 {
+                        text(4096 + i as usize)
+                    } else {
+                        noise(4096, t * 1000 + i + 1)
+                    };
+                    let level = if t % 2 == 0 { Some(3) } else { None };
+                    let (c, _) = put(store, &data, level);
+                    assert_eq!(get(store, &c).unwrap(), data);
+                }
+            });
+        }
+    });
+    // 10 shared + 4 * 10 private chunks.
+    assert_eq!(store.list_chunks().unwrap().len(), 50);
+}
+
+// ---------------------------------------------------------------- memory and file
+
+#[test]
+fn memory_backend() {
+    let store = BlockingStore::open("memory://", &StoreConfig::default()).unwrap();
+    assert_eq!(store.backend().url(), &StoreUrl::Memory);
+    suite(&store);
+}
+
+#[test]
+fn memory_backend_concurrent() {
+    concurrent(&BlockingStore::open("memory://", &StoreConfig::default()).unwrap());
+}
+
+#[test]
+fn file_backend() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("store"); // created by open
+    let url = format!("file://{}", root.display());
+    let store = BlockingStore::open(&url, &StoreConfig::default()).unwrap();
+    assert_eq!(store.backend().display_name(), url);
+    suite(&store);
+    assert!(root.join("images/job-1/manifest.ckpt").is_file());
+}
+
+#[test]
+fn file_backend_concurrent() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("file://{}", dir.path().display());
+    concurrent(&BlockingStore::open(&url, &StoreConfig::default()).unwrap());
+}
+
+/// A directory written by `ChunkStore` is a `file://` store with the same chunks, and
+/// the other way round: one object format, one layout.
+#[test]
+fn file_backend_shares_chunks_with_chunk_store() {
+    let dir = tempfile::tempdir().unwrap();
+    let local = ChunkStore::open(dir.path()).unwrap();
+    let url = format!("file://{}", dir.path().display());
+    let store = BlockingStore::open(&url, &StoreConfig::default()).unwrap();
+
+    let a = text(100_000);
+    let by_local = local.put_chunk(&a, Some(3)).unwrap();
+    assert!(store.has_chunk(&by_local.chunk).unwrap());
+    assert_eq!(get(&store, &by_local.chunk).unwrap(), a);
+    assert_eq!(put(&store, &a, None).1, 0, "dedup across the two");
+
+    let b = noise(5000, 4);
+    let (c, _) = put(&store, &b, Some(3));
+    assert!(local.has_chunk(&c));
+    let mut out = vec![0u8; b.len()];
+    local.get_chunk(&c, &mut out).unwrap();
+    assert_eq!(out, b);
+    assert_eq!(local.put_chunk(&b, None).unwrap().stored_bytes, 0);
+
+    let mut want = vec![by_local.chunk.hex(), c.hex()];
+    want.sort();
+    assert_eq!(store.list_chunks().unwrap(), want);
+    assert_eq!(local.list_chunks().unwrap(), want);
+}
+
+// ---------------------------------------------------------------- the S3 server
+
+/// Where `scripts/s3-server.sh install` puts the server, or `CKPT_S3S_FS`.
+fn s3s_fs_binary() -> PathBuf {
+    if let Some(p) = std::env::var_os("CKPT_S3S_FS") {
+        return p.into();
+    }
+    let tools = std::env::var_os("CKPT_TOOLS").unwrap_or_else(|| "/opt/ckpt-tools".into());
+    let installed = PathBuf::from(tools).join("bin/s3s-fs");
+    if installed.is_file() {
+        return installed;
+    }
+    let on_path = std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
+        .unwrap_or_default()
+        .into_iter()
+        .map(|d| d.join("s3s-fs"))
+        .find(|p| p.is_file());
+    on_path.unwrap_or_else(|| {
+        panic!(
+            "the S3 test server s3s-fs is not installed (looked for {}, then s3s-fs on \
+             PATH): run scripts/s3-server.sh install",
+            installed.display()
+        )
+    })
+}
+
+/// A port on 127.0.0.1 with nothing listening on it (at the time of the call).
+fn free_port() -> u16 {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap().port()
+}
+
+/// The server's process, killed by PID when dropped (also when a test panics, and
+/// then its log is shown).
+struct Process {
+    child: Child,
+    log: PathBuf,
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if std::thread::panicking() {
+            let _ = writeln!(
+                std::io::stderr(),
+                "s3s-fs log ({}):\n{}",
+                self.log.display(),
+                read_log(&self.log)
+            );
+        }
+    }
+}
+
+fn read_log(path: &std::path::Path) -> String {
+    let mut s = String::new();
+    if let Ok(mut f) = std::fs::File::open(path) {
+        let _ = f.read_to_string(&mut s);
+    }
+    s
+}
+
+/// A running s3s-fs on 127.0.0.1 with a fresh data directory holding one bucket.
+struct S3Server {
+    // Dropped first: the process dies before its directory is removed.
+    _process: Process,
+    port: u16,
+    data: tempfile::TempDir,
+}
+
+impl S3Server {
+    fn start() -> S3Server {
+        let bin = s3s_fs_binary();
+        let data = tempfile::tempdir().unwrap();
+        let root = data.path().join("root");
+        std::fs::create_dir_all(root.join(BUCKET)).unwrap(); // a bucket is a directory
+        let log = data.path().join("s3s-fs.log");
+        // The port may be taken between free_port and the server's bind: try again.
+        for _ in 0..5 {
+            let port = free_port();
+            let out = std::fs::File::create(&log).unwrap();
+            let child = Command::new(&bin)
+                .args(["--host", "127.0.0.1", "--port", &port.to_string()])
+                .args(["--access-key", ACCESS_KEY, "--secret-key", SECRET_KEY])
+                .arg(&root)
+                .stdin(Stdio::null())
+                .stdout(out.try_clone().unwrap())
+                .stderr(out)
+                .spawn()
+                .unwrap_or_else(|e| panic!("start {}: {e}", bin.display()));
+            let mut process = Process {
+                child,
+                log: log.clone(),
+            };
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while Instant::now() < deadline {
+                if TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                    return S3Server {
+                        _process: process,
+                        port,
+                        data,
+                    };
+                }
+                if process.child.try_wait().unwrap().is_some() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            drop(process);
+            eprintln!(
+                "s3s-fs did not come up on port {port}; its log:\n{}",
+                read_log(&log)
+            );
+        }
+        panic!("s3s-fs ({}) did not start in 5 tries", bin.display());
+    }
+
+    fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    fn config(&self) -> StoreConfig {
+        s3_config(&self.endpoint())
+    }
+}
+
+/// Credentials of the test server, and retries short enough for tests.
+fn s3_config(endpoint: &str) -> StoreConfig {
+    StoreConfig {
+        s3: S3Config {
+            endpoint: Some(endpoint.into()),
+            region: Some("us-east-1".into()),
+            access_key_id: Some(ACCESS_KEY.into()),
+            secret_access_key: Some(SECRET_KEY.into()),
+            allow_http: None,
+        },
+        retry: RetryPolicy {
+            max_retries: 3,
+            init_backoff: Duration::from_millis(50),
+            max_backoff: Duration::from_millis(500),
+            retry_timeout: Duration::from_secs(5),
+            connect_timeout: Duration::from_secs(2),
+            request_timeout: Duration::from_secs(20),
+        },
+    }
+}
+
+// ---------------------------------------------------------------- S3
+
+#[test]
+fn s3_backend() {
+    let server = S3Server::start();
+    let url = format!("s3://{BUCKET}/suite/run-1");
+    let store = BlockingStore::open(&url, &server.config()).unwrap();
+    assert_eq!(
+        store.backend().display_name(),
+        format!("{url} (endpoint {})", server.endpoint())
+    );
+    suite(&store);
+
+    // The layout in the bucket, as the server stores it.
+    let objects = server
+        .data
+        .path()
+        .join("root")
+        .join(BUCKET)
+        .join("suite/run-1");
+    assert!(objects.join("images/job-1/manifest.ckpt").is_file());
+    let first = &store.list_chunks().unwrap()[0];
+    assert!(objects
+        .join("chunks")
+        .join(&first[..2])
+        .join(first)
+        .is_file());
+
+    // Another prefix in the same bucket is another store.
+    let other =
+        BlockingStore::open(&format!("s3://{BUCKET}/suite/run-2"), &server.config()).unwrap();
+    assert_eq!(other.list_chunks().unwrap(), Vec::<String>::new());
+    assert_eq!(other.list_manifests().unwrap(), Vec::<String>::new());
+}
+
+#[test]
+fn s3_backend_at_bucket_root() {
+    let server = S3Server::start();
+    let store = BlockingStore::open(&format!("s3://{BUCKET}"), &server.config()).unwrap();
+    suite(&store);
+}
+
+#[test]
+fn s3_backend_concurrent() {
+    let server = S3Server::start();
+    let store = BlockingStore::open(&format!("s3://{BUCKET}/c"), &server.config()).unwrap();
+    concurrent(&store);
+}
+
+#[test]
+fn s3_wrong_credentials_are_denied() {
+    let server = S3Server::start();
+    let mut config = server.config();
+    config.s3.secret_access_key = Some("wrong".into());
+    let store = BlockingStore::open(&format!("s3://{BUCKET}/x"), &config).unwrap();
+    let err = store
+        .put_chunk(ChunkRef::of(b"abc"), b"abc", None)
+        .unwrap_err();
+    assert!(matches!(err, ObjStoreError::Denied { .. }), "{err:?}");
+    let msg = err.to_string();
+    assert!(msg.contains(&format!("s3://{BUCKET}/x")), "{msg}");
+    assert!(msg.contains("AWS_SECRET_ACCESS_KEY"), "{msg}");
+}
+
+/// A missing bucket is reported as such; `check` finds it before anything is
+/// written. (s3s-fs, unlike S3, answers a get in a missing bucket with NoSuchKey and
+/// creates the bucket's directory on the first put, so those are not tested here.)
+#[test]
+fn s3_missing_bucket() {
+    let server = S3Server::start();
+    let store = BlockingStore::open("s3://no-such-bucket/x", &server.config()).unwrap();
+    for err in [
+        store.check().unwrap_err(),
+        store.list_chunks().unwrap_err(),
+        store.list_manifests().unwrap_err(),
+    ] {
+        assert!(matches!(err, ObjStoreError::NoBucket { .. }), "{err:?}");
+        let msg = err.to_string();
+        assert!(msg.contains("s3://no-such-bucket/x"), "{msg}");
+        assert!(msg.contains("create it, or fix the store URL"), "{msg}");
+    }
+}
+
+fn assert_unreachable(err: ObjStoreError, url: &str, endpoint: &str) {
+    assert!(matches!(err, ObjStoreError::Unreachable { .. }), "{err:?}");
+    let msg = err.to_string();
+    assert!(
+        msg.starts_with(&format!("store {url} (endpoint {endpoint}) is unreachable")),
+        "{msg}"
+    );
+    assert!(msg.contains("(Connection refused"), "{msg}");
+    assert!(msg.contains("then run the command again"), "{msg}");
+    let source = std::error::Error::source(&err).unwrap().to_string();
+    assert!(
+        source.contains("after 3 retries"),
+        "retried first: {source}"
+    );
+}
+
+/// Nothing listens on the endpoint: every operation fails, after its retries, within a
+/// bounded time, with an error that names the store and says what to do.
+#[test]
+fn s3_store_down_fails_in_bounded_time() {
+    let port = free_port();
+    let endpoint = format!("http://127.0.0.1:{port}");
+    let url = "s3://ckpt/down";
+    let store = BlockingStore::open(url, &s3_config(&endpoint)).unwrap();
+    let start = Instant::now();
+    assert_unreachable(store.check().unwrap_err(), url, &endpoint);
+    let c = ChunkRef::of(b"abc");
+    assert_unreachable(
+        store.put_chunk(c, b"abc", None).unwrap_err(),
+        url,
+        &endpoint,
+    );
+    assert_unreachable(get(&store, &c).unwrap_err(), url, &endpoint);
+    assert_unreachable(store.get_manifest("job").unwrap_err(), url, &endpoint);
+    let took = start.elapsed();
+    assert!(took < Duration::from_secs(30), "took {took:?}");
+    // Each call backed off (50 ms, then about 100 and 200) before it gave up.
+    assert!(took >= Duration::from_millis(4 * 100), "took {took:?}");
+}
+
+/// The server goes away under a store in use: the next operation says so.
+#[test]
+fn s3_server_stopping_is_reported() {
+    let server = S3Server::start();
+    let endpoint = server.endpoint();
+    let url = format!("s3://{BUCKET}/gone");
+    let store = BlockingStore::open(&url, &server.config()).unwrap();
+    let (c, _) = put(&store, b"before", None);
+    drop(server);
+    let start = Instant::now();
+    assert_unreachable(get(&store, &c).unwrap_err(), &url, &endpoint);
+    assert!(start.elapsed() < Duration::from_secs(30));
+}
