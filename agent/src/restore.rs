@@ -808,13 +808,27 @@ pub fn restore(opts: &RestoreOptions) -> Result<RestoreReport, RestoreError> {
     // A process that was stopped is stopped again when we return: the SIGSTOP we
     // queued takes effect once it is detached, so wait for it to land.
     for h in husks.iter().filter(|h| h.p.stopped) {
-        let deadline = Instant::now() + std::time::Duration::from_secs(2);
-        while sys::proc::stat(h.r.tid)
-            .map(|st| st.state != 'T')
-            .unwrap_or(false)
-            && Instant::now() < deadline
-        {
-            std::thread::sleep(std::time::Duration::from_millis(1));
+        let not_stopped = || {
+            sys::proc::stat(h.r.tid)
+                .map(|st| st.state != 'T')
+                .unwrap_or(false)
+        };
+        let wait = |ms| {
+            let deadline = Instant::now() + std::time::Duration::from_millis(ms);
+            while not_stopped() && Instant::now() < deadline {
+                std::thread::sleep(std::time::Duration::from_millis(1));
+            }
+        };
+        wait(200);
+        if not_stopped() {
+            // Seen rarely under load in a new PID namespace: the stop queued while
+            // the husk was traced did not take. Stop it now that it is detached.
+            warn!(
+                pid = h.r.tid,
+                "stopped process did not stop after release; sending SIGSTOP again"
+            );
+            let _ = sys::kill(h.r.tid, libc::SIGSTOP);
+            wait(2000);
         }
     }
     ph.mark("release");
