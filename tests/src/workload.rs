@@ -142,6 +142,27 @@ where
         Command::new(&program)
     };
     cmd.args(args);
+    spawn_command(cmd, log).with_context(|| format!("starting workload {}", program.display()))
+}
+
+/// Starts the executable at `program` (a C workload copied elsewhere, for instance)
+/// with `args`, set up exactly as [`spawn_workload`] sets up a workload: its own
+/// session, stdin from `/dev/null`, stdout and stderr appended to `log`, the log's
+/// directory as working directory, and only fds 0-2 open. Returns a guard that kills
+/// it.
+pub fn spawn_program<I, S>(program: &Path, args: I, log: &Path) -> Result<ProcGuard>
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<OsStr>,
+{
+    let mut cmd = Command::new(program);
+    cmd.args(args);
+    spawn_command(cmd, log).with_context(|| format!("starting {}", program.display()))
+}
+
+/// The set-up both spawners share: session, stdio to `log`, working directory, only
+/// fds 0-2 inherited, and this test process as the subreaper.
+fn spawn_command(mut cmd: Command, log: &Path) -> Result<ProcGuard> {
     let out = OpenOptions::new()
         .create(true)
         .append(true)
@@ -165,50 +186,7 @@ where
         });
     }
     become_subreaper();
-    let child = cmd
-        .spawn()
-        .with_context(|| format!("starting workload {}", program.display()))?;
-    Ok(ProcGuard::new(child))
-}
-
-/// Starts the executable at `program` (a C workload copied elsewhere, for instance)
-/// with `args`, set up exactly as [`spawn_workload`] sets up a workload: its own
-/// session, stdin from `/dev/null`, stdout and stderr appended to `log`, the log's
-/// directory as working directory, and only fds 0-2 open. Returns a guard that kills
-/// it.
-pub fn spawn_program<I, S>(program: &Path, args: I, log: &Path) -> Result<ProcGuard>
-where
-    I: IntoIterator<Item = S>,
-    S: AsRef<OsStr>,
-{
-    let mut cmd = Command::new(program);
-    cmd.args(args);
-    let out = OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(log)
-        .with_context(|| format!("opening log {}", log.display()))?;
-    let err = out.try_clone().context("duplicating the log descriptor")?;
-    cmd.stdin(Stdio::null()).stdout(out).stderr(err);
-    if let Some(dir) = log.parent().filter(|d| !d.as_os_str().is_empty()) {
-        cmd.current_dir(dir);
-    }
-    cmd.env_remove("CKPT_FAULT");
-    // SAFETY: as in spawn_workload: only async-signal-safe system calls (setsid,
-    // close_range, fcntl) on plain integers, in the forked child before exec.
-    unsafe {
-        cmd.pre_exec(|| {
-            if libc::setsid() < 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            mark_inherited_fds_cloexec();
-            Ok(())
-        });
-    }
-    become_subreaper();
-    let child = cmd
-        .spawn()
-        .with_context(|| format!("starting {}", program.display()))?;
+    let child = cmd.spawn()?;
     Ok(ProcGuard::new(child))
 }
 
