@@ -176,6 +176,46 @@ pub fn max_object_len(len: u32) -> u64 {
     CHUNK_HEADER_LEN as u64 + u64::from(len)
 }
 
+/// Checks the 12-byte header of an object for `chunk`, followed by `payload_len`
+/// bytes: magic, version, reserved bytes, stated length, and a payload size that fits
+/// the codec. Returns the codec; `Err` is why the object is corrupt. The one place
+/// that knows the header, for [`decode_into`] and for the directory store, which
+/// reads the payload straight into the caller's buffer.
+pub fn check_header(chunk: &ChunkRef, header: &[u8], payload_len: u64) -> Result<u8, String> {
+    if header.len() != CHUNK_HEADER_LEN {
+        return Err(format!("header is {} bytes", header.len()));
+    }
+    if header[..4] != CHUNK_MAGIC {
+        return Err("bad magic".into());
+    }
+    if header[4] != CHUNK_VERSION {
+        return Err(format!(
+            "object version {} (this ckpt reads version {CHUNK_VERSION})",
+            header[4]
+        ));
+    }
+    if header[6..8] != [0, 0] {
+        return Err("reserved header bytes are not zero".into());
+    }
+    let stated = u32::from_le_bytes([header[8], header[9], header[10], header[11]]);
+    if stated != chunk.len {
+        return Err(format!("length is {stated} bytes, expected {}", chunk.len));
+    }
+    match header[5] {
+        CODEC_RAW if payload_len != u64::from(chunk.len) => Err(format!(
+            "raw payload is {payload_len} bytes, expected {}",
+            chunk.len
+        )),
+        // Only smaller-than-raw payloads are ever stored compressed.
+        CODEC_ZSTD if payload_len >= u64::from(chunk.len) => Err(format!(
+            "compressed payload is {payload_len} bytes, not smaller than {}",
+            chunk.len
+        )),
+        c @ (CODEC_RAW | CODEC_ZSTD) => Ok(c),
+        other => Err(format!("unknown codec {other}")),
+    }
+}
+
 /// Decodes `object` into `out` (exactly `chunk.len` bytes), verifying its header,
 /// length and BLAKE3 against `chunk`.
 pub fn decode_into(chunk: &ChunkRef, object: &[u8], out: &mut [u8]) -> Result<(), ChunkFmtError> {
@@ -191,50 +231,10 @@ pub fn decode_into(chunk: &ChunkRef, object: &[u8], out: &mut [u8]) -> Result<()
         return Err(corrupt(chunk, format!("object is only {size} bytes")));
     }
     let (header, payload) = object.split_at(CHUNK_HEADER_LEN);
-    if header[..4] != CHUNK_MAGIC {
-        return Err(corrupt(chunk, "bad magic"));
-    }
-    if header[4] != CHUNK_VERSION {
-        return Err(corrupt(
-            chunk,
-            format!(
-                "object version {} (this ckpt reads version {CHUNK_VERSION})",
-                header[4]
-            ),
-        ));
-    }
-    if header[6..8] != [0, 0] {
-        return Err(corrupt(chunk, "reserved header bytes are not zero"));
-    }
-    let stated = u32::from_le_bytes([header[8], header[9], header[10], header[11]]);
-    if stated != chunk.len {
-        return Err(corrupt(
-            chunk,
-            format!("length is {stated} bytes, expected {}", chunk.len),
-        ));
-    }
-    let payload_len = payload.len() as u64;
-    match header[5] {
-        CODEC_RAW => {
-            if payload_len != u64::from(chunk.len) {
-                return Err(corrupt(
-                    chunk,
-                    format!("raw payload is {payload_len} bytes, expected {}", chunk.len),
-                ));
-            }
-            out.copy_from_slice(payload);
-        }
+    let codec = check_header(chunk, header, payload.len() as u64).map_err(|r| corrupt(chunk, r))?;
+    match codec {
+        CODEC_RAW => out.copy_from_slice(payload),
         CODEC_ZSTD => {
-            // Only smaller-than-raw payloads are ever stored compressed.
-            if payload_len >= u64::from(chunk.len) {
-                return Err(corrupt(
-                    chunk,
-                    format!(
-                        "compressed payload is {payload_len} bytes, not smaller than {}",
-                        chunk.len
-                    ),
-                ));
-            }
             let n = DECOMPRESSOR.with(|cell| {
                 let mut slot = cell.borrow_mut();
                 let d = match &mut *slot {
@@ -256,7 +256,7 @@ pub fn decode_into(chunk: &ChunkRef, object: &[u8], out: &mut [u8]) -> Result<()
                 ));
             }
         }
-        other => return Err(corrupt(chunk, format!("unknown codec {other}"))),
+        _ => unreachable!("check_header accepts only known codecs"),
     }
     if blake3::hash(out).as_bytes() != &chunk.hash {
         return Err(corrupt(chunk, "checksum mismatch"));

@@ -359,50 +359,12 @@ impl ChunkStore {
         let mut header = [0u8; CHUNK_HEADER_LEN];
         file.read_exact(&mut header)
             .map_err(io_err("read chunk", &path))?;
-        if header[..4] != CHUNK_MAGIC {
-            return Err(corrupt(chunk, "bad magic"));
-        }
-        if header[4] != CHUNK_VERSION {
-            return Err(corrupt(
-                chunk,
-                format!(
-                    "object version {} (this ckpt reads version {CHUNK_VERSION})",
-                    header[4]
-                ),
-            ));
-        }
-        if header[6..8] != [0, 0] {
-            return Err(corrupt(chunk, "reserved header bytes are not zero"));
-        }
-        let stated = u32::from_le_bytes([header[8], header[9], header[10], header[11]]);
-        if stated != chunk.len {
-            return Err(corrupt(
-                chunk,
-                format!("length is {stated} bytes, expected {}", chunk.len),
-            ));
-        }
         let payload_len = size - CHUNK_HEADER_LEN as u64;
-        match header[5] {
-            CODEC_RAW => {
-                if payload_len != u64::from(chunk.len) {
-                    return Err(corrupt(
-                        chunk,
-                        format!("raw payload is {payload_len} bytes, expected {}", chunk.len),
-                    ));
-                }
-                read_exact_or_corrupt(&mut file, out, chunk, &path)?;
-            }
+        let codec = crate::chunkfmt::check_header(chunk, &header, payload_len)
+            .map_err(|r| corrupt(chunk, r))?;
+        match codec {
+            CODEC_RAW => read_exact_or_corrupt(&mut file, out, chunk, &path)?,
             CODEC_ZSTD => {
-                // Only smaller-than-raw payloads are ever stored compressed.
-                if payload_len >= u64::from(chunk.len) {
-                    return Err(corrupt(
-                        chunk,
-                        format!(
-                            "compressed payload is {payload_len} bytes, not smaller than {}",
-                            chunk.len
-                        ),
-                    ));
-                }
                 let mut compressed = vec![0u8; payload_len as usize];
                 read_exact_or_corrupt(&mut file, &mut compressed, chunk, &path)?;
                 let n = DECOMPRESSOR.with(|cell| {
@@ -426,7 +388,7 @@ impl ChunkStore {
                     ));
                 }
             }
-            other => return Err(corrupt(chunk, format!("unknown codec {other}"))),
+            _ => unreachable!("check_header accepts only known codecs"),
         }
         if blake3::hash(out).as_bytes() != &chunk.hash {
             return Err(corrupt(chunk, "checksum mismatch"));
