@@ -17,21 +17,8 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 
 use libc::pid_t;
 
-use crate::restore::RestoreError;
+use crate::restore::{CloneArgs, RestoreError};
 use crate::sys::SysError;
-
-#[repr(C)]
-#[derive(Default)]
-struct CloneArgs {
-    flags: u64,
-    pidfd: u64,
-    child_tid: u64,
-    parent_tid: u64,
-    exit_signal: u64,
-    stack: u64,
-    stack_size: u64,
-    tls: u64,
-}
 
 /// Fork the namespace's init. Returns its PID (in our namespace) and the write end
 /// of its control pipe: dropping it lets init close the restore's descriptors.
