@@ -586,6 +586,25 @@ fn baselines(ctx: &Ctx, bytes: usize, seed: u64, r: &mut SizeResults) -> Result<
     Ok(())
 }
 
+/// Writes `bytes` incompressible bytes to a new file in the work directory, 1 MiB
+/// at a time, and fsyncs it; returns the time taken in ms (file removed after).
+fn plain_write_fsync(ctx: &Ctx, bytes: usize, seed: u64) -> Result<f64> {
+    let mut src = vec![0u8; bytes.next_multiple_of(8)];
+    fill_random(&mut src, seed);
+    let path = ctx.work.join("plain-small.dat");
+    let _guard = RemoveOnDrop(vec![path.clone()]);
+    sync();
+    let t = Instant::now();
+    let mut f = File::create(&path).with_context(|| format!("create {}", path.display()))?;
+    for chunk in src[..bytes].chunks(IO_CHUNK) {
+        f.write_all(chunk)
+            .with_context(|| format!("write {}", path.display()))?;
+    }
+    f.sync_all()
+        .with_context(|| format!("fsync {}", path.display()))?;
+    Ok(ms(t.elapsed()))
+}
+
 /// Reads `path` sequentially through `buf`; returns the time taken in ms.
 fn read_file(path: &Path, buf: &mut [u8], expect: usize) -> Result<f64> {
     let t = Instant::now();
@@ -939,9 +958,13 @@ fn path_str(p: &Path) -> Result<&str> {
 #[derive(Default)]
 struct SmallResults {
     done: usize,
+    leave_freeze: Samples,
+    leave_wall: Samples,
     dump_wall: Samples,
     dump_freeze: Samples,
     restore_wall: Samples,
+    /// A plain write + fsync of as many bytes as the dump stored, to one new file.
+    plain_write: Samples,
 }
 
 fn measure_small(ctx: &Ctx, r: &mut SmallResults) -> Result<()> {
@@ -955,6 +978,19 @@ fn measure_small(ctx: &Ctx, r: &mut SmallResults) -> Result<()> {
         wait_ready(&mut proc, &log)?;
         // A tick or two first, so that the restore has a sequence to continue.
         wait_tick_after(&log, 0, 0, None)?;
+        let leave_img = ctx.work.join(format!("small-{rep}-leave"));
+        let _leave = RemoveOnDrop(vec![leave_img.clone()]);
+        let leave = agent(&[
+            "dump",
+            "--pid",
+            &pid.to_string(),
+            "--image",
+            path_str(&leave_img)?,
+            "--leave-running",
+            "--json",
+        ])
+        .context("dump --leave-running")?;
+        let leave_stats = DumpStats::parse(&leave.stdout)?;
         let run = agent(&[
             "dump",
             "--pid",
@@ -968,6 +1004,13 @@ fn measure_small(ctx: &Ctx, r: &mut SmallResults) -> Result<()> {
         proc.wait_exit(WAIT).context("after dump (kill mode)")?;
         let last = last_tick(&log)?.context("the workload printed no tick before the dump")?;
         let restored = restore_once(&img, pid, &log, last).context("restore")?;
+        r.plain_write.push(plain_write_fsync(
+            ctx,
+            stats.stored_bytes as usize,
+            rep as u64,
+        )?);
+        r.leave_freeze.push(leave_stats.freeze_us as f64 / 1e3);
+        r.leave_wall.push(ms(leave.wall));
         r.dump_wall.push(ms(run.wall));
         r.dump_freeze.push(stats.freeze_us as f64 / 1e3);
         r.restore_wall.push(restored.wall_ms);
@@ -981,7 +1024,22 @@ fn print_small(r: &SmallResults) {
         "== small process, {SMALL_MIB} MiB ({} repetition(s) complete, warm cache) ==========",
         r.done
     );
+    row("dump --leave-running: freeze_us", &r.leave_freeze, "ms");
+    row("dump --leave-running: wall", &r.leave_wall, "ms");
     row("dump (kill): freeze_us", &r.dump_freeze, "ms");
+    row(
+        "plain write+fsync of the stored bytes",
+        &r.plain_write,
+        "ms",
+    );
+    if let (Some(d), Some(w)) = (r.dump_wall.median(), r.plain_write.median()) {
+        println!(
+            "  {:<46} {:.2} (the image is durable when the dump returns; this disk's \
+             own write+fsync of the same bytes is the floor)",
+            "dump (kill) wall / plain write+fsync",
+            d / w
+        );
+    }
     for (name, s, target) in [
         ("dump (kill): wall", &r.dump_wall, SMALL_DUMP_TARGET_MS),
         ("restore: wall", &r.restore_wall, SMALL_RESTORE_TARGET_MS),

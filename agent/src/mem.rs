@@ -543,6 +543,12 @@ pub enum Dest {
     Process(pid_t),
     /// A descriptor of ours (a memfd standing for a shared object), at offsets.
     Fd(std::os::fd::RawFd),
+    /// Memory of a husk process, in a range registered with `uffd` (our copy of a
+    /// userfaultfd bound to the husk's mm): filled with `UFFDIO_COPY`, no populate.
+    Uffd {
+        uffd: std::os::fd::RawFd,
+        pid: pid_t,
+    },
 }
 
 /// One extent to write back.
@@ -675,18 +681,38 @@ fn write_job(j: &WriteJob, store: &ChunkStore, buf: &mut Vec<u8>) -> Result<u64,
     let b = &mut buf[..j.chunk.len as usize];
     store.get_chunk(&j.chunk, b)?;
     match j.dest {
-        Dest::Process(pid) => {
-            let n = sys::process_vm_writev(pid, j.addr, b).map_err(|e| MemError::Write {
-                pid,
-                addr: j.addr,
-                source: e.source,
-            })?;
-            if n != b.len() {
-                return Err(MemError::Write {
-                    pid,
-                    addr: j.addr + n as u64,
-                    source: std::io::Error::new(std::io::ErrorKind::WriteZero, "short write"),
-                });
+        Dest::Process(pid) => write_process(pid, j.addr, b)?,
+        Dest::Uffd { uffd, pid } => {
+            // SAFETY: the restorer keeps this descriptor open until every job is done.
+            let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(uffd) };
+            if let Err(e) = sys::uffd::copy(fd, j.addr, b) {
+                if e.errno() != Some(libc::EEXIST) {
+                    return Err(MemError::Write {
+                        pid,
+                        addr: j.addr,
+                        source: e.source,
+                    });
+                }
+                // Some page of the range is already there: page by page, copying
+                // where it is missing and writing where it is present (a write
+                // through the mm of a missing page in a registered range would
+                // fail, not fault it in).
+                for (i, page) in b.chunks(PAGE_SIZE as usize).enumerate() {
+                    let addr = j.addr + i as u64 * PAGE_SIZE;
+                    match sys::uffd::copy(fd, addr, page) {
+                        Ok(()) => {}
+                        Err(e) if e.errno() == Some(libc::EEXIST) => {
+                            write_process(pid, addr, page)?
+                        }
+                        Err(e) => {
+                            return Err(MemError::Write {
+                                pid,
+                                addr,
+                                source: e.source,
+                            })
+                        }
+                    }
+                }
             }
         }
         Dest::Fd(fd) => {
@@ -704,6 +730,22 @@ fn write_job(j: &WriteJob, store: &ChunkStore, buf: &mut Vec<u8>) -> Result<u64,
         }
     }
     Ok(b.len() as u64)
+}
+
+fn write_process(pid: pid_t, addr: u64, b: &[u8]) -> Result<(), MemError> {
+    let n = sys::process_vm_writev(pid, addr, b).map_err(|e| MemError::Write {
+        pid,
+        addr,
+        source: e.source,
+    })?;
+    if n != b.len() {
+        return Err(MemError::Write {
+            pid,
+            addr: addr + n as u64,
+            source: std::io::Error::new(std::io::ErrorKind::WriteZero, "short write"),
+        });
+    }
+    Ok(())
 }
 
 /// Merge extents into address ranges `[start, end)` (to populate them in bulk).

@@ -13,9 +13,15 @@
 //! 2. open the tree's files, pipes and shared memory in the restorer;
 //! 3. fork the root husk, clean it (close every descriptor, unmap everything but the
 //!    trampoline), and from it fork the children husks, recursively, with their PIDs;
-//! 4. in every husk: map the memory at its old addresses, populate it in bulk, fill
-//!    it from the store in parallel worker threads (`process_vm_writev`), put the
-//!    protections back, map the vDSO where it was, set the mm fields
+//! 4. in every husk: map the memory at its old addresses and fill it from the
+//!    store in parallel worker threads, each chunk verified as it is read. Private
+//!    anonymous memory (most of a process) goes in with `UFFDIO_COPY` through a
+//!    userfaultfd taken from the husk: every page is allocated and written once.
+//!    The rest (private file mappings), or everything where the kernel refuses
+//!    userfaultfd, is populated in bulk (`MADV_POPULATE_WRITE`, injected) one
+//!    segment ahead of the workers' `process_vm_writev`. `CKPT_FILL=populate`
+//!    forces the second way (the tests use it to cover the fallback). Then the
+//!    protections go back, map the vDSO where it was, set the mm fields
 //!    (`PR_SET_MM_MAP`), install descriptors (`pidfd_getfd` + `dup3`), cwd, umask,
 //!    handlers, rlimits;
 //! 5. clone the threads with their TIDs, restore per-thread state, sessions and
@@ -26,7 +32,7 @@
 //! Any failure kills every husk: no process of a partly restored tree ever runs.
 
 use std::collections::{HashMap, HashSet};
-use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -624,6 +630,11 @@ pub fn restore(opts: &RestoreOptions) -> Result<RestoreReport, RestoreError> {
     ph.mark("fork-tree");
     // Memory layout and descriptors of every husk.
     let mut segs: Vec<mem::Segment> = Vec::new();
+    let mut direct = Vec::new();
+    // Our copies of each husk's userfaultfd: they must outlive the fill. Closing
+    // them unregisters every range.
+    let mut uffds: Vec<OwnedFd> = Vec::new();
+    let use_uffd = std::env::var_os("CKPT_FILL").is_none_or(|v| v != "populate");
     for (hi, h) in husks.iter_mut().enumerate() {
         let p = h.p;
         let r = &mut h.r;
@@ -635,9 +646,28 @@ pub fn restore(opts: &RestoreOptions) -> Result<RestoreReport, RestoreError> {
             r.syscall(nr::CLOSE, [pfd, 0, 0, 0, 0, 0])?;
         }
         h.pidfd_slot = slot;
-        map_memory(r, p, hi, slot, &map_files, &shm_fds, &mut segs)?;
+        let uffd = if use_uffd
+            && p.mappings
+                .iter()
+                .any(|m| matches!(m.kind, MappingKind::Anon { .. }) && !m.data.is_empty())
+        {
+            open_uffd(r)?
+        } else {
+            None
+        };
+        map_memory(
+            r,
+            p,
+            hi,
+            slot,
+            &map_files,
+            &shm_fds,
+            uffd.as_ref().map(|f| f.as_fd()),
+            &mut direct,
+            &mut segs,
+        )?;
+        uffds.extend(uffd);
     }
-    let mut direct = Vec::new();
     for s in &img.shmem {
         let fd = shm_fds[&s.id].as_raw_fd();
         direct.extend(s.data.iter().map(|e| WriteJob {
@@ -669,6 +699,7 @@ pub fn restore(opts: &RestoreOptions) -> Result<RestoreReport, RestoreError> {
         },
     )?;
     let fill_us = t_fill.elapsed().as_micros() as u64;
+    drop(uffds);
     ph.mark("populate+fill");
 
     for h in &mut husks {
@@ -852,6 +883,8 @@ fn map_memory(
     slot: u64,
     map_files: &HashMap<(String, bool), OwnedFd>,
     shm_fds: &HashMap<u32, OwnedFd>,
+    uffd: Option<BorrowedFd<'_>>,
+    direct: &mut Vec<WriteJob>,
     segs: &mut Vec<mem::Segment>,
 ) -> Result<(), RestoreError> {
     use ckpt_shared::image::prot;
@@ -955,12 +988,65 @@ fn map_memory(
                 what: format!("mapping {:#x} landed at {got:#x}", m.start),
             });
         }
-        if matches!(m.kind, MappingKind::SharedAnon { .. }) {
+        if matches!(m.kind, MappingKind::SharedAnon { .. }) || m.data.is_empty() {
             continue;
+        }
+        if let (MappingKind::Anon { .. }, Some(fd)) = (&m.kind, uffd) {
+            match sys::uffd::register(fd, m.start, len) {
+                Ok(()) => {
+                    direct.extend(m.data.iter().map(|e| WriteJob {
+                        dest: Dest::Uffd {
+                            uffd: fd.as_raw_fd(),
+                            pid: host_pid,
+                        },
+                        addr: e.addr,
+                        chunk: e.chunk,
+                    }));
+                    continue;
+                }
+                Err(e) => {
+                    debug!(pid = host_pid, start = format!("{:#x}", m.start), %e, "userfaultfd register failed; populating instead");
+                }
+            }
         }
         mem::segments(husk, host_pid, &m.data, segs);
     }
     Ok(())
+}
+
+/// A userfaultfd bound to the husk's mm, for filling its private anonymous memory
+/// with `UFFDIO_COPY` (see `sys::uffd`). Created inside the husk, taken out with
+/// `pidfd_getfd` and closed there again, so that the restored process never has it.
+/// `None` where the kernel refuses (no userfaultfd, a sysctl): the fill then
+/// populates in bulk and copies, which is slower but equivalent.
+fn open_uffd(r: &mut Remote) -> Result<Option<OwnedFd>, RestoreError> {
+    let pid = r.tid;
+    let flags = libc::O_CLOEXEC as u64 | sys::uffd::USER_MODE_ONLY;
+    let theirs = match r.syscall(nr::USERFAULTFD, [flags, 0, 0, 0, 0, 0]) {
+        Ok(fd) => fd,
+        Err(e) => {
+            debug!(pid, %e, "userfaultfd unavailable; populating instead");
+            return Ok(None);
+        }
+    };
+    let ours =
+        sys::pidfd_open(pid).and_then(|pidfd| sys::pidfd_getfd(&pidfd, pid, theirs as RawFd));
+    // The restored process must not keep it: a failure here is a failed restore.
+    r.syscall(nr::CLOSE, [theirs, 0, 0, 0, 0, 0])?;
+    let ours = match ours {
+        Ok(fd) => fd,
+        Err(e) => {
+            debug!(pid, %e, "taking the husk's userfaultfd failed; populating instead");
+            return Ok(None);
+        }
+    };
+    match sys::uffd::handshake(ours.as_fd()) {
+        Ok(()) => Ok(Some(ours)),
+        Err(e) => {
+            debug!(pid, %e, "userfaultfd handshake failed; populating instead");
+            Ok(None)
+        }
+    }
 }
 
 fn finish_memory(r: &mut Remote, p: &Process) -> Result<(), RestoreError> {

@@ -312,10 +312,15 @@ impl Tree {
     /// and its thread IDs, it runs (not traced by the agent any more). Re-arms the
     /// guards on the restored processes first thing.
     fn restore(&mut self) -> Result<()> {
+        self.restore_env(&[])
+    }
+
+    /// [`restore`](Self::restore) with extra environment for the agent.
+    fn restore_env(&mut self, env: &[(&str, &str)]) -> Result<()> {
         let run = run_agent_env(
             agent(),
             &["restore", "--image", path_str(&self.image)?],
-            &[],
+            env,
             AGENT_TIMEOUT,
         )?;
         if run.success() {
@@ -345,6 +350,15 @@ impl Tree {
                 thread_ids(p) == *tids,
                 "process {p} came back with threads {:?}, was {tids:?}",
                 thread_ids(p)
+            );
+            // The fill's userfaultfd must not be left behind in the process.
+            let uffds: Vec<_> = fs::read_dir(format!("/proc/{p}/fd"))?
+                .filter_map(|e| fs::read_link(e.ok()?.path()).ok())
+                .filter(|l| l.to_string_lossy().contains("userfaultfd"))
+                .collect();
+            ensure!(
+                uffds.is_empty(),
+                "process {p} holds {uffds:?} after the restore"
             );
             let traced: Vec<_> = tracer_pids(p)
                 .into_iter()
@@ -495,6 +509,25 @@ fn counter_continues_after_dump_and_restore_with_its_original_pid() -> Result<()
 fn heap_checksum_64mib_heap_is_intact_after_dump_and_restore() -> Result<()> {
     require_root!(Ok(()));
     let (ticks, at_dump) = dump_kill_restore(HEAP_64MIB)?;
+    ensure!(ticks
+        .iter()
+        .skip(at_dump as usize)
+        .all(|t| t.hex("csum").is_some()));
+    Ok(())
+}
+
+#[test]
+fn heap_checksum_heap_is_intact_when_restored_by_populating_instead_of_userfaultfd() -> Result<()> {
+    require_root!(Ok(()));
+    // The fallback for kernels that refuse userfaultfd: populate in bulk, then copy.
+    let mut t = Tree::start(HEAP_64MIB)?;
+    t.ready()?;
+    t.dump_and_kill()?;
+    let at_dump = t.last_tick();
+    t.restore_env(&[("CKPT_FILL", "populate")])?;
+    t.advance(MORE)?;
+    let ticks = t.finish()?;
+    ensure!(ticks.len() as u64 >= at_dump + MORE);
     ensure!(ticks
         .iter()
         .skip(at_dump as usize)

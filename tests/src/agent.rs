@@ -94,8 +94,8 @@ pub fn run_agent(bin: &Path, args: &[&str]) -> Result<AgentRun> {
 }
 
 /// Runs `bin args...` with extra environment variables and a deadline. `CKPT_FAULT`
-/// is removed from the inherited environment unless `env` sets it, so a variable
-/// left in a developer's shell cannot fail every dump. Fails only if the agent could
+/// and `CKPT_FILL` are removed from the inherited environment unless `env` sets
+/// them, so a variable left in a developer's shell cannot change every run. Fails only if the agent could
 /// not be started or ran past `timeout` (then it is killed); an agent that exits
 /// non-zero is an `Ok` whose [`AgentRun::success`] is false.
 pub fn run_agent_env(
@@ -108,6 +108,7 @@ pub fn run_agent_env(
     let mut cmd = Command::new(bin);
     cmd.args(args)
         .env_remove("CKPT_FAULT")
+        .env_remove("CKPT_FILL")
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());

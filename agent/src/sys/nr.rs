@@ -38,6 +38,7 @@ pub const SET_ROBUST_LIST: u64 = 273;
 pub const DUP3: u64 = 292;
 pub const RT_TGSIGQUEUEINFO: u64 = 297;
 pub const PRLIMIT64: u64 = 302;
+pub const USERFAULTFD: u64 = 323;
 pub const RSEQ: u64 = 334;
 pub const PIDFD_OPEN: u64 = 434;
 pub const CLONE3: u64 = 435;

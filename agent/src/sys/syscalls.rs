@@ -251,3 +251,124 @@ pub fn syncfs(fd: RawFd) -> Result<()> {
     }
     Ok(())
 }
+
+/// userfaultfd(2) from the outside: the descriptor is created inside the target (it
+/// binds to the creator's mm) and taken from there with `pidfd_getfd`; registration
+/// and `UFFDIO_COPY` act on that mm from any process holding the descriptor
+/// (`fs/userfaultfd.c` uses `ctx->mm`, not `current->mm`). A restore fills private
+/// anonymous memory with `UFFDIO_COPY`: each page is allocated and written once,
+/// where populate-then-copy zeroes it first and writes it a second time.
+pub mod uffd {
+    use super::{Result, SysError};
+    use std::os::fd::{AsRawFd, BorrowedFd};
+
+    /// `userfaultfd(2)` flags: only faults from user mode are reported, so creating
+    /// one needs no privilege (`vm.unprivileged_userfaultfd`), and we never handle
+    /// faults anyway.
+    pub const USER_MODE_ONLY: u64 = 1;
+    const API: u64 = 0xAA;
+    // _IOWR(0xAA, 0x3F, struct uffdio_api), _IOWR(0xAA, 0x00, struct uffdio_register),
+    // _IOWR(0xAA, 0x03, struct uffdio_copy).
+    const UFFDIO_API: u64 = 0xC018_AA3F;
+    const UFFDIO_REGISTER: u64 = 0xC020_AA00;
+    const UFFDIO_COPY: u64 = 0xC028_AA03;
+    const REGISTER_MODE_MISSING: u64 = 1;
+    const COPY_MODE_DONTWAKE: u64 = 1;
+
+    #[repr(C)]
+    struct Api {
+        api: u64,
+        features: u64,
+        ioctls: u64,
+    }
+    #[repr(C)]
+    struct Range {
+        start: u64,
+        len: u64,
+    }
+    #[repr(C)]
+    struct Register {
+        range: Range,
+        mode: u64,
+        ioctls: u64,
+    }
+    #[repr(C)]
+    struct Copy {
+        dst: u64,
+        src: u64,
+        len: u64,
+        mode: u64,
+        copy: i64,
+    }
+
+    fn ioctl<T>(
+        fd: BorrowedFd<'_>,
+        req: u64,
+        arg: &mut T,
+        op: &'static str,
+        what: u64,
+    ) -> Result<()> {
+        // SAFETY: `arg` is the repr(C) struct that `req` encodes, valid and writable.
+        if unsafe { libc::ioctl(fd.as_raw_fd(), req as _, arg as *mut T) } < 0 {
+            return Err(SysError::last(op, format!("{what:#x}")));
+        }
+        Ok(())
+    }
+
+    /// The API handshake every new descriptor needs before anything else.
+    pub fn handshake(fd: BorrowedFd<'_>) -> Result<()> {
+        let mut a = Api {
+            api: API,
+            features: 0,
+            ioctls: 0,
+        };
+        ioctl(fd, UFFDIO_API, &mut a, "UFFDIO_API", 0)
+    }
+
+    /// Registers `[start, start+len)` of the descriptor's mm for missing-page filling.
+    pub fn register(fd: BorrowedFd<'_>, start: u64, len: u64) -> Result<()> {
+        let mut r = Register {
+            range: Range { start, len },
+            mode: REGISTER_MODE_MISSING,
+            ioctls: 0,
+        };
+        ioctl(fd, UFFDIO_REGISTER, &mut r, "UFFDIO_REGISTER", start)
+    }
+
+    /// Allocates the pages at `dst` in the descriptor's mm and copies `src` into them.
+    /// A page already present fails with EEXIST (the caller writes that one another
+    /// way); a partial copy is continued.
+    pub fn copy(fd: BorrowedFd<'_>, dst: u64, src: &[u8]) -> Result<()> {
+        let mut done = 0u64;
+        let len = src.len() as u64;
+        let mut retries = 0;
+        while done < len {
+            let mut c = Copy {
+                dst: dst + done,
+                src: src.as_ptr() as u64 + done,
+                len: len - done,
+                mode: COPY_MODE_DONTWAKE,
+                copy: 0,
+            };
+            match ioctl(fd, UFFDIO_COPY, &mut c, "UFFDIO_COPY", dst + done) {
+                Ok(()) => return Ok(()),
+                Err(e) if e.errno() == Some(libc::EAGAIN) => {
+                    if c.copy > 0 {
+                        done += c.copy as u64;
+                        retries = 0;
+                    } else {
+                        // The target's layout is changing (it is stopped, so this
+                        // is transient); try again a bounded number of times.
+                        retries += 1;
+                        if retries > 1000 {
+                            return Err(e);
+                        }
+                        std::thread::yield_now();
+                    }
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+}
