@@ -1,8 +1,7 @@
 //! Command-line arguments of `ckpt-agent`. The doc comments are the `--help` text.
 
-use std::path::PathBuf;
-
 use anyhow::{Context, Result};
+use ckpt_shared::location::Location;
 use clap::{Parser, Subcommand};
 
 /// ckpt-agent: checkpoint and restore Linux process trees from outside, with ptrace.
@@ -12,12 +11,23 @@ use clap::{Parser, Subcommand};
 /// image: a manifest plus content-addressed memory chunks. `restore` rebuilds the
 /// tree with its original PIDs, and it carries on where it stopped.
 ///
+/// Where images go (--image):
+///   /scratch/ckpt/job1              a directory holding one image
+///   file:///scratch/store/job1      image job1 in a shared local store: its chunks
+///                                   are shared with every other image there, so
+///                                   pages already stored cost nothing again
+///   s3://bucket/prefix/job1         image job1 in an S3-compatible store (MinIO,
+///                                   Ceph, Garage, AWS), chunks shared the same way
+/// S3 is configured the usual AWS way: AWS_ENDPOINT_URL (plain http allowed for a
+/// local endpoint), AWS_REGION, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY.
+///
 /// Needs root (CAP_SYS_PTRACE and CAP_CHECKPOINT_RESTORE) on Linux ≥ 5.14, x86_64.
 ///
 /// Example:
 ///   ckpt-agent dump --pid 4121 --image /scratch/ckpt/job1
 ///   ckpt-agent inspect --image /scratch/ckpt/job1
 ///   ckpt-agent restore --image /scratch/ckpt/job1
+///   ckpt-agent dump --pid 4121 --leave-running --image s3://ckpt/cluster1/job1-0001
 #[derive(Debug, Parser)]
 #[command(name = "ckpt-agent", version, verbatim_doc_comment)]
 pub struct Cli {
@@ -27,13 +37,14 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Dump the process tree rooted at PID into an image directory.
+    /// Dump the process tree rooted at PID into an image.
     ///
     /// Every process and thread under PID is frozen (the tree cannot tell), its state
     /// is written to DIR, and then the tree is killed — unless --leave-running is
-    /// given, in which case it runs on unaffected. If anything fails the tree is left
-    /// running exactly as before and no image is committed: an image exists only once
-    /// DIR/manifest.ckpt does.
+    /// given, in which case it runs on unaffected. If anything fails (a store that is
+    /// down included) the tree is left running exactly as before and no image is
+    /// committed: an image exists only once its manifest does, and the manifest is
+    /// written last.
     ///
     /// Supported: memory of all kinds but System V shm and memfd, threads with full
     /// register/FPU/AVX state, signal state, timers, regular files, directories,
@@ -45,17 +56,27 @@ pub enum Command {
         /// Root of the process tree to dump.
         #[arg(long)]
         pid: i32,
-        /// Image directory (created if missing; must not hold an image already).
-        #[arg(long, value_name = "DIR")]
-        image: PathBuf,
+        /// Where to write the image: a directory, file:///store/NAME or
+        /// s3://bucket/prefix/NAME (see above). It must not hold an image already.
+        #[arg(long, value_name = "LOCATION", value_parser = parse_location)]
+        image: Location,
         /// Let the tree run on after the dump instead of killing it.
         #[arg(long)]
         leave_running: bool,
+        /// With --leave-running, the most memory the agent may use to copy the tree
+        /// while it is frozen (then the tree runs on while the copy is stored, and
+        /// the freeze lasts only the copy). A larger tree is stored while frozen,
+        /// chunk by chunk, in bounded memory. Bytes, or with a K, M, G or T suffix.
+        /// Default: half of MemAvailable.
+        #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+        max_snapshot: Option<u64>,
         /// zstd level for memory chunks (0 stores them raw; raw is the default because
         /// HPC memory is mostly incompressible floating point).
         #[arg(long, default_value_t = 0, value_name = "LEVEL")]
         compress: i32,
-        /// Worker threads that read, hash and store memory (default: CPUs).
+        /// Worker threads that read, hash and store memory, each with at most two
+        /// chunks (2 MiB) in hand: this bounds the dump's memory. Default: the CPUs,
+        /// or 16 for an s3:// store, where the threads mostly wait on uploads.
         #[arg(long)]
         workers: Option<usize>,
         /// Print the summary as JSON.
@@ -69,31 +90,67 @@ pub enum Command {
     /// this host first (format, CPU features, vDSO, PIDs, and every file it refers to);
     /// a mismatch is refused before anything is created.
     Restore {
-        /// Image directory written by `dump`.
-        #[arg(long, value_name = "DIR")]
-        image: PathBuf,
+        /// The image, as given to `dump`.
+        #[arg(long, value_name = "LOCATION", value_parser = parse_location)]
+        image: Location,
         /// Restore into a fresh PID namespace, where the original PIDs are free.
         #[arg(long)]
         new_pid_ns: bool,
-        /// Worker threads that fetch and write memory (default: CPUs).
+        /// Worker threads that fetch, verify and write memory (default: the CPUs, or
+        /// 16 for an s3:// store).
         #[arg(long)]
         workers: Option<usize>,
     },
     /// Show what an image holds: processes, threads, mappings, descriptors, sizes.
     Inspect {
-        /// Image directory.
-        #[arg(long, value_name = "DIR")]
-        image: PathBuf,
+        /// The image, as given to `dump`.
+        #[arg(long, value_name = "LOCATION", value_parser = parse_location)]
+        image: Location,
         /// Machine-readable output.
         #[arg(long)]
         json: bool,
     },
 }
 
-fn cpus() -> usize {
-    std::thread::available_parallelism()
+/// `4096`, `512K`, `64M`, `2G`, `1T` (powers of 1024).
+fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let (num, mult) = match t.char_indices().last() {
+        Some((i, c)) if c.is_ascii_alphabetic() => {
+            let m = match c.to_ascii_uppercase() {
+                'K' => 1u64 << 10,
+                'M' => 1 << 20,
+                'G' => 1 << 30,
+                'T' => 1 << 40,
+                _ => return Err(format!("{s:?}: use bytes or a K, M, G or T suffix")),
+            };
+            (&t[..i], m)
+        }
+        _ => (t, 1),
+    };
+    num.parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(mult))
+        .ok_or_else(|| format!("{s:?}: use bytes or a K, M, G or T suffix"))
+}
+
+fn parse_location(s: &str) -> Result<Location, String> {
+    Location::parse(s).map_err(|e| e.to_string())
+}
+
+/// Default worker threads: the CPUs for a local store (the work is CPU and disk), 16
+/// for a remote one (the threads mostly wait on the network).
+fn default_workers(image: &Location) -> usize {
+    let cpus = std::thread::available_parallelism()
         .map(|n| n.get())
-        .unwrap_or(2)
+        .unwrap_or(2);
+    match image {
+        Location::Named {
+            store: ckpt_shared::objstore::StoreUrl::S3 { .. },
+            ..
+        } => cpus.max(16),
+        _ => cpus,
+    }
 }
 
 pub fn run(cli: Cli) -> Result<()> {
@@ -102,6 +159,7 @@ pub fn run(cli: Cli) -> Result<()> {
             pid,
             image,
             leave_running,
+            max_snapshot,
             compress,
             workers,
             json,
@@ -111,8 +169,8 @@ pub fn run(cli: Cli) -> Result<()> {
                 image: image.clone(),
                 leave_running,
                 zstd_level: (compress > 0).then_some(compress),
-                workers: workers.unwrap_or_else(cpus),
-                snapshot_limit: crate::dump::default_snapshot_limit(),
+                workers: workers.unwrap_or_else(|| default_workers(&image)),
+                snapshot_limit: max_snapshot.unwrap_or_else(crate::dump::default_snapshot_limit),
             };
             let img = crate::dump::dump(&opts).with_context(|| {
                 format!("dump of PID {pid} failed; the process tree was left running")
@@ -126,9 +184,8 @@ pub fn run(cli: Cli) -> Result<()> {
             } else {
                 let threads: usize = img.processes.iter().map(|p| p.threads.len()).sum();
                 println!(
-                    "dumped PID {pid} ({} processes, {threads} threads) to {}",
+                    "dumped PID {pid} ({} processes, {threads} threads) to {image}",
                     img.processes.len(),
-                    image.display()
                 );
                 println!(
                     "frozen {:.1} ms, total {:.1} ms, memory {}, stored {} in {} chunks, {}/s",
@@ -159,14 +216,10 @@ pub fn run(cli: Cli) -> Result<()> {
             let opts = crate::restore::RestoreOptions {
                 image: image.clone(),
                 new_pid_ns,
-                workers: workers.unwrap_or_else(cpus),
+                workers: workers.unwrap_or_else(|| default_workers(&image)),
             };
-            let rep = crate::restore::restore(&opts).with_context(|| {
-                format!(
-                    "restore from {} failed; no process was started",
-                    image.display()
-                )
-            })?;
+            let rep = crate::restore::restore(&opts)
+                .with_context(|| format!("restore from {image} failed; no process was started"))?;
             eprintln!(
                 "restored {} of memory in {:.1} ms (fill {:.1} ms)",
                 crate::inspect::human(rep.memory_bytes),
@@ -188,4 +241,19 @@ pub fn run(cli: Cli) -> Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_size;
+
+    #[test]
+    fn sizes_parse_with_binary_suffixes() {
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert_eq!(parse_size("64M"), Ok(64 << 20));
+        assert_eq!(parse_size("2g"), Ok(2 << 30));
+        assert!(parse_size("2X").is_err());
+        assert!(parse_size("M").is_err());
+        assert!(parse_size("99999999999T").is_err());
+    }
 }

@@ -10,14 +10,14 @@
 //! 4. memory, in parallel worker threads, straight into the store;
 //! 5. with `--leave-running` the tree is thawed here; the rest (file checks, sync,
 //!    manifest) runs while it computes;
-//! 6. sync the store, write the manifest — the commit point;
+//! 6. write the manifest (the commit point) once the chunks are durable;
 //! 7. without `--leave-running`, kill the tree only now that the image is safe.
 //!
 //! Any error before 7 drops the [`Frozen`] guard, which thaws the tree as if nothing
 //! had happened. A manifest never exists for a failed dump.
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Instant;
 
 use ckpt_shared::codec;
@@ -25,7 +25,8 @@ use ckpt_shared::image::{
     self, Creds, DumpStats, FileCheck, FileKind, HostFingerprint, Image, Mapping, MappingKind,
     MmFields, Process,
 };
-use ckpt_shared::store::ChunkStore;
+use ckpt_shared::location::{ImageStore, ImageStoreError, Location};
+use ckpt_shared::objstore::StoreConfig;
 use libc::pid_t;
 use tracing::info;
 
@@ -56,13 +57,13 @@ pub enum DumpError {
     #[error(transparent)]
     Sys(#[from] sys::SysError),
     #[error(transparent)]
-    Store(#[from] ckpt_shared::store::StoreError),
+    Store(#[from] ImageStoreError),
     #[error(transparent)]
     Codec(#[from] codec::CodecError),
     #[error("process {pid} has no vDSO: cannot inject system calls into it")]
     NoVdso { pid: pid_t },
-    #[error("{path} already holds an image; choose another directory or remove it first")]
-    ImageExists { path: PathBuf },
+    #[error("{location} already holds an image; choose another name or remove it first")]
+    ImageExists { location: Location },
     #[error("cannot check file {path}: {source}")]
     FileCheck {
         path: String,
@@ -77,7 +78,7 @@ pub enum DumpError {
 #[derive(Debug, Clone)]
 pub struct DumpOptions {
     pub pid: pid_t,
-    pub image: PathBuf,
+    pub image: Location,
     pub leave_running: bool,
     /// zstd level for chunks; `None` stores them raw.
     pub zstd_level: Option<i32>,
@@ -129,10 +130,12 @@ const HASH_LIMIT: u64 = 64 << 20;
 pub fn dump(opts: &DumpOptions) -> Result<Image, DumpError> {
     let t0 = Instant::now();
     let mut ph = crate::Phases::new("dump");
-    let store = ChunkStore::open(&opts.image)?;
-    if opts.image.join("manifest.ckpt").exists() {
+    // The store is reached, and the name checked, before anything is frozen.
+    let store = ImageStore::open(&opts.image, &StoreConfig::from_env())?;
+    store.check()?;
+    if store.exists()? {
         return Err(DumpError::ImageExists {
-            path: opts.image.clone(),
+            location: opts.image.clone(),
         });
     }
     // With --leave-running, memory is copied into a snapshot while the tree is
@@ -455,13 +458,12 @@ pub fn dump(opts: &DumpOptions) -> Result<Image, DumpError> {
         },
     };
     ph.mark("file-checks");
-    store.sync()?;
-    ph.mark("sync");
     fault("before-commit")?;
     img.stats.total_us = t0.elapsed().as_micros() as u64;
     let bytes = codec::encode_image(&img)?;
+    // Syncs the chunks and the manifest together, then renames it into place.
     store.put_manifest(&bytes)?;
-    ph.mark("manifest");
+    ph.mark("sync+manifest");
     if let Some(f) = frozen_for_kill {
         f.kill();
         img.stats.freeze_us = t_frozen.elapsed().as_micros() as u64;

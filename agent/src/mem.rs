@@ -29,7 +29,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Mutex;
 
 use ckpt_shared::image::{prot, ChunkRef, Extent, Mapping, MappingKind, PAGE_SIZE};
-use ckpt_shared::store::ChunkStore;
+use ckpt_shared::location::{ImageStore, ImageStoreError};
 use libc::pid_t;
 
 use crate::sys::{self, proc};
@@ -61,7 +61,7 @@ pub enum MemError {
         source: std::io::Error,
     },
     #[error(transparent)]
-    Store(#[from] ckpt_shared::store::StoreError),
+    Store(#[from] ImageStoreError),
     #[error(transparent)]
     Proc(#[from] proc::ProcError),
 }
@@ -390,7 +390,7 @@ impl Snapshot {
 pub fn dump_parallel(
     jobs: &[ReadJob],
     snapshot: Option<&Snapshot>,
-    store: &ChunkStore,
+    store: &ImageStore,
     zstd_level: Option<i32>,
     workers: usize,
 ) -> Result<(HashMap<Target, Vec<Extent>>, DumpTotals), MemError> {
@@ -441,7 +441,7 @@ pub fn dump_parallel(
                             }
                             let bytes = &b[s0 * 4096..p * 4096];
                             let chunk = ChunkRef::of(bytes);
-                            let put = store.put_chunk_with_ref(chunk, bytes, zstd_level)?;
+                            let put = store.put_chunk(chunk, bytes, zstd_level)?;
                             stored.fetch_add(put.stored_bytes, Ordering::Relaxed);
                             let addr = ((j.addr + s0 as u64 * PAGE_SIZE) as i64 - j.rebase) as u64;
                             exts.push(Extent { addr, chunk });
@@ -610,7 +610,7 @@ pub fn segments(husk: usize, pid: pid_t, exts: &[Extent], out: &mut Vec<Segment>
 pub fn fill_pipelined<E: From<MemError>>(
     direct: Vec<WriteJob>,
     segs: Vec<Segment>,
-    store: &ChunkStore,
+    store: &ImageStore,
     workers: usize,
     mut populate: impl FnMut(&Segment) -> Result<(), E>,
 ) -> Result<u64, E> {
@@ -674,7 +674,7 @@ pub fn fill_pipelined<E: From<MemError>>(
     Ok(written.into_inner())
 }
 
-fn write_job(j: &WriteJob, store: &ChunkStore, buf: &mut Vec<u8>) -> Result<u64, MemError> {
+fn write_job(j: &WriteJob, store: &ImageStore, buf: &mut Vec<u8>) -> Result<u64, MemError> {
     if buf.len() < j.chunk.len as usize {
         buf.resize(j.chunk.len as usize, 0);
     }

@@ -38,7 +38,8 @@ use std::time::Instant;
 
 use ckpt_shared::codec;
 use ckpt_shared::image::{Image, MappingKind, Process, PAGE_SIZE};
-use ckpt_shared::store::ChunkStore;
+use ckpt_shared::location::{ImageStore, ImageStoreError, Location};
+use ckpt_shared::objstore::StoreConfig;
 use libc::pid_t;
 use tracing::{debug, warn};
 
@@ -54,7 +55,7 @@ pub enum RestoreError {
     #[error("no image at {path}: {reason}")]
     NoImage { path: PathBuf, reason: String },
     #[error(transparent)]
-    Store(#[from] ckpt_shared::store::StoreError),
+    Store(#[from] ImageStoreError),
     #[error(transparent)]
     Codec(#[from] codec::CodecError),
     #[error("the image needs CPU state components this host lacks (XCR0 image {image:#x}, host {host:#x}, missing {missing:#x}); restore it on a host with the same CPU features")]
@@ -95,7 +96,7 @@ pub enum RestoreError {
 
 #[derive(Debug, Clone)]
 pub struct RestoreOptions {
-    pub image: PathBuf,
+    pub image: Location,
     pub new_pid_ns: bool,
     pub workers: usize,
 }
@@ -143,21 +144,45 @@ impl Drop for Husks {
     }
 }
 
-pub fn load(image: &Path) -> Result<(ChunkStore, Image), RestoreError> {
-    if !image.join("manifest.ckpt").is_file() {
-        let reason = if image.is_dir() {
-            "manifest.ckpt is missing (the dump did not complete?)".to_string()
-        } else {
-            "the directory does not exist".to_string()
-        };
-        return Err(RestoreError::NoImage {
-            path: image.to_path_buf(),
-            reason,
-        });
+/// Opens the image at `location`, reads and decodes its manifest. In a local store
+/// every chunk it names is looked up too (a cheap stat each) so that a missing one
+/// is reported before anything is created; in a remote store that would cost a
+/// request per chunk, and the fill finds a missing or damaged chunk anyway before
+/// any process runs (every chunk is verified as it is read, and any failure kills
+/// every husk).
+pub fn load(location: &Location) -> Result<(ImageStore, Image), RestoreError> {
+    if let Location::Dir(dir) = location {
+        if !dir.join("manifest.ckpt").is_file() {
+            let reason = if dir.is_dir() {
+                "manifest.ckpt is missing (the dump did not complete?)".to_string()
+            } else {
+                "the directory does not exist".to_string()
+            };
+            return Err(RestoreError::NoImage {
+                path: dir.clone(),
+                reason,
+            });
+        }
     }
-    let store = ChunkStore::open(image)?;
+    let store = ImageStore::open(location, &StoreConfig::from_env())?;
     let bytes = store.get_manifest()?;
     let img = codec::decode_image(&bytes)?;
+    if !store.is_remote() {
+        let chunks = img
+            .processes
+            .iter()
+            .flat_map(|p| p.mappings.iter().flat_map(|m| m.data.iter()))
+            .chain(img.shmem.iter().flat_map(|s| s.data.iter()));
+        for c in chunks {
+            if !store.has_chunk(&c.chunk)? {
+                return Err(RestoreError::Store(ImageStoreError::Dir(
+                    ckpt_shared::store::StoreError::Missing {
+                        chunk: c.chunk.hex(),
+                    },
+                )));
+            }
+        }
+    }
     Ok((store, img))
 }
 
@@ -475,21 +500,6 @@ pub fn restore(opts: &RestoreOptions) -> Result<RestoreReport, RestoreError> {
     let mut ph = crate::Phases::new("restore");
     let (store, img) = load(&opts.image)?;
     ph.mark("load");
-    // A cheap look at every chunk before anything is created; each one is verified
-    // again, byte for byte, when it is read.
-    for c in img
-        .processes
-        .iter()
-        .flat_map(|p| p.mappings.iter().flat_map(|m| m.data.iter()))
-    {
-        if !store.has_chunk(&c.chunk) {
-            return Err(RestoreError::Store(
-                ckpt_shared::store::StoreError::Missing {
-                    chunk: c.chunk.hex(),
-                },
-            ));
-        }
-    }
     check_host(&img, opts.new_pid_ns)?;
     ph.mark("check");
 

@@ -6,13 +6,17 @@
 //! - [`store`]: the content-addressed chunk store in a local directory, which
 //!   `ckpt-agent dump`/`restore` use today.
 //! - [`objstore`]: stores named by URL (`file://`, `s3://`, `memory://`) through
-//!   `object_store`, with the same chunk object format ([`chunkfmt`]). Tested against
-//!   a real S3 server; not yet wired into the agent's dump and restore.
+//!   `object_store`, with the same chunk object format ([`chunkfmt`]), tested against
+//!   a real S3 server.
+//! - [`location`]: what `--image` takes (a directory, `file:///store/NAME`,
+//!   `s3://bucket/prefix/NAME`) and [`location::ImageStore`], the one interface the
+//!   agent's dump, restore and inspect use on any of them.
 //!
 //! No I/O policy lives here beyond the stores themselves.
 
 pub mod chunkfmt;
 pub mod codec;
 pub mod image;
+pub mod location;
 pub mod objstore;
 pub mod store;

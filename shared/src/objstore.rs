@@ -67,7 +67,8 @@ use crate::image::ChunkRef;
 use crate::store::{PutOutcome, MANIFEST_NAME};
 
 const CHUNKS_DIR: &str = "chunks";
-const IMAGES_DIR: &str = "images";
+/// Directory of the image manifests in a shared store.
+pub const IMAGES_DIR: &str = "images";
 /// Longest image name accepted (one path segment in every store).
 pub const MAX_IMAGE_NAME: usize = 200;
 
@@ -384,11 +385,22 @@ pub struct StoreConfig {
 }
 
 impl StoreConfig {
-    /// S3 settings from the environment, default retries.
+    /// S3 settings from the environment, and the default retries, but for
+    /// `CKPT_STORE_RETRY_SECS`: how long a failing request is retried before the
+    /// store is declared down (default 60; a tree frozen in kill mode waits that
+    /// long on a store that went away).
     pub fn from_env() -> Self {
+        let mut retry = RetryPolicy::default();
+        if let Some(secs) = std::env::var("CKPT_STORE_RETRY_SECS")
+            .ok()
+            .and_then(|v| v.parse::<u64>().ok())
+        {
+            retry.retry_timeout = Duration::from_secs(secs);
+            retry.connect_timeout = retry.connect_timeout.min(Duration::from_secs(secs.max(1)));
+        }
         StoreConfig {
             s3: S3Config::default().fill_from_env(),
-            retry: RetryPolicy::default(),
+            retry,
         }
     }
 }
@@ -827,7 +839,8 @@ fn is_missing_bucket(e: &object_store::Error) -> bool {
     false
 }
 
-fn check_image_name(name: &str) -> Result<(), ObjStoreError> {
+/// Checks that `name` can name an image: one path segment in every store.
+pub fn check_image_name(name: &str) -> Result<(), ObjStoreError> {
     let ok = !name.is_empty()
         && name.len() <= MAX_IMAGE_NAME
         && !name.starts_with('.')

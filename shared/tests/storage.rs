@@ -2,16 +2,12 @@
 //! `s3://` against a real S3 server (s3s-fs, a separate process speaking HTTP with
 //! SigV4), in the manner of object_store's shared `put_get_delete_list`.
 //!
-//! The S3 server is the one `scripts/s3-server.sh install` builds. Each test that needs
-//! it starts its own on a free port with a fresh data directory, and a `Drop` guard
-//! kills it by PID, even when the test panics. When the server is not installed these
-//! tests fail (they do not skip): CI installs it, and a missing server must not pass
-//! for a green S3 backend.
+//! The S3 server is the one `scripts/s3-server.sh install` builds; each test that needs
+//! it starts its own through [`ckpt_tests::s3::S3Server`], which kills it by PID even
+//! when the test panics. When the server is not installed these tests fail (they do
+//! not skip): CI installs it, and a missing server must not pass for a green S3
+//! backend.
 
-use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use ckpt_shared::chunkfmt::ChunkFmtError;
@@ -23,9 +19,7 @@ use ckpt_shared::objstore::{
 use ckpt_shared::store::{ChunkStore, CHUNK_HEADER_LEN, CODEC_RAW, CODEC_ZSTD};
 use object_store::{ObjectStoreExt, PutPayload};
 
-const ACCESS_KEY: &str = "ckpt-test";
-const SECRET_KEY: &str = "ckpt-test-secret";
-const BUCKET: &str = "ckpt";
+use ckpt_tests::s3::{free_port, S3Server, ACCESS_KEY, BUCKET, SECRET_KEY};
 
 // ---------------------------------------------------------------- data
 
@@ -361,129 +355,8 @@ fn file_backend_shares_chunks_with_chunk_store() {
 
 // ---------------------------------------------------------------- the S3 server
 
-/// Where `scripts/s3-server.sh install` puts the server, or `CKPT_S3S_FS`.
-fn s3s_fs_binary() -> PathBuf {
-    if let Some(p) = std::env::var_os("CKPT_S3S_FS") {
-        return p.into();
-    }
-    let tools = std::env::var_os("CKPT_TOOLS").unwrap_or_else(|| "/opt/ckpt-tools".into());
-    let installed = PathBuf::from(tools).join("bin/s3s-fs");
-    if installed.is_file() {
-        return installed;
-    }
-    let on_path = std::env::var_os("PATH")
-        .map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
-        .unwrap_or_default()
-        .into_iter()
-        .map(|d| d.join("s3s-fs"))
-        .find(|p| p.is_file());
-    on_path.unwrap_or_else(|| {
-        panic!(
-            "the S3 test server s3s-fs is not installed (looked for {}, then s3s-fs on \
-             PATH): run scripts/s3-server.sh install",
-            installed.display()
-        )
-    })
-}
-
-/// A port on 127.0.0.1 with nothing listening on it (at the time of the call).
-fn free_port() -> u16 {
-    let l = TcpListener::bind("127.0.0.1:0").unwrap();
-    l.local_addr().unwrap().port()
-}
-
-/// The server's process, killed by PID when dropped (also when a test panics, and
-/// then its log is shown).
-struct Process {
-    child: Child,
-    log: PathBuf,
-}
-
-impl Drop for Process {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        if std::thread::panicking() {
-            let _ = writeln!(
-                std::io::stderr(),
-                "s3s-fs log ({}):\n{}",
-                self.log.display(),
-                read_log(&self.log)
-            );
-        }
-    }
-}
-
-fn read_log(path: &std::path::Path) -> String {
-    let mut s = String::new();
-    if let Ok(mut f) = std::fs::File::open(path) {
-        let _ = f.read_to_string(&mut s);
-    }
-    s
-}
-
-/// A running s3s-fs on 127.0.0.1 with a fresh data directory holding one bucket.
-struct S3Server {
-    // Dropped first: the process dies before its directory is removed.
-    _process: Process,
-    port: u16,
-    data: tempfile::TempDir,
-}
-
-impl S3Server {
-    fn start() -> S3Server {
-        let bin = s3s_fs_binary();
-        let data = tempfile::tempdir().unwrap();
-        let root = data.path().join("root");
-        std::fs::create_dir_all(root.join(BUCKET)).unwrap(); // a bucket is a directory
-        let log = data.path().join("s3s-fs.log");
-        // The port may be taken between free_port and the server's bind: try again.
-        for _ in 0..5 {
-            let port = free_port();
-            let out = std::fs::File::create(&log).unwrap();
-            let child = Command::new(&bin)
-                .args(["--host", "127.0.0.1", "--port", &port.to_string()])
-                .args(["--access-key", ACCESS_KEY, "--secret-key", SECRET_KEY])
-                .arg(&root)
-                .stdin(Stdio::null())
-                .stdout(out.try_clone().unwrap())
-                .stderr(out)
-                .spawn()
-                .unwrap_or_else(|e| panic!("start {}: {e}", bin.display()));
-            let mut process = Process {
-                child,
-                log: log.clone(),
-            };
-            let deadline = Instant::now() + Duration::from_secs(10);
-            while Instant::now() < deadline {
-                if TcpStream::connect(("127.0.0.1", port)).is_ok() {
-                    return S3Server {
-                        _process: process,
-                        port,
-                        data,
-                    };
-                }
-                if process.child.try_wait().unwrap().is_some() {
-                    break;
-                }
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            drop(process);
-            eprintln!(
-                "s3s-fs did not come up on port {port}; its log:\n{}",
-                read_log(&log)
-            );
-        }
-        panic!("s3s-fs ({}) did not start in 5 tries", bin.display());
-    }
-
-    fn endpoint(&self) -> String {
-        format!("http://127.0.0.1:{}", self.port)
-    }
-
-    fn config(&self) -> StoreConfig {
-        s3_config(&self.endpoint())
-    }
+fn server_config(server: &S3Server) -> StoreConfig {
+    s3_config(&server.endpoint())
 }
 
 /// Credentials of the test server, and retries short enough for tests.
@@ -513,7 +386,7 @@ fn s3_config(endpoint: &str) -> StoreConfig {
 fn s3_backend() {
     let server = S3Server::start();
     let url = format!("s3://{BUCKET}/suite/run-1");
-    let store = BlockingStore::open(&url, &server.config()).unwrap();
+    let store = BlockingStore::open(&url, &server_config(&server)).unwrap();
     assert_eq!(
         store.backend().display_name(),
         format!("{url} (endpoint {})", server.endpoint())
@@ -521,12 +394,7 @@ fn s3_backend() {
     suite(&store);
 
     // The layout in the bucket, as the server stores it.
-    let objects = server
-        .data
-        .path()
-        .join("root")
-        .join(BUCKET)
-        .join("suite/run-1");
+    let objects = server.bucket_dir().join("suite/run-1");
     assert!(objects.join("images/job-1/manifest.ckpt").is_file());
     let first = &store.list_chunks().unwrap()[0];
     assert!(objects
@@ -536,8 +404,11 @@ fn s3_backend() {
         .is_file());
 
     // Another prefix in the same bucket is another store.
-    let other =
-        BlockingStore::open(&format!("s3://{BUCKET}/suite/run-2"), &server.config()).unwrap();
+    let other = BlockingStore::open(
+        &format!("s3://{BUCKET}/suite/run-2"),
+        &server_config(&server),
+    )
+    .unwrap();
     assert_eq!(other.list_chunks().unwrap(), Vec::<String>::new());
     assert_eq!(other.list_manifests().unwrap(), Vec::<String>::new());
 }
@@ -545,21 +416,21 @@ fn s3_backend() {
 #[test]
 fn s3_backend_at_bucket_root() {
     let server = S3Server::start();
-    let store = BlockingStore::open(&format!("s3://{BUCKET}"), &server.config()).unwrap();
+    let store = BlockingStore::open(&format!("s3://{BUCKET}"), &server_config(&server)).unwrap();
     suite(&store);
 }
 
 #[test]
 fn s3_backend_concurrent() {
     let server = S3Server::start();
-    let store = BlockingStore::open(&format!("s3://{BUCKET}/c"), &server.config()).unwrap();
+    let store = BlockingStore::open(&format!("s3://{BUCKET}/c"), &server_config(&server)).unwrap();
     concurrent(&store);
 }
 
 #[test]
 fn s3_wrong_credentials_are_denied() {
     let server = S3Server::start();
-    let mut config = server.config();
+    let mut config = server_config(&server);
     config.s3.secret_access_key = Some("wrong".into());
     let store = BlockingStore::open(&format!("s3://{BUCKET}/x"), &config).unwrap();
     let err = store
@@ -577,7 +448,7 @@ fn s3_wrong_credentials_are_denied() {
 #[test]
 fn s3_missing_bucket() {
     let server = S3Server::start();
-    let store = BlockingStore::open("s3://no-such-bucket/x", &server.config()).unwrap();
+    let store = BlockingStore::open("s3://no-such-bucket/x", &server_config(&server)).unwrap();
     for err in [
         store.check().unwrap_err(),
         store.list_chunks().unwrap_err(),
@@ -636,7 +507,7 @@ fn s3_server_stopping_is_reported() {
     let server = S3Server::start();
     let endpoint = server.endpoint();
     let url = format!("s3://{BUCKET}/gone");
-    let store = BlockingStore::open(&url, &server.config()).unwrap();
+    let store = BlockingStore::open(&url, &server_config(&server)).unwrap();
     let (c, _) = put(&store, b"before", None);
     drop(server);
     let start = Instant::now();

@@ -13,10 +13,10 @@
 //!   the continuity checks on it: no gap, no repeat, every chain value right, no
 //!   `FAIL` line.
 //! - [`agent`]: running `ckpt-agent` with a timeout and reading its answers.
+//! - [`s3`]: a real S3-compatible server process (s3s-fs) per test.
 //!
-//! Later it will also build the network-namespace test cluster, drive real Slurm and
-//! start a real S3-compatible server, as `shared/DESIGN.md` ("Test environment")
-//! describes.
+//! Later it will also build the network-namespace test cluster and drive real
+//! Slurm, as `shared/DESIGN.md` ("Test environment") describes.
 //!
 //! # Why the test process becomes a child subreaper
 //!
@@ -39,6 +39,7 @@
 
 pub mod agent;
 pub mod process;
+pub mod s3;
 pub mod ticks;
 pub mod workload;
 

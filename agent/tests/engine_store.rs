@@ -1,0 +1,361 @@
+//! The engine against stores named by URL: `s3://` on a real S3 server process
+//! (s3s-fs, started per test by `ckpt_tests::s3`) and a shared `file://` store.
+//!
+//! - a tree dumped to `s3://`, killed, restored from it, continues;
+//! - images in one store share their chunks: a second checkpoint of a process that
+//!   barely changed uploads a small fraction of the first (asserted in bytes);
+//! - a damaged or missing chunk in the bucket is refused at restore, naming the
+//!   chunk, and nothing is left running;
+//! - the server killed during the upload: the dump fails naming the store, the tree
+//!   runs on untouched, and no manifest is committed.
+//!
+//! Every test guards, by PID, every process it started or restored, and the server.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{ensure, Context, Result};
+use ckpt_tests::s3::{S3Server, BUCKET};
+use ckpt_tests::ticks::{check_log, last_tick};
+use ckpt_tests::{
+    is_alive, last_line_pid, require_root, run_agent_env, spawn_workload, wait_for, wait_for_tick,
+    AgentRun, ProcGuard, AGENT_TIMEOUT,
+};
+use tempfile::TempDir;
+
+const WAIT: Duration = Duration::from_secs(60);
+const MORE: u64 = 10;
+
+fn agent() -> &'static Path {
+    Path::new(env!("CARGO_BIN_EXE_ckpt-agent"))
+}
+
+/// Runs the agent with the server's environment (and `extra`).
+fn run(server: &S3Server, args: &[&str], extra: &[(&str, &str)]) -> Result<AgentRun> {
+    let env = server.env();
+    let mut all: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    all.extend_from_slice(extra);
+    run_agent_env(agent(), args, &all, AGENT_TIMEOUT)
+}
+
+/// A workload in a temporary directory, its root guarded.
+struct Work {
+    root: ProcGuard,
+    dir: TempDir,
+    pid: i32,
+}
+
+impl Work {
+    fn start(name: &str, args: &[&str]) -> Result<Work> {
+        let dir = tempfile::Builder::new()
+            .prefix(&format!("ckpt-store-{name}-"))
+            .tempdir()?;
+        let root = spawn_workload(name, args, &dir.path().join("log"))?;
+        let pid = root.id();
+        let w = Work { root, dir, pid };
+        wait_for_tick(&w.log(), 3, WAIT)?;
+        Ok(w)
+    }
+
+    fn log(&self) -> PathBuf {
+        self.dir.path().join("log")
+    }
+
+    fn last(&self) -> u64 {
+        last_tick(&self.log()).unwrap_or(0)
+    }
+
+    /// Waits until the workload is gone after a kill-mode dump.
+    fn wait_killed(&mut self) -> Result<()> {
+        self.root
+            .wait_exit(WAIT)?
+            .context("the tree still runs after a kill-mode dump")?;
+        Ok(())
+    }
+}
+
+/// `dump --json` figures.
+fn stored_bytes(run: &AgentRun) -> Result<u64> {
+    let v: serde_json::Value = serde_json::from_str(&run.stdout)
+        .with_context(|| format!("dump --json printed no JSON: {}", run.describe()))?;
+    v.get("stored_bytes")
+        .and_then(serde_json::Value::as_u64)
+        .context("no stored_bytes in dump --json")
+}
+
+/// The bucket's files under `prefix/chunks`.
+fn chunk_files(server: &S3Server, prefix: &str) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let root = server.bucket_dir().join(prefix).join("chunks");
+    for shard in std::fs::read_dir(&root).into_iter().flatten().flatten() {
+        for f in std::fs::read_dir(shard.path())
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            let name = f.file_name().to_string_lossy().into_owned();
+            if name.len() == 64 {
+                out.push(f.path());
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+#[test]
+fn a_tree_dumped_to_s3_is_restored_from_it_and_continues() -> Result<()> {
+    require_root!(Ok(()));
+    let server = S3Server::start();
+    let mut w = Work::start("heap_checksum", &["32"])?;
+    let url = format!("s3://{BUCKET}/jobs/heap-1");
+    let pid = w.pid.to_string();
+    run(
+        &server,
+        &["dump", "--pid", &pid, "--image", &url, "--json"],
+        &[],
+    )?
+    .ok()?;
+    w.wait_killed()?;
+    let at_dump = w.last();
+    ensure!(server
+        .bucket_dir()
+        .join("jobs/images/heap-1/manifest.ckpt")
+        .is_file());
+
+    let restored = run(&server, &["restore", "--image", &url], &[])?;
+    if let Ok(p) = last_line_pid(&restored) {
+        w.root.set_pid(p);
+    }
+    let restored = restored.ok()?;
+    ensure!(last_line_pid(&restored)? == w.pid);
+    wait_for_tick(&w.log(), at_dump + MORE, WAIT)?;
+    w.root.kill();
+    let ticks = check_log(&w.log())?;
+    ensure!(ticks.len() as u64 >= at_dump + MORE);
+    ensure!(ticks.iter().all(|t| t.hex("csum").is_some()));
+
+    // inspect reads the same URL.
+    let shown = run(&server, &["inspect", "--image", &url, "--json"], &[])?.ok()?;
+    ensure!(
+        shown.stdout.contains("\"processes\""),
+        "{}",
+        shown.describe()
+    );
+    Ok(())
+}
+
+#[test]
+fn checkpoints_in_one_store_share_chunks_so_an_unchanged_process_costs_little() -> Result<()> {
+    require_root!(Ok(()));
+    let server = S3Server::start();
+    // 48 MiB of incompressible memory that the program only reads after its fill.
+    let w = Work::start("bench_mem", &["48"])?;
+    let pid = w.pid.to_string();
+    let mut sizes = Vec::new();
+    for name in ["ck-1", "ck-2"] {
+        let url = format!("s3://{BUCKET}/inc/{name}");
+        let r = run(
+            &server,
+            &[
+                "dump",
+                "--pid",
+                &pid,
+                "--image",
+                &url,
+                "--leave-running",
+                "--json",
+            ],
+            &[],
+        )?
+        .ok()?;
+        sizes.push(stored_bytes(&r)?);
+    }
+    ensure!(
+        sizes[0] >= 48 << 20,
+        "first checkpoint stored only {} bytes",
+        sizes[0]
+    );
+    // What changed between the two: the stack, libc's data, the tick counter: a few
+    // chunks at most, against 48 of the big mapping.
+    ensure!(
+        sizes[1] * 10 < sizes[0],
+        "second checkpoint stored {} bytes, first {}: chunks are not shared",
+        sizes[1],
+        sizes[0]
+    );
+    wait_for_tick(&w.log(), w.last() + 3, WAIT)?;
+    check_log(&w.log())?;
+    Ok(())
+}
+
+#[test]
+fn a_damaged_or_missing_chunk_in_s3_is_refused_naming_it_and_starts_nothing() -> Result<()> {
+    require_root!(Ok(()));
+    let server = S3Server::start();
+    let mut w = Work::start("heap_checksum", &["8"])?;
+    let url = format!("s3://{BUCKET}/bad/img");
+    let pid = w.pid.to_string();
+    run(&server, &["dump", "--pid", &pid, "--image", &url], &[])?.ok()?;
+    w.wait_killed()?;
+    let chunks = chunk_files(&server, "bad");
+    ensure!(chunks.len() >= 2, "only {} chunks", chunks.len());
+
+    // One flipped byte in the payload of the largest chunk.
+    let victim = chunks
+        .iter()
+        .max_by_key(|p| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0))
+        .context("no chunk")?
+        .clone();
+    let mut bytes = std::fs::read(&victim)?;
+    let at = bytes.len() - 100;
+    bytes[at] ^= 0x40;
+    std::fs::write(&victim, &bytes)?;
+    let name = victim.file_name().unwrap().to_string_lossy().into_owned();
+    let r = run(&server, &["restore", "--image", &url], &[])?;
+    ensure!(!r.success(), "restore of a damaged image succeeded");
+    ensure!(
+        r.stderr.contains(&name) && r.stderr.contains("corrupted"),
+        "the error does not name chunk {name}: {}",
+        r.describe()
+    );
+    ensure!(
+        !is_alive(w.pid),
+        "PID {} runs after a refused restore",
+        w.pid
+    );
+    bytes[at] ^= 0x40;
+    std::fs::write(&victim, &bytes)?;
+
+    // The same chunk gone.
+    std::fs::remove_file(&victim)?;
+    let r = run(&server, &["restore", "--image", &url], &[])?;
+    ensure!(!r.success(), "restore with a missing chunk succeeded");
+    ensure!(
+        r.stderr.contains(&name) && r.stderr.contains("missing"),
+        "the error does not name chunk {name}: {}",
+        r.describe()
+    );
+    ensure!(
+        !is_alive(w.pid),
+        "PID {} runs after a refused restore",
+        w.pid
+    );
+    Ok(())
+}
+
+#[test]
+fn the_store_killed_during_the_upload_aborts_the_dump_and_the_tree_runs_on() -> Result<()> {
+    require_root!(Ok(()));
+    let mut server = S3Server::start();
+    // Large enough that the upload takes a while; kill mode, so that a commit
+    // would kill the tree.
+    let w = Work::start("bench_mem", &["384"])?;
+    let url = format!("s3://{BUCKET}/down/img");
+    let pid = w.pid.to_string();
+    let env = server.env();
+    let args: Vec<String> = ["dump", "--pid", &pid, "--image", &url]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    let dump = std::thread::spawn(move || {
+        let env: Vec<(&str, &str)> = env
+            .iter()
+            .map(|(k, v)| (*k, v.as_str()))
+            .chain([("CKPT_STORE_RETRY_SECS", "2")])
+            .collect();
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        run_agent_env(agent(), &args, &env, AGENT_TIMEOUT)
+    });
+    // Kill the server once the first chunks have arrived.
+    let started = wait_for(
+        || chunk_files(&server, "down").len() >= 4,
+        Duration::from_secs(60),
+    );
+    let t_kill = Instant::now();
+    server.kill();
+    let r = dump.join().expect("dump thread")?;
+    eprintln!("dump with its store killed said:\n{}", r.stderr);
+    ensure!(started, "no chunk reached the store: {}", r.describe());
+    ensure!(!r.success(), "the dump succeeded with its store down");
+    ensure!(
+        r.stderr.contains("unreachable") && r.stderr.contains(&server.endpoint()),
+        "the error does not name the store: {}",
+        r.describe()
+    );
+    ensure!(
+        r.stderr.contains("left running"),
+        "the error does not say the tree runs on: {}",
+        r.describe()
+    );
+    ensure!(
+        t_kill.elapsed() < Duration::from_secs(60),
+        "the dump took {:?} to give up",
+        t_kill.elapsed()
+    );
+    ensure!(!server
+        .bucket_dir()
+        .join("down/images/img/manifest.ckpt")
+        .exists());
+    ensure!(is_alive(w.pid), "the tree died");
+    wait_for_tick(&w.log(), w.last() + 5, WAIT)?;
+    check_log(&w.log())?;
+    Ok(())
+}
+
+#[test]
+fn images_in_a_shared_file_store_share_chunks_and_restore() -> Result<()> {
+    require_root!(Ok(()));
+    let store = tempfile::tempdir()?;
+    let mut w = Work::start("bench_mem", &["16"])?;
+    let pid = w.pid.to_string();
+    let base = format!("file://{}", store.path().display());
+    let first = run_agent_env(
+        agent(),
+        &[
+            "dump",
+            "--pid",
+            &pid,
+            "--image",
+            &format!("{base}/a"),
+            "--leave-running",
+            "--json",
+        ],
+        &[],
+        AGENT_TIMEOUT,
+    )?
+    .ok()?;
+    let second = run_agent_env(
+        agent(),
+        &[
+            "dump",
+            "--pid",
+            &pid,
+            "--image",
+            &format!("{base}/b"),
+            "--json",
+        ],
+        &[],
+        AGENT_TIMEOUT,
+    )?
+    .ok()?;
+    let (a, b) = (stored_bytes(&first)?, stored_bytes(&second)?);
+    ensure!(a >= 16 << 20 && b * 10 < a, "stored {a} then {b} bytes");
+    w.wait_killed()?;
+    let at_dump = w.last();
+    ensure!(store.path().join("images/b/manifest.ckpt").is_file());
+    let restored = run_agent_env(
+        agent(),
+        &["restore", "--image", &format!("{base}/b")],
+        &[],
+        AGENT_TIMEOUT,
+    )?;
+    if let Ok(p) = last_line_pid(&restored) {
+        w.root.set_pid(p);
+    }
+    restored.ok()?;
+    wait_for_tick(&w.log(), at_dump + MORE, WAIT)?;
+    w.root.kill();
+    check_log(&w.log())?;
+    Ok(())
+}

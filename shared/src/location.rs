@@ -1,0 +1,329 @@
+//! Where an image lives: what `--image` takes, and the one store interface that
+//! dump, restore and inspect use whatever the kind of store.
+//!
+//! ```text
+//! /var/tmp/img                  a self-contained image directory: manifest.ckpt and
+//!                               chunks/ inside it (no sharing with other images)
+//! file:///var/tmp/store/NAME    image NAME in a shared local store
+//! s3://bucket/prefix/NAME       image NAME in a shared S3 store (prefix optional)
+//! ```
+//!
+//! A URL's last path segment is the image name and the rest is the store (the layout
+//! of [`crate::objstore`]: `chunks/` shared by every image of the store, so the same
+//! pages across ranks and across checkpoints are stored once, and
+//! `images/NAME/manifest.ckpt`). `file://` goes through [`ChunkStore`], which
+//! batches its fsyncs; `s3://` through [`BlockingStore`]. `memory://` is refused
+//! here: a store inside one process would vanish when the command exits.
+
+use std::path::{Path, PathBuf};
+
+use crate::image::ChunkRef;
+use crate::objstore::{self, BlockingStore, ObjStoreError, StoreConfig, StoreUrl};
+use crate::store::{ChunkStore, PutOutcome, StoreError};
+
+/// Errors of an image store, naming the store.
+#[derive(Debug, thiserror::Error)]
+pub enum ImageStoreError {
+    #[error(transparent)]
+    Dir(#[from] StoreError),
+    #[error(transparent)]
+    Object(#[from] ObjStoreError),
+    #[error("invalid image location {location:?}: {reason}")]
+    BadLocation { location: String, reason: String },
+}
+
+impl ImageStoreError {
+    /// Whether the error says the store could not be reached (as opposed to bad
+    /// data or bad input).
+    pub fn is_unreachable(&self) -> bool {
+        matches!(
+            self,
+            ImageStoreError::Object(ObjStoreError::Unreachable { .. })
+        )
+    }
+}
+
+/// A parsed image location.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Location {
+    /// A self-contained image directory.
+    Dir(PathBuf),
+    /// Image `name` in the shared store at `store`.
+    Named { store: StoreUrl, name: String },
+}
+
+impl Location {
+    /// Parses what `--image` was given: a URL (it has `://`) or a directory path.
+    pub fn parse(s: &str) -> Result<Location, ImageStoreError> {
+        let bad = |reason: &str| ImageStoreError::BadLocation {
+            location: s.into(),
+            reason: reason.into(),
+        };
+        let Some((scheme, rest)) = s.split_once("://") else {
+            if s.is_empty() {
+                return Err(bad("empty"));
+            }
+            return Ok(Location::Dir(PathBuf::from(s)));
+        };
+        if scheme == "memory" {
+            return Err(bad(
+                "memory:// stores live inside one process (unit tests); an image there would \
+                 vanish when this command exits: use file:///path/NAME or s3://bucket/NAME",
+            ));
+        }
+        let rest = rest.trim_end_matches('/');
+        let Some((store, name)) = rest.rsplit_once('/') else {
+            return Err(bad(&format!(
+                "no image name: the last path segment names the image, as in \
+                 {scheme}://{rest}/NAME"
+            )));
+        };
+        if scheme == "s3" && store.is_empty() {
+            return Err(bad("no bucket: s3://bucket/prefix/NAME"));
+        }
+        objstore::check_image_name(name)?;
+        let store = StoreUrl::parse(&format!("{scheme}://{store}"))?;
+        if let StoreUrl::File(p) = &store {
+            if p == Path::new("/") {
+                return Err(bad(
+                    "a store directory is needed before the name: file:///path/NAME",
+                ));
+            }
+        }
+        Ok(Location::Named {
+            store,
+            name: name.into(),
+        })
+    }
+}
+
+impl std::fmt::Display for Location {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Location::Dir(p) => write!(f, "{}", p.display()),
+            Location::Named { store, name } => write!(f, "{store}/{name}"),
+        }
+    }
+}
+
+/// One image in a store: put and get its chunks, commit and read its manifest.
+/// `Send + Sync`.
+#[derive(Debug)]
+pub struct ImageStore {
+    location: Location,
+    kind: Kind,
+}
+
+#[derive(Debug)]
+enum Kind {
+    Local(ChunkStore),
+    Remote { store: BlockingStore, name: String },
+}
+
+impl ImageStore {
+    /// Opens the image at `location`. A local store's directories are created; a
+    /// remote store is not contacted (see [`check`](Self::check)).
+    pub fn open(location: &Location, config: &StoreConfig) -> Result<Self, ImageStoreError> {
+        let kind = match location {
+            Location::Dir(dir) => Kind::Local(ChunkStore::open(dir)?),
+            Location::Named {
+                store: StoreUrl::File(root),
+                name,
+            } => Kind::Local(ChunkStore::open_named(root, name)?),
+            Location::Named { store, name } => Kind::Remote {
+                store: BlockingStore::open(&store.to_string(), config)?,
+                name: name.clone(),
+            },
+        };
+        Ok(ImageStore {
+            location: location.clone(),
+            kind,
+        })
+    }
+
+    /// Image `name` in an already open remote store (tests use `memory://` this way).
+    pub fn in_store(store: BlockingStore, name: &str) -> Result<Self, ImageStoreError> {
+        objstore::check_image_name(name)?;
+        Ok(ImageStore {
+            location: Location::Named {
+                store: store.backend().url().clone(),
+                name: name.into(),
+            },
+            kind: Kind::Remote {
+                store,
+                name: name.into(),
+            },
+        })
+    }
+
+    /// Where the image is.
+    pub fn location(&self) -> &Location {
+        &self.location
+    }
+
+    /// Whether chunks travel over the network: callers then keep more of them in
+    /// flight.
+    pub fn is_remote(&self) -> bool {
+        matches!(self.kind, Kind::Remote { .. })
+    }
+
+    /// Fails early, before anything is frozen, if the store cannot be reached.
+    pub fn check(&self) -> Result<(), ImageStoreError> {
+        match &self.kind {
+            Kind::Local(_) => Ok(()),
+            Kind::Remote { store, .. } => Ok(store.check()?),
+        }
+    }
+
+    /// Stores `bytes` under `chunk` (see [`ChunkStore::put_chunk_with_ref`]); a chunk
+    /// already in the store costs nothing (`stored_bytes` 0).
+    pub fn put_chunk(
+        &self,
+        chunk: ChunkRef,
+        bytes: &[u8],
+        zstd_level: Option<i32>,
+    ) -> Result<PutOutcome, ImageStoreError> {
+        Ok(match &self.kind {
+            Kind::Local(s) => s.put_chunk_with_ref(chunk, bytes, zstd_level)?,
+            Kind::Remote { store, .. } => store.put_chunk(chunk, bytes, zstd_level)?,
+        })
+    }
+
+    /// Reads and verifies `chunk` into `out` (exactly `chunk.len` bytes).
+    pub fn get_chunk(&self, chunk: &ChunkRef, out: &mut [u8]) -> Result<(), ImageStoreError> {
+        match &self.kind {
+            Kind::Local(s) => s.get_chunk(chunk, out)?,
+            Kind::Remote { store, .. } => store.get_chunk(chunk, out)?,
+        }
+        Ok(())
+    }
+
+    /// Whether the store has an object for `chunk` (its content is not checked).
+    pub fn has_chunk(&self, chunk: &ChunkRef) -> Result<bool, ImageStoreError> {
+        Ok(match &self.kind {
+            Kind::Local(s) => s.has_chunk(chunk),
+            Kind::Remote { store, .. } => store.has_chunk(chunk)?,
+        })
+    }
+
+    /// Commits the image: every chunk put so far is made durable first, then the
+    /// manifest is written. Before this returns there is no image.
+    pub fn put_manifest(&self, bytes: &[u8]) -> Result<(), ImageStoreError> {
+        match &self.kind {
+            Kind::Local(s) => s.put_manifest(bytes)?,
+            Kind::Remote { store, name } => store.put_manifest(name, bytes)?,
+        }
+        Ok(())
+    }
+
+    /// Makes every chunk put so far durable (a local store batches its fsyncs; a
+    /// remote put is durable when it returns). [`put_manifest`](Self::put_manifest)
+    /// does this itself; calling it first only separates the two in timings.
+    pub fn sync(&self) -> Result<(), ImageStoreError> {
+        match &self.kind {
+            Kind::Local(s) => Ok(s.sync()?),
+            Kind::Remote { .. } => Ok(()),
+        }
+    }
+
+    /// Whether the image is committed (its manifest exists).
+    pub fn exists(&self) -> Result<bool, ImageStoreError> {
+        match self.get_manifest() {
+            Ok(_) => Ok(true),
+            Err(ImageStoreError::Dir(StoreError::NoImage { .. }))
+            | Err(ImageStoreError::Object(ObjStoreError::NoImage { .. })) => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Reads the manifest's bytes (bounded; decode them with [`crate::codec`]).
+    pub fn get_manifest(&self) -> Result<Vec<u8>, ImageStoreError> {
+        Ok(match &self.kind {
+            Kind::Local(s) => s.get_manifest()?,
+            Kind::Remote { store, name } => store.get_manifest(name)?,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn locations_parse_into_store_and_name() {
+        assert_eq!(
+            Location::parse("/var/tmp/img").unwrap(),
+            Location::Dir("/var/tmp/img".into())
+        );
+        assert_eq!(
+            Location::parse("file:///var/tmp/store/job-1").unwrap(),
+            Location::Named {
+                store: StoreUrl::File("/var/tmp/store".into()),
+                name: "job-1".into()
+            }
+        );
+        assert_eq!(
+            Location::parse("s3://bucket/a/b/ck.3/").unwrap(),
+            Location::Named {
+                store: StoreUrl::S3 {
+                    bucket: "bucket".into(),
+                    prefix: "a/b".into()
+                },
+                name: "ck.3".into()
+            }
+        );
+        assert_eq!(
+            Location::parse("s3://bucket/ck").unwrap(),
+            Location::Named {
+                store: StoreUrl::S3 {
+                    bucket: "bucket".into(),
+                    prefix: String::new()
+                },
+                name: "ck".into()
+            }
+        );
+    }
+
+    #[test]
+    fn bad_locations_say_what_is_expected() {
+        for (loc, says) in [
+            ("s3://bucket", "no image name"),
+            ("s3:///name", "no bucket"),
+            ("memory://x", "vanish"),
+            ("file:///name", "store directory"),
+            ("ftp://host/x", "unsupported store URL scheme"),
+            ("s3://bucket/../x", ". or .."),
+            ("s3://bucket/.hidden", "not an image name"),
+            ("", "empty"),
+        ] {
+            let e = Location::parse(loc).unwrap_err().to_string();
+            assert!(e.contains(says), "{loc}: {e}");
+        }
+    }
+
+    #[test]
+    fn named_images_in_a_local_store_share_their_chunks() {
+        let root = std::env::temp_dir().join(format!("ckpt-loc-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        let cfg = StoreConfig::default();
+        let url = format!("file://{}", root.display());
+        let a = ImageStore::open(&Location::parse(&format!("{url}/a")).unwrap(), &cfg).unwrap();
+        let b = ImageStore::open(&Location::parse(&format!("{url}/b")).unwrap(), &cfg).unwrap();
+        let data = vec![7u8; 8192];
+        let c = ChunkRef::of(&data);
+        assert!(a.put_chunk(c, &data, None).unwrap().stored_bytes > 0);
+        assert_eq!(b.put_chunk(c, &data, None).unwrap().stored_bytes, 0);
+        assert!(matches!(
+            b.get_manifest(),
+            Err(ImageStoreError::Dir(StoreError::NoImage { .. }))
+        ));
+        a.put_manifest(b"manifest a").unwrap();
+        b.put_manifest(b"manifest b").unwrap();
+        assert_eq!(a.get_manifest().unwrap(), b"manifest a");
+        assert!(root.join("images/b/manifest.ckpt").is_file());
+        let mut out = vec![0u8; 8192];
+        b.get_chunk(&c, &mut out).unwrap();
+        assert_eq!(out, data);
+        std::fs::remove_dir_all(&root).unwrap();
+    }
+}
