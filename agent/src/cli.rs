@@ -110,6 +110,68 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// List, remove, prune and garbage-collect the images of a shared store.
+    ///
+    /// A shared store (file:///path or s3://bucket/prefix) keeps one pool of chunks
+    /// for all its images. Removing an image deletes its manifest, which is the only
+    /// proof that it exists; `gc` then deletes the chunks that no image references.
+    /// gc never deletes a chunk of a committed image, and never runs beside a
+    /// checkpoint in progress: it stops, deleting nothing, and says so; a checkpoint
+    /// that starts during a gc waits for it (up to CKPT_GC_WAIT_SECS, default 600)
+    /// before it freezes anything.
+    ///
+    /// Example:
+    ///   ckpt-agent images list --store s3://ckpt/cluster1
+    ///   ckpt-agent images prune --store s3://ckpt/cluster1 --job job42 --keep 2
+    ///   ckpt-agent images gc --store s3://ckpt/cluster1
+    #[command(verbatim_doc_comment)]
+    Images {
+        #[command(subcommand)]
+        op: ImagesOp,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ImagesOp {
+    /// List the committed images: name, when the dump started, memory, bytes stored.
+    List {
+        /// The store: file:///path or s3://bucket/prefix.
+        #[arg(long, value_name = "URL")]
+        store: String,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove images (their manifests at once; their chunks at the next gc).
+    Rm {
+        /// The store: file:///path or s3://bucket/prefix.
+        #[arg(long, value_name = "URL")]
+        store: String,
+        /// Names of the images.
+        #[arg(required = true)]
+        names: Vec<String>,
+    },
+    /// Keep the newest N images of a job (those named JOB.<anything>), remove the rest.
+    Prune {
+        /// The store: file:///path or s3://bucket/prefix.
+        #[arg(long, value_name = "URL")]
+        store: String,
+        /// The job: images named JOB.<anything> belong to it.
+        #[arg(long)]
+        job: String,
+        /// How many of its newest images to keep.
+        #[arg(long, value_name = "N")]
+        keep: usize,
+    },
+    /// Delete every chunk that no image references.
+    Gc {
+        /// The store: file:///path or s3://bucket/prefix.
+        #[arg(long, value_name = "URL")]
+        store: String,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 /// `4096`, `512K`, `64M`, `2G`, `1T` (powers of 1024).
@@ -132,6 +194,104 @@ fn parse_size(s: &str) -> Result<u64, String> {
         .ok()
         .and_then(|n| n.checked_mul(mult))
         .ok_or_else(|| format!("{s:?}: use bytes or a K, M, G or T suffix"))
+}
+
+fn open_shared(url: &str) -> Result<ckpt_shared::objstore::BlockingStore> {
+    use ckpt_shared::objstore::{BlockingStore, StoreConfig, StoreUrl};
+    if matches!(StoreUrl::parse(url)?, StoreUrl::Memory) {
+        anyhow::bail!("memory:// lives inside one process; use file:///path or s3://bucket/prefix");
+    }
+    let store = BlockingStore::open(url, &StoreConfig::from_env())?;
+    store.check()?;
+    Ok(store)
+}
+
+fn images(op: ImagesOp) -> Result<()> {
+    use ckpt_shared::gc;
+    match op {
+        ImagesOp::List { store, json } => {
+            let s = open_shared(&store)?;
+            let mut rows = Vec::new();
+            for name in s.list_manifests()? {
+                let img = s
+                    .get_manifest(&name)
+                    .map_err(anyhow::Error::from)
+                    .and_then(|b| Ok(ckpt_shared::codec::decode_image(&b)?));
+                rows.push(match img {
+                    Ok(img) => serde_json::json!({
+                        "name": name,
+                        "created_unix": img.created_unix,
+                        "root_pid": img.root_pid,
+                        "memory_bytes": img.stats.memory_bytes,
+                        "stored_bytes": img.stats.stored_bytes,
+                    }),
+                    Err(e) => serde_json::json!({ "name": name, "error": format!("{e:#}") }),
+                });
+            }
+            if json {
+                println!("{}", serde_json::to_string_pretty(&rows)?);
+            } else {
+                println!(
+                    "{:<40} {:>12} {:>8} {:>10} {:>10}",
+                    "NAME", "CREATED", "PID", "MEMORY", "STORED"
+                );
+                for r in &rows {
+                    if let Some(e) = r.get("error") {
+                        println!("{:<40} unreadable: {}", r["name"].as_str().unwrap_or(""), e);
+                        continue;
+                    }
+                    println!(
+                        "{:<40} {:>12} {:>8} {:>10} {:>10}",
+                        r["name"].as_str().unwrap_or(""),
+                        r["created_unix"],
+                        r["root_pid"],
+                        crate::inspect::human(r["memory_bytes"].as_u64().unwrap_or(0)),
+                        crate::inspect::human(r["stored_bytes"].as_u64().unwrap_or(0)),
+                    );
+                }
+            }
+        }
+        ImagesOp::Rm { store, names } => {
+            let s = open_shared(&store)?;
+            let known = s.list_manifests()?;
+            for n in &names {
+                if !known.contains(n) {
+                    anyhow::bail!("no image {n:?} in {store} (nothing was removed); `ckpt-agent images list --store {store}` shows what there is");
+                }
+            }
+            for n in &names {
+                s.block_on(s.backend().delete_manifest(n))?;
+                println!("removed {n} (its chunks go at the next gc)");
+            }
+        }
+        ImagesOp::Prune { store, job, keep } => {
+            let s = open_shared(&store)?;
+            let removed = s.block_on(gc::prune(s.backend(), &job, keep))?;
+            for n in &removed {
+                println!("removed {n}");
+            }
+            println!(
+                "kept the newest {keep} image(s) of job {job}; removed {}",
+                removed.len()
+            );
+        }
+        ImagesOp::Gc { store, json } => {
+            let s = open_shared(&store)?;
+            let r = s.block_on(gc::gc(s.backend(), &gc::Leases::from_env()))?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&r)?);
+            } else {
+                println!(
+                    "{} image(s) reference {} of {} chunk(s); deleted {}",
+                    r.images, r.referenced, r.chunks, r.deleted
+                );
+                for m in &r.abandoned_markers {
+                    println!("removed the marker of an abandoned checkpoint: {m}");
+                }
+            }
+        }
+    }
+    Ok(())
 }
 
 fn parse_location(s: &str) -> Result<Location, String> {
@@ -228,6 +388,7 @@ pub fn run(cli: Cli) -> Result<()> {
             );
             println!("{}", rep.root_pid);
         }
+        Command::Images { op } => images(op)?,
         Command::Inspect { image, json } => {
             let (_, img) = crate::restore::load(&image)?;
             if json {

@@ -21,6 +21,7 @@ use std::path::Path;
 use std::time::Instant;
 
 use ckpt_shared::codec;
+use ckpt_shared::gc::{Leases, Registration};
 use ckpt_shared::image::{
     self, Creds, DumpStats, FileCheck, FileKind, HostFingerprint, Image, Mapping, MappingKind,
     MmFields, Process,
@@ -124,6 +125,23 @@ fn fault(stage: &'static str) -> Result<(), DumpError> {
     }
 }
 
+/// Ends a dump's registration in a shared store when the dump ends, whatever way.
+struct Registered<'a> {
+    store: &'a ImageStore,
+    reg: Option<&'a Registration>,
+}
+
+impl Drop for Registered<'_> {
+    fn drop(&mut self) {
+        if let Some(reg) = self.reg {
+            if let Err(e) = self.store.end_checkpoint(reg) {
+                // Harmless: a gc treats the marker as abandoned once its lease ends.
+                tracing::warn!(marker = %reg.marker, %e, "could not remove the checkpoint's marker");
+            }
+        }
+    }
+}
+
 /// Files larger than this are checked by size, mtime and inode only.
 const HASH_LIMIT: u64 = 64 << 20;
 
@@ -138,6 +156,13 @@ pub fn dump(opts: &DumpOptions) -> Result<Image, DumpError> {
             location: opts.image.clone(),
         });
     }
+    // In a shared store, a gc must not delete chunks this dump is about to reuse:
+    // register before any chunk is looked at (see ckpt_shared::gc).
+    let registration = store.begin_checkpoint(&Leases::from_env())?;
+    let _registered = Registered {
+        store: &store,
+        reg: registration.as_ref(),
+    };
     // With --leave-running, memory is copied into a snapshot while the tree is
     // frozen and stored after it runs again. Populate the snapshot's memory now,
     // before the freeze, from an estimate of the tree's anonymous memory.
@@ -459,6 +484,9 @@ pub fn dump(opts: &DumpOptions) -> Result<Image, DumpError> {
     };
     ph.mark("file-checks");
     fault("before-commit")?;
+    if let Some(reg) = &registration {
+        store.check_checkpoint(reg)?;
+    }
     img.stats.total_us = t0.elapsed().as_micros() as u64;
     let bytes = codec::encode_image(&img)?;
     // Syncs the chunks and the manifest together, then renames it into place.

@@ -359,3 +359,205 @@ fn images_in_a_shared_file_store_share_chunks_and_restore() -> Result<()> {
     check_log(&w.log())?;
     Ok(())
 }
+
+/// `ckpt-agent images ...` against `store`.
+fn images(server: Option<&S3Server>, args: &[&str]) -> Result<AgentRun> {
+    let mut all = vec!["images"];
+    all.extend_from_slice(args);
+    match server {
+        Some(s) => run(s, &all, &[]),
+        None => run_agent_env(agent(), &all, &[], AGENT_TIMEOUT),
+    }
+}
+
+fn gc_report(run: &AgentRun) -> Result<serde_json::Value> {
+    serde_json::from_str(&run.stdout)
+        .with_context(|| format!("images gc --json printed no JSON: {}", run.describe()))
+}
+
+#[test]
+fn gc_beside_a_checkpoint_in_progress_deletes_nothing_and_the_checkpoint_commits() -> Result<()> {
+    require_root!(Ok(()));
+    let server = S3Server::start();
+    let store = format!("s3://{BUCKET}/gc");
+    let mut w = Work::start("bench_mem", &["384"])?;
+    let pid = w.pid.to_string();
+    let env = server.env();
+    let image = format!("{store}/job.1");
+    let args: Vec<String> = ["dump", "--pid", &pid, "--image", &image]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    let dump = std::thread::spawn(move || {
+        let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        run_agent_env(agent(), &args, &env, AGENT_TIMEOUT)
+    });
+    let started = wait_for(
+        || chunk_files(&server, "gc").len() >= 4,
+        Duration::from_secs(60),
+    );
+    let during = images(Some(&server), &["gc", "--store", &store, "--json"])?;
+    let d = dump.join().expect("dump thread")?;
+    ensure!(started, "no chunk reached the store: {}", d.describe());
+    d.ok()?;
+    ensure!(
+        !during.success(),
+        "gc ran beside a checkpoint: {}",
+        during.describe()
+    );
+    ensure!(
+        during.stderr.contains("in progress") && during.stderr.contains("job.1"),
+        "gc did not say why it stopped: {}",
+        during.describe()
+    );
+    // After the commit: everything is referenced, nothing goes, and no marker is left.
+    let after = images(Some(&server), &["gc", "--store", &store, "--json"])?.ok()?;
+    let r = gc_report(&after)?;
+    ensure!(r["deleted"] == 0 && r["images"] == 1, "{r}");
+    ensure!(std::fs::read_dir(server.bucket_dir().join("gc/pending"))
+        .map(|d| d.count() == 0)
+        .unwrap_or(true));
+    w.wait_killed()?;
+    let at_dump = w.last();
+    let restored = run(&server, &["restore", "--image", &image], &[])?;
+    if let Ok(p) = last_line_pid(&restored) {
+        w.root.set_pid(p);
+    }
+    restored.ok()?;
+    wait_for_tick(&w.log(), at_dump + MORE, WAIT)?;
+    w.root.kill();
+    check_log(&w.log())?;
+    Ok(())
+}
+
+#[test]
+fn a_checkpoint_that_finds_a_gc_running_waits_then_gives_up_before_freezing() -> Result<()> {
+    require_root!(Ok(()));
+    let server = S3Server::start();
+    let w = Work::start("bench_mem", &["8"])?;
+    let pid = w.pid.to_string();
+    // A gc in progress, as its marker says (written behind the server's back).
+    let gc_dir = server.bucket_dir().join("gcw/gc");
+    std::fs::create_dir_all(&gc_dir)?;
+    std::fs::write(gc_dir.join("gc.4242.1"), b"gc.4242.1")?;
+    let image = format!("s3://{BUCKET}/gcw/job.1");
+    let t = Instant::now();
+    let r = run(
+        &server,
+        &["dump", "--pid", &pid, "--image", &image],
+        &[("CKPT_GC_WAIT_SECS", "2")],
+    )?;
+    ensure!(!r.success(), "the dump ran beside a gc: {}", r.describe());
+    ensure!(
+        r.stderr.contains("a gc has been running") && r.stderr.contains("gc.4242.1"),
+        "{}",
+        r.describe()
+    );
+    ensure!(t.elapsed() >= Duration::from_secs(2), "it did not wait");
+    ensure!(is_alive(w.pid));
+    wait_for_tick(&w.log(), w.last() + 3, WAIT)?;
+    check_log(&w.log())?;
+    // Its own marker went with it; once the gc is over, the dump goes through.
+    ensure!(std::fs::read_dir(server.bucket_dir().join("gcw/pending"))
+        .map(|d| d.count() == 0)
+        .unwrap_or(true));
+    std::fs::remove_file(gc_dir.join("gc.4242.1"))?;
+    run(
+        &server,
+        &["dump", "--pid", &pid, "--image", &image, "--leave-running"],
+        &[],
+    )?
+    .ok()?;
+    Ok(())
+}
+
+#[test]
+fn rm_prune_and_gc_delete_exactly_the_chunks_no_image_references() -> Result<()> {
+    require_root!(Ok(()));
+    let dir = tempfile::tempdir()?;
+    let store = format!("file://{}", dir.path().display());
+    let w = Work::start("heap_checksum", &["8"])?;
+    let pid = w.pid.to_string();
+    // Three checkpoints of a job; heap_checksum changes its heap as it runs, so each
+    // has chunks of its own beside the ones they share.
+    for n in 1..=3 {
+        let image = format!("{store}/job.{n}");
+        run_agent_env(
+            agent(),
+            &["dump", "--pid", &pid, "--image", &image, "--leave-running"],
+            &[],
+            AGENT_TIMEOUT,
+        )?
+        .ok()?;
+        wait_for_tick(&w.log(), w.last() + 3, WAIT)?;
+    }
+    let count = || {
+        let mut n = 0;
+        for shard in std::fs::read_dir(dir.path().join("chunks"))
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            n += std::fs::read_dir(shard.path())
+                .map(|d| d.count())
+                .unwrap_or(0);
+        }
+        n
+    };
+    let before = count();
+    let r = gc_report(&images(None, &["gc", "--store", &store, "--json"])?.ok()?)?;
+    ensure!(r["deleted"] == 0 && r["images"] == 3, "{r}");
+    ensure!(count() == before);
+
+    // A name that is not there removes nothing and says so.
+    let bad = images(None, &["rm", "--store", &store, "job.9", "job.1"])?;
+    ensure!(
+        !bad.success() && bad.stderr.contains("no image \"job.9\""),
+        "{}",
+        bad.describe()
+    );
+    ensure!(dir.path().join("images/job.1/manifest.ckpt").is_file());
+
+    let pruned = images(
+        None,
+        &["prune", "--store", &store, "--job", "job", "--keep", "1"],
+    )?
+    .ok()?;
+    ensure!(
+        pruned.stdout.contains("removed job.1") && pruned.stdout.contains("removed job.2"),
+        "{}",
+        pruned.describe()
+    );
+    let listed = images(None, &["list", "--store", &store, "--json"])?.ok()?;
+    let names: Vec<String> = serde_json::from_str::<serde_json::Value>(&listed.stdout)?
+        .as_array()
+        .context("list --json is not an array")?
+        .iter()
+        .filter_map(|r| r["name"].as_str().map(String::from))
+        .collect();
+    ensure!(names == ["job.3"], "left: {names:?}");
+    let r = gc_report(&images(None, &["gc", "--store", &store, "--json"])?.ok()?)?;
+    let deleted = r["deleted"].as_u64().unwrap_or(0) as usize;
+    ensure!(deleted > 0, "gc deleted nothing after a prune: {r}");
+    ensure!(count() == before - deleted);
+    ensure!(r["referenced"].as_u64() == Some(count() as u64), "{r}");
+
+    // Every chunk of what is left is there and intact (read and verified). A
+    // restore is not the check here: the tree ran on, so its log no longer matches.
+    let loc = ckpt_shared::location::Location::parse(&format!("{store}/job.3"))?;
+    let img_store = ckpt_shared::location::ImageStore::open(&loc, &Default::default())?;
+    let img = ckpt_shared::codec::decode_image(&img_store.get_manifest()?)?;
+    let mut verified = 0;
+    for e in img
+        .processes
+        .iter()
+        .flat_map(|p| p.mappings.iter().flat_map(|m| m.data.iter()))
+    {
+        let mut buf = vec![0u8; e.chunk.len as usize];
+        img_store.get_chunk(&e.chunk, &mut buf)?;
+        verified += 1;
+    }
+    ensure!(verified > 0);
+    Ok(())
+}

@@ -16,6 +16,7 @@
 
 pub mod chunkfmt;
 pub mod codec;
+pub mod gc;
 pub mod image;
 pub mod location;
 pub mod objstore;

@@ -17,6 +17,7 @@
 
 use std::path::{Path, PathBuf};
 
+use crate::gc::{self, GcError, Leases, Registration};
 use crate::image::ChunkRef;
 use crate::objstore::{self, BlockingStore, ObjStoreError, StoreConfig, StoreUrl};
 use crate::store::{ChunkStore, PutOutcome, StoreError};
@@ -28,6 +29,8 @@ pub enum ImageStoreError {
     Dir(#[from] StoreError),
     #[error(transparent)]
     Object(#[from] ObjStoreError),
+    #[error(transparent)]
+    Gc(#[from] GcError),
     #[error("invalid image location {location:?}: {reason}")]
     BadLocation { location: String, reason: String },
 }
@@ -112,6 +115,9 @@ impl std::fmt::Display for Location {
 pub struct ImageStore {
     location: Location,
     kind: Kind,
+    /// A local shared store seen through `object_store`, for the markers of
+    /// [`crate::gc`] (a remote store uses its own connection).
+    local_markers: Option<BlockingStore>,
 }
 
 #[derive(Debug)]
@@ -124,12 +130,16 @@ impl ImageStore {
     /// Opens the image at `location`. A local store's directories are created; a
     /// remote store is not contacted (see [`check`](Self::check)).
     pub fn open(location: &Location, config: &StoreConfig) -> Result<Self, ImageStoreError> {
+        let mut local_markers = None;
         let kind = match location {
             Location::Dir(dir) => Kind::Local(ChunkStore::open(dir)?),
             Location::Named {
-                store: StoreUrl::File(root),
+                store: url @ StoreUrl::File(root),
                 name,
-            } => Kind::Local(ChunkStore::open_named(root, name)?),
+            } => {
+                local_markers = Some(BlockingStore::open(&url.to_string(), config)?);
+                Kind::Local(ChunkStore::open_named(root, name)?)
+            }
             Location::Named { store, name } => Kind::Remote {
                 store: BlockingStore::open(&store.to_string(), config)?,
                 name: name.clone(),
@@ -138,6 +148,7 @@ impl ImageStore {
         Ok(ImageStore {
             location: location.clone(),
             kind,
+            local_markers,
         })
     }
 
@@ -153,6 +164,7 @@ impl ImageStore {
                 store,
                 name: name.into(),
             },
+            local_markers: None,
         })
     }
 
@@ -233,6 +245,51 @@ impl ImageStore {
             Err(ImageStoreError::Dir(StoreError::NoImage { .. }))
             | Err(ImageStoreError::Object(ObjStoreError::NoImage { .. })) => Ok(false),
             Err(e) => Err(e),
+        }
+    }
+
+    /// The shared store, for the markers of [`crate::gc`]; `None` for a
+    /// self-contained directory (nothing else uses its chunks).
+    fn shared(&self) -> Option<&BlockingStore> {
+        match &self.kind {
+            Kind::Remote { store, .. } => Some(store),
+            Kind::Local(_) => self.local_markers.as_ref(),
+        }
+    }
+
+    /// Registers a checkpoint of this image in a shared store before any chunk is
+    /// looked at, waiting for a running gc (see [`crate::gc`]); `None` for a
+    /// self-contained directory.
+    pub fn begin_checkpoint(
+        &self,
+        leases: &Leases,
+    ) -> Result<Option<Registration>, ImageStoreError> {
+        let Some(store) = self.shared() else {
+            return Ok(None);
+        };
+        let Location::Named { name, .. } = &self.location else {
+            return Ok(None);
+        };
+        Ok(Some(store.block_on(gc::begin_checkpoint(
+            store.backend(),
+            name,
+            leases,
+        ))?))
+    }
+
+    /// Just before the commit: the registration still holds (see [`crate::gc`]).
+    pub fn check_checkpoint(&self, reg: &Registration) -> Result<(), ImageStoreError> {
+        match self.shared() {
+            Some(store) => Ok(store.block_on(gc::check_checkpoint(store.backend(), reg))?),
+            None => Ok(()),
+        }
+    }
+
+    /// The checkpoint is over, committed or not: its marker goes.
+    pub fn end_checkpoint(&self, reg: &Registration) -> Result<(), ImageStoreError> {
+        match self.shared() {
+            Some(store) => Ok(store.block_on(gc::end_checkpoint(store.backend(), reg))?),
+            None => Ok(()),
         }
     }
 

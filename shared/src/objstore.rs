@@ -703,6 +703,84 @@ impl ObjectStoreBackend {
         Ok(names)
     }
 
+    /// Deletes the manifest of image `name`: the image no longer exists (its chunks
+    /// stay until a gc finds nothing else references them). Deleting an image that
+    /// is not there is not an error.
+    pub async fn delete_manifest(&self, name: &str) -> Result<(), ObjStoreError> {
+        check_image_name(name)?;
+        let key = self.manifest_key(name);
+        match self.store.delete(&key).await {
+            Ok(()) => Ok(()),
+            Err(ref e @ object_store::Error::NotFound { .. }) if !is_missing_bucket(e) => Ok(()),
+            Err(e) => Err(self.request_err("delete manifest", &key, e)),
+        }
+    }
+
+    /// Writes the marker `<root>/<kind>/<id>` (see [`crate::gc`]); returns its
+    /// modification time in the store's clock (ms since the epoch).
+    pub async fn put_marker(&self, kind: &str, id: &str) -> Result<i64, ObjStoreError> {
+        let key = self.root.clone().join(kind).join(id);
+        self.store
+            .put(&key, PutPayload::from(id.as_bytes().to_vec()))
+            .await
+            .map_err(|e| self.write_err("put marker", &key, e))?;
+        let meta = self
+            .store
+            .head(&key)
+            .await
+            .map_err(|e| self.request_err("head marker", &key, e))?;
+        Ok(meta.last_modified.timestamp_millis())
+    }
+
+    /// Deletes marker `<root>/<kind>/<id>` (absent is fine).
+    pub async fn delete_marker(&self, kind: &str, id: &str) -> Result<(), ObjStoreError> {
+        let key = self.root.clone().join(kind).join(id);
+        match self.store.delete(&key).await {
+            Ok(()) => Ok(()),
+            Err(ref e @ object_store::Error::NotFound { .. }) if !is_missing_bucket(e) => Ok(()),
+            Err(e) => Err(self.request_err("delete marker", &key, e)),
+        }
+    }
+
+    /// Whether marker `<root>/<kind>/<id>` exists.
+    pub async fn has_marker(&self, kind: &str, id: &str) -> Result<bool, ObjStoreError> {
+        let key = self.root.clone().join(kind).join(id);
+        match self.store.head(&key).await {
+            Ok(_) => Ok(true),
+            Err(object_store::Error::NotFound { .. }) => Ok(false),
+            Err(e) => Err(self.request_err("head marker", &key, e)),
+        }
+    }
+
+    /// Every marker under `<root>/<kind>/`: its id and modification time (ms since
+    /// the epoch, the store's clock).
+    pub async fn list_markers(&self, kind: &str) -> Result<Vec<(String, i64)>, ObjStoreError> {
+        let dir = self.root.clone().join(kind);
+        let metas: Vec<_> = match self.store.list(Some(&dir)).try_collect().await {
+            Ok(m) => m,
+            Err(object_store::Error::NotFound { .. })
+                if !matches!(self.url, StoreUrl::S3 { .. }) =>
+            {
+                Vec::new()
+            }
+            Err(e) => return Err(self.request_err("list", &dir, e)),
+        };
+        Ok(metas
+            .into_iter()
+            .filter_map(|m| {
+                let parts: Vec<String> = m
+                    .location
+                    .prefix_match(&dir)?
+                    .map(|p| p.as_ref().to_string())
+                    .collect();
+                match <[String; 1]>::try_from(parts) {
+                    Ok([id]) => Some((id, m.last_modified.timestamp_millis())),
+                    Err(_) => None,
+                }
+            })
+            .collect())
+    }
+
     /// The path segments below `dir` of every object under it.
     async fn list_under(&self, dir: &ObjPath) -> Result<Vec<Vec<String>>, ObjStoreError> {
         let metas: Vec<_> = match self.store.list(Some(dir)).try_collect().await {

@@ -1,0 +1,319 @@
+//! Deleting images and the chunks nothing references, safely beside checkpoints in
+//! progress, in a shared store (`file://` or `s3://`).
+//!
+//! The hazard: a checkpoint in progress finds chunk X already in the store and does
+//! not upload it again, while a gc, seeing no manifest that references X, deletes it;
+//! the checkpoint then commits a manifest naming a chunk that is gone. The protocol
+//! that rules this out uses two kinds of marker objects and the store's
+//! read-after-write consistency (S3 has it, and so does a local file system):
+//!
+//! ```text
+//! <prefix>/pending/<image>.<pid>.<nanos>   a checkpoint in progress
+//! <prefix>/gc/gc.<pid>.<nanos>             a gc in progress
+//! ```
+//!
+//! - A checkpoint writes its `pending` marker *before* it asks the store about any
+//!   chunk, then lists `gc/`: while a gc marker younger than the gc lease exists, it
+//!   waits (and gives up, before anything is frozen, after a bound). It deletes its
+//!   marker once its manifest is written, or when it fails.
+//! - A gc writes its `gc` marker, then lists `pending/`: if a marker younger than the
+//!   checkpoint lease exists, it deletes its own marker and stops, deleting nothing
+//!   (run it again later). Otherwise it reads every manifest (one it cannot decode
+//!   stops it: never delete when unsure), and deletes every chunk that none
+//!   references.
+//!
+//! Each side writes its own marker before it reads the other's, so at least one of
+//! them sees the other: either the gc stops, or the checkpoint waits until the gc is
+//! over and only then looks at chunks. Ages are measured in the store's clock (the
+//! modification time of the marker just written against the others'), so clocks of
+//! the nodes do not matter.
+//!
+//! A crashed checkpoint leaves its marker: a gc treats one older than the checkpoint
+//! lease (default 6 hours) as abandoned and deletes it. A checkpoint therefore must
+//! not commit after its lease: it checks, just before it writes its manifest, that
+//! its marker still exists and that less than the lease minus a margin has passed on
+//! its own monotonic clock, and aborts otherwise. A crashed gc leaves its marker too;
+//! checkpoints ignore one older than the gc lease (default 1 hour).
+//!
+//! Retention ([`prune`]) deletes manifests only; the chunks go at the next gc.
+
+use std::collections::HashSet;
+use std::time::{Duration, Instant};
+
+use crate::codec;
+use crate::objstore::{ObjStoreError, ObjectStoreBackend};
+
+/// Marker directory of checkpoints in progress.
+pub const PENDING: &str = "pending";
+/// Marker directory of gcs in progress.
+pub const GC: &str = "gc";
+
+/// How long a marker counts as alive.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Leases {
+    /// A checkpoint's marker; a checkpoint that runs longer is aborted.
+    pub checkpoint: Duration,
+    /// A gc's marker.
+    pub gc: Duration,
+    /// How long a checkpoint waits for a running gc before it gives up.
+    pub wait_for_gc: Duration,
+}
+
+impl Default for Leases {
+    fn default() -> Self {
+        Leases {
+            checkpoint: Duration::from_secs(6 * 3600),
+            gc: Duration::from_secs(3600),
+            wait_for_gc: Duration::from_secs(600),
+        }
+    }
+}
+
+impl Leases {
+    /// The defaults, with `CKPT_GC_WAIT_SECS` (how long a checkpoint waits for a
+    /// running gc) taken from the environment when set.
+    pub fn from_env() -> Self {
+        let mut l = Leases::default();
+        if let Some(s) = std::env::var("CKPT_GC_WAIT_SECS")
+            .ok()
+            .and_then(|v| v.parse::<u64>().ok())
+        {
+            l.wait_for_gc = Duration::from_secs(s);
+        }
+        l
+    }
+}
+
+/// The margin a checkpoint keeps before its lease ends.
+const LEASE_MARGIN: Duration = Duration::from_secs(60);
+
+#[derive(Debug, thiserror::Error)]
+pub enum GcError {
+    #[error(transparent)]
+    Store(#[from] ObjStoreError),
+
+    #[error(
+        "gc of store {store} stopped before deleting anything: checkpoint(s) in progress \
+         ({}); run it again once they are done",
+        names.join(", ")
+    )]
+    CheckpointInProgress { store: String, names: Vec<String> },
+
+    #[error(
+        "a gc has been running on store {store} for longer than this checkpoint may wait \
+         ({waited:?}); nothing was frozen: try again once it is done (or, if that gc \
+         crashed, once its marker {marker} is older than the gc lease)"
+    )]
+    GcRunning {
+        store: String,
+        marker: String,
+        waited: Duration,
+    },
+
+    #[error(
+        "manifest of image {name:?} in store {store} cannot be decoded ({reason}); gc \
+         deletes nothing while it cannot tell what that image references: remove the \
+         image or repair the manifest first"
+    )]
+    BadManifest {
+        store: String,
+        name: String,
+        reason: String,
+    },
+
+    #[error(
+        "checkpoint {marker} in store {store} outlived its lease ({lease:?}) or its marker \
+         was removed: a gc may have deleted chunks it relies on, so it is not committed"
+    )]
+    LeaseLost {
+        store: String,
+        marker: String,
+        lease: Duration,
+    },
+}
+
+/// A checkpoint registered in a store by [`begin_checkpoint`].
+#[derive(Debug, Clone)]
+pub struct Registration {
+    pub marker: String,
+    started: Instant,
+    lease: Duration,
+}
+
+fn unique(prefix: &str) -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    format!("{prefix}.{}.{nanos}", std::process::id())
+}
+
+/// Registers a checkpoint of image `name` before it looks at any chunk, and waits
+/// for a running gc to finish (see the module doc).
+pub async fn begin_checkpoint(
+    store: &ObjectStoreBackend,
+    name: &str,
+    leases: &Leases,
+) -> Result<Registration, GcError> {
+    let marker = unique(name);
+    let started = Instant::now();
+    let t0 = store.put_marker(PENDING, &marker).await?;
+    loop {
+        // "Now" in the store's clock: our marker's time plus what passed since.
+        let now = t0 + started.elapsed().as_millis() as i64;
+        let running: Vec<(String, i64)> = store
+            .list_markers(GC)
+            .await?
+            .into_iter()
+            .filter(|(_, t)| now - t < leases.gc.as_millis() as i64)
+            .collect();
+        let Some((gc_marker, _)) = running.into_iter().next() else {
+            return Ok(Registration {
+                marker,
+                started,
+                lease: leases.checkpoint,
+            });
+        };
+        if started.elapsed() >= leases.wait_for_gc {
+            let _ = store.delete_marker(PENDING, &marker).await;
+            return Err(GcError::GcRunning {
+                store: store.display_name().to_string(),
+                marker: gc_marker,
+                waited: started.elapsed(),
+            });
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Just before the manifest is written: the checkpoint is still inside its lease
+/// and its marker is still there.
+pub async fn check_checkpoint(
+    store: &ObjectStoreBackend,
+    reg: &Registration,
+) -> Result<(), GcError> {
+    let in_time = reg.started.elapsed() + LEASE_MARGIN.min(reg.lease / 2) < reg.lease;
+    if !in_time || !store.has_marker(PENDING, &reg.marker).await? {
+        return Err(GcError::LeaseLost {
+            store: store.display_name().to_string(),
+            marker: reg.marker.clone(),
+            lease: reg.lease,
+        });
+    }
+    Ok(())
+}
+
+/// The checkpoint is over (committed or failed): removes its marker.
+pub async fn end_checkpoint(store: &ObjectStoreBackend, reg: &Registration) -> Result<(), GcError> {
+    Ok(store.delete_marker(PENDING, &reg.marker).await?)
+}
+
+/// What a gc did.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct GcReport {
+    pub images: usize,
+    pub chunks: usize,
+    pub referenced: usize,
+    pub deleted: usize,
+    /// Markers of checkpoints older than their lease, deleted.
+    pub abandoned_markers: Vec<String>,
+}
+
+/// Deletes every chunk that no manifest references, unless a checkpoint is in
+/// progress (see the module doc).
+pub async fn gc(store: &ObjectStoreBackend, leases: &Leases) -> Result<GcReport, GcError> {
+    let marker = unique("gc");
+    let now = store.put_marker(GC, &marker).await?;
+    let out = sweep(store, leases, now).await;
+    // The marker goes in every case; a failure to delete it only delays checkpoints
+    // until its lease ends, so the sweep's own result is what is reported.
+    let _ = store.delete_marker(GC, &marker).await;
+    out
+}
+
+async fn sweep(store: &ObjectStoreBackend, leases: &Leases, now: i64) -> Result<GcReport, GcError> {
+    let mut report = GcReport::default();
+    let mut active = Vec::new();
+    for (m, t) in store.list_markers(PENDING).await? {
+        if now - t < leases.checkpoint.as_millis() as i64 {
+            active.push(m);
+        } else {
+            report.abandoned_markers.push(m);
+        }
+    }
+    if !active.is_empty() {
+        return Err(GcError::CheckpointInProgress {
+            store: store.display_name().to_string(),
+            names: active,
+        });
+    }
+    for m in &report.abandoned_markers {
+        store.delete_marker(PENDING, m).await?;
+    }
+    let mut referenced: HashSet<String> = HashSet::new();
+    let names = store.list_manifests().await?;
+    report.images = names.len();
+    for name in &names {
+        let bytes = match store.get_manifest(name).await {
+            Ok(b) => b,
+            // Removed since the listing: it references nothing any more.
+            Err(ObjStoreError::NoImage { .. }) => continue,
+            Err(e) => return Err(e.into()),
+        };
+        let img = codec::decode_image(&bytes).map_err(|e| GcError::BadManifest {
+            store: store.display_name().to_string(),
+            name: name.clone(),
+            reason: e.to_string(),
+        })?;
+        let extents = img
+            .processes
+            .iter()
+            .flat_map(|p| p.mappings.iter().flat_map(|m| m.data.iter()))
+            .chain(img.shmem.iter().flat_map(|s| s.data.iter()));
+        referenced.extend(extents.map(|e| e.chunk.hex()));
+    }
+    report.referenced = referenced.len();
+    let chunks = store.list_chunks().await?;
+    report.chunks = chunks.len();
+    for c in chunks.iter().filter(|c| !referenced.contains(*c)) {
+        store.delete_chunk(c).await?;
+        report.deleted += 1;
+    }
+    Ok(report)
+}
+
+/// Retention: of the images named `JOB.<anything>`, keeps the `keep` newest (by the
+/// time their dump started, then by name) and deletes the manifests of the others.
+/// Returns the names deleted, oldest first. Their chunks go at the next [`gc`].
+pub async fn prune(
+    store: &ObjectStoreBackend,
+    job: &str,
+    keep: usize,
+) -> Result<Vec<String>, GcError> {
+    let prefix = format!("{job}.");
+    let mut dated = Vec::new();
+    for name in store.list_manifests().await? {
+        if !name.starts_with(&prefix) {
+            continue;
+        }
+        let bytes = match store.get_manifest(&name).await {
+            Ok(b) => b,
+            Err(ObjStoreError::NoImage { .. }) => continue,
+            Err(e) => return Err(e.into()),
+        };
+        let img = codec::decode_image(&bytes).map_err(|e| GcError::BadManifest {
+            store: store.display_name().to_string(),
+            name: name.clone(),
+            reason: e.to_string(),
+        })?;
+        dated.push((img.created_unix, name));
+    }
+    dated.sort();
+    let drop_n = dated.len().saturating_sub(keep);
+    let mut removed = Vec::new();
+    for (_, name) in dated.into_iter().take(drop_n) {
+        store.delete_manifest(&name).await?;
+        removed.push(name);
+    }
+    Ok(removed)
+}
