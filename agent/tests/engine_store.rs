@@ -74,6 +74,31 @@ impl Work {
     }
 }
 
+/// Starts `dump --pid PID --image IMAGE` (kill mode) in a thread, with the server's
+/// environment and `extra`.
+fn spawn_dump(
+    server: &S3Server,
+    pid: &str,
+    image: &str,
+    extra: &[(&str, &str)],
+) -> std::thread::JoinHandle<Result<AgentRun>> {
+    let env: Vec<(String, String)> = server
+        .env()
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .chain(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())))
+        .collect();
+    let args: Vec<String> = ["dump", "--pid", pid, "--image", image]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    std::thread::spawn(move || {
+        let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        run_agent_env(agent(), &args, &env, AGENT_TIMEOUT)
+    })
+}
+
 /// `dump --json` figures.
 fn stored_bytes(run: &AgentRun) -> Result<u64> {
     let v: serde_json::Value = serde_json::from_str(&run.stdout)
@@ -189,6 +214,20 @@ fn checkpoints_in_one_store_share_chunks_so_an_unchanged_process_costs_little() 
     Ok(())
 }
 
+/// A restore of `url` must fail naming chunk `name` and saying `what`, and leave
+/// nothing running at `pid`.
+fn expect_refused(server: &S3Server, url: &str, pid: i32, name: &str, what: &str) -> Result<()> {
+    let r = run(server, &["restore", "--image", url], &[])?;
+    ensure!(!r.success(), "restore succeeded with a chunk {what}");
+    ensure!(
+        r.stderr.contains(name) && r.stderr.contains(what),
+        "the error does not name chunk {name} as {what}: {}",
+        r.describe()
+    );
+    ensure!(!is_alive(pid), "PID {pid} runs after a refused restore");
+    Ok(())
+}
+
 #[test]
 fn a_damaged_or_missing_chunk_in_s3_is_refused_naming_it_and_starts_nothing() -> Result<()> {
     require_root!(Ok(()));
@@ -212,35 +251,13 @@ fn a_damaged_or_missing_chunk_in_s3_is_refused_naming_it_and_starts_nothing() ->
     bytes[at] ^= 0x40;
     std::fs::write(&victim, &bytes)?;
     let name = victim.file_name().unwrap().to_string_lossy().into_owned();
-    let r = run(&server, &["restore", "--image", &url], &[])?;
-    ensure!(!r.success(), "restore of a damaged image succeeded");
-    ensure!(
-        r.stderr.contains(&name) && r.stderr.contains("corrupted"),
-        "the error does not name chunk {name}: {}",
-        r.describe()
-    );
-    ensure!(
-        !is_alive(w.pid),
-        "PID {} runs after a refused restore",
-        w.pid
-    );
+    expect_refused(&server, &url, w.pid, &name, "corrupted")?;
     bytes[at] ^= 0x40;
     std::fs::write(&victim, &bytes)?;
 
     // The same chunk gone.
     std::fs::remove_file(&victim)?;
-    let r = run(&server, &["restore", "--image", &url], &[])?;
-    ensure!(!r.success(), "restore with a missing chunk succeeded");
-    ensure!(
-        r.stderr.contains(&name) && r.stderr.contains("missing"),
-        "the error does not name chunk {name}: {}",
-        r.describe()
-    );
-    ensure!(
-        !is_alive(w.pid),
-        "PID {} runs after a refused restore",
-        w.pid
-    );
+    expect_refused(&server, &url, w.pid, &name, "missing")?;
     Ok(())
 }
 
@@ -253,20 +270,7 @@ fn the_store_killed_during_the_upload_aborts_the_dump_and_the_tree_runs_on() -> 
     let w = Work::start("bench_mem", &["384"])?;
     let url = format!("s3://{BUCKET}/down/img");
     let pid = w.pid.to_string();
-    let env = server.env();
-    let args: Vec<String> = ["dump", "--pid", &pid, "--image", &url]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
-    let dump = std::thread::spawn(move || {
-        let env: Vec<(&str, &str)> = env
-            .iter()
-            .map(|(k, v)| (*k, v.as_str()))
-            .chain([("CKPT_STORE_RETRY_SECS", "2")])
-            .collect();
-        let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        run_agent_env(agent(), &args, &env, AGENT_TIMEOUT)
-    });
+    let dump = spawn_dump(&server, &pid, &url, &[("CKPT_STORE_RETRY_SECS", "2")]);
     // Kill the server once the first chunks have arrived.
     let started = wait_for(
         || chunk_files(&server, "down").len() >= 4,
@@ -382,17 +386,8 @@ fn gc_beside_a_checkpoint_in_progress_deletes_nothing_and_the_checkpoint_commits
     let store = format!("s3://{BUCKET}/gc");
     let mut w = Work::start("bench_mem", &["384"])?;
     let pid = w.pid.to_string();
-    let env = server.env();
     let image = format!("{store}/job.1");
-    let args: Vec<String> = ["dump", "--pid", &pid, "--image", &image]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
-    let dump = std::thread::spawn(move || {
-        let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
-        let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        run_agent_env(agent(), &args, &env, AGENT_TIMEOUT)
-    });
+    let dump = spawn_dump(&server, &pid, &image, &[]);
     let started = wait_for(
         || chunk_files(&server, "gc").len() >= 4,
         Duration::from_secs(60),

@@ -254,17 +254,10 @@ async fn sweep(store: &ObjectStoreBackend, leases: &Leases, now: i64) -> Result<
     let names = store.list_manifests().await?;
     report.images = names.len();
     for name in &names {
-        let bytes = match store.get_manifest(name).await {
-            Ok(b) => b,
-            // Removed since the listing: it references nothing any more.
-            Err(ObjStoreError::NoImage { .. }) => continue,
-            Err(e) => return Err(e.into()),
+        // Removed since the listing: it references nothing any more.
+        let Some(img) = read_image(store, name).await? else {
+            continue;
         };
-        let img = codec::decode_image(&bytes).map_err(|e| GcError::BadManifest {
-            store: store.display_name().to_string(),
-            name: name.clone(),
-            reason: e.to_string(),
-        })?;
         let extents = img
             .processes
             .iter()
@@ -282,6 +275,26 @@ async fn sweep(store: &ObjectStoreBackend, leases: &Leases, now: i64) -> Result<
     Ok(report)
 }
 
+/// The decoded manifest of image `name`; `None` if it is gone. One that cannot be
+/// decoded is an error: a gc must not guess what it references.
+async fn read_image(
+    store: &ObjectStoreBackend,
+    name: &str,
+) -> Result<Option<crate::image::Image>, GcError> {
+    let bytes = match store.get_manifest(name).await {
+        Ok(b) => b,
+        Err(ObjStoreError::NoImage { .. }) => return Ok(None),
+        Err(e) => return Err(e.into()),
+    };
+    codec::decode_image(&bytes)
+        .map(Some)
+        .map_err(|e| GcError::BadManifest {
+            store: store.display_name().to_string(),
+            name: name.into(),
+            reason: e.to_string(),
+        })
+}
+
 /// Retention: of the images named `JOB.<anything>`, keeps the `keep` newest (by the
 /// time their dump started, then by name) and deletes the manifests of the others.
 /// Returns the names deleted, oldest first. Their chunks go at the next [`gc`].
@@ -296,16 +309,9 @@ pub async fn prune(
         if !name.starts_with(&prefix) {
             continue;
         }
-        let bytes = match store.get_manifest(&name).await {
-            Ok(b) => b,
-            Err(ObjStoreError::NoImage { .. }) => continue,
-            Err(e) => return Err(e.into()),
+        let Some(img) = read_image(store, &name).await? else {
+            continue;
         };
-        let img = codec::decode_image(&bytes).map_err(|e| GcError::BadManifest {
-            store: store.display_name().to_string(),
-            name: name.clone(),
-            reason: e.to_string(),
-        })?;
         dated.push((img.created_unix, name));
     }
     dated.sort();
