@@ -364,6 +364,7 @@ pub fn dump(opts: &DumpOptions) -> Result<Image, DumpError> {
             jobs.extend(mem::plan_reads(&pm, p.pid, target, m, &mut seen_shm)?);
         }
     }
+    let groups = mem::one_group_per_job(&jobs);
     ph.mark("plan-memory");
     let snapshot = match snapshot_pool {
         Some(pool) => Some(mem::Snapshot::take(&jobs, Some(pool), opts.workers)?),
@@ -372,6 +373,7 @@ pub fn dump(opts: &DumpOptions) -> Result<Image, DumpError> {
     let stored_now = if snapshot.is_none() {
         Some(mem::dump_parallel(
             &jobs,
+            &groups,
             None,
             &store,
             opts.zstd_level,
@@ -420,6 +422,7 @@ pub fn dump(opts: &DumpOptions) -> Result<Image, DumpError> {
         Some(x) => x,
         None => mem::dump_parallel(
             &jobs,
+            &groups,
             snapshot.as_ref(),
             &store,
             opts.zstd_level,

@@ -42,7 +42,7 @@ fn kind_str(k: &MappingKind) -> String {
 }
 
 fn stored(m: &Mapping) -> u64 {
-    m.data.iter().map(|e| e.chunk.len as u64).sum()
+    m.data.iter().map(|e| e.bytes()).sum()
 }
 
 fn file_json(k: &FileKind) -> Value {
@@ -122,7 +122,7 @@ pub fn to_json(img: &Image) -> Value {
         "root_pid": img.root_pid,
         "stats": stats_json(img),
         "processes": procs,
-        "shared_memory": img.shmem.iter().map(|s| json!({"id": s.id, "size": s.size, "stored_bytes": s.data.iter().map(|e| e.chunk.len as u64).sum::<u64>()})).collect::<Vec<_>>(),
+        "shared_memory": img.shmem.iter().map(|s| json!({"id": s.id, "size": s.size, "stored_bytes": s.data.iter().map(|e| e.bytes()).sum::<u64>()})).collect::<Vec<_>>(),
         "file_checks": img.file_checks.iter().map(|c| json!({"path": c.path, "size": c.size, "hashed": c.hash.is_some()})).collect::<Vec<_>>(),
     })
 }

@@ -13,8 +13,8 @@
 //! | vDSO / vvar / vsyscall  | none: mapped again by the kernel                     |
 //!
 //! All-zero pages are dropped too (fresh anonymous memory is zero). The rest is cut
-//! into chunks of at most [`CHUNK_MAX`] contiguous bytes, hashed (BLAKE3) and put
-//! in the store.
+//! into chunks of at most [`CHUNK_MAX`] bytes (see [`dump_parallel`]), hashed
+//! (BLAKE3) and put in the store.
 //!
 //! Reading and writing target memory needs no ptrace relationship, only
 //! PTRACE_MODE_ATTACH credentials, so worker threads do `process_vm_readv`/`writev`,
@@ -385,10 +385,43 @@ impl Snapshot {
     }
 }
 
-/// Read (from the live tree, or from a snapshot of it), hash and store every job
-/// with `workers` threads. Returns the extents of each target, sorted by address.
+/// Jobs `[start, end)` of a job list, read together into one chunk: a run of pages
+/// of one mapping (a full dump), or scattered runs packed together (an
+/// incremental dump). The jobs of a group are consecutive, so their bytes are
+/// consecutive in a snapshot too.
+pub type Group = std::ops::Range<usize>;
+
+/// One group per job: the layout of a full dump.
+pub fn one_group_per_job(jobs: &[ReadJob]) -> Vec<Group> {
+    (0..jobs.len()).map(|i| i..i + 1).collect()
+}
+
+/// Consecutive jobs packed into groups of at most [`CHUNK_MAX`] bytes.
+pub fn packed_groups(jobs: &[ReadJob]) -> Vec<Group> {
+    let mut out = Vec::new();
+    let (mut start, mut bytes) = (0, 0u64);
+    for (i, j) in jobs.iter().enumerate() {
+        if i > start && bytes + j.len > CHUNK_MAX {
+            out.push(start..i);
+            start = i;
+            bytes = 0;
+        }
+        bytes += j.len;
+    }
+    if start < jobs.len() {
+        out.push(start..jobs.len());
+    }
+    out
+}
+
+/// Read (from the live tree, or from a snapshot of it), hash and store every group
+/// with `workers` threads. A group's pages, all-zero ones left out, become one
+/// chunk; each run of them that is contiguous in one job becomes an extent (a
+/// whole-chunk extent where the run is the whole chunk). Returns the extents of
+/// each target, sorted by address.
 pub fn dump_parallel(
     jobs: &[ReadJob],
+    groups: &[Group],
     snapshot: Option<&Snapshot>,
     store: &ImageStore,
     zstd_level: Option<i32>,
@@ -402,59 +435,95 @@ pub fn dump_parallel(
     std::thread::scope(|s| {
         for _ in 0..workers.max(1) {
             s.spawn(|| {
-                let mut buf = vec![
-                    0u8;
-                    if snapshot.is_some() {
-                        0
-                    } else {
-                        CHUNK_MAX as usize
-                    }
-                ];
+                let live = if snapshot.is_some() {
+                    0
+                } else {
+                    CHUNK_MAX as usize
+                };
+                let mut buf = vec![0u8; live];
+                let mut pack: Vec<u8> = Vec::new();
                 let mut mem_files: HashMap<pid_t, File> = HashMap::new();
                 loop {
-                    let i = next.fetch_add(1, Ordering::Relaxed);
-                    if i >= jobs.len() || err.lock().expect("poisoned").is_some() {
+                    let gi = next.fetch_add(1, Ordering::Relaxed);
+                    if gi >= groups.len() || err.lock().expect("poisoned").is_some() {
                         return;
                     }
-                    let j = &jobs[i];
-                    let r = (|| -> Result<Vec<Extent>, MemError> {
+                    let g = groups[gi].clone();
+                    let r = (|| -> Result<Vec<(Target, Extent)>, MemError> {
+                        let total: u64 = jobs[g.clone()].iter().map(|j| j.len).sum();
                         let b: &[u8] = match snapshot {
-                            Some(snap) => snap.bytes(i, j.len),
+                            Some(snap) => snap.bytes(g.start, total),
                             None => {
-                                let b = &mut buf[..j.len as usize];
-                                read_job(j, b, &mut mem_files)?;
-                                b
+                                if buf.len() < total as usize {
+                                    buf.resize(total as usize, 0);
+                                }
+                                let mut o = 0usize;
+                                for j in &jobs[g.clone()] {
+                                    read_job(j, &mut buf[o..o + j.len as usize], &mut mem_files)?;
+                                    o += j.len as usize;
+                                }
+                                &buf[..total as usize]
                             }
                         };
-                        mem_bytes.fetch_add(j.len, Ordering::Relaxed);
-                        let mut exts = Vec::new();
-                        let pages = (j.len / PAGE_SIZE) as usize;
-                        let mut p = 0;
-                        while p < pages {
-                            if is_zero(&b[p * 4096..(p + 1) * 4096]) {
-                                p += 1;
-                                continue;
+                        mem_bytes.fetch_add(total, Ordering::Relaxed);
+                        // (target, address, offset in the chunk, bytes) per run.
+                        let mut runs: Vec<(Target, u64, u64, u64)> = Vec::new();
+                        let mut kept = 0u64;
+                        let mut o = 0u64;
+                        let all_nonzero = b.chunks(PAGE_SIZE as usize).all(|p| !is_zero(p));
+                        pack.clear();
+                        for j in &jobs[g.clone()] {
+                            for pg in 0..j.len / PAGE_SIZE {
+                                let page =
+                                    &b[(o + pg * PAGE_SIZE) as usize..][..PAGE_SIZE as usize];
+                                if !all_nonzero && is_zero(page) {
+                                    continue;
+                                }
+                                let addr = ((j.addr + pg * PAGE_SIZE) as i64 - j.rebase) as u64;
+                                match runs.last_mut() {
+                                    Some((t, a, _, l)) if *t == j.target && *a + *l == addr => {
+                                        *l += PAGE_SIZE
+                                    }
+                                    _ => runs.push((j.target, addr, kept, PAGE_SIZE)),
+                                }
+                                if !all_nonzero {
+                                    pack.extend_from_slice(page);
+                                }
+                                kept += PAGE_SIZE;
                             }
-                            let s0 = p;
-                            while p < pages && !is_zero(&b[p * 4096..(p + 1) * 4096]) {
-                                p += 1;
-                            }
-                            let bytes = &b[s0 * 4096..p * 4096];
-                            let chunk = ChunkRef::of(bytes);
-                            let put = store.put_chunk(chunk, bytes, zstd_level)?;
-                            stored.fetch_add(put.stored_bytes, Ordering::Relaxed);
-                            let addr = ((j.addr + s0 as u64 * PAGE_SIZE) as i64 - j.rebase) as u64;
-                            exts.push(Extent { addr, chunk });
+                            o += j.len;
                         }
-                        Ok(exts)
+                        if kept == 0 {
+                            return Ok(Vec::new());
+                        }
+                        let bytes: &[u8] = if all_nonzero { b } else { &pack };
+                        let chunk = ChunkRef::of(bytes);
+                        let put = store.put_chunk(chunk, bytes, zstd_level)?;
+                        stored.fetch_add(put.stored_bytes, Ordering::Relaxed);
+                        Ok(runs
+                            .into_iter()
+                            .map(|(t, addr, off, len)| {
+                                let e = if off == 0 && len == kept {
+                                    Extent::whole(addr, chunk)
+                                } else {
+                                    Extent {
+                                        addr,
+                                        chunk,
+                                        off: off as u32,
+                                        len: len as u32,
+                                    }
+                                };
+                                (t, e)
+                            })
+                            .collect())
                     })();
                     match r {
-                        Ok(exts) => out
-                            .lock()
-                            .expect("poisoned")
-                            .entry(j.target)
-                            .or_default()
-                            .extend(exts),
+                        Ok(exts) => {
+                            let mut out = out.lock().expect("poisoned");
+                            for (t, e) in exts {
+                                out.entry(t).or_default().push(e);
+                            }
+                        }
                         Err(e) => {
                             err.lock().expect("poisoned").get_or_insert(e);
                             return;
@@ -551,12 +620,52 @@ pub enum Dest {
     },
 }
 
-/// One extent to write back.
-#[derive(Debug, Clone)]
-pub struct WriteJob {
+/// Bytes `[off, off + len)` of a chunk, to be written at `addr` of `dest`.
+#[derive(Debug, Clone, Copy)]
+pub struct Piece {
     pub dest: Dest,
     pub addr: u64,
+    pub off: u32,
+    pub len: u32,
+}
+
+impl Piece {
+    /// Where extent `e` goes in `dest`.
+    pub fn of(dest: Dest, e: &Extent) -> Piece {
+        Piece {
+            dest,
+            addr: e.addr,
+            off: e.off,
+            len: e.bytes() as u32,
+        }
+    }
+}
+
+/// One chunk to fetch and verify once, and the places its bytes go.
+#[derive(Debug, Clone)]
+pub struct WriteJob {
     pub chunk: ChunkRef,
+    pub pieces: Vec<Piece>,
+}
+
+/// Groups pieces by chunk, so that a chunk that several extents use (an
+/// incremental image's parent chunks, a packed chunk) is fetched once.
+pub fn by_chunk(pieces: Vec<(ChunkRef, Piece)>) -> Vec<WriteJob> {
+    let mut index: HashMap<ChunkRef, usize> = HashMap::new();
+    let mut jobs: Vec<WriteJob> = Vec::new();
+    for (c, p) in pieces {
+        match index.get(&c) {
+            Some(&i) => jobs[i].pieces.push(p),
+            None => {
+                index.insert(c, jobs.len());
+                jobs.push(WriteJob {
+                    chunk: c,
+                    pieces: vec![p],
+                });
+            }
+        }
+    }
+    jobs
 }
 
 /// A run of contiguous extents of one husk, populated with one injected
@@ -578,11 +687,10 @@ pub const SEGMENT_MAX: u64 = 32 << 20;
 pub fn segments(husk: usize, pid: pid_t, exts: &[Extent], out: &mut Vec<Segment>) {
     let mut cur: Option<Segment> = None;
     for e in exts {
-        let (s, t) = (e.addr, e.addr + e.chunk.len as u64);
+        let (s, t) = (e.addr, e.end());
         let job = WriteJob {
-            dest: Dest::Process(pid),
-            addr: e.addr,
             chunk: e.chunk,
+            pieces: vec![Piece::of(Dest::Process(pid), e)],
         };
         match &mut cur {
             Some(c) if c.end == s && t - c.start <= SEGMENT_MAX => {
@@ -680,16 +788,27 @@ fn write_job(j: &WriteJob, store: &ImageStore, buf: &mut Vec<u8>) -> Result<u64,
     }
     let b = &mut buf[..j.chunk.len as usize];
     store.get_chunk(&j.chunk, b)?;
-    match j.dest {
-        Dest::Process(pid) => write_process(pid, j.addr, b)?,
+    let mut written = 0;
+    for p in &j.pieces {
+        // Extents are checked against their chunk when the manifest is decoded.
+        let bytes = &b[p.off as usize..(p.off + p.len) as usize];
+        write_piece(p, bytes)?;
+        written += bytes.len() as u64;
+    }
+    Ok(written)
+}
+
+fn write_piece(p: &Piece, b: &[u8]) -> Result<(), MemError> {
+    match p.dest {
+        Dest::Process(pid) => write_process(pid, p.addr, b)?,
         Dest::Uffd { uffd, pid } => {
             // SAFETY: the restorer keeps this descriptor open until every job is done.
             let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(uffd) };
-            if let Err(e) = sys::uffd::copy(fd, j.addr, b) {
+            if let Err(e) = sys::uffd::copy(fd, p.addr, b) {
                 if e.errno() != Some(libc::EEXIST) {
                     return Err(MemError::Write {
                         pid,
-                        addr: j.addr,
+                        addr: p.addr,
                         source: e.source,
                     });
                 }
@@ -698,7 +817,7 @@ fn write_job(j: &WriteJob, store: &ImageStore, buf: &mut Vec<u8>) -> Result<u64,
                 // through the mm of a missing page in a registered range would
                 // fail, not fault it in).
                 for (i, page) in b.chunks(PAGE_SIZE as usize).enumerate() {
-                    let addr = j.addr + i as u64 * PAGE_SIZE;
+                    let addr = p.addr + i as u64 * PAGE_SIZE;
                     match sys::uffd::copy(fd, addr, page) {
                         Ok(()) => {}
                         Err(e) if e.errno() == Some(libc::EEXIST) => {
@@ -721,15 +840,15 @@ fn write_job(j: &WriteJob, store: &ImageStore, buf: &mut Vec<u8>) -> Result<u64,
             let f = std::mem::ManuallyDrop::new(unsafe {
                 <File as std::os::fd::FromRawFd>::from_raw_fd(fd)
             });
-            f.write_all_at(b, j.addr)
+            f.write_all_at(b, p.addr)
                 .map_err(|source| MemError::Write {
                     pid: 0,
-                    addr: j.addr,
+                    addr: p.addr,
                     source,
                 })?;
         }
     }
-    Ok(b.len() as u64)
+    Ok(())
 }
 
 fn write_process(pid: pid_t, addr: u64, b: &[u8]) -> Result<(), MemError> {
@@ -752,7 +871,7 @@ fn write_process(pid: pid_t, addr: u64, b: &[u8]) -> Result<(), MemError> {
 pub fn ranges(exts: &[Extent]) -> Vec<(u64, u64)> {
     let mut out: Vec<(u64, u64)> = Vec::new();
     for e in exts {
-        let (s, t) = (e.addr, e.addr + e.chunk.len as u64);
+        let (s, t) = (e.addr, e.end());
         match out.last_mut() {
             Some(last) if last.1 == s => last.1 = t,
             _ => out.push((s, t)),
@@ -789,10 +908,7 @@ mod tests {
     #[test]
     fn extents_merge_into_ranges() {
         let c = |len| ChunkRef { hash: [0; 32], len };
-        let e = |addr, len| Extent {
-            addr,
-            chunk: c(len),
-        };
+        let e = |addr, len| Extent::whole(addr, c(len));
         assert_eq!(
             ranges(&[e(0, 4096), e(4096, 8192), e(20480, 4096)]),
             vec![(0, 12288), (20480, 24576)]

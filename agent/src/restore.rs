@@ -37,7 +37,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use ckpt_shared::codec;
-use ckpt_shared::image::{Image, MappingKind, Process, PAGE_SIZE};
+use ckpt_shared::image::{ChunkRef, Image, MappingKind, Process, PAGE_SIZE};
 use ckpt_shared::location::{ImageStore, ImageStoreError, Location};
 use ckpt_shared::objstore::StoreConfig;
 use libc::pid_t;
@@ -45,7 +45,7 @@ use tracing::{debug, warn};
 
 use crate::fd::{self, FdError};
 use crate::inject::{InjectError, Remote};
-use crate::mem::{self, Dest, MemError, WriteJob};
+use crate::mem::{self, Dest, MemError};
 use crate::signals::{self, SignalError};
 use crate::sys::{self, nr, ptrace, ptrace::Stop};
 use crate::thread::{self, ThreadError};
@@ -173,7 +173,8 @@ pub fn load(location: &Location) -> Result<(ImageStore, Image), RestoreError> {
             .iter()
             .flat_map(|p| p.mappings.iter().flat_map(|m| m.data.iter()))
             .chain(img.shmem.iter().flat_map(|s| s.data.iter()));
-        for c in chunks {
+        let mut seen = HashSet::new();
+        for c in chunks.filter(|c| seen.insert(c.chunk)) {
             if !store.has_chunk(&c.chunk)? {
                 return Err(RestoreError::Store(ImageStoreError::Dir(
                     ckpt_shared::store::StoreError::Missing {
@@ -680,12 +681,13 @@ pub fn restore(opts: &RestoreOptions) -> Result<RestoreReport, RestoreError> {
     }
     for s in &img.shmem {
         let fd = shm_fds[&s.id].as_raw_fd();
-        direct.extend(s.data.iter().map(|e| WriteJob {
-            dest: Dest::Fd(fd),
-            addr: e.addr,
-            chunk: e.chunk,
-        }));
+        direct.extend(
+            s.data
+                .iter()
+                .map(|e| (e.chunk, mem::Piece::of(Dest::Fd(fd), e))),
+        );
     }
+    let direct = mem::by_chunk(direct);
     // Shared memory objects are filled through our memfd: the pages are the same
     // ones the husks mapped.
     ph.mark("map");
@@ -894,7 +896,7 @@ fn map_memory(
     map_files: &HashMap<(String, bool), OwnedFd>,
     shm_fds: &HashMap<u32, OwnedFd>,
     uffd: Option<BorrowedFd<'_>>,
-    direct: &mut Vec<WriteJob>,
+    direct: &mut Vec<(ChunkRef, mem::Piece)>,
     segs: &mut Vec<mem::Segment>,
 ) -> Result<(), RestoreError> {
     use ckpt_shared::image::prot;
@@ -1004,14 +1006,11 @@ fn map_memory(
         if let (MappingKind::Anon { .. }, Some(fd)) = (&m.kind, uffd) {
             match sys::uffd::register(fd, m.start, len) {
                 Ok(()) => {
-                    direct.extend(m.data.iter().map(|e| WriteJob {
-                        dest: Dest::Uffd {
-                            uffd: fd.as_raw_fd(),
-                            pid: host_pid,
-                        },
-                        addr: e.addr,
-                        chunk: e.chunk,
-                    }));
+                    let dest = Dest::Uffd {
+                        uffd: fd.as_raw_fd(),
+                        pid: host_pid,
+                    };
+                    direct.extend(m.data.iter().map(|e| (e.chunk, mem::Piece::of(dest, e))));
                     continue;
                 }
                 Err(e) => {
@@ -1156,12 +1155,12 @@ pub fn image_memory_bytes(img: &Image) -> u64 {
     img.processes
         .iter()
         .flat_map(|p| p.mappings.iter().flat_map(|m| m.data.iter()))
-        .map(|e| e.chunk.len as u64)
+        .map(|e| e.bytes())
         .sum::<u64>()
         + img
             .shmem
             .iter()
             .flat_map(|s| s.data.iter())
-            .map(|e| e.chunk.len as u64)
+            .map(|e| e.bytes())
             .sum::<u64>()
 }

@@ -101,6 +101,8 @@ pub enum CodecError {
     #[error("image manifest is corrupted: checksum mismatch")]
     Checksum,
 
+    #[error("image manifest is invalid: {0}")]
+    Invalid(String),
     #[error("image manifest is corrupted: cannot decode its contents: {0}")]
     Decode(String),
 
@@ -141,6 +143,14 @@ pub fn decode_image(bytes: &[u8]) -> Result<Image, CodecError> {
             found: image.arch,
             supported: image::ARCH.to_string(),
         });
+    }
+    let extents = image
+        .processes
+        .iter()
+        .flat_map(|p| p.mappings.iter().flat_map(|m| m.data.iter()))
+        .chain(image.shmem.iter().flat_map(|s| s.data.iter()));
+    for e in extents {
+        e.check().map_err(CodecError::Invalid)?;
     }
     Ok(image)
 }
@@ -259,7 +269,7 @@ pub(crate) mod tests {
 
     /// A small but complete image, with every kind of field filled.
     pub(crate) fn sample_image() -> Image {
-        let chunk = ChunkRef::of(b"hello");
+        let chunk = ChunkRef::of(&[7u8; 0x2000]);
         Image {
             format_version: FORMAT_VERSION,
             arch: ARCH.to_string(),
@@ -310,10 +320,15 @@ pub(crate) mod tests {
                             name: Some("[heap]".into()),
                         },
                         vm_flags: vec!["rd".into(), "wr".into()],
-                        data: vec![Extent {
-                            addr: 0x1000,
-                            chunk,
-                        }],
+                        data: vec![
+                            Extent::whole(0x1000, chunk),
+                            Extent {
+                                addr: 0x2000,
+                                chunk,
+                                off: 0x1000,
+                                len: 0x1000,
+                            },
+                        ],
                     },
                     Mapping {
                         start: 0x4000,
@@ -733,6 +748,19 @@ pub(crate) mod tests {
                 assert!(decode::<Thread>(*b"THRD", &bytes).is_err());
             });
             assert!(peak < LIMIT, "{key}: decoder reserved {peak} bytes at once");
+        }
+    }
+
+    #[test]
+    fn an_extent_outside_its_chunk_or_not_whole_pages_is_refused() {
+        for (off, len) in [(0x1000u32, 0x2000u32), (0x800, 0x1000), (0, 0x10)] {
+            let mut img = sample_image();
+            let e = &mut img.processes[0].mappings[0].data[1];
+            e.off = off;
+            e.len = len;
+            let bytes = encode_image(&img).unwrap();
+            let err = decode_image(&bytes).unwrap_err().to_string();
+            assert!(err.contains("invalid"), "{off:#x}+{len:#x}: {err}");
         }
     }
 }

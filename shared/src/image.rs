@@ -267,13 +267,82 @@ pub enum MappingKind {
     Vsyscall,
 }
 
-/// A run of memory whose bytes are one chunk of the store.
+/// A run of memory whose bytes are a chunk of the store, or a part of one.
+///
+/// A dump packs the pages it reads into chunks of up to 1 MiB: a run of pages with
+/// all-zero pages left out becomes one chunk with several extents, and an
+/// incremental dump packs scattered written pages into one chunk. An incremental
+/// dump also points its unchanged pages at the parts of its parent's chunks that
+/// hold them. `off` and `len` are absent (0) for an extent that is a whole chunk,
+/// which keeps manifests of older dumps readable.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct Extent {
     /// Address (or offset, inside a shared-memory object) of the first byte.
     pub addr: u64,
-    /// Content address of the bytes; its length is `chunk.len`.
+    /// Content address of the chunk that holds the bytes.
     pub chunk: ChunkRef,
+    /// Where the bytes start inside the chunk.
+    #[serde(default, skip_serializing_if = "is_zero_u32")]
+    pub off: u32,
+    /// How many bytes, from `off`; 0 means all of the chunk.
+    #[serde(default, skip_serializing_if = "is_zero_u32")]
+    pub len: u32,
+}
+
+fn is_zero_u32(v: &u32) -> bool {
+    *v == 0
+}
+
+impl Extent {
+    /// An extent that is all of `chunk`.
+    pub fn whole(addr: u64, chunk: ChunkRef) -> Extent {
+        Extent {
+            addr,
+            chunk,
+            off: 0,
+            len: 0,
+        }
+    }
+
+    /// The extent's length in bytes.
+    pub fn bytes(&self) -> u64 {
+        if self.len == 0 {
+            self.chunk.len as u64
+        } else {
+            self.len as u64
+        }
+    }
+
+    /// The end address (exclusive).
+    pub fn end(&self) -> u64 {
+        self.addr + self.bytes()
+    }
+
+    /// Whether the extent lies inside its chunk and is made of whole pages.
+    pub fn check(&self) -> Result<(), String> {
+        let end = self.off as u64 + self.bytes();
+        if end > self.chunk.len as u64 {
+            return Err(format!(
+                "extent at {:#x} reads bytes {}..{end} of chunk {} which has {}",
+                self.addr,
+                self.off,
+                self.chunk.hex(),
+                self.chunk.len
+            ));
+        }
+        let aligned = [self.off as u64, self.bytes(), self.addr]
+            .iter()
+            .all(|v| v.is_multiple_of(PAGE_SIZE));
+        if !aligned {
+            return Err(format!(
+                "extent at {:#x} (offset {}, {} bytes) is not made of whole pages",
+                self.addr,
+                self.off,
+                self.bytes()
+            ));
+        }
+        Ok(())
+    }
 }
 
 /// The identity of a chunk: BLAKE3 of its uncompressed bytes, and their length.
