@@ -15,8 +15,9 @@
 //! - baseline down: that object read back with 16 parallel ranged GETs of 8 MiB;
 //! - `dump --leave-running` of the workload to `s3://ckpt/bench-N/full` (wall time);
 //! - the bench writes new random bytes into 5% of the workload's pages, picked at
-//!   random, through `/proc/PID/mem`, then `dump --leave-running` to `.../incr` in
-//!   the same store: bytes stored and wall time, against the full dump;
+//!   random, through `/proc/PID/mem`, then `dump --leave-running --parent full` to
+//!   `.../incr` in the same store (incremental: only written pages are read):
+//!   bytes stored and wall time, against the full dump;
 //! - the workload is killed and `restore` from `.../full` is timed (the workload's
 //!   own checks then fail on the pages the bench changed: it is only timed).
 //!
@@ -178,12 +179,12 @@ fn run() -> Result<()> {
         let pid = w.id();
         wait_filled(pid, bytes)?;
         let prefix = format!("s3://{BUCKET}/bench-{rep}");
-        let (secs, full) = dump(&server, pid, &format!("{prefix}/full"))?;
+        let (secs, full) = dump(&server, pid, &format!("{prefix}/full"), None)?;
         r.dump.push(bytes as f64 / secs / 1e9);
         r.full_stored.push(full as f64 / (1 << 20) as f64);
         let changed = change_pages(pid, CHANGED, rep as u64)?;
         r.changed.push(changed as f64 / (1 << 20) as f64);
-        let (isecs, incr) = dump(&server, pid, &format!("{prefix}/incr"))?;
+        let (isecs, incr) = dump(&server, pid, &format!("{prefix}/incr"), Some("full"))?;
         r.incr_stored.push(incr as f64 / (1 << 20) as f64);
         r.incr_time.push(isecs / secs);
         w.kill();
@@ -287,25 +288,28 @@ fn agent(server: &S3Server, args: &[&str]) -> Result<String> {
     Ok(out)
 }
 
-/// Dumps with --leave-running; returns the wall time (s) and the bytes stored.
-fn dump(server: &S3Server, pid: i32, image: &str) -> Result<(f64, u64)> {
+/// Dumps with --leave-running (incremental against `parent` if given); returns the
+/// wall time (s) and the bytes stored.
+fn dump(server: &S3Server, pid: i32, image: &str, parent: Option<&str>) -> Result<(f64, u64)> {
+    let pid = pid.to_string();
+    let mut args = vec![
+        "dump",
+        "--pid",
+        &pid,
+        "--image",
+        image,
+        "--leave-running",
+        // No snapshot: the tree stays frozen while it streams, and the agent
+        // holds only its workers' chunks (the bound shown at the end).
+        "--max-snapshot",
+        "0",
+        "--json",
+    ];
+    if let Some(p) = parent {
+        args.extend(["--parent", p]);
+    }
     let t = Instant::now();
-    let out = agent(
-        server,
-        &[
-            "dump",
-            "--pid",
-            &pid.to_string(),
-            "--image",
-            image,
-            "--leave-running",
-            // No snapshot: the tree stays frozen while it streams, and the agent
-            // holds only its workers' chunks (the bound shown at the end).
-            "--max-snapshot",
-            "0",
-            "--json",
-        ],
-    )?;
+    let out = agent(server, &args)?;
     let secs = t.elapsed().as_secs_f64();
     let v: serde_json::Value = serde_json::from_str(&out)?;
     Ok((secs, v["stored_bytes"].as_u64().context("no stored_bytes")?))

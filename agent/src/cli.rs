@@ -70,6 +70,20 @@ pub enum Command {
         /// Default: half of MemAvailable.
         #[arg(long, value_name = "SIZE", value_parser = parse_size)]
         max_snapshot: Option<u64>,
+        /// Make this dump incremental against PARENT, an earlier image of the same tree
+        /// in the same shared store: pages the tree has not written since PARENT was
+        /// taken are not read or stored again, but taken from PARENT's chunks (which
+        /// stay referenced, so gc keeps them). Needs the write tracking that a
+        /// --leave-running dump into a shared store arms (Linux 6.7 or later); a
+        /// process whose tracking does not hold (it restarted, the tracking was lost,
+        /// a later dump armed it) is dumped in full, and the summary says so.
+        #[arg(long, value_name = "NAME")]
+        parent: Option<String>,
+        /// Do not arm write tracking after a --leave-running dump into a shared
+        /// store. Tracking costs the tree one page fault per page at its first write
+        /// after the dump; without it, the next dump cannot be incremental.
+        #[arg(long)]
+        no_track: bool,
         /// zstd level for memory chunks (0 stores them raw; raw is the default because
         /// HPC memory is mostly incompressible floating point).
         #[arg(long, default_value_t = 0, value_name = "LEVEL")]
@@ -129,6 +143,10 @@ pub enum Command {
         #[command(subcommand)]
         op: ImagesOp,
     },
+    /// Internal: holds the write-tracking descriptors (3, 4, ...) of the given PIDs
+    /// between dumps, until they have all exited. Started by `dump`.
+    #[command(name = "__hold-uffd", hide = true)]
+    HoldUffd { pids: Vec<i32> },
 }
 
 #[derive(Debug, Subcommand)]
@@ -320,6 +338,8 @@ pub fn run(cli: Cli) -> Result<()> {
             image,
             leave_running,
             max_snapshot,
+            parent,
+            no_track,
             compress,
             workers,
             json,
@@ -331,6 +351,8 @@ pub fn run(cli: Cli) -> Result<()> {
                 zstd_level: (compress > 0).then_some(compress),
                 workers: workers.unwrap_or_else(|| default_workers(&image)),
                 snapshot_limit: max_snapshot.unwrap_or_else(crate::dump::default_snapshot_limit),
+                parent,
+                track: !no_track,
             };
             let img = crate::dump::dump(&opts).with_context(|| {
                 format!("dump of PID {pid} failed; the process tree was left running")
@@ -358,6 +380,17 @@ pub fn run(cli: Cli) -> Result<()> {
                         (s.memory_bytes as f64 / (s.total_us.max(1) as f64 / 1e6)) as u64
                     ),
                 );
+                match (&s.parent, &opts.parent) {
+                    (Some(p), _) => println!(
+                        "incremental against {p}: {} taken from it, not read again",
+                        crate::inspect::human(s.reused_bytes)
+                    ),
+                    (None, Some(p)) => println!(
+                        "full dump: write tracking since {p} did not hold for this tree \
+                         (see `ckpt-agent dump --help`, --parent)"
+                    ),
+                    (None, None) => {}
+                }
                 println!(
                     "{}",
                     if leave_running {
@@ -389,6 +422,7 @@ pub fn run(cli: Cli) -> Result<()> {
             println!("{}", rep.root_pid);
         }
         Command::Images { op } => images(op)?,
+        Command::HoldUffd { pids } => crate::track::hold(&pids),
         Command::Inspect { image, json } => {
             let (_, img) = crate::restore::load(&image)?;
             if json {

@@ -17,14 +17,15 @@
 //! had happened. A manifest never exists for a failed dump.
 
 use std::collections::HashMap;
+use std::os::fd::OwnedFd;
 use std::path::Path;
 use std::time::Instant;
 
 use ckpt_shared::codec;
 use ckpt_shared::gc::{Leases, Registration};
 use ckpt_shared::image::{
-    self, Creds, DumpStats, FileCheck, FileKind, HostFingerprint, Image, Mapping, MappingKind,
-    MmFields, Process,
+    self, Creds, DumpStats, Extent, FileCheck, FileKind, HostFingerprint, Image, Mapping,
+    MappingKind, MmFields, Process,
 };
 use ckpt_shared::location::{ImageStore, ImageStoreError, Location};
 use ckpt_shared::objstore::StoreConfig;
@@ -38,6 +39,7 @@ use crate::mem::{self, MemError, ShmemPlan, Target};
 use crate::signals::{self, SignalError};
 use crate::sys::{self, nr, proc};
 use crate::thread::{self, StackScratch, ThreadError, SCRATCH_LEN};
+use crate::track;
 
 #[derive(Debug, thiserror::Error)]
 pub enum DumpError {
@@ -71,6 +73,11 @@ pub enum DumpError {
         #[source]
         source: std::io::Error,
     },
+    #[error(
+        "an incremental dump (--parent) needs a shared store: write the image as \
+         file:///store/NAME or s3://bucket/prefix/NAME, with the parent in the same store"
+    )]
+    ParentNeedsSharedStore,
     #[error("induced failure at stage {0} (CKPT_FAULT, test hook)")]
     Fault(&'static str),
 }
@@ -88,6 +95,12 @@ pub struct DumpOptions {
     /// Largest tree (anonymous memory, bytes) that `--leave-running` copies into a
     /// snapshot to shorten the freeze; larger trees are stored while frozen.
     pub snapshot_limit: u64,
+    /// An earlier image in the same shared store: pages not written since it was
+    /// taken are not read again but taken from it (see `track`).
+    pub parent: Option<String>,
+    /// With `--leave-running` into a shared store: arm write tracking so that the
+    /// next dump can be incremental.
+    pub track: bool,
 }
 
 /// Half of the memory available now: the default snapshot limit.
@@ -123,6 +136,55 @@ fn fault(stage: &'static str) -> Result<(), DumpError> {
         Ok(s) if s == stage => Err(DumpError::Fault(stage)),
         _ => Ok(()),
     }
+}
+
+/// Write tracking of one process of the tree.
+struct Tracking {
+    start_time: u64,
+    /// Our copy of its userfaultfd (reused from the last arming, or new).
+    uffd: Option<OwnedFd>,
+    /// Whether this dump takes unwritten pages from the parent.
+    incremental: bool,
+    /// The holder of the last arming.
+    old_holder: Option<(pid_t, u64)>,
+}
+
+/// Private anonymous memory: what write tracking covers.
+fn trackable(m: &Mapping) -> bool {
+    matches!(m.kind, MappingKind::Anon { .. }) && !m.shared
+}
+
+/// A trackable mapping still registered since the last arming (`uw` in smaps).
+fn is_tracked(m: &Mapping) -> bool {
+    trackable(m) && m.vm_flags.iter().any(|f| f == "uw")
+}
+
+/// The parent image `name` in the store of `image`, committed and decoded.
+fn load_parent(image: &Location, name: &str) -> Result<(Location, Image), DumpError> {
+    let Location::Named { store, .. } = image else {
+        return Err(DumpError::ParentNeedsSharedStore);
+    };
+    let loc = Location::Named {
+        store: store.clone(),
+        name: name.to_string(),
+    };
+    let s = ImageStore::open(&loc, &StoreConfig::from_env())?;
+    let img = codec::decode_image(&s.get_manifest()?)?;
+    Ok((loc, img))
+}
+
+/// Every memory extent of process `pid` in `img`, sorted by address.
+fn parent_extents(img: &Image, pid: pid_t) -> Vec<Extent> {
+    let mut v: Vec<Extent> = img
+        .processes
+        .iter()
+        .filter(|p| p.pid == pid)
+        .flat_map(|p| p.mappings.iter())
+        .filter(|m| trackable(m))
+        .flat_map(|m| m.data.iter().cloned())
+        .collect();
+    v.sort_by_key(|e| e.addr);
+    v
 }
 
 /// Ends a dump's registration in a shared store when the dump ends, whatever way.
@@ -163,6 +225,13 @@ pub fn dump(opts: &DumpOptions) -> Result<Image, DumpError> {
         store: &store,
         reg: registration.as_ref(),
     };
+    let epoch = opts.image.to_string();
+    let parent = match &opts.parent {
+        None => None,
+        Some(name) => Some(load_parent(&opts.image, name)?),
+    };
+    let want_track =
+        opts.track && opts.leave_running && matches!(opts.image, Location::Named { .. });
     // With --leave-running, memory is copied into a snapshot while the tree is
     // frozen and stored after it runs again. Populate the snapshot's memory now,
     // before the freeze, from an estimate of the tree's anonymous memory.
@@ -195,6 +264,7 @@ pub fn dump(opts: &DumpOptions) -> Result<Image, DumpError> {
     let mut smaps_of: Vec<Vec<proc::Vma>> = Vec::new();
     let mut host: Option<HostFingerprint> = None;
     let mut shmem = ShmemPlan::default();
+    let mut tracking: Vec<Tracking> = Vec::new();
     for pi in 0..frozen.procs.len() {
         let pid = frozen.procs[pi].pid;
         let vmas = proc::smaps(pid)?;
@@ -236,10 +306,30 @@ pub fn dump(opts: &DumpOptions) -> Result<Image, DumpError> {
             new_children: Vec::new(),
             swallowed: Vec::new(),
         };
+        let start_time = proc::stat(pid)?.start_time;
+        // Write tracking: the userfaultfd of the last arming, from its holder.
+        let entry = if parent.is_some() || want_track {
+            track::load(pid, start_time)
+        } else {
+            None
+        };
+        let reused = entry.as_ref().and_then(track::take);
+        let incremental = reused.is_some()
+            && match (&parent, &entry) {
+                (Some((loc, img)), Some(e)) => {
+                    e.epoch == loc.to_string() && img.processes.iter().any(|p| p.pid == pid)
+                }
+                _ => false,
+            };
         let got = (|| -> Result<_, DumpError> {
             let sig = signals::dump(&mut remote, pid)?;
             let brk = remote.syscall(nr::BRK, [0; 6])?;
-            Ok((sig, brk))
+            let uffd = match reused {
+                Some(fd) => Some(fd),
+                None if want_track => track::create(&mut remote)?,
+                None => None,
+            };
+            Ok((sig, brk, uffd))
         })();
         scratch.give_back(leader.tid)?;
         fp.swallowed
@@ -251,7 +341,14 @@ pub fn dump(opts: &DumpOptions) -> Result<Image, DumpError> {
                 timers: posix_timers,
             },
             brk,
+            uffd,
         ) = got?;
+        tracking.push(Tracking {
+            start_time,
+            uffd,
+            incremental,
+            old_holder: entry.map(|e| (e.holder_pid, e.holder_start)),
+        });
         let shared_pending = sys::ptrace::peek_siginfo(leader.tid, true)
             .map_err(ThreadError::from)?
             .into_iter()
@@ -345,8 +442,11 @@ pub fn dump(opts: &DumpOptions) -> Result<Image, DumpError> {
     ph.mark("fds");
     fault("after-files")?;
 
-    // Memory.
+    // Memory. Incremental processes: only the pages written since the parent are
+    // read (packed into chunks); the rest point into the parent's chunks.
     let mut jobs = Vec::new();
+    let mut written_jobs = Vec::new();
+    let mut from_parent: HashMap<Target, Vec<Extent>> = HashMap::new();
     let mut seen_shm = std::collections::HashSet::new();
     for (pi, p) in processes.iter().enumerate() {
         let pm = std::fs::File::open(format!("/proc/{}/pagemap", p.pid)).map_err(|source| {
@@ -356,15 +456,56 @@ pub fn dump(opts: &DumpOptions) -> Result<Image, DumpError> {
                 source,
             }
         })?;
+        let t = &tracking[pi];
+        let parent_exts = match (&parent, t.incremental) {
+            (Some((_, img)), true) => {
+                // From here on, a failure must not leave the parent as the epoch:
+                // the written pages are about to be protected again.
+                track::set_epoch(p.pid, t.start_time, &epoch);
+                Some(parent_extents(img, p.pid))
+            }
+            _ => None,
+        };
         for (mi, m) in p.mappings.iter().enumerate() {
             let target = match m.kind {
                 MappingKind::SharedAnon { shmem_id, .. } => Target::Shmem { id: shmem_id },
                 _ => Target::Mapping { p: pi, m: mi },
             };
-            jobs.extend(mem::plan_reads(&pm, p.pid, target, m, &mut seen_shm)?);
+            match &parent_exts {
+                Some(pe) if is_tracked(m) => {
+                    let written = track::written(&pm, m.start, m.end)?;
+                    let (j, refs) = mem::plan_incremental(&pm, p.pid, target, m, &written, pe)?;
+                    written_jobs.extend(j);
+                    from_parent.entry(target).or_default().extend(refs);
+                }
+                _ => jobs.extend(mem::plan_reads(&pm, p.pid, target, m, &mut seen_shm)?),
+            }
         }
     }
-    let groups = mem::one_group_per_job(&jobs);
+    let mut groups = mem::one_group_per_job(&jobs);
+    let first_written = jobs.len();
+    groups.extend(
+        mem::packed_groups(&written_jobs)
+            .into_iter()
+            .map(|g| g.start + first_written..g.end + first_written),
+    );
+    jobs.extend(written_jobs);
+    let reused_bytes: u64 = from_parent.values().flatten().map(Extent::bytes).sum();
+    // Arm tracking for the next dump, still frozen: from here, every write is seen.
+    let mut armed: Vec<(pid_t, u64, OwnedFd)> = Vec::new();
+    if want_track {
+        for (p, t) in processes.iter().zip(tracking.iter_mut()) {
+            let Some(uffd) = t.uffd.take() else { continue };
+            let ranges: Vec<(u64, u64)> = p
+                .mappings
+                .iter()
+                .filter(|m| trackable(m) && !(t.incremental && is_tracked(m)))
+                .map(|m| (m.start, m.end))
+                .collect();
+            track::arm(&uffd, p.pid, &ranges);
+            armed.push((p.pid, t.start_time, uffd));
+        }
+    }
     ph.mark("plan-memory");
     let snapshot = match snapshot_pool {
         Some(pool) => Some(mem::Snapshot::take(&jobs, Some(pool), opts.workers)?),
@@ -410,6 +551,23 @@ pub fn dump(opts: &DumpOptions) -> Result<Image, DumpError> {
         }
     }
     fault("after-memory")?;
+    if !armed.is_empty() {
+        // The holder keeps the userfaultfds once this command exits; the older
+        // holder, whose descriptors the new one now has too, can go.
+        match track::park(&armed, &epoch) {
+            Ok(_) => {
+                let mut old: Vec<(pid_t, u64)> =
+                    tracking.iter().filter_map(|t| t.old_holder).collect();
+                old.sort_unstable();
+                old.dedup();
+                for (h, start) in old {
+                    track::retire(h, start);
+                }
+            }
+            Err(e) => tracing::warn!(%e, "write tracking could not be kept: the next dump is full"),
+        }
+        drop(armed);
+    }
     let freeze_end = Instant::now();
     let frozen_for_kill = if opts.leave_running {
         frozen.thaw();
@@ -431,6 +589,11 @@ pub fn dump(opts: &DumpOptions) -> Result<Image, DumpError> {
     };
     drop(snapshot);
     ph.mark("store-snapshot");
+    for (t, refs) in from_parent {
+        let v = extents.entry(t).or_default();
+        v.extend(refs);
+        v.sort_by_key(|e| e.addr);
+    }
 
     for (pi, p) in processes.iter_mut().enumerate() {
         for (mi, m) in p.mappings.iter_mut().enumerate() {
@@ -483,6 +646,11 @@ pub fn dump(opts: &DumpOptions) -> Result<Image, DumpError> {
             memory_bytes: totals.memory_bytes,
             stored_bytes: totals.stored_bytes,
             chunks: chunks.len() as u64,
+            reused_bytes,
+            parent: parent
+                .as_ref()
+                .filter(|_| tracking.iter().any(|t| t.incremental))
+                .map(|(loc, _)| loc.to_string()),
         },
     };
     ph.mark("file-checks");

@@ -75,6 +75,8 @@ pub fn stats_json(img: &Image) -> Value {
         "memory_bytes": img.stats.memory_bytes,
         "stored_bytes": img.stats.stored_bytes,
         "chunks": img.stats.chunks,
+        "reused_bytes": img.stats.reused_bytes,
+        "parent": img.stats.parent,
     })
 }
 

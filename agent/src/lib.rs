@@ -23,6 +23,7 @@ pub mod restore;
 pub mod signals;
 pub mod sys;
 pub mod thread;
+pub mod track;
 
 /// Wall-clock time of the phases of one operation, logged at debug level
 /// (`CKPT_LOG=debug`), so a slow dump or restore shows where its time went.

@@ -241,6 +241,84 @@ pub fn plan_reads(
     Ok(jobs)
 }
 
+/// Plan one private anonymous mapping of an incremental dump: of the pages that
+/// exist, those in `written` (sorted ranges) are read; every other one is unchanged
+/// since the parent image and is taken from the parent's chunks (`parent`: the
+/// parent process's extents, sorted by address), or is zero if the parent had no
+/// data for it. Returns the read jobs (one page run each, to be packed) and the
+/// extents that point into the parent.
+pub fn plan_incremental(
+    pagemap: &File,
+    pid: pid_t,
+    target: Target,
+    map: &Mapping,
+    written: &[(u64, u64)],
+    parent: &[Extent],
+) -> Result<(Vec<ReadJob>, Vec<Extent>), MemError> {
+    let pm = proc::pagemap(pagemap, map.start, map.end).map_err(|source| MemError::Read {
+        pid,
+        addr: map.start,
+        source,
+    })?;
+    let force = map.prot & prot::READ == 0;
+    let mut jobs: Vec<ReadJob> = Vec::new();
+    let mut refs: Vec<Extent> = Vec::new();
+    let mut w = 0usize;
+    for (i, &e) in pm.iter().enumerate() {
+        let addr = map.start + i as u64 * PAGE_SIZE;
+        if !wanted(&map.kind, map.shared, e) {
+            continue;
+        }
+        while w < written.len() && written[w].1 <= addr {
+            w += 1;
+        }
+        let dirty = w < written.len() && written[w].0 <= addr;
+        if dirty {
+            match jobs.last_mut() {
+                Some(j) if j.addr + j.len == addr && j.len < CHUNK_MAX => j.len += PAGE_SIZE,
+                _ => jobs.push(ReadJob {
+                    target,
+                    pid,
+                    addr,
+                    len: PAGE_SIZE,
+                    rebase: 0,
+                    force,
+                }),
+            }
+            continue;
+        }
+        // The last parent extent that starts at or before the page.
+        let k = parent.partition_point(|x| x.addr <= addr);
+        let Some(src) = k
+            .checked_sub(1)
+            .map(|k| &parent[k])
+            .filter(|x| addr < x.end())
+        else {
+            continue; // zero in the parent, and not written since
+        };
+        let off = src.off as u64 + (addr - src.addr);
+        match refs.last_mut() {
+            Some(r)
+                if r.chunk == src.chunk && r.end() == addr && r.off as u64 + r.bytes() == off =>
+            {
+                r.len = (r.bytes() + PAGE_SIZE) as u32;
+            }
+            _ => refs.push(Extent {
+                addr,
+                chunk: src.chunk,
+                off: off as u32,
+                len: PAGE_SIZE as u32,
+            }),
+        }
+    }
+    for r in &mut refs {
+        if r.off == 0 && r.bytes() == r.chunk.len as u64 {
+            r.len = 0;
+        }
+    }
+    Ok((jobs, refs))
+}
+
 /// Totals of a parallel dump.
 #[derive(Debug, Default)]
 pub struct DumpTotals {

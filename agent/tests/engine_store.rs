@@ -556,3 +556,229 @@ fn rm_prune_and_gc_delete_exactly_the_chunks_no_image_references() -> Result<()>
     ensure!(verified > 0);
     Ok(())
 }
+
+/// `dump --json` of `pid` to `image` (a shared-store URL), with more arguments.
+fn dump_json(
+    pid: i32,
+    image: &str,
+    more: &[&str],
+    env: &[(&str, &str)],
+) -> Result<serde_json::Value> {
+    let pid = pid.to_string();
+    let mut args = vec!["dump", "--pid", &pid, "--image", image, "--json"];
+    args.extend_from_slice(more);
+    let r = run_agent_env(agent(), &args, env, AGENT_TIMEOUT)?.ok()?;
+    serde_json::from_str(&r.stdout).with_context(|| format!("no JSON: {}", r.describe()))
+}
+
+/// Restores `image` into `w`'s PID and waits for `more` ticks after `at`.
+fn restore_into(w: &mut Work, image: &str, at: u64) -> Result<()> {
+    let restored = run_agent_env(agent(), &["restore", "--image", image], &[], AGENT_TIMEOUT)?;
+    if let Ok(p) = last_line_pid(&restored) {
+        w.root.set_pid(p);
+    }
+    restored.ok()?;
+    wait_for_tick(&w.log(), at + MORE, WAIT)?;
+    Ok(())
+}
+
+#[test]
+fn a_chain_of_incremental_dumps_restores_a_tree_that_keeps_writing() -> Result<()> {
+    require_root!(Ok(()));
+    let dir = tempfile::tempdir()?;
+    let store = format!("file://{}", dir.path().display());
+    // heap_checksum rewrites parts of its 32 MiB heap every tick and checks the
+    // running checksum of all of it: a page taken wrongly from a parent shows.
+    let mut w = Work::start("heap_checksum", &["32"])?;
+    let a = dump_json(w.pid, &format!("{store}/job.a"), &["--leave-running"], &[])?;
+    ensure!(a["parent"].is_null() && a["reused_bytes"] == 0, "{a}");
+    wait_for_tick(&w.log(), w.last() + 3, WAIT)?;
+    let b = dump_json(
+        w.pid,
+        &format!("{store}/job.b"),
+        &["--leave-running", "--parent", "job.a"],
+        &[],
+    )?;
+    ensure!(
+        b["parent"].as_str().is_some_and(|p| p.ends_with("/job.a")),
+        "not incremental: {b}"
+    );
+    ensure!(b["reused_bytes"].as_u64().unwrap_or(0) > 0, "{b}");
+    wait_for_tick(&w.log(), w.last() + 3, WAIT)?;
+    // The last one in kill mode, then back from it.
+    let c = dump_json(
+        w.pid,
+        &format!("{store}/job.c"),
+        &["--parent", "job.b"],
+        &[],
+    )?;
+    eprintln!("a: {a}\nb: {b}\nc: {c}");
+    ensure!(c["reused_bytes"].as_u64().unwrap_or(0) > 0, "{c}");
+    w.wait_killed()?;
+    let at = w.last();
+    restore_into(&mut w, &format!("{store}/job.c"), at)?;
+    w.root.kill();
+    let ticks = check_log(&w.log())?;
+    ensure!(ticks.iter().all(|t| t.hex("csum").is_some()));
+    Ok(())
+}
+
+/// The workload's largest anonymous mapping (start, end).
+fn largest_anon(pid: i32) -> Result<(u64, u64)> {
+    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps"))?;
+    maps.lines()
+        .filter_map(|l| {
+            let mut f = l.split_whitespace();
+            let range = f.next()?;
+            if f.nth(4).is_some() {
+                return None;
+            }
+            let (a, b) = range.split_once('-')?;
+            Some((
+                u64::from_str_radix(a, 16).ok()?,
+                u64::from_str_radix(b, 16).ok()?,
+            ))
+        })
+        .max_by_key(|(a, b)| b - a)
+        .context("no anonymous mapping")
+}
+
+#[test]
+fn an_incremental_dump_stores_only_the_written_pages_and_they_come_back() -> Result<()> {
+    require_root!(Ok(()));
+    use std::os::unix::fs::FileExt;
+    let server = S3Server::start();
+    let store = format!("s3://{BUCKET}/inc");
+    let mut w = Work::start("bench_mem", &["64"])?;
+    let env: Vec<(&str, String)> = server.env();
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let full = dump_json(w.pid, &format!("{store}/job.1"), &["--leave-running"], &env)?;
+    // 5% of the big mapping's pages, picked at random, get new bytes from outside.
+    let (start, end) = largest_anon(w.pid)?;
+    let pages = (end - start) / 4096;
+    let mem = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(format!("/proc/{}/mem", w.pid))?;
+    let mut s = 0x1234_5678_9abc_def1u64;
+    let mut next = || {
+        s ^= s << 13;
+        s ^= s >> 7;
+        s ^= s << 17;
+        s
+    };
+    let mut chosen = std::collections::BTreeMap::new();
+    while (chosen.len() as u64) < pages / 20 {
+        let p = next() % pages;
+        let bytes: Vec<u8> = (0..512).flat_map(|_| next().to_le_bytes()).collect();
+        chosen.insert(p, bytes);
+    }
+    for (p, bytes) in &chosen {
+        mem.write_all_at(bytes, start + p * 4096)?;
+    }
+    let changed = chosen.len() as u64 * 4096;
+    let inc = dump_json(
+        w.pid,
+        &format!("{store}/job.2"),
+        &["--parent", "job.1"],
+        &env,
+    )?;
+    eprintln!("full: {full}\nincremental, {changed} bytes changed: {inc}");
+    let stored = inc["stored_bytes"].as_u64().context("stored_bytes")?;
+    let reused = inc["reused_bytes"].as_u64().context("reused_bytes")?;
+    // The written pages, plus what the program itself wrote (its stack, libc's
+    // data: a few pages), in packed chunks with their headers.
+    ensure!(
+        stored <= changed + changed / 10 + (256 << 10),
+        "stored {stored} bytes for {changed} changed (full: {})",
+        full["stored_bytes"]
+    );
+    ensure!(
+        reused >= (64 << 20) - changed - (1 << 20),
+        "reused only {reused}: {inc}"
+    );
+    w.wait_killed()?;
+    // Back from the incremental image: the written pages are ours, the others the
+    // workload's own.
+    let restored = run(
+        &server,
+        &["restore", "--image", &format!("{store}/job.2")],
+        &[],
+    )?;
+    if let Ok(p) = last_line_pid(&restored) {
+        w.root.set_pid(p);
+    }
+    restored.ok()?;
+    let mem = std::fs::File::open(format!("/proc/{}/mem", w.pid))?;
+    let mut page = vec![0u8; 4096];
+    for (p, bytes) in &chosen {
+        mem.read_exact_at(&mut page, start + p * 4096)?;
+        ensure!(&page == bytes, "page {p} did not come back as written");
+    }
+    let untouched = (0..pages)
+        .find(|p| !chosen.contains_key(p))
+        .context("no page left")?;
+    mem.read_exact_at(&mut page, start + untouched * 4096)?;
+    ensure!(
+        page.iter().any(|&b| b != 0),
+        "unwritten page {untouched} came back empty"
+    );
+    Ok(())
+}
+
+#[test]
+fn a_failed_dump_after_arming_makes_the_next_incremental_one_full() -> Result<()> {
+    require_root!(Ok(()));
+    let dir = tempfile::tempdir()?;
+    let store = format!("file://{}", dir.path().display());
+    let mut w = Work::start("heap_checksum", &["16"])?;
+    dump_json(w.pid, &format!("{store}/job.a"), &["--leave-running"], &[])?;
+    wait_for_tick(&w.log(), w.last() + 2, WAIT)?;
+    // This one scans and protects the written pages again, then fails.
+    let pid = w.pid.to_string();
+    let failed = run_agent_env(
+        agent(),
+        &[
+            "dump",
+            "--pid",
+            &pid,
+            "--image",
+            &format!("{store}/job.b"),
+            "--leave-running",
+            "--parent",
+            "job.a",
+        ],
+        &[("CKPT_FAULT", "before-commit")],
+        AGENT_TIMEOUT,
+    )?;
+    ensure!(!failed.success(), "the induced failure did not fail");
+    wait_for_tick(&w.log(), w.last() + 2, WAIT)?;
+    // Against job.a again: the pages written before the failed dump are not known
+    // any more, so this must be a full dump, and say so.
+    let c = run_agent_env(
+        agent(),
+        &[
+            "dump",
+            "--pid",
+            &pid,
+            "--image",
+            &format!("{store}/job.c"),
+            "--parent",
+            "job.a",
+        ],
+        &[],
+        AGENT_TIMEOUT,
+    )?
+    .ok()?;
+    ensure!(
+        c.stdout.contains("full dump: write tracking"),
+        "{}",
+        c.describe()
+    );
+    w.wait_killed()?;
+    let at = w.last();
+    restore_into(&mut w, &format!("{store}/job.c"), at)?;
+    w.root.kill();
+    check_log(&w.log())?;
+    Ok(())
+}

@@ -77,6 +77,15 @@ pub struct DumpStats {
     pub stored_bytes: u64,
     /// Number of distinct chunks referenced.
     pub chunks: u64,
+    /// Bytes of memory not read again but taken from the parent image's chunks
+    /// (incremental dumps; 0 otherwise).
+    #[serde(default)]
+    pub reused_bytes: u64,
+    /// The parent image of an incremental dump, as its location (`None` for a
+    /// full dump). The image does not need it to be restored: its extents name
+    /// the parent's chunks directly.
+    #[serde(default)]
+    pub parent: Option<String>,
 }
 
 /// One process.

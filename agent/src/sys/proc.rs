@@ -80,6 +80,9 @@ pub struct Stat {
     pub arg_end: u64,
     pub env_start: u64,
     pub env_end: u64,
+    /// Clock ticks after boot when the process started: with the PID, an identity
+    /// that survives PID reuse.
+    pub start_time: u64,
 }
 
 pub fn stat(pid: pid_t) -> Result<Stat> {
@@ -117,6 +120,7 @@ fn parse_stat(s: &str) -> Option<Stat> {
         arg_end: f(49)?,
         env_start: f(50)?,
         env_end: f(51)?,
+        start_time: f(22)?,
     })
 }
 

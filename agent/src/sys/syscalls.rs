@@ -273,6 +273,10 @@ pub mod uffd {
     const UFFDIO_REGISTER: u64 = 0xC020_AA00;
     const UFFDIO_COPY: u64 = 0xC028_AA03;
     const REGISTER_MODE_MISSING: u64 = 1;
+    const REGISTER_MODE_WP: u64 = 2;
+    // _IOWR(0xAA, 0x06, struct uffdio_writeprotect)
+    const UFFDIO_WRITEPROTECT: u64 = 0xC018_AA06;
+    const WRITEPROTECT_MODE_WP: u64 = 1;
     const COPY_MODE_DONTWAKE: u64 = 1;
 
     #[repr(C)]
@@ -317,12 +321,53 @@ pub mod uffd {
 
     /// The API handshake every new descriptor needs before anything else.
     pub fn handshake(fd: BorrowedFd<'_>) -> Result<()> {
+        handshake_with(fd, 0)
+    }
+
+    /// Asynchronous write protection (Linux 6.7): a write to a protected page is
+    /// let through by the kernel itself, which only clears the page's protection;
+    /// `PAGEMAP_SCAN` then reports the page as written. Nobody handles faults.
+    /// Unpopulated pages are protected too, so a first write to one is seen.
+    pub const FEATURE_WP_ASYNC: u64 = (1 << 15) | (1 << 13);
+
+    /// The handshake, asking for `features`.
+    pub fn handshake_with(fd: BorrowedFd<'_>, features: u64) -> Result<()> {
         let mut a = Api {
             api: API,
-            features: 0,
+            features,
             ioctls: 0,
         };
-        ioctl(fd, UFFDIO_API, &mut a, "UFFDIO_API", 0)
+        ioctl(fd, UFFDIO_API, &mut a, "UFFDIO_API", features)
+    }
+
+    /// Registers `[start, start+len)` for write-protect tracking.
+    pub fn register_wp(fd: BorrowedFd<'_>, start: u64, len: u64) -> Result<()> {
+        let mut r = Register {
+            range: Range { start, len },
+            mode: REGISTER_MODE_WP,
+            ioctls: 0,
+        };
+        ioctl(fd, UFFDIO_REGISTER, &mut r, "UFFDIO_REGISTER(WP)", start)
+    }
+
+    /// Write-protects `[start, start+len)` (registered for WP).
+    pub fn write_protect(fd: BorrowedFd<'_>, start: u64, len: u64) -> Result<()> {
+        #[repr(C)]
+        struct Wp {
+            range: Range,
+            mode: u64,
+        }
+        let mut w = Wp {
+            range: Range { start, len },
+            mode: WRITEPROTECT_MODE_WP,
+        };
+        ioctl(
+            fd,
+            UFFDIO_WRITEPROTECT,
+            &mut w,
+            "UFFDIO_WRITEPROTECT",
+            start,
+        )
     }
 
     /// Registers `[start, start+len)` of the descriptor's mm for missing-page filling.
@@ -371,4 +416,79 @@ pub mod uffd {
         }
         Ok(())
     }
+}
+
+/// `PAGEMAP_SCAN` (Linux 6.7) on `/proc/PID/pagemap`: the ranges of pages in
+/// `[start, end)` written since they were write-protected through a userfaultfd in
+/// async mode (see [`uffd::FEATURE_WP_ASYNC`]). With `reprotect`, the same call
+/// write-protects them again, atomically with the report. VMAs not registered for
+/// write protection are skipped by the kernel: callers scan registered ranges only.
+pub fn pagemap_scan_written(
+    pagemap: &std::fs::File,
+    start: u64,
+    end: u64,
+    reprotect: bool,
+) -> Result<Vec<(u64, u64)>> {
+    #[repr(C)]
+    #[derive(Clone, Copy, Default)]
+    struct Region {
+        start: u64,
+        end: u64,
+        categories: u64,
+    }
+    #[repr(C)]
+    struct Arg {
+        size: u64,
+        flags: u64,
+        start: u64,
+        end: u64,
+        walk_end: u64,
+        vec: u64,
+        vec_len: u64,
+        max_pages: u64,
+        category_inverted: u64,
+        category_mask: u64,
+        category_anyof_mask: u64,
+        return_mask: u64,
+    }
+    // _IOWR('f', 16, struct pm_scan_arg)
+    const PAGEMAP_SCAN: u64 = 0xC060_6610;
+    const PAGE_IS_WRITTEN: u64 = 1 << 1;
+    const PM_SCAN_WP_MATCHING: u64 = 1 << 0;
+    let mut vec = vec![Region::default(); 4096];
+    let mut out: Vec<(u64, u64)> = Vec::new();
+    let mut at = start;
+    while at < end {
+        let mut a = Arg {
+            size: std::mem::size_of::<Arg>() as u64,
+            flags: if reprotect { PM_SCAN_WP_MATCHING } else { 0 },
+            start: at,
+            end,
+            walk_end: 0,
+            vec: vec.as_mut_ptr() as u64,
+            vec_len: vec.len() as u64,
+            max_pages: 0,
+            category_inverted: 0,
+            category_mask: PAGE_IS_WRITTEN,
+            category_anyof_mask: 0,
+            return_mask: PAGE_IS_WRITTEN,
+        };
+        // SAFETY: `a` is a valid pm_scan_arg whose vec points at `vec` (vec_len
+        // entries) for the duration of the call.
+        let n = unsafe { libc::ioctl(pagemap.as_raw_fd(), PAGEMAP_SCAN as _, &mut a as *mut Arg) };
+        if n < 0 {
+            return Err(SysError::last("PAGEMAP_SCAN", format!("{at:#x}")));
+        }
+        for r in &vec[..n as usize] {
+            match out.last_mut() {
+                Some(last) if last.1 == r.start => last.1 = r.end,
+                _ => out.push((r.start, r.end)),
+            }
+        }
+        if a.walk_end <= at {
+            break;
+        }
+        at = a.walk_end;
+    }
+    Ok(out)
 }
