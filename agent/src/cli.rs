@@ -110,8 +110,9 @@ pub enum Command {
         /// Restore into a fresh PID namespace, where the original PIDs are free.
         #[arg(long)]
         new_pid_ns: bool,
-        /// Worker threads that fetch, verify and write memory (default: the CPUs, or
-        /// 16 for an s3:// store).
+        /// Worker threads that fetch, verify and write memory (default: the CPUs); for
+        /// an s3:// store, the requests kept in flight instead, each with a 1 MiB
+        /// buffer (default 32).
         #[arg(long)]
         workers: Option<usize>,
     },
@@ -317,8 +318,9 @@ fn parse_location(s: &str) -> Result<Location, String> {
 }
 
 /// Default worker threads: the CPUs for a local store (the work is CPU and disk), 16
-/// for a remote one (the threads mostly wait on the network).
-fn default_workers(image: &Location) -> usize {
+/// for a remote one (the threads mostly wait on the network); `remote` overrides the
+/// latter.
+fn default_workers(image: &Location, remote: usize) -> usize {
     let cpus = std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(2);
@@ -326,7 +328,7 @@ fn default_workers(image: &Location) -> usize {
         Location::Named {
             store: ckpt_shared::objstore::StoreUrl::S3 { .. },
             ..
-        } => cpus.max(16),
+        } => cpus.max(remote),
         _ => cpus,
     }
 }
@@ -349,7 +351,7 @@ pub fn run(cli: Cli) -> Result<()> {
                 image: image.clone(),
                 leave_running,
                 zstd_level: (compress > 0).then_some(compress),
-                workers: workers.unwrap_or_else(|| default_workers(&image)),
+                workers: workers.unwrap_or_else(|| default_workers(&image, 16)),
                 snapshot_limit: max_snapshot.unwrap_or_else(crate::dump::default_snapshot_limit),
                 parent,
                 track: !no_track,
@@ -409,7 +411,7 @@ pub fn run(cli: Cli) -> Result<()> {
             let opts = crate::restore::RestoreOptions {
                 image: image.clone(),
                 new_pid_ns,
-                workers: workers.unwrap_or_else(|| default_workers(&image)),
+                workers: workers.unwrap_or_else(|| default_workers(&image, 32)),
             };
             let rep = crate::restore::restore(&opts)
                 .with_context(|| format!("restore from {image} failed; no process was started"))?;

@@ -800,6 +800,9 @@ pub fn fill_pipelined<E: From<MemError>>(
     workers: usize,
     mut populate: impl FnMut(&Segment) -> Result<(), E>,
 ) -> Result<u64, E> {
+    if store.is_remote() {
+        return fill_remote(direct, segs, store, workers, populate);
+    }
     let written = AtomicU64::new(0);
     let err: Mutex<Option<MemError>> = Mutex::new(None);
     let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<WriteJob>>(4);
@@ -858,6 +861,40 @@ pub fn fill_pipelined<E: From<MemError>>(
         return Err(e.into());
     }
     Ok(written.into_inner())
+}
+
+/// [`fill_pipelined`] over the network: every segment is populated first, then one
+/// thread drives `concurrency` requests at a time and writes each chunk as it
+/// arrives.
+fn fill_remote<E: From<MemError>>(
+    direct: Vec<WriteJob>,
+    segs: Vec<Segment>,
+    store: &ImageStore,
+    concurrency: usize,
+    mut populate: impl FnMut(&Segment) -> Result<(), E>,
+) -> Result<u64, E> {
+    let mut jobs = direct;
+    for seg in segs {
+        populate(&seg)?;
+        jobs.extend(seg.jobs);
+    }
+    let chunks: Vec<ChunkRef> = jobs.iter().map(|j| j.chunk).collect();
+    let mut written = 0u64;
+    let done = store.fetch_each(&chunks, concurrency, |i, b| -> Result<(), MemError> {
+        for p in &jobs[i].pieces {
+            write_piece(p, &b[p.off as usize..(p.off + p.len) as usize])?;
+            written += p.len as u64;
+        }
+        Ok(())
+    });
+    match done {
+        Some(r) => r.map(|()| written).map_err(E::from),
+        None => Err(E::from(MemError::Write {
+            pid: 0,
+            addr: 0,
+            source: std::io::Error::other("internal: a local store filled as a remote one"),
+        })),
+    }
 }
 
 fn write_job(j: &WriteJob, store: &ImageStore, buf: &mut Vec<u8>) -> Result<u64, MemError> {

@@ -265,6 +265,27 @@ pub fn decode_into(chunk: &ChunkRef, object: &[u8], out: &mut [u8]) -> Result<()
 }
 
 /// Whether `s` is a chunk name: 64 lowercase hex digits.
+/// Checks a raw object read in two parts: its header, and its payload already in
+/// `out` (the object was exactly header + `chunk.len` bytes). The header must say
+/// raw, and the bytes must hash to the chunk.
+pub fn verify_raw(
+    chunk: &ChunkRef,
+    header: &[u8; CHUNK_HEADER_LEN],
+    out: &[u8],
+) -> Result<(), ChunkFmtError> {
+    let codec = check_header(chunk, header, out.len() as u64).map_err(|r| corrupt(chunk, r))?;
+    if codec != CODEC_RAW {
+        return Err(corrupt(
+            chunk,
+            "a compressed payload as long as the raw bytes".to_string(),
+        ));
+    }
+    if blake3::hash(out).as_bytes() != &chunk.hash {
+        return Err(corrupt(chunk, "checksum mismatch"));
+    }
+    Ok(())
+}
+
 pub fn is_chunk_name(s: &str) -> bool {
     s.len() == 64 && s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
 }

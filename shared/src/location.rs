@@ -210,6 +210,47 @@ impl ImageStore {
         Ok(())
     }
 
+    /// For a remote store: fetches and verifies `chunks` with `concurrency` requests
+    /// in flight, all driven from the calling thread (no thread per request, whose
+    /// wake-ups would cost more than the work on a small node), and hands each to
+    /// `sink` as it arrives, with its index. Returns `None` for a local store: the
+    /// caller reads those from its own threads.
+    pub fn fetch_each<E: From<ImageStoreError>>(
+        &self,
+        chunks: &[ChunkRef],
+        concurrency: usize,
+        mut sink: impl FnMut(usize, &[u8]) -> Result<(), E>,
+    ) -> Option<Result<(), E>> {
+        use futures_util::StreamExt;
+        let Kind::Remote { store, .. } = &self.kind else {
+            return None;
+        };
+        let backend = store.backend();
+        // Buffers go back to a pool after use: a fresh 1 MiB buffer per chunk would
+        // be mapped and faulted in every time.
+        let pool = std::cell::RefCell::new(Vec::<Vec<u8>>::new());
+        Some(store.block_on(async {
+            let mut results = futures_util::stream::iter(chunks.iter().enumerate())
+                .map(|(i, c)| {
+                    let mut buf = pool.borrow_mut().pop().unwrap_or_default();
+                    async move {
+                        buf.resize(c.len as usize, 0);
+                        let r = backend.get_chunk(c, &mut buf).await;
+                        (i, buf, r)
+                    }
+                })
+                .buffer_unordered(concurrency.max(1));
+            while let Some((i, buf, r)) = results.next().await {
+                if let Err(e) = r {
+                    return Err(E::from(ImageStoreError::from(e)));
+                }
+                sink(i, &buf)?;
+                pool.borrow_mut().push(buf);
+            }
+            Ok(())
+        }))
+    }
+
     /// Whether the store has an object for `chunk` (its content is not checked).
     pub fn has_chunk(&self, chunk: &ChunkRef) -> Result<bool, ImageStoreError> {
         Ok(match &self.kind {

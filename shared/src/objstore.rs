@@ -314,6 +314,9 @@ pub struct S3Config {
     pub secret_access_key: Option<String>,
     /// Whether plain `http` is allowed; by default only when the endpoint is `http://`.
     pub allow_http: Option<bool>,
+    /// With AWS and no keys: use the instance role's credentials from the metadata
+    /// service (`CKPT_S3_INSTANCE_ROLE=1`). Off by default.
+    pub instance_role: bool,
 }
 
 impl S3Config {
@@ -337,6 +340,8 @@ impl S3Config {
                 .secret_access_key
                 .or_else(|| get("AWS_SECRET_ACCESS_KEY")),
             allow_http: self.allow_http,
+            instance_role: self.instance_role
+                || get("CKPT_S3_INSTANCE_ROLE").is_some_and(|v| v == "1" || v == "true"),
         }
     }
 }
@@ -585,14 +590,51 @@ impl ObjectStoreBackend {
                 ),
             ));
         }
-        let object = got
-            .bytes()
-            .await
-            .map_err(|e| self.request_err("get chunk", &key, e))?;
-        chunkfmt::decode_into(chunk, &object, out).map_err(|e| match e {
+        let size = got.meta.size;
+        let fix = |e| match e {
             ChunkFmtError::Corrupt { chunk, reason } => self.corrupt(chunk, reason),
             other => other.into(),
-        })
+        };
+        if size != (crate::store::CHUNK_HEADER_LEN + out.len()) as u64 {
+            // Compressed (or damaged): whole, then decoded.
+            let object = got
+                .bytes()
+                .await
+                .map_err(|e| self.request_err("get chunk", &key, e))?;
+            return chunkfmt::decode_into(chunk, &object, out).map_err(fix);
+        }
+        // The size of a raw chunk: the payload streams straight into `out`, with no
+        // buffer of 1 MiB allocated (and faulted in) per request, then the header is
+        // checked and the bytes verified.
+        let mut header = [0u8; crate::store::CHUNK_HEADER_LEN];
+        let mut at = 0usize;
+        let total = size as usize;
+        let mut stream = got.into_stream();
+        while let Some(piece) = stream
+            .try_next()
+            .await
+            .map_err(|e| self.request_err("get chunk", &key, e))?
+        {
+            let mut piece = &piece[..];
+            if at + piece.len() > total {
+                return Err(self.corrupt(hex, format!("object is longer than its {total} bytes")));
+            }
+            if at < header.len() {
+                let n = piece.len().min(header.len() - at);
+                header[at..at + n].copy_from_slice(&piece[..n]);
+                at += n;
+                piece = &piece[n..];
+            }
+            if !piece.is_empty() {
+                let o = at - header.len();
+                out[o..o + piece.len()].copy_from_slice(piece);
+                at += piece.len();
+            }
+        }
+        if at != total {
+            return Err(self.corrupt(hex, format!("object ended after {at} of {total} bytes")));
+        }
+        chunkfmt::verify_raw(chunk, &header, out).map_err(fix)
     }
 
     /// Names (64 hex digits) of every chunk in the store, sorted. Objects that are not
@@ -1004,7 +1046,18 @@ fn open_s3(
                 .with_access_key_id(id)
                 .with_secret_access_key(secret);
         }
-        (None, None) => {} // AWS: instance or container credentials.
+        // AWS without keys: the instance's role, through the metadata service, only
+        // when asked for. Otherwise a node with no credentials would send requests
+        // to 169.254.169.254 and fail slowly with a confusing error.
+        (None, None) if s3.instance_role => {}
+        (None, None) => {
+            return Err(config_err(
+                "no S3 credentials: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (and \
+                 AWS_ENDPOINT_URL for a store other than AWS), or CKPT_S3_INSTANCE_ROLE=1 \
+                 to use the credentials of this EC2 instance's role"
+                    .into(),
+            ))
+        }
         _ => {
             return Err(config_err(
                 "set both AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or neither".into(),
@@ -1203,6 +1256,7 @@ mod tests {
                 access_key_id: Some("id".into()),
                 secret_access_key: Some("from-file".into()),
                 allow_http: None,
+                instance_role: false,
             }
         );
         // Set fields win over the environment.
@@ -1213,6 +1267,18 @@ mod tests {
         .fill_from(env);
         assert_eq!(set.region.as_deref(), Some("us-west-2"));
         assert_eq!(set.secret_access_key, None, "empty values count as unset");
+    }
+
+    #[test]
+    fn aws_without_keys_is_refused_unless_the_instance_role_is_asked_for() {
+        let cfg = StoreConfig::default();
+        let err = ObjectStoreBackend::open("s3://bucket/p", &cfg)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("no S3 credentials"), "{err}");
+        let role =
+            S3Config::default().fill_from(|k| (k == "CKPT_S3_INSTANCE_ROLE").then(|| "1".into()));
+        assert!(role.instance_role);
     }
 
     fn s3_config(endpoint: &str) -> StoreConfig {

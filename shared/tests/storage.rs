@@ -368,6 +368,7 @@ fn s3_config(endpoint: &str) -> StoreConfig {
             access_key_id: Some(ACCESS_KEY.into()),
             secret_access_key: Some(SECRET_KEY.into()),
             allow_http: None,
+            instance_role: false,
         },
         retry: RetryPolicy {
             max_retries: 3,
