@@ -84,6 +84,11 @@ pub enum Command {
         /// after the dump; without it, the next dump cannot be incremental.
         #[arg(long)]
         no_track: bool,
+        /// Largest memory chunk (a multiple of 4K, from 64K to 64M). Default: 1M for a
+        /// directory or file:// store, 4M for s3:// (fewer requests; S3 servers are
+        /// slow on small objects). Smaller chunks dedupe finer across images.
+        #[arg(long, value_name = "SIZE", value_parser = parse_chunk_size)]
+        chunk_size: Option<u64>,
         /// zstd level for memory chunks (0 stores them raw; raw is the default because
         /// HPC memory is mostly incompressible floating point).
         #[arg(long, default_value_t = 0, value_name = "LEVEL")]
@@ -111,8 +116,8 @@ pub enum Command {
         #[arg(long)]
         new_pid_ns: bool,
         /// Worker threads that fetch, verify and write memory (default: the CPUs); for
-        /// an s3:// store, the requests kept in flight instead, each with a 1 MiB
-        /// buffer (default 32).
+        /// an s3:// store, the requests kept in flight instead, each with a buffer of
+        /// one chunk (default 32: 128 MiB with the 4 MiB chunks of s3:// dumps).
         #[arg(long)]
         workers: Option<usize>,
     },
@@ -313,6 +318,16 @@ fn images(op: ImagesOp) -> Result<()> {
     Ok(())
 }
 
+fn parse_chunk_size(s: &str) -> Result<u64, String> {
+    let n = parse_size(s)?;
+    if !(64 << 10..=64 << 20).contains(&n) || !n.is_multiple_of(4096) {
+        return Err(format!(
+            "{s:?}: a chunk is a multiple of 4K from 64K to 64M"
+        ));
+    }
+    Ok(n)
+}
+
 fn parse_location(s: &str) -> Result<Location, String> {
     Location::parse(s).map_err(|e| e.to_string())
 }
@@ -342,6 +357,7 @@ pub fn run(cli: Cli) -> Result<()> {
             max_snapshot,
             parent,
             no_track,
+            chunk_size,
             compress,
             workers,
             json,
@@ -355,6 +371,13 @@ pub fn run(cli: Cli) -> Result<()> {
                 snapshot_limit: max_snapshot.unwrap_or_else(crate::dump::default_snapshot_limit),
                 parent,
                 track: !no_track,
+                chunk_size: chunk_size.unwrap_or(match &image {
+                    Location::Named {
+                        store: ckpt_shared::objstore::StoreUrl::S3 { .. },
+                        ..
+                    } => crate::mem::CHUNK_MAX_REMOTE,
+                    _ => crate::mem::CHUNK_MAX,
+                }),
             };
             let img = crate::dump::dump(&opts).with_context(|| {
                 format!("dump of PID {pid} failed; the process tree was left running")

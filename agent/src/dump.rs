@@ -101,6 +101,8 @@ pub struct DumpOptions {
     /// With `--leave-running` into a shared store: arm write tracking so that the
     /// next dump can be incremental.
     pub track: bool,
+    /// Largest chunk, in bytes (a multiple of the page size).
+    pub chunk_size: u64,
 }
 
 /// Half of the memory available now: the default snapshot limit.
@@ -474,18 +476,33 @@ pub fn dump(opts: &DumpOptions) -> Result<Image, DumpError> {
             match &parent_exts {
                 Some(pe) if is_tracked(m) => {
                     let written = track::written(&pm, m.start, m.end)?;
-                    let (j, refs) = mem::plan_incremental(&pm, p.pid, target, m, &written, pe)?;
+                    let (j, refs) = mem::plan_incremental(
+                        &pm,
+                        p.pid,
+                        target,
+                        m,
+                        &written,
+                        pe,
+                        opts.chunk_size,
+                    )?;
                     written_jobs.extend(j);
                     from_parent.entry(target).or_default().extend(refs);
                 }
-                _ => jobs.extend(mem::plan_reads(&pm, p.pid, target, m, &mut seen_shm)?),
+                _ => jobs.extend(mem::plan_reads(
+                    &pm,
+                    p.pid,
+                    target,
+                    m,
+                    &mut seen_shm,
+                    opts.chunk_size,
+                )?),
             }
         }
     }
     let mut groups = mem::one_group_per_job(&jobs);
     let first_written = jobs.len();
     groups.extend(
-        mem::packed_groups(&written_jobs)
+        mem::packed_groups(&written_jobs, opts.chunk_size)
             .into_iter()
             .map(|g| g.start + first_written..g.end + first_written),
     );

@@ -13,7 +13,8 @@
 //! | vDSO / vvar / vsyscall  | none: mapped again by the kernel                     |
 //!
 //! All-zero pages are dropped too (fresh anonymous memory is zero). The rest is cut
-//! into chunks of at most [`CHUNK_MAX`] bytes (see [`dump_parallel`]), hashed
+//! into chunks of at most [`CHUNK_MAX`] bytes ([`CHUNK_MAX_REMOTE`] for a remote
+//! store; see [`dump_parallel`]), hashed
 //! (BLAKE3) and put in the store.
 //!
 //! Reading and writing target memory needs no ptrace relationship, only
@@ -34,8 +35,13 @@ use libc::pid_t;
 
 use crate::sys::{self, proc};
 
-/// Largest chunk: 1 MiB of contiguous pages.
+/// Largest chunk for a local store: 1 MiB. Every chunk is a file there, synced
+/// before the commit; smaller chunks dedupe finer.
 pub const CHUNK_MAX: u64 = 1 << 20;
+/// Largest chunk for a remote store: 4 MiB. Every chunk is a request there, and an
+/// S3 server's cost per request makes 1 MiB objects slow to fetch (measured with
+/// s3s-fs: restore at 0.73 of a plain download with 1 MiB chunks, 0.82 with 4).
+pub const CHUNK_MAX_REMOTE: u64 = 4 << 20;
 
 #[derive(Debug, thiserror::Error)]
 pub enum MemError {
@@ -175,13 +181,14 @@ fn wanted(kind: &MappingKind, shared: bool, pm: u64) -> bool {
     }
 }
 
-/// Plan the reads for one mapping: runs of wanted pages, at most [`CHUNK_MAX`] each.
+/// Plan the reads for one mapping: runs of wanted pages, at most `chunk_max` each.
 pub fn plan_reads(
     pagemap: &File,
     pid: pid_t,
     target: Target,
     map: &Mapping,
     seen_shmem: &mut std::collections::HashSet<(u32, u64)>,
+    chunk_max: u64,
 ) -> Result<Vec<ReadJob>, MemError> {
     if matches!(
         map.kind,
@@ -229,7 +236,7 @@ pub fn plan_reads(
             }
         }
         match (&mut run, want) {
-            (Some((a, l)), true) if *a + *l == addr && *l < CHUNK_MAX => *l += PAGE_SIZE,
+            (Some((a, l)), true) if *a + *l == addr && *l < chunk_max => *l += PAGE_SIZE,
             (_, true) => {
                 flush(&mut run, &mut jobs);
                 run = Some((addr, PAGE_SIZE));
@@ -254,6 +261,7 @@ pub fn plan_incremental(
     map: &Mapping,
     written: &[(u64, u64)],
     parent: &[Extent],
+    chunk_max: u64,
 ) -> Result<(Vec<ReadJob>, Vec<Extent>), MemError> {
     let pm = proc::pagemap(pagemap, map.start, map.end).map_err(|source| MemError::Read {
         pid,
@@ -275,7 +283,7 @@ pub fn plan_incremental(
         let dirty = w < written.len() && written[w].0 <= addr;
         if dirty {
             match jobs.last_mut() {
-                Some(j) if j.addr + j.len == addr && j.len < CHUNK_MAX => j.len += PAGE_SIZE,
+                Some(j) if j.addr + j.len == addr && j.len < chunk_max => j.len += PAGE_SIZE,
                 _ => jobs.push(ReadJob {
                     target,
                     pid,
@@ -474,12 +482,12 @@ pub fn one_group_per_job(jobs: &[ReadJob]) -> Vec<Group> {
     (0..jobs.len()).map(|i| i..i + 1).collect()
 }
 
-/// Consecutive jobs packed into groups of at most [`CHUNK_MAX`] bytes.
-pub fn packed_groups(jobs: &[ReadJob]) -> Vec<Group> {
+/// Consecutive jobs packed into groups of at most `chunk_max` bytes.
+pub fn packed_groups(jobs: &[ReadJob], chunk_max: u64) -> Vec<Group> {
     let mut out = Vec::new();
     let (mut start, mut bytes) = (0, 0u64);
     for (i, j) in jobs.iter().enumerate() {
-        if i > start && bytes + j.len > CHUNK_MAX {
+        if i > start && bytes + j.len > chunk_max {
             out.push(start..i);
             start = i;
             bytes = 0;
