@@ -234,7 +234,7 @@ fn run() -> Result<()> {
     println!(
         "  the agent's peak memory (VmHWM, any run): {} MiB for a {mib} MiB process \
          (no snapshot; bounded by the chunks in hand: dump 16 workers x 2 chunks, \
-         restore 32 requests x 1 chunk, 4 MiB chunks for s3://)",
+         restore 16 requests x 1 chunk, 4 MiB chunks for s3://)",
         AGENT_PEAK_KB.load(Ordering::Relaxed) / 1024
     );
     Ok(())

@@ -117,7 +117,7 @@ pub enum Command {
         new_pid_ns: bool,
         /// Worker threads that fetch, verify and write memory (default: the CPUs); for
         /// an s3:// store, the requests kept in flight instead, each with a buffer of
-        /// one chunk (default 32: 128 MiB with the 4 MiB chunks of s3:// dumps).
+        /// one chunk (default 16: 64 MiB with the 4 MiB chunks of s3:// dumps).
         #[arg(long)]
         workers: Option<usize>,
     },
@@ -434,7 +434,7 @@ pub fn run(cli: Cli) -> Result<()> {
             let opts = crate::restore::RestoreOptions {
                 image: image.clone(),
                 new_pid_ns,
-                workers: workers.unwrap_or_else(|| default_workers(&image, 32)),
+                workers: workers.unwrap_or_else(|| default_workers(&image, 16)),
             };
             let rep = crate::restore::restore(&opts)
                 .with_context(|| format!("restore from {image} failed; no process was started"))?;

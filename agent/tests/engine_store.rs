@@ -5,7 +5,11 @@
 //! - images in one store share their chunks: a second checkpoint of a process that
 //!   barely changed uploads a small fraction of the first (asserted in bytes);
 //! - a damaged or missing chunk in the bucket is refused at restore, naming the
-//!   chunk, and nothing is left running;
+//!   chunk, and so is a truncated manifest; nothing is left running;
+//! - incremental dumps (`--parent`): a chain restores a tree that keeps writing,
+//!   5% of pages rewritten cost 1.0x their bytes and come back, and a dump that
+//!   fails after arming makes the next one full;
+//! - gc beside a checkpoint in progress, a checkpoint facing a gc, rm/prune/gc;
 //! - the server killed during the upload: the dump fails naming the store, the tree
 //!   runs on untouched, and no manifest is committed.
 //!
@@ -229,7 +233,8 @@ fn expect_refused(server: &S3Server, url: &str, pid: i32, name: &str, what: &str
 }
 
 #[test]
-fn a_damaged_or_missing_chunk_in_s3_is_refused_naming_it_and_starts_nothing() -> Result<()> {
+fn a_damaged_or_missing_chunk_or_a_truncated_manifest_in_s3_is_refused_and_starts_nothing(
+) -> Result<()> {
     require_root!(Ok(()));
     let server = S3Server::start();
     let mut w = Work::start("heap_checksum", &["8"])?;
@@ -258,6 +263,23 @@ fn a_damaged_or_missing_chunk_in_s3_is_refused_naming_it_and_starts_nothing() ->
     // The same chunk gone.
     std::fs::remove_file(&victim)?;
     expect_refused(&server, &url, w.pid, &name, "missing")?;
+
+    // The manifest cut short.
+    let manifest = server.bucket_dir().join("bad/images/img/manifest.ckpt");
+    let bytes = std::fs::read(&manifest)?;
+    std::fs::write(&manifest, &bytes[..bytes.len() / 2])?;
+    let r = run(&server, &["restore", "--image", &url], &[])?;
+    ensure!(!r.success(), "restore from a truncated manifest succeeded");
+    ensure!(
+        r.stderr.contains("truncated") || r.stderr.contains("corrupt"),
+        "the error does not say the manifest is damaged: {}",
+        r.describe()
+    );
+    ensure!(
+        !is_alive(w.pid),
+        "PID {} runs after a refused restore",
+        w.pid
+    );
     Ok(())
 }
 
