@@ -146,6 +146,13 @@ pub fn to_text(img: &Image) -> String {
         s.freeze_us as f64 / 1e3,
         s.total_us as f64 / 1e3
     );
+    if let Some(parent) = &s.parent {
+        let _ = writeln!(
+            o,
+            "incremental: {} of unwritten pages taken from the chunks of {parent}",
+            human(s.reused_bytes)
+        );
+    }
     for p in &img.processes {
         let comm = p.threads.first().map(|t| t.comm.as_str()).unwrap_or("?");
         let _ = writeln!(

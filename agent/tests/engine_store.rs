@@ -626,6 +626,18 @@ fn a_chain_of_incremental_dumps_restores_a_tree_that_keeps_writing() -> Result<(
         "not incremental: {b}"
     );
     ensure!(b["reused_bytes"].as_u64().unwrap_or(0) > 0, "{b}");
+    let shown = run_agent_env(
+        agent(),
+        &["inspect", "--image", &format!("{store}/job.b")],
+        &[],
+        AGENT_TIMEOUT,
+    )?
+    .ok()?;
+    ensure!(
+        shown.stdout.contains("incremental:") && shown.stdout.contains("/job.a"),
+        "inspect does not show the parent: {}",
+        shown.describe()
+    );
     wait_for_tick(&w.log(), w.last() + 3, WAIT)?;
     // The last one in kill mode, then back from it.
     let c = dump_json(
