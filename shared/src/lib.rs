@@ -12,6 +12,10 @@
 //!   `s3://bucket/prefix/NAME`) and [`location::ImageStore`], the one interface the
 //!   agent's dump, restore and inspect use on any of them.
 //!
+//! - [`proto`]: the messages of the controller–agent barrier and their bounded
+//!   frames.
+//! - [`gc`]: deleting images and unreferenced chunks beside checkpoints in progress.
+//!
 //! No I/O policy lives here beyond the stores themselves.
 
 pub mod chunkfmt;
@@ -20,4 +24,5 @@ pub mod gc;
 pub mod image;
 pub mod location;
 pub mod objstore;
+pub mod proto;
 pub mod store;

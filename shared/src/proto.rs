@@ -1,0 +1,238 @@
+//! Messages between the controller and the agents, and their frames.
+//!
+//! Every message travels in the envelope of [`crate::codec`] (magic, version,
+//! kind, length, BLAKE3, MessagePack with field names) behind a 4-byte length, and
+//! is at most [`MAX_FRAME`] bytes: a peer that sends more, or garbage, is refused
+//! before anything is allocated for it. The messages carry the protocol version in
+//! [`Hello`]; an agent and a controller of different versions refuse each other at
+//! the handshake with a message that names both.
+//!
+//! This is the vocabulary of the barrier (DESIGN.md, "Data flow of a checkpoint");
+//! the state machine that speaks it is `ckpt_controller::barrier`.
+
+use serde::{Deserialize, Serialize};
+
+use crate::codec::{self, CodecError};
+
+/// Version of this protocol.
+pub const PROTO_VERSION: u32 = 1;
+
+/// Largest frame accepted or sent (length prefix excluded).
+pub const MAX_FRAME: usize = 16 << 20;
+
+/// Envelope kind of controller-to-agent messages.
+pub const KIND_TO_AGENT: [u8; 4] = *b"C2AG";
+/// Envelope kind of agent-to-controller messages.
+pub const KIND_TO_CONTROLLER: [u8; 4] = *b"AG2C";
+
+/// One checkpoint attempt of a job; every message of the barrier names it, and a
+/// message of another attempt is ignored.
+pub type AttemptId = u64;
+
+/// A rank of a job on its node.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RankRef {
+    pub rank: u32,
+    pub pid: i32,
+}
+
+/// The first message on a connection, each way.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Hello {
+    pub proto_version: u32,
+    /// The node name (an agent) or "controller".
+    pub name: String,
+}
+
+/// What one rank's dump produced.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RankManifest {
+    pub rank: u32,
+    /// Where the rank's image is (a shared-store location).
+    pub image: String,
+    pub memory_bytes: u64,
+    pub stored_bytes: u64,
+}
+
+/// Controller to agent.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ToAgent {
+    Hello(Hello),
+    /// Seize every thread of these ranks (and lock their connections); answer
+    /// `Frozen`.
+    Freeze {
+        attempt: AttemptId,
+        job: String,
+        ranks: Vec<RankRef>,
+    },
+    /// Everyone is frozen: read the state; answer `Captured`.
+    Capture {
+        attempt: AttemptId,
+    },
+    /// Everyone has captured: let the ranks run on, and store; answer `Stored`.
+    Resume {
+        attempt: AttemptId,
+    },
+    /// Store while the ranks stay frozen (a save that kills); answer `Stored`.
+    Store {
+        attempt: AttemptId,
+    },
+    /// The checkpoint is committed: kill the ranks (a save that kills).
+    Kill {
+        attempt: AttemptId,
+    },
+    /// The attempt failed: thaw, unlock and detach; drop what was captured.
+    Abort {
+        attempt: AttemptId,
+        reason: String,
+    },
+}
+
+/// Agent to controller.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum FromAgent {
+    Hello(Hello),
+    Frozen {
+        attempt: AttemptId,
+    },
+    Captured {
+        attempt: AttemptId,
+    },
+    Stored {
+        attempt: AttemptId,
+        ranks: Vec<RankManifest>,
+    },
+    /// This agent cannot go on with the attempt.
+    Failed {
+        attempt: AttemptId,
+        reason: String,
+    },
+}
+
+/// Errors of framing.
+#[derive(Debug, thiserror::Error)]
+pub enum FrameError {
+    #[error("frame of {len} bytes is larger than the limit of {MAX_FRAME}: not a ckpt peer?")]
+    TooLarge { len: usize },
+    #[error("frame is cut short: {have} of {need} bytes")]
+    Short { have: usize, need: usize },
+    #[error(transparent)]
+    Codec(#[from] CodecError),
+}
+
+fn frame(kind: [u8; 4], value: &impl Serialize) -> Result<Vec<u8>, FrameError> {
+    let body = codec::encode(kind, value)?;
+    if body.len() > MAX_FRAME {
+        return Err(FrameError::TooLarge { len: body.len() });
+    }
+    let mut out = Vec::with_capacity(4 + body.len());
+    out.extend_from_slice(&(body.len() as u32).to_le_bytes());
+    out.extend_from_slice(&body);
+    Ok(out)
+}
+
+/// The length of the frame that `prefix` (at least 4 bytes) starts, checked
+/// against [`MAX_FRAME`] before anything is read for it.
+pub fn frame_len(prefix: &[u8]) -> Result<usize, FrameError> {
+    let Some(p) = prefix.get(..4) else {
+        return Err(FrameError::Short {
+            have: prefix.len(),
+            need: 4,
+        });
+    };
+    let len = u32::from_le_bytes(p.try_into().expect("4 bytes")) as usize;
+    if len > MAX_FRAME {
+        return Err(FrameError::TooLarge { len });
+    }
+    Ok(len)
+}
+
+fn unframe<T: serde::de::DeserializeOwned>(kind: [u8; 4], bytes: &[u8]) -> Result<T, FrameError> {
+    let len = frame_len(bytes)?;
+    let body = &bytes[4..];
+    if body.len() != len {
+        return Err(FrameError::Short {
+            have: body.len(),
+            need: len,
+        });
+    }
+    Ok(codec::decode(kind, body)?)
+}
+
+impl ToAgent {
+    pub fn to_frame(&self) -> Result<Vec<u8>, FrameError> {
+        frame(KIND_TO_AGENT, self)
+    }
+    pub fn from_frame(bytes: &[u8]) -> Result<ToAgent, FrameError> {
+        unframe(KIND_TO_AGENT, bytes)
+    }
+}
+
+impl FromAgent {
+    pub fn to_frame(&self) -> Result<Vec<u8>, FrameError> {
+        frame(KIND_TO_CONTROLLER, self)
+    }
+    pub fn from_frame(bytes: &[u8]) -> Result<FromAgent, FrameError> {
+        unframe(KIND_TO_CONTROLLER, bytes)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn messages_round_trip_through_frames() {
+        let msgs = vec![
+            ToAgent::Hello(Hello {
+                proto_version: PROTO_VERSION,
+                name: "controller".into(),
+            }),
+            ToAgent::Freeze {
+                attempt: 7,
+                job: "job42".into(),
+                ranks: vec![RankRef { rank: 0, pid: 4121 }],
+            },
+            ToAgent::Abort {
+                attempt: 7,
+                reason: "node b timed out in CAPTURE".into(),
+            },
+        ];
+        for m in msgs {
+            assert_eq!(ToAgent::from_frame(&m.to_frame().unwrap()).unwrap(), m);
+        }
+        let up = FromAgent::Stored {
+            attempt: 7,
+            ranks: vec![RankManifest {
+                rank: 0,
+                image: "s3://ckpt/c1/job42.7.r0".into(),
+                memory_bytes: 1 << 30,
+                stored_bytes: 1 << 20,
+            }],
+        };
+        assert_eq!(FromAgent::from_frame(&up.to_frame().unwrap()).unwrap(), up);
+    }
+
+    #[test]
+    fn a_frame_of_the_other_direction_or_cut_short_or_too_long_is_refused() {
+        let f = FromAgent::Frozen { attempt: 1 }.to_frame().unwrap();
+        assert!(
+            ToAgent::from_frame(&f).is_err(),
+            "kinds are not interchangeable"
+        );
+        assert!(matches!(
+            FromAgent::from_frame(&f[..f.len() - 1]),
+            Err(FrameError::Short { .. })
+        ));
+        let mut huge = f.clone();
+        huge[..4].copy_from_slice(&u32::MAX.to_le_bytes());
+        assert!(matches!(
+            FromAgent::from_frame(&huge),
+            Err(FrameError::TooLarge { .. })
+        ));
+        let mut flipped = f;
+        let last = flipped.len() - 1;
+        flipped[last] ^= 1;
+        assert!(FromAgent::from_frame(&flipped).is_err());
+    }
+}
