@@ -319,24 +319,7 @@ fn dump(server: &S3Server, pid: i32, image: &str, parent: Option<&str>) -> Resul
 /// Writes new random bytes into `share` of the pages of the workload's largest
 /// anonymous mapping, chosen at random; returns the bytes changed.
 fn change_pages(pid: i32, share: f64, seed: u64) -> Result<u64> {
-    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps"))?;
-    let (start, end) = maps
-        .lines()
-        .filter_map(|l| {
-            let mut f = l.split_whitespace();
-            let range = f.next()?;
-            let name = f.nth(4);
-            if name.is_some() {
-                return None;
-            }
-            let (a, b) = range.split_once('-')?;
-            Some((
-                u64::from_str_radix(a, 16).ok()?,
-                u64::from_str_radix(b, 16).ok()?,
-            ))
-        })
-        .max_by_key(|(a, b)| b - a)
-        .context("no anonymous mapping")?;
+    let (start, end) = ckpt_tests::process::largest_anon_mapping(pid)?;
     let pages = (end - start) / 4096;
     let want = (pages as f64 * share) as u64;
     let mem = std::fs::OpenOptions::new()

@@ -568,9 +568,19 @@ pub fn dump(opts: &DumpOptions) -> Result<Image, DumpError> {
         }
     }
     fault("after-memory")?;
+    let freeze_end = Instant::now();
+    let frozen_for_kill = if opts.leave_running {
+        frozen.thaw();
+        None
+    } else {
+        Some(frozen)
+    };
+    let freeze_us = freeze_end.duration_since(t_frozen).as_micros() as u64;
     if !armed.is_empty() {
-        // The holder keeps the userfaultfds once this command exits; the older
-        // holder, whose descriptors the new one now has too, can go.
+        // Out of the freeze window: the tracking is armed and our descriptors keep
+        // it until the holder has its copies. The holder keeps the userfaultfds
+        // once this command exits; the older holder, whose descriptors the new one
+        // now has too, can go.
         match track::park(&armed, &epoch) {
             Ok(_) => {
                 let mut old: Vec<(pid_t, u64)> =
@@ -585,14 +595,6 @@ pub fn dump(opts: &DumpOptions) -> Result<Image, DumpError> {
         }
         drop(armed);
     }
-    let freeze_end = Instant::now();
-    let frozen_for_kill = if opts.leave_running {
-        frozen.thaw();
-        None
-    } else {
-        Some(frozen)
-    };
-    let freeze_us = freeze_end.duration_since(t_frozen).as_micros() as u64;
     let (mut extents, totals) = match stored_now {
         Some(x) => x,
         None => mem::dump_parallel(

@@ -168,6 +168,45 @@ impl Remote {
     }
 }
 
+/// A userfaultfd bound to the mm of `r`'s process, handshaken with `features`:
+/// created inside the process (one injected `userfaultfd(2)`, since the descriptor
+/// binds to its creator's mm), taken out with `pidfd_getfd`, and closed there again,
+/// so that the process never keeps it. `Ok(None)`, with the reason logged, where
+/// the kernel refuses any step; an error only if the injected `close` fails, which
+/// would leave the descriptor in the process.
+pub fn userfaultfd_of(
+    r: &mut Remote,
+    features: u64,
+) -> Result<Option<std::os::fd::OwnedFd>, InjectError> {
+    use std::os::fd::AsFd;
+    let pid = r.tid;
+    let flags = libc::O_CLOEXEC as u64 | crate::sys::uffd::USER_MODE_ONLY;
+    let theirs = match r.syscall(crate::sys::nr::USERFAULTFD, [flags, 0, 0, 0, 0, 0]) {
+        Ok(fd) => fd,
+        Err(e) => {
+            tracing::debug!(pid, %e, "userfaultfd refused");
+            return Ok(None);
+        }
+    };
+    let ours = crate::sys::pidfd_open(pid)
+        .and_then(|pidfd| crate::sys::pidfd_getfd(&pidfd, pid, theirs as std::os::fd::RawFd));
+    r.syscall(crate::sys::nr::CLOSE, [theirs, 0, 0, 0, 0, 0])?;
+    let ours = match ours {
+        Ok(fd) => fd,
+        Err(e) => {
+            tracing::debug!(pid, %e, "taking the userfaultfd out failed");
+            return Ok(None);
+        }
+    };
+    match crate::sys::uffd::handshake_with(ours.as_fd(), features) {
+        Ok(()) => Ok(Some(ours)),
+        Err(e) => {
+            tracing::debug!(pid, features, %e, "userfaultfd handshake refused");
+            Ok(None)
+        }
+    }
+}
+
 /// Find a `syscall` instruction (0f 05) in `bytes`, which start at `base`.
 pub fn find_syscall_insn(bytes: &[u8], base: u64) -> Option<u64> {
     bytes

@@ -662,7 +662,7 @@ pub fn restore(opts: &RestoreOptions) -> Result<RestoreReport, RestoreError> {
                 .iter()
                 .any(|m| matches!(m.kind, MappingKind::Anon { .. }) && !m.data.is_empty())
         {
-            open_uffd(r)?
+            crate::inject::userfaultfd_of(r, 0)?
         } else {
             None
         };
@@ -1021,41 +1021,6 @@ fn map_memory(
         mem::segments(husk, host_pid, &m.data, segs);
     }
     Ok(())
-}
-
-/// A userfaultfd bound to the husk's mm, for filling its private anonymous memory
-/// with `UFFDIO_COPY` (see `sys::uffd`). Created inside the husk, taken out with
-/// `pidfd_getfd` and closed there again, so that the restored process never has it.
-/// `None` where the kernel refuses (no userfaultfd, a sysctl): the fill then
-/// populates in bulk and copies, which is slower but equivalent.
-fn open_uffd(r: &mut Remote) -> Result<Option<OwnedFd>, RestoreError> {
-    let pid = r.tid;
-    let flags = libc::O_CLOEXEC as u64 | sys::uffd::USER_MODE_ONLY;
-    let theirs = match r.syscall(nr::USERFAULTFD, [flags, 0, 0, 0, 0, 0]) {
-        Ok(fd) => fd,
-        Err(e) => {
-            debug!(pid, %e, "userfaultfd unavailable; populating instead");
-            return Ok(None);
-        }
-    };
-    let ours =
-        sys::pidfd_open(pid).and_then(|pidfd| sys::pidfd_getfd(&pidfd, pid, theirs as RawFd));
-    // The restored process must not keep it: a failure here is a failed restore.
-    r.syscall(nr::CLOSE, [theirs, 0, 0, 0, 0, 0])?;
-    let ours = match ours {
-        Ok(fd) => fd,
-        Err(e) => {
-            debug!(pid, %e, "taking the husk's userfaultfd failed; populating instead");
-            return Ok(None);
-        }
-    };
-    match sys::uffd::handshake(ours.as_fd()) {
-        Ok(()) => Ok(Some(ours)),
-        Err(e) => {
-            debug!(pid, %e, "userfaultfd handshake failed; populating instead");
-            Ok(None)
-        }
-    }
 }
 
 fn finish_memory(r: &mut Remote, p: &Process) -> Result<(), RestoreError> {

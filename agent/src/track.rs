@@ -41,7 +41,7 @@ use serde::{Deserialize, Serialize};
 use tracing::debug;
 
 use crate::inject::{InjectError, Remote};
-use crate::sys::{self, nr, proc};
+use crate::sys::{self, proc};
 
 /// Where the registry lives (`CKPT_TRACK_DIR` overrides it).
 fn registry_dir() -> PathBuf {
@@ -117,33 +117,11 @@ pub fn take(e: &Entry) -> Option<OwnedFd> {
     link.to_string_lossy().contains("userfaultfd").then_some(fd)
 }
 
-/// Creates a userfaultfd for the process of `r` (injected), in async write-protect
-/// mode, and returns our copy; the process's own descriptor is closed again.
-/// `None` where the kernel refuses (older than 6.7, no userfaultfd).
+/// Creates a userfaultfd for the process of `r`, in async write-protect mode (see
+/// [`crate::inject::userfaultfd_of`]); `None` where the kernel refuses (older than
+/// 6.7, no userfaultfd): no write tracking then.
 pub fn create(r: &mut Remote) -> Result<Option<OwnedFd>, InjectError> {
-    let pid = r.tid;
-    let flags = libc::O_CLOEXEC as u64 | sys::uffd::USER_MODE_ONLY;
-    let theirs = match r.syscall(nr::USERFAULTFD, [flags, 0, 0, 0, 0, 0]) {
-        Ok(fd) => fd,
-        Err(e) => {
-            debug!(pid, %e, "userfaultfd refused: no write tracking");
-            return Ok(None);
-        }
-    };
-    let ours =
-        sys::pidfd_open(pid).and_then(|pidfd| sys::pidfd_getfd(&pidfd, pid, theirs as RawFd));
-    // The process must not keep it.
-    r.syscall(nr::CLOSE, [theirs, 0, 0, 0, 0, 0])?;
-    let Ok(ours) = ours else {
-        return Ok(None);
-    };
-    match sys::uffd::handshake_with(ours.as_fd(), sys::uffd::FEATURE_WP_ASYNC) {
-        Ok(()) => Ok(Some(ours)),
-        Err(e) => {
-            debug!(pid, %e, "async write protection unsupported: no write tracking");
-            Ok(None)
-        }
-    }
+    crate::inject::userfaultfd_of(r, sys::uffd::FEATURE_WP_ASYNC)
 }
 
 /// Registers and write-protects `[start, end)` ranges; returns how many took (a

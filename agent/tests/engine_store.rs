@@ -657,26 +657,6 @@ fn a_chain_of_incremental_dumps_restores_a_tree_that_keeps_writing() -> Result<(
     Ok(())
 }
 
-/// The workload's largest anonymous mapping (start, end).
-fn largest_anon(pid: i32) -> Result<(u64, u64)> {
-    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps"))?;
-    maps.lines()
-        .filter_map(|l| {
-            let mut f = l.split_whitespace();
-            let range = f.next()?;
-            if f.nth(4).is_some() {
-                return None;
-            }
-            let (a, b) = range.split_once('-')?;
-            Some((
-                u64::from_str_radix(a, 16).ok()?,
-                u64::from_str_radix(b, 16).ok()?,
-            ))
-        })
-        .max_by_key(|(a, b)| b - a)
-        .context("no anonymous mapping")
-}
-
 #[test]
 fn an_incremental_dump_stores_only_the_written_pages_and_they_come_back() -> Result<()> {
     require_root!(Ok(()));
@@ -688,7 +668,7 @@ fn an_incremental_dump_stores_only_the_written_pages_and_they_come_back() -> Res
     let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
     let full = dump_json(w.pid, &format!("{store}/job.1"), &["--leave-running"], &env)?;
     // 5% of the big mapping's pages, picked at random, get new bytes from outside.
-    let (start, end) = largest_anon(w.pid)?;
+    let (start, end) = ckpt_tests::process::largest_anon_mapping(w.pid)?;
     let pages = (end - start) / 4096;
     let mem = std::fs::OpenOptions::new()
         .read(true)

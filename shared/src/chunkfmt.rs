@@ -294,27 +294,7 @@ pub fn is_chunk_name(s: &str) -> bool {
 mod tests {
     use super::*;
     use crate::store::{ChunkStore, StoreError};
-
-    fn noise(len: usize, seed: u64) -> Vec<u8> {
-        let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-        (0..len)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                x as u8
-            })
-            .collect()
-    }
-
-    fn text(len: usize) -> Vec<u8> {
-        b"the quick brown fox jumps over the lazy dog. "
-            .iter()
-            .copied()
-            .cycle()
-            .take(len)
-            .collect()
-    }
+    use ckpt_tests::data::{noise, text};
 
     /// The cases that reach every branch of the encoder: raw, zstd, zstd that does
     /// not pay (falls back to raw), empty, and a page of zeros.

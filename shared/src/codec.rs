@@ -603,6 +603,15 @@ pub(crate) mod tests {
         // delete bytes of a real payload, re-seal it so the checksum passes, and check
         // that decoding only ever returns. `shared/fuzz` does this properly.
         let good = rmp_serde::to_vec_named(&sample_image()).unwrap();
+        for_each_mutation(&good, 3000, |p| {
+            let _ = decode_image(&frame_raw(KIND_IMAGE, p));
+        });
+    }
+
+    /// Calls `f` with `rounds` damaged copies of `good`: one to four bytes flipped,
+    /// replaced, inserted or removed each (a fixed xorshift sequence, so a failure
+    /// repeats).
+    pub(crate) fn for_each_mutation(good: &[u8], rounds: usize, mut f: impl FnMut(&[u8])) {
         let mut x: u64 = 0x2545_f491_4f6c_dd1d;
         let mut next = move || {
             x ^= x << 13;
@@ -610,8 +619,8 @@ pub(crate) mod tests {
             x ^= x << 17;
             x
         };
-        for _ in 0..3000 {
-            let mut p = good.clone();
+        for _ in 0..rounds {
+            let mut p = good.to_vec();
             for _ in 0..1 + next() % 4 {
                 let at = (next() as usize) % p.len();
                 match next() % 4 {
@@ -623,7 +632,7 @@ pub(crate) mod tests {
                     }
                 }
             }
-            let _ = decode_image(&frame_raw(KIND_IMAGE, &p));
+            f(&p);
         }
     }
 

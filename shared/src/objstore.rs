@@ -550,11 +550,7 @@ impl ObjectStoreBackend {
     /// Whether an object for `chunk` exists (its content is not checked).
     pub async fn has_chunk(&self, chunk: &ChunkRef) -> Result<bool, ObjStoreError> {
         let key = self.chunk_key(&chunk.hex());
-        match self.store.head(&key).await {
-            Ok(_) => Ok(true),
-            Err(object_store::Error::NotFound { .. }) => Ok(false),
-            Err(e) => Err(self.request_err("head chunk", &key, e)),
-        }
+        self.exists("head chunk", &key).await
     }
 
     /// Reads `chunk` into `out` (exactly `chunk.len` bytes), verifying its header,
@@ -663,11 +659,7 @@ impl ObjectStoreBackend {
             return Err(ObjStoreError::BadChunkName { name: hex.into() });
         }
         let key = self.chunk_key(hex);
-        match self.store.delete(&key).await {
-            Ok(()) => Ok(()),
-            Err(ref e @ object_store::Error::NotFound { .. }) if !is_missing_bucket(e) => Ok(()),
-            Err(e) => Err(self.request_err("delete chunk", &key, e)),
-        }
+        self.delete_if_there("delete chunk", &key).await
     }
 
     /// Writes the manifest of image `name`: the commit point, to be called after every
@@ -751,11 +743,7 @@ impl ObjectStoreBackend {
     pub async fn delete_manifest(&self, name: &str) -> Result<(), ObjStoreError> {
         check_image_name(name)?;
         let key = self.manifest_key(name);
-        match self.store.delete(&key).await {
-            Ok(()) => Ok(()),
-            Err(ref e @ object_store::Error::NotFound { .. }) if !is_missing_bucket(e) => Ok(()),
-            Err(e) => Err(self.request_err("delete manifest", &key, e)),
-        }
+        self.delete_if_there("delete manifest", &key).await
     }
 
     /// Writes the marker `<root>/<kind>/<id>` (see [`crate::gc`]); returns its
@@ -777,37 +765,22 @@ impl ObjectStoreBackend {
     /// Deletes marker `<root>/<kind>/<id>` (absent is fine).
     pub async fn delete_marker(&self, kind: &str, id: &str) -> Result<(), ObjStoreError> {
         let key = self.root.clone().join(kind).join(id);
-        match self.store.delete(&key).await {
-            Ok(()) => Ok(()),
-            Err(ref e @ object_store::Error::NotFound { .. }) if !is_missing_bucket(e) => Ok(()),
-            Err(e) => Err(self.request_err("delete marker", &key, e)),
-        }
+        self.delete_if_there("delete marker", &key).await
     }
 
     /// Whether marker `<root>/<kind>/<id>` exists.
     pub async fn has_marker(&self, kind: &str, id: &str) -> Result<bool, ObjStoreError> {
         let key = self.root.clone().join(kind).join(id);
-        match self.store.head(&key).await {
-            Ok(_) => Ok(true),
-            Err(object_store::Error::NotFound { .. }) => Ok(false),
-            Err(e) => Err(self.request_err("head marker", &key, e)),
-        }
+        self.exists("head marker", &key).await
     }
 
     /// Every marker under `<root>/<kind>/`: its id and modification time (ms since
     /// the epoch, the store's clock).
     pub async fn list_markers(&self, kind: &str) -> Result<Vec<(String, i64)>, ObjStoreError> {
         let dir = self.root.clone().join(kind);
-        let metas: Vec<_> = match self.store.list(Some(&dir)).try_collect().await {
-            Ok(m) => m,
-            Err(object_store::Error::NotFound { .. })
-                if !matches!(self.url, StoreUrl::S3 { .. }) =>
-            {
-                Vec::new()
-            }
-            Err(e) => return Err(self.request_err("list", &dir, e)),
-        };
-        Ok(metas
+        Ok(self
+            .list_metas(&dir)
+            .await?
             .into_iter()
             .filter_map(|m| {
                 let parts: Vec<String> = m
@@ -823,19 +796,28 @@ impl ObjectStoreBackend {
             .collect())
     }
 
-    /// The path segments below `dir` of every object under it.
-    async fn list_under(&self, dir: &ObjPath) -> Result<Vec<Vec<String>>, ObjStoreError> {
-        let metas: Vec<_> = match self.store.list(Some(dir)).try_collect().await {
-            Ok(m) => m,
-            // A local store whose directory was never written lists as not found.
+    /// Every object under `dir`; a local store whose directory was never written
+    /// lists as empty.
+    async fn list_metas(
+        &self,
+        dir: &ObjPath,
+    ) -> Result<Vec<object_store::ObjectMeta>, ObjStoreError> {
+        match self.store.list(Some(dir)).try_collect().await {
+            Ok(m) => Ok(m),
             Err(object_store::Error::NotFound { .. })
                 if !matches!(self.url, StoreUrl::S3 { .. }) =>
             {
-                Vec::new()
+                Ok(Vec::new())
             }
-            Err(e) => return Err(self.request_err("list", dir, e)),
-        };
-        Ok(metas
+            Err(e) => Err(self.request_err("list", dir, e)),
+        }
+    }
+
+    /// The path segments below `dir` of every object under it.
+    async fn list_under(&self, dir: &ObjPath) -> Result<Vec<Vec<String>>, ObjStoreError> {
+        Ok(self
+            .list_metas(dir)
+            .await?
             .into_iter()
             .filter_map(|m| {
                 m.location
@@ -843,6 +825,24 @@ impl ObjectStoreBackend {
                     .map(|parts| parts.map(|p| p.as_ref().to_string()).collect())
             })
             .collect())
+    }
+
+    /// Deletes `key`; one that is not there is not an error (S3 does not tell).
+    async fn delete_if_there(&self, op: &'static str, key: &ObjPath) -> Result<(), ObjStoreError> {
+        match self.store.delete(key).await {
+            Ok(()) => Ok(()),
+            Err(ref e @ object_store::Error::NotFound { .. }) if !is_missing_bucket(e) => Ok(()),
+            Err(e) => Err(self.request_err(op, key, e)),
+        }
+    }
+
+    /// Whether an object `key` exists.
+    async fn exists(&self, op: &'static str, key: &ObjPath) -> Result<bool, ObjStoreError> {
+        match self.store.head(key).await {
+            Ok(_) => Ok(true),
+            Err(object_store::Error::NotFound { .. }) => Ok(false),
+            Err(e) => Err(self.request_err(op, key, e)),
+        }
     }
 
     fn corrupt(&self, chunk: String, reason: String) -> ObjStoreError {

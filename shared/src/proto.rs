@@ -250,29 +250,11 @@ mod tests {
             }],
         })
         .unwrap();
-        let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
-        let mut next = move || {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x
-        };
-        for _ in 0..3000 {
-            let mut p = good.clone();
-            for _ in 0..1 + next() % 4 {
-                let at = (next() as usize) % p.len();
-                match next() % 3 {
-                    0 => p[at] ^= 1 << (next() % 8),
-                    1 => p.insert(at, next() as u8),
-                    _ => {
-                        p.remove(at);
-                    }
-                }
-            }
-            let body = crate::codec::tests::frame_raw(KIND_TO_CONTROLLER, &p);
+        crate::codec::tests::for_each_mutation(&good, 3000, |p| {
+            let body = crate::codec::tests::frame_raw(KIND_TO_CONTROLLER, p);
             let mut f = (body.len() as u32).to_le_bytes().to_vec();
             f.extend_from_slice(&body);
             let _ = FromAgent::from_frame(&f);
-        }
+        });
     }
 }

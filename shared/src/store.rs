@@ -655,33 +655,12 @@ fn is_chunk_name(s: &str) -> bool {
 mod tests {
     use super::*;
     use crate::codec::{self, CodecError};
+    use ckpt_tests::data::{noise, text};
 
     fn store() -> (tempfile::TempDir, ChunkStore) {
         let dir = tempfile::tempdir().unwrap();
         let store = ChunkStore::open(dir.path()).unwrap();
         (dir, store)
-    }
-
-    /// Pseudo-random bytes (xorshift), incompressible for zstd.
-    fn noise(len: usize, seed: u64) -> Vec<u8> {
-        let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-        (0..len)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                x as u8
-            })
-            .collect()
-    }
-
-    fn text(len: usize) -> Vec<u8> {
-        b"the quick brown fox jumps over the lazy dog. "
-            .iter()
-            .copied()
-            .cycle()
-            .take(len)
-            .collect()
     }
 
     fn object_bytes(store: &ChunkStore, c: &ChunkRef) -> Vec<u8> {

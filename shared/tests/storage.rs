@@ -19,31 +19,10 @@ use ckpt_shared::objstore::{
 use ckpt_shared::store::{ChunkStore, CHUNK_HEADER_LEN, CODEC_RAW, CODEC_ZSTD};
 use object_store::{ObjectStoreExt, PutPayload};
 
+use ckpt_tests::data::{noise, text};
 use ckpt_tests::s3::{free_port, S3Server, ACCESS_KEY, BUCKET, SECRET_KEY};
 
 // ---------------------------------------------------------------- data
-
-/// Pseudo-random bytes (xorshift), incompressible for zstd.
-fn noise(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
-}
-
-fn text(len: usize) -> Vec<u8> {
-    b"the quick brown fox jumps over the lazy dog. "
-        .iter()
-        .copied()
-        .cycle()
-        .take(len)
-        .collect()
-}
 
 fn get(store: &BlockingStore, c: &ChunkRef) -> Result<Vec<u8>, ObjStoreError> {
     let mut out = vec![0u8; c.len as usize];

@@ -398,3 +398,29 @@ impl Drop for PidsGuard {
         self.kill_all();
     }
 }
+
+/// The largest mapping of `pid` with no name (anonymous, not the heap or stack),
+/// as `(start, end)`, from `/proc/PID/maps`.
+pub fn largest_anon_mapping(pid: i32) -> io::Result<(u64, u64)> {
+    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps"))?;
+    maps.lines()
+        .filter_map(|l| {
+            let mut f = l.split_whitespace();
+            let range = f.next()?;
+            if f.nth(4).is_some() {
+                return None;
+            }
+            let (a, b) = range.split_once('-')?;
+            Some((
+                u64::from_str_radix(a, 16).ok()?,
+                u64::from_str_radix(b, 16).ok()?,
+            ))
+        })
+        .max_by_key(|(a, b)| b - a)
+        .ok_or_else(|| {
+            io::Error::new(
+                io::ErrorKind::NotFound,
+                format!("PID {pid} has no anonymous mapping"),
+            )
+        })
+}

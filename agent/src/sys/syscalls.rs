@@ -319,18 +319,14 @@ pub mod uffd {
         Ok(())
     }
 
-    /// The API handshake every new descriptor needs before anything else.
-    pub fn handshake(fd: BorrowedFd<'_>) -> Result<()> {
-        handshake_with(fd, 0)
-    }
-
     /// Asynchronous write protection (Linux 6.7): a write to a protected page is
     /// let through by the kernel itself, which only clears the page's protection;
     /// `PAGEMAP_SCAN` then reports the page as written. Nobody handles faults.
     /// Unpopulated pages are protected too, so a first write to one is seen.
     pub const FEATURE_WP_ASYNC: u64 = (1 << 15) | (1 << 13);
 
-    /// The handshake, asking for `features`.
+    /// The API handshake every new descriptor needs before anything else, asking
+    /// for `features` (0 for plain missing-page filling).
     pub fn handshake_with(fd: BorrowedFd<'_>, features: u64) -> Result<()> {
         let mut a = Api {
             api: API,
@@ -342,12 +338,7 @@ pub mod uffd {
 
     /// Registers `[start, start+len)` for write-protect tracking.
     pub fn register_wp(fd: BorrowedFd<'_>, start: u64, len: u64) -> Result<()> {
-        let mut r = Register {
-            range: Range { start, len },
-            mode: REGISTER_MODE_WP,
-            ioctls: 0,
-        };
-        ioctl(fd, UFFDIO_REGISTER, &mut r, "UFFDIO_REGISTER(WP)", start)
+        register_mode(fd, start, len, REGISTER_MODE_WP, "UFFDIO_REGISTER(WP)")
     }
 
     /// Write-protects `[start, start+len)` (registered for WP).
@@ -372,12 +363,22 @@ pub mod uffd {
 
     /// Registers `[start, start+len)` of the descriptor's mm for missing-page filling.
     pub fn register(fd: BorrowedFd<'_>, start: u64, len: u64) -> Result<()> {
+        register_mode(fd, start, len, REGISTER_MODE_MISSING, "UFFDIO_REGISTER")
+    }
+
+    fn register_mode(
+        fd: BorrowedFd<'_>,
+        start: u64,
+        len: u64,
+        mode: u64,
+        op: &'static str,
+    ) -> Result<()> {
         let mut r = Register {
             range: Range { start, len },
-            mode: REGISTER_MODE_MISSING,
+            mode,
             ioctls: 0,
         };
-        ioctl(fd, UFFDIO_REGISTER, &mut r, "UFFDIO_REGISTER", start)
+        ioctl(fd, UFFDIO_REGISTER, &mut r, op, start)
     }
 
     /// Allocates the pages at `dst` in the descriptor's mm and copies `src` into them.
