@@ -439,10 +439,13 @@ pub fn run(cli: Cli) -> Result<()> {
             let rep = crate::restore::restore(&opts)
                 .with_context(|| format!("restore from {image} failed; no process was started"))?;
             eprintln!(
-                "restored {} of memory in {:.1} ms (fill {:.1} ms)",
+                "restored {} of memory in {:.1} ms (fill {:.1} ms; {} of {} processes \
+                 filled by userfaultfd)",
                 crate::inspect::human(rep.memory_bytes),
                 rep.total_us as f64 / 1e3,
-                rep.fill_us as f64 / 1e3
+                rep.fill_us as f64 / 1e3,
+                rep.uffd_processes,
+                rep.processes
             );
             println!("{}", rep.root_pid);
         }

@@ -108,6 +108,10 @@ pub struct RestoreReport {
     pub memory_bytes: u64,
     pub total_us: u64,
     pub fill_us: u64,
+    /// Processes whose private anonymous memory went in through a userfaultfd
+    /// (the others were populated and copied).
+    pub uffd_processes: usize,
+    pub processes: usize,
 }
 
 const TRAMP_LEN: u64 = 2 * PAGE_SIZE;
@@ -711,6 +715,7 @@ pub fn restore(opts: &RestoreOptions) -> Result<RestoreReport, RestoreError> {
         },
     )?;
     let fill_us = t_fill.elapsed().as_micros() as u64;
+    let uffd_processes = uffds.len();
     drop(uffds);
     ph.mark("populate+fill");
 
@@ -884,6 +889,8 @@ pub fn restore(opts: &RestoreOptions) -> Result<RestoreReport, RestoreError> {
         memory_bytes: written,
         total_us: t0.elapsed().as_micros() as u64,
         fill_us,
+        uffd_processes,
+        processes: img.processes.len(),
     })
 }
 

@@ -312,11 +312,12 @@ impl Tree {
     /// and its thread IDs, it runs (not traced by the agent any more). Re-arms the
     /// guards on the restored processes first thing.
     fn restore(&mut self) -> Result<()> {
-        self.restore_env(&[])
+        self.restore_env(&[]).map(|_| ())
     }
 
-    /// [`restore`](Self::restore) with extra environment for the agent.
-    fn restore_env(&mut self, env: &[(&str, &str)]) -> Result<()> {
+    /// [`restore`](Self::restore) with extra environment for the agent; returns
+    /// the agent's run.
+    fn restore_env(&mut self, env: &[(&str, &str)]) -> Result<AgentRun> {
         let run = run_agent_env(
             agent(),
             &["restore", "--image", path_str(&self.image)?],
@@ -377,7 +378,7 @@ impl Tree {
             "the restored tree is {now:?}, the dumped one was {:?}",
             self.pids()
         );
-        Ok(())
+        Ok(run)
     }
 
     /// Checks that the tree runs on undisturbed: the same processes (start times),
@@ -508,7 +509,20 @@ fn counter_continues_after_dump_and_restore_with_its_original_pid() -> Result<()
 #[test]
 fn heap_checksum_64mib_heap_is_intact_after_dump_and_restore() -> Result<()> {
     require_root!(Ok(()));
-    let (ticks, at_dump) = dump_kill_restore(HEAP_64MIB)?;
+    let mut t = Tree::start(HEAP_64MIB)?;
+    t.ready()?;
+    t.dump_and_kill()?;
+    let at_dump = t.last_tick();
+    let run = t.restore_env(&[])?;
+    ensure!(
+        run.stderr
+            .contains("1 of 1 processes filled by userfaultfd"),
+        "the heap was not filled by userfaultfd: {}",
+        run.describe()
+    );
+    t.advance(MORE)?;
+    let ticks = t.finish()?;
+    ensure!(ticks.len() as u64 >= at_dump + MORE);
     ensure!(ticks
         .iter()
         .skip(at_dump as usize)
@@ -524,7 +538,13 @@ fn heap_checksum_heap_is_intact_when_restored_by_populating_instead_of_userfault
     t.ready()?;
     t.dump_and_kill()?;
     let at_dump = t.last_tick();
-    t.restore_env(&[("CKPT_FILL", "populate")])?;
+    let run = t.restore_env(&[("CKPT_FILL", "populate")])?;
+    ensure!(
+        run.stderr
+            .contains("0 of 1 processes filled by userfaultfd"),
+        "the fallback was not taken: {}",
+        run.describe()
+    );
     t.advance(MORE)?;
     let ticks = t.finish()?;
     ensure!(ticks.len() as u64 >= at_dump + MORE);
