@@ -80,6 +80,8 @@ pub enum DumpError {
     ParentNeedsSharedStore,
     #[error("induced failure at stage {0} (CKPT_FAULT, test hook)")]
     Fault(&'static str),
+    #[error("the job's checkpoint was given up: {0}")]
+    Aborted(String),
 }
 
 /// What to dump and how.
@@ -209,7 +211,14 @@ impl Drop for Registered<'_> {
 /// Files larger than this are checked by size, mtime and inode only.
 const HASH_LIMIT: u64 = 64 << 20;
 
+/// Dumps one tree on its own (the `dump` command).
 pub fn dump(opts: &DumpOptions) -> Result<Image, DumpError> {
+    dump_gated(opts, &crate::gate::Alone)
+}
+
+/// Dumps one tree as one rank of a job: `gate` holds it at the points where the
+/// job's barrier must be crossed together (see [`crate::gate`]).
+pub fn dump_gated(opts: &DumpOptions, gate: &dyn crate::gate::Gate) -> Result<Image, DumpError> {
     let t0 = Instant::now();
     let mut ph = crate::Phases::new("dump");
     // The store is reached, and the name checked, before anything is frozen.
@@ -260,6 +269,7 @@ pub fn dump(opts: &DumpOptions) -> Result<Image, DumpError> {
     let t_frozen = Instant::now();
     ph.mark("freeze");
     fault("after-seize")?;
+    gate.frozen().map_err(DumpError::Aborted)?;
 
     // Per process: threads, signals, mm, credentials, layout.
     let mut processes = Vec::new();
@@ -524,23 +534,6 @@ pub fn dump(opts: &DumpOptions) -> Result<Image, DumpError> {
         }
     }
     ph.mark("plan-memory");
-    let snapshot = match snapshot_pool {
-        Some(pool) => Some(mem::Snapshot::take(&jobs, Some(pool), opts.workers)?),
-        None => None,
-    };
-    let stored_now = if snapshot.is_none() {
-        Some(mem::dump_parallel(
-            &jobs,
-            &groups,
-            None,
-            &store,
-            opts.zstd_level,
-            opts.workers,
-        )?)
-    } else {
-        None
-    };
-    ph.mark("memory");
     // File checks: size, mtime and inode as they are at the freeze (a tree let run
     // on may write to its files right after); the content hash comes later.
     let mut checks: Vec<FileCheck> = Vec::new();
@@ -567,10 +560,29 @@ pub fn dump(opts: &DumpOptions) -> Result<Image, DumpError> {
             *check = check_for(path)?;
         }
     }
+    let snapshot = match snapshot_pool {
+        Some(pool) => Some(mem::Snapshot::take(&jobs, Some(pool), opts.workers)?),
+        None => None,
+    };
+    gate.captured().map_err(DumpError::Aborted)?;
+    let stored_now = if snapshot.is_none() {
+        Some(mem::dump_parallel(
+            &jobs,
+            &groups,
+            None,
+            &store,
+            opts.zstd_level,
+            opts.workers,
+        )?)
+    } else {
+        None
+    };
+    ph.mark("memory");
     fault("after-memory")?;
     let freeze_end = Instant::now();
     let frozen_for_kill = if opts.leave_running {
         frozen.thaw();
+        gate.storing().map_err(DumpError::Aborted)?;
         None
     } else {
         Some(frozen)
@@ -683,6 +695,12 @@ pub fn dump(opts: &DumpOptions) -> Result<Image, DumpError> {
     store.put_manifest(&bytes)?;
     ph.mark("sync+manifest");
     if let Some(f) = frozen_for_kill {
+        // The image is written, but only the job's commit makes it a checkpoint:
+        // until then the tree must stay able to run on.
+        if let Err(reason) = gate.stored(&img) {
+            drop(f);
+            return Err(DumpError::Aborted(reason));
+        }
         f.kill();
         img.stats.freeze_us = t_frozen.elapsed().as_micros() as u64;
     }

@@ -15,6 +15,7 @@ pub mod cli;
 pub mod dump;
 pub mod fd;
 pub mod freeze;
+pub mod gate;
 pub mod inject;
 pub mod inspect;
 pub mod mem;

@@ -92,6 +92,8 @@ pub enum RestoreError {
     Husk { pid: pid_t, what: String },
     #[error("no free address range for the restore trampoline")]
     NoTrampoline,
+    #[error("the job's restore was given up: {0}")]
+    Aborted(String),
 }
 
 #[derive(Debug, Clone)]
@@ -500,7 +502,17 @@ struct Husk<'a> {
     pidfd_slot: u64,
 }
 
+/// Restores one tree on its own (the `restore` command).
 pub fn restore(opts: &RestoreOptions) -> Result<RestoreReport, RestoreError> {
+    restore_gated(opts, &crate::gate::Alone)
+}
+
+/// Restores one tree as one rank of a job: it is released only when `gate` says
+/// every rank of the job is rebuilt (see [`crate::gate`]).
+pub fn restore_gated(
+    opts: &RestoreOptions,
+    gate: &dyn crate::gate::Gate,
+) -> Result<RestoreReport, RestoreError> {
     let t0 = Instant::now();
     let mut ph = crate::Phases::new("restore");
     let (store, img) = load(&opts.image)?;
@@ -840,6 +852,7 @@ pub fn restore(opts: &RestoreOptions) -> Result<RestoreReport, RestoreError> {
     ph.mark("thread-state");
     drop(fifo_holders);
     drop(ours);
+    gate.rebuilt().map_err(RestoreError::Aborted)?;
 
     // Release: every thread of every process, together.
     for h in &husks {

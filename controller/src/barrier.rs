@@ -25,7 +25,9 @@
 use std::collections::{BTreeMap, VecDeque};
 use std::time::{Duration, Instant};
 
-use ckpt_shared::proto::{AttemptId, FromAgent, RankManifest, RankRef, ToAgent};
+use ckpt_shared::proto::{
+    AttemptId, FromAgent, RankManifest, RankRef, RestoreRank, SaveSpec, ToAgent,
+};
 
 /// An agent, by its node name.
 pub type AgentId = String;
@@ -124,16 +126,20 @@ pub struct Barrier {
 }
 
 impl Barrier {
-    /// Starts attempt `attempt` of `job` over `ranks` (the ranks of each agent):
-    /// FREEZE goes to every agent.
+    /// Starts attempt `attempt` of the save `spec` over `ranks` (the ranks of each
+    /// agent): FREEZE goes to every agent.
     pub fn start(
         now: Instant,
         attempt: AttemptId,
-        job: &str,
+        spec: &SaveSpec,
         ranks: BTreeMap<AgentId, Vec<RankRef>>,
-        mode: SaveMode,
         timeouts: Timeouts,
     ) -> Barrier {
+        let mode = if spec.kill {
+            SaveMode::Kill
+        } else {
+            SaveMode::LeaveRunning
+        };
         let mut b = Barrier {
             attempt,
             mode,
@@ -152,7 +158,7 @@ impl Barrier {
                 to: a,
                 msg: ToAgent::Freeze {
                     attempt,
-                    job: job.to_string(),
+                    spec: spec.clone(),
                     ranks: r,
                 },
             });
@@ -191,7 +197,12 @@ impl Barrier {
             return; // not part of this attempt
         };
         let (reached, attempt) = match msg {
-            FromAgent::Hello(_) => return,
+            FromAgent::Hello(_)
+            | FromAgent::Register(_)
+            | FromAgent::Ranks(_)
+            | FromAgent::Rebuilt { .. }
+            | FromAgent::Released { .. }
+            | FromAgent::Pong => return,
             FromAgent::Failed { attempt, reason } => {
                 if attempt == self.attempt {
                     self.abort(format!(
@@ -319,9 +330,196 @@ impl Barrier {
     }
 }
 
+/// Where a restore is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum RestorePhase {
+    /// Every agent rebuilds its ranks and holds them.
+    Rebuilding,
+    /// Every rank is rebuilt; the agents release them together.
+    Releasing,
+    Done,
+}
+
+/// One restore of a job: a barrier of two phases, in the same style as [`Barrier`].
+/// No rank runs before every rank of the job is rebuilt: RELEASE goes out only once
+/// every agent has answered REBUILT, and any failure, loss or timeout before that
+/// sends ABORT (kill what you rebuilt) to everyone. A failure after some agent has
+/// released cannot be undone; it is reported as such.
+#[derive(Debug)]
+pub struct RestoreBarrier {
+    attempt: AttemptId,
+    phase: RestorePhase,
+    deadline: Instant,
+    release_timeout: Duration,
+    agents: BTreeMap<AgentId, (bool, Vec<RankRef>)>,
+    actions: VecDeque<Action>,
+    outcome: Option<Outcome>,
+}
+
+impl RestoreBarrier {
+    /// Starts restore `attempt` of `job`: RESTORE goes to each agent with its ranks.
+    pub fn start(
+        now: Instant,
+        attempt: AttemptId,
+        job: &str,
+        ranks: BTreeMap<AgentId, Vec<RestoreRank>>,
+        rebuild_timeout: Duration,
+        release_timeout: Duration,
+    ) -> RestoreBarrier {
+        let mut b = RestoreBarrier {
+            attempt,
+            phase: RestorePhase::Rebuilding,
+            deadline: now + rebuild_timeout,
+            release_timeout,
+            agents: ranks
+                .keys()
+                .map(|a| (a.clone(), (false, Vec::new())))
+                .collect(),
+            actions: VecDeque::new(),
+            outcome: None,
+        };
+        for (a, r) in ranks {
+            b.actions.push_back(Action::Send {
+                to: a,
+                msg: ToAgent::Restore {
+                    attempt,
+                    job: job.to_string(),
+                    ranks: r,
+                },
+            });
+        }
+        if b.agents.is_empty() {
+            b.abort("the checkpoint has no ranks".into());
+        }
+        b
+    }
+
+    pub fn phase(&self) -> RestorePhase {
+        self.phase
+    }
+
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        (self.phase != RestorePhase::Done).then_some(self.deadline)
+    }
+
+    pub fn poll(&mut self) -> Option<Action> {
+        self.actions.pop_front()
+    }
+
+    /// The PIDs each agent reported for its rebuilt ranks.
+    pub fn rebuilt(&self) -> impl Iterator<Item = (&AgentId, &RankRef)> {
+        self.agents
+            .iter()
+            .flat_map(|(a, (_, r))| r.iter().map(move |r| (a, r)))
+    }
+
+    pub fn handle(&mut self, now: Instant, from: &str, msg: FromAgent) {
+        if self.phase == RestorePhase::Done {
+            return;
+        }
+        let phase = self.phase;
+        let Some(state) = self.agents.get_mut(from) else {
+            return;
+        };
+        match msg {
+            FromAgent::Failed { attempt, reason } if attempt == self.attempt => {
+                let what = if phase == RestorePhase::Rebuilding {
+                    "rebuilding"
+                } else {
+                    "releasing"
+                };
+                self.abort(format!("agent {from} failed {what} its ranks: {reason}"));
+            }
+            FromAgent::Rebuilt { attempt, ranks }
+                if attempt == self.attempt && phase == RestorePhase::Rebuilding && !state.0 =>
+            {
+                *state = (true, ranks);
+                if self.agents.values().all(|s| s.0) {
+                    self.phase = RestorePhase::Releasing;
+                    self.deadline = now + self.release_timeout;
+                    for (a, s) in self.agents.iter_mut() {
+                        s.0 = false;
+                        self.actions.push_back(Action::Send {
+                            to: a.clone(),
+                            msg: ToAgent::Release {
+                                attempt: self.attempt,
+                            },
+                        });
+                    }
+                }
+            }
+            FromAgent::Released { attempt }
+                if attempt == self.attempt && phase == RestorePhase::Releasing =>
+            {
+                state.0 = true;
+                if self.agents.values().all(|s| s.0) {
+                    self.phase = RestorePhase::Done;
+                    self.outcome = Some(Outcome::Committed);
+                    self.actions.push_back(Action::Finished(Outcome::Committed));
+                }
+            }
+            _ => {}
+        }
+    }
+
+    pub fn agent_lost(&mut self, _now: Instant, from: &str) {
+        if self.phase != RestorePhase::Done && self.agents.contains_key(from) {
+            self.abort(format!("lost agent {from} during the restore"));
+        }
+    }
+
+    pub fn handle_timeout(&mut self, now: Instant) {
+        if self.phase == RestorePhase::Done || now < self.deadline {
+            return;
+        }
+        let late: Vec<&str> = self
+            .agents
+            .iter()
+            .filter(|(_, s)| !s.0)
+            .map(|(a, _)| a.as_str())
+            .collect();
+        self.abort(format!("timed out waiting for {}", late.join(", ")));
+    }
+
+    fn abort(&mut self, reason: String) {
+        let phase = match self.phase {
+            RestorePhase::Rebuilding => Phase::Capturing,
+            _ => Phase::Done,
+        };
+        let reason = if self.phase == RestorePhase::Releasing {
+            format!("{reason} (after the release began: ranks already released keep running)")
+        } else {
+            reason
+        };
+        for a in self.agents.keys() {
+            self.actions.push_back(Action::Send {
+                to: a.clone(),
+                msg: ToAgent::Abort {
+                    attempt: self.attempt,
+                    reason: reason.clone(),
+                },
+            });
+        }
+        self.phase = RestorePhase::Done;
+        let o = Outcome::Aborted { phase, reason };
+        self.outcome = Some(o.clone());
+        self.actions.push_back(Action::Finished(o));
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn spec(mode: SaveMode) -> SaveSpec {
+        SaveSpec {
+            job: "job".into(),
+            ckpt: "job-9".into(),
+            store: "s3://b".into(),
+            kill: mode == SaveMode::Kill,
+            zstd_level: None,
+        }
+    }
 
     fn ranks(n: usize) -> BTreeMap<AgentId, Vec<RankRef>> {
         (0..n)
@@ -376,7 +574,7 @@ mod tests {
         let t0 = Instant::now();
         let mut now = t0;
         let attempt = 9;
-        let mut b = Barrier::start(now, attempt, "job", ranks(n), mode, Timeouts::default());
+        let mut b = Barrier::start(now, attempt, &spec(mode), ranks(n), Timeouts::default());
         let mut seen = Seen::default();
         drain(&mut b, &mut seen);
         let names: Vec<AgentId> = ranks(n).into_keys().collect();
@@ -453,7 +651,7 @@ mod tests {
                         ToAgent::Store { .. } => "store",
                         ToAgent::Kill { .. } => "kill",
                         ToAgent::Abort { .. } => "abort",
-                        ToAgent::Hello(_) => "hello",
+                        _ => "other",
                     })
                     .collect();
                 let want = match mode {
@@ -501,7 +699,7 @@ mod tests {
     #[test]
     fn a_failed_commit_aborts_and_a_save_that_kills_kills_nobody() {
         let now = Instant::now();
-        let mut b = Barrier::start(now, 1, "j", ranks(3), SaveMode::Kill, Timeouts::default());
+        let mut b = Barrier::start(now, 1, &spec(SaveMode::Kill), ranks(3), Timeouts::default());
         let names: Vec<AgentId> = ranks(3).into_keys().collect();
         for a in &names {
             b.handle(now, a, FromAgent::Frozen { attempt: 1 });
@@ -540,9 +738,8 @@ mod tests {
         let mut b = Barrier::start(
             now,
             1,
-            "j",
+            &spec(SaveMode::LeaveRunning),
             ranks(1),
-            SaveMode::LeaveRunning,
             Timeouts::default(),
         );
         let a = "node0000";

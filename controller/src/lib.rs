@@ -15,4 +15,4 @@
 
 pub mod barrier;
 pub mod cli;
-pub mod tls;
+pub use ckpt_shared::tls;

@@ -18,6 +18,7 @@
 //!
 //! No I/O policy lives here beyond the stores themselves.
 
+pub mod catalog;
 pub mod chunkfmt;
 pub mod codec;
 pub mod gc;
@@ -26,3 +27,4 @@ pub mod location;
 pub mod objstore;
 pub mod proto;
 pub mod store;
+pub mod tls;

@@ -746,6 +746,77 @@ impl ObjectStoreBackend {
         self.delete_if_there("delete manifest", &key).await
     }
 
+    /// Writes the small object `<root>/<dir>/<name>` whole (the job manifests of
+    /// [`crate::catalog`]); `name` follows the rules of image names.
+    pub async fn put_object(
+        &self,
+        dir: &str,
+        name: &str,
+        bytes: &[u8],
+    ) -> Result<(), ObjStoreError> {
+        check_image_name(name)?;
+        let key = self.root.clone().join(dir).join(name);
+        self.store
+            .put(&key, PutPayload::from(bytes.to_vec()))
+            .await
+            .map_err(|e| self.write_err("put", &key, e))?;
+        Ok(())
+    }
+
+    /// Reads the small object `<root>/<dir>/<name>`: `None` if it is not there; one
+    /// larger than [`codec::MAX_ENVELOPE`] is refused before it is fetched.
+    pub async fn get_object(
+        &self,
+        dir: &str,
+        name: &str,
+    ) -> Result<Option<Vec<u8>>, ObjStoreError> {
+        check_image_name(name)?;
+        let key = self.root.clone().join(dir).join(name);
+        let got = match self.store.get(&key).await {
+            Ok(got) => got,
+            Err(ref e @ object_store::Error::NotFound { .. }) if !is_missing_bucket(e) => {
+                return Ok(None)
+            }
+            Err(e) => return Err(self.request_err("get", &key, e)),
+        };
+        if got.meta.size > codec::MAX_ENVELOPE {
+            return Err(ObjStoreError::ManifestTooLarge {
+                store: self.name.to_string(),
+                name: name.into(),
+                len: got.meta.size,
+                max: codec::MAX_ENVELOPE,
+            });
+        }
+        let bytes = got
+            .bytes()
+            .await
+            .map_err(|e| self.request_err("get", &key, e))?;
+        Ok(Some(bytes.to_vec()))
+    }
+
+    /// Names of the objects directly in `<root>/<dir>`, sorted.
+    pub async fn list_objects(&self, dir: &str) -> Result<Vec<String>, ObjStoreError> {
+        let d = self.root.clone().join(dir);
+        let mut names: Vec<String> = self
+            .list_under(&d)
+            .await?
+            .into_iter()
+            .filter_map(|parts| match <[String; 1]>::try_from(parts) {
+                Ok([name]) if check_image_name(&name).is_ok() => Some(name),
+                _ => None,
+            })
+            .collect();
+        names.sort_unstable();
+        Ok(names)
+    }
+
+    /// Deletes `<root>/<dir>/<name>`; one that is not there is not an error.
+    pub async fn delete_object(&self, dir: &str, name: &str) -> Result<(), ObjStoreError> {
+        check_image_name(name)?;
+        let key = self.root.clone().join(dir).join(name);
+        self.delete_if_there("delete", &key).await
+    }
+
     /// Writes the marker `<root>/<kind>/<id>` (see [`crate::gc`]); returns its
     /// modification time in the store's clock (ms since the epoch).
     pub async fn put_marker(&self, kind: &str, id: &str) -> Result<i64, ObjStoreError> {
@@ -1164,6 +1235,31 @@ impl BlockingStore {
     /// See [`ObjectStoreBackend::list_manifests`].
     pub fn list_manifests(&self) -> Result<Vec<String>, ObjStoreError> {
         self.block_on(self.backend.list_manifests())
+    }
+
+    /// See [`ObjectStoreBackend::delete_manifest`].
+    pub fn delete_manifest(&self, name: &str) -> Result<(), ObjStoreError> {
+        self.block_on(self.backend.delete_manifest(name))
+    }
+
+    /// See [`ObjectStoreBackend::put_object`].
+    pub fn put_object(&self, dir: &str, name: &str, bytes: &[u8]) -> Result<(), ObjStoreError> {
+        self.block_on(self.backend.put_object(dir, name, bytes))
+    }
+
+    /// See [`ObjectStoreBackend::get_object`].
+    pub fn get_object(&self, dir: &str, name: &str) -> Result<Option<Vec<u8>>, ObjStoreError> {
+        self.block_on(self.backend.get_object(dir, name))
+    }
+
+    /// See [`ObjectStoreBackend::list_objects`].
+    pub fn list_objects(&self, dir: &str) -> Result<Vec<String>, ObjStoreError> {
+        self.block_on(self.backend.list_objects(dir))
+    }
+
+    /// See [`ObjectStoreBackend::delete_object`].
+    pub fn delete_object(&self, dir: &str, name: &str) -> Result<(), ObjStoreError> {
+        self.block_on(self.backend.delete_object(dir, name))
     }
 }
 

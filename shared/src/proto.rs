@@ -44,6 +44,73 @@ pub struct Hello {
     pub name: String,
 }
 
+/// What a node is, as its agent registers it: the controller places restored ranks
+/// only on nodes whose kernel and CPU match the image's.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeInfo {
+    pub name: String,
+    /// Its IP addresses (not loopback).
+    pub addrs: Vec<String>,
+    /// `uname -r`.
+    pub kernel: String,
+    /// CPU model name and the XSAVE features the kernel enables (XCR0).
+    pub cpu: String,
+    pub agent_version: String,
+}
+
+/// A rank attached to an agent: a process tree that belongs to a job.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AttachedRank {
+    pub job: String,
+    pub rank: u32,
+    pub pid: i32,
+    /// Owner of the process (its real uid): only they, or root, may act on the job.
+    pub uid: u32,
+}
+
+/// How one save of a job is made.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SaveSpec {
+    pub job: String,
+    /// The checkpoint's id; rank N's image is `<store>/<ckpt>.r<N>`.
+    pub ckpt: String,
+    /// The store URL (`file:///...` or `s3://bucket/prefix`).
+    pub store: String,
+    /// Keep the ranks frozen while they are stored, and kill them once committed.
+    pub kill: bool,
+    /// zstd level of the chunks; `None` stores them raw.
+    pub zstd_level: Option<i32>,
+}
+
+impl SaveSpec {
+    /// The image of rank `rank` of this checkpoint.
+    pub fn image_of(&self, rank: u32) -> String {
+        rank_image(&self.store, &self.ckpt, rank)
+    }
+}
+
+/// The image URL of rank `rank` of checkpoint `ckpt` in `store`.
+pub fn rank_image(store: &str, ckpt: &str, rank: u32) -> String {
+    format!(
+        "{}/{}",
+        store.trim_end_matches('/'),
+        rank_image_name(ckpt, rank)
+    )
+}
+
+/// The image name (in its store) of rank `rank` of checkpoint `ckpt`.
+pub fn rank_image_name(ckpt: &str, rank: u32) -> String {
+    format!("{ckpt}.r{rank}")
+}
+
+/// A rank to rebuild.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RestoreRank {
+    pub rank: u32,
+    /// Its image URL.
+    pub image: String,
+}
+
 /// What one rank's dump produced.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RankManifest {
@@ -62,7 +129,7 @@ pub enum ToAgent {
     /// `Frozen`.
     Freeze {
         attempt: AttemptId,
-        job: String,
+        spec: SaveSpec,
         ranks: Vec<RankRef>,
     },
     /// Everyone is frozen: read the state; answer `Captured`.
@@ -81,11 +148,24 @@ pub enum ToAgent {
     Kill {
         attempt: AttemptId,
     },
-    /// The attempt failed: thaw, unlock and detach; drop what was captured.
+    /// The attempt failed: thaw, unlock and detach; drop what was captured (a
+    /// restore: kill what was rebuilt).
     Abort {
         attempt: AttemptId,
         reason: String,
     },
+    /// Rebuild these ranks of `job` and hold them; answer `Rebuilt`.
+    Restore {
+        attempt: AttemptId,
+        job: String,
+        ranks: Vec<RestoreRank>,
+    },
+    /// Every rank of the restored job is rebuilt: release them; answer `Released`.
+    Release {
+        attempt: AttemptId,
+    },
+    /// The controller is alive: renews the agent's lease.
+    Ping,
 }
 
 /// Agent to controller.
@@ -107,6 +187,20 @@ pub enum FromAgent {
         attempt: AttemptId,
         reason: String,
     },
+    /// Sent once after `Hello`.
+    Register(NodeInfo),
+    /// Every rank attached to this agent now (sent after `Register` and on change).
+    Ranks(Vec<AttachedRank>),
+    /// Restore: every rank is rebuilt and held; their PIDs.
+    Rebuilt {
+        attempt: AttemptId,
+        ranks: Vec<RankRef>,
+    },
+    Released {
+        attempt: AttemptId,
+    },
+    /// Answer to `Ping`.
+    Pong,
 }
 
 /// Errors of framing.
@@ -190,7 +284,13 @@ mod tests {
             }),
             ToAgent::Freeze {
                 attempt: 7,
-                job: "job42".into(),
+                spec: SaveSpec {
+                    job: "job42".into(),
+                    ckpt: "job42-7".into(),
+                    store: "file:///var/lib/ckpt".into(),
+                    kill: false,
+                    zstd_level: Some(1),
+                },
                 ranks: vec![RankRef { rank: 0, pid: 4121 }],
             },
             ToAgent::Abort {

@@ -38,6 +38,7 @@
 //! in CI the tests run as root, so they really run.
 
 pub mod agent;
+pub mod cluster;
 pub mod data;
 pub mod process;
 pub mod s3;
