@@ -149,6 +149,75 @@ pub enum Command {
         #[command(subcommand)]
         op: ImagesOp,
     },
+    /// Run the node's daemon: connect to the controller, register, and carry out its
+    /// checkpoints and restores of the ranks attached here.
+    ///
+    /// The connection is QUIC with mutual TLS: the agent presents
+    /// CERTS/agents/NAME.pem (from `ckpt-controller ca init --agent NAME` or
+    /// `ca issue --agent NAME`) and accepts only a controller certified by
+    /// CERTS/ca.pem. If the controller is silent for longer than --lease while ranks
+    /// are frozen, the agent thaws them itself: a dead controller never leaves a job
+    /// frozen. Ranks are attached through the local socket (`ckpt-agent attach`).
+    ///
+    /// Example:
+    ///   ckpt-agent serve --name node1 --controller 10.0.0.1:7100 --certs /etc/ckpt/certs
+    #[command(verbatim_doc_comment)]
+    Serve {
+        /// This node's name, as in its certificate.
+        #[arg(long)]
+        name: String,
+        /// The controller's QUIC address (host:port).
+        #[arg(long, value_name = "ADDR")]
+        controller: std::net::SocketAddr,
+        /// Directory of the cluster's certificates (ca.pem, agents/NAME.pem, .key).
+        #[arg(long, default_value = "/etc/ckpt/certs")]
+        certs: std::path::PathBuf,
+        /// The local API socket, where ranks are attached.
+        #[arg(long, default_value = DEFAULT_SOCKET)]
+        socket: std::path::PathBuf,
+        /// Seconds without a word from the controller after which an operation in
+        /// progress is given up (frozen ranks thawed).
+        #[arg(long, default_value_t = 5.0, value_name = "SECS")]
+        lease: f64,
+        /// Worker threads per rank that read, hash and store memory.
+        #[arg(long, default_value_t = 2)]
+        workers: usize,
+    },
+    /// Attach a running process tree to a job as one of its ranks, so that the
+    /// job's checkpoints include it. Root may attach any process; a user only their
+    /// own. The Slurm plugin does this for every task it starts.
+    ///
+    /// Example:
+    ///   ckpt-agent attach --job job42 --rank 0 --pid 4121
+    #[command(verbatim_doc_comment)]
+    Attach {
+        #[arg(long)]
+        job: String,
+        #[arg(long)]
+        rank: u32,
+        #[arg(long)]
+        pid: i32,
+        /// The agent's API socket.
+        #[arg(long, default_value = DEFAULT_SOCKET)]
+        socket: std::path::PathBuf,
+    },
+    /// Detach a rank from its job (the process is not touched).
+    Detach {
+        #[arg(long)]
+        job: String,
+        #[arg(long)]
+        rank: u32,
+        #[arg(long, default_value = DEFAULT_SOCKET)]
+        socket: std::path::PathBuf,
+    },
+    /// List the ranks attached to this node's agent.
+    Ranks {
+        #[arg(long, default_value = DEFAULT_SOCKET)]
+        socket: std::path::PathBuf,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
     /// Internal: holds the write-tracking descriptors (3, 4, ...) of the given PIDs
     /// between dumps, until they have all exited. Started by `dump`.
     #[command(name = "__hold-uffd", hide = true)]
@@ -348,8 +417,76 @@ fn default_workers(image: &Location, remote: usize) -> usize {
     }
 }
 
+/// Where `ckpt-agent serve` listens for `attach` by default.
+pub const DEFAULT_SOCKET: &str = "/run/ckpt/agent.sock";
+
+fn api(socket: &std::path::Path, req: crate::serve::ApiRequest) -> Result<crate::serve::ApiReply> {
+    let r = crate::serve::api_call(socket, &req)?;
+    if !r.ok {
+        anyhow::bail!("{}", r.error.unwrap_or_else(|| "refused".into()));
+    }
+    Ok(r)
+}
+
 pub fn run(cli: Cli) -> Result<()> {
     match cli.command {
+        Command::Serve {
+            name,
+            controller,
+            certs,
+            socket,
+            lease,
+            workers,
+        } => {
+            if !(0.2..=3600.0).contains(&lease) {
+                anyhow::bail!("--lease must be between 0.2 and 3600 seconds");
+            }
+            crate::serve::serve(crate::serve::ServeOptions {
+                name,
+                controller,
+                certs,
+                socket,
+                lease: std::time::Duration::from_secs_f64(lease),
+                workers: workers.max(1),
+            })?;
+        }
+        Command::Attach {
+            job,
+            rank,
+            pid,
+            socket,
+        } => {
+            api(
+                &socket,
+                crate::serve::ApiRequest::Attach {
+                    job: job.clone(),
+                    rank,
+                    pid,
+                },
+            )?;
+            println!("PID {pid} is rank {rank} of job {job}");
+        }
+        Command::Detach { job, rank, socket } => {
+            api(
+                &socket,
+                crate::serve::ApiRequest::Detach {
+                    job: job.clone(),
+                    rank,
+                },
+            )?;
+            println!("rank {rank} of job {job} detached");
+        }
+        Command::Ranks { socket, json } => {
+            let r = api(&socket, crate::serve::ApiRequest::List)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&r.ranks)?);
+            } else {
+                println!("{:<20} {:>5} {:>8} {:>6}", "JOB", "RANK", "PID", "UID");
+                for a in &r.ranks {
+                    println!("{:<20} {:>5} {:>8} {:>6}", a.job, a.rank, a.pid, a.uid);
+                }
+            }
+        }
         Command::Dump {
             pid,
             image,

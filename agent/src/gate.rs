@@ -35,8 +35,10 @@ pub trait Gate: Sync {
         let _ = img;
         Ok(())
     }
-    /// A restore: every process is rebuilt and held; `Ok` releases them.
-    fn rebuilt(&self) -> Result<(), String> {
+    /// A restore: every process is rebuilt and held (the tree's root is `root`);
+    /// `Ok` releases them.
+    fn rebuilt(&self, root: i32) -> Result<(), String> {
+        let _ = root;
         Ok(())
     }
 }

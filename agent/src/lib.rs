@@ -21,6 +21,7 @@ pub mod inspect;
 pub mod mem;
 pub mod pidns;
 pub mod restore;
+pub mod serve;
 pub mod signals;
 pub mod sys;
 pub mod thread;

@@ -852,7 +852,7 @@ pub fn restore_gated(
     ph.mark("thread-state");
     drop(fifo_holders);
     drop(ours);
-    gate.rebuilt().map_err(RestoreError::Aborted)?;
+    gate.rebuilt(root_pid).map_err(RestoreError::Aborted)?;
 
     // Release: every thread of every process, together.
     for h in &husks {

@@ -2,15 +2,33 @@
 
 use std::path::PathBuf;
 
+use anyhow::Context;
 use anyhow::Result;
 use clap::{Parser, Subcommand};
 
+use crate::api::{self, Done, Event, Request};
+use crate::client;
+
 /// ckpt-controller: checkpoints of whole jobs across nodes.
 ///
-/// Built so far: the cluster CA (`ca`), and in the library the barrier state
-/// machine and the mutual-TLS QUIC set-up. Not built yet: `serve`, `job save`,
-/// `job restore`, `ckpt list/show/rm` and `demo` (the "Job checkpoints" issue);
-/// `ckpt-agent` dumps and restores single process trees today.
+/// One controller runs per cluster (`serve`); one `ckpt-agent serve` per node. A
+/// job is the set of ranks attached to the agents under its name (`ckpt-agent
+/// attach`). `job save` freezes every rank of the job on every node, captures them
+/// all, lets them run on (or kills them with --kill) and commits the checkpoint
+/// only once every rank is stored; `job restore` rebuilds every rank, on the same
+/// nodes or others, and releases them together.
+///
+/// Quick start on one machine (as root): `ckpt-controller demo`.
+///
+/// A cluster:
+///   ckpt-controller ca init --dir /etc/ckpt/certs --controller-name 10.0.0.1 \
+///       --agent node1 --agent node2
+///   ckpt-controller serve --listen 0.0.0.0:7100 --store file:///scratch/ckpt
+///   ckpt-agent serve --name node1 --controller 10.0.0.1:7100      (on each node)
+///   ckpt-agent attach --job job42 --rank 0 --pid 4121             (each rank)
+///   ckpt-controller job save job42 --wait
+///   ckpt-controller ckpt list --job job42
+///   ckpt-controller job restore job42:latest --nodes node3,node4
 #[derive(Debug, Parser)]
 #[command(name = "ckpt-controller", version, verbatim_doc_comment)]
 pub struct Cli {
@@ -25,6 +43,165 @@ pub enum Command {
     /// without one is refused at the handshake.
     #[command(subcommand)]
     Ca(CaCommand),
+    /// Run the controller: accept agents (QUIC, mutual TLS), keep the registry of
+    /// jobs and the catalog of checkpoints (read from the store at start), and
+    /// serve the `job` and `ckpt` commands on a local socket.
+    ///
+    /// Settings come from --config (TOML) and are overridden by the flags:
+    ///   listen = "0.0.0.0:7100"
+    ///   store = "s3://ckpt/cluster1"            # or "file:///scratch/ckpt"
+    ///   certs = "/etc/ckpt/certs"
+    ///   socket = "/run/ckpt/controller.sock"
+    ///   lease_secs = 5.0
+    ///   freeze_timeout_secs = 30.0
+    ///   capture_timeout_secs = 60.0
+    ///   store_timeout_secs = 3600.0
+    ///   restore_timeout_secs = 600.0
+    ///   compress = 0                            # zstd level, 0 = raw
+    ///   [s3]                                    # else the AWS_* variables
+    ///   endpoint = "http://10.0.0.5:9000"
+    ///   region = "us-east-1"
+    ///   access_key_id = "..."
+    ///   secret_access_key = "..."
+    ///   allow_http = true
+    /// The agents open the store with their own AWS_* environment.
+    #[command(verbatim_doc_comment)]
+    Serve(ServeArgs),
+    /// Running jobs: list them, save them, restore them.
+    #[command(subcommand)]
+    Job(JobCommand),
+    /// Committed checkpoints: list, show, remove.
+    #[command(subcommand)]
+    Ckpt(CkptCommand),
+    /// The connected agents.
+    Nodes {
+        #[arg(long, default_value = crate::serve::DEFAULT_SOCKET)]
+        socket: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Debug, clap::Args)]
+pub struct ServeArgs {
+    /// TOML settings (see above).
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// QUIC address for the agents.
+    #[arg(long)]
+    pub listen: Option<std::net::SocketAddr>,
+    /// Checkpoint store URL.
+    #[arg(long)]
+    pub store: Option<String>,
+    /// Directory of `ca init`.
+    #[arg(long)]
+    pub certs: Option<PathBuf>,
+    /// The local API socket.
+    #[arg(long)]
+    pub socket: Option<PathBuf>,
+    /// Seconds of an agent's lease.
+    #[arg(long, value_name = "SECS")]
+    pub lease: Option<f64>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum JobCommand {
+    /// The running jobs: ranks, nodes, PIDs, and the latest checkpoint.
+    List {
+        #[arg(long, default_value = crate::serve::DEFAULT_SOCKET)]
+        socket: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Checkpoint a job: every rank on every node, one consistent cut.
+    ///
+    /// Without --kill the job runs on: it stands still only while its state is
+    /// captured, and is stored afterwards. With --kill it stays frozen until the
+    /// checkpoint is committed, and is killed only then: if anything fails, it
+    /// runs on. Without --wait the command returns once the save has started and
+    /// prints the checkpoint's id; with --wait it shows progress and its exit code
+    /// says whether the checkpoint was committed (0) or not (1).
+    ///
+    /// Example:
+    ///   ckpt-controller job save job42 --kill --wait
+    #[command(verbatim_doc_comment)]
+    Save {
+        job: String,
+        #[arg(long)]
+        kill: bool,
+        #[arg(long)]
+        wait: bool,
+        #[arg(long, default_value = crate::serve::DEFAULT_SOCKET)]
+        socket: PathBuf,
+        /// Print the outcome as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Restore a job from a checkpoint, on the nodes it ran on or on others.
+    ///
+    /// CKPT is a checkpoint id (`ckpt list`) or JOB:latest. Every rank is rebuilt
+    /// and held; only when all are rebuilt are they released, together. If any
+    /// rank cannot be rebuilt, none runs. The job must not be running.
+    ///
+    /// Example:
+    ///   ckpt-controller job restore job42:latest                   (same nodes)
+    ///   ckpt-controller job restore job42-1764201 --nodes n3,n4    (n1→n3, n2→n4)
+    ///   ckpt-controller job restore job42:latest --map 0=n5,3=n6
+    #[command(verbatim_doc_comment)]
+    Restore {
+        ckpt: String,
+        /// New nodes, one per node the checkpoint ran on, in the order of their names.
+        #[arg(long, value_delimiter = ',')]
+        nodes: Vec<String>,
+        /// Single ranks onto nodes: RANK=NODE, comma-separated.
+        #[arg(long, value_delimiter = ',', value_parser = parse_map)]
+        map: Vec<(u32, String)>,
+        #[arg(long, default_value = crate::serve::DEFAULT_SOCKET)]
+        socket: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn parse_map(s: &str) -> Result<(u32, String), String> {
+    let (r, n) = s
+        .split_once('=')
+        .ok_or_else(|| format!("{s:?}: expected RANK=NODE"))?;
+    let r = r
+        .parse()
+        .map_err(|_| format!("{r:?} is not a rank number"))?;
+    if n.is_empty() {
+        return Err(format!("{s:?}: no node"));
+    }
+    Ok((r, n.to_string()))
+}
+
+#[derive(Debug, Subcommand)]
+pub enum CkptCommand {
+    /// The committed checkpoints (yours; root sees all).
+    List {
+        #[arg(long)]
+        job: Option<String>,
+        #[arg(long, default_value = crate::serve::DEFAULT_SOCKET)]
+        socket: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+    /// One checkpoint: its ranks, nodes, images and sizes.
+    Show {
+        ckpt: String,
+        #[arg(long, default_value = crate::serve::DEFAULT_SOCKET)]
+        socket: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove a checkpoint (its job manifest, then its rank images; the chunks
+    /// nothing else references go at the next `ckpt-agent images gc`).
+    Rm {
+        ckpt: String,
+        #[arg(long, default_value = crate::serve::DEFAULT_SOCKET)]
+        socket: PathBuf,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -59,8 +236,263 @@ pub enum CaCommand {
     },
 }
 
+fn print_json(v: &impl serde::Serialize) -> Result<()> {
+    println!("{}", serde_json::to_string_pretty(v)?);
+    Ok(())
+}
+
+fn done_parts(
+    ev: Event,
+) -> (
+    Option<api::Outcome>,
+    Vec<api::JobView>,
+    Vec<api::NodeView>,
+    Vec<ckpt_shared::catalog::JobManifest>,
+) {
+    match ev {
+        Event::Done(Done {
+            outcome,
+            jobs,
+            nodes,
+            ckpts,
+            ..
+        }) => (outcome, jobs, nodes, ckpts),
+        Event::Progress { .. } => (None, Vec::new(), Vec::new(), Vec::new()),
+    }
+}
+
+fn when(unix: u64) -> String {
+    let ago = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+        .saturating_sub(unix);
+    match ago {
+        0..=119 => format!("{ago}s ago"),
+        120..=7199 => format!("{}m ago", ago / 60),
+        7200..=172_799 => format!("{}h ago", ago / 3600),
+        _ => format!("{}d ago", ago / 86400),
+    }
+}
+
+/// Prints the summary of a finished save or restore.
+pub fn print_outcome(what: &str, o: &api::Outcome) {
+    println!(
+        "{what} {} of job {}: {} ranks on {}",
+        o.ckpt,
+        o.job,
+        o.ranks,
+        o.nodes.join(",")
+    );
+    if what == "saved" {
+        println!(
+            "  job stood still {:.1} ms; total {:.1} ms; memory {}, stored {} ({}/s)",
+            o.freeze_ms,
+            o.total_ms,
+            client::human(o.memory_bytes),
+            client::human(o.stored_bytes),
+            client::human((o.memory_bytes as f64 / (o.total_ms.max(0.001) / 1e3)) as u64)
+        );
+    } else {
+        println!(
+            "  released after {:.1} ms; memory {}",
+            o.total_ms,
+            client::human(o.memory_bytes)
+        );
+        for p in &o.pids {
+            println!("  rank {:>4} on {:<12} PID {}", p.rank, p.node, p.pid);
+        }
+    }
+}
+
 pub fn run(cli: Cli) -> Result<()> {
     match cli.command {
+        Command::Serve(a) => {
+            let mut cfg = match &a.config {
+                Some(p) => crate::serve::Config::load(p)?,
+                None => crate::serve::Config::default(),
+            };
+            if let Some(v) = a.listen {
+                cfg.listen = v;
+            }
+            if let Some(v) = a.store {
+                cfg.store = v;
+            }
+            if let Some(v) = a.certs {
+                cfg.certs = v;
+            }
+            if let Some(v) = a.socket {
+                cfg.socket = v;
+            }
+            if let Some(v) = a.lease {
+                cfg.lease_secs = v;
+            }
+            if !(0.2..=3600.0).contains(&cfg.lease_secs) {
+                anyhow::bail!("the lease must be between 0.2 and 3600 seconds");
+            }
+            let r = crate::serve::start(cfg.clone())?;
+            eprintln!(
+                "ckpt-controller: serving agents on {} (QUIC), commands on {}, store {}",
+                r.addr,
+                cfg.socket.display(),
+                cfg.store
+            );
+            r.wait();
+        }
+        Command::Nodes { socket, json } => {
+            let (_, _, nodes, _) = done_parts(client::call(&socket, &Request::Nodes, |_| {})?);
+            if json {
+                print_json(&nodes)?;
+            } else {
+                println!("{:<16} {:>5}  {:<24} KERNEL", "NODE", "RANKS", "ADDRESSES");
+                for n in nodes {
+                    println!(
+                        "{:<16} {:>5}  {:<24} {}",
+                        n.name,
+                        n.ranks,
+                        n.addrs.join(","),
+                        n.kernel
+                    );
+                }
+            }
+        }
+        Command::Job(JobCommand::List { socket, json }) => {
+            let (_, jobs, _, _) = done_parts(client::call(&socket, &Request::Jobs, |_| {})?);
+            if json {
+                print_json(&jobs)?;
+            } else {
+                println!(
+                    "{:<20} {:>6} {:>5}  {:<20} LATEST",
+                    "JOB", "UID", "RANKS", "NODES"
+                );
+                for j in jobs {
+                    let mut nodes: Vec<&str> = j.ranks.iter().map(|r| r.node.as_str()).collect();
+                    nodes.sort();
+                    nodes.dedup();
+                    println!(
+                        "{:<20} {:>6} {:>5}  {:<20} {}",
+                        j.job,
+                        j.uid,
+                        j.ranks.len(),
+                        nodes.join(","),
+                        j.latest.as_deref().unwrap_or("-")
+                    );
+                }
+            }
+        }
+        Command::Job(JobCommand::Save {
+            job,
+            kill,
+            wait,
+            socket,
+            json,
+        }) => {
+            let mut bar = client::Bar::default();
+            let r = client::call(&socket, &Request::Save { job, kill, wait }, |e| {
+                if !json {
+                    bar.show(e)
+                }
+            });
+            bar.finish();
+            let (o, ..) = done_parts(r?);
+            let o = o.context("the controller's answer has no outcome")?;
+            if json {
+                print_json(&o)?;
+            } else if wait {
+                print_outcome("saved", &o);
+            } else {
+                println!("{}", o.ckpt);
+                eprintln!("save of job {} started; `ckpt-controller ckpt list --job {}` shows it once committed", o.job, o.job);
+            }
+        }
+        Command::Job(JobCommand::Restore {
+            ckpt,
+            nodes,
+            map,
+            socket,
+            json,
+        }) => {
+            let mut bar = client::Bar::default();
+            let r = client::call(&socket, &Request::Restore { ckpt, nodes, map }, |e| {
+                if !json {
+                    bar.show(e)
+                }
+            });
+            bar.finish();
+            let (o, ..) = done_parts(r?);
+            let o = o.context("the controller's answer has no outcome")?;
+            if json {
+                print_json(&o)?;
+            } else {
+                print_outcome("restored", &o);
+            }
+        }
+        Command::Ckpt(CkptCommand::List { job, socket, json }) => {
+            let (.., ckpts) = done_parts(client::call(&socket, &Request::Ckpts { job }, |_| {})?);
+            if json {
+                print_json(&ckpts)?;
+            } else {
+                println!(
+                    "{:<28} {:<16} {:>5} {:>10} {:>10} {:>10}  WHEN",
+                    "CHECKPOINT", "JOB", "RANKS", "MEMORY", "STORED", "STILL"
+                );
+                for m in ckpts {
+                    println!(
+                        "{:<28} {:<16} {:>5} {:>10} {:>10} {:>8.1}ms  {}",
+                        m.id,
+                        m.job,
+                        m.ranks.len(),
+                        client::human(m.memory_bytes()),
+                        client::human(m.stored_bytes()),
+                        m.freeze_us as f64 / 1e3,
+                        when(m.created_unix)
+                    );
+                }
+            }
+        }
+        Command::Ckpt(CkptCommand::Show { ckpt, socket, json }) => {
+            let (.., ckpts) = done_parts(client::call(&socket, &Request::Show { ckpt }, |_| {})?);
+            let m = ckpts
+                .into_iter()
+                .next()
+                .context("no checkpoint in the answer")?;
+            if json {
+                print_json(&m)?;
+            } else {
+                println!("checkpoint {} of job {} (uid {})", m.id, m.job, m.uid);
+                println!(
+                    "  taken {} ({}), store {}",
+                    when(m.created_unix),
+                    if m.killed {
+                        "job killed"
+                    } else {
+                        "job left running"
+                    },
+                    m.store
+                );
+                println!(
+                    "  stood still {:.1} ms, total {:.1} ms, memory {}, stored {}",
+                    m.freeze_us as f64 / 1e3,
+                    m.total_us as f64 / 1e3,
+                    client::human(m.memory_bytes()),
+                    client::human(m.stored_bytes())
+                );
+                for r in &m.ranks {
+                    println!(
+                        "  rank {:>4}  node {:<12} PID {:<8} {:>10}  {}",
+                        r.rank,
+                        r.node,
+                        r.pid,
+                        client::human(r.memory_bytes),
+                        r.image
+                    );
+                }
+            }
+        }
+        Command::Ckpt(CkptCommand::Rm { ckpt, socket }) => {
+            client::call(&socket, &Request::Remove { ckpt: ckpt.clone() }, |_| {})?;
+            println!("checkpoint {ckpt} removed");
+        }
         Command::Ca(CaCommand::Init {
             dir,
             controller_names,

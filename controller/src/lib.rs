@@ -13,6 +13,9 @@
 //! over QUIC, `ckpt-agent serve`, the job registry, the catalog, the job and ckpt
 //! commands and `ckpt-controller demo`.
 
+pub mod api;
 pub mod barrier;
 pub mod cli;
+pub mod client;
+pub mod serve;
 pub use ckpt_shared::tls;

@@ -28,3 +28,4 @@ pub mod objstore;
 pub mod proto;
 pub mod store;
 pub mod tls;
+pub mod wire;

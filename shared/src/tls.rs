@@ -301,3 +301,29 @@ pub fn client_config(id: &Identity, present: bool) -> Result<quinn::ClientConfig
         .map_err(|e| TlsError::Quic(e.to_string()))?;
     Ok(quinn::ClientConfig::new(Arc::new(quic)))
 }
+
+/// The DNS names a certificate is valid for (an agent's certificate names its node),
+/// so the controller can check that an agent registers under its own name.
+pub fn cert_names(der: &CertificateDer<'_>) -> Vec<String> {
+    match CertificateParams::from_ca_cert_der(der) {
+        Ok(p) => p
+            .subject_alt_names
+            .iter()
+            .filter_map(|s| match s {
+                rcgen::SanType::DnsName(n) => Some(n.as_str().to_string()),
+                _ => None,
+            })
+            .collect(),
+        Err(_) => Vec::new(),
+    }
+}
+
+/// QUIC transport settings of both sides: a keep-alive well inside `lease`, and a
+/// connection that hears nothing for `lease` is closed, so each side learns of a
+/// dead peer within its lease.
+pub fn transport(lease: std::time::Duration) -> Arc<quinn::TransportConfig> {
+    let mut t = quinn::TransportConfig::default();
+    t.keep_alive_interval(Some(lease / 4));
+    t.max_idle_timeout(quinn::IdleTimeout::try_from(lease).ok());
+    Arc::new(t)
+}

@@ -1,0 +1,844 @@
+//! `ckpt-agent serve`: the daemon of one node.
+//!
+//! It keeps one QUIC connection (mutual TLS, see `ckpt_shared::tls`) to the
+//! controller, registers the node and the ranks attached to it, and carries out the
+//! controller's barrier: FREEZE, CAPTURE, RESUME or STORE, KILL, ABORT for a save;
+//! RESTORE, RELEASE, ABORT for a restore. Each rank is dumped or restored by the
+//! engine on a thread of its own ([`crate::dump::dump_gated`],
+//! [`crate::restore::restore_gated`]); the [`JobGate`] holds those threads at the
+//! barrier's points until the controller's word arrives.
+//!
+//! The lease: the controller pings every agent; an agent that hears nothing from it
+//! for the lease (default 5 s), or loses the connection, gives up every attempt in
+//! progress — its frozen ranks are thawed, its half-restored ranks killed — and
+//! reconnects. A job is never left frozen by a dead controller.
+//!
+//! Ranks are attached through a UNIX socket (`ckpt-agent attach`, and later the
+//! Slurm plugin): one JSON request per connection, answered by one JSON line. The
+//! caller is identified by `SO_PEERCRED`: root may attach any process, a user only
+//! their own.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use ckpt_shared::location::Location;
+use ckpt_shared::objstore::StoreUrl;
+use ckpt_shared::proto::{
+    AttachedRank, AttemptId, FromAgent, Hello, NodeInfo, RankManifest, RankRef, RestoreRank,
+    SaveSpec, ToAgent, PROTO_VERSION,
+};
+use ckpt_shared::tls::{self, Identity};
+use ckpt_shared::wire;
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+use tokio::sync::mpsc;
+use tracing::{info, warn};
+
+/// How the daemon runs.
+#[derive(Debug, Clone)]
+pub struct ServeOptions {
+    /// This node's name: the name of its certificate.
+    pub name: String,
+    pub controller: SocketAddr,
+    /// The directory of `ckpt-controller ca init`.
+    pub certs: PathBuf,
+    /// The local API socket.
+    pub socket: PathBuf,
+    pub lease: Duration,
+    /// Worker threads per rank for memory.
+    pub workers: usize,
+}
+
+/// A request on the local API socket.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum ApiRequest {
+    Attach { job: String, rank: u32, pid: i32 },
+    Detach { job: String, rank: u32 },
+    List,
+}
+
+/// The answer to an [`ApiRequest`].
+#[derive(Debug, Serialize, Deserialize)]
+pub struct ApiReply {
+    pub ok: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ranks: Vec<AttachedRank>,
+}
+
+impl ApiReply {
+    fn err(e: impl std::fmt::Display) -> ApiReply {
+        ApiReply {
+            ok: false,
+            error: Some(e.to_string()),
+            ranks: Vec::new(),
+        }
+    }
+}
+
+/// Sends `req` to the agent at `socket` and returns its answer.
+pub fn api_call(socket: &std::path::Path, req: &ApiRequest) -> Result<ApiReply> {
+    use std::io::{BufRead, Write};
+    let mut s = std::os::unix::net::UnixStream::connect(socket).with_context(|| {
+        format!(
+            "cannot reach the agent at {}: is `ckpt-agent serve` running on this node \
+             (and is this its --socket)?",
+            socket.display()
+        )
+    })?;
+    s.set_read_timeout(Some(Duration::from_secs(30)))?;
+    let mut line = serde_json::to_string(req)?;
+    line.push('\n');
+    s.write_all(line.as_bytes())?;
+    let mut answer = String::new();
+    std::io::BufReader::new(&s).read_line(&mut answer)?;
+    serde_json::from_str(&answer).with_context(|| format!("bad answer from the agent: {answer:?}"))
+}
+
+/// The ranks of this node, and the ones an operation holds (not to be reaped).
+#[derive(Default)]
+struct Ranks {
+    list: Vec<AttachedRank>,
+    busy: std::collections::HashSet<i32>,
+}
+
+struct Node {
+    opts: ServeOptions,
+    ranks: Mutex<Ranks>,
+    attempts: Mutex<HashMap<AttemptId, Arc<JobGate>>>,
+    /// The sender to the current controller connection, if any.
+    out: Mutex<Option<mpsc::UnboundedSender<FromAgent>>>,
+    /// When the controller was last heard from.
+    heard: Mutex<Instant>,
+}
+
+impl Node {
+    fn send(&self, msg: FromAgent) {
+        if let Some(tx) = self.out.lock().unwrap().as_ref() {
+            let _ = tx.send(msg);
+        }
+    }
+
+    fn send_ranks(&self) {
+        let list = self.ranks.lock().unwrap().list.clone();
+        self.send(FromAgent::Ranks(list));
+    }
+
+    /// Gives up every attempt in progress (lost or silent controller).
+    fn abort_all(&self, reason: &str) {
+        for g in self.attempts.lock().unwrap().values() {
+            g.abort(reason.to_string());
+        }
+    }
+}
+
+/// Runs the daemon until it is killed.
+pub fn serve(opts: ServeOptions) -> Result<()> {
+    let id = Identity::agent(&opts.certs, &opts.name).with_context(|| {
+        format!(
+            "no certificate for agent {:?} in {}: create one with \
+             `ckpt-controller ca issue --agent {}` and copy the directory here",
+            opts.name,
+            opts.certs.display(),
+            opts.name
+        )
+    })?;
+    let mut client = tls::client_config(&id, true)?;
+    client.transport_config(tls::transport(opts.lease));
+    if let Some(dir) = opts.socket.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    let _ = std::fs::remove_file(&opts.socket);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    let node = Arc::new(Node {
+        opts: opts.clone(),
+        ranks: Mutex::new(Ranks::default()),
+        attempts: Mutex::new(HashMap::new()),
+        out: Mutex::new(None),
+        heard: Mutex::new(Instant::now()),
+    });
+    rt.block_on(async move {
+        let listener = tokio::net::UnixListener::bind(&opts.socket)
+            .with_context(|| format!("binding the API socket {}", opts.socket.display()))?;
+        // Any user may ask; each request is judged by the caller's credentials.
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&opts.socket, std::fs::Permissions::from_mode(0o666))?;
+        tokio::spawn(api_loop(listener, node.clone()));
+        tokio::spawn(monitor_loop(node.clone()));
+        let mut ep = quinn::Endpoint::client(if opts.controller.is_ipv6() {
+            "[::]:0".parse()?
+        } else {
+            "0.0.0.0:0".parse()?
+        })?;
+        ep.set_default_client_config(client);
+        eprintln!(
+            "ckpt-agent: node {} serving; API at {}; controller {}",
+            opts.name,
+            opts.socket.display(),
+            opts.controller
+        );
+        let mut backoff = Duration::from_millis(200);
+        loop {
+            match connection(&ep, node.clone()).await {
+                Ok(()) => backoff = Duration::from_millis(200),
+                Err(e) => warn!("controller connection: {e:#}"),
+            }
+            *node.out.lock().unwrap() = None;
+            node.abort_all("lost the connection to the controller");
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(Duration::from_secs(5));
+        }
+        #[allow(unreachable_code)]
+        Ok::<(), anyhow::Error>(())
+    })
+}
+
+/// One connection to the controller, until it ends.
+async fn connection(ep: &quinn::Endpoint, node: Arc<Node>) -> Result<()> {
+    let conn = ep
+        .connect(node.opts.controller, "controller")?
+        .await
+        .with_context(|| format!("connecting to the controller at {}", node.opts.controller))?;
+    let (mut send, mut recv) = conn.open_bi().await?;
+    let hello = FromAgent::Hello(Hello {
+        proto_version: PROTO_VERSION,
+        name: node.opts.name.clone(),
+    });
+    wire::write_frame(&mut send, &hello.to_frame()?).await?;
+    wire::write_frame(
+        &mut send,
+        &FromAgent::Register(node_info(&node.opts.name)).to_frame()?,
+    )
+    .await?;
+    let first = wire::read_frame(&mut recv)
+        .await?
+        .context("the controller closed the stream")?;
+    match ToAgent::from_frame(&first)? {
+        ToAgent::Hello(h) if h.proto_version == PROTO_VERSION => {}
+        ToAgent::Hello(h) => bail!(
+            "the controller speaks protocol {} and this agent {PROTO_VERSION}: run the same ckpt version on both",
+            h.proto_version
+        ),
+        other => bail!("the controller began with {other:?} instead of Hello"),
+    }
+    info!("registered with the controller at {}", node.opts.controller);
+    *node.heard.lock().unwrap() = Instant::now();
+    let (tx, mut rx) = mpsc::unbounded_channel::<FromAgent>();
+    *node.out.lock().unwrap() = Some(tx);
+    node.send_ranks();
+    let writer = tokio::spawn(async move {
+        while let Some(m) = rx.recv().await {
+            let Ok(f) = m.to_frame() else { continue };
+            if wire::write_frame(&mut send, &f).await.is_err() {
+                break;
+            }
+        }
+    });
+    let result = async {
+        loop {
+            let Some(f) = wire::read_frame(&mut recv).await? else {
+                return Ok(());
+            };
+            *node.heard.lock().unwrap() = Instant::now();
+            let msg = ToAgent::from_frame(&f)?;
+            handle(&node, msg);
+        }
+    }
+    .await;
+    writer.abort();
+    result
+}
+
+fn node_info(name: &str) -> NodeInfo {
+    let addrs = nix::ifaddrs::getifaddrs()
+        .map(|it| {
+            it.filter_map(|i| i.address)
+                .filter_map(|a| {
+                    if let Some(v4) = a.as_sockaddr_in() {
+                        Some(std::net::IpAddr::V4(v4.ip()))
+                    } else {
+                        a.as_sockaddr_in6().map(|v6| std::net::IpAddr::V6(v6.ip()))
+                    }
+                })
+                .filter(|ip| !ip.is_loopback())
+                .map(|ip| ip.to_string())
+                .collect()
+        })
+        .unwrap_or_default();
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split(':').nth(1))
+                .map(|m| m.trim().to_string())
+        })
+        .unwrap_or_default();
+    NodeInfo {
+        name: name.to_string(),
+        addrs,
+        kernel: crate::dump::uname_release(),
+        cpu: format!("{cpu}; xcr0 {:#x}", crate::sys::host_xcr0()),
+        agent_version: env!("CARGO_PKG_VERSION").to_string(),
+    }
+}
+
+fn handle(node: &Arc<Node>, msg: ToAgent) {
+    let gate = |a: AttemptId| node.attempts.lock().unwrap().get(&a).cloned();
+    match msg {
+        ToAgent::Hello(_) => {}
+        ToAgent::Ping => node.send(FromAgent::Pong),
+        ToAgent::Freeze {
+            attempt,
+            spec,
+            ranks,
+        } => start_save(node, attempt, spec, ranks),
+        ToAgent::Restore {
+            attempt,
+            job,
+            ranks,
+        } => start_restore(node, attempt, job, ranks),
+        ToAgent::Capture { attempt } => gate(attempt).map_or((), |g| g.open(Step::Frozen)),
+        ToAgent::Resume { attempt } | ToAgent::Store { attempt } => {
+            gate(attempt).map_or((), |g| g.open(Step::Captured))
+        }
+        ToAgent::Kill { attempt } => gate(attempt).map_or((), |g| g.open(Step::Stored)),
+        ToAgent::Release { attempt } => gate(attempt).map_or((), |g| g.open(Step::Rebuilt)),
+        ToAgent::Abort { attempt, reason } => {
+            if let Some(g) = gate(attempt) {
+                g.abort(format!("the controller aborted: {reason}"));
+            }
+        }
+    }
+}
+
+/// The barrier points, in the order a rank meets them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Step {
+    Frozen = 0,
+    Captured = 1,
+    Stored = 2,
+    Rebuilt = 3,
+}
+
+impl Step {
+    fn name(self) -> &'static str {
+        match self {
+            Step::Frozen => "frozen",
+            Step::Captured => "captured",
+            Step::Stored => "stored",
+            Step::Rebuilt => "rebuilt",
+        }
+    }
+}
+
+#[derive(Default)]
+struct GateState {
+    arrived: [usize; 4],
+    open: [bool; 4],
+    abort: Option<String>,
+    /// `Failed` was sent (once per attempt).
+    failed_sent: bool,
+    manifests: Vec<RankManifest>,
+    rebuilt: Vec<RankRef>,
+}
+
+/// The [`crate::gate::Gate`] of one attempt on this node, shared by its rank
+/// threads: the last rank to reach a point tells the controller, and every rank
+/// waits there for the controller's word, an abort, or the end of the lease.
+struct JobGate {
+    attempt: AttemptId,
+    ranks: usize,
+    node: Arc<Node>,
+    st: Mutex<GateState>,
+    cv: Condvar,
+    /// Test hook: `CKPT_TEST_PAUSE=<point>` stops the agent there for good (so that
+    /// a test can kill it, or its controller, at a known moment).
+    pause: Option<String>,
+}
+
+impl JobGate {
+    fn new(node: &Arc<Node>, attempt: AttemptId, ranks: usize) -> Arc<JobGate> {
+        Arc::new(JobGate {
+            attempt,
+            ranks,
+            node: node.clone(),
+            st: Mutex::new(GateState::default()),
+            cv: Condvar::new(),
+            pause: std::env::var("CKPT_TEST_PAUSE").ok(),
+        })
+    }
+
+    fn test_pause(&self, point: &str) {
+        if self.pause.as_deref() == Some(point) {
+            eprintln!("ckpt-agent: test pause at {point} (CKPT_TEST_PAUSE)");
+            loop {
+                std::thread::sleep(Duration::from_secs(3600));
+            }
+        }
+    }
+
+    fn open(&self, step: Step) {
+        self.st.lock().unwrap().open[step as usize] = true;
+        self.cv.notify_all();
+    }
+
+    fn abort(&self, reason: String) {
+        let mut st = self.st.lock().unwrap();
+        if st.abort.is_none() {
+            st.abort = Some(reason);
+        }
+        drop(st);
+        self.cv.notify_all();
+    }
+
+    /// A rank thread failed: tell the controller (once) and stop the others.
+    fn fail(&self, reason: String) {
+        let mut st = self.st.lock().unwrap();
+        if st.abort.is_none() {
+            st.abort = Some(reason.clone());
+        }
+        let send = !st.failed_sent;
+        st.failed_sent = true;
+        drop(st);
+        self.cv.notify_all();
+        if send {
+            self.node.send(FromAgent::Failed {
+                attempt: self.attempt,
+                reason,
+            });
+        }
+    }
+
+    /// Arrive at `step`; the last rank sends `msg(state)`. Then wait for the word.
+    fn pass(
+        &self,
+        step: Step,
+        msg: impl FnOnce(&mut GateState) -> FromAgent,
+    ) -> Result<(), String> {
+        let mut st = self.st.lock().unwrap();
+        if let Some(r) = &st.abort {
+            return Err(r.clone());
+        }
+        st.arrived[step as usize] += 1;
+        if st.arrived[step as usize] == self.ranks {
+            self.test_pause(step.name());
+            let m = msg(&mut st);
+            self.node.send(m);
+        }
+        let lease = self.node.opts.lease;
+        loop {
+            if let Some(r) = &st.abort {
+                return Err(r.clone());
+            }
+            if st.open[step as usize] {
+                return Ok(());
+            }
+            st = self
+                .cv
+                .wait_timeout(st, Duration::from_millis(50))
+                .unwrap()
+                .0;
+            let silent = self.node.heard.lock().unwrap().elapsed();
+            if silent > lease && st.abort.is_none() {
+                warn!(attempt = self.attempt, "controller silent: lease expired");
+                st.abort = Some(format!(
+                    "the controller was silent for {:.1} s, longer than the lease of {:.1} s",
+                    silent.as_secs_f64(),
+                    lease.as_secs_f64()
+                ));
+            }
+        }
+    }
+}
+
+impl crate::gate::Gate for JobGate {
+    fn frozen(&self) -> Result<(), String> {
+        let attempt = self.attempt;
+        self.pass(Step::Frozen, |_| FromAgent::Frozen { attempt })
+    }
+    fn captured(&self) -> Result<(), String> {
+        let attempt = self.attempt;
+        self.pass(Step::Captured, |_| FromAgent::Captured { attempt })
+    }
+    fn storing(&self) -> Result<(), String> {
+        self.test_pause("storing");
+        match &self.st.lock().unwrap().abort {
+            Some(r) => Err(r.clone()),
+            None => Ok(()),
+        }
+    }
+    fn stored(&self, img: &ckpt_shared::image::Image) -> Result<(), String> {
+        let attempt = self.attempt;
+        // The manifest of this rank is recorded by the caller's thread before the
+        // gate (see `start_save`); only the count matters here.
+        let _ = img;
+        self.pass(Step::Stored, |st| FromAgent::Stored {
+            attempt,
+            ranks: st.manifests.clone(),
+        })
+    }
+    fn rebuilt(&self, _root: i32) -> Result<(), String> {
+        let attempt = self.attempt;
+        self.pass(Step::Rebuilt, |st| FromAgent::Rebuilt {
+            attempt,
+            ranks: st.rebuilt.clone(),
+        })
+    }
+}
+
+/// The gate of one rank: knows the rank, so that it can record what the rank made
+/// before it arrives at the point that reports it.
+struct RankGate {
+    gate: Arc<JobGate>,
+    rank: u32,
+    image: String,
+}
+
+impl crate::gate::Gate for RankGate {
+    fn frozen(&self) -> Result<(), String> {
+        self.gate.frozen()
+    }
+    fn captured(&self) -> Result<(), String> {
+        self.gate.captured()
+    }
+    fn storing(&self) -> Result<(), String> {
+        self.gate.storing()
+    }
+    fn stored(&self, img: &ckpt_shared::image::Image) -> Result<(), String> {
+        self.gate
+            .st
+            .lock()
+            .unwrap()
+            .manifests
+            .push(manifest_of(self.rank, &self.image, img));
+        self.gate.stored(img)
+    }
+    fn rebuilt(&self, root: i32) -> Result<(), String> {
+        self.gate.st.lock().unwrap().rebuilt.push(RankRef {
+            rank: self.rank,
+            pid: root,
+        });
+        self.gate.rebuilt(root)
+    }
+}
+
+fn manifest_of(rank: u32, image: &str, img: &ckpt_shared::image::Image) -> RankManifest {
+    RankManifest {
+        rank,
+        image: image.to_string(),
+        memory_bytes: img.stats.memory_bytes,
+        stored_bytes: img.stats.stored_bytes,
+    }
+}
+
+fn chunk_size_for(image: &Location) -> u64 {
+    match image {
+        Location::Named {
+            store: StoreUrl::S3 { .. },
+            ..
+        } => crate::mem::CHUNK_MAX_REMOTE,
+        _ => crate::mem::CHUNK_MAX,
+    }
+}
+
+fn start_save(node: &Arc<Node>, attempt: AttemptId, spec: SaveSpec, ranks: Vec<RankRef>) {
+    // Every rank must be one of ours, still the process that was attached.
+    {
+        let mut r = node.ranks.lock().unwrap();
+        for want in &ranks {
+            let ok = r
+                .list
+                .iter()
+                .any(|a| a.job == spec.job && a.rank == want.rank && a.pid == want.pid);
+            if !ok {
+                node.send(FromAgent::Failed {
+                    attempt,
+                    reason: format!(
+                        "rank {} (PID {}) of job {} is not attached to node {}",
+                        want.rank, want.pid, spec.job, node.opts.name
+                    ),
+                });
+                return;
+            }
+        }
+        r.busy.extend(ranks.iter().map(|x| x.pid));
+    }
+    let gate = JobGate::new(node, attempt, ranks.len());
+    node.attempts.lock().unwrap().insert(attempt, gate.clone());
+    let node = node.clone();
+    std::thread::spawn(move || {
+        let snapshot_limit = crate::dump::default_snapshot_limit() / ranks.len().max(1) as u64;
+        let threads: Vec<_> = ranks
+            .iter()
+            .map(|r| {
+                let image = spec.image_of(r.rank);
+                let gate = RankGate {
+                    gate: gate.clone(),
+                    rank: r.rank,
+                    image: image.clone(),
+                };
+                let (pid, rank) = (r.pid, r.rank);
+                let (kill, zstd, workers) = (spec.kill, spec.zstd_level, node.opts.workers);
+                std::thread::spawn(move || -> Result<Option<RankManifest>, String> {
+                    let loc = Location::parse(&image).map_err(|e| e.to_string())?;
+                    let opts = crate::dump::DumpOptions {
+                        pid,
+                        chunk_size: chunk_size_for(&loc),
+                        image: loc,
+                        leave_running: !kill,
+                        zstd_level: zstd,
+                        workers,
+                        snapshot_limit,
+                        parent: None,
+                        track: false,
+                    };
+                    match crate::dump::dump_gated(&opts, &gate) {
+                        Ok(img) => Ok((!kill).then(|| manifest_of(rank, &image, &img))),
+                        Err(crate::dump::DumpError::Aborted(r)) => Err(r),
+                        Err(e) => {
+                            let reason = format!("rank {rank} (PID {pid}): {e}");
+                            gate.gate.fail(reason.clone());
+                            Err(reason)
+                        }
+                    }
+                })
+            })
+            .collect();
+        let mut manifests = Vec::new();
+        let mut ok = true;
+        for t in threads {
+            match t.join() {
+                Ok(Ok(m)) => manifests.extend(m),
+                Ok(Err(_)) => ok = false,
+                Err(_) => {
+                    ok = false;
+                    gate.fail("a rank's dump thread panicked".into());
+                }
+            }
+        }
+        if ok && !spec.kill {
+            manifests.sort_by_key(|m| m.rank);
+            node.send(FromAgent::Stored {
+                attempt,
+                ranks: manifests,
+            });
+        }
+        {
+            let mut r = node.ranks.lock().unwrap();
+            for x in &ranks {
+                r.busy.remove(&x.pid);
+            }
+            if ok && spec.kill {
+                r.list
+                    .retain(|a| !(a.job == spec.job && ranks.iter().any(|x| x.pid == a.pid)));
+            }
+        }
+        if ok && spec.kill {
+            node.send_ranks();
+        }
+        node.attempts.lock().unwrap().remove(&attempt);
+    });
+}
+
+fn start_restore(node: &Arc<Node>, attempt: AttemptId, job: String, ranks: Vec<RestoreRank>) {
+    let gate = JobGate::new(node, attempt, ranks.len());
+    node.attempts.lock().unwrap().insert(attempt, gate.clone());
+    let node = node.clone();
+    std::thread::spawn(move || {
+        let threads: Vec<_> = ranks
+            .iter()
+            .map(|r| {
+                let gate = RankGate {
+                    gate: gate.clone(),
+                    rank: r.rank,
+                    image: r.image.clone(),
+                };
+                let (rank, image, workers) = (r.rank, r.image.clone(), node.opts.workers);
+                std::thread::spawn(move || -> Result<i32, String> {
+                    let loc = Location::parse(&image).map_err(|e| e.to_string())?;
+                    let opts = crate::restore::RestoreOptions {
+                        image: loc,
+                        new_pid_ns: false,
+                        workers,
+                    };
+                    match crate::restore::restore_gated(&opts, &gate) {
+                        Ok(rep) => Ok(rep.root_pid),
+                        Err(crate::restore::RestoreError::Aborted(r)) => Err(r),
+                        Err(e) => {
+                            let reason = format!("rank {rank} from {image}: {e}");
+                            gate.gate.fail(reason.clone());
+                            Err(reason)
+                        }
+                    }
+                })
+            })
+            .collect();
+        let mut pids = Vec::new();
+        let mut ok = true;
+        for (t, r) in threads.into_iter().zip(&ranks) {
+            match t.join() {
+                Ok(Ok(pid)) => pids.push((r.rank, pid)),
+                Ok(Err(_)) => ok = false,
+                Err(_) => {
+                    ok = false;
+                    gate.fail("a rank's restore thread panicked".into());
+                }
+            }
+        }
+        if ok {
+            {
+                let mut rs = node.ranks.lock().unwrap();
+                for (rank, pid) in pids {
+                    let uid = crate::sys::proc::status(pid).map(|s| s.uid[0]).unwrap_or(0);
+                    rs.list.retain(|a| !(a.job == job && a.rank == rank));
+                    rs.list.push(AttachedRank {
+                        job: job.clone(),
+                        rank,
+                        pid,
+                        uid,
+                    });
+                }
+            }
+            node.send(FromAgent::Released { attempt });
+            node.send_ranks();
+        }
+        node.attempts.lock().unwrap().remove(&attempt);
+    });
+}
+
+/// Drops ranks whose process is gone (reaping those that are our children: the
+/// restored ones), and tells the controller.
+async fn monitor_loop(node: Arc<Node>) {
+    loop {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let changed = {
+            let mut r = node.ranks.lock().unwrap();
+            let busy = r.busy.clone();
+            let before = r.list.len();
+            r.list.retain(|a| {
+                if busy.contains(&a.pid) {
+                    return true;
+                }
+                // Our child (a rank we restored): reap it if it exited. Not while an
+                // operation traces it (`busy`): its wait would be taken from it.
+                let mut status = 0;
+                // SAFETY: waitpid on one PID with WNOHANG; no memory is shared.
+                let w = unsafe { libc::waitpid(a.pid, &mut status, libc::WNOHANG) };
+                if w == a.pid {
+                    info!(job = a.job, rank = a.rank, pid = a.pid, "rank exited");
+                    return false;
+                }
+                crate::sys::proc::stat(a.pid)
+                    .map(|s| s.state != 'Z' && s.state != 'X')
+                    .unwrap_or(false)
+            });
+            r.list.len() != before
+        };
+        if changed {
+            node.send_ranks();
+        }
+    }
+}
+
+async fn api_loop(listener: tokio::net::UnixListener, node: Arc<Node>) {
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            continue;
+        };
+        let node = node.clone();
+        tokio::spawn(async move {
+            let uid = stream.peer_cred().map(|c| c.uid()).ok();
+            let (rd, mut wr) = stream.into_split();
+            let mut line = String::new();
+            let mut rd = tokio::io::BufReader::new(rd);
+            if rd.read_line(&mut line).await.is_err() {
+                return;
+            }
+            let reply = match (serde_json::from_str::<ApiRequest>(&line), uid) {
+                (Err(e), _) => ApiReply::err(format!("bad request: {e}")),
+                (_, None) => ApiReply::err("cannot tell who is asking (SO_PEERCRED)"),
+                (Ok(req), Some(uid)) => api(&node, req, uid),
+            };
+            let mut out = serde_json::to_string(&reply).unwrap_or_default();
+            out.push('\n');
+            let _ = wr.write_all(out.as_bytes()).await;
+        });
+    }
+}
+
+fn api(node: &Arc<Node>, req: ApiRequest, caller: u32) -> ApiReply {
+    match req {
+        ApiRequest::List => ApiReply {
+            ok: true,
+            error: None,
+            ranks: node.ranks.lock().unwrap().list.clone(),
+        },
+        ApiRequest::Attach { job, rank, pid } => {
+            if let Err(e) = ckpt_shared::objstore::check_image_name(&job) {
+                return ApiReply::err(format!("job name {job:?}: {e}"));
+            }
+            let owner = match crate::sys::proc::status(pid) {
+                Ok(s) => s.uid[0],
+                Err(_) => return ApiReply::err(format!("no process {pid} on this node")),
+            };
+            if caller != 0 && caller != owner {
+                return ApiReply::err(format!(
+                    "process {pid} belongs to uid {owner}; uid {caller} may attach only its own processes"
+                ));
+            }
+            {
+                let mut r = node.ranks.lock().unwrap();
+                if let Some(a) = r.list.iter().find(|a| a.pid == pid) {
+                    return ApiReply::err(format!(
+                        "process {pid} is already rank {} of job {}",
+                        a.rank, a.job
+                    ));
+                }
+                if r.list.iter().any(|a| a.job == job && a.rank == rank) {
+                    return ApiReply::err(format!(
+                        "job {job} already has a rank {rank} on this node"
+                    ));
+                }
+                r.list.push(AttachedRank {
+                    job,
+                    rank,
+                    pid,
+                    uid: owner,
+                });
+            }
+            node.send_ranks();
+            ApiReply {
+                ok: true,
+                error: None,
+                ranks: Vec::new(),
+            }
+        }
+        ApiRequest::Detach { job, rank } => {
+            let mut r = node.ranks.lock().unwrap();
+            let Some(i) = r.list.iter().position(|a| a.job == job && a.rank == rank) else {
+                return ApiReply::err(format!("job {job} has no rank {rank} on this node"));
+            };
+            if caller != 0 && caller != r.list[i].uid {
+                return ApiReply::err("only the job's owner or root may detach its ranks");
+            }
+            r.list.remove(i);
+            drop(r);
+            node.send_ranks();
+            ApiReply {
+                ok: true,
+                error: None,
+                ranks: Vec::new(),
+            }
+        }
+    }
+}

@@ -1,0 +1,108 @@
+//! The client side of the local API ([`crate::api`]): what the `job` and `ckpt`
+//! commands do.
+
+use std::io::{BufRead, IsTerminal, Write};
+use std::path::Path;
+
+use anyhow::{bail, Context, Result};
+
+use crate::api::{Done, Event, Request};
+
+/// Sends `req` and hands every progress event to `progress`; returns the final
+/// event, or an error if the controller refused or failed.
+pub fn call(socket: &Path, req: &Request, mut progress: impl FnMut(&Event)) -> Result<Event> {
+    let s = std::os::unix::net::UnixStream::connect(socket).with_context(|| {
+        format!(
+            "cannot reach the controller at {}: is `ckpt-controller serve` running \
+             (and is this its --socket)?",
+            socket.display()
+        )
+    })?;
+    let mut line = serde_json::to_string(req)?;
+    line.push('\n');
+    (&s).write_all(line.as_bytes())?;
+    for l in std::io::BufReader::new(&s).lines() {
+        let l = l.context("reading the controller's answer")?;
+        let ev: Event = serde_json::from_str(&l).with_context(|| format!("bad answer: {l:?}"))?;
+        match &ev {
+            Event::Progress { .. } => progress(&ev),
+            Event::Done(Done {
+                ok: false, error, ..
+            }) => {
+                bail!("{}", error.clone().unwrap_or_else(|| "failed".into()))
+            }
+            Event::Done(_) => return Ok(ev),
+        }
+    }
+    bail!("the controller closed the connection without an answer")
+}
+
+/// Human-readable bytes.
+pub fn human(b: u64) -> String {
+    let units = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = b as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u + 1 < units.len() {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{b} B")
+    } else {
+        format!("{v:.1} {}", units[u])
+    }
+}
+
+/// Progress on stderr: one bar redrawn in place on a terminal, one line per step
+/// otherwise (logs of batch jobs).
+pub struct Bar {
+    tty: bool,
+    last: String,
+}
+
+impl Default for Bar {
+    fn default() -> Self {
+        Bar {
+            tty: std::io::stderr().is_terminal(),
+            last: String::new(),
+        }
+    }
+}
+
+impl Bar {
+    pub fn show(&mut self, ev: &Event) {
+        let Event::Progress {
+            phase,
+            done,
+            of,
+            ranks,
+            bytes,
+        } = ev
+        else {
+            return;
+        };
+        let width = 20;
+        let filled = if *of == 0 { 0 } else { done * width / of };
+        let bar: String = "#".repeat(filled) + &"-".repeat(width - filled);
+        let text = format!(
+            "{phase:<8} [{bar}] {done}/{of} nodes, {ranks} ranks, {}",
+            human(*bytes)
+        );
+        if text == self.last {
+            return;
+        }
+        if self.tty {
+            eprint!("\r{text}\x1b[K");
+        } else {
+            eprintln!("{text}");
+        }
+        self.last = text;
+    }
+
+    pub fn finish(&mut self) {
+        if self.tty && !self.last.is_empty() {
+            eprintln!();
+        }
+        self.last.clear();
+    }
+}

@@ -1,0 +1,1057 @@
+//! `ckpt-controller serve`: the registry of agents and jobs, the checkpoint
+//! catalog, and the driver that feeds the barrier state machines
+//! ([`crate::barrier`]) from the agents' QUIC connections.
+//!
+//! Each agent holds one connection (mutual TLS; the name it registers must be one
+//! its certificate is valid for). Each save or restore is a task of its own that
+//! owns its barrier: the connection tasks route every message that names an
+//! attempt to that task, and tell every task when an agent is lost. The catalog is
+//! the set of job manifests in the store ([`ckpt_shared::catalog`]), read at start,
+//! so a controller that restarts knows every committed checkpoint.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use ckpt_shared::catalog::{self, JobManifest, JobRank, JOB_FORMAT_VERSION};
+use ckpt_shared::objstore::{BlockingStore, StoreConfig};
+use ckpt_shared::proto::{
+    rank_image_name, AttachedRank, AttemptId, FromAgent, Hello, NodeInfo, RankRef, RestoreRank,
+    SaveSpec, ToAgent, PROTO_VERSION,
+};
+use ckpt_shared::tls::{self, Identity};
+use ckpt_shared::wire;
+use serde::Deserialize;
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+use tokio::sync::mpsc;
+use tracing::{info, warn};
+
+use crate::api::{Done, Event, JobView, NodeView, Outcome, RankView, Request};
+use crate::barrier::{self, Action, Barrier, RestoreBarrier, Timeouts};
+
+/// Where the controller's local API listens by default.
+pub const DEFAULT_SOCKET: &str = "/run/ckpt/controller.sock";
+
+/// The controller's settings: a TOML file (`--config`), each overridden by a flag.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// QUIC address the agents connect to.
+    pub listen: SocketAddr,
+    /// Store of the checkpoints: `file:///path` or `s3://bucket/prefix`.
+    pub store: String,
+    /// Directory of `ckpt-controller ca init`.
+    pub certs: PathBuf,
+    /// The local API socket.
+    pub socket: PathBuf,
+    /// Seconds: an agent's lease (the controller pings four times per lease).
+    pub lease_secs: f64,
+    /// Seconds each phase may take, for all agents together.
+    pub freeze_timeout_secs: f64,
+    pub capture_timeout_secs: f64,
+    pub store_timeout_secs: f64,
+    pub restore_timeout_secs: f64,
+    /// zstd level of the chunks (0: raw).
+    pub compress: i32,
+    /// S3 settings (the AWS_* environment variables are used where these are empty).
+    pub s3: S3Settings,
+}
+
+/// S3 settings in the config file.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct S3Settings {
+    pub endpoint: Option<String>,
+    pub region: Option<String>,
+    pub access_key_id: Option<String>,
+    pub secret_access_key: Option<String>,
+    pub allow_http: Option<bool>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            listen: "0.0.0.0:7100".parse().expect("address"),
+            store: "file:///var/lib/ckpt/store".into(),
+            certs: "/etc/ckpt/certs".into(),
+            socket: DEFAULT_SOCKET.into(),
+            lease_secs: 5.0,
+            freeze_timeout_secs: 30.0,
+            capture_timeout_secs: 60.0,
+            store_timeout_secs: 3600.0,
+            restore_timeout_secs: 600.0,
+            compress: 0,
+            s3: S3Settings::default(),
+        }
+    }
+}
+
+impl Config {
+    /// Reads a TOML config file.
+    pub fn load(path: &std::path::Path) -> Result<Config> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("reading the config file {}", path.display()))?;
+        toml::from_str(&text).with_context(|| format!("config file {}", path.display()))
+    }
+
+    fn lease(&self) -> Duration {
+        Duration::from_secs_f64(self.lease_secs)
+    }
+
+    fn store_config(&self) -> StoreConfig {
+        let mut c = StoreConfig::from_env();
+        let s = &self.s3;
+        // The file's settings win over the environment's.
+        if s.endpoint.is_some() {
+            c.s3.endpoint = s.endpoint.clone();
+        }
+        if s.region.is_some() {
+            c.s3.region = s.region.clone();
+        }
+        if s.access_key_id.is_some() {
+            c.s3.access_key_id = s.access_key_id.clone();
+        }
+        if s.secret_access_key.is_some() {
+            c.s3.secret_access_key = s.secret_access_key.clone();
+        }
+        if s.allow_http.is_some() {
+            c.s3.allow_http = s.allow_http;
+        }
+        c
+    }
+}
+
+/// What an operation task hears.
+enum OpEvent {
+    Msg(String, FromAgent),
+    Lost(String),
+}
+
+struct AgentConn {
+    tx: mpsc::UnboundedSender<ToAgent>,
+    info: NodeInfo,
+    ranks: Vec<AttachedRank>,
+    conn: u64,
+}
+
+#[derive(Default)]
+struct Registry {
+    agents: BTreeMap<String, AgentConn>,
+    ops: HashMap<AttemptId, mpsc::UnboundedSender<OpEvent>>,
+    /// Jobs with a save or restore in progress.
+    busy: HashSet<String>,
+    catalog: BTreeMap<String, JobManifest>,
+}
+
+struct Ctl {
+    cfg: Config,
+    store: Arc<BlockingStore>,
+    reg: Mutex<Registry>,
+    next_attempt: std::sync::atomic::AtomicU64,
+    next_conn: std::sync::atomic::AtomicU64,
+}
+
+/// A controller running on threads of its own (the `serve` command, and `demo`).
+pub struct Running {
+    pub addr: SocketAddr,
+    rt: Option<tokio::runtime::Runtime>,
+    store: Option<Arc<BlockingStore>>,
+}
+
+impl Running {
+    /// Runs until the process ends.
+    pub fn wait(self) -> ! {
+        loop {
+            std::thread::park();
+        }
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if let Some(rt) = self.rt.take() {
+            rt.shutdown_timeout(Duration::from_secs(1));
+        }
+        drop(self.store.take());
+    }
+}
+
+/// Starts the controller: opens the store and reads its catalog, binds the QUIC
+/// port and the API socket.
+pub fn start(cfg: Config) -> Result<Running> {
+    let id = Identity::controller(&cfg.certs).with_context(|| {
+        format!(
+            "no controller certificate in {}: create the cluster CA with \
+             `ckpt-controller ca init --dir {}`",
+            cfg.certs.display(),
+            cfg.certs.display()
+        )
+    })?;
+    let mut server = tls::server_config(&id)?;
+    server.transport_config(tls::transport(cfg.lease()));
+    let store = Arc::new(
+        BlockingStore::open(&cfg.store, &cfg.store_config())
+            .with_context(|| format!("opening the store {}", cfg.store))?,
+    );
+    store
+        .check()
+        .with_context(|| format!("the store {} does not answer", cfg.store))?;
+    let mut catalog = BTreeMap::new();
+    for m in catalog::list(&store)? {
+        match m {
+            Ok(m) => {
+                catalog.insert(m.id.clone(), m);
+            }
+            Err(e) => warn!("skipping a checkpoint of the catalog: {e}"),
+        }
+    }
+    info!(
+        checkpoints = catalog.len(),
+        store = cfg.store,
+        "catalog read"
+    );
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("ckpt-controller")
+        .enable_all()
+        .build()?;
+    if let Some(dir) = cfg.socket.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    if cfg.socket.exists() {
+        // A live controller answers on it; a stale socket is removed.
+        if std::os::unix::net::UnixStream::connect(&cfg.socket).is_ok() {
+            bail!(
+                "another controller listens on {}; stop it or use another --socket",
+                cfg.socket.display()
+            );
+        }
+        let _ = std::fs::remove_file(&cfg.socket);
+    }
+    let ctl = Arc::new(Ctl {
+        cfg: cfg.clone(),
+        store: store.clone(),
+        reg: Mutex::new(Registry {
+            catalog,
+            ..Registry::default()
+        }),
+        next_attempt: std::sync::atomic::AtomicU64::new(
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_millis() as u64)
+                .unwrap_or(1),
+        ),
+        next_conn: std::sync::atomic::AtomicU64::new(1),
+    });
+    let addr = {
+        let _g = rt.enter();
+        let ep = quinn::Endpoint::server(server, cfg.listen)
+            .with_context(|| format!("binding the QUIC port {}", cfg.listen))?;
+        let addr = ep.local_addr()?;
+        let api = tokio::net::UnixListener::bind(&cfg.socket)
+            .with_context(|| format!("binding the API socket {}", cfg.socket.display()))?;
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&cfg.socket, std::fs::Permissions::from_mode(0o666))?;
+        rt.spawn(accept_loop(ep, ctl.clone()));
+        rt.spawn(api_loop(api, ctl.clone()));
+        rt.spawn(ping_loop(ctl.clone()));
+        addr
+    };
+    Ok(Running {
+        addr,
+        rt: Some(rt),
+        store: Some(store),
+    })
+}
+
+async fn ping_loop(ctl: Arc<Ctl>) {
+    let every = ctl.cfg.lease() / 4;
+    loop {
+        tokio::time::sleep(every).await;
+        for a in ctl.reg.lock().unwrap().agents.values() {
+            let _ = a.tx.send(ToAgent::Ping);
+        }
+    }
+}
+
+async fn accept_loop(ep: quinn::Endpoint, ctl: Arc<Ctl>) {
+    while let Some(incoming) = ep.accept().await {
+        let ctl = ctl.clone();
+        tokio::spawn(async move {
+            let remote = incoming.remote_address();
+            match incoming.await {
+                Ok(conn) => {
+                    if let Err(e) = agent_conn(conn, ctl).await {
+                        warn!(%remote, "agent connection: {e:#}");
+                    }
+                }
+                Err(e) => warn!(%remote, "refused a connection: {e}"),
+            }
+        });
+    }
+}
+
+fn attempt_of(m: &FromAgent) -> Option<AttemptId> {
+    match m {
+        FromAgent::Frozen { attempt }
+        | FromAgent::Captured { attempt }
+        | FromAgent::Stored { attempt, .. }
+        | FromAgent::Failed { attempt, .. }
+        | FromAgent::Rebuilt { attempt, .. }
+        | FromAgent::Released { attempt } => Some(*attempt),
+        _ => None,
+    }
+}
+
+async fn agent_conn(conn: quinn::Connection, ctl: Arc<Ctl>) -> Result<()> {
+    let names: Vec<String> = conn
+        .peer_identity()
+        .and_then(|i| {
+            i.downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>()
+                .ok()
+        })
+        .and_then(|c| c.first().map(tls::cert_names))
+        .unwrap_or_default();
+    let (mut send, mut recv) = tokio::time::timeout(Duration::from_secs(10), conn.accept_bi())
+        .await
+        .context("no stream opened")??;
+    let hello = wire::read_frame(&mut recv).await?.context("no Hello")?;
+    let name = match FromAgent::from_frame(&hello)? {
+        FromAgent::Hello(h) if h.proto_version != PROTO_VERSION => {
+            bail!(
+                "agent {} speaks protocol {}, this controller {PROTO_VERSION}",
+                h.name,
+                h.proto_version
+            )
+        }
+        FromAgent::Hello(h) => h.name,
+        other => bail!("the agent began with {other:?} instead of Hello"),
+    };
+    if !names.iter().any(|n| *n == name) {
+        conn.close(1u32.into(), b"name not in certificate");
+        bail!("an agent calls itself {name:?} but its certificate is for {names:?}");
+    }
+    let info =
+        match FromAgent::from_frame(&wire::read_frame(&mut recv).await?.context("no Register")?)? {
+            FromAgent::Register(i) if i.name == name => i,
+            other => bail!("agent {name} sent {other:?} instead of Register"),
+        };
+    let reply = ToAgent::Hello(Hello {
+        proto_version: PROTO_VERSION,
+        name: "controller".into(),
+    });
+    wire::write_frame(&mut send, &reply.to_frame()?).await?;
+    let (tx, mut rx) = mpsc::unbounded_channel::<ToAgent>();
+    let me = ctl
+        .next_conn
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    {
+        let mut reg = ctl.reg.lock().unwrap();
+        if reg.agents.contains_key(&name) {
+            warn!(
+                agent = name,
+                "agent reconnected: the older connection is dropped"
+            );
+        }
+        reg.agents.insert(
+            name.clone(),
+            AgentConn {
+                tx,
+                info,
+                ranks: Vec::new(),
+                conn: me,
+            },
+        );
+    }
+    info!(agent = name, "agent registered");
+    let writer = tokio::spawn(async move {
+        while let Some(m) = rx.recv().await {
+            let Ok(f) = m.to_frame() else { continue };
+            if wire::write_frame(&mut send, &f).await.is_err() {
+                break;
+            }
+        }
+    });
+    let result: Result<()> = async {
+        loop {
+            let Some(f) = wire::read_frame(&mut recv).await? else {
+                return Ok(());
+            };
+            let msg = FromAgent::from_frame(&f)?;
+            let mut reg = ctl.reg.lock().unwrap();
+            match msg {
+                FromAgent::Pong | FromAgent::Hello(_) => {}
+                FromAgent::Register(i) => {
+                    if let Some(a) = reg.agents.get_mut(&name) {
+                        a.info = i;
+                    }
+                }
+                FromAgent::Ranks(r) => {
+                    if let Some(a) = reg.agents.get_mut(&name) {
+                        a.ranks = r;
+                    }
+                }
+                m => {
+                    if let Some(op) = attempt_of(&m).and_then(|a| reg.ops.get(&a)) {
+                        let _ = op.send(OpEvent::Msg(name.clone(), m));
+                    }
+                }
+            }
+        }
+    }
+    .await;
+    writer.abort();
+    let mut reg = ctl.reg.lock().unwrap();
+    if reg.agents.get(&name).map(|a| a.conn) == Some(me) {
+        reg.agents.remove(&name);
+        for op in reg.ops.values() {
+            let _ = op.send(OpEvent::Lost(name.clone()));
+        }
+        info!(agent = name, "agent gone");
+    }
+    result
+}
+
+async fn api_loop(listener: tokio::net::UnixListener, ctl: Arc<Ctl>) {
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            continue;
+        };
+        let ctl = ctl.clone();
+        tokio::spawn(async move {
+            let uid = stream.peer_cred().map(|c| c.uid()).ok();
+            let (rd, mut wr) = stream.into_split();
+            let mut rd = tokio::io::BufReader::new(rd);
+            let mut line = String::new();
+            if rd.read_line(&mut line).await.is_err() {
+                return;
+            }
+            let (tx, mut rx) = mpsc::unbounded_channel::<Event>();
+            match (serde_json::from_str::<Request>(&line), uid) {
+                (Err(e), _) => {
+                    let _ = tx.send(Event::error(format!("bad request: {e}")));
+                }
+                (_, None) => {
+                    let _ = tx.send(Event::error("cannot tell who is asking (SO_PEERCRED)"));
+                }
+                (Ok(req), Some(uid)) => request(&ctl, req, uid, tx),
+            }
+            while let Some(ev) = rx.recv().await {
+                let mut out = serde_json::to_string(&ev).unwrap_or_default();
+                out.push('\n');
+                if wr.write_all(out.as_bytes()).await.is_err() {
+                    break; // the client went away; the operation goes on
+                }
+            }
+        });
+    }
+}
+
+fn may_act(uid: u32, owner: u32) -> bool {
+    uid == 0 || uid == owner
+}
+
+fn jobs(reg: &Registry) -> Vec<JobView> {
+    let mut jobs: BTreeMap<String, JobView> = BTreeMap::new();
+    for (node, a) in &reg.agents {
+        for r in &a.ranks {
+            let j = jobs.entry(r.job.clone()).or_insert_with(|| JobView {
+                job: r.job.clone(),
+                uid: r.uid,
+                ranks: Vec::new(),
+                latest: None,
+            });
+            j.ranks.push(RankView {
+                rank: r.rank,
+                node: node.clone(),
+                pid: r.pid,
+            });
+        }
+    }
+    for j in jobs.values_mut() {
+        j.ranks.sort_by_key(|r| r.rank);
+        j.latest = latest(reg, &j.job).map(|m| m.id.clone());
+    }
+    jobs.into_values().collect()
+}
+
+fn latest<'a>(reg: &'a Registry, job: &str) -> Option<&'a JobManifest> {
+    reg.catalog
+        .values()
+        .filter(|m| m.job == job)
+        .max_by_key(|m| (m.created_unix, m.id.clone()))
+}
+
+fn request(ctl: &Arc<Ctl>, req: Request, uid: u32, tx: mpsc::UnboundedSender<Event>) {
+    let reg = ctl.reg.lock().unwrap();
+    let reply = match req {
+        Request::Jobs => Event::Done(Done {
+            jobs: jobs(&reg)
+                .into_iter()
+                .filter(|j| may_act(uid, j.uid))
+                .collect(),
+            ..Done::ok()
+        }),
+        Request::Nodes => Event::Done(Done {
+            nodes: reg
+                .agents
+                .iter()
+                .map(|(n, a)| NodeView {
+                    name: n.clone(),
+                    addrs: a.info.addrs.clone(),
+                    kernel: a.info.kernel.clone(),
+                    ranks: a.ranks.len(),
+                })
+                .collect(),
+            ..Done::ok()
+        }),
+        Request::Ckpts { job } => Event::Done(Done {
+            ckpts: reg
+                .catalog
+                .values()
+                .filter(|m| job.as_ref().is_none_or(|j| *j == m.job) && may_act(uid, m.uid))
+                .cloned()
+                .collect(),
+            ..Done::ok()
+        }),
+        Request::Show { ckpt } => match find(&reg, &ckpt, uid) {
+            Ok(m) => Event::Done(Done {
+                ckpts: vec![m.clone()],
+                ..Done::ok()
+            }),
+            Err(e) => Event::error(e),
+        },
+        Request::Remove { ckpt } => match find(&reg, &ckpt, uid) {
+            Ok(m) => {
+                let m = m.clone();
+                drop(reg);
+                let ctl = ctl.clone();
+                tokio::spawn(async move {
+                    let store = ctl.store.clone();
+                    let mm = m.clone();
+                    let r = tokio::task::spawn_blocking(move || catalog::remove(&store, &mm)).await;
+                    let ev = match r {
+                        Ok(Ok(())) => {
+                            ctl.reg.lock().unwrap().catalog.remove(&m.id);
+                            Event::ok()
+                        }
+                        Ok(Err(e)) => Event::error(format!("removing {}: {e}", m.id)),
+                        Err(e) => Event::error(e),
+                    };
+                    let _ = tx.send(ev);
+                });
+                return;
+            }
+            Err(e) => Event::error(e),
+        },
+        Request::Save { job, kill, wait } => {
+            drop(reg);
+            match start_save(ctl, &job, kill, uid, tx.clone(), wait) {
+                Ok(()) => return,
+                Err(e) => Event::error(e),
+            }
+        }
+        Request::Restore { ckpt, nodes, map } => {
+            let m = find(&reg, &ckpt, uid).cloned();
+            drop(reg);
+            match m.and_then(|m| start_restore(ctl, m, &nodes, &map, tx.clone())) {
+                Ok(()) => return,
+                Err(e) => Event::error(e),
+            }
+        }
+    };
+    let _ = tx.send(reply);
+}
+
+/// Checkpoint `id` or `JOB:latest`, if the caller may see it.
+fn find<'a>(reg: &'a Registry, id: &str, uid: u32) -> Result<&'a JobManifest, String> {
+    let m = match id.strip_suffix(":latest") {
+        Some(job) => latest(reg, job).ok_or_else(|| {
+            format!("job {job} has no committed checkpoint (see `ckpt-controller ckpt list`)")
+        })?,
+        None => reg.catalog.get(id).ok_or_else(|| {
+            format!("no checkpoint {id} in the catalog (see `ckpt-controller ckpt list`)")
+        })?,
+    };
+    if !may_act(uid, m.uid) {
+        return Err(format!(
+            "checkpoint {} belongs to uid {}; uid {uid} may act only on its own jobs",
+            m.id, m.uid
+        ));
+    }
+    Ok(m)
+}
+
+/// Registers an operation's channel under `attempt`; the guard removes it and
+/// frees the job.
+struct OpGuard {
+    ctl: Arc<Ctl>,
+    attempt: AttemptId,
+    job: String,
+}
+
+impl Drop for OpGuard {
+    fn drop(&mut self) {
+        let mut reg = self.ctl.reg.lock().unwrap();
+        reg.ops.remove(&self.attempt);
+        reg.busy.remove(&self.job);
+    }
+}
+
+fn begin_op(
+    ctl: &Arc<Ctl>,
+    reg: &mut Registry,
+    job: &str,
+) -> Result<(OpGuard, mpsc::UnboundedReceiver<OpEvent>), String> {
+    if !reg.busy.insert(job.to_string()) {
+        return Err(format!(
+            "job {job} has a save or restore in progress; wait for it to end"
+        ));
+    }
+    let attempt = ctl
+        .next_attempt
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let (tx, rx) = mpsc::unbounded_channel();
+    reg.ops.insert(attempt, tx);
+    Ok((
+        OpGuard {
+            ctl: ctl.clone(),
+            attempt,
+            job: job.to_string(),
+        },
+        rx,
+    ))
+}
+
+fn start_save(
+    ctl: &Arc<Ctl>,
+    job: &str,
+    kill: bool,
+    uid: u32,
+    tx: mpsc::UnboundedSender<Event>,
+    wait: bool,
+) -> Result<(), String> {
+    let mut reg = ctl.reg.lock().unwrap();
+    let view = jobs(&reg)
+        .into_iter()
+        .find(|j| j.job == job)
+        .ok_or_else(|| {
+            format!(
+                "no running job {job}: no agent has ranks of it (see `ckpt-controller job list`)"
+            )
+        })?;
+    if !may_act(uid, view.uid) {
+        return Err(format!(
+            "job {job} belongs to uid {}; uid {uid} may save only its own jobs",
+            view.uid
+        ));
+    }
+    let (guard, rx) = begin_op(ctl, &mut reg, job)?;
+    drop(reg);
+    let spec = SaveSpec {
+        job: job.to_string(),
+        ckpt: format!("{job}-{}", guard.attempt),
+        store: ctl.cfg.store.clone(),
+        kill,
+        zstd_level: (ctl.cfg.compress > 0).then_some(ctl.cfg.compress),
+    };
+    if !wait {
+        let _ = tx.send(Event::Done(Done {
+            outcome: Some(Outcome {
+                ckpt: spec.ckpt.clone(),
+                job: job.to_string(),
+                ranks: view.ranks.len(),
+                nodes: Vec::new(),
+                freeze_ms: 0.0,
+                total_ms: 0.0,
+                memory_bytes: 0,
+                stored_bytes: 0,
+                pids: Vec::new(),
+            }),
+            ..Done::ok()
+        }));
+    }
+    let ctl = ctl.clone();
+    tokio::spawn(async move {
+        let ev = drive_save(&ctl, guard, rx, spec, view, &tx).await;
+        match &ev {
+            Event::Done(Done { ok: true, .. }) => info!(job = ctl_job(&ev), "save committed"),
+            Event::Done(Done { error: Some(e), .. }) => warn!("save failed: {e}"),
+            _ => {}
+        }
+        let _ = tx.send(ev);
+    });
+    Ok(())
+}
+
+fn ctl_job(ev: &Event) -> String {
+    match ev {
+        Event::Done(Done {
+            outcome: Some(o), ..
+        }) => o.ckpt.clone(),
+        _ => String::new(),
+    }
+}
+
+fn timeouts(cfg: &Config) -> Timeouts {
+    Timeouts {
+        freeze: Duration::from_secs_f64(cfg.freeze_timeout_secs),
+        capture: Duration::from_secs_f64(cfg.capture_timeout_secs),
+        store: Duration::from_secs_f64(cfg.store_timeout_secs),
+        commit: Duration::from_secs(60),
+    }
+}
+
+fn send_to(ctl: &Ctl, to: &str, msg: ToAgent) -> bool {
+    ctl.reg
+        .lock()
+        .unwrap()
+        .agents
+        .get(to)
+        .is_some_and(|a| a.tx.send(msg).is_ok())
+}
+
+async fn drive_save(
+    ctl: &Arc<Ctl>,
+    guard: OpGuard,
+    mut rx: mpsc::UnboundedReceiver<OpEvent>,
+    spec: SaveSpec,
+    view: JobView,
+    tx: &mpsc::UnboundedSender<Event>,
+) -> Event {
+    let t0 = Instant::now();
+    let mut by_agent: BTreeMap<String, Vec<RankRef>> = BTreeMap::new();
+    for r in &view.ranks {
+        by_agent.entry(r.node.clone()).or_default().push(RankRef {
+            rank: r.rank,
+            pid: r.pid,
+        });
+    }
+    let nodes: Vec<String> = by_agent.keys().cloned().collect();
+    let n_agents = nodes.len();
+    let mut b = Barrier::start(t0, guard.attempt, &spec, by_agent, timeouts(&ctl.cfg));
+    let mut answered: HashMap<&'static str, HashSet<String>> = HashMap::new();
+    let mut bytes = 0u64;
+    let mut freeze_us = 0u64;
+    let progress = |phase: &str, done: usize, bytes: u64| {
+        let _ = tx.send(Event::Progress {
+            phase: phase.to_string(),
+            done,
+            of: n_agents,
+            ranks: view.ranks.len(),
+            bytes,
+        });
+    };
+    progress("FREEZE", 0, 0);
+    loop {
+        while let Some(a) = b.poll() {
+            match a {
+                Action::Send { to, msg } => {
+                    if !send_to(ctl, &to, msg) {
+                        b.agent_lost(Instant::now(), &to);
+                    }
+                }
+                Action::Commit { ranks } => {
+                    let total_us = t0.elapsed().as_micros() as u64;
+                    let m = JobManifest {
+                        format_version: JOB_FORMAT_VERSION,
+                        id: spec.ckpt.clone(),
+                        job: spec.job.clone(),
+                        uid: view.uid,
+                        created_unix: std::time::SystemTime::now()
+                            .duration_since(std::time::UNIX_EPOCH)
+                            .map(|d| d.as_secs())
+                            .unwrap_or(0),
+                        store: spec.store.clone(),
+                        killed: spec.kill,
+                        ranks: ranks
+                            .iter()
+                            .map(|r| {
+                                let v = view.ranks.iter().find(|v| v.rank == r.rank);
+                                JobRank {
+                                    rank: r.rank,
+                                    image: r.image.clone(),
+                                    node: v.map(|v| v.node.clone()).unwrap_or_default(),
+                                    pid: v.map(|v| v.pid).unwrap_or(0),
+                                    memory_bytes: r.memory_bytes,
+                                    stored_bytes: r.stored_bytes,
+                                }
+                            })
+                            .collect(),
+                        freeze_us: if spec.kill { total_us } else { freeze_us },
+                        total_us,
+                    };
+                    progress("COMMIT", 0, bytes);
+                    let store = ctl.store.clone();
+                    let mm = m.clone();
+                    let r = tokio::task::spawn_blocking(move || catalog::put(&store, &mm))
+                        .await
+                        .map_err(|e| e.to_string())
+                        .and_then(|r| r.map_err(|e| e.to_string()));
+                    if r.is_ok() {
+                        ctl.reg.lock().unwrap().catalog.insert(m.id.clone(), m);
+                    }
+                    b.commit_done(Instant::now(), r);
+                }
+                Action::Finished(barrier::Outcome::Committed) => {
+                    let m = ctl.reg.lock().unwrap().catalog.get(&spec.ckpt).cloned();
+                    let (memory, stored, freeze, total) = m
+                        .as_ref()
+                        .map(|m| (m.memory_bytes(), m.stored_bytes(), m.freeze_us, m.total_us))
+                        .unwrap_or_default();
+                    return Event::Done(Done {
+                        outcome: Some(Outcome {
+                            ckpt: spec.ckpt.clone(),
+                            job: spec.job.clone(),
+                            ranks: view.ranks.len(),
+                            nodes,
+                            freeze_ms: freeze as f64 / 1e3,
+                            total_ms: total as f64 / 1e3,
+                            memory_bytes: memory,
+                            stored_bytes: stored,
+                            pids: Vec::new(),
+                        }),
+                        ..Done::ok()
+                    });
+                }
+                Action::Finished(barrier::Outcome::Aborted { phase, reason }) => {
+                    // Nothing was committed; the images some ranks may have written
+                    // are not a checkpoint. Remove them (the chunks go at a gc).
+                    let store = ctl.store.clone();
+                    let names: Vec<String> = view
+                        .ranks
+                        .iter()
+                        .map(|r| rank_image_name(&spec.ckpt, r.rank))
+                        .collect();
+                    let _ = tokio::task::spawn_blocking(move || {
+                        for n in names {
+                            let _ = store.delete_manifest(&n);
+                        }
+                    })
+                    .await;
+                    let _ = phase;
+                    return Event::error(format!(
+                        "the save of job {} was aborted, nothing was committed and the job runs on: {reason}",
+                        spec.job
+                    ));
+                }
+            }
+        }
+        let deadline = b.poll_timeout().unwrap_or_else(Instant::now);
+        tokio::select! {
+            ev = rx.recv() => {
+                let now = Instant::now();
+                match ev {
+                    Some(OpEvent::Msg(from, msg)) => {
+                        let key = match &msg {
+                            FromAgent::Frozen { .. } => Some("FREEZE"),
+                            FromAgent::Captured { .. } => Some("CAPTURE"),
+                            FromAgent::Stored { ranks, .. } => {
+                                bytes += ranks.iter().map(|r| r.stored_bytes).sum::<u64>();
+                                Some("STORE")
+                            }
+                            _ => None,
+                        };
+                        let before = b.phase();
+                        b.handle(now, &from, msg);
+                        if let Some(k) = key {
+                            let set = answered.entry(k).or_default();
+                            set.insert(from);
+                            progress(k, set.len(), bytes);
+                        }
+                        if before == barrier::Phase::Capturing && b.phase() == barrier::Phase::Storing {
+                            freeze_us = t0.elapsed().as_micros() as u64;
+                        }
+                        if before == barrier::Phase::Freezing
+                            && b.phase() == barrier::Phase::Capturing
+                            && std::env::var("CKPT_TEST_PAUSE").as_deref() == Ok("frozen")
+                        {
+                            // Test hook: every rank is frozen; hold here so that a
+                            // test can kill the controller and watch the leases.
+                            eprintln!("ckpt-controller: test pause at frozen (CKPT_TEST_PAUSE)");
+                            std::future::pending::<()>().await;
+                        }
+                    }
+                    Some(OpEvent::Lost(a)) => b.agent_lost(now, &a),
+                    None => b.handle_timeout(now + Duration::from_secs(1 << 30)),
+                }
+            }
+            _ = tokio::time::sleep_until(deadline.into()) => b.handle_timeout(Instant::now()),
+        }
+    }
+}
+
+fn start_restore(
+    ctl: &Arc<Ctl>,
+    m: JobManifest,
+    nodes: &[String],
+    map: &[(u32, String)],
+    tx: mpsc::UnboundedSender<Event>,
+) -> Result<(), String> {
+    // Placement: the same nodes; or the saved nodes, in order, onto --nodes; then
+    // --map for single ranks.
+    let saved = m.nodes();
+    if !nodes.is_empty() && nodes.len() != saved.len() {
+        return Err(format!(
+            "checkpoint {} ran on {} nodes ({}); --nodes names {}: give as many, or use --map RANK=NODE",
+            m.id,
+            saved.len(),
+            saved.join(","),
+            nodes.len()
+        ));
+    }
+    let mut place: BTreeMap<u32, String> = m
+        .ranks
+        .iter()
+        .map(|r| {
+            let node = if nodes.is_empty() {
+                r.node.clone()
+            } else {
+                let i = saved.iter().position(|n| *n == r.node).unwrap_or(0);
+                nodes[i].clone()
+            };
+            (r.rank, node)
+        })
+        .collect();
+    for (rank, node) in map {
+        if !place.contains_key(rank) {
+            return Err(format!("checkpoint {} has no rank {rank}", m.id));
+        }
+        place.insert(*rank, node.clone());
+    }
+    let mut reg = ctl.reg.lock().unwrap();
+    if let Some(j) = jobs(&reg).into_iter().find(|j| j.job == m.job) {
+        return Err(format!(
+            "job {} is running ({} ranks attached): end it, or save it with --kill, before restoring it",
+            m.job,
+            j.ranks.len()
+        ));
+    }
+    let mut missing: Vec<&String> = place
+        .values()
+        .filter(|n| !reg.agents.contains_key(*n))
+        .collect();
+    missing.sort();
+    missing.dedup();
+    if !missing.is_empty() {
+        let have: Vec<&String> = reg.agents.keys().collect();
+        return Err(format!(
+            "no agent connected for node(s) {missing:?} (connected: {have:?}); choose others with --nodes or --map"
+        ));
+    }
+    let (guard, rx) = begin_op(ctl, &mut reg, &m.job)?;
+    drop(reg);
+    let ctl = ctl.clone();
+    tokio::spawn(async move {
+        let ev = drive_restore(&ctl, guard, rx, m, place, &tx).await;
+        let _ = tx.send(ev);
+    });
+    Ok(())
+}
+
+async fn drive_restore(
+    ctl: &Arc<Ctl>,
+    guard: OpGuard,
+    mut rx: mpsc::UnboundedReceiver<OpEvent>,
+    m: JobManifest,
+    place: BTreeMap<u32, String>,
+    tx: &mpsc::UnboundedSender<Event>,
+) -> Event {
+    let t0 = Instant::now();
+    let mut by_agent: BTreeMap<String, Vec<RestoreRank>> = BTreeMap::new();
+    for r in &m.ranks {
+        by_agent
+            .entry(place[&r.rank].clone())
+            .or_default()
+            .push(RestoreRank {
+                rank: r.rank,
+                image: r.image.clone(),
+            });
+    }
+    let nodes: Vec<String> = by_agent.keys().cloned().collect();
+    let n = nodes.len();
+    let timeout = Duration::from_secs_f64(ctl.cfg.restore_timeout_secs);
+    let mut b = RestoreBarrier::start(t0, guard.attempt, &m.job, by_agent, timeout, timeout);
+    let mut done: HashMap<&'static str, usize> = HashMap::new();
+    let progress = |phase: &str, done: usize| {
+        let _ = tx.send(Event::Progress {
+            phase: phase.to_string(),
+            done,
+            of: n,
+            ranks: m.ranks.len(),
+            bytes: m.memory_bytes(),
+        });
+    };
+    progress("REBUILD", 0);
+    loop {
+        while let Some(a) = b.poll() {
+            match a {
+                Action::Send { to, msg } => {
+                    if !send_to(ctl, &to, msg) {
+                        b.agent_lost(Instant::now(), &to);
+                    }
+                }
+                Action::Commit { .. } => {}
+                Action::Finished(barrier::Outcome::Committed) => {
+                    let mut pids: Vec<RankView> = b
+                        .rebuilt()
+                        .map(|(a, r)| RankView {
+                            rank: r.rank,
+                            node: a.clone(),
+                            pid: r.pid,
+                        })
+                        .collect();
+                    pids.sort_by_key(|r| r.rank);
+                    let total = t0.elapsed().as_secs_f64() * 1e3;
+                    return Event::Done(Done {
+                        outcome: Some(Outcome {
+                            ckpt: m.id.clone(),
+                            job: m.job.clone(),
+                            ranks: m.ranks.len(),
+                            nodes,
+                            freeze_ms: total,
+                            total_ms: total,
+                            memory_bytes: m.memory_bytes(),
+                            stored_bytes: m.stored_bytes(),
+                            pids,
+                        }),
+                        ..Done::ok()
+                    });
+                }
+                Action::Finished(barrier::Outcome::Aborted { reason, .. }) => {
+                    return Event::error(format!(
+                        "the restore of {} failed and no rank was released: {reason}",
+                        m.id
+                    ));
+                }
+            }
+        }
+        let deadline = b.poll_timeout().unwrap_or_else(Instant::now);
+        tokio::select! {
+            ev = rx.recv() => {
+                let now = Instant::now();
+                match ev {
+                    Some(OpEvent::Msg(from, msg)) => {
+                        let key = match &msg {
+                            FromAgent::Rebuilt { .. } => Some("REBUILD"),
+                            FromAgent::Released { .. } => Some("RELEASE"),
+                            _ => None,
+                        };
+                        b.handle(now, &from, msg);
+                        if let Some(k) = key {
+                            let c = done.entry(k).or_default();
+                            *c += 1;
+                            progress(k, *c);
+                        }
+                    }
+                    Some(OpEvent::Lost(a)) => b.agent_lost(now, &a),
+                    None => b.handle_timeout(now + Duration::from_secs(1 << 30)),
+                }
+            }
+            _ = tokio::time::sleep_until(deadline.into()) => b.handle_timeout(Instant::now()),
+        }
+    }
+}
