@@ -230,7 +230,10 @@ async fn connection(ep: &quinn::Endpoint, node: Arc<Node>) -> Result<()> {
         ),
         other => bail!("the controller began with {other:?} instead of Hello"),
     }
-    info!("registered with the controller at {}", node.opts.controller);
+    eprintln!(
+        "ckpt-agent: node {} registered with the controller at {}",
+        node.opts.name, node.opts.controller
+    );
     *node.heard.lock().unwrap() = Instant::now();
     let (tx, mut rx) = mpsc::unbounded_channel::<FromAgent>();
     *node.out.lock().unwrap() = Some(tx);

@@ -162,7 +162,29 @@ where
 
 /// The set-up both spawners share: session, stdio to `log`, working directory, only
 /// fds 0-2 inherited, and this test process as the subreaper.
-fn spawn_command(mut cmd: Command, log: &Path) -> Result<ProcGuard> {
+fn spawn_command(cmd: Command, log: &Path) -> Result<ProcGuard> {
+    let mut cmd = prepare_command(cmd, log)?;
+    become_subreaper();
+    let child = cmd.spawn()?;
+    Ok(ProcGuard::new(child))
+}
+
+/// Sets `cmd` up as a workload (its own session, stdin from `/dev/null`, stdout and
+/// stderr appended to `log`, the log's directory as working directory, only fds
+/// 0-2 inherited) without starting it: for spawners of their own, such as the test
+/// cluster's, which starts it inside a node.
+pub fn workload_command<I, S>(name: &str, args: I, log: &Path) -> Result<Command>
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<OsStr>,
+{
+    let program = workload(name)?;
+    let mut cmd = Command::new(&program);
+    cmd.args(args);
+    prepare_command(cmd, log)
+}
+
+fn prepare_command(mut cmd: Command, log: &Path) -> Result<Command> {
     let out = OpenOptions::new()
         .create(true)
         .append(true)
@@ -185,9 +207,7 @@ fn spawn_command(mut cmd: Command, log: &Path) -> Result<ProcGuard> {
             Ok(())
         });
     }
-    become_subreaper();
-    let child = cmd.spawn()?;
-    Ok(ProcGuard::new(child))
+    Ok(cmd)
 }
 
 /// Marks every descriptor above 2 close-on-exec, in the child between fork and exec.
