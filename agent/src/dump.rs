@@ -346,6 +346,7 @@ pub fn dump_gated(opts: &DumpOptions, gate: &dyn crate::gate::Gate) -> Result<Im
         scratch.give_back(leader.tid)?;
         fp.swallowed
             .extend(remote.swallowed.iter().map(|&s| (leader.tid, s)));
+        fp.settle();
         let (
             signals::SignalState {
                 actions: sigactions,

@@ -60,6 +60,26 @@ pub struct FrozenProcess {
 }
 
 /// A frozen tree; parents come before their children.
+impl FrozenProcess {
+    /// Puts back the registers and signal masks of the threads that
+    /// injected system calls changed, while they stay frozen. Done as soon as the
+    /// injections are over: if the agent dies before it thaws the tree, the kernel
+    /// detaches the threads and they must resume where they were, not inside an
+    /// injected call (they would crash).
+    pub fn settle(&self) {
+        for t in self.threads.iter().filter(|t| t.touched) {
+            let mut r = t.regs;
+            normalize_restart(&mut r);
+            if let Err(e) = ptrace::set_regs(t.tid, &r) {
+                warn!(tid = t.tid, ?e, "could not put registers back");
+            }
+            if let Err(e) = ptrace::set_sigmask(t.tid, t.sigmask) {
+                warn!(tid = t.tid, ?e, "could not put the signal mask back");
+            }
+        }
+    }
+}
+
 pub struct Frozen {
     pub procs: Vec<FrozenProcess>,
     released: bool,

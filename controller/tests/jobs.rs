@@ -187,7 +187,12 @@ fn an_agent_killed_in_freeze_capture_or_upload_commits_nothing_and_the_job_runs_
             while !running_free(*pid) {
                 assert!(
                     t.elapsed() < Duration::from_secs(5),
-                    "{point}: rank {pid} still frozen"
+                    "{point}: rank {pid} still frozen: state {:?}, tracers {:?}, r0 {}, r1 {}\n{}",
+                    proc_state(*pid),
+                    tracer_pids(*pid),
+                    r0.0,
+                    r1.0,
+                    jc.logs()
                 );
                 std::thread::sleep(Duration::from_millis(10));
             }
@@ -199,10 +204,17 @@ fn an_agent_killed_in_freeze_capture_or_upload_commits_nothing_and_the_job_runs_
         check_log(log).unwrap_or_else(|e| panic!("{}: {e:#}", log.display()));
     }
     // No rank image of the aborted attempts is left as a committed image.
-    let images = std::fs::read_dir(jc.dir.path().join("store/images"))
-        .map(|d| d.count())
-        .unwrap_or(0);
-    assert_eq!(images, 0, "images of aborted saves were left");
+    let left: Vec<String> = std::fs::read_dir(jc.dir.path().join("store/images"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|e| e.path().join("manifest.ckpt").exists())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(
+        left.is_empty(),
+        "images of aborted saves were left: {left:?}"
+    );
 }
 
 #[test]
