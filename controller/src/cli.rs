@@ -73,6 +73,27 @@ pub enum Command {
     /// Committed checkpoints: list, show, remove.
     #[command(subcommand)]
     Ckpt(CkptCommand),
+    /// The whole path on this one machine, as root: a controller and an agent with a
+    /// local store, a job of 4 ranks, a save while it runs, a save that kills it, a
+    /// restore, and a check of every rank's output against a recomputation.
+    Demo {
+        /// MiB of memory each rank keeps rewriting.
+        #[arg(long, default_value_t = 16)]
+        mib: usize,
+        /// Keep the demo's directory (logs, store, certificates) afterwards.
+        #[arg(long)]
+        keep: bool,
+    },
+    /// Internal: one rank of the demo's job.
+    #[command(name = "__demo-rank", hide = true)]
+    DemoRank {
+        #[arg(long)]
+        rank: u32,
+        #[arg(long)]
+        mib: usize,
+        #[arg(long, default_value_t = 10)]
+        interval_ms: u64,
+    },
     /// The connected agents.
     Nodes {
         #[arg(long, default_value = crate::serve::DEFAULT_SOCKET)]
@@ -339,6 +360,12 @@ pub fn run(cli: Cli) -> Result<()> {
             );
             r.wait();
         }
+        Command::Demo { mib, keep } => crate::demo::run(mib.max(1), keep)?,
+        Command::DemoRank {
+            rank,
+            mib,
+            interval_ms,
+        } => crate::demo::rank_main(rank, mib.max(1), interval_ms),
         Command::Nodes { socket, json } => {
             let (_, _, nodes, _) = done_parts(client::call(&socket, &Request::Nodes, |_| {})?);
             if json {

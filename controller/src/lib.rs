@@ -17,5 +17,6 @@ pub mod api;
 pub mod barrier;
 pub mod cli;
 pub mod client;
+pub mod demo;
 pub mod serve;
 pub use ckpt_shared::tls;

@@ -1,10 +1,16 @@
 use clap::Parser;
 
 fn main() -> std::process::ExitCode {
+    // The daemon logs what it does; the commands only what went wrong.
+    let default = if std::env::args().nth(1).as_deref() == Some("serve") {
+        "info"
+    } else {
+        "warn"
+    };
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("CKPT_LOG")
-                .unwrap_or_else(|_| "info".into()),
+                .unwrap_or_else(|_| default.into()),
         )
         .with_writer(std::io::stderr)
         .init();

@@ -1,0 +1,429 @@
+//! `ckpt-controller demo`: the whole path on one machine, as root.
+//!
+//! A controller (in this process) and one agent (`ckpt-agent serve`, a child
+//! process) with a local directory store and a CA of their own; a job of 4 ranks
+//! (`ckpt-controller __demo-rank`, each computing a chain over a 16 MiB array it
+//! keeps rewriting); a save while it runs, a save that kills it, and a restore; then
+//! every rank's log is checked against an independent recomputation: every step
+//! present once, in order, with the right value, before and after the restore.
+
+use std::io::BufRead;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+
+use crate::api::{Done, Event, Outcome, Request};
+use crate::client;
+
+const RANKS: u32 = 4;
+const JOB: &str = "demo";
+
+/// The rank program: `steps` of a computation whose every value depends on all
+/// earlier ones and on the whole array.
+pub struct RankSim {
+    a: Vec<u64>,
+    x: u64,
+    pub chain: u64,
+    pub step: u64,
+}
+
+impl RankSim {
+    pub fn new(rank: u32, mib: usize) -> RankSim {
+        let n = (mib << 20) / 8;
+        RankSim {
+            a: (0..n as u64)
+                .map(|i| i.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ rank as u64)
+                .collect(),
+            x: 0x2545_f491_4f6c_dd1d ^ ((rank as u64 + 1) << 32),
+            chain: rank as u64,
+            step: 0,
+        }
+    }
+
+    /// One step: rewrites 4096 entries chosen by a xorshift stream, folds them in.
+    pub fn next(&mut self) -> u64 {
+        self.step += 1;
+        let n = self.a.len() as u64;
+        let mut acc = 0u64;
+        for _ in 0..4096 {
+            self.x ^= self.x << 13;
+            self.x ^= self.x >> 7;
+            self.x ^= self.x << 17;
+            let i = (self.x % n) as usize;
+            self.a[i] = self.a[i]
+                .wrapping_mul(6_364_136_223_846_793_005)
+                .wrapping_add(self.step);
+            acc = acc.rotate_left(5) ^ self.a[i];
+        }
+        self.chain = (self.chain ^ acc)
+            .wrapping_mul(0x0100_0000_01b3)
+            .rotate_left(17);
+        self.chain
+    }
+}
+
+/// `__demo-rank`: prints `step N CHAIN` every `interval_ms`, forever.
+pub fn rank_main(rank: u32, mib: usize, interval_ms: u64) -> ! {
+    use std::io::Write;
+    let mut sim = RankSim::new(rank, mib);
+    let mut out = std::io::stdout().lock();
+    loop {
+        let c = sim.next();
+        // One write per line, so the log shows every step at once.
+        let line = format!("step {} {c:016x}\n", sim.step);
+        let _ = out.write_all(line.as_bytes());
+        let _ = out.flush();
+        std::thread::sleep(Duration::from_millis(interval_ms));
+    }
+}
+
+/// Checks a rank's log: steps 1..=N in order, each value recomputed. Returns N.
+fn verify(rank: u32, mib: usize, log: &Path) -> Result<u64> {
+    let mut sim = RankSim::new(rank, mib);
+    let f = std::fs::File::open(log)?;
+    for (i, l) in std::io::BufReader::new(f).lines().enumerate() {
+        let l = l?;
+        let mut it = l.split_whitespace();
+        let (Some("step"), Some(n), Some(c)) = (it.next(), it.next(), it.next()) else {
+            bail!("rank {rank}, line {}: unexpected {l:?}", i + 1);
+        };
+        let want = sim.next();
+        let n: u64 = n.parse()?;
+        let c = u64::from_str_radix(c, 16)?;
+        if n != sim.step || c != want {
+            bail!(
+                "rank {rank}, line {}: step {n} value {c:016x}, expected step {} value {want:016x}",
+                i + 1,
+                sim.step
+            );
+        }
+    }
+    Ok(sim.step)
+}
+
+fn last_step(log: &Path) -> u64 {
+    std::fs::read_to_string(log)
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .last()
+                .and_then(|l| l.split_whitespace().nth(1).and_then(|n| n.parse().ok()))
+        })
+        .unwrap_or(0)
+}
+
+/// Everything the demo started, ended by PID on drop.
+struct Cleanup {
+    dir: PathBuf,
+    agent: Option<Child>,
+    ranks: Vec<Child>,
+    restored: Vec<i32>,
+    keep: bool,
+}
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        for &p in &self.restored {
+            // SAFETY: kill(2) on PIDs we restored.
+            unsafe { libc::kill(p, libc::SIGKILL) };
+        }
+        for c in &mut self.ranks {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        if let Some(mut a) = self.agent.take() {
+            // The agent reaps the restored ranks (its children) before it goes.
+            std::thread::sleep(Duration::from_millis(400));
+            let _ = a.kill();
+            let _ = a.wait();
+        }
+        if !self.keep {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+}
+
+fn call(socket: &Path, req: Request) -> Result<Outcome> {
+    let mut bar = client::Bar::default();
+    let r = client::call(socket, &req, |e| bar.show(e));
+    bar.finish();
+    match r? {
+        Event::Done(Done {
+            outcome: Some(o), ..
+        }) => Ok(o),
+        _ => bail!("no outcome in the controller's answer"),
+    }
+}
+
+/// Runs the demo.
+pub fn run(mib: usize, keep: bool) -> Result<()> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        bail!("the demo freezes and restores processes with ptrace: run it as root");
+    }
+    let exe = std::env::current_exe()?;
+    let agent_bin = exe.with_file_name("ckpt-agent");
+    if !agent_bin.is_file() {
+        bail!(
+            "{} not found: build both binaries (cargo build --release)",
+            agent_bin.display()
+        );
+    }
+    let dir = tempfile::Builder::new()
+        .prefix("ckpt-demo.")
+        .tempdir_in("/var/tmp")?
+        .keep();
+    let mut clean = Cleanup {
+        dir: dir.clone(),
+        agent: None,
+        ranks: Vec::new(),
+        restored: Vec::new(),
+        keep,
+    };
+    let certs = dir.join("certs");
+    crate::tls::ca_init(&certs, &["127.0.0.1".into()], &["local".into()])?;
+    let store = dir.join("store");
+    std::fs::create_dir_all(&store)?;
+    let socket = dir.join("controller.sock");
+    let cfg = crate::serve::Config {
+        listen: "127.0.0.1:0".parse()?,
+        store: format!("file://{}", store.display()),
+        certs: certs.clone(),
+        socket: socket.clone(),
+        lease_secs: 5.0,
+        ..crate::serve::Config::default()
+    };
+    let ctl = crate::serve::start(cfg.clone())?;
+    println!(
+        "== controller on {} (QUIC, mutual TLS), store {}",
+        ctl.addr, cfg.store
+    );
+    let agent_socket = dir.join("agent.sock");
+    let agent_log = std::fs::File::create(dir.join("agent.log"))?;
+    clean.agent = Some(
+        Command::new(&agent_bin)
+            .args(["serve", "--name", "local", "--controller"])
+            .arg(ctl.addr.to_string())
+            .arg("--certs")
+            .arg(&certs)
+            .arg("--socket")
+            .arg(&agent_socket)
+            .stdin(Stdio::null())
+            .stdout(agent_log.try_clone()?)
+            .stderr(agent_log)
+            .spawn()
+            .context("starting ckpt-agent serve")?,
+    );
+    let t = Instant::now();
+    loop {
+        let n = client::call(&socket, &Request::Nodes, |_| {})
+            .ok()
+            .map(|e| match e {
+                Event::Done(d) => d.nodes.len(),
+                _ => 0,
+            })
+            .unwrap_or(0);
+        if n == 1 {
+            break;
+        }
+        if t.elapsed() > Duration::from_secs(15) {
+            bail!(
+                "the agent did not register; its log:\n{}",
+                std::fs::read_to_string(dir.join("agent.log")).unwrap_or_default()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    println!(
+        "== agent 'local' registered (ckpt-agent serve, PID {})",
+        clean.agent.as_ref().map(|c| c.id()).unwrap_or(0)
+    );
+
+    let logs: Vec<PathBuf> = (0..RANKS)
+        .map(|r| dir.join(format!("rank{r}.log")))
+        .collect();
+    for r in 0..RANKS {
+        let log = std::fs::File::create(&logs[r as usize])?;
+        let mut cmd = Command::new(&exe);
+        cmd.args([
+            "__demo-rank",
+            "--rank",
+            &r.to_string(),
+            "--mib",
+            &mib.to_string(),
+        ])
+        .current_dir(&dir)
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log);
+        // SAFETY: async-signal-safe calls only, between fork and exec: a session of
+        // its own, and no descriptor of ours beyond stdio (a pipe of this process
+        // would lead out of the rank's tree).
+        unsafe {
+            cmd.pre_exec(|| {
+                libc::setsid();
+                libc::syscall(
+                    libc::SYS_close_range,
+                    3 as libc::c_uint,
+                    libc::c_uint::MAX,
+                    libc::CLOSE_RANGE_CLOEXEC,
+                );
+                Ok(())
+            });
+        }
+        let child = cmd.spawn().context("starting a rank")?;
+        let pid = child.id() as i32;
+        clean.ranks.push(child);
+        let reply = Command::new(&agent_bin)
+            .args([
+                "attach",
+                "--job",
+                JOB,
+                "--rank",
+                &r.to_string(),
+                "--pid",
+                &pid.to_string(),
+            ])
+            .arg("--socket")
+            .arg(&agent_socket)
+            .output()?;
+        if !reply.status.success() {
+            bail!("attach: {}", String::from_utf8_lossy(&reply.stderr));
+        }
+    }
+    let t = Instant::now();
+    while logs.iter().any(|l| last_step(l) < 20) {
+        if t.elapsed() > Duration::from_secs(30) {
+            bail!("the ranks do not compute");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // Let the agent report the ranks.
+    std::thread::sleep(Duration::from_millis(400));
+    println!(
+        "== job '{JOB}': {RANKS} ranks, each rewriting a {mib} MiB array every 10 ms (PIDs {})",
+        clean
+            .ranks
+            .iter()
+            .map(|c| c.id().to_string())
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+
+    println!("== ckpt-controller job save {JOB} --wait        (the job runs on)");
+    let s1 = call(
+        &socket,
+        Request::Save {
+            job: JOB.into(),
+            kill: false,
+            wait: true,
+        },
+    )?;
+    crate::cli::print_outcome("saved", &s1);
+    let steps_before = logs.iter().map(|l| last_step(l)).min().unwrap_or(0);
+    std::thread::sleep(Duration::from_millis(300));
+    let steps_after = logs.iter().map(|l| last_step(l)).min().unwrap_or(0);
+    println!("   still computing: step {steps_before} -> {steps_after} in 0.3 s");
+
+    println!("== ckpt-controller job save {JOB} --kill --wait");
+    let s2 = call(
+        &socket,
+        Request::Save {
+            job: JOB.into(),
+            kill: true,
+            wait: true,
+        },
+    )?;
+    crate::cli::print_outcome("saved", &s2);
+    for c in &mut clean.ranks {
+        c.wait()?;
+    }
+    clean.ranks.clear();
+    let at_kill: Vec<u64> = logs.iter().map(|l| last_step(l)).collect();
+    println!("   the ranks are gone (killed after the commit) at steps {at_kill:?}");
+    std::thread::sleep(Duration::from_millis(700)); // the agent notices
+
+    println!("== ckpt-controller job restore {JOB}:latest");
+    let r = call(
+        &socket,
+        Request::Restore {
+            ckpt: format!("{JOB}:latest"),
+            nodes: Vec::new(),
+            map: Vec::new(),
+        },
+    )?;
+    clean.restored = r.pids.iter().map(|p| p.pid).collect();
+    crate::cli::print_outcome("restored", &r);
+    let t = Instant::now();
+    while logs
+        .iter()
+        .zip(&at_kill)
+        .any(|(l, k)| last_step(l) < k + 50)
+    {
+        if t.elapsed() > Duration::from_secs(30) {
+            bail!("the restored ranks do not compute");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    println!("== checking every rank's log against an independent recomputation");
+    let mut all_ok = true;
+    for (i, l) in logs.iter().enumerate() {
+        match verify(i as u32, mib, l) {
+            Ok(n) => println!(
+                "   rank {i}: steps 1..{n} all present once, in order, every value right (killed at {}, restored, went on)",
+                at_kill[i]
+            ),
+            Err(e) => {
+                all_ok = false;
+                println!("   rank {i}: BROKEN: {e:#}");
+            }
+        }
+    }
+    println!();
+    println!(
+        "{:<24} {:>6} {:>12} {:>11} {:>11} {:>12} {:>10}",
+        "operation", "ranks", "stood still", "image", "stored", "throughput", "time"
+    );
+    for (what, o) in [
+        ("save (job runs on)", &s1),
+        ("save --kill", &s2),
+        ("restore", &r),
+    ] {
+        let restore = what == "restore";
+        println!(
+            "{:<24} {:>6} {:>12} {:>11} {:>11} {:>12} {:>10}",
+            what,
+            o.ranks,
+            if restore {
+                "-".to_string()
+            } else {
+                format!("{:.1} ms", o.freeze_ms)
+            },
+            client::human(o.memory_bytes),
+            if restore {
+                "-".to_string()
+            } else {
+                client::human(o.stored_bytes)
+            },
+            format!(
+                "{}/s",
+                client::human((o.memory_bytes as f64 / (o.total_ms.max(0.001) / 1e3)) as u64)
+            ),
+            format!("{:.1} ms", o.total_ms)
+        );
+    }
+    println!();
+    if keep {
+        println!("files kept in {}", dir.display());
+    }
+    drop(clean);
+    drop(ctl);
+    if !all_ok {
+        bail!("the job did not continue correctly");
+    }
+    println!("the job continued correctly after save, kill and restore");
+    Ok(())
+}
