@@ -174,11 +174,14 @@ pub fn serve(opts: ServeOptions) -> Result<()> {
         std::fs::set_permissions(&opts.socket, std::fs::Permissions::from_mode(0o666))?;
         tokio::spawn(api_loop(listener, node.clone()));
         tokio::spawn(monitor_loop(node.clone()));
-        let mut ep = quinn::Endpoint::client(if opts.controller.is_ipv6() {
-            "[::]:0".parse()?
-        } else {
-            "0.0.0.0:0".parse()?
-        })?;
+        let mut ep = wire::endpoint(
+            if opts.controller.is_ipv6() {
+                "[::]:0".parse()?
+            } else {
+                "0.0.0.0:0".parse()?
+            },
+            None,
+        )?;
         ep.set_default_client_config(client);
         eprintln!(
             "ckpt-agent: node {} serving; API at {}; controller {}",

@@ -19,4 +19,5 @@ pub mod cli;
 pub mod client;
 pub mod demo;
 pub mod serve;
+pub mod simagent;
 pub use ckpt_shared::tls;

@@ -248,7 +248,7 @@ pub fn start(cfg: Config) -> Result<Running> {
     });
     let addr = {
         let _g = rt.enter();
-        let ep = quinn::Endpoint::server(server, cfg.listen)
+        let ep = wire::endpoint(cfg.listen, Some(server))
             .with_context(|| format!("binding the QUIC port {}", cfg.listen))?;
         let addr = ep.local_addr()?;
         let api = tokio::net::UnixListener::bind(&cfg.socket)
@@ -736,7 +736,14 @@ async fn drive_save(
     let mut answered: HashMap<&'static str, HashSet<String>> = HashMap::new();
     let mut bytes = 0u64;
     let mut freeze_us = 0u64;
-    let progress = |phase: &str, done: usize, bytes: u64| {
+    // Progress at most every 100 ms, and at the end of each phase: with a thousand
+    // agents, a line per answer would cost the barrier more than its messages.
+    let mut shown = Instant::now() - Duration::from_secs(1);
+    let mut progress = |phase: &str, done: usize, bytes: u64| {
+        if done != 0 && done != n_agents && shown.elapsed() < Duration::from_millis(100) {
+            return;
+        }
+        shown = Instant::now();
         let _ = tx.send(Event::Progress {
             phase: phase.to_string(),
             done,
@@ -976,7 +983,12 @@ async fn drive_restore(
     let timeout = Duration::from_secs_f64(ctl.cfg.restore_timeout_secs);
     let mut b = RestoreBarrier::start(t0, guard.attempt, &m.job, by_agent, timeout, timeout);
     let mut done: HashMap<&'static str, usize> = HashMap::new();
-    let progress = |phase: &str, done: usize| {
+    let mut shown = Instant::now() - Duration::from_secs(1);
+    let mut progress = |phase: &str, done: usize| {
+        if done != 0 && done != n && shown.elapsed() < Duration::from_millis(100) {
+            return;
+        }
+        shown = Instant::now();
         let _ = tx.send(Event::Progress {
             phase: phase.to_string(),
             done,

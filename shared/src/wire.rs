@@ -40,3 +40,57 @@ pub async fn write_frame(send: &mut quinn::SendStream, frame: &[u8]) -> Result<(
     send.write_all(frame).await?;
     Ok(())
 }
+
+/// Socket buffer size asked for the UDP sockets of QUIC endpoints.
+pub const UDP_BUFFER: usize = 8 << 20;
+
+/// A UDP socket bound to `addr` with [`UDP_BUFFER`]-byte send and receive buffers,
+/// for a QUIC endpoint. The controller's one socket serves every agent: a barrier
+/// step sends a datagram to each of them at once and their answers arrive
+/// together, and with the default buffer (about 200 KiB) a thousand agents overflow
+/// it; each lost datagram then waits for QUIC's loss timers (measured: a 1,000-agent
+/// barrier took seconds instead of milliseconds). As root the limit of
+/// `net.core.rmem_max` is passed over (`SO_RCVBUFFORCE`); otherwise the kernel
+/// caps the size there.
+pub fn udp_socket(addr: std::net::SocketAddr) -> std::io::Result<std::net::UdpSocket> {
+    use std::os::fd::AsRawFd;
+    let s = std::net::UdpSocket::bind(addr)?;
+    let fd = s.as_raw_fd();
+    let size = UDP_BUFFER as libc::c_int;
+    for (force, plain) in [
+        (libc::SO_RCVBUFFORCE, libc::SO_RCVBUF),
+        (libc::SO_SNDBUFFORCE, libc::SO_SNDBUF),
+    ] {
+        let set = |opt| {
+            // SAFETY: setsockopt on our own socket with a pointer to a live c_int and
+            // its size.
+            unsafe {
+                libc::setsockopt(
+                    fd,
+                    libc::SOL_SOCKET,
+                    opt,
+                    (&size as *const libc::c_int).cast(),
+                    std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+                )
+            }
+        };
+        if set(force) != 0 {
+            set(plain);
+        }
+    }
+    Ok(s)
+}
+
+/// A QUIC endpoint on [`udp_socket`]`(addr)`: a server if `server` is given. Must
+/// be called inside a Tokio runtime.
+pub fn endpoint(
+    addr: std::net::SocketAddr,
+    server: Option<quinn::ServerConfig>,
+) -> std::io::Result<quinn::Endpoint> {
+    quinn::Endpoint::new(
+        quinn::EndpointConfig::default(),
+        server,
+        udp_socket(addr)?,
+        std::sync::Arc::new(quinn::TokioRuntime),
+    )
+}

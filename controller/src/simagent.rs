@@ -1,0 +1,80 @@
+//! A protocol-only agent: it speaks the real protocol over a real QUIC connection
+//! with its real certificate, but answers each step of the barrier at once without
+//! freezing or dumping anything. It exists to measure the controller's protocol
+//! overhead with many agents in one process (`cargo bench --bench barrier`), and for
+//! the tests of the controller's port. It never touches a process.
+
+use std::net::SocketAddr;
+
+use anyhow::{bail, Context, Result};
+use ckpt_shared::proto::{
+    AttachedRank, FromAgent, Hello, NodeInfo, RankManifest, ToAgent, PROTO_VERSION,
+};
+use ckpt_shared::tls::{self, Identity};
+use ckpt_shared::wire;
+
+/// Connects as agent `name` (with `id`) to the controller at `addr`, registers one
+/// rank of `job`, and answers the barrier until the connection ends. `ready` is
+/// signalled once registered.
+pub async fn run(
+    ep: quinn::Endpoint,
+    id: &Identity,
+    name: String,
+    addr: SocketAddr,
+    job: String,
+    rank: u32,
+    ready: tokio::sync::mpsc::UnboundedSender<()>,
+) -> Result<()> {
+    let cfg = tls::client_config(id, true)?;
+    let conn = ep
+        .connect_with(cfg, addr, "controller")?
+        .await
+        .context("connecting")?;
+    let (mut send, mut recv) = conn.open_bi().await?;
+    let hello = FromAgent::Hello(Hello {
+        proto_version: PROTO_VERSION,
+        name: name.clone(),
+    });
+    wire::write_frame(&mut send, &hello.to_frame()?).await?;
+    let info = NodeInfo {
+        name: name.clone(),
+        addrs: vec![],
+        kernel: "sim".into(),
+        cpu: "sim".into(),
+        agent_version: env!("CARGO_PKG_VERSION").into(),
+    };
+    wire::write_frame(&mut send, &FromAgent::Register(info).to_frame()?).await?;
+    match ToAgent::from_frame(&wire::read_frame(&mut recv).await?.context("no Hello")?)? {
+        ToAgent::Hello(_) => {}
+        other => bail!("expected Hello, got {other:?}"),
+    }
+    let ranks = FromAgent::Ranks(vec![AttachedRank {
+        job: job.clone(),
+        rank,
+        pid: 1_000_000 + rank as i32,
+        uid: 0,
+    }]);
+    wire::write_frame(&mut send, &ranks.to_frame()?).await?;
+    let _ = ready.send(());
+    while let Some(f) = wire::read_frame(&mut recv).await? {
+        let reply = match ToAgent::from_frame(&f)? {
+            ToAgent::Ping => Some(FromAgent::Pong),
+            ToAgent::Freeze { attempt, .. } => Some(FromAgent::Frozen { attempt }),
+            ToAgent::Capture { attempt } => Some(FromAgent::Captured { attempt }),
+            ToAgent::Resume { attempt } | ToAgent::Store { attempt } => Some(FromAgent::Stored {
+                attempt,
+                ranks: vec![RankManifest {
+                    rank,
+                    image: format!("sim://{name}"),
+                    memory_bytes: 0,
+                    stored_bytes: 0,
+                }],
+            }),
+            _ => None,
+        };
+        if let Some(r) = reply {
+            wire::write_frame(&mut send, &r.to_frame()?).await?;
+        }
+    }
+    Ok(())
+}
