@@ -44,7 +44,7 @@ impl RankSim {
     }
 
     /// One step: rewrites 4096 entries chosen by a xorshift stream, folds them in.
-    pub fn next(&mut self) -> u64 {
+    pub fn step_once(&mut self) -> u64 {
         self.step += 1;
         let n = self.a.len() as u64;
         let mut acc = 0u64;
@@ -71,7 +71,7 @@ pub fn rank_main(rank: u32, mib: usize, interval_ms: u64) -> ! {
     let mut sim = RankSim::new(rank, mib);
     let mut out = std::io::stdout().lock();
     loop {
-        let c = sim.next();
+        let c = sim.step_once();
         // One write per line, so the log shows every step at once.
         let line = format!("step {} {c:016x}\n", sim.step);
         let _ = out.write_all(line.as_bytes());
@@ -90,7 +90,7 @@ fn verify(rank: u32, mib: usize, log: &Path) -> Result<u64> {
         let (Some("step"), Some(n), Some(c)) = (it.next(), it.next(), it.next()) else {
             bail!("rank {rank}, line {}: unexpected {l:?}", i + 1);
         };
-        let want = sim.next();
+        let want = sim.step_once();
         let n: u64 = n.parse()?;
         let c = u64::from_str_radix(c, 16)?;
         if n != sim.step || c != want {

@@ -330,7 +330,7 @@ async fn agent_conn(conn: quinn::Connection, ctl: Arc<Ctl>) -> Result<()> {
         FromAgent::Hello(h) => h.name,
         other => bail!("the agent began with {other:?} instead of Hello"),
     };
-    if !names.iter().any(|n| *n == name) {
+    if !names.contains(&name) {
         conn.close(1u32.into(), b"name not in certificate");
         bail!("an agent calls itself {name:?} but its certificate is for {names:?}");
     }
