@@ -7,6 +7,10 @@ need=()
 command -v gcc >/dev/null 2>&1 || need+=(gcc)
 [ -e /usr/include/stdio.h ] || need+=(libc6-dev)
 command -v python3 >/dev/null 2>&1 || need+=(python3)
+# The test cluster's network namespaces, veth pairs and bridge.
+command -v ip >/dev/null 2>&1 || need+=(iproute2)
+# MUNGE: how the CLI proves its user to a controller on another host.
+command -v munged >/dev/null 2>&1 || need+=(munge)
 if [ ${#need[@]} -gt 0 ]; then
     echo "setup: installing ${need[*]}"
     export DEBIAN_FRONTEND=noninteractive

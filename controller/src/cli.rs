@@ -32,6 +32,14 @@ use crate::client;
 #[derive(Debug, Parser)]
 #[command(name = "ckpt-controller", version, verbatim_doc_comment)]
 pub struct Cli {
+    /// Reach the controller's TCP API at HOST:PORT (its `api_listen`) instead of
+    /// its local socket, proving who you are with a MUNGE credential, as Slurm
+    /// does: for the job and ckpt commands from login nodes.
+    #[arg(long, global = true, env = "CKPT_CONTROLLER", value_name = "HOST:PORT")]
+    pub controller: Option<String>,
+    /// munged's socket, for --controller (default: munge's).
+    #[arg(long, global = true, env = "CKPT_MUNGE_SOCKET", value_name = "PATH")]
+    pub munge_socket: Option<PathBuf>,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -58,6 +66,8 @@ pub enum Command {
     ///   store_timeout_secs = 3600.0
     ///   restore_timeout_secs = 600.0
     ///   compress = 0                            # zstd level, 0 = raw
+    ///   api_listen = "0.0.0.0:7101"             # job/ckpt commands from other hosts (MUNGE)
+    ///   munge_socket = "/run/munge/munge.socket.2"
     ///   [s3]                                    # else the AWS_* variables
     ///   endpoint = "http://10.0.0.5:9000"
     ///   region = "us-east-1"
@@ -123,6 +133,10 @@ pub struct ServeArgs {
     /// Seconds of an agent's lease.
     #[arg(long, value_name = "SECS")]
     pub lease: Option<f64>,
+    /// Also serve the job and ckpt commands on this TCP address, to users of other
+    /// hosts who prove themselves with MUNGE (`--controller` on their side).
+    #[arg(long, value_name = "ADDR")]
+    pub api_listen: Option<std::net::SocketAddr>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -327,6 +341,15 @@ pub fn print_outcome(what: &str, o: &api::Outcome) {
 }
 
 pub fn run(cli: Cli) -> Result<()> {
+    let remote = cli.controller.clone();
+    let munge_socket = cli.munge_socket.clone();
+    let target = |socket: &std::path::Path| match &remote {
+        Some(addr) => client::Target::Munge {
+            addr: addr.clone(),
+            socket: munge_socket.clone(),
+        },
+        None => client::Target::Local(socket.to_path_buf()),
+    };
     match cli.command {
         Command::Serve(a) => {
             let mut cfg = match &a.config {
@@ -348,6 +371,12 @@ pub fn run(cli: Cli) -> Result<()> {
             if let Some(v) = a.lease {
                 cfg.lease_secs = v;
             }
+            if let Some(v) = a.api_listen {
+                cfg.api_listen = Some(v);
+            }
+            if let Some(v) = munge_socket.clone() {
+                cfg.munge_socket = Some(v);
+            }
             if !(0.2..=3600.0).contains(&cfg.lease_secs) {
                 anyhow::bail!("the lease must be between 0.2 and 3600 seconds");
             }
@@ -367,7 +396,8 @@ pub fn run(cli: Cli) -> Result<()> {
             interval_ms,
         } => crate::demo::rank_main(rank, mib.max(1), interval_ms),
         Command::Nodes { socket, json } => {
-            let (_, _, nodes, _) = done_parts(client::call(&socket, &Request::Nodes, |_| {})?);
+            let (_, _, nodes, _) =
+                done_parts(client::call_at(&target(&socket), &Request::Nodes, |_| {})?);
             if json {
                 print_json(&nodes)?;
             } else {
@@ -384,7 +414,8 @@ pub fn run(cli: Cli) -> Result<()> {
             }
         }
         Command::Job(JobCommand::List { socket, json }) => {
-            let (_, jobs, _, _) = done_parts(client::call(&socket, &Request::Jobs, |_| {})?);
+            let (_, jobs, _, _) =
+                done_parts(client::call_at(&target(&socket), &Request::Jobs, |_| {})?);
             if json {
                 print_json(&jobs)?;
             } else {
@@ -415,7 +446,7 @@ pub fn run(cli: Cli) -> Result<()> {
             json,
         }) => {
             let mut bar = client::Bar::default();
-            let r = client::call(&socket, &Request::Save { job, kill, wait }, |e| {
+            let r = client::call_at(&target(&socket), &Request::Save { job, kill, wait }, |e| {
                 if !json {
                     bar.show(e)
                 }
@@ -440,11 +471,15 @@ pub fn run(cli: Cli) -> Result<()> {
             json,
         }) => {
             let mut bar = client::Bar::default();
-            let r = client::call(&socket, &Request::Restore { ckpt, nodes, map }, |e| {
-                if !json {
-                    bar.show(e)
-                }
-            });
+            let r = client::call_at(
+                &target(&socket),
+                &Request::Restore { ckpt, nodes, map },
+                |e| {
+                    if !json {
+                        bar.show(e)
+                    }
+                },
+            );
             bar.finish();
             let (o, ..) = done_parts(r?);
             let o = o.context("the controller's answer has no outcome")?;
@@ -455,7 +490,11 @@ pub fn run(cli: Cli) -> Result<()> {
             }
         }
         Command::Ckpt(CkptCommand::List { job, socket, json }) => {
-            let (.., ckpts) = done_parts(client::call(&socket, &Request::Ckpts { job }, |_| {})?);
+            let (.., ckpts) = done_parts(client::call_at(
+                &target(&socket),
+                &Request::Ckpts { job },
+                |_| {},
+            )?);
             if json {
                 print_json(&ckpts)?;
             } else {
@@ -478,7 +517,11 @@ pub fn run(cli: Cli) -> Result<()> {
             }
         }
         Command::Ckpt(CkptCommand::Show { ckpt, socket, json }) => {
-            let (.., ckpts) = done_parts(client::call(&socket, &Request::Show { ckpt }, |_| {})?);
+            let (.., ckpts) = done_parts(client::call_at(
+                &target(&socket),
+                &Request::Show { ckpt },
+                |_| {},
+            )?);
             let m = ckpts
                 .into_iter()
                 .next()
@@ -517,7 +560,11 @@ pub fn run(cli: Cli) -> Result<()> {
             }
         }
         Command::Ckpt(CkptCommand::Rm { ckpt, socket }) => {
-            client::call(&socket, &Request::Remove { ckpt: ckpt.clone() }, |_| {})?;
+            client::call_at(
+                &target(&socket),
+                &Request::Remove { ckpt: ckpt.clone() },
+                |_| {},
+            )?;
             println!("checkpoint {ckpt} removed");
         }
         Command::Ca(CaCommand::Init {

@@ -8,20 +8,53 @@ use anyhow::{bail, Context, Result};
 
 use crate::api::{Done, Event, Request};
 
-/// Sends `req` and hands every progress event to `progress`; returns the final
-/// event, or an error if the controller refused or failed.
-pub fn call(socket: &Path, req: &Request, mut progress: impl FnMut(&Event)) -> Result<Event> {
-    let s = std::os::unix::net::UnixStream::connect(socket).with_context(|| {
-        format!(
-            "cannot reach the controller at {}: is `ckpt-controller serve` running \
-             (and is this its --socket)?",
-            socket.display()
-        )
-    })?;
-    let mut line = serde_json::to_string(req)?;
+/// Where the controller's API is.
+#[derive(Debug, Clone)]
+pub enum Target {
+    /// Its local socket (the caller is known by SO_PEERCRED).
+    Local(std::path::PathBuf),
+    /// Its TCP API at `addr` (host:port), with a MUNGE credential from `munged`.
+    Munge {
+        addr: String,
+        socket: Option<std::path::PathBuf>,
+    },
+}
+
+/// Sends `req` to the local socket and hands every progress event to `progress`;
+/// returns the final event, or an error if the controller refused or failed.
+pub fn call(socket: &Path, req: &Request, progress: impl FnMut(&Event)) -> Result<Event> {
+    call_at(&Target::Local(socket.to_path_buf()), req, progress)
+}
+
+/// [`call`] to any [`Target`].
+pub fn call_at(target: &Target, req: &Request, mut progress: impl FnMut(&Event)) -> Result<Event> {
+    let stream: Box<dyn ReadWrite> = match target {
+        Target::Local(socket) => Box::new(
+            std::os::unix::net::UnixStream::connect(socket).with_context(|| {
+                format!(
+                    "cannot reach the controller at {}: is `ckpt-controller serve` running \
+                 (and is this its --socket)? From another host, use --controller HOST:PORT",
+                    socket.display()
+                )
+            })?,
+        ),
+        Target::Munge { addr, .. } => {
+            Box::new(std::net::TcpStream::connect(addr).with_context(|| {
+                format!("cannot reach the controller's TCP API at {addr} (its api_listen)")
+            })?)
+        }
+    };
+    let mut line = match target {
+        Target::Local(_) => serde_json::to_string(req)?,
+        Target::Munge { socket, .. } => {
+            let cred = crate::munge::encode(socket.as_deref(), &serde_json::to_string(req)?)?;
+            serde_json::to_string(&serde_json::json!({ "munge": cred }))?
+        }
+    };
     line.push('\n');
-    (&s).write_all(line.as_bytes())?;
-    for l in std::io::BufReader::new(&s).lines() {
+    let mut stream = stream;
+    stream.write_all(line.as_bytes())?;
+    for l in std::io::BufReader::new(stream).lines() {
         let l = l.context("reading the controller's answer")?;
         let ev: Event = serde_json::from_str(&l).with_context(|| format!("bad answer: {l:?}"))?;
         match &ev {
@@ -36,6 +69,10 @@ pub fn call(socket: &Path, req: &Request, mut progress: impl FnMut(&Event)) -> R
     }
     bail!("the controller closed the connection without an answer")
 }
+
+/// A stream to the controller.
+pub trait ReadWrite: std::io::Read + std::io::Write {}
+impl<T: std::io::Read + std::io::Write> ReadWrite for T {}
 
 /// Human-readable bytes.
 pub fn human(b: u64) -> String {

@@ -18,6 +18,7 @@ pub mod barrier;
 pub mod cli;
 pub mod client;
 pub mod demo;
+pub mod munge;
 pub mod serve;
 pub mod simagent;
 pub use ckpt_shared::tls;

@@ -25,7 +25,7 @@ use ckpt_shared::proto::{
 use ckpt_shared::tls::{self, Identity};
 use ckpt_shared::wire;
 use serde::Deserialize;
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
 use tokio::sync::mpsc;
 use tracing::{info, warn};
 
@@ -47,6 +47,11 @@ pub struct Config {
     pub certs: PathBuf,
     /// The local API socket.
     pub socket: PathBuf,
+    /// A TCP address for the API from other hosts (login nodes): each request
+    /// carries a MUNGE credential that proves its user. Off unless set.
+    pub api_listen: Option<SocketAddr>,
+    /// munged's socket (default: munge's own default).
+    pub munge_socket: Option<PathBuf>,
     /// Seconds: an agent's lease (the controller pings four times per lease).
     pub lease_secs: f64,
     /// Seconds each phase may take, for all agents together.
@@ -78,6 +83,8 @@ impl Default for Config {
             store: "file:///var/lib/ckpt/store".into(),
             certs: "/etc/ckpt/certs".into(),
             socket: DEFAULT_SOCKET.into(),
+            api_listen: None,
+            munge_socket: None,
             lease_secs: 5.0,
             freeze_timeout_secs: 30.0,
             capture_timeout_secs: 60.0,
@@ -157,6 +164,8 @@ struct Ctl {
 /// A controller running on threads of its own (the `serve` command, and `demo`).
 pub struct Running {
     pub addr: SocketAddr,
+    /// The TCP API's address, when `api_listen` is set.
+    pub api_addr: Option<SocketAddr>,
     rt: Option<tokio::runtime::Runtime>,
     store: Option<Arc<BlockingStore>>,
 }
@@ -246,7 +255,7 @@ pub fn start(cfg: Config) -> Result<Running> {
         ),
         next_conn: std::sync::atomic::AtomicU64::new(1),
     });
-    let addr = {
+    let (addr, api_addr) = {
         let _g = rt.enter();
         let ep = wire::endpoint(cfg.listen, Some(server))
             .with_context(|| format!("binding the QUIC port {}", cfg.listen))?;
@@ -258,10 +267,23 @@ pub fn start(cfg: Config) -> Result<Running> {
         rt.spawn(accept_loop(ep, ctl.clone()));
         rt.spawn(api_loop(api, ctl.clone()));
         rt.spawn(ping_loop(ctl.clone()));
-        addr
+        let api_addr = match cfg.api_listen {
+            Some(a) => {
+                let std = std::net::TcpListener::bind(a)
+                    .with_context(|| format!("binding the TCP API {a}"))?;
+                std.set_nonblocking(true)?;
+                let l = tokio::net::TcpListener::from_std(std)?;
+                let bound = l.local_addr()?;
+                rt.spawn(tcp_api_loop(l, ctl.clone()));
+                Some(bound)
+            }
+            None => None,
+        };
+        (addr, api_addr)
     };
     Ok(Running {
         addr,
+        api_addr,
         rt: Some(rt),
         store: Some(store),
     })
@@ -444,6 +466,61 @@ async fn api_loop(listener: tokio::net::UnixListener, ctl: Arc<Ctl>) {
                 out.push('\n');
                 if wr.write_all(out.as_bytes()).await.is_err() {
                     break; // the client went away; the operation goes on
+                }
+            }
+        });
+    }
+}
+
+/// The TCP API: one line `{"munge": CRED}` per connection, the request being the
+/// credential's payload; answered like the local socket.
+async fn tcp_api_loop(listener: tokio::net::TcpListener, ctl: Arc<Ctl>) {
+    #[derive(Deserialize)]
+    struct Envelope {
+        munge: String,
+    }
+    loop {
+        let Ok((stream, peer)) = listener.accept().await else {
+            continue;
+        };
+        let ctl = ctl.clone();
+        tokio::spawn(async move {
+            let (rd, mut wr) = stream.into_split();
+            let mut rd = tokio::io::BufReader::new(rd).take(64 << 10);
+            let mut line = String::new();
+            if rd.read_line(&mut line).await.is_err() {
+                return;
+            }
+            let (tx, mut rx) = mpsc::unbounded_channel::<Event>();
+            let socket = ctl.cfg.munge_socket.clone();
+            let decoded = match serde_json::from_str::<Envelope>(&line) {
+                Err(e) => Err(format!("bad request: {e}")),
+                Ok(env) => tokio::task::spawn_blocking(move || {
+                    crate::munge::decode(socket.as_deref(), &env.munge)
+                })
+                .await
+                .map_err(|e| e.to_string())
+                .and_then(|r| r.map_err(|e| format!("{e:#}"))),
+            };
+            match decoded.and_then(|(uid, payload)| {
+                serde_json::from_slice::<Request>(&payload)
+                    .map(|r| (uid, r))
+                    .map_err(|e| format!("bad request in the credential: {e}"))
+            }) {
+                Ok((uid, req)) => {
+                    info!(%peer, uid, "request over TCP");
+                    request(&ctl, req, uid, tx)
+                }
+                Err(e) => {
+                    warn!(%peer, "refused a TCP request: {e}");
+                    let _ = tx.send(Event::error(e));
+                }
+            }
+            while let Some(ev) = rx.recv().await {
+                let mut out = serde_json::to_string(&ev).unwrap_or_default();
+                out.push('\n');
+                if wr.write_all(out.as_bytes()).await.is_err() {
+                    break;
                 }
             }
         });

@@ -41,6 +41,7 @@ pub mod agent;
 pub mod cluster;
 pub mod data;
 pub mod jobs;
+pub mod munge;
 pub mod process;
 pub mod s3;
 pub mod ticks;
