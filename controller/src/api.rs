@@ -43,6 +43,13 @@ pub enum Request {
     Remove {
         ckpt: String,
     },
+    /// Keep the newest `keep` checkpoints of `job`, remove the rest.
+    Prune {
+        job: String,
+        keep: usize,
+    },
+    /// Delete the chunks no image references (root only).
+    Gc,
 }
 
 /// A rank of a running job.
@@ -119,6 +126,9 @@ pub struct Done {
     pub nodes: Vec<NodeView>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub ckpts: Vec<JobManifest>,
+    /// A line for the user (gc's report).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
 }
 
 impl Done {

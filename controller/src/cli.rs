@@ -231,9 +231,25 @@ pub enum CkptCommand {
         json: bool,
     },
     /// Remove a checkpoint (its job manifest, then its rank images; the chunks
-    /// nothing else references go at the next `ckpt-agent images gc`).
+    /// nothing else references go at the next `ckpt gc`).
     Rm {
         ckpt: String,
+        #[arg(long, default_value = crate::serve::DEFAULT_SOCKET)]
+        socket: PathBuf,
+    },
+    /// Retention: keep the newest N checkpoints of a job, remove the older ones.
+    Prune {
+        #[arg(long)]
+        job: String,
+        #[arg(long)]
+        keep: usize,
+        #[arg(long, default_value = crate::serve::DEFAULT_SOCKET)]
+        socket: PathBuf,
+    },
+    /// Delete the chunks of the store that no image references (root only). It
+    /// never deletes a chunk of a committed checkpoint, nor runs beside a save in
+    /// progress (it stops, deleting nothing, and says so).
+    Gc {
         #[arg(long, default_value = crate::serve::DEFAULT_SOCKET)]
         socket: PathBuf,
     },
@@ -557,6 +573,31 @@ pub fn run(cli: Cli) -> Result<()> {
                         r.image
                     );
                 }
+            }
+        }
+        Command::Ckpt(CkptCommand::Prune { job, keep, socket }) => {
+            let (.., gone) = done_parts(client::call_at(
+                &target(&socket),
+                &Request::Prune {
+                    job: job.clone(),
+                    keep,
+                },
+                |_| {},
+            )?);
+            for m in &gone {
+                println!("removed {}", m.id);
+            }
+            println!(
+                "job {job}: {} checkpoint(s) removed, the newest {keep} kept",
+                gone.len()
+            );
+        }
+        Command::Ckpt(CkptCommand::Gc { socket }) => {
+            match client::call_at(&target(&socket), &Request::Gc, |_| {})? {
+                Event::Done(Done {
+                    message: Some(m), ..
+                }) => println!("{m}"),
+                _ => println!("gc done"),
             }
         }
         Command::Ckpt(CkptCommand::Rm { ckpt, socket }) => {

@@ -624,6 +624,84 @@ fn request(ctl: &Arc<Ctl>, req: Request, uid: u32, tx: mpsc::UnboundedSender<Eve
             }
             Err(e) => Event::error(e),
         },
+        Request::Prune { job, keep } => {
+            let mut of_job: Vec<JobManifest> = reg
+                .catalog
+                .values()
+                .filter(|m| m.job == job)
+                .cloned()
+                .collect();
+            if let Some(m) = of_job.iter().find(|m| !may_act(uid, m.uid)) {
+                Event::error(format!(
+                    "job {job} belongs to uid {}; uid {uid} may act only on its own jobs",
+                    m.uid
+                ))
+            } else {
+                drop(reg);
+                of_job.sort_by_key(|m| (m.created_unix, m.id.clone()));
+                let drop_n = of_job.len().saturating_sub(keep);
+                let gone: Vec<JobManifest> = of_job.into_iter().take(drop_n).collect();
+                let ctl = ctl.clone();
+                tokio::spawn(async move {
+                    let store = ctl.store.clone();
+                    let g = gone.clone();
+                    let r = tokio::task::spawn_blocking(move || {
+                        for m in &g {
+                            catalog::remove(&store, m)?;
+                        }
+                        Ok::<(), catalog::CatalogError>(())
+                    })
+                    .await;
+                    let ev = match r {
+                        Ok(Ok(())) => {
+                            let mut reg = ctl.reg.lock().unwrap();
+                            for m in &gone {
+                                reg.catalog.remove(&m.id);
+                            }
+                            Event::Done(Done {
+                                ckpts: gone,
+                                ..Done::ok()
+                            })
+                        }
+                        Ok(Err(e)) => Event::error(format!("pruning job {job}: {e}")),
+                        Err(e) => Event::error(e),
+                    };
+                    let _ = tx.send(ev);
+                });
+                return;
+            }
+        }
+        Request::Gc => {
+            if uid != 0 {
+                Event::error("only root may gc the store: it deletes chunks of every user")
+            } else {
+                drop(reg);
+                let ctl = ctl.clone();
+                tokio::spawn(async move {
+                    let store = ctl.store.clone();
+                    let r = tokio::task::spawn_blocking(move || {
+                        store.block_on(ckpt_shared::gc::gc(
+                            store.backend(),
+                            &ckpt_shared::gc::Leases::from_env(),
+                        ))
+                    })
+                    .await;
+                    let ev = match r {
+                        Ok(Ok(r)) => Event::Done(Done {
+                            message: Some(format!(
+                                "{} image(s) reference {} of {} chunk(s); deleted {}",
+                                r.images, r.referenced, r.chunks, r.deleted
+                            )),
+                            ..Done::ok()
+                        }),
+                        Ok(Err(e)) => Event::error(e),
+                        Err(e) => Event::error(e),
+                    };
+                    let _ = tx.send(ev);
+                });
+                return;
+            }
+        }
         Request::Save { job, kill, wait } => {
             drop(reg);
             match start_save(ctl, &job, kill, uid, tx.clone(), wait) {

@@ -146,6 +146,14 @@ fn four_ranks_on_two_nodes_saved_running_then_killed_and_restored_on_two_other_n
     assert!(show.contains("rank    3"), "{show}");
     jc.ctl_ok(&["ckpt", "rm", &ckpts[0]]).unwrap();
     assert_eq!(jc.ckpts(job).unwrap(), ckpts[1..].to_vec());
+    // Retention, then gc of the chunks nothing references any more.
+    let out = jc
+        .ctl_ok(&["ckpt", "prune", "--job", job, "--keep", "1"])
+        .unwrap();
+    assert!(out.contains(&format!("removed {}", ckpts[1])), "{out}");
+    assert_eq!(jc.ckpts(job).unwrap(), ckpts[2..].to_vec());
+    let out = jc.ctl_ok(&["ckpt", "gc"]).unwrap();
+    assert!(out.contains("4 image(s) reference"), "{out}");
 }
 
 #[test]
@@ -303,6 +311,8 @@ fn a_user_cannot_save_restore_or_remove_another_users_job() {
     }
     assert_eq!(jc.ckpts(job).unwrap(), vec![id]);
     assert!(running_free(pid));
+    let out = jc.ctl_as(&["ckpt", "gc"], nobody).unwrap();
+    assert!(String::from_utf8_lossy(&out.stderr).contains("only root may gc"));
     // A user may not attach a process that is not theirs either.
     let out = std::process::Command::new(&jc.agent_bin)
         .args([
