@@ -97,6 +97,8 @@ pub struct Outcome {
 }
 
 /// One line of an answer.
+// A few events per answer, never held in bulk: the size of `Done` costs nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(tag = "event", rename_all = "snake_case")]
 pub enum Event {
