@@ -321,6 +321,7 @@ fn handle(node: &Arc<Node>, msg: ToAgent) {
         ToAgent::Release { attempt } => gate(attempt).map_or((), |g| g.open(Step::Rebuilt)),
         ToAgent::Abort { attempt, reason } => {
             if let Some(g) = gate(attempt) {
+                g.st.lock().unwrap().aborted_by_controller = true;
                 g.abort(format!("the controller aborted: {reason}"));
             }
         }
@@ -352,6 +353,9 @@ struct GateState {
     arrived: [usize; 4],
     open: [bool; 4],
     abort: Option<String>,
+    /// The controller itself said ABORT: the attempt is certainly not committed
+    /// (a lost controller may have committed it before it went).
+    aborted_by_controller: bool,
     /// `Failed` was sent (once per attempt).
     failed_sent: bool,
     manifests: Vec<RankManifest>,
@@ -632,7 +636,33 @@ fn start_save(node: &Arc<Node>, attempt: AttemptId, spec: SaveSpec, ranks: Vec<R
                 }
             }
         }
-        if ok && !spec.kill {
+        let (aborted, written) = {
+            let st = gate.st.lock().unwrap();
+            let mut w: Vec<u32> = st.manifests.iter().map(|m| m.rank).collect();
+            w.extend(manifests.iter().map(|m| m.rank));
+            w.sort_unstable();
+            w.dedup();
+            (st.abort.clone().filter(|_| st.aborted_by_controller), w)
+        };
+        if let (Some(why), false) = (&aborted, written.is_empty()) {
+            // Ranks that finished storing after the controller gave the attempt up:
+            // their images belong to no checkpoint. The controller removes the rank
+            // images when it aborts; these may have been written after that. Only on
+            // the controller's own ABORT: a controller that was lost may have
+            // committed first, and then the images are the checkpoint.
+            info!(attempt, reason = %why, "removing the images of an aborted save");
+            if let Ok(store) = ckpt_shared::objstore::BlockingStore::open(
+                &spec.store,
+                &ckpt_shared::objstore::StoreConfig::from_env(),
+            ) {
+                for &rank in &written {
+                    let name = ckpt_shared::proto::rank_image_name(&spec.ckpt, rank);
+                    if let Err(e) = store.delete_manifest(&name) {
+                        warn!(%e, name, "could not remove the image of an aborted save");
+                    }
+                }
+            }
+        } else if ok && !spec.kill {
             manifests.sort_by_key(|m| m.rank);
             node.send(FromAgent::Stored {
                 attempt,

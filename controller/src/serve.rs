@@ -988,13 +988,21 @@ async fn drive_save(
                         .iter()
                         .map(|r| rank_image_name(&spec.ckpt, r.rank))
                         .collect();
+                    let ckpt = spec.ckpt.clone();
                     let _ = tokio::task::spawn_blocking(move || {
+                        // A commit that failed may still have landed (a timeout after
+                        // the write): the job manifest must go first, or the rank
+                        // images stay.
+                        if phase == barrier::Phase::Committing
+                            && store.delete_object(catalog::JOBS_DIR, &ckpt).is_err()
+                        {
+                            return;
+                        }
                         for n in names {
                             let _ = store.delete_manifest(&n);
                         }
                     })
                     .await;
-                    let _ = phase;
                     return Event::error(format!(
                         "the save of job {} was aborted, nothing was committed and the job runs on: {reason}",
                         spec.job
