@@ -933,7 +933,18 @@ async fn drive_save(
                             .iter()
                             .map(|r| {
                                 let v = view.ranks.iter().find(|v| v.rank == r.rank);
+                                let kernel = v
+                                    .and_then(|v| {
+                                        ctl.reg
+                                            .lock()
+                                            .unwrap()
+                                            .agents
+                                            .get(&v.node)
+                                            .map(|a| a.info.kernel.clone())
+                                    })
+                                    .unwrap_or_default();
                                 JobRank {
+                                    kernel,
                                     rank: r.rank,
                                     image: r.image.clone(),
                                     node: v.map(|v| v.node.clone()).unwrap_or_default(),
@@ -1111,6 +1122,18 @@ fn start_restore(
         return Err(format!(
             "no agent connected for node(s) {missing:?} (connected: {have:?}); choose others with --nodes or --map"
         ));
+    }
+    // The image's vDSO comes back at its old address: the node must run the same
+    // kernel. Said here, before anything is rebuilt, rather than by each agent.
+    for r in &m.ranks {
+        let node = &place[&r.rank];
+        let have = &reg.agents[node].info.kernel;
+        if !r.kernel.is_empty() && *have != r.kernel {
+            return Err(format!(
+                "rank {} was saved on kernel {} but node {node} runs {have}: restore it on nodes with the same kernel build",
+                r.rank, r.kernel
+            ));
+        }
     }
     let (guard, rx) = begin_op(ctl, &mut reg, &m.job)?;
     drop(reg);

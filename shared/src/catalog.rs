@@ -32,6 +32,10 @@ pub struct JobRank {
     pub pid: i32,
     pub memory_bytes: u64,
     pub stored_bytes: u64,
+    /// The kernel release of its node: a restore needs the same kernel build (the
+    /// vDSO comes back at its old address).
+    #[serde(default)]
+    pub kernel: String,
 }
 
 /// A committed checkpoint of a job.
@@ -164,6 +168,7 @@ mod tests {
                 pid: 10,
                 memory_bytes: 5,
                 stored_bytes: 3,
+                kernel: "6.18".into(),
             }],
             freeze_us: 1,
             total_us: 2,
