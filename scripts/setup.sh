@@ -11,6 +11,8 @@ command -v python3 >/dev/null 2>&1 || need+=(python3)
 command -v ip >/dev/null 2>&1 || need+=(iproute2)
 # MUNGE: how the CLI proves its user to a controller on another host.
 command -v munged >/dev/null 2>&1 || need+=(munge)
+# nftables: the network lock of a checkpoint (one table per attempt).
+command -v nft >/dev/null 2>&1 || need+=(nftables)
 if [ ${#need[@]} -gt 0 ]; then
     echo "setup: installing ${need[*]}"
     export DEBIAN_FRONTEND=noninteractive

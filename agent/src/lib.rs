@@ -19,6 +19,7 @@ pub mod gate;
 pub mod inject;
 pub mod inspect;
 pub mod mem;
+pub mod netlock;
 pub mod pidns;
 pub mod restore;
 pub mod serve;

@@ -155,6 +155,11 @@ pub fn serve(opts: ServeOptions) -> Result<()> {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     }
     let _ = std::fs::remove_file(&opts.socket);
+    // Lock tables are made only by this daemon: any present now are a crashed
+    // predecessor's, and would hold connections of a running job forever.
+    for t in crate::netlock::remove_stale() {
+        eprintln!("ckpt-agent: removed the stale network lock {t}");
+    }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

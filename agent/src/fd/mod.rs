@@ -15,6 +15,7 @@
 //! Everything else is refused at dump with a message naming the fd and the PID.
 
 pub mod pipe;
+pub mod tcp;
 
 use std::collections::HashMap;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};

@@ -1,0 +1,310 @@
+//! The state of a TCP connection, read from outside with `TCP_REPAIR`
+//! (DESIGN.md, "Consistent network cut").
+//!
+//! The agent holds a duplicate of the socket (`pidfd_getfd`) and puts it in repair
+//! mode, in which the kernel lets it read what no application may: the sequence
+//! numbers of both queues, the queues themselves (the send queue includes bytes
+//! sent but not yet acknowledged, and bytes not sent at all), the window, and the
+//! options negotiated at the handshake. Repair mode is left again with no window
+//! probe, so reading changes nothing the peer can see.
+//!
+//! Read under the job's network lock ([`crate::netlock`]), with every rank frozen:
+//! then nothing moves between the queues while they are read, and for each byte in
+//! flight the cut holds it in the sender's write queue, in the receiver's read
+//! queue, or (acknowledged after the lock) in both, and the sequence numbers say
+//! which. Restoring the connection (repair mode on a new socket, same numbers and
+//! queues, possibly a new 4-tuple) is the next step of the TCP issue; this module
+//! only reads.
+
+use std::net::SocketAddr;
+use std::os::fd::{AsRawFd, BorrowedFd};
+
+use serde::{Deserialize, Serialize};
+
+const TCP_REPAIR_ON: libc::c_int = 1;
+const TCP_REPAIR_OFF_NO_WP: libc::c_int = -1;
+const TCP_RECV_QUEUE: libc::c_int = 1;
+const TCP_SEND_QUEUE: libc::c_int = 2;
+const TCP_TIMESTAMP: libc::c_int = 24;
+const SIOCINQ: libc::c_ulong = 0x541B;
+const SIOCOUTQ: libc::c_ulong = 0x5411;
+const SIOCOUTQNSD: libc::c_ulong = 0x894B;
+const TCPI_OPT_TIMESTAMPS: u8 = 1;
+const TCPI_OPT_SACK: u8 = 2;
+const TCPI_OPT_WSCALE: u8 = 4;
+/// `TCP_ESTABLISHED` in `tcp_info.tcpi_state`.
+pub const TCP_ESTABLISHED: u8 = 1;
+
+/// `struct tcp_repair_window`.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RepairWindow {
+    pub snd_wl1: u32,
+    pub snd_wnd: u32,
+    pub max_window: u32,
+    pub rcv_wnd: u32,
+    pub rcv_wup: u32,
+}
+
+/// Everything needed to rebuild one end of an established connection.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TcpConn {
+    pub local: SocketAddr,
+    pub remote: SocketAddr,
+    /// Sequence number after the last byte written (`write_seq`).
+    pub send_seq: u32,
+    /// Sequence number after the last byte received (`rcv_nxt`).
+    pub recv_seq: u32,
+    /// Written but not acknowledged, in order; the last `unsent` of them were
+    /// never sent.
+    #[serde(with = "serde_bytes")]
+    pub send_queue: Vec<u8>,
+    pub unsent: u32,
+    /// Received but not read by the application.
+    #[serde(with = "serde_bytes")]
+    pub recv_queue: Vec<u8>,
+    pub mss: u32,
+    /// Window scales (`None` when not negotiated).
+    pub snd_wscale: Option<u8>,
+    pub rcv_wscale: Option<u8>,
+    pub sack: bool,
+    pub timestamps: bool,
+    /// The connection's TCP timestamp clock now (restored as an offset).
+    pub timestamp: u32,
+    pub window: RepairWindow,
+}
+
+impl TcpConn {
+    /// Sequence number of the first unacknowledged byte.
+    pub fn send_una(&self) -> u32 {
+        self.send_seq.wrapping_sub(self.send_queue.len() as u32)
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum TcpError {
+    #[error("{what}: {source}")]
+    Sys {
+        what: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the connection is in TCP state {state}, not established: only established connections are captured")]
+    NotEstablished { state: u8 },
+    #[error("a queue changed while it was read (is the network lock in place?)")]
+    Moving,
+}
+
+fn sys(what: &'static str) -> TcpError {
+    TcpError::Sys {
+        what,
+        source: std::io::Error::last_os_error(),
+    }
+}
+
+fn setopt(
+    fd: i32,
+    level: i32,
+    opt: i32,
+    val: libc::c_int,
+    what: &'static str,
+) -> Result<(), TcpError> {
+    // SAFETY: setsockopt with a pointer to a live c_int and its size.
+    let r = unsafe {
+        libc::setsockopt(
+            fd,
+            level,
+            opt,
+            (&val as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if r != 0 {
+        return Err(sys(what));
+    }
+    Ok(())
+}
+
+fn getopt<T: Copy + Default>(
+    fd: i32,
+    level: i32,
+    opt: i32,
+    what: &'static str,
+) -> Result<T, TcpError> {
+    let mut v = T::default();
+    let mut len = std::mem::size_of::<T>() as libc::socklen_t;
+    // SAFETY: getsockopt writes at most `len` bytes into `v`, a plain value of that size.
+    let r = unsafe { libc::getsockopt(fd, level, opt, (&mut v as *mut T).cast(), &mut len) };
+    if r != 0 {
+        return Err(sys(what));
+    }
+    Ok(v)
+}
+
+fn ioctl_int(fd: i32, req: libc::c_ulong, what: &'static str) -> Result<u32, TcpError> {
+    let mut v: libc::c_int = 0;
+    // SAFETY: these ioctls write one int.
+    let r = unsafe { libc::ioctl(fd, req as _, &mut v) };
+    if r != 0 {
+        return Err(sys(what));
+    }
+    Ok(v as u32)
+}
+
+fn addr(fd: i32, peer: bool) -> Result<SocketAddr, TcpError> {
+    use nix::sys::socket::{getpeername, getsockname, SockaddrStorage};
+    let what = if peer { "getpeername" } else { "getsockname" };
+    let s: SockaddrStorage = if peer {
+        getpeername(fd)
+    } else {
+        getsockname(fd)
+    }
+    .map_err(|e| TcpError::Sys {
+        what,
+        source: e.into(),
+    })?;
+    if let Some(v4) = s.as_sockaddr_in() {
+        Ok(SocketAddr::V4((*v4).into()))
+    } else if let Some(v6) = s.as_sockaddr_in6() {
+        Ok(SocketAddr::V6((*v6).into()))
+    } else {
+        Err(TcpError::Sys {
+            what,
+            source: std::io::Error::other("not an IP socket"),
+        })
+    }
+}
+
+/// Copies queue `queue` (selected in repair mode) without consuming it.
+fn peek_queue(fd: i32, queue: libc::c_int, len: usize) -> Result<Vec<u8>, TcpError> {
+    setopt(
+        fd,
+        libc::IPPROTO_TCP,
+        libc::TCP_REPAIR_QUEUE,
+        queue,
+        "TCP_REPAIR_QUEUE",
+    )?;
+    let mut buf = vec![0u8; len];
+    if len == 0 {
+        return Ok(buf);
+    }
+    // SAFETY: recv into our own buffer of `len` bytes.
+    let n = unsafe {
+        libc::recv(
+            fd,
+            buf.as_mut_ptr().cast(),
+            len,
+            libc::MSG_PEEK | libc::MSG_DONTWAIT,
+        )
+    };
+    if n < 0 {
+        return Err(sys("recv(MSG_PEEK) of a repair queue"));
+    }
+    if n as usize != len {
+        return Err(TcpError::Moving);
+    }
+    Ok(buf)
+}
+
+/// Reads the state of the established connection `fd` (a duplicate the agent
+/// holds), leaving it as it was.
+pub fn capture(fd: BorrowedFd<'_>) -> Result<TcpConn, TcpError> {
+    let fd = fd.as_raw_fd();
+    let info: libc::tcp_info = getopt_info(fd)?;
+    if info.tcpi_state != TCP_ESTABLISHED {
+        return Err(TcpError::NotEstablished {
+            state: info.tcpi_state,
+        });
+    }
+    let local = addr(fd, false)?;
+    let remote = addr(fd, true)?;
+    // Sizes before repair mode: the ioctls answer for a normal socket.
+    let outq = ioctl_int(fd, SIOCOUTQ, "SIOCOUTQ")?;
+    let unsent = ioctl_int(fd, SIOCOUTQNSD, "SIOCOUTQNSD")?;
+    let inq = ioctl_int(fd, SIOCINQ, "SIOCINQ")?;
+    let mss: libc::c_int = getopt(fd, libc::IPPROTO_TCP, libc::TCP_MAXSEG, "TCP_MAXSEG")?;
+    setopt(
+        fd,
+        libc::IPPROTO_TCP,
+        libc::TCP_REPAIR,
+        TCP_REPAIR_ON,
+        "TCP_REPAIR on (needs CAP_NET_ADMIN)",
+    )?;
+    let got = (|| -> Result<TcpConn, TcpError> {
+        let send_queue = peek_queue(fd, TCP_SEND_QUEUE, outq as usize)?;
+        let send_seq: u32 = getopt(
+            fd,
+            libc::IPPROTO_TCP,
+            libc::TCP_QUEUE_SEQ,
+            "TCP_QUEUE_SEQ (send)",
+        )?;
+        let recv_queue = peek_queue(fd, TCP_RECV_QUEUE, inq as usize)?;
+        let recv_seq: u32 = getopt(
+            fd,
+            libc::IPPROTO_TCP,
+            libc::TCP_QUEUE_SEQ,
+            "TCP_QUEUE_SEQ (recv)",
+        )?;
+        let window: RepairWindow = getopt(
+            fd,
+            libc::IPPROTO_TCP,
+            libc::TCP_REPAIR_WINDOW,
+            "TCP_REPAIR_WINDOW",
+        )?;
+        let timestamp: u32 = getopt(fd, libc::IPPROTO_TCP, TCP_TIMESTAMP, "TCP_TIMESTAMP")?;
+        let wscale = info.tcpi_options & TCPI_OPT_WSCALE != 0;
+        Ok(TcpConn {
+            local,
+            remote,
+            send_seq,
+            recv_seq,
+            send_queue,
+            unsent,
+            recv_queue,
+            mss: mss as u32,
+            snd_wscale: wscale.then_some(info.tcpi_snd_rcv_wscale & 0xf),
+            rcv_wscale: wscale.then_some(info.tcpi_snd_rcv_wscale >> 4),
+            sack: info.tcpi_options & TCPI_OPT_SACK != 0,
+            timestamps: info.tcpi_options & TCPI_OPT_TIMESTAMPS != 0,
+            timestamp,
+            window,
+        })
+    })();
+    // Whatever happened, leave repair mode without a window probe: the peer sees
+    // nothing of the reading.
+    let _ = setopt(
+        fd,
+        libc::IPPROTO_TCP,
+        libc::TCP_REPAIR_QUEUE,
+        0,
+        "TCP_REPAIR_QUEUE",
+    );
+    setopt(
+        fd,
+        libc::IPPROTO_TCP,
+        libc::TCP_REPAIR,
+        TCP_REPAIR_OFF_NO_WP,
+        "TCP_REPAIR off",
+    )?;
+    got
+}
+
+fn getopt_info(fd: i32) -> Result<libc::tcp_info, TcpError> {
+    // SAFETY: tcp_info is plain old data; all-zero is a valid value.
+    let mut v: libc::tcp_info = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
+    // SAFETY: getsockopt writes at most `len` bytes into `v`.
+    let r = unsafe {
+        libc::getsockopt(
+            fd,
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            (&mut v as *mut libc::tcp_info).cast(),
+            &mut len,
+        )
+    };
+    if r != 0 {
+        return Err(sys("TCP_INFO"));
+    }
+    Ok(v)
+}

@@ -1,0 +1,209 @@
+//! The network lock of a checkpoint attempt (DESIGN.md, "Consistent network cut").
+//!
+//! Before any socket of the job is read, every packet of exactly the job's
+//! connections is dropped, both ways, so nothing moves between the queues that are
+//! being read: a byte in flight is then in the sender's write queue, in the
+//! receiver's read queue, or in both (sequence numbers tell). TCP treats the drops
+//! as loss and retransmits once the lock is lifted; nothing is lost.
+//!
+//! One nftables table per attempt, `inet ckpt_<attempt>`, with an input and an
+//! output chain (loopback connections cross both hooks; a connection to another
+//! node crosses one each way), each rule matching one connection's full 4-tuple.
+//! The table goes on resume, on abort, and when the lock is dropped. A daemon that
+//! crashed while holding a lock leaves its table behind; [`remove_stale`] removes
+//! every `ckpt_*` table at the daemon's start, since only it makes them.
+
+use std::io::Write;
+use std::net::SocketAddr;
+use std::process::{Command, Stdio};
+
+/// Prefix of every table this module makes.
+pub const TABLE_PREFIX: &str = "ckpt_";
+
+/// A TCP connection, from one of its ends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Conn {
+    pub local: SocketAddr,
+    pub remote: SocketAddr,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum LockError {
+    #[error("cannot run nft (install the nftables package): {0}")]
+    Spawn(std::io::Error),
+    #[error("nft refused the lock table {table}: {stderr}")]
+    Nft { table: String, stderr: String },
+    #[error("lock name {0:?}: only letters, digits and _ are allowed")]
+    Name(String),
+    #[error("connection {0:?} mixes IPv4 and IPv6 addresses")]
+    Family(Conn),
+}
+
+/// The lock of one attempt; lifted on [`unlock`](NetLock::unlock) or drop.
+#[derive(Debug)]
+pub struct NetLock {
+    table: String,
+    lifted: bool,
+}
+
+fn nft(script: &str) -> Result<(), (bool, String)> {
+    let mut child = Command::new("nft")
+        .args(["-f", "-"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| (true, e.to_string()))?;
+    child
+        .stdin
+        .take()
+        .expect("piped")
+        .write_all(script.as_bytes())
+        .map_err(|e| (false, e.to_string()))?;
+    let out = child
+        .wait_with_output()
+        .map_err(|e| (false, e.to_string()))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err((
+            false,
+            String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        ))
+    }
+}
+
+/// The nft rule that matches packets from `src` to `dst`.
+fn rule(src: SocketAddr, dst: SocketAddr) -> String {
+    let fam = if src.is_ipv4() { "ip" } else { "ip6" };
+    format!(
+        "{fam} saddr {} {fam} daddr {} tcp sport {} tcp dport {} drop",
+        src.ip(),
+        dst.ip(),
+        src.port(),
+        dst.port()
+    )
+}
+
+/// The nft script of a lock table over `conns`.
+pub fn script(table: &str, conns: &[Conn]) -> String {
+    let mut rules = String::new();
+    for c in conns {
+        // Both directions in both chains: a loopback connection's packets cross
+        // output then input; a remote one's cross one of them each way.
+        for (s, d) in [(c.local, c.remote), (c.remote, c.local)] {
+            rules += &format!("\t\t{}\n", rule(s, d));
+        }
+    }
+    format!(
+        "table inet {table} {{\n\
+         \tchain lock_in {{\n\t\ttype filter hook input priority -300; policy accept;\n{rules}\t}}\n\
+         \tchain lock_out {{\n\t\ttype filter hook output priority -300; policy accept;\n{rules}\t}}\n\
+         }}\n"
+    )
+}
+
+impl NetLock {
+    /// Drops every packet of `conns` from now on. `name` (letters, digits, `_`)
+    /// names the attempt.
+    pub fn lock(name: &str, conns: &[Conn]) -> Result<NetLock, LockError> {
+        if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+            return Err(LockError::Name(name.into()));
+        }
+        if let Some(c) = conns
+            .iter()
+            .find(|c| c.local.is_ipv4() != c.remote.is_ipv4())
+        {
+            return Err(LockError::Family(*c));
+        }
+        let table = format!("{TABLE_PREFIX}{name}");
+        nft(&script(&table, conns)).map_err(|(spawn, e)| {
+            if spawn {
+                LockError::Spawn(std::io::Error::other(e))
+            } else {
+                LockError::Nft {
+                    table: table.clone(),
+                    stderr: e,
+                }
+            }
+        })?;
+        Ok(NetLock {
+            table,
+            lifted: false,
+        })
+    }
+
+    pub fn table(&self) -> &str {
+        &self.table
+    }
+
+    /// Lifts the lock: the connections' packets flow again.
+    pub fn unlock(mut self) -> Result<(), LockError> {
+        self.lifted = true;
+        nft(&format!("delete table inet {}\n", self.table)).map_err(|(_, e)| LockError::Nft {
+            table: self.table.clone(),
+            stderr: e,
+        })
+    }
+}
+
+impl Drop for NetLock {
+    fn drop(&mut self) {
+        if !self.lifted {
+            if let Err((_, e)) = nft(&format!("delete table inet {}\n", self.table)) {
+                tracing::warn!(table = self.table, e, "could not lift a network lock");
+            }
+        }
+    }
+}
+
+/// The lock tables present in this network namespace.
+pub fn tables() -> Vec<String> {
+    let out = Command::new("nft")
+        .args(["list", "tables", "inet"])
+        .stderr(Stdio::null())
+        .output();
+    let Ok(out) = out else { return Vec::new() };
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.strip_prefix("table inet "))
+        .map(|t| t.trim().to_string())
+        .filter(|t| t.starts_with(TABLE_PREFIX))
+        .collect()
+}
+
+/// Removes every lock table (a crashed daemon's); returns their names.
+pub fn remove_stale() -> Vec<String> {
+    let stale = tables();
+    for t in &stale {
+        let _ = nft(&format!("delete table inet {t}\n"));
+    }
+    stale
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_script_matches_both_directions_in_both_chains() {
+        let c = Conn {
+            local: "10.0.0.1:5000".parse().unwrap(),
+            remote: "10.0.0.2:80".parse().unwrap(),
+        };
+        let s = script("ckpt_7", &[c]);
+        let fwd = "ip saddr 10.0.0.1 ip daddr 10.0.0.2 tcp sport 5000 tcp dport 80 drop";
+        let back = "ip saddr 10.0.0.2 ip daddr 10.0.0.1 tcp sport 80 tcp dport 5000 drop";
+        assert_eq!(s.matches(fwd).count(), 2, "{s}");
+        assert_eq!(s.matches(back).count(), 2, "{s}");
+        let v6 = Conn {
+            local: "[fd00::1]:1".parse().unwrap(),
+            remote: "[fd00::2]:2".parse().unwrap(),
+        };
+        assert!(script("ckpt_8", &[v6]).contains("ip6 saddr fd00::1 ip6 daddr fd00::2"));
+        assert!(matches!(
+            NetLock::lock("bad name", &[]),
+            Err(LockError::Name(_))
+        ));
+    }
+}

@@ -1,0 +1,141 @@
+//! The network lock (nftables) and the capture of TCP state (`TCP_REPAIR`), on real
+//! connections over loopback inside a network namespace of the test's own (made by
+//! `unshare` on the test's thread, so nothing outside it is touched).
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::os::fd::AsFd;
+use std::time::{Duration, Instant};
+
+use ckpt_agent::fd::tcp;
+use ckpt_agent::netlock::{self, Conn, NetLock};
+
+/// Runs `f` on a thread in a new network namespace with loopback up.
+fn in_netns<T: Send>(f: impl FnOnce() -> T + Send) -> Option<T> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("skipped: needs root (network namespaces, nftables, TCP_REPAIR)");
+        return None;
+    }
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            // SAFETY: unshare of the network namespace affects this thread only.
+            assert_eq!(unsafe { libc::unshare(libc::CLONE_NEWNET) }, 0, "unshare");
+            let st = std::process::Command::new("ip")
+                .args(["link", "set", "lo", "up"])
+                .status()
+                .unwrap();
+            assert!(st.success());
+            Some(f())
+        })
+        .join()
+        .unwrap()
+    })
+}
+
+fn pair() -> (TcpStream, TcpStream) {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let a = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+    let (b, _) = l.accept().unwrap();
+    (a, b)
+}
+
+fn conn_of(s: &TcpStream) -> Conn {
+    Conn {
+        local: s.local_addr().unwrap(),
+        remote: s.peer_addr().unwrap(),
+    }
+}
+
+fn inq(s: &TcpStream) -> usize {
+    use std::os::fd::AsRawFd;
+    let mut v: libc::c_int = 0;
+    // SAFETY: FIONREAD writes one int.
+    unsafe { libc::ioctl(s.as_raw_fd(), libc::FIONREAD, &mut v) };
+    v as usize
+}
+
+fn read_n(s: &mut TcpStream, n: usize, timeout: Duration) -> Vec<u8> {
+    s.set_read_timeout(Some(timeout)).unwrap();
+    let mut buf = vec![0u8; n];
+    s.read_exact(&mut buf).unwrap();
+    buf
+}
+
+#[test]
+fn the_lock_holds_exactly_its_connections_and_lifting_it_loses_nothing() {
+    in_netns(|| {
+        let (mut a, mut b) = pair();
+        let (mut c, mut d) = pair();
+        a.write_all(b"hello").unwrap();
+        assert_eq!(read_n(&mut b, 5, Duration::from_secs(5)), b"hello");
+        let lock = NetLock::lock("t1", &[conn_of(&a)]).unwrap();
+        assert_eq!(netlock::tables(), vec!["ckpt_t1".to_string()]);
+        a.write_all(b"world").unwrap();
+        b.write_all(b"back").unwrap();
+        // Nothing crosses, either way.
+        std::thread::sleep(Duration::from_millis(300));
+        assert_eq!(inq(&b), 0, "a byte crossed the lock a->b");
+        assert_eq!(inq(&a), 0, "a byte crossed the lock b->a");
+        // Another connection is not held.
+        c.write_all(b"free").unwrap();
+        assert_eq!(read_n(&mut d, 4, Duration::from_secs(5)), b"free");
+        lock.unlock().unwrap();
+        assert!(netlock::tables().is_empty());
+        // Retransmission brings everything, once.
+        assert_eq!(read_n(&mut b, 5, Duration::from_secs(10)), b"world");
+        assert_eq!(read_n(&mut a, 4, Duration::from_secs(10)), b"back");
+        // A lock dropped without unlock is lifted too; stale tables are found.
+        {
+            let _l = NetLock::lock("t2", &[conn_of(&c)]).unwrap();
+            assert_eq!(netlock::tables(), vec!["ckpt_t2".to_string()]);
+        }
+        assert!(netlock::tables().is_empty());
+        std::mem::forget(NetLock::lock("t3", &[conn_of(&c)]).unwrap());
+        assert_eq!(netlock::remove_stale(), vec!["ckpt_t3".to_string()]);
+        assert!(netlock::tables().is_empty());
+    });
+}
+
+#[test]
+fn capture_under_the_lock_reads_a_consistent_cut_and_disturbs_nothing() {
+    in_netns(|| {
+        let (mut a, mut b) = pair();
+        let first: Vec<u8> = (0..1000u32).map(|i| (i % 251) as u8).collect();
+        let second: Vec<u8> = (0..3000u32).map(|i| (i % 241) as u8 ^ 0x5a).collect();
+        a.write_all(&first).unwrap();
+        let t = Instant::now();
+        while inq(&b) < first.len() {
+            assert!(t.elapsed() < Duration::from_secs(5));
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        std::thread::sleep(Duration::from_millis(50)); // the ACK gets home
+        let lock = NetLock::lock("cut", &[conn_of(&a)]).unwrap();
+        a.write_all(&second).unwrap();
+        std::thread::sleep(Duration::from_millis(50));
+        let ca = tcp::capture(a.as_fd()).unwrap();
+        let cb = tcp::capture(b.as_fd()).unwrap();
+        // The receiver holds what was delivered; the sender what it may still
+        // have to send; the sequence numbers meet.
+        assert_eq!(cb.recv_queue, first);
+        assert_eq!(ca.send_queue, second);
+        assert_eq!(ca.send_seq.wrapping_sub(ca.send_una()), second.len() as u32);
+        assert_eq!(cb.recv_seq, ca.send_una(), "the cut does not meet");
+        assert_eq!(ca.recv_seq, cb.send_seq, "nothing flowed b->a");
+        assert!(cb.send_queue.is_empty() && ca.recv_queue.is_empty());
+        assert_eq!((ca.local, ca.remote), (cb.remote, cb.local));
+        assert!(ca.mss > 0 && ca.timestamps && ca.sack, "{ca:?}");
+        assert!(ca.snd_wscale.is_some() && ca.window.snd_wnd > 0, "{ca:?}");
+        // Reading changed nothing: once the lock is lifted, b gets every byte.
+        lock.unlock().unwrap();
+        let all = read_n(&mut b, first.len() + second.len(), Duration::from_secs(10));
+        assert_eq!(&all[..first.len()], &first[..]);
+        assert_eq!(&all[first.len()..], &second[..]);
+        b.write_all(b"ok").unwrap();
+        assert_eq!(read_n(&mut a, 2, Duration::from_secs(5)), b"ok");
+        // A connection that is not established is refused clearly.
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let e = tcp::capture(l.as_fd()).unwrap_err().to_string();
+        assert!(e.contains("not established"), "{e}");
+    });
+}
