@@ -12,9 +12,15 @@
 //! then nothing moves between the queues while they are read, and for each byte in
 //! flight the cut holds it in the sender's write queue, in the receiver's read
 //! queue, or (acknowledged after the lock) in both, and the sequence numbers say
-//! which. Restoring the connection (repair mode on a new socket, same numbers and
-//! queues, possibly a new 4-tuple) is the next step of the TCP issue; this module
-//! only reads.
+//! which.
+//!
+//! [`rebuild`] makes the end again, in the restorer, on a new socket and possibly a
+//! new 4-tuple: in repair mode it takes the old sequence numbers, options, window,
+//! timestamp clock and receive queue, and is connected without a handshake. Its
+//! send queue is written after repair mode is left, as ordinary data starting at
+//! the first unacknowledged byte: so it is sent at once instead of waiting for a
+//! retransmission timer, and a peer that had already received some of it drops the
+//! repeat as TCP always does.
 
 use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, BorrowedFd};
@@ -72,6 +78,11 @@ pub struct TcpConn {
     /// The connection's TCP timestamp clock now (restored as an offset).
     pub timestamp: u32,
     pub window: RepairWindow,
+    /// SO_SNDBUF and SO_RCVBUF as the kernel reports them (twice what was asked).
+    /// The receive window was offered against this buffer: a smaller one would
+    /// drop what the peer may send.
+    pub sndbuf: u32,
+    pub rcvbuf: u32,
 }
 
 impl TcpConn {
@@ -223,6 +234,8 @@ pub fn capture(fd: BorrowedFd<'_>) -> Result<TcpConn, TcpError> {
     let unsent = ioctl_int(fd, SIOCOUTQNSD, "SIOCOUTQNSD")?;
     let inq = ioctl_int(fd, SIOCINQ, "SIOCINQ")?;
     let mss: libc::c_int = getopt(fd, libc::IPPROTO_TCP, libc::TCP_MAXSEG, "TCP_MAXSEG")?;
+    let sndbuf: libc::c_int = getopt(fd, libc::SOL_SOCKET, libc::SO_SNDBUF, "SO_SNDBUF")?;
+    let rcvbuf: libc::c_int = getopt(fd, libc::SOL_SOCKET, libc::SO_RCVBUF, "SO_RCVBUF")?;
     setopt(
         fd,
         libc::IPPROTO_TCP,
@@ -268,6 +281,8 @@ pub fn capture(fd: BorrowedFd<'_>) -> Result<TcpConn, TcpError> {
             timestamps: info.tcpi_options & TCPI_OPT_TIMESTAMPS != 0,
             timestamp,
             window,
+            sndbuf: sndbuf as u32,
+            rcvbuf: rcvbuf as u32,
         })
     })();
     // Whatever happened, leave repair mode without a window probe: the peer sees
@@ -287,6 +302,217 @@ pub fn capture(fd: BorrowedFd<'_>) -> Result<TcpConn, TcpError> {
         "TCP_REPAIR off",
     )?;
     got
+}
+
+const TCP_REPAIR_OFF: libc::c_int = 0;
+const TCP_NO_QUEUE: libc::c_int = 0;
+const TCPOPT_MAXSEG: u32 = 2;
+const TCPOPT_WINDOW: u32 = 3;
+const TCPOPT_SACK_PERM: u32 = 4;
+const TCPOPT_TIMESTAMP: u32 = 8;
+
+/// An end rebuilt and still in repair mode: it sends nothing, and a peer's packets
+/// get no reset from it. [`finish`](Rebuilt::finish) it only once both ends of the
+/// connection exist (the job's RELEASE): an end that left repair mode while its peer
+/// did not exist yet would be reset by the peer's host. Dropped unfinished, it
+/// closes silently.
+#[derive(Debug)]
+pub struct Rebuilt {
+    fd: std::os::fd::OwnedFd,
+    send_queue: Vec<u8>,
+}
+
+impl Rebuilt {
+    pub fn as_fd(&self) -> BorrowedFd<'_> {
+        use std::os::fd::AsFd;
+        self.fd.as_fd()
+    }
+
+    /// Leaves repair mode (with a window probe) and sends, at once, what the peer
+    /// may still lack. The socket is blocking and close-on-exec.
+    pub fn finish(self) -> Result<std::os::fd::OwnedFd, TcpError> {
+        let fd = self.fd.as_raw_fd();
+        setopt(
+            fd,
+            libc::IPPROTO_TCP,
+            libc::TCP_REPAIR,
+            TCP_REPAIR_OFF,
+            "TCP_REPAIR off",
+        )?;
+        send_all(fd, &self.send_queue, "restoring the send queue")?;
+        Ok(self.fd)
+    }
+}
+
+/// Makes the end `c` again on a new socket bound to `local` and connected to
+/// `remote` (the old addresses, or new ones given to both ends of the pair), with no
+/// handshake, and leaves it in repair mode (see [`Rebuilt`]). Needs CAP_NET_ADMIN.
+pub fn rebuild(c: &TcpConn, local: SocketAddr, remote: SocketAddr) -> Result<Rebuilt, TcpError> {
+    use nix::sys::socket::{bind, connect, SockaddrStorage};
+    use std::os::fd::FromRawFd;
+    let domain = if local.is_ipv4() {
+        libc::AF_INET
+    } else {
+        libc::AF_INET6
+    };
+    // SAFETY: socket(2) with constant arguments.
+    let raw = unsafe { libc::socket(domain, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
+    if raw < 0 {
+        return Err(sys("socket"));
+    }
+    // SAFETY: a fresh descriptor we own.
+    let owned = unsafe { std::os::fd::OwnedFd::from_raw_fd(raw) };
+    let fd = raw;
+    let tcp = libc::IPPROTO_TCP;
+    setopt(
+        fd,
+        tcp,
+        libc::TCP_REPAIR,
+        TCP_REPAIR_ON,
+        "TCP_REPAIR on (needs CAP_NET_ADMIN)",
+    )?;
+    setopt(fd, libc::SOL_SOCKET, libc::SO_REUSEADDR, 1, "SO_REUSEADDR")?;
+    // The buffers as they were (the kernel doubles what is asked), and at least
+    // room for the queues: the receive window was offered against that space.
+    for (opt, had, queue, what) in [
+        (
+            libc::SO_SNDBUFFORCE,
+            c.sndbuf,
+            c.send_queue.len(),
+            "SO_SNDBUFFORCE",
+        ),
+        (
+            libc::SO_RCVBUFFORCE,
+            c.rcvbuf,
+            c.recv_queue.len(),
+            "SO_RCVBUFFORCE",
+        ),
+    ] {
+        let want = ((had / 2) as usize).max(queue * 2).min(i32::MAX as usize) as i32;
+        setopt(fd, libc::SOL_SOCKET, opt, want, what)?;
+    }
+    setopt(
+        fd,
+        tcp,
+        libc::TCP_REPAIR_QUEUE,
+        TCP_SEND_QUEUE,
+        "TCP_REPAIR_QUEUE",
+    )?;
+    setopt(
+        fd,
+        tcp,
+        libc::TCP_QUEUE_SEQ,
+        c.send_una() as i32,
+        "TCP_QUEUE_SEQ (send)",
+    )?;
+    setopt(
+        fd,
+        tcp,
+        libc::TCP_REPAIR_QUEUE,
+        TCP_RECV_QUEUE,
+        "TCP_REPAIR_QUEUE",
+    )?;
+    let rcv_start = c.recv_seq.wrapping_sub(c.recv_queue.len() as u32);
+    setopt(
+        fd,
+        tcp,
+        libc::TCP_QUEUE_SEQ,
+        rcv_start as i32,
+        "TCP_QUEUE_SEQ (recv)",
+    )?;
+    let sa = |a: SocketAddr| SockaddrStorage::from(a);
+    bind(fd, &sa(local)).map_err(|e| TcpError::Sys {
+        what: "bind of a rebuilt connection",
+        source: e.into(),
+    })?;
+    connect(fd, &sa(remote)).map_err(|e| TcpError::Sys {
+        what: "connect in repair mode",
+        source: e.into(),
+    })?;
+    let mut opts: Vec<[u32; 2]> = vec![[TCPOPT_MAXSEG, c.mss]];
+    if let (Some(s), Some(r)) = (c.snd_wscale, c.rcv_wscale) {
+        opts.push([TCPOPT_WINDOW, s as u32 | (r as u32) << 16]);
+    }
+    if c.sack {
+        opts.push([TCPOPT_SACK_PERM, 0]);
+    }
+    if c.timestamps {
+        opts.push([TCPOPT_TIMESTAMP, 0]);
+    }
+    // SAFETY: an array of struct tcp_repair_opt { u32 code; u32 val; } and its size.
+    let r = unsafe {
+        libc::setsockopt(
+            fd,
+            tcp,
+            libc::TCP_REPAIR_OPTIONS,
+            opts.as_ptr().cast(),
+            (opts.len() * 8) as libc::socklen_t,
+        )
+    };
+    if r != 0 {
+        return Err(sys("TCP_REPAIR_OPTIONS"));
+    }
+    if c.timestamps {
+        setopt(fd, tcp, TCP_TIMESTAMP, c.timestamp as i32, "TCP_TIMESTAMP")?;
+    }
+    // The receive queue: data the application has not read yet.
+    setopt(
+        fd,
+        tcp,
+        libc::TCP_REPAIR_QUEUE,
+        TCP_RECV_QUEUE,
+        "TCP_REPAIR_QUEUE",
+    )?;
+    send_all(fd, &c.recv_queue, "restoring the receive queue")?;
+    setopt(
+        fd,
+        tcp,
+        libc::TCP_REPAIR_QUEUE,
+        TCP_NO_QUEUE,
+        "TCP_REPAIR_QUEUE",
+    )?;
+    // SAFETY: setsockopt with a pointer to a RepairWindow and its size.
+    let r = unsafe {
+        libc::setsockopt(
+            fd,
+            tcp,
+            libc::TCP_REPAIR_WINDOW,
+            (&c.window as *const RepairWindow).cast(),
+            std::mem::size_of::<RepairWindow>() as libc::socklen_t,
+        )
+    };
+    if r != 0 {
+        return Err(sys("TCP_REPAIR_WINDOW"));
+    }
+    Ok(Rebuilt {
+        fd: owned,
+        send_queue: c.send_queue.clone(),
+    })
+}
+
+fn send_all(fd: i32, mut data: &[u8], what: &'static str) -> Result<(), TcpError> {
+    while !data.is_empty() {
+        // SAFETY: send from our own buffer.
+        let n = unsafe { libc::send(fd, data.as_ptr().cast(), data.len(), libc::MSG_NOSIGNAL) };
+        if n <= 0 {
+            return Err(sys(what));
+        }
+        data = &data[n as usize..];
+    }
+    Ok(())
+}
+
+/// Puts `fd`'s connection in repair mode for good: closing it afterwards sends
+/// nothing to the peer (no FIN, no RST). For the sockets of a tree that is killed
+/// after its dump, or of a husk that is given up.
+pub fn silence(fd: BorrowedFd<'_>) -> Result<(), TcpError> {
+    setopt(
+        fd.as_raw_fd(),
+        libc::IPPROTO_TCP,
+        libc::TCP_REPAIR,
+        TCP_REPAIR_ON,
+        "TCP_REPAIR on",
+    )
 }
 
 fn getopt_info(fd: i32) -> Result<libc::tcp_info, TcpError> {
