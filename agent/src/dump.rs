@@ -82,6 +82,8 @@ pub enum DumpError {
     Fault(&'static str),
     #[error("the job's checkpoint was given up: {0}")]
     Aborted(String),
+    #[error(transparent)]
+    Lock(#[from] crate::netlock::LockError),
 }
 
 /// What to dump and how.
@@ -269,6 +271,25 @@ pub fn dump_gated(opts: &DumpOptions, gate: &dyn crate::gate::Gate) -> Result<Im
     let t_frozen = Instant::now();
     ph.mark("freeze");
     fault("after-seize")?;
+    // The network lock: every established TCP connection of the tree holds still
+    // before any socket is read (its packets are dropped both ways until the tree
+    // runs again, or until it is killed).
+    let pids: Vec<pid_t> = frozen.procs.iter().map(|p| p.pid).collect();
+    let tcp_socks = crate::fd::tcp::established_of(&pids)?;
+    let mut net_lock = if tcp_socks.is_empty() {
+        None
+    } else {
+        let conns: Vec<_> = tcp_socks.iter().map(|(_, c)| *c).collect();
+        let name = format!(
+            "d{}_{}",
+            opts.pid,
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_nanos())
+                .unwrap_or(0)
+        );
+        Some(crate::netlock::NetLock::lock(&name, &conns)?)
+    };
     gate.frozen().map_err(DumpError::Aborted)?;
 
     // Per process: threads, signals, mm, credentials, layout.
@@ -583,6 +604,7 @@ pub fn dump_gated(opts: &DumpOptions, gate: &dyn crate::gate::Gate) -> Result<Im
     let freeze_end = Instant::now();
     let frozen_for_kill = if opts.leave_running {
         frozen.thaw();
+        drop(net_lock.take());
         gate.storing().map_err(DumpError::Aborted)?;
         None
     } else {
@@ -702,7 +724,16 @@ pub fn dump_gated(opts: &DumpOptions, gate: &dyn crate::gate::Gate) -> Result<Im
             drop(f);
             return Err(DumpError::Aborted(reason));
         }
+        // The connections end without a word to the peers (no FIN, no RST): they
+        // come back with the image.
+        for (s, _) in &tcp_socks {
+            use std::os::fd::AsFd;
+            if let Err(e) = crate::fd::tcp::silence(s.as_fd()) {
+                tracing::warn!(%e, "a TCP connection could not be silenced before the kill");
+            }
+        }
         f.kill();
+        drop(net_lock.take());
         img.stats.freeze_us = t_frozen.elapsed().as_micros() as u64;
     }
     info!(

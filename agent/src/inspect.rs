@@ -62,6 +62,14 @@ fn file_json(k: &FileKind) -> Value {
             "buffered": buffered.len(), "capacity": capacity,
         }),
         FileKind::Inherited { what } => json!({"kind": "inherited", "what": what}),
+        FileKind::Tcp { conn } => json!({
+            "kind": "tcp", "local": conn.local.to_string(), "remote": conn.remote.to_string(),
+            "send_queue": conn.send_queue.len(), "unsent": conn.unsent,
+            "recv_queue": conn.recv_queue.len(),
+        }),
+        FileKind::TcpListen { addr, backlog } => {
+            json!({"kind": "tcp-listen", "addr": addr.to_string(), "backlog": backlog})
+        }
     }
 }
 
@@ -212,6 +220,17 @@ pub fn to_text(img: &Image) -> String {
                     }
                 ),
                 FileKind::Inherited { what } => format!("inherited from the restorer ({what})"),
+                FileKind::Tcp { conn } => format!(
+                    "tcp {} -> {}, {} queued to send ({} unsent), {} received unread",
+                    conn.local,
+                    conn.remote,
+                    human(conn.send_queue.len() as u64),
+                    human(conn.unsent as u64),
+                    human(conn.recv_queue.len() as u64)
+                ),
+                FileKind::TcpListen { addr, backlog } => {
+                    format!("tcp listening on {addr} (backlog {backlog})")
+                }
             };
             let _ = writeln!(
                 o,

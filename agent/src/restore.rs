@@ -521,7 +521,11 @@ pub fn restore_gated(
     ph.mark("check");
 
     // Resources in the restorer.
-    let (ours, fifo_holders) = fd::open_all(&img.files)?;
+    let fd::Opened {
+        fds: ours,
+        holders: fifo_holders,
+        tcp: tcp_ends,
+    } = fd::open_all(&img.files)?;
     let mut shm_fds: HashMap<u32, OwnedFd> = HashMap::new();
     for s in &img.shmem {
         let name = std::ffi::CString::new(format!("ckpt-shmem-{}", s.id)).expect("no NUL");
@@ -853,6 +857,14 @@ pub fn restore_gated(
     drop(fifo_holders);
     drop(ours);
     gate.rebuilt(root_pid).map_err(RestoreError::Aborted)?;
+    // Every end of every connection exists now (for a job: on every node): leave
+    // repair mode and send what the peers may lack.
+    for t in tcp_ends {
+        drop(t.finish().map_err(|e| RestoreError::Husk {
+            pid: root_pid,
+            what: format!("finishing a TCP connection: {e}"),
+        })?);
+    }
 
     // Release: every thread of every process, together.
     for h in &husks {

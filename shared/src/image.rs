@@ -9,6 +9,8 @@
 //! layout for the architecture named in [`Image::arch`]; restore refuses an image of
 //! another architecture before it looks at them.
 
+use std::net::SocketAddr;
+
 use serde::{Deserialize, Serialize};
 
 /// Version of the image format. Bumped on every incompatible change; restore refuses
@@ -443,6 +445,66 @@ pub enum FileKind {
     Inherited {
         what: String,
     },
+    /// One end of an established TCP connection, as read under the network lock.
+    Tcp {
+        conn: Box<TcpConn>,
+    },
+    /// A listening TCP socket: bound to `addr` (a wildcard stays a wildcard).
+    TcpListen {
+        addr: SocketAddr,
+        backlog: u32,
+    },
+}
+
+/// `struct tcp_repair_window`.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RepairWindow {
+    pub snd_wl1: u32,
+    pub snd_wnd: u32,
+    pub max_window: u32,
+    pub rcv_wnd: u32,
+    pub rcv_wup: u32,
+}
+
+/// Everything needed to rebuild one end of an established connection.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TcpConn {
+    pub local: SocketAddr,
+    pub remote: SocketAddr,
+    /// Sequence number after the last byte written (`write_seq`).
+    pub send_seq: u32,
+    /// Sequence number after the last byte received (`rcv_nxt`).
+    pub recv_seq: u32,
+    /// Written but not acknowledged, in order; the last `unsent` of them were
+    /// never sent.
+    #[serde(with = "serde_bytes")]
+    pub send_queue: Vec<u8>,
+    pub unsent: u32,
+    /// Received but not read by the application.
+    #[serde(with = "serde_bytes")]
+    pub recv_queue: Vec<u8>,
+    pub mss: u32,
+    /// Window scales (`None` when not negotiated).
+    pub snd_wscale: Option<u8>,
+    pub rcv_wscale: Option<u8>,
+    pub sack: bool,
+    pub timestamps: bool,
+    /// The connection's TCP timestamp clock now (restored as an offset).
+    pub timestamp: u32,
+    pub window: RepairWindow,
+    /// SO_SNDBUF and SO_RCVBUF as the kernel reports them (twice what was asked).
+    /// The receive window was offered against this buffer: a smaller one would
+    /// drop what the peer may send.
+    pub sndbuf: u32,
+    pub rcvbuf: u32,
+}
+
+impl TcpConn {
+    /// Sequence number of the first unacknowledged byte.
+    pub fn send_una(&self) -> u32 {
+        self.send_seq.wrapping_sub(self.send_queue.len() as u32)
+    }
 }
 
 /// A file the image depends on, as it was when dumped.

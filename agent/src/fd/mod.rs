@@ -131,12 +131,30 @@ impl FdTable {
                     capacity,
                 }
             } else if link.starts_with("socket:[") {
-                if fd <= 2 {
-                    FileKind::Inherited { what: link.clone() }
-                } else {
-                    let dup = sys::pidfd_getfd(&pidfd, pid, fd)?;
-                    let (domain, _) = sys::socket_domain_type(dup.as_raw_fd())?;
-                    return Err(unsupported(format!("a {} socket", domain_name(domain))));
+                let dup = sys::pidfd_getfd(&pidfd, pid, fd)?;
+                use std::os::fd::AsFd;
+                match tcp::kind(dup.as_fd()) {
+                    // Read under the network lock the dump put in place.
+                    tcp::Kind::Established => FileKind::Tcp {
+                        conn: Box::new(tcp::capture(dup.as_fd()).map_err(|e| {
+                            unsupported(format!("a TCP connection that could not be read: {e}"))
+                        })?),
+                    },
+                    tcp::Kind::Listen { backlog } => FileKind::TcpListen {
+                        addr: tcp::local_addr(dup.as_fd())
+                            .map_err(|e| unsupported(format!("a listening socket: {e}")))?,
+                        backlog,
+                    },
+                    tcp::Kind::Other(state) => {
+                        return Err(unsupported(format!(
+                            "a TCP socket in state {state} (only established and listening ones are saved)"
+                        )))
+                    }
+                    tcp::Kind::NotTcp if fd <= 2 => FileKind::Inherited { what: link.clone() },
+                    tcp::Kind::NotTcp => {
+                        let (domain, _) = sys::socket_domain_type(dup.as_raw_fd())?;
+                        return Err(unsupported(format!("a {} socket", domain_name(domain))));
+                    }
                 }
             } else if let Some(rest) = link.strip_prefix("anon_inode:") {
                 return Err(unsupported(format!(
@@ -233,10 +251,18 @@ fn domain_name(d: i32) -> String {
     }
 }
 
-/// Open every description of the image in the restorer. Returns our descriptor for
-/// each file id. FIFO holders (kept open until the husks took their ends) are
-/// returned as well.
-pub fn open_all(files: &[OpenFile]) -> Result<(Vec<OwnedFd>, Vec<OwnedFd>), FdError> {
+/// What [`open_all`] made: our descriptor for each file id; FIFO holders (kept open
+/// until the husks took their ends); and the TCP connections, rebuilt in repair
+/// mode, to be finished (repair off, send queue written) at the release, once every
+/// end of every connection exists.
+pub struct Opened {
+    pub fds: Vec<OwnedFd>,
+    pub holders: Vec<OwnedFd>,
+    pub tcp: Vec<tcp::Rebuilt>,
+}
+
+/// Open every description of the image in the restorer.
+pub fn open_all(files: &[OpenFile]) -> Result<Opened, FdError> {
     // Pipes first: one rebuilt pipe (or one FIFO holder) per pipe, filled with the
     // data that the dump stored on one of its descriptions.
     let mut data: HashMap<u64, (&[u8], u32, Option<&str>)> = HashMap::new();
@@ -273,10 +299,52 @@ pub fn open_all(files: &[OpenFile]) -> Result<(Vec<OwnedFd>, Vec<OwnedFd>), FdEr
             }
         }
     }
+    // TCP: listeners bound first (not listening yet), then the connections, some
+    // of which share a listener's port, then the listeners listen.
+    let tcp_err = |e: tcp::TcpError| FdError::Open {
+        path: "a TCP socket".into(),
+        source: std::io::Error::other(e.to_string()),
+    };
+    let mut listeners: HashMap<usize, tcp::Listener> = HashMap::new();
+    for (i, f) in files.iter().enumerate() {
+        if let FileKind::TcpListen { addr, backlog } = &f.kind {
+            listeners.insert(i, tcp::Listener::bind(*addr, *backlog).map_err(tcp_err)?);
+        }
+    }
+    let mut rebuilt: HashMap<usize, OwnedFd> = HashMap::new();
+    let mut held = Vec::new();
+    for (i, f) in files.iter().enumerate() {
+        if let FileKind::Tcp { conn } = &f.kind {
+            let r = tcp::rebuild(conn, conn.local, conn.remote).map_err(tcp_err)?;
+            let dup = r
+                .as_fd()
+                .try_clone_to_owned()
+                .map_err(|source| FdError::Open {
+                    path: format!("TCP {} -> {}", conn.local, conn.remote),
+                    source,
+                })?;
+            rebuilt.insert(i, dup);
+            held.push(r);
+        }
+    }
+    let mut listening: HashMap<usize, OwnedFd> = HashMap::new();
+    for (i, l) in listeners {
+        listening.insert(i, l.listen().map_err(tcp_err)?);
+    }
     let mut out = Vec::with_capacity(files.len());
-    for f in files {
+    for (i, f) in files.iter().enumerate() {
         let flags = f.flags as i32;
         let fd: OwnedFd = match &f.kind {
+            FileKind::Tcp { .. } => {
+                let fd = rebuilt.remove(&i).expect("rebuilt above");
+                set_status_flags(&fd, flags)?;
+                fd
+            }
+            FileKind::TcpListen { .. } => {
+                let fd = listening.remove(&i).expect("bound above");
+                set_status_flags(&fd, flags)?;
+                fd
+            }
             FileKind::Regular { path, pos, .. } | FileKind::Directory { path, pos } => {
                 let file = open_path(path, flags)?;
                 if *pos != 0 {
@@ -321,7 +389,11 @@ pub fn open_all(files: &[OpenFile]) -> Result<(Vec<OwnedFd>, Vec<OwnedFd>), FdEr
         };
         out.push(fd);
     }
-    Ok((out, holders))
+    Ok(Opened {
+        fds: out,
+        holders,
+        tcp: held,
+    })
 }
 
 fn open_path(path: &str, flags: i32) -> Result<OwnedFd, FdError> {

@@ -25,8 +25,6 @@
 use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, BorrowedFd};
 
-use serde::{Deserialize, Serialize};
-
 const TCP_REPAIR_ON: libc::c_int = 1;
 const TCP_REPAIR_OFF_NO_WP: libc::c_int = -1;
 const TCP_RECV_QUEUE: libc::c_int = 1;
@@ -41,56 +39,7 @@ const TCPI_OPT_WSCALE: u8 = 4;
 /// `TCP_ESTABLISHED` in `tcp_info.tcpi_state`.
 pub const TCP_ESTABLISHED: u8 = 1;
 
-/// `struct tcp_repair_window`.
-#[repr(C)]
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct RepairWindow {
-    pub snd_wl1: u32,
-    pub snd_wnd: u32,
-    pub max_window: u32,
-    pub rcv_wnd: u32,
-    pub rcv_wup: u32,
-}
-
-/// Everything needed to rebuild one end of an established connection.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct TcpConn {
-    pub local: SocketAddr,
-    pub remote: SocketAddr,
-    /// Sequence number after the last byte written (`write_seq`).
-    pub send_seq: u32,
-    /// Sequence number after the last byte received (`rcv_nxt`).
-    pub recv_seq: u32,
-    /// Written but not acknowledged, in order; the last `unsent` of them were
-    /// never sent.
-    #[serde(with = "serde_bytes")]
-    pub send_queue: Vec<u8>,
-    pub unsent: u32,
-    /// Received but not read by the application.
-    #[serde(with = "serde_bytes")]
-    pub recv_queue: Vec<u8>,
-    pub mss: u32,
-    /// Window scales (`None` when not negotiated).
-    pub snd_wscale: Option<u8>,
-    pub rcv_wscale: Option<u8>,
-    pub sack: bool,
-    pub timestamps: bool,
-    /// The connection's TCP timestamp clock now (restored as an offset).
-    pub timestamp: u32,
-    pub window: RepairWindow,
-    /// SO_SNDBUF and SO_RCVBUF as the kernel reports them (twice what was asked).
-    /// The receive window was offered against this buffer: a smaller one would
-    /// drop what the peer may send.
-    pub sndbuf: u32,
-    pub rcvbuf: u32,
-}
-
-impl TcpConn {
-    /// Sequence number of the first unacknowledged byte.
-    pub fn send_una(&self) -> u32 {
-        self.send_seq.wrapping_sub(self.send_queue.len() as u32)
-    }
-}
+pub use ckpt_shared::image::{RepairWindow, TcpConn};
 
 #[derive(Debug, thiserror::Error)]
 pub enum TcpError {
@@ -513,6 +462,127 @@ pub fn silence(fd: BorrowedFd<'_>) -> Result<(), TcpError> {
         TCP_REPAIR_ON,
         "TCP_REPAIR on",
     )
+}
+
+/// What a socket of a frozen tree is, as far as TCP is concerned.
+pub enum Kind {
+    Established,
+    Listen {
+        backlog: u32,
+    },
+    /// Another TCP state (SYN_SENT, FIN_WAIT, ...): not captured.
+    Other(u8),
+    NotTcp,
+}
+
+/// Classifies the socket `fd` (a duplicate the agent holds).
+pub fn kind(fd: BorrowedFd<'_>) -> Kind {
+    let raw = fd.as_raw_fd();
+    let Ok((domain, ty)) = crate::sys::socket_domain_type(raw) else {
+        return Kind::NotTcp;
+    };
+    if !(domain == libc::AF_INET || domain == libc::AF_INET6) || ty != libc::SOCK_STREAM {
+        return Kind::NotTcp;
+    }
+    match getopt_info(raw) {
+        Ok(i) if i.tcpi_state == TCP_ESTABLISHED => Kind::Established,
+        // For a listener the kernel reports its backlog in tcpi_sacked.
+        Ok(i) if i.tcpi_state == TCP_LISTEN => Kind::Listen {
+            backlog: i.tcpi_sacked,
+        },
+        Ok(i) => Kind::Other(i.tcpi_state),
+        Err(_) => Kind::NotTcp,
+    }
+}
+
+/// `TCP_LISTEN` in `tcp_info.tcpi_state`.
+pub const TCP_LISTEN: u8 = 10;
+
+/// The bound address of a listening socket.
+pub fn local_addr(fd: BorrowedFd<'_>) -> Result<SocketAddr, TcpError> {
+    addr(fd.as_raw_fd(), false)
+}
+
+/// Every established TCP connection of the processes `pids`: our duplicate of each
+/// socket and its 4-tuple. The dump locks these before it reads any of them, and
+/// silences them before it kills the tree.
+pub fn established_of(
+    pids: &[libc::pid_t],
+) -> Result<Vec<(std::os::fd::OwnedFd, crate::netlock::Conn)>, crate::sys::SysError> {
+    use std::os::fd::AsFd;
+    let mut out = Vec::new();
+    for &pid in pids {
+        let pidfd = crate::sys::pidfd_open(pid)?;
+        let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+            continue;
+        };
+        for e in dir.flatten() {
+            let Ok(n) = e.file_name().to_string_lossy().parse::<i32>() else {
+                continue;
+            };
+            let is_socket = std::fs::read_link(e.path())
+                .map(|l| l.to_string_lossy().starts_with("socket:["))
+                .unwrap_or(false);
+            if !is_socket {
+                continue;
+            }
+            let dup = crate::sys::pidfd_getfd(&pidfd, pid, n)?;
+            if matches!(kind(dup.as_fd()), Kind::Established) {
+                let raw = dup.as_raw_fd();
+                if let (Ok(local), Ok(remote)) = (addr(raw, false), addr(raw, true)) {
+                    out.push((dup, crate::netlock::Conn { local, remote }));
+                }
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Makes a listening socket again: bound to `addr` now, listening only on
+/// [`Listener::listen`], once the connections accepted from it (which share its
+/// port) are bound too.
+pub struct Listener {
+    fd: std::os::fd::OwnedFd,
+    backlog: u32,
+}
+
+impl Listener {
+    pub fn bind(addr: SocketAddr, backlog: u32) -> Result<Listener, TcpError> {
+        use std::os::fd::FromRawFd;
+        let domain = if addr.is_ipv4() {
+            libc::AF_INET
+        } else {
+            libc::AF_INET6
+        };
+        // SAFETY: socket(2) with constant arguments.
+        let raw = unsafe { libc::socket(domain, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
+        if raw < 0 {
+            return Err(sys("socket"));
+        }
+        // SAFETY: a fresh descriptor we own.
+        let fd = unsafe { std::os::fd::OwnedFd::from_raw_fd(raw) };
+        setopt(raw, libc::SOL_SOCKET, libc::SO_REUSEADDR, 1, "SO_REUSEADDR")?;
+        nix::sys::socket::bind(raw, &nix::sys::socket::SockaddrStorage::from(addr)).map_err(
+            |e| TcpError::Sys {
+                what: "bind of a listening socket (is its port taken on this node?)",
+                source: e.into(),
+            },
+        )?;
+        Ok(Listener { fd, backlog })
+    }
+
+    pub fn listen(self) -> Result<std::os::fd::OwnedFd, TcpError> {
+        // SAFETY: listen(2) on our own socket.
+        if unsafe { libc::listen(self.fd.as_raw_fd(), self.backlog.max(1) as i32) } != 0 {
+            return Err(sys("listen"));
+        }
+        Ok(self.fd)
+    }
+
+    pub fn as_fd(&self) -> BorrowedFd<'_> {
+        use std::os::fd::AsFd;
+        self.fd.as_fd()
+    }
 }
 
 fn getopt_info(fd: i32) -> Result<libc::tcp_info, TcpError> {

@@ -1,0 +1,111 @@
+//! TCP through the engine: a process and its child joined by a loopback TCP
+//! connection that always has data in flight both ways, plus the listening socket
+//! it came from (`tests/workloads/tcp_pair.c`), inside a network namespace of the
+//! test cluster. A dump that leaves it running, then a dump that kills it and a
+//! restore: every record arrives once, in order, intact, across both.
+
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use anyhow::{ensure, Context, Result};
+use ckpt_tests::cluster::Cluster;
+use ckpt_tests::process::{children, PidsGuard};
+use ckpt_tests::{check_log, require_root, wait_for_tick, workload};
+
+const WAIT: Duration = Duration::from_secs(60);
+
+fn agent_in(c: &Cluster, ns: &str, args: &[&str]) -> Result<std::process::Output> {
+    let agent = Path::new(env!("CARGO_BIN_EXE_ckpt-agent"));
+    c.run_in(ns, Command::new(agent).args(args))
+}
+
+fn ok(out: &std::process::Output, what: &str) -> Result<String> {
+    ensure!(
+        out.status.success(),
+        "{what} failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+#[test]
+fn a_tcp_connection_with_data_in_flight_survives_dump_and_restore() -> Result<()> {
+    require_root!(Ok(()));
+    let c = Cluster::new(1)?;
+    let ns = c.nodes()[0].netns.clone();
+    let dir = tempfile::tempdir()?;
+    let log = dir.path().join("log");
+    let mut cmd = workload::workload_command("tcp_pair", Vec::<&str>::new(), &log)?;
+    let child = c.spawn_in(&ns, &mut cmd)?;
+    let pid = child.id() as i32;
+    let mut guard = PidsGuard::new([pid]);
+    let n = wait_for_tick(&log, 20, WAIT)?;
+    let kids = children(pid);
+    ensure!(kids.len() == 1, "tcp_pair has children {kids:?}");
+    guard.push(kids[0]);
+
+    // Leave running: the pair carries on.
+    let img1 = dir.path().join("img1");
+    let out = agent_in(
+        &c,
+        &ns,
+        &[
+            "dump",
+            "--pid",
+            &pid.to_string(),
+            "--image",
+            img1.to_str().unwrap(),
+            "--leave-running",
+        ],
+    )?;
+    ok(&out, "dump --leave-running")?;
+    wait_for_tick(&log, n + 50, WAIT)?;
+    let shown = ok(
+        &agent_in(&c, &ns, &["inspect", "--image", img1.to_str().unwrap()])?,
+        "inspect",
+    )?;
+    ensure!(shown.contains("tcp listening on 127.0.0.1:"), "{shown}");
+    ensure!(shown.matches("tcp 127.0.0.1:").count() == 2, "{shown}");
+
+    // Kill, restore: the connection comes back with its queues.
+    let img2 = dir.path().join("img2");
+    let out = agent_in(
+        &c,
+        &ns,
+        &[
+            "dump",
+            "--pid",
+            &pid.to_string(),
+            "--image",
+            img2.to_str().unwrap(),
+        ],
+    )?;
+    ok(&out, "dump")?;
+    let at_kill = ckpt_tests::ticks::last_tick(&log).context("no tick")?;
+    // Reap both (ours: the test launched the root, and the child is orphaned to us),
+    // or their PIDs stay taken.
+    ensure!(
+        guard.wait_gone(Duration::from_secs(10)).is_empty(),
+        "the pair survived the dump"
+    );
+    drop(child);
+    let shown = ok(
+        &agent_in(&c, &ns, &["inspect", "--image", img2.to_str().unwrap()])?,
+        "inspect",
+    )?;
+    let queued: Vec<&str> = shown
+        .lines()
+        .filter(|l| l.contains("tcp 127.0.0.1:"))
+        .collect();
+    eprintln!("connections in the image:\n{}", queued.join("\n"));
+    let out = agent_in(&c, &ns, &["restore", "--image", img2.to_str().unwrap()])?;
+    let text = ok(&out, "restore")?;
+    let root: i32 = text.lines().last().unwrap_or("").trim().parse()?;
+    ensure!(root == pid, "restored as {root}, not {pid}");
+    guard.rearm();
+    wait_for_tick(&log, at_kill + 100, WAIT)?;
+    check_log(&log)?;
+    Ok(())
+}
