@@ -109,3 +109,61 @@ fn a_tcp_connection_with_data_in_flight_survives_dump_and_restore() -> Result<()
     check_log(&log)?;
     Ok(())
 }
+
+#[test]
+fn a_listener_with_connections_not_yet_accepted_is_refused_and_left_running() -> Result<()> {
+    require_root!(Ok(()));
+    let c = Cluster::new(1)?;
+    let ns = c.nodes()[0].netns.clone();
+    let dir = tempfile::tempdir()?;
+    let log = dir.path().join("log");
+    let script = "import socket, sys, time\n\
+                  l = socket.socket(); l.bind(('127.0.0.1', 0)); l.listen(4)\n\
+                  c = socket.create_connection(l.getsockname())\n\
+                  print('ready', flush=True)\n\
+                  time.sleep(600)\n";
+    let out = std::fs::File::create(&log)?;
+    let mut cmd = Command::new("python3");
+    cmd.args(["-c", script])
+        .stdin(std::process::Stdio::null())
+        .stdout(out.try_clone()?)
+        .stderr(out);
+    let child = c.spawn_in(&ns, &mut cmd)?;
+    let pid = child.id() as i32;
+    let _guard = PidsGuard::new([pid]);
+    let t = std::time::Instant::now();
+    while !std::fs::read_to_string(&log)?.contains("ready") {
+        ensure!(t.elapsed() < WAIT, "the script did not start");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let img = dir.path().join("img");
+    let out = agent_in(
+        &c,
+        &ns,
+        &[
+            "dump",
+            "--pid",
+            &pid.to_string(),
+            "--image",
+            img.to_str().unwrap(),
+        ],
+    )?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    ensure!(!out.status.success(), "the dump succeeded");
+    ensure!(err.contains("1 connection(s) not yet accepted"), "{err}");
+    ensure!(
+        ckpt_tests::process::is_alive(pid),
+        "the process did not survive the refusal"
+    );
+    ensure!(
+        !ckpt_tests::process::is_stopped(pid),
+        "the process was left stopped"
+    );
+    let tables = c.run_in(&ns, Command::new("nft").args(["list", "tables"]))?;
+    let tables = String::from_utf8_lossy(&tables.stdout);
+    ensure!(
+        !tables.contains("ckpt_"),
+        "the network lock was left: {tables}"
+    );
+    Ok(())
+}

@@ -140,7 +140,16 @@ impl FdTable {
                             unsupported(format!("a TCP connection that could not be read: {e}"))
                         })?),
                     },
-                    tcp::Kind::Listen { backlog } => FileKind::TcpListen {
+                    tcp::Kind::Listen { pending, .. } if pending > 0 => {
+                        // Those connections live in no descriptor: they cannot be
+                        // read, and dropping them would reset clients that believe
+                        // they are connected.
+                        return Err(unsupported(format!(
+                            "a listening TCP socket with {pending} connection(s) not yet accepted; \
+                             save again once the application has accepted them"
+                        )));
+                    }
+                    tcp::Kind::Listen { backlog, .. } => FileKind::TcpListen {
                         addr: tcp::local_addr(dup.as_fd())
                             .map_err(|e| unsupported(format!("a listening socket: {e}")))?,
                         backlog,

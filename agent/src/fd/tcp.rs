@@ -467,8 +467,11 @@ pub fn silence(fd: BorrowedFd<'_>) -> Result<(), TcpError> {
 /// What a socket of a frozen tree is, as far as TCP is concerned.
 pub enum Kind {
     Established,
+    /// `pending`: connections the kernel completed that the application has not
+    /// accepted yet.
     Listen {
         backlog: u32,
+        pending: u32,
     },
     /// Another TCP state (SYN_SENT, FIN_WAIT, ...): not captured.
     Other(u8),
@@ -486,9 +489,11 @@ pub fn kind(fd: BorrowedFd<'_>) -> Kind {
     }
     match getopt_info(raw) {
         Ok(i) if i.tcpi_state == TCP_ESTABLISHED => Kind::Established,
-        // For a listener the kernel reports its backlog in tcpi_sacked.
+        // For a listener the kernel reports its backlog in tcpi_sacked and the
+        // length of its accept queue in tcpi_unacked.
         Ok(i) if i.tcpi_state == TCP_LISTEN => Kind::Listen {
             backlog: i.tcpi_sacked,
+            pending: i.tcpi_unacked,
         },
         Ok(i) => Kind::Other(i.tcpi_state),
         Err(_) => Kind::NotTcp,
