@@ -572,6 +572,7 @@ pub fn run(cli: Cli) -> Result<()> {
                 image: image.clone(),
                 new_pid_ns,
                 workers: workers.unwrap_or_else(|| default_workers(&image, 16)),
+                moves: Default::default(),
             };
             let rep = crate::restore::restore(&opts)
                 .with_context(|| format!("restore from {image} failed; no process was started"))?;

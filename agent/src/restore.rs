@@ -101,6 +101,8 @@ pub struct RestoreOptions {
     pub image: Location,
     pub new_pid_ns: bool,
     pub workers: usize,
+    /// New addresses for TCP endpoints (see [`fd::Moves`]); empty: the old ones.
+    pub moves: fd::Moves,
 }
 
 /// Figures of one restore.
@@ -525,7 +527,7 @@ pub fn restore_gated(
         fds: ours,
         holders: fifo_holders,
         tcp: tcp_ends,
-    } = fd::open_all(&img.files)?;
+    } = fd::open_all(&img.files, &opts.moves)?;
     let mut shm_fds: HashMap<u32, OwnedFd> = HashMap::new();
     for s in &img.shmem {
         let name = std::ffi::CString::new(format!("ckpt-shmem-{}", s.id)).expect("no NUL");

@@ -553,6 +553,25 @@ fn manifest_of(rank: u32, image: &str, img: &ckpt_shared::image::Image) -> RankM
         image: image.to_string(),
         memory_bytes: img.stats.memory_bytes,
         stored_bytes: img.stats.stored_bytes,
+        tcp: img
+            .files
+            .iter()
+            .filter_map(|f| match &f.kind {
+                ckpt_shared::image::FileKind::Tcp { conn } => Some(ckpt_shared::proto::ConnRef {
+                    local: conn.local,
+                    remote: conn.remote,
+                }),
+                _ => None,
+            })
+            .collect(),
+        listen: img
+            .files
+            .iter()
+            .filter_map(|f| match &f.kind {
+                ckpt_shared::image::FileKind::TcpListen { addr, .. } => Some(*addr),
+                _ => None,
+            })
+            .collect(),
     }
 }
 
@@ -705,12 +724,17 @@ fn start_restore(node: &Arc<Node>, attempt: AttemptId, job: String, ranks: Vec<R
                     image: r.image.clone(),
                 };
                 let (rank, image, workers) = (r.rank, r.image.clone(), node.opts.workers);
+                let moves = crate::fd::Moves {
+                    conns: r.readdress.clone(),
+                    listen: r.relisten.clone(),
+                };
                 std::thread::spawn(move || -> Result<i32, String> {
                     let loc = Location::parse(&image).map_err(|e| e.to_string())?;
                     let opts = crate::restore::RestoreOptions {
                         image: loc,
                         new_pid_ns: false,
                         workers,
+                        moves,
                     };
                     match crate::restore::restore_gated(&opts, &gate) {
                         Ok(rep) => Ok(rep.root_pid),

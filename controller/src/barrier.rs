@@ -564,6 +564,8 @@ mod tests {
                 image: format!("s3://b/j.{attempt}.r{rank}"),
                 memory_bytes: 1,
                 stored_bytes: 1,
+                tcp: vec![],
+                listen: vec![],
             }],
         }
     }

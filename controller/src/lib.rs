@@ -19,6 +19,7 @@ pub mod cli;
 pub mod client;
 pub mod demo;
 pub mod munge;
+pub mod readdress;
 pub mod serve;
 pub mod simagent;
 pub use ckpt_shared::tls;

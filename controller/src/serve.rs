@@ -527,6 +527,13 @@ async fn tcp_api_loop(listener: tokio::net::TcpListener, ctl: Arc<Ctl>) {
     }
 }
 
+fn is_link_local(ip: &std::net::IpAddr) -> bool {
+    match ip {
+        std::net::IpAddr::V4(v4) => v4.is_link_local(),
+        std::net::IpAddr::V6(v6) => (v6.segments()[0] & 0xffc0) == 0xfe80,
+    }
+}
+
 fn may_act(uid: u32, owner: u32) -> bool {
     uid == 0 || uid == owner
 }
@@ -945,6 +952,8 @@ async fn drive_save(
                                     .unwrap_or_default();
                                 JobRank {
                                     kernel,
+                                    tcp: r.tcp.clone(),
+                                    listen: r.listen.clone(),
                                     rank: r.rank,
                                     image: r.image.clone(),
                                     node: v.map(|v| v.node.clone()).unwrap_or_default(),
@@ -1154,6 +1163,19 @@ async fn drive_restore(
     tx: &mpsc::UnboundedSender<Event>,
 ) -> Event {
     let t0 = Instant::now();
+    let mut moves = {
+        let reg = ctl.reg.lock().unwrap();
+        let ip_of = |node: &str, v6: bool| -> Option<std::net::IpAddr> {
+            reg.agents.get(node).and_then(|a| {
+                a.info
+                    .addrs
+                    .iter()
+                    .filter_map(|s| s.parse::<std::net::IpAddr>().ok())
+                    .find(|ip| ip.is_ipv6() == v6 && !ip.is_loopback() && !is_link_local(ip))
+            })
+        };
+        crate::readdress::plan(&m, &place, &ip_of)
+    };
     let mut by_agent: BTreeMap<String, Vec<RestoreRank>> = BTreeMap::new();
     for r in &m.ranks {
         by_agent
@@ -1162,6 +1184,8 @@ async fn drive_restore(
             .push(RestoreRank {
                 rank: r.rank,
                 image: r.image.clone(),
+                readdress: moves.conns.remove(&r.rank).unwrap_or_default(),
+                relisten: moves.listen.remove(&r.rank).unwrap_or_default(),
             });
     }
     let nodes: Vec<String> = by_agent.keys().cloned().collect();

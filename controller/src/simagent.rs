@@ -68,6 +68,8 @@ pub async fn run(
                     image: format!("sim://{name}"),
                     memory_bytes: 0,
                     stored_bytes: 0,
+                    tcp: vec![],
+                    listen: vec![],
                 }],
             }),
             _ => None,

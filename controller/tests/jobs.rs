@@ -335,3 +335,83 @@ fn a_user_cannot_save_restore_or_remove_another_users_job() {
 }
 
 use std::os::unix::process::CommandExt;
+
+#[test]
+fn ranks_streaming_over_tcp_are_restored_on_other_nodes_with_their_connection_intact() {
+    if !root() {
+        return;
+    }
+    let jc = JobCluster::new(4, &bin(), 5.0, &[], &[]).unwrap();
+    let job = "stream";
+    let n0 = jc.cluster.nodes()[0].addr.to_string();
+    // Rank 0 serves on n0:7000, rank 1 on n1 streams to it; records flow both
+    // ways and both queues hold data whenever the job is frozen.
+    let (p0, log0) = jc
+        .spawn_rank(0, job, 0, "tcp_pair", &["serve", "7000"])
+        .unwrap();
+    let t = Instant::now();
+    while !std::fs::read_to_string(&log0)
+        .unwrap_or_default()
+        .contains("port 7000")
+    {
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "rank 0 does not listen"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let (p1, log1) = jc
+        .spawn_rank(1, job, 1, "tcp_pair", &["connect", &n0, "7000"])
+        .unwrap();
+    for log in [&log0, &log1] {
+        wait_ticks(log, 20, Duration::from_secs(10));
+    }
+    let out = jc.ctl_ok(&["job", "save", job, "--wait"]).unwrap();
+    assert!(out.contains("saved"), "{out}");
+    for log in [&log0, &log1] {
+        let n = last_tick(log).unwrap();
+        wait_ticks(log, n + 20, Duration::from_secs(10));
+    }
+    jc.ctl_ok(&["job", "save", job, "--kill", "--wait"])
+        .unwrap();
+    for pid in [p0, p1] {
+        let t = Instant::now();
+        let mut status = 0;
+        // SAFETY: waitpid on one PID of our own children.
+        while unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) } != pid {
+            assert!(
+                t.elapsed() < Duration::from_secs(5),
+                "rank {pid} survived --kill"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+    let at_kill: Vec<u64> = [&log0, &log1]
+        .iter()
+        .map(|l| last_tick(l).unwrap())
+        .collect();
+    let t = Instant::now();
+    while !jc.job_ranks(job).unwrap().is_empty() {
+        assert!(t.elapsed() < Duration::from_secs(5));
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let out = jc
+        .ctl_ok(&[
+            "job",
+            "restore",
+            &format!("{job}:latest"),
+            "--nodes",
+            "n2,n3",
+        ])
+        .unwrap();
+    assert!(out.contains("restored"), "{out}");
+    let now = jc.job_ranks(job).unwrap();
+    assert_eq!(
+        now.iter().map(|(_, n, _)| n.as_str()).collect::<Vec<_>>(),
+        ["n2", "n3"]
+    );
+    for (log, k) in [&log0, &log1].iter().zip(at_kill) {
+        wait_ticks(log, k + 100, Duration::from_secs(20));
+        check_log(log).unwrap_or_else(|e| panic!("{}: {e:#}", log.display()));
+    }
+}

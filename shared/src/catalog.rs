@@ -36,6 +36,11 @@ pub struct JobRank {
     /// vDSO comes back at its old address).
     #[serde(default)]
     pub kernel: String,
+    /// Its established TCP connections and listening addresses at the save.
+    #[serde(default)]
+    pub tcp: Vec<crate::proto::ConnRef>,
+    #[serde(default)]
+    pub listen: Vec<std::net::SocketAddr>,
 }
 
 /// A committed checkpoint of a job.
@@ -169,6 +174,8 @@ mod tests {
                 memory_bytes: 5,
                 stored_bytes: 3,
                 kernel: "6.18".into(),
+                tcp: vec![],
+                listen: vec![],
             }],
             freeze_us: 1,
             total_us: 2,

@@ -109,6 +109,21 @@ pub struct RestoreRank {
     pub rank: u32,
     /// Its image URL.
     pub image: String,
+    /// New 4-tuples for its TCP connections (old → new), when it or its peers move
+    /// to other nodes: both ends of a connection inside the job get mirror images
+    /// of the same new 4-tuple.
+    #[serde(default)]
+    pub readdress: Vec<(ConnRef, ConnRef)>,
+    /// New addresses for its listening sockets (old → new).
+    #[serde(default)]
+    pub relisten: Vec<(std::net::SocketAddr, std::net::SocketAddr)>,
+}
+
+/// One TCP connection of a rank, from its end.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConnRef {
+    pub local: std::net::SocketAddr,
+    pub remote: std::net::SocketAddr,
 }
 
 /// What one rank's dump produced.
@@ -119,6 +134,11 @@ pub struct RankManifest {
     pub image: String,
     pub memory_bytes: u64,
     pub stored_bytes: u64,
+    /// Its established TCP connections and listening addresses.
+    #[serde(default)]
+    pub tcp: Vec<ConnRef>,
+    #[serde(default)]
+    pub listen: Vec<std::net::SocketAddr>,
 }
 
 /// Controller to agent.
@@ -308,6 +328,8 @@ mod tests {
                 image: "s3://ckpt/c1/job42.7.r0".into(),
                 memory_bytes: 1 << 30,
                 stored_bytes: 1 << 20,
+                tcp: vec![],
+                listen: vec![],
             }],
         };
         assert_eq!(FromAgent::from_frame(&up.to_frame().unwrap()).unwrap(), up);
@@ -347,6 +369,8 @@ mod tests {
                 image: "s3://b/x".into(),
                 memory_bytes: 5,
                 stored_bytes: 6,
+                tcp: vec![],
+                listen: vec![],
             }],
         })
         .unwrap();

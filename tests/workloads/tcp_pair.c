@@ -2,7 +2,9 @@
  * tcp_pair: a process and its child joined by a TCP connection over loopback that
  * always has data in flight, plus the listening socket it was accepted from.
  *
- * usage: tcp_pair
+ * usage: tcp_pair                  (the pair: parent serves, forked child connects)
+ *        tcp_pair serve PORT       (one side: listen on 0.0.0.0:PORT, serve one)
+ *        tcp_pair connect IP PORT  (the other side, on another node)
  *
  * The child connects and streams 64-byte records (sequence number, payload from the
  * sequence number, checksum) as fast as the window allows, keeping up to 2048
@@ -10,9 +12,10 @@
  * in order, checksum), echoes it back, and after every 32 records prints
  *   tick <n> <chain> seq <last seq>
  * and pauses 2 ms, so both directions hold queued data whenever the pair is frozen.
- * The child checks every echo the same way. A record lost, repeated, reordered or
- * damaged prints FAIL; so does a child whose parent changed. End of stream (the
- * other side gone) ends a side without FAIL.
+ * The child checks every echo the same way and, in connect mode, prints ticks
+ * of its own every 32 echoes. A record lost, repeated, reordered or damaged prints
+ * FAIL; so does a forked child whose parent changed. End of stream (the other side
+ * gone) ends a side without FAIL.
  */
 #include "common.h"
 
@@ -61,11 +64,12 @@ static int read_full(int fd, uint8_t *buf, size_t n)
 	return 1;
 }
 
-static void child(int port, pid_t parent)
+static void child(const char *ip, int port, pid_t parent)
 {
 	int s = socket(AF_INET, SOCK_STREAM, 0);
 	struct sockaddr_in a = { .sin_family = AF_INET, .sin_port = htons(port) };
-	a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+	inet_pton(AF_INET, ip, &a.sin_addr);
+	struct ticker t = { 0, 0 };
 	if (connect(s, (struct sockaddr *)&a, sizeof(a)) < 0) {
 		FAIL("connect: %s", strerror(errno));
 		_exit(1);
@@ -75,7 +79,7 @@ static void child(int port, pid_t parent)
 	uint8_t out[REC], in[REC];
 	size_t out_off = REC, in_off = 0;
 	for (;;) {
-		if (getppid() != parent) {
+		if (parent && getppid() != parent) {
 			FAIL("parent changed from %d to %d", (int)parent, (int)getppid());
 			_exit(1);
 		}
@@ -94,6 +98,11 @@ static void child(int port, pid_t parent)
 					if (!check(in, echoed))
 						FAIL("echo %llu damaged or out of order", (unsigned long long)echoed);
 					echoed++;
+					if (!parent && echoed % 32 == 0) {
+						uint64_t n = ticker_next(&t);
+						emit("tick %llu %016llx echoed %llu", (unsigned long long)n,
+						     (unsigned long long)t.chain, (unsigned long long)echoed);
+					}
 					in_off = 0;
 				}
 			}
@@ -113,13 +122,20 @@ static void child(int port, pid_t parent)
 	}
 }
 
-int main(void)
+int main(int argc, char **argv)
 {
+	if (argc >= 4 && strcmp(argv[1], "connect") == 0) {
+		emit("tcp_pair connect pid %d to %s:%s", (int)getpid(), argv[2], argv[3]);
+		child(argv[2], atoi(argv[3]), 0);
+	}
+	int serve = argc >= 3 && strcmp(argv[1], "serve") == 0;
 	int l = socket(AF_INET, SOCK_STREAM, 0);
 	int one = 1;
 	setsockopt(l, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one));
 	struct sockaddr_in a = { .sin_family = AF_INET };
-	a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+	a.sin_addr.s_addr = htonl(serve ? INADDR_ANY : INADDR_LOOPBACK);
+	if (serve)
+		a.sin_port = htons(atoi(argv[2]));
 	socklen_t alen = sizeof(a);
 	if (bind(l, (struct sockaddr *)&a, sizeof(a)) < 0 || listen(l, 8) < 0 ||
 	    getsockname(l, (struct sockaddr *)&a, &alen) < 0) {
@@ -129,10 +145,12 @@ int main(void)
 	int port = ntohs(a.sin_port);
 	pid_t me = getpid();
 	emit("tcp_pair pid %d port %d", (int)me, port);
-	pid_t c = fork();
-	if (c == 0) {
-		close(l);
-		child(port, me);
+	if (!serve) {
+		pid_t c = fork();
+		if (c == 0) {
+			close(l);
+			child("127.0.0.1", port, me);
+		}
 	}
 	int s = accept(l, NULL, NULL);
 	if (s < 0) {

@@ -270,8 +270,17 @@ pub struct Opened {
     pub tcp: Vec<tcp::Rebuilt>,
 }
 
+/// New addresses for TCP endpoints at a restore on another node (the controller
+/// plans them: `ckpt_controller::readdress`): connections by their old 4-tuple,
+/// listeners by their old address.
+#[derive(Debug, Clone, Default)]
+pub struct Moves {
+    pub conns: Vec<(ckpt_shared::proto::ConnRef, ckpt_shared::proto::ConnRef)>,
+    pub listen: Vec<(std::net::SocketAddr, std::net::SocketAddr)>,
+}
+
 /// Open every description of the image in the restorer.
-pub fn open_all(files: &[OpenFile]) -> Result<Opened, FdError> {
+pub fn open_all(files: &[OpenFile], moves: &Moves) -> Result<Opened, FdError> {
     // Pipes first: one rebuilt pipe (or one FIFO holder) per pipe, filled with the
     // data that the dump stored on one of its descriptions.
     let mut data: HashMap<u64, (&[u8], u32, Option<&str>)> = HashMap::new();
@@ -317,14 +326,26 @@ pub fn open_all(files: &[OpenFile]) -> Result<Opened, FdError> {
     let mut listeners: HashMap<usize, tcp::Listener> = HashMap::new();
     for (i, f) in files.iter().enumerate() {
         if let FileKind::TcpListen { addr, backlog } = &f.kind {
-            listeners.insert(i, tcp::Listener::bind(*addr, *backlog).map_err(tcp_err)?);
+            let at = moves
+                .listen
+                .iter()
+                .find(|(old, _)| old == addr)
+                .map_or(*addr, |(_, new)| *new);
+            listeners.insert(i, tcp::Listener::bind(at, *backlog).map_err(tcp_err)?);
         }
     }
     let mut rebuilt: HashMap<usize, OwnedFd> = HashMap::new();
     let mut held = Vec::new();
     for (i, f) in files.iter().enumerate() {
         if let FileKind::Tcp { conn } = &f.kind {
-            let r = tcp::rebuild(conn, conn.local, conn.remote).map_err(tcp_err)?;
+            let (local, remote) = moves
+                .conns
+                .iter()
+                .find(|(old, _)| old.local == conn.local && old.remote == conn.remote)
+                .map_or((conn.local, conn.remote), |(_, new)| {
+                    (new.local, new.remote)
+                });
+            let r = tcp::rebuild(conn, local, remote).map_err(tcp_err)?;
             let dup = r
                 .as_fd()
                 .try_clone_to_owned()

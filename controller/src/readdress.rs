@@ -1,0 +1,262 @@
+//! New addresses for the TCP connections of a job restored on other nodes
+//! (DESIGN.md, "Consistent network cut"): a pure function of the checkpoint, the
+//! placement and the new nodes' addresses.
+//!
+//! Both ends of a connection inside the job are found by their addresses (a
+//! loopback address only within its node). Each end moves with its rank: an
+//! address of the old node becomes the same port on the new node's address; a
+//! loopback connection stays loopback if both ranks land on one node and becomes a
+//! connection between the two new nodes' addresses otherwise. Both ends compute
+//! mirror images of the same new 4-tuple. A connection whose peer is outside the
+//! job keeps its remote address. Listening sockets: a wildcard or loopback address
+//! stays; a node address moves with its rank.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::{IpAddr, SocketAddr};
+
+use ckpt_shared::catalog::JobManifest;
+use ckpt_shared::proto::ConnRef;
+
+/// What each rank must change.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Moves {
+    pub conns: BTreeMap<u32, Vec<(ConnRef, ConnRef)>>,
+    pub listen: BTreeMap<u32, Vec<(SocketAddr, SocketAddr)>>,
+}
+
+/// Plans the moves of `m`'s connections for the placement `place` (rank → new
+/// node); `ip_of(node, v6)` is a node's address of that family.
+pub fn plan(
+    m: &JobManifest,
+    place: &BTreeMap<u32, String>,
+    ip_of: &dyn Fn(&str, bool) -> Option<IpAddr>,
+) -> Moves {
+    let old_node: HashMap<u32, &str> = m.ranks.iter().map(|r| (r.rank, r.node.as_str())).collect();
+    // Which rank owns each endpoint: (node for a loopback address, address).
+    let key = |node: &str, a: &SocketAddr| -> (String, SocketAddr) {
+        (
+            if a.ip().is_loopback() {
+                node.to_string()
+            } else {
+                String::new()
+            },
+            *a,
+        )
+    };
+    let mut owner: HashMap<(String, SocketAddr), u32> = HashMap::new();
+    for r in &m.ranks {
+        for c in &r.tcp {
+            owner.insert(key(&r.node, &c.local), r.rank);
+        }
+    }
+    let moved = |rank: u32| place.get(&rank).map(|n| n.as_str()) != old_node.get(&rank).copied();
+    let on_new = |rank: u32, a: SocketAddr| -> SocketAddr {
+        match place.get(&rank).and_then(|n| ip_of(n, a.is_ipv6())) {
+            Some(ip) => SocketAddr::new(ip, a.port()),
+            None => a,
+        }
+    };
+    // An endpoint of `rank`, given whether both ends share a new node.
+    let addr_for = |rank: u32, a: SocketAddr, same_new: bool| -> SocketAddr {
+        if a.ip().is_loopback() {
+            if same_new {
+                a
+            } else {
+                on_new(rank, a)
+            }
+        } else if moved(rank) {
+            on_new(rank, a)
+        } else {
+            a
+        }
+    };
+    let mut out = Moves::default();
+    for r in &m.ranks {
+        for c in &r.tcp {
+            let peer = owner.get(&key(&r.node, &c.remote)).copied();
+            let new = match peer {
+                Some(s) => {
+                    let same_new = place.get(&r.rank) == place.get(&s);
+                    ConnRef {
+                        local: addr_for(r.rank, c.local, same_new),
+                        remote: addr_for(s, c.remote, same_new),
+                    }
+                }
+                // A peer outside the job stays where it is.
+                None => ConnRef {
+                    local: if moved(r.rank) && !c.local.ip().is_loopback() {
+                        on_new(r.rank, c.local)
+                    } else {
+                        c.local
+                    },
+                    remote: c.remote,
+                },
+            };
+            if new != *c {
+                out.conns.entry(r.rank).or_default().push((*c, new));
+            }
+        }
+        for a in &r.listen {
+            if !a.ip().is_unspecified() && !a.ip().is_loopback() && moved(r.rank) {
+                out.listen
+                    .entry(r.rank)
+                    .or_default()
+                    .push((*a, on_new(r.rank, *a)));
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ckpt_shared::catalog::{JobRank, JOB_FORMAT_VERSION};
+
+    fn rank(rank: u32, node: &str, tcp: &[(&str, &str)], listen: &[&str]) -> JobRank {
+        JobRank {
+            rank,
+            image: String::new(),
+            node: node.into(),
+            pid: 0,
+            memory_bytes: 0,
+            stored_bytes: 0,
+            kernel: String::new(),
+            tcp: tcp
+                .iter()
+                .map(|(l, r)| ConnRef {
+                    local: l.parse().unwrap(),
+                    remote: r.parse().unwrap(),
+                })
+                .collect(),
+            listen: listen.iter().map(|a| a.parse().unwrap()).collect(),
+        }
+    }
+
+    fn job(ranks: Vec<JobRank>) -> JobManifest {
+        JobManifest {
+            format_version: JOB_FORMAT_VERSION,
+            id: "j-1".into(),
+            job: "j".into(),
+            uid: 0,
+            created_unix: 0,
+            store: String::new(),
+            killed: true,
+            ranks,
+            freeze_us: 0,
+            total_us: 0,
+        }
+    }
+
+    fn ips(node: &str, _v6: bool) -> Option<IpAddr> {
+        Some(
+            match node {
+                "a" => "10.0.0.1",
+                "b" => "10.0.0.2",
+                "c" => "10.0.0.3",
+                "d" => "10.0.0.4",
+                _ => return None,
+            }
+            .parse()
+            .unwrap(),
+        )
+    }
+
+    fn place(p: &[(u32, &str)]) -> BTreeMap<u32, String> {
+        p.iter().map(|(r, n)| (*r, n.to_string())).collect()
+    }
+
+    fn c(l: &str, r: &str) -> ConnRef {
+        ConnRef {
+            local: l.parse().unwrap(),
+            remote: r.parse().unwrap(),
+        }
+    }
+
+    #[test]
+    fn both_ends_of_a_connection_get_mirror_images_of_one_new_tuple() {
+        // Rank 0 on a serves :7000; rank 1 on b is connected to it.
+        let m = job(vec![
+            rank(
+                0,
+                "a",
+                &[("10.0.0.1:7000", "10.0.0.2:40000")],
+                &["0.0.0.0:7000"],
+            ),
+            rank(1, "b", &[("10.0.0.2:40000", "10.0.0.1:7000")], &[]),
+        ]);
+        let mv = plan(&m, &place(&[(0, "c"), (1, "d")]), &ips);
+        assert_eq!(
+            mv.conns[&0],
+            vec![(
+                c("10.0.0.1:7000", "10.0.0.2:40000"),
+                c("10.0.0.3:7000", "10.0.0.4:40000")
+            )]
+        );
+        assert_eq!(
+            mv.conns[&1],
+            vec![(
+                c("10.0.0.2:40000", "10.0.0.1:7000"),
+                c("10.0.0.4:40000", "10.0.0.3:7000")
+            )]
+        );
+        assert!(mv.listen.is_empty(), "a wildcard listener stays a wildcard");
+        // Restored where they were: nothing moves.
+        assert_eq!(
+            plan(&m, &place(&[(0, "a"), (1, "b")]), &ips),
+            Moves::default()
+        );
+    }
+
+    #[test]
+    fn loopback_splits_onto_two_nodes_and_two_nodes_merge_onto_one() {
+        let m = job(vec![
+            rank(
+                0,
+                "a",
+                &[("127.0.0.1:7000", "127.0.0.1:40000")],
+                &["127.0.0.1:7000"],
+            ),
+            rank(1, "a", &[("127.0.0.1:40000", "127.0.0.1:7000")], &[]),
+        ]);
+        let mv = plan(&m, &place(&[(0, "c"), (1, "d")]), &ips);
+        assert_eq!(mv.conns[&0][0].1, c("10.0.0.3:7000", "10.0.0.4:40000"));
+        assert_eq!(mv.conns[&1][0].1, c("10.0.0.4:40000", "10.0.0.3:7000"));
+        // Both onto one new node: loopback stays loopback.
+        assert_eq!(
+            plan(&m, &place(&[(0, "c"), (1, "c")]), &ips),
+            Moves::default()
+        );
+        // Node addresses, both ranks onto one node: the new node's address both ends.
+        let m2 = job(vec![
+            rank(
+                0,
+                "a",
+                &[("10.0.0.1:7000", "10.0.0.2:40000")],
+                &["10.0.0.1:7000"],
+            ),
+            rank(1, "b", &[("10.0.0.2:40000", "10.0.0.1:7000")], &[]),
+        ]);
+        let mv = plan(&m2, &place(&[(0, "c"), (1, "c")]), &ips);
+        assert_eq!(mv.conns[&0][0].1, c("10.0.0.3:7000", "10.0.0.3:40000"));
+        assert_eq!(
+            mv.listen[&0],
+            vec![(
+                "10.0.0.1:7000".parse().unwrap(),
+                "10.0.0.3:7000".parse().unwrap()
+            )]
+        );
+    }
+
+    #[test]
+    fn a_peer_outside_the_job_keeps_its_address() {
+        let m = job(vec![rank(
+            0,
+            "a",
+            &[("10.0.0.1:5000", "192.0.2.9:11211")],
+            &[],
+        )]);
+        let mv = plan(&m, &place(&[(0, "b")]), &ips);
+        assert_eq!(mv.conns[&0][0].1, c("10.0.0.2:5000", "192.0.2.9:11211"));
+    }
+}
