@@ -557,9 +557,11 @@ fn manifest_of(rank: u32, image: &str, img: &ckpt_shared::image::Image) -> RankM
             .files
             .iter()
             .filter_map(|f| match &f.kind {
-                ckpt_shared::image::FileKind::Tcp { conn } => Some(ckpt_shared::proto::ConnRef {
+                ckpt_shared::image::FileKind::Tcp { conn } => Some(ckpt_shared::proto::SavedConn {
                     local: conn.local,
                     remote: conn.remote,
+                    send_queued: conn.send_queue.len() as u64,
+                    recv_queued: conn.recv_queue.len() as u64,
                 }),
                 _ => None,
             })

@@ -572,6 +572,18 @@ pub fn run(cli: Cli) -> Result<()> {
                         client::human(r.memory_bytes),
                         r.image
                     );
+                    for a in &r.listen {
+                        println!("             tcp listening on {a}");
+                    }
+                    for c in &r.tcp {
+                        println!(
+                            "             tcp {} -> {}: {} queued to send, {} received unread",
+                            c.local,
+                            c.remote,
+                            client::human(c.send_queued),
+                            client::human(c.recv_queued)
+                        );
+                    }
                 }
             }
         }

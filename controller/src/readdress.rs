@@ -74,6 +74,10 @@ pub fn plan(
     for r in &m.ranks {
         for c in &r.tcp {
             let peer = owner.get(&key(&r.node, &c.remote)).copied();
+            let c = &ConnRef {
+                local: c.local,
+                remote: c.remote,
+            };
             let new = match peer {
                 Some(s) => {
                     let same_new = place.get(&r.rank) == place.get(&s);
@@ -124,9 +128,11 @@ mod tests {
             kernel: String::new(),
             tcp: tcp
                 .iter()
-                .map(|(l, r)| ConnRef {
+                .map(|(l, r)| ckpt_shared::proto::SavedConn {
                     local: l.parse().unwrap(),
                     remote: r.parse().unwrap(),
+                    send_queued: 0,
+                    recv_queued: 0,
                 })
                 .collect(),
             listen: listen.iter().map(|a| a.parse().unwrap()).collect(),

@@ -38,7 +38,7 @@ pub struct JobRank {
     pub kernel: String,
     /// Its established TCP connections and listening addresses at the save.
     #[serde(default)]
-    pub tcp: Vec<crate::proto::ConnRef>,
+    pub tcp: Vec<crate::proto::SavedConn>,
     #[serde(default)]
     pub listen: Vec<std::net::SocketAddr>,
 }

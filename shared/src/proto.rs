@@ -126,6 +126,19 @@ pub struct ConnRef {
     pub remote: std::net::SocketAddr,
 }
 
+/// A rank's connection as saved: its 4-tuple and the bytes queued each way.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SavedConn {
+    pub local: std::net::SocketAddr,
+    pub remote: std::net::SocketAddr,
+    /// Written by the rank, not yet acknowledged by the peer.
+    #[serde(default)]
+    pub send_queued: u64,
+    /// Received, not yet read by the rank.
+    #[serde(default)]
+    pub recv_queued: u64,
+}
+
 /// What one rank's dump produced.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RankManifest {
@@ -136,7 +149,7 @@ pub struct RankManifest {
     pub stored_bytes: u64,
     /// Its established TCP connections and listening addresses.
     #[serde(default)]
-    pub tcp: Vec<ConnRef>,
+    pub tcp: Vec<SavedConn>,
     #[serde(default)]
     pub listen: Vec<std::net::SocketAddr>,
 }
