@@ -139,13 +139,16 @@ pub struct PutOutcome {
 }
 
 /// A content-addressed chunk store on a directory. `Send + Sync`: many threads may
+/// Names the temporaries of chunks being written (with the PID), across every
+/// store of the process.
+static TMP_SEQ: AtomicU64 = AtomicU64::new(0);
+
 /// put and get at once.
 #[derive(Debug)]
 pub struct ChunkStore {
     dir: PathBuf,
     chunks: PathBuf,
     /// Makes temporary names unique between threads of this process.
-    tmp_seq: AtomicU64,
     /// Chunks written since the last [`ChunkStore::sync`].
     unsynced: std::sync::Mutex<Vec<PathBuf>>,
 }
@@ -187,7 +190,6 @@ impl ChunkStore {
         Ok(ChunkStore {
             dir: dir.to_path_buf(),
             chunks,
-            tmp_seq: AtomicU64::new(0),
             unsynced: std::sync::Mutex::new(Vec::new()),
         })
     }
@@ -204,7 +206,6 @@ impl ChunkStore {
         Ok(ChunkStore {
             dir: root.join(crate::objstore::IMAGES_DIR).join(name),
             chunks,
-            tmp_seq: AtomicU64::new(0),
             unsynced: std::sync::Mutex::new(Vec::new()),
         })
     }
@@ -305,7 +306,9 @@ impl ChunkStore {
         payload: &[u8],
     ) -> Result<u64, StoreError> {
         let shard = self.chunks.join(&hex[..2]);
-        let seq = self.tmp_seq.fetch_add(1, Ordering::Relaxed);
+        // One counter for the whole process: several stores (one per rank of a job,
+        // in the agent daemon) may write the same chunk into one pool at once.
+        let seq = TMP_SEQ.fetch_add(1, Ordering::Relaxed);
         let tmp = shard.join(format!(".tmp.{hex}.{}.{seq}", std::process::id()));
         let mut file = match create_new(&tmp) {
             Ok(f) => f,
@@ -654,6 +657,27 @@ fn is_chunk_name(s: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn two_stores_of_one_pool_write_the_same_chunks_at_once() {
+        // The agent daemon dumps several ranks of a job at once, each with a store
+        // of its own over one pool, and identical ranks have identical chunks.
+        let d = tempfile::tempdir().unwrap();
+        let chunks: Vec<Vec<u8>> = (0..64u8).map(|i| vec![i; 4096]).collect();
+        std::thread::scope(|s| {
+            for name in ["r0", "r1", "r2"] {
+                let st = ChunkStore::open_named(d.path(), name).unwrap();
+                let chunks = &chunks;
+                s.spawn(move || {
+                    for c in chunks {
+                        st.put_chunk(c, None).unwrap();
+                    }
+                });
+            }
+        });
+        let st = ChunkStore::open_named(d.path(), "check").unwrap();
+        assert_eq!(st.list_chunks().unwrap().len(), chunks.len());
+    }
     use crate::codec::{self, CodecError};
     use ckpt_tests::data::{noise, text};
 
