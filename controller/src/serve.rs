@@ -858,6 +858,44 @@ fn ctl_job(ev: &Event) -> String {
     }
 }
 
+/// The progress events of one save or restore: at most one every 100 ms, plus the
+/// start and the end of each phase (with a thousand agents, a line per answer would
+/// cost the barrier more than its messages).
+struct Progress<'a> {
+    tx: &'a mpsc::UnboundedSender<Event>,
+    of: usize,
+    ranks: usize,
+    shown: Option<Instant>,
+}
+
+impl<'a> Progress<'a> {
+    fn new(tx: &'a mpsc::UnboundedSender<Event>, of: usize, ranks: usize) -> Self {
+        Progress {
+            tx,
+            of,
+            ranks,
+            shown: None,
+        }
+    }
+
+    fn show(&mut self, phase: &str, done: usize, bytes: u64) {
+        let recent = self
+            .shown
+            .is_some_and(|t| t.elapsed() < Duration::from_millis(100));
+        if done != 0 && done != self.of && recent {
+            return;
+        }
+        self.shown = Some(Instant::now());
+        let _ = self.tx.send(Event::Progress {
+            phase: phase.to_string(),
+            done,
+            of: self.of,
+            ranks: self.ranks,
+            bytes,
+        });
+    }
+}
+
 fn timeouts(cfg: &Config) -> Timeouts {
     Timeouts {
         freeze: Duration::from_secs_f64(cfg.freeze_timeout_secs),
@@ -898,22 +936,8 @@ async fn drive_save(
     let mut answered: HashMap<&'static str, HashSet<String>> = HashMap::new();
     let mut bytes = 0u64;
     let mut freeze_us = 0u64;
-    // Progress at most every 100 ms, and at the end of each phase: with a thousand
-    // agents, a line per answer would cost the barrier more than its messages.
-    let mut shown = Instant::now() - Duration::from_secs(1);
-    let mut progress = |phase: &str, done: usize, bytes: u64| {
-        if done != 0 && done != n_agents && shown.elapsed() < Duration::from_millis(100) {
-            return;
-        }
-        shown = Instant::now();
-        let _ = tx.send(Event::Progress {
-            phase: phase.to_string(),
-            done,
-            of: n_agents,
-            ranks: view.ranks.len(),
-            bytes,
-        });
-    };
+    let mut progress = Progress::new(tx, n_agents, view.ranks.len());
+    let mut progress = |phase: &str, done: usize, bytes: u64| progress.show(phase, done, bytes);
     progress("FREEZE", 0, 0);
     loop {
         while let Some(a) = b.poll() {
@@ -1193,20 +1217,8 @@ async fn drive_restore(
     let timeout = Duration::from_secs_f64(ctl.cfg.restore_timeout_secs);
     let mut b = RestoreBarrier::start(t0, guard.attempt, &m.job, by_agent, timeout, timeout);
     let mut done: HashMap<&'static str, usize> = HashMap::new();
-    let mut shown = Instant::now() - Duration::from_secs(1);
-    let mut progress = |phase: &str, done: usize| {
-        if done != 0 && done != n && shown.elapsed() < Duration::from_millis(100) {
-            return;
-        }
-        shown = Instant::now();
-        let _ = tx.send(Event::Progress {
-            phase: phase.to_string(),
-            done,
-            of: n,
-            ranks: m.ranks.len(),
-            bytes: m.memory_bytes(),
-        });
-    };
+    let mut progress = Progress::new(tx, n, m.ranks.len());
+    let mut progress = |phase: &str, done: usize| progress.show(phase, done, m.memory_bytes());
     progress("REBUILD", 0);
     loop {
         while let Some(a) = b.poll() {

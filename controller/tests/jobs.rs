@@ -38,6 +38,31 @@ fn wait_ticks(log: &Path, beyond: u64, timeout: Duration) -> u64 {
     }
 }
 
+/// Reaps `pid` (a rank this test launched, killed by a save with --kill) and
+/// returns its wait status; fails if it is still alive after 5 s.
+fn reap_killed(pid: i32) -> i32 {
+    let t = Instant::now();
+    let mut status = 0;
+    // SAFETY: waitpid on one PID of our own children.
+    while unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) } != pid {
+        assert!(
+            t.elapsed() < Duration::from_secs(5),
+            "rank {pid} survived --kill"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    status
+}
+
+/// Waits until the agents no longer report any rank of `job`.
+fn wait_job_gone(jc: &JobCluster, job: &str) {
+    let t = Instant::now();
+    while !jc.job_ranks(job).unwrap().is_empty() {
+        assert!(t.elapsed() < Duration::from_secs(5));
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 /// Neither stopped nor traced.
 fn running_free(pid: i32) -> bool {
     is_alive(pid)
@@ -85,16 +110,7 @@ fn four_ranks_on_two_nodes_saved_running_then_killed_and_restored_on_two_other_n
     for (pid, _) in &ranks {
         // The ranks are this test's children (it launched them, as a batch
         // system would): reap them, or their PIDs stay taken.
-        let t = Instant::now();
-        let mut status = 0;
-        // SAFETY: waitpid on one PID of our own children.
-        while unsafe { libc::waitpid(*pid, &mut status, libc::WNOHANG) } != *pid {
-            assert!(
-                t.elapsed() < Duration::from_secs(5),
-                "rank {pid} survived --kill"
-            );
-            std::thread::sleep(Duration::from_millis(10));
-        }
+        let status = reap_killed(*pid);
         assert!(
             libc::WIFSIGNALED(status),
             "rank {pid} was not killed: {status:#x}"
@@ -105,11 +121,7 @@ fn four_ranks_on_two_nodes_saved_running_then_killed_and_restored_on_two_other_n
     assert_eq!(ckpts.last().unwrap(), &ckpt);
     let last: Vec<u64> = ranks.iter().map(|(_, l)| last_tick(l).unwrap()).collect();
     // Wait for the agents to report the ranks gone, then restore on n2, n3.
-    let t = Instant::now();
-    while !jc.job_ranks(job).unwrap().is_empty() {
-        assert!(t.elapsed() < Duration::from_secs(5));
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_job_gone(&jc, job);
     let out = jc
         .ctl_ok(&[
             "job",
@@ -375,26 +387,13 @@ fn ranks_streaming_over_tcp_are_restored_on_other_nodes_with_their_connection_in
     jc.ctl_ok(&["job", "save", job, "--kill", "--wait"])
         .unwrap();
     for pid in [p0, p1] {
-        let t = Instant::now();
-        let mut status = 0;
-        // SAFETY: waitpid on one PID of our own children.
-        while unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) } != pid {
-            assert!(
-                t.elapsed() < Duration::from_secs(5),
-                "rank {pid} survived --kill"
-            );
-            std::thread::sleep(Duration::from_millis(10));
-        }
+        reap_killed(pid);
     }
     let at_kill: Vec<u64> = [&log0, &log1]
         .iter()
         .map(|l| last_tick(l).unwrap())
         .collect();
-    let t = Instant::now();
-    while !jc.job_ranks(job).unwrap().is_empty() {
-        assert!(t.elapsed() < Duration::from_secs(5));
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_job_gone(&jc, job);
     let out = jc
         .ctl_ok(&[
             "job",

@@ -69,14 +69,27 @@ fn setopt(
     val: libc::c_int,
     what: &'static str,
 ) -> Result<(), TcpError> {
-    // SAFETY: setsockopt with a pointer to a live c_int and its size.
+    setopt_slice(fd, level, opt, std::slice::from_ref(&val), what)
+}
+
+/// setsockopt with an array of plain values (`struct tcp_repair_opt[]`, one
+/// `struct tcp_repair_window`, one int).
+fn setopt_slice<T: Copy>(
+    fd: i32,
+    level: i32,
+    opt: i32,
+    val: &[T],
+    what: &'static str,
+) -> Result<(), TcpError> {
+    // SAFETY: setsockopt reads `size_of_val(val)` bytes from a live slice of plain
+    // values.
     let r = unsafe {
         libc::setsockopt(
             fd,
             level,
             opt,
-            (&val as *const libc::c_int).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            val.as_ptr().cast(),
+            std::mem::size_of_val(val) as libc::socklen_t,
         )
     };
     if r != 0 {
@@ -298,20 +311,8 @@ impl Rebuilt {
 /// handshake, and leaves it in repair mode (see [`Rebuilt`]). Needs CAP_NET_ADMIN.
 pub fn rebuild(c: &TcpConn, local: SocketAddr, remote: SocketAddr) -> Result<Rebuilt, TcpError> {
     use nix::sys::socket::{bind, connect, SockaddrStorage};
-    use std::os::fd::FromRawFd;
-    let domain = if local.is_ipv4() {
-        libc::AF_INET
-    } else {
-        libc::AF_INET6
-    };
-    // SAFETY: socket(2) with constant arguments.
-    let raw = unsafe { libc::socket(domain, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
-    if raw < 0 {
-        return Err(sys("socket"));
-    }
-    // SAFETY: a fresh descriptor we own.
-    let owned = unsafe { std::os::fd::OwnedFd::from_raw_fd(raw) };
-    let fd = raw;
+    let owned = tcp_socket(local)?;
+    let fd = owned.as_raw_fd();
     let tcp = libc::IPPROTO_TCP;
     setopt(
         fd,
@@ -388,19 +389,14 @@ pub fn rebuild(c: &TcpConn, local: SocketAddr, remote: SocketAddr) -> Result<Reb
     if c.timestamps {
         opts.push([TCPOPT_TIMESTAMP, 0]);
     }
-    // SAFETY: an array of struct tcp_repair_opt { u32 code; u32 val; } and its size.
-    let r = unsafe {
-        libc::setsockopt(
-            fd,
-            tcp,
-            libc::TCP_REPAIR_OPTIONS,
-            opts.as_ptr().cast(),
-            (opts.len() * 8) as libc::socklen_t,
-        )
-    };
-    if r != 0 {
-        return Err(sys("TCP_REPAIR_OPTIONS"));
-    }
+    // struct tcp_repair_opt { u32 opt_code; u32 opt_val; }, one per option.
+    setopt_slice(
+        fd,
+        tcp,
+        libc::TCP_REPAIR_OPTIONS,
+        &opts,
+        "TCP_REPAIR_OPTIONS",
+    )?;
     if c.timestamps {
         setopt(fd, tcp, TCP_TIMESTAMP, c.timestamp as i32, "TCP_TIMESTAMP")?;
     }
@@ -420,23 +416,34 @@ pub fn rebuild(c: &TcpConn, local: SocketAddr, remote: SocketAddr) -> Result<Reb
         TCP_NO_QUEUE,
         "TCP_REPAIR_QUEUE",
     )?;
-    // SAFETY: setsockopt with a pointer to a RepairWindow and its size.
-    let r = unsafe {
-        libc::setsockopt(
-            fd,
-            tcp,
-            libc::TCP_REPAIR_WINDOW,
-            (&c.window as *const RepairWindow).cast(),
-            std::mem::size_of::<RepairWindow>() as libc::socklen_t,
-        )
-    };
-    if r != 0 {
-        return Err(sys("TCP_REPAIR_WINDOW"));
-    }
+    setopt_slice(
+        fd,
+        tcp,
+        libc::TCP_REPAIR_WINDOW,
+        std::slice::from_ref(&c.window),
+        "TCP_REPAIR_WINDOW",
+    )?;
     Ok(Rebuilt {
         fd: owned,
         send_queue: c.send_queue.clone(),
     })
+}
+
+/// A new blocking, close-on-exec TCP socket of `addr`'s family.
+fn tcp_socket(addr: SocketAddr) -> Result<std::os::fd::OwnedFd, TcpError> {
+    use std::os::fd::FromRawFd;
+    let domain = if addr.is_ipv4() {
+        libc::AF_INET
+    } else {
+        libc::AF_INET6
+    };
+    // SAFETY: socket(2) with constant arguments.
+    let raw = unsafe { libc::socket(domain, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
+    if raw < 0 {
+        return Err(sys("socket"));
+    }
+    // SAFETY: a fresh descriptor we own.
+    Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(raw) })
 }
 
 fn send_all(fd: i32, mut data: &[u8], what: &'static str) -> Result<(), TcpError> {
@@ -553,19 +560,8 @@ pub struct Listener {
 
 impl Listener {
     pub fn bind(addr: SocketAddr, backlog: u32) -> Result<Listener, TcpError> {
-        use std::os::fd::FromRawFd;
-        let domain = if addr.is_ipv4() {
-            libc::AF_INET
-        } else {
-            libc::AF_INET6
-        };
-        // SAFETY: socket(2) with constant arguments.
-        let raw = unsafe { libc::socket(domain, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
-        if raw < 0 {
-            return Err(sys("socket"));
-        }
-        // SAFETY: a fresh descriptor we own.
-        let fd = unsafe { std::os::fd::OwnedFd::from_raw_fd(raw) };
+        let fd = tcp_socket(addr)?;
+        let raw = fd.as_raw_fd();
         setopt(raw, libc::SOL_SOCKET, libc::SO_REUSEADDR, 1, "SO_REUSEADDR")?;
         nix::sys::socket::bind(raw, &nix::sys::socket::SockaddrStorage::from(addr)).map_err(
             |e| TcpError::Sys {
