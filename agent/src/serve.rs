@@ -562,6 +562,8 @@ fn manifest_of(rank: u32, image: &str, img: &ckpt_shared::image::Image) -> RankM
                     remote: conn.remote,
                     send_queued: conn.send_queue.len() as u64,
                     recv_queued: conn.recv_queue.len() as u64,
+                    send_una: Some(conn.send_una()),
+                    recv_nxt: Some(conn.recv_seq),
                 }),
                 _ => None,
             })
@@ -729,6 +731,7 @@ fn start_restore(node: &Arc<Node>, attempt: AttemptId, job: String, ranks: Vec<R
                 let moves = crate::fd::Moves {
                     conns: r.readdress.clone(),
                     listen: r.relisten.clone(),
+                    peer_recv: r.peer_recv.clone(),
                 };
                 std::thread::spawn(move || -> Result<i32, String> {
                     let loc = Location::parse(&image).map_err(|e| e.to_string())?;

@@ -31,7 +31,6 @@ fn ok(out: &std::process::Output, what: &str) -> Result<String> {
 }
 
 #[test]
-#[ignore = "known bug (issue 5): when bytes the receiver already holds are still unacknowledged at the cut, the sender resends them from its first unacknowledged byte and the stream can stall; the overlap must be trimmed by sequence number. Failed in CI on 389cb19"]
 fn a_tcp_connection_with_data_in_flight_survives_dump_and_restore() -> Result<()> {
     require_root!(Ok(()));
     let c = Cluster::new(1)?;

@@ -15,13 +15,16 @@ use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, SocketAddr};
 
 use ckpt_shared::catalog::JobManifest;
-use ckpt_shared::proto::ConnRef;
+use ckpt_shared::proto::{ConnRef, SavedConn};
 
 /// What each rank must change.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct Moves {
     pub conns: BTreeMap<u32, Vec<(ConnRef, ConnRef)>>,
     pub listen: BTreeMap<u32, Vec<(SocketAddr, SocketAddr)>>,
+    /// For each connection inside the job (by its old 4-tuple, from each end): the
+    /// other end's `rcv_nxt` at the cut, where the restored send queue starts.
+    pub peer_recv: BTreeMap<u32, Vec<(ConnRef, u32)>>,
 }
 
 /// Plans the moves of `m`'s connections for the placement `place` (rank → new
@@ -43,10 +46,10 @@ pub fn plan(
             *a,
         )
     };
-    let mut owner: HashMap<(String, SocketAddr), u32> = HashMap::new();
+    let mut owner: HashMap<(String, SocketAddr), (u32, &SavedConn)> = HashMap::new();
     for r in &m.ranks {
         for c in &r.tcp {
-            owner.insert(key(&r.node, &c.local), r.rank);
+            owner.insert(key(&r.node, &c.local), (r.rank, c));
         }
     }
     let moved = |rank: u32| place.get(&rank).map(|n| n.as_str()) != old_node.get(&rank).copied();
@@ -73,11 +76,21 @@ pub fn plan(
     let mut out = Moves::default();
     for r in &m.ranks {
         for c in &r.tcp {
-            let peer = owner.get(&key(&r.node, &c.remote)).copied();
+            let found = owner
+                .get(&key(&r.node, &c.remote))
+                .filter(|(_, p)| p.remote == c.local)
+                .copied();
+            let peer = found.map(|(s, _)| s);
+            let saved = c;
             let c = &ConnRef {
                 local: c.local,
                 remote: c.remote,
             };
+            if let Some(rcv) = found.and_then(|(_, p)| p.recv_nxt) {
+                if saved.send_una.is_some() {
+                    out.peer_recv.entry(r.rank).or_default().push((*c, rcv));
+                }
+            }
             let new = match peer {
                 Some(s) => {
                     let same_new = place.get(&r.rank) == place.get(&s);
@@ -133,6 +146,8 @@ mod tests {
                     remote: r.parse().unwrap(),
                     send_queued: 0,
                     recv_queued: 0,
+                    send_una: None,
+                    recv_nxt: None,
                 })
                 .collect(),
             listen: listen.iter().map(|a| a.parse().unwrap()).collect(),
@@ -252,6 +267,31 @@ mod tests {
                 "10.0.0.3:7000".parse().unwrap()
             )]
         );
+    }
+
+    #[test]
+    fn each_end_learns_what_the_other_end_has_received() {
+        let mut m = job(vec![
+            rank(0, "a", &[("10.0.0.1:7000", "10.0.0.2:40000")], &[]),
+            rank(1, "b", &[("10.0.0.2:40000", "10.0.0.1:7000")], &[]),
+            // Outside the job: no other end to learn from.
+            rank(2, "b", &[("10.0.0.2:40001", "192.0.2.9:11211")], &[]),
+        ]);
+        for (r, una, nxt) in [(0, 100, 5_000), (1, 4_000, 250), (2, 1, 1)] {
+            m.ranks[r].tcp[0].send_una = Some(una);
+            m.ranks[r].tcp[0].recv_nxt = Some(nxt);
+        }
+        let mv = plan(&m, &place(&[(0, "a"), (1, "b"), (2, "b")]), &ips);
+        assert!(mv.conns.is_empty());
+        assert_eq!(
+            mv.peer_recv[&0],
+            vec![(c("10.0.0.1:7000", "10.0.0.2:40000"), 250)]
+        );
+        assert_eq!(
+            mv.peer_recv[&1],
+            vec![(c("10.0.0.2:40000", "10.0.0.1:7000"), 5_000)]
+        );
+        assert!(!mv.peer_recv.contains_key(&2));
     }
 
     #[test]

@@ -1210,6 +1210,7 @@ async fn drive_restore(
                 image: r.image.clone(),
                 readdress: moves.conns.remove(&r.rank).unwrap_or_default(),
                 relisten: moves.listen.remove(&r.rank).unwrap_or_default(),
+                peer_recv: moves.peer_recv.remove(&r.rank).unwrap_or_default(),
             });
     }
     let nodes: Vec<String> = by_agent.keys().cloned().collect();

@@ -117,6 +117,11 @@ pub struct RestoreRank {
     /// New addresses for its listening sockets (old → new).
     #[serde(default)]
     pub relisten: Vec<(std::net::SocketAddr, std::net::SocketAddr)>,
+    /// For its connections whose other end is in the job (by old 4-tuple): the
+    /// next sequence number that other end expects (its `rcv_nxt` at the cut).
+    /// The rank's send queue is trimmed to start there.
+    #[serde(default)]
+    pub peer_recv: Vec<(ConnRef, u32)>,
 }
 
 /// One TCP connection of a rank, from its end.
@@ -137,6 +142,15 @@ pub struct SavedConn {
     /// Received, not yet read by the rank.
     #[serde(default)]
     pub recv_queued: u64,
+    /// The sequence number of the first byte the rank's peer has not acknowledged
+    /// (`snd_una`) and of the next byte it expects from its peer (`rcv_nxt`), as
+    /// captured. A restore compares them with the other end's: bytes acknowledged
+    /// after the network lock was taken are in both the sender's queue and the
+    /// receiver's, and the sender's copy is dropped.
+    #[serde(default)]
+    pub send_una: Option<u32>,
+    #[serde(default)]
+    pub recv_nxt: Option<u32>,
 }
 
 /// What one rank's dump produced.

@@ -18,6 +18,7 @@ pub mod pipe;
 pub mod tcp;
 
 use std::collections::HashMap;
+use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
 
@@ -277,6 +278,40 @@ pub struct Opened {
 pub struct Moves {
     pub conns: Vec<(ckpt_shared::proto::ConnRef, ckpt_shared::proto::ConnRef)>,
     pub listen: Vec<(std::net::SocketAddr, std::net::SocketAddr)>,
+    /// For connections whose other end is in another rank of the job (by old
+    /// 4-tuple): that end's `rcv_nxt` at the cut. Pairs within one image are
+    /// found by [`open_all`] itself.
+    pub peer_recv: Vec<(ckpt_shared::proto::ConnRef, u32)>,
+}
+
+/// Where the restored send queue of `conn` starts, given `peer_rcv_nxt`, the next
+/// byte the other end expects: bytes the other end received after the network lock
+/// was taken (and whose acknowledgement the lock dropped) are in both queues, and
+/// the sender's copy goes. Sending them again would be harmless to the data, but
+/// the other end acknowledges past what the rebuilt sender has sent, and TCP drops
+/// an acknowledgement of unsent data together with any data it carries: the stream
+/// stalls until timers recover it. `None`: nothing to drop, or the numbers do not
+/// fit this connection (the other end has bytes this one never wrote), which is
+/// left to TCP.
+pub fn overlap(conn: &tcp::TcpConn, peer_rcv_nxt: u32) -> Option<usize> {
+    let skip = peer_rcv_nxt.wrapping_sub(conn.send_una()) as i32;
+    (skip > 0 && skip as usize <= conn.send_queue.len()).then_some(skip as usize)
+}
+
+/// `conn` with its send queue starting at `peer_rcv_nxt` (see [`overlap`]).
+pub fn trimmed(
+    conn: &tcp::TcpConn,
+    peer_rcv_nxt: Option<u32>,
+) -> std::borrow::Cow<'_, tcp::TcpConn> {
+    match peer_rcv_nxt.and_then(|seq| overlap(conn, seq)) {
+        Some(skip) => {
+            let mut c = conn.clone();
+            c.send_queue.drain(..skip);
+            c.unsent = c.unsent.min(c.send_queue.len() as u32);
+            std::borrow::Cow::Owned(c)
+        }
+        None => std::borrow::Cow::Borrowed(conn),
+    }
 }
 
 /// Open every description of the image in the restorer.
@@ -334,10 +369,23 @@ pub fn open_all(files: &[OpenFile], moves: &Moves) -> Result<Opened, FdError> {
             listeners.insert(i, tcp::Listener::bind(at, *backlog).map_err(tcp_err)?);
         }
     }
+    // The other end's rcv_nxt for each connection: from the controller, or from
+    // the other end when it is in this image too.
+    let mut peer_recv: HashMap<(SocketAddr, SocketAddr), u32> = moves
+        .peer_recv
+        .iter()
+        .map(|(c, seq)| ((c.local, c.remote), *seq))
+        .collect();
+    for f in files {
+        if let FileKind::Tcp { conn } = &f.kind {
+            peer_recv.insert((conn.remote, conn.local), conn.recv_seq);
+        }
+    }
     let mut rebuilt: HashMap<usize, OwnedFd> = HashMap::new();
     let mut held = Vec::new();
     for (i, f) in files.iter().enumerate() {
         if let FileKind::Tcp { conn } = &f.kind {
+            let conn = trimmed(conn, peer_recv.get(&(conn.local, conn.remote)).copied());
             let (local, remote) = moves
                 .conns
                 .iter()
@@ -345,7 +393,7 @@ pub fn open_all(files: &[OpenFile], moves: &Moves) -> Result<Opened, FdError> {
                 .map_or((conn.local, conn.remote), |(_, new)| {
                     (new.local, new.remote)
                 });
-            let r = tcp::rebuild(conn, local, remote).map_err(tcp_err)?;
+            let r = tcp::rebuild(&conn, local, remote).map_err(tcp_err)?;
             let dup = r
                 .as_fd()
                 .try_clone_to_owned()
