@@ -280,15 +280,10 @@ pub fn dump_gated(opts: &DumpOptions, gate: &dyn crate::gate::Gate) -> Result<Im
         None
     } else {
         let conns: Vec<_> = tcp_socks.iter().map(|(_, c)| *c).collect();
-        let name = format!(
-            "d{}_{}",
-            opts.pid,
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_nanos())
-                .unwrap_or(0)
-        );
-        Some(crate::netlock::NetLock::lock(&name, &conns)?)
+        let (table, part) = gate
+            .lock_name()
+            .unwrap_or_else(|| (crate::netlock::own_name("d", opts.pid), "r0".into()));
+        Some(crate::netlock::NetLock::lock_part(&table, &part, &conns)?)
     };
     gate.frozen().map_err(DumpError::Aborted)?;
 

@@ -41,6 +41,11 @@ pub trait Gate: Sync {
         let _ = root;
         Ok(())
     }
+    /// The network lock's table and this rank's part of it
+    /// ([`crate::netlock::NetLock::lock_part`]); `None`: a table of its own.
+    fn lock_name(&self) -> Option<(String, String)> {
+        None
+    }
 }
 
 /// The gate of a single-process command: never waits.

@@ -6,10 +6,15 @@
 //! receiver's read queue, or in both (sequence numbers tell). TCP treats the drops
 //! as loss and retransmits once the lock is lifted; nothing is lost.
 //!
-//! One nftables table per attempt, `inet ckpt_<attempt>`, with an input and an
-//! output chain (loopback connections cross both hooks; a connection to another
-//! node crosses one each way), each rule matching one connection's full 4-tuple.
-//! The table goes on resume, on abort, and when the lock is dropped. A daemon that
+//! One nftables table per attempt, `inet ckpt_<attempt>` (a save's or a
+//! restore's), in which each rank of the attempt on this node has a part: an
+//! input and an output chain, `in_r<rank>` and `out_r<rank>` (loopback connections
+//! cross both hooks; a connection to another node crosses one each way), each rule
+//! matching one connection's full 4-tuple. A dump locks before its rank reports
+//! FROZEN and lifts its part when the rank runs again or is killed; a restore
+//! locks the new 4-tuples before any socket is rebuilt and lifts its part at the
+//! job's RELEASE, once every rank of the job is rebuilt. The last part lifted
+//! takes the table with it; dropping a lock lifts it too. A daemon that
 //! crashed while holding a lock leaves its table behind; [`remove_stale`] removes
 //! every `ckpt_*` table at the daemon's start, since only it makes them.
 
@@ -43,6 +48,7 @@ pub enum LockError {
 #[derive(Debug)]
 pub struct NetLock {
     table: String,
+    part: String,
     lifted: bool,
 }
 
@@ -85,8 +91,9 @@ fn rule(src: SocketAddr, dst: SocketAddr) -> String {
     )
 }
 
-/// The nft script of a lock table over `conns`.
-pub fn script(table: &str, conns: &[Conn]) -> String {
+/// The nft script that adds the chains of part `part` of lock table `table` over
+/// `conns` (the table is made if it is not there yet).
+pub fn script(table: &str, part: &str, conns: &[Conn]) -> String {
     let mut rules = String::new();
     for c in conns {
         // Both directions in both chains: a loopback connection's packets cross
@@ -97,18 +104,41 @@ pub fn script(table: &str, conns: &[Conn]) -> String {
     }
     format!(
         "table inet {table} {{\n\
-         \tchain lock_in {{\n\t\ttype filter hook input priority -300; policy accept;\n{rules}\t}}\n\
-         \tchain lock_out {{\n\t\ttype filter hook output priority -300; policy accept;\n{rules}\t}}\n\
+         \tchain in_{part} {{\n\t\ttype filter hook input priority -300; policy accept;\n{rules}\t}}\n\
+         \tchain out_{part} {{\n\t\ttype filter hook output priority -300; policy accept;\n{rules}\t}}\n\
          }}\n"
     )
 }
 
+/// A table name for an operation of its own (a command-line dump or restore of
+/// process `pid`): `what`, the PID and the time.
+pub fn own_name(what: &str, pid: i32) -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    format!("{what}{pid}_{nanos}")
+}
+
+fn valid(name: &str) -> bool {
+    !name.is_empty() && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+}
+
 impl NetLock {
-    /// Drops every packet of `conns` from now on. `name` (letters, digits, `_`)
-    /// names the attempt.
+    /// Drops every packet of `conns` from now on, in a table of its own named
+    /// after `name` (letters, digits, `_`).
     pub fn lock(name: &str, conns: &[Conn]) -> Result<NetLock, LockError> {
-        if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
-            return Err(LockError::Name(name.into()));
+        NetLock::lock_part(name, "all", conns)
+    }
+
+    /// Drops every packet of `conns` from now on, as part `part` of the lock table
+    /// `name` of an attempt, beside the parts of the attempt's other ranks. Lifting
+    /// the part removes its chains, and the table with the last of them.
+    pub fn lock_part(name: &str, part: &str, conns: &[Conn]) -> Result<NetLock, LockError> {
+        for n in [name, part] {
+            if !valid(n) {
+                return Err(LockError::Name(n.into()));
+            }
         }
         if let Some(c) = conns
             .iter()
@@ -117,7 +147,7 @@ impl NetLock {
             return Err(LockError::Family(*c));
         }
         let table = format!("{TABLE_PREFIX}{name}");
-        nft(&script(&table, conns)).map_err(|(spawn, e)| {
+        nft(&script(&table, part, conns)).map_err(|(spawn, e)| {
             if spawn {
                 LockError::Spawn(std::io::Error::other(e))
             } else {
@@ -129,6 +159,7 @@ impl NetLock {
         })?;
         Ok(NetLock {
             table,
+            part: part.to_string(),
             lifted: false,
         })
     }
@@ -140,17 +171,37 @@ impl NetLock {
     /// Lifts the lock: the connections' packets flow again.
     pub fn unlock(mut self) -> Result<(), LockError> {
         self.lifted = true;
-        nft(&format!("delete table inet {}\n", self.table)).map_err(|(_, e)| LockError::Nft {
+        self.lift().map_err(|e| LockError::Nft {
             table: self.table.clone(),
             stderr: e,
         })
+    }
+
+    fn lift(&self) -> Result<(), String> {
+        let (t, p) = (&self.table, &self.part);
+        nft(&format!(
+            "delete chain inet {t} in_{p}\ndelete chain inet {t} out_{p}\n"
+        ))
+        .map_err(|(_, e)| e)?;
+        // The last part out takes the table with it. Two parts lifted at once may
+        // both find it empty: the second delete fails, harmlessly.
+        let listed = Command::new("nft")
+            .args(["list", "table", "inet", t])
+            .stderr(Stdio::null())
+            .output();
+        if let Ok(out) = listed {
+            if out.status.success() && !String::from_utf8_lossy(&out.stdout).contains("chain ") {
+                let _ = nft(&format!("delete table inet {t}\n"));
+            }
+        }
+        Ok(())
     }
 }
 
 impl Drop for NetLock {
     fn drop(&mut self) {
         if !self.lifted {
-            if let Err((_, e)) = nft(&format!("delete table inet {}\n", self.table)) {
+            if let Err(e) = self.lift() {
                 tracing::warn!(table = self.table, e, "could not lift a network lock");
             }
         }
@@ -191,7 +242,7 @@ mod tests {
             local: "10.0.0.1:5000".parse().unwrap(),
             remote: "10.0.0.2:80".parse().unwrap(),
         };
-        let s = script("ckpt_7", &[c]);
+        let s = script("ckpt_7", "r0", &[c]);
         let fwd = "ip saddr 10.0.0.1 ip daddr 10.0.0.2 tcp sport 5000 tcp dport 80 drop";
         let back = "ip saddr 10.0.0.2 ip daddr 10.0.0.1 tcp sport 80 tcp dport 5000 drop";
         assert_eq!(s.matches(fwd).count(), 2, "{s}");
@@ -200,7 +251,7 @@ mod tests {
             local: "[fd00::1]:1".parse().unwrap(),
             remote: "[fd00::2]:2".parse().unwrap(),
         };
-        assert!(script("ckpt_8", &[v6]).contains("ip6 saddr fd00::1 ip6 daddr fd00::2"));
+        assert!(script("ckpt_8", "r1", &[v6]).contains("ip6 saddr fd00::1 ip6 daddr fd00::2"));
         assert!(matches!(
             NetLock::lock("bad name", &[]),
             Err(LockError::Name(_))

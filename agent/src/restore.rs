@@ -88,6 +88,8 @@ pub enum RestoreError {
     Ptrace(#[from] ptrace::PtraceError),
     #[error(transparent)]
     Sys(#[from] sys::SysError),
+    #[error("network lock: {0}")]
+    Lock(#[from] crate::netlock::LockError),
     #[error("husk {pid}: {what}")]
     Husk { pid: pid_t, what: String },
     #[error("no free address range for the restore trampoline")]
@@ -522,6 +524,18 @@ pub fn restore_gated(
     check_host(&img, opts.new_pid_ns)?;
     ph.mark("check");
 
+    // The network lock on the connections' new 4-tuples, before any of them is
+    // rebuilt, until every rank of the job is (`gate.rebuilt`).
+    let conns = opts.moves.tuples(&img.files);
+    let net_lock = if conns.is_empty() {
+        None
+    } else {
+        let (table, part) = gate.lock_name().unwrap_or_else(|| {
+            let root = img.processes.first().map_or(0, |p| p.pid);
+            (crate::netlock::own_name("r", root), "r0".into())
+        });
+        Some(crate::netlock::NetLock::lock_part(&table, &part, &conns)?)
+    };
     // Resources in the restorer.
     let fd::Opened {
         fds: ours,
@@ -859,8 +873,14 @@ pub fn restore_gated(
     drop(fifo_holders);
     drop(ours);
     gate.rebuilt(root_pid).map_err(RestoreError::Aborted)?;
-    // Every end of every connection exists now (for a job: on every node): leave
-    // repair mode and send what the peers may lack.
+    // Every end of every connection exists now (for a job: on every node): lift
+    // the lock first (a packet sent by an end finished elsewhere must not be
+    // dropped here: its retransmission would wait for the first timer, a second
+    // on a fresh connection), then leave repair mode and send what the peers may
+    // lack.
+    if let Some(l) = net_lock {
+        l.unlock()?;
+    }
     for t in tcp_ends {
         drop(t.finish().map_err(|e| RestoreError::Husk {
             pid: root_pid,

@@ -545,6 +545,9 @@ impl crate::gate::Gate for RankGate {
         });
         self.gate.rebuilt(root)
     }
+    fn lock_name(&self) -> Option<(String, String)> {
+        Some((self.gate.attempt.to_string(), format!("r{}", self.rank)))
+    }
 }
 
 fn manifest_of(rank: u32, image: &str, img: &ckpt_shared::image::Image) -> RankManifest {

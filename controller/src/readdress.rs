@@ -35,21 +35,25 @@ pub fn plan(
     ip_of: &dyn Fn(&str, bool) -> Option<IpAddr>,
 ) -> Moves {
     let old_node: HashMap<u32, &str> = m.ranks.iter().map(|r| (r.rank, r.node.as_str())).collect();
-    // Which rank owns each endpoint: (node for a loopback address, address).
-    let key = |node: &str, a: &SocketAddr| -> (String, SocketAddr) {
+    // Which rank owns each end, by its 4-tuple from its side (with the node, for
+    // a loopback connection). The whole 4-tuple: the connections accepted from one
+    // listener share their local address.
+    type End = (String, SocketAddr, SocketAddr);
+    let key = |node: &str, local: &SocketAddr, remote: &SocketAddr| -> End {
         (
-            if a.ip().is_loopback() {
+            if local.ip().is_loopback() {
                 node.to_string()
             } else {
                 String::new()
             },
-            *a,
+            *local,
+            *remote,
         )
     };
-    let mut owner: HashMap<(String, SocketAddr), (u32, &SavedConn)> = HashMap::new();
+    let mut owner: HashMap<End, (u32, &SavedConn)> = HashMap::new();
     for r in &m.ranks {
         for c in &r.tcp {
-            owner.insert(key(&r.node, &c.local), (r.rank, c));
+            owner.insert(key(&r.node, &c.local, &c.remote), (r.rank, c));
         }
     }
     let moved = |rank: u32| place.get(&rank).map(|n| n.as_str()) != old_node.get(&rank).copied();
@@ -76,10 +80,7 @@ pub fn plan(
     let mut out = Moves::default();
     for r in &m.ranks {
         for c in &r.tcp {
-            let found = owner
-                .get(&key(&r.node, &c.remote))
-                .filter(|(_, p)| p.remote == c.local)
-                .copied();
+            let found = owner.get(&key(&r.node, &c.remote, &c.local)).copied();
             let peer = found.map(|(s, _)| s);
             let saved = c;
             let c = &ConnRef {
@@ -266,6 +267,41 @@ mod tests {
                 "10.0.0.1:7000".parse().unwrap(),
                 "10.0.0.3:7000".parse().unwrap()
             )]
+        );
+    }
+
+    #[test]
+    fn connections_accepted_from_one_listener_are_told_apart_by_their_remote_end() {
+        // Ranks 1 and 2 (on b) both connected to rank 0's listener on a: rank 0
+        // holds two connections with the same local address.
+        let m = job(vec![
+            rank(
+                0,
+                "a",
+                &[
+                    ("10.0.0.1:7000", "10.0.0.2:40000"),
+                    ("10.0.0.1:7000", "10.0.0.2:40001"),
+                ],
+                &["0.0.0.0:7000"],
+            ),
+            rank(1, "b", &[("10.0.0.2:40000", "10.0.0.1:7000")], &[]),
+            rank(2, "b", &[("10.0.0.2:40001", "10.0.0.1:7000")], &[]),
+        ]);
+        let mv = plan(&m, &place(&[(0, "c"), (1, "d"), (2, "d")]), &ips);
+        assert_eq!(mv.conns[&1][0].1, c("10.0.0.4:40000", "10.0.0.3:7000"));
+        assert_eq!(mv.conns[&2][0].1, c("10.0.0.4:40001", "10.0.0.3:7000"));
+        assert_eq!(
+            mv.conns[&0],
+            vec![
+                (
+                    c("10.0.0.1:7000", "10.0.0.2:40000"),
+                    c("10.0.0.3:7000", "10.0.0.4:40000")
+                ),
+                (
+                    c("10.0.0.1:7000", "10.0.0.2:40001"),
+                    c("10.0.0.3:7000", "10.0.0.4:40001")
+                )
+            ]
         );
     }
 

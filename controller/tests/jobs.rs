@@ -4,11 +4,11 @@
 //! each phase; a controller killed while the job is frozen; a user acting on
 //! another's job.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use ckpt_tests::cluster::in_netns;
-use ckpt_tests::jobs::JobCluster;
+use ckpt_tests::jobs::{reap_killed, wait_job_gone, wait_ticks, JobCluster};
 use ckpt_tests::process::{is_alive, proc_state, tracer_pids};
 use ckpt_tests::ticks::{check_log, last_tick};
 
@@ -23,44 +23,6 @@ fn root() -> bool {
         eprintln!("skipped: job checkpoints need root (ptrace, namespaces)");
     }
     r
-}
-
-/// Waits until the log's last tick passes `beyond`.
-fn wait_ticks(log: &Path, beyond: u64, timeout: Duration) -> u64 {
-    let t = Instant::now();
-    loop {
-        let n = last_tick(log).unwrap_or(0);
-        if n > beyond {
-            return n;
-        }
-        assert!(t.elapsed() < timeout, "{} stuck at tick {n}", log.display());
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-/// Reaps `pid` (a rank this test launched, killed by a save with --kill) and
-/// returns its wait status; fails if it is still alive after 5 s.
-fn reap_killed(pid: i32) -> i32 {
-    let t = Instant::now();
-    let mut status = 0;
-    // SAFETY: waitpid on one PID of our own children.
-    while unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) } != pid {
-        assert!(
-            t.elapsed() < Duration::from_secs(5),
-            "rank {pid} survived --kill"
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    status
-}
-
-/// Waits until the agents no longer report any rank of `job`.
-fn wait_job_gone(jc: &JobCluster, job: &str) {
-    let t = Instant::now();
-    while !jc.job_ranks(job).unwrap().is_empty() {
-        assert!(t.elapsed() < Duration::from_secs(5));
-        std::thread::sleep(Duration::from_millis(50));
-    }
 }
 
 /// Neither stopped nor traced.

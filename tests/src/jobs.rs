@@ -358,3 +358,41 @@ impl Drop for JobCluster {
         self.agents.clear();
     }
 }
+
+/// Waits until the log's last tick passes `beyond`.
+pub fn wait_ticks(log: &Path, beyond: u64, timeout: Duration) -> u64 {
+    let t = Instant::now();
+    loop {
+        let n = crate::ticks::last_tick(log).unwrap_or(0);
+        if n > beyond {
+            return n;
+        }
+        assert!(t.elapsed() < timeout, "{} stuck at tick {n}", log.display());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Reaps `pid` (a rank this test launched, killed by a save with --kill) and
+/// returns its wait status; fails if it is still alive after 5 s.
+pub fn reap_killed(pid: i32) -> i32 {
+    let t = Instant::now();
+    let mut status = 0;
+    // SAFETY: waitpid on one PID of our own children.
+    while unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) } != pid {
+        assert!(
+            t.elapsed() < Duration::from_secs(5),
+            "rank {pid} survived --kill"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    status
+}
+
+/// Waits until the agents no longer report any rank of `job`.
+pub fn wait_job_gone(jc: &JobCluster, job: &str) {
+    let t = Instant::now();
+    while !jc.job_ranks(job).unwrap().is_empty() {
+        assert!(t.elapsed() < Duration::from_secs(5));
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}

@@ -284,6 +284,33 @@ pub struct Moves {
     pub peer_recv: Vec<(ckpt_shared::proto::ConnRef, u32)>,
 }
 
+impl Moves {
+    /// The 4-tuple that the connection `conn` is rebuilt on.
+    pub fn tuple_of(&self, conn: &tcp::TcpConn) -> (SocketAddr, SocketAddr) {
+        self.conns
+            .iter()
+            .find(|(old, _)| old.local == conn.local && old.remote == conn.remote)
+            .map_or((conn.local, conn.remote), |(_, new)| {
+                (new.local, new.remote)
+            })
+    }
+
+    /// The 4-tuples of every connection of `files` as it will be rebuilt: what the
+    /// restore's network lock holds.
+    pub fn tuples(&self, files: &[OpenFile]) -> Vec<crate::netlock::Conn> {
+        files
+            .iter()
+            .filter_map(|f| match &f.kind {
+                FileKind::Tcp { conn } => {
+                    let (local, remote) = self.tuple_of(conn);
+                    Some(crate::netlock::Conn { local, remote })
+                }
+                _ => None,
+            })
+            .collect()
+    }
+}
+
 /// Where the restored send queue of `conn` starts, given `peer_rcv_nxt`, the next
 /// byte the other end expects: bytes the other end received after the network lock
 /// was taken (and whose acknowledgement the lock dropped) are in both queues, and
@@ -386,13 +413,7 @@ pub fn open_all(files: &[OpenFile], moves: &Moves) -> Result<Opened, FdError> {
     for (i, f) in files.iter().enumerate() {
         if let FileKind::Tcp { conn } = &f.kind {
             let conn = trimmed(conn, peer_recv.get(&(conn.local, conn.remote)).copied());
-            let (local, remote) = moves
-                .conns
-                .iter()
-                .find(|(old, _)| old.local == conn.local && old.remote == conn.remote)
-                .map_or((conn.local, conn.remote), |(_, new)| {
-                    (new.local, new.remote)
-                });
+            let (local, remote) = moves.tuple_of(&conn);
             let r = tcp::rebuild(&conn, local, remote).map_err(tcp_err)?;
             let dup = r
                 .as_fd()

@@ -1,0 +1,206 @@
+//! A consistent TCP cut on the test cluster (issue 5): jobs whose ranks stream to
+//! each other over TCP (`tests/workloads/tcp_mesh.c`: every rank to every other
+//! rank, checksummed and sequence-numbered records, full queues) are saved while
+//! they run, killed, and restored on other nodes with other addresses, loopback
+//! connections split onto two nodes and merged back onto one; every stream must go
+//! on byte for byte (the workload checks every record and prints FAIL otherwise).
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use ckpt_tests::jobs::{reap_killed, wait_job_gone, wait_ticks, JobCluster};
+use ckpt_tests::ticks::{check_log, last_tick};
+
+fn bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_ckpt-controller"))
+}
+
+fn root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    let r = unsafe { libc::geteuid() } == 0;
+    if !r {
+        eprintln!("skipped: needs root (ptrace, namespaces, TCP_REPAIR)");
+    }
+    r
+}
+
+const PORT: &str = "7200";
+const WAIT: Duration = Duration::from_secs(30);
+
+/// Starts a tcp_mesh job: rank `r` on node `on[r]`, reaching the others at
+/// `hosts`. Returns the PIDs and logs once every rank has ticked a few times.
+fn start_mesh(
+    jc: &JobCluster,
+    job: &str,
+    on: &[usize],
+    hosts: &[String],
+) -> (Vec<i32>, Vec<PathBuf>) {
+    let mut pids = Vec::new();
+    let mut logs = Vec::new();
+    for (r, &node) in on.iter().enumerate() {
+        let mut args = vec![r.to_string(), PORT.to_string()];
+        args.extend(hosts.iter().cloned());
+        let args: Vec<&str> = args.iter().map(|s| s.as_str()).collect();
+        let (pid, log) = jc
+            .spawn_rank(node, job, r as u32, "tcp_mesh", &args)
+            .unwrap();
+        pids.push(pid);
+        logs.push(log);
+    }
+    for log in &logs {
+        wait_ticks(log, 5, WAIT);
+    }
+    (pids, logs)
+}
+
+/// Every rank ticks `more` times beyond where it is, and its log is whole.
+fn all_advance(logs: &[PathBuf], more: u64) {
+    for log in logs {
+        let n = last_tick(log).unwrap_or(0);
+        wait_ticks(log, n + more, WAIT);
+        check_log(log).unwrap_or_else(|e| panic!("{}: {e:#}", log.display()));
+    }
+}
+
+/// `save --kill`, reaps the ranks, and returns each one's last tick.
+fn kill_save(jc: &JobCluster, job: &str, pids: &[i32], logs: &[PathBuf]) -> Vec<u64> {
+    let out = jc
+        .ctl_ok(&["job", "save", job, "--kill", "--wait"])
+        .unwrap();
+    assert!(out.contains("saved"), "{out}");
+    for &pid in pids {
+        reap_killed(pid);
+    }
+    wait_job_gone(jc, job);
+    logs.iter().map(|l| last_tick(l).unwrap()).collect()
+}
+
+fn restore(jc: &JobCluster, job: &str, how: &[&str]) -> Vec<(u32, String, i32)> {
+    let mut args = vec!["job", "restore"];
+    let latest = format!("{job}:latest");
+    args.push(&latest);
+    args.extend_from_slice(how);
+    let out = jc.ctl_ok(&args).unwrap();
+    assert!(out.contains("restored"), "{out}");
+    jc.job_ranks(job).unwrap()
+}
+
+/// The bytes queued in the job's latest checkpoint, summed over its connections,
+/// as `ckpt show --json` reports them.
+fn queued_bytes(jc: &JobCluster, job: &str) -> u64 {
+    let id = jc.ckpts(job).unwrap().last().cloned().unwrap();
+    let out = jc.ctl_ok(&["ckpt", "show", &id, "--json"]).unwrap();
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let mut sum = 0;
+    for r in v["ranks"].as_array().unwrap() {
+        for c in r["tcp"].as_array().unwrap() {
+            sum += c["send_queued"].as_u64().unwrap() + c["recv_queued"].as_u64().unwrap();
+        }
+    }
+    sum
+}
+
+#[test]
+fn four_ranks_streaming_to_each_other_survive_saves_and_a_restore_on_other_nodes() {
+    if !root() {
+        return;
+    }
+    let jc = JobCluster::new(4, &bin(), 5.0, &[], &[]).unwrap();
+    let job = "mesh";
+    let addr = |i: usize| jc.cluster.nodes()[i].addr.to_string();
+    // Ranks 0, 1 on n0 and 2, 3 on n1: connections within a node and across.
+    let on = [0, 0, 1, 1];
+    let hosts: Vec<String> = on.iter().map(|&n| addr(n)).collect();
+    let (pids, logs) = start_mesh(&jc, job, &on, &hosts);
+    // Saves at moments the test does not choose, the job running on after each.
+    let mut rng = 0x2545f4914f6cdd1du64 ^ std::process::id() as u64;
+    for _ in 0..3 {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        std::thread::sleep(Duration::from_millis(20 + rng % 300));
+        let out = jc.ctl_ok(&["job", "save", job, "--wait"]).unwrap();
+        assert!(out.contains("saved"), "{out}");
+        all_advance(&logs, 10);
+    }
+    let at_kill = kill_save(&jc, job, &pids, &logs);
+    let queued = queued_bytes(&jc, job);
+    eprintln!("bytes queued in the killed job's connections: {queued}");
+    assert!(
+        queued > 64 * 1024,
+        "the queues held only {queued} bytes: the test does not test in-flight data"
+    );
+    let now = restore(&jc, job, &["--nodes", "n2,n3"]);
+    let nodes: Vec<&str> = now.iter().map(|(_, n, _)| n.as_str()).collect();
+    assert_eq!(nodes, ["n2", "n2", "n3", "n3"]);
+    for (log, k) in logs.iter().zip(&at_kill) {
+        wait_ticks(log, k + 20, WAIT);
+    }
+    all_advance(&logs, 10);
+    // And once more from there: saved on n2, n3 and restored on n0, n1.
+    let pids: Vec<i32> = now.iter().map(|(_, _, p)| *p).collect();
+    let out = jc.ctl_ok(&["job", "save", job, "--wait"]).unwrap();
+    assert!(out.contains("saved"), "{out}");
+    all_advance(&logs, 10);
+    let out = jc
+        .ctl_ok(&["job", "save", job, "--kill", "--wait"])
+        .unwrap();
+    assert!(out.contains("saved"), "{out}");
+    // Restored ranks are the agents' children: they reap them.
+    let t = Instant::now();
+    while pids.iter().any(|&p| ckpt_tests::process::is_alive(p)) {
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "ranks survived --kill"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    wait_job_gone(&jc, job);
+    let at_kill: Vec<u64> = logs.iter().map(|l| last_tick(l).unwrap()).collect();
+    restore(&jc, job, &["--nodes", "n0,n1"]);
+    for (log, k) in logs.iter().zip(&at_kill) {
+        wait_ticks(log, k + 20, WAIT);
+    }
+    all_advance(&logs, 10);
+}
+
+#[test]
+fn loopback_ranks_split_onto_two_nodes_and_merge_back_onto_one() {
+    if !root() {
+        return;
+    }
+    let jc = JobCluster::new(3, &bin(), 5.0, &[], &[]).unwrap();
+    let job = "lo";
+    let lo = "127.0.0.1".to_string();
+    let (pids, logs) = start_mesh(&jc, job, &[0, 0], &[lo.clone(), lo]);
+    let at_kill = kill_save(&jc, job, &pids, &logs);
+    // Apart: the loopback connection becomes one between n1's and n2's addresses.
+    let now = restore(&jc, job, &["--map", "0=n1,1=n2"]);
+    let nodes: Vec<&str> = now.iter().map(|(_, n, _)| n.as_str()).collect();
+    assert_eq!(nodes, ["n1", "n2"]);
+    for (log, k) in logs.iter().zip(&at_kill) {
+        wait_ticks(log, k + 20, WAIT);
+    }
+    all_advance(&logs, 10);
+    let pids: Vec<i32> = now.iter().map(|(_, _, p)| *p).collect();
+    jc.ctl_ok(&["job", "save", job, "--kill", "--wait"])
+        .unwrap();
+    let t = Instant::now();
+    while pids.iter().any(|&p| ckpt_tests::process::is_alive(p)) {
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "ranks survived --kill"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    wait_job_gone(&jc, job);
+    let at_kill: Vec<u64> = logs.iter().map(|l| last_tick(l).unwrap()).collect();
+    // Together again, on a third node: both ends on n0's address.
+    let now = restore(&jc, job, &["--map", "0=n0,1=n0"]);
+    let nodes: Vec<&str> = now.iter().map(|(_, n, _)| n.as_str()).collect();
+    assert_eq!(nodes, ["n0", "n0"]);
+    for (log, k) in logs.iter().zip(&at_kill) {
+        wait_ticks(log, k + 20, WAIT);
+    }
+    all_advance(&logs, 10);
+}
