@@ -187,8 +187,14 @@ pub enum Command {
     /// job's checkpoints include it. Root may attach any process; a user only their
     /// own. The Slurm plugin does this for every task it starts.
     ///
+    /// --external-tcp sets the job's policy for TCP connections to peers outside
+    /// the job, which cannot be moved: `fail` makes a save fail and name them (the
+    /// job runs on), `close` saves anyway and restores them reset. A save may
+    /// override it (`ckpt-controller job save --external-tcp`).
+    ///
     /// Example:
     ///   ckpt-agent attach --job job42 --rank 0 --pid 4121
+    ///   ckpt-agent attach --job job42 --rank 1 --pid 4122 --external-tcp close
     #[command(verbatim_doc_comment)]
     Attach {
         #[arg(long)]
@@ -197,6 +203,8 @@ pub enum Command {
         rank: u32,
         #[arg(long)]
         pid: i32,
+        #[arg(long, value_name = "fail|close")]
+        external_tcp: Option<ckpt_shared::proto::ExternalTcp>,
         /// The agent's API socket.
         #[arg(long, default_value = DEFAULT_SOCKET)]
         socket: std::path::PathBuf,
@@ -454,6 +462,7 @@ pub fn run(cli: Cli) -> Result<()> {
             job,
             rank,
             pid,
+            external_tcp,
             socket,
         } => {
             api(
@@ -462,6 +471,7 @@ pub fn run(cli: Cli) -> Result<()> {
                     job: job.clone(),
                     rank,
                     pid,
+                    external_tcp,
                 },
             )?;
             println!("PID {pid} is rank {rank} of job {job}");

@@ -57,8 +57,17 @@ pub struct ServeOptions {
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case")]
 pub enum ApiRequest {
-    Attach { job: String, rank: u32, pid: i32 },
-    Detach { job: String, rank: u32 },
+    Attach {
+        job: String,
+        rank: u32,
+        pid: i32,
+        #[serde(default)]
+        external_tcp: Option<ckpt_shared::proto::ExternalTcp>,
+    },
+    Detach {
+        job: String,
+        rank: u32,
+    },
     List,
 }
 
@@ -567,6 +576,7 @@ fn manifest_of(rank: u32, image: &str, img: &ckpt_shared::image::Image) -> RankM
                     recv_queued: conn.recv_queue.len() as u64,
                     send_una: Some(conn.send_una()),
                     recv_nxt: Some(conn.recv_seq),
+                    external: false,
                 }),
                 _ => None,
             })
@@ -721,6 +731,7 @@ fn start_restore(node: &Arc<Node>, attempt: AttemptId, job: String, ranks: Vec<R
     let gate = JobGate::new(node, attempt, ranks.len());
     node.attempts.lock().unwrap().insert(attempt, gate.clone());
     let node = node.clone();
+    let external_tcp = ranks.iter().find_map(|r| r.external_tcp);
     std::thread::spawn(move || {
         let threads: Vec<_> = ranks
             .iter()
@@ -735,6 +746,7 @@ fn start_restore(node: &Arc<Node>, attempt: AttemptId, job: String, ranks: Vec<R
                     conns: r.readdress.clone(),
                     listen: r.relisten.clone(),
                     peer_recv: r.peer_recv.clone(),
+                    reset: r.reset.clone(),
                 };
                 std::thread::spawn(move || -> Result<i32, String> {
                     let loc = Location::parse(&image).map_err(|e| e.to_string())?;
@@ -779,6 +791,7 @@ fn start_restore(node: &Arc<Node>, attempt: AttemptId, job: String, ranks: Vec<R
                         rank,
                         pid,
                         uid,
+                        external_tcp,
                     });
                 }
             }
@@ -856,7 +869,12 @@ fn api(node: &Arc<Node>, req: ApiRequest, caller: u32) -> ApiReply {
             error: None,
             ranks: node.ranks.lock().unwrap().list.clone(),
         },
-        ApiRequest::Attach { job, rank, pid } => {
+        ApiRequest::Attach {
+            job,
+            rank,
+            pid,
+            external_tcp,
+        } => {
             if let Err(e) = ckpt_shared::objstore::check_image_name(&job) {
                 return ApiReply::err(format!("job name {job:?}: {e}"));
             }
@@ -887,6 +905,7 @@ fn api(node: &Arc<Node>, req: ApiRequest, caller: u32) -> ApiReply {
                     rank,
                     pid,
                     uid: owner,
+                    external_tcp,
                 });
             }
             node.send_ranks();

@@ -120,6 +120,7 @@ fn main() {
                     job: job.clone(),
                     kill: false,
                     wait: true,
+                    external_tcp: None,
                 },
                 |_| {},
             )

@@ -23,6 +23,9 @@ pub enum Request {
         job: String,
         kill: bool,
         wait: bool,
+        /// Overrides the job's policy for connections that leave it.
+        #[serde(default)]
+        external_tcp: Option<ckpt_shared::proto::ExternalTcp>,
     },
     /// Restore checkpoint `ckpt` (an id, or `JOB:latest`); `place` maps ranks to
     /// nodes (empty: every rank on the node it was saved on).
@@ -68,6 +71,10 @@ pub struct JobView {
     pub ranks: Vec<RankView>,
     /// The latest committed checkpoint.
     pub latest: Option<String>,
+    /// The job's policy for connections that leave it, as its ranks were
+    /// attached (`fail` if they disagree).
+    #[serde(default)]
+    pub external_tcp: Option<ckpt_shared::proto::ExternalTcp>,
 }
 
 /// A connected agent.

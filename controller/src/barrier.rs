@@ -274,6 +274,16 @@ impl Barrier {
         }
     }
 
+    /// The controller will not commit what it was asked to (the checkpoint breaks
+    /// a policy): abort, as before a commit, since nothing was written.
+    pub fn refuse(&mut self, reason: String) {
+        if self.phase != Phase::Committing {
+            return;
+        }
+        self.phase = Phase::Storing;
+        self.abort(reason);
+    }
+
     fn advance(&mut self, now: Instant) {
         match self.phase {
             Phase::Freezing => {
@@ -732,6 +742,40 @@ mod tests {
         b.handle(now, &names[0], FromAgent::Frozen { attempt: 1 });
         assert!(b.poll().is_none());
         assert!(b.poll_timeout().is_none());
+    }
+
+    #[test]
+    fn a_refused_commit_aborts_as_before_the_commit_and_kills_nobody() {
+        let now = Instant::now();
+        let mut b = Barrier::start(now, 1, &spec(SaveMode::Kill), ranks(2), Timeouts::default());
+        let names: Vec<AgentId> = ranks(2).into_keys().collect();
+        b.refuse("too early: changes nothing".into());
+        assert_eq!(b.phase(), Phase::Freezing);
+        for a in &names {
+            b.handle(now, a, FromAgent::Frozen { attempt: 1 });
+        }
+        for a in &names {
+            b.handle(now, a, FromAgent::Captured { attempt: 1 });
+        }
+        for (i, a) in names.iter().enumerate() {
+            b.handle(now, a, stored(1, i as u32));
+        }
+        assert_eq!(b.phase(), Phase::Committing);
+        b.refuse("a connection leaves the job".into());
+        let mut seen = Seen::default();
+        drain(&mut b, &mut seen);
+        // Nothing was written: the controller need not remove a job manifest.
+        match &seen.outcome {
+            Some(Outcome::Aborted { phase, reason }) => {
+                assert_eq!(*phase, Phase::Storing);
+                assert!(reason.contains("leaves the job"), "{reason}");
+            }
+            o => panic!("{o:?}"),
+        }
+        for msgs in seen.sent.values() {
+            assert!(matches!(msgs.last(), Some(ToAgent::Abort { .. })));
+            assert!(!msgs.iter().any(|m| matches!(m, ToAgent::Kill { .. })));
+        }
     }
 
     #[test]

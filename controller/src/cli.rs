@@ -8,6 +8,7 @@ use clap::{Parser, Subcommand};
 
 use crate::api::{self, Done, Event, Request};
 use crate::client;
+use ckpt_shared::proto::ExternalTcp;
 
 /// ckpt-controller: checkpoints of whole jobs across nodes.
 ///
@@ -157,8 +158,17 @@ pub enum JobCommand {
     /// prints the checkpoint's id; with --wait it shows progress and its exit code
     /// says whether the checkpoint was committed (0) or not (1).
     ///
+    /// TCP connections between ranks are saved and come back intact, on any
+    /// nodes. A connection to a peer outside the job (a database, a license
+    /// server) cannot be moved: by default the save then fails, naming each one,
+    /// and the job runs on. --external-tcp=close saves anyway, and a restore gives
+    /// the application those connections as reset by the peer. The default is the
+    /// job's own (`ckpt-agent attach --external-tcp`), else the controller's
+    /// `external_tcp` setting, else fail.
+    ///
     /// Example:
     ///   ckpt-controller job save job42 --kill --wait
+    ///   ckpt-controller job save job42 --wait --external-tcp=close
     #[command(verbatim_doc_comment)]
     Save {
         job: String,
@@ -166,6 +176,10 @@ pub enum JobCommand {
         kill: bool,
         #[arg(long)]
         wait: bool,
+        /// Connections to peers outside the job: fail (the save) or close (restore
+        /// them reset).
+        #[arg(long, value_name = "fail|close")]
+        external_tcp: Option<ExternalTcp>,
         #[arg(long, default_value = crate::serve::DEFAULT_SOCKET)]
         socket: PathBuf,
         /// Print the outcome as JSON.
@@ -458,11 +472,18 @@ pub fn run(cli: Cli) -> Result<()> {
             job,
             kill,
             wait,
+            external_tcp,
             socket,
             json,
         }) => {
             let mut bar = client::Bar::default();
-            let r = client::call_at(&target(&socket), &Request::Save { job, kill, wait }, |e| {
+            let req = Request::Save {
+                job,
+                kill,
+                wait,
+                external_tcp,
+            };
+            let r = client::call_at(&target(&socket), &req, |e| {
                 if !json {
                     bar.show(e)
                 }
@@ -577,11 +598,16 @@ pub fn run(cli: Cli) -> Result<()> {
                     }
                     for c in &r.tcp {
                         println!(
-                            "             tcp {} -> {}: {} queued to send, {} received unread",
+                            "             tcp {} -> {}: {} queued to send, {} received unread{}",
                             c.local,
                             c.remote,
                             client::human(c.send_queued),
-                            client::human(c.recv_queued)
+                            client::human(c.recv_queued),
+                            if c.external {
+                                " (peer outside the job: restored reset)"
+                            } else {
+                                ""
+                            }
                         );
                     }
                 }

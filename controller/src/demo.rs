@@ -320,6 +320,7 @@ pub fn run(mib: usize, keep: bool) -> Result<()> {
             job: JOB.into(),
             kill: false,
             wait: true,
+            external_tcp: None,
         },
     )?;
     crate::cli::print_outcome("saved", &s1);
@@ -335,6 +336,7 @@ pub fn run(mib: usize, keep: bool) -> Result<()> {
             job: JOB.into(),
             kill: true,
             wait: true,
+            external_tcp: None,
         },
     )?;
     crate::cli::print_outcome("saved", &s2);

@@ -27,6 +27,61 @@ pub struct Moves {
     pub peer_recv: BTreeMap<u32, Vec<(ConnRef, u32)>>,
 }
 
+/// Which rank owns each end of the job's connections, by its 4-tuple from its
+/// side, with the node for a loopback connection. The whole 4-tuple: the
+/// connections accepted from one listener share their local address.
+struct Ends<'a> {
+    owner: HashMap<(String, SocketAddr, SocketAddr), (u32, &'a SavedConn)>,
+}
+
+impl<'a> Ends<'a> {
+    fn key(node: &str, local: SocketAddr, remote: SocketAddr) -> (String, SocketAddr, SocketAddr) {
+        let node = if local.ip().is_loopback() {
+            node.to_string()
+        } else {
+            String::new()
+        };
+        (node, local, remote)
+    }
+
+    fn of(m: &'a JobManifest) -> Ends<'a> {
+        let mut owner = HashMap::new();
+        for r in &m.ranks {
+            for c in &r.tcp {
+                owner.insert(Ends::key(&r.node, c.local, c.remote), (r.rank, c));
+            }
+        }
+        Ends { owner }
+    }
+
+    /// The rank holding the other end of `c`, an end on `node`, and that end.
+    fn peer(&self, node: &str, c: &SavedConn) -> Option<(u32, &'a SavedConn)> {
+        self.owner.get(&Ends::key(node, c.remote, c.local)).copied()
+    }
+}
+
+/// The connections of `m` whose other end is not a rank of the job: (rank, its
+/// node, the connection).
+pub fn outside(m: &JobManifest) -> Vec<(u32, String, ConnRef)> {
+    let ends = Ends::of(m);
+    let mut out = Vec::new();
+    for r in &m.ranks {
+        for c in &r.tcp {
+            if ends.peer(&r.node, c).is_none() {
+                out.push((
+                    r.rank,
+                    r.node.clone(),
+                    ConnRef {
+                        local: c.local,
+                        remote: c.remote,
+                    },
+                ));
+            }
+        }
+    }
+    out
+}
+
 /// Plans the moves of `m`'s connections for the placement `place` (rank → new
 /// node); `ip_of(node, v6)` is a node's address of that family.
 pub fn plan(
@@ -35,27 +90,7 @@ pub fn plan(
     ip_of: &dyn Fn(&str, bool) -> Option<IpAddr>,
 ) -> Moves {
     let old_node: HashMap<u32, &str> = m.ranks.iter().map(|r| (r.rank, r.node.as_str())).collect();
-    // Which rank owns each end, by its 4-tuple from its side (with the node, for
-    // a loopback connection). The whole 4-tuple: the connections accepted from one
-    // listener share their local address.
-    type End = (String, SocketAddr, SocketAddr);
-    let key = |node: &str, local: &SocketAddr, remote: &SocketAddr| -> End {
-        (
-            if local.ip().is_loopback() {
-                node.to_string()
-            } else {
-                String::new()
-            },
-            *local,
-            *remote,
-        )
-    };
-    let mut owner: HashMap<End, (u32, &SavedConn)> = HashMap::new();
-    for r in &m.ranks {
-        for c in &r.tcp {
-            owner.insert(key(&r.node, &c.local, &c.remote), (r.rank, c));
-        }
-    }
+    let ends = Ends::of(m);
     let moved = |rank: u32| place.get(&rank).map(|n| n.as_str()) != old_node.get(&rank).copied();
     let on_new = |rank: u32, a: SocketAddr| -> SocketAddr {
         match place.get(&rank).and_then(|n| ip_of(n, a.is_ipv6())) {
@@ -80,7 +115,7 @@ pub fn plan(
     let mut out = Moves::default();
     for r in &m.ranks {
         for c in &r.tcp {
-            let found = owner.get(&key(&r.node, &c.remote, &c.local)).copied();
+            let found = ends.peer(&r.node, c);
             let peer = found.map(|(s, _)| s);
             let saved = c;
             let c = &ConnRef {
@@ -149,6 +184,7 @@ mod tests {
                     recv_queued: 0,
                     send_una: None,
                     recv_nxt: None,
+                    external: false,
                 })
                 .collect(),
             listen: listen.iter().map(|a| a.parse().unwrap()).collect(),
@@ -167,6 +203,7 @@ mod tests {
             ranks,
             freeze_us: 0,
             total_us: 0,
+            external_tcp: None,
         }
     }
 
@@ -340,5 +377,20 @@ mod tests {
         )]);
         let mv = plan(&m, &place(&[(0, "b")]), &ips);
         assert_eq!(mv.conns[&0][0].1, c("10.0.0.2:5000", "192.0.2.9:11211"));
+        assert_eq!(
+            outside(&m),
+            vec![(0, "a".to_string(), c("10.0.0.1:5000", "192.0.2.9:11211"))]
+        );
+        // Two ranks of one job over loopback on one node: nothing leaves the job;
+        // the same loopback tuple on another node is another connection.
+        let lo = job(vec![
+            rank(0, "a", &[("127.0.0.1:7000", "127.0.0.1:40000")], &[]),
+            rank(1, "a", &[("127.0.0.1:40000", "127.0.0.1:7000")], &[]),
+            rank(2, "b", &[("127.0.0.1:7000", "127.0.0.1:40000")], &[]),
+        ]);
+        assert_eq!(
+            outside(&lo),
+            vec![(2, "b".to_string(), c("127.0.0.1:7000", "127.0.0.1:40000"))]
+        );
     }
 }

@@ -19,8 +19,8 @@ use anyhow::{bail, Context, Result};
 use ckpt_shared::catalog::{self, JobManifest, JobRank, JOB_FORMAT_VERSION};
 use ckpt_shared::objstore::{BlockingStore, StoreConfig};
 use ckpt_shared::proto::{
-    rank_image_name, AttachedRank, AttemptId, FromAgent, Hello, NodeInfo, RankRef, RestoreRank,
-    SaveSpec, ToAgent, PROTO_VERSION,
+    rank_image_name, AttachedRank, AttemptId, ExternalTcp, FromAgent, Hello, NodeInfo, RankRef,
+    RestoreRank, SaveSpec, ToAgent, PROTO_VERSION,
 };
 use ckpt_shared::tls::{self, Identity};
 use ckpt_shared::wire;
@@ -61,6 +61,9 @@ pub struct Config {
     pub restore_timeout_secs: f64,
     /// zstd level of the chunks (0: raw).
     pub compress: i32,
+    /// What a save does with connections to peers outside the job, unless the job
+    /// or the save says otherwise: `fail` (the default) or `close`.
+    pub external_tcp: ExternalTcp,
     /// S3 settings (the AWS_* environment variables are used where these are empty).
     pub s3: S3Settings,
 }
@@ -91,6 +94,7 @@ impl Default for Config {
             store_timeout_secs: 3600.0,
             restore_timeout_secs: 600.0,
             compress: 0,
+            external_tcp: ExternalTcp::Fail,
             s3: S3Settings::default(),
         }
     }
@@ -547,7 +551,12 @@ fn jobs(reg: &Registry) -> Vec<JobView> {
                 uid: r.uid,
                 ranks: Vec::new(),
                 latest: None,
+                external_tcp: r.external_tcp,
             });
+            if j.external_tcp != r.external_tcp {
+                // Ranks that disagree: the safe one.
+                j.external_tcp = Some(ExternalTcp::Fail);
+            }
             j.ranks.push(RankView {
                 rank: r.rank,
                 node: node.clone(),
@@ -709,9 +718,14 @@ fn request(ctl: &Arc<Ctl>, req: Request, uid: u32, tx: mpsc::UnboundedSender<Eve
                 return;
             }
         }
-        Request::Save { job, kill, wait } => {
+        Request::Save {
+            job,
+            kill,
+            wait,
+            external_tcp,
+        } => {
             drop(reg);
-            match start_save(ctl, &job, kill, uid, tx.clone(), wait) {
+            match start_save(ctl, &job, kill, external_tcp, uid, tx.clone(), wait) {
                 Ok(()) => return,
                 Err(e) => Event::error(e),
             }
@@ -792,6 +806,7 @@ fn start_save(
     ctl: &Arc<Ctl>,
     job: &str,
     kill: bool,
+    external_tcp: Option<ExternalTcp>,
     uid: u32,
     tx: mpsc::UnboundedSender<Event>,
     wait: bool,
@@ -838,7 +853,10 @@ fn start_save(
     }
     let ctl = ctl.clone();
     tokio::spawn(async move {
-        let ev = drive_save(&ctl, guard, rx, spec, view, &tx).await;
+        let policy = external_tcp
+            .or(view.external_tcp)
+            .unwrap_or(ctl.cfg.external_tcp);
+        let ev = drive_save(&ctl, guard, rx, spec, view, policy, &tx).await;
         match &ev {
             Event::Done(Done { ok: true, .. }) => info!(job = ctl_job(&ev), "save committed"),
             Event::Done(Done { error: Some(e), .. }) => warn!("save failed: {e}"),
@@ -920,6 +938,7 @@ async fn drive_save(
     mut rx: mpsc::UnboundedReceiver<OpEvent>,
     spec: SaveSpec,
     view: JobView,
+    policy: ExternalTcp,
     tx: &mpsc::UnboundedSender<Event>,
 ) -> Event {
     let t0 = Instant::now();
@@ -949,7 +968,7 @@ async fn drive_save(
                 }
                 Action::Commit { ranks } => {
                     let total_us = t0.elapsed().as_micros() as u64;
-                    let m = JobManifest {
+                    let mut m = JobManifest {
                         format_version: JOB_FORMAT_VERSION,
                         id: spec.ckpt.clone(),
                         job: spec.job.clone(),
@@ -989,7 +1008,36 @@ async fn drive_save(
                             .collect(),
                         freeze_us: if spec.kill { total_us } else { freeze_us },
                         total_us,
+                        external_tcp: view.external_tcp,
                     };
+                    // Connections that leave the job: the policy decides, before
+                    // anything is committed.
+                    let outside = crate::readdress::outside(&m);
+                    if !outside.is_empty() && policy == ExternalTcp::Fail {
+                        let list: Vec<String> = outside
+                            .iter()
+                            .map(|(rank, node, c)| {
+                                format!("rank {rank} on {node}: {} -> {}", c.local, c.remote)
+                            })
+                            .collect();
+                        b.refuse(format!(
+                            "{} TCP connection(s) lead outside the job and cannot be moved: {}. \
+                             Save with --external-tcp=close to restore them as reset \
+                             (the application sees a connection error), or close them first",
+                            outside.len(),
+                            list.join("; ")
+                        ));
+                        continue;
+                    }
+                    for (rank, _, c) in &outside {
+                        if let Some(r) = m.ranks.iter_mut().find(|r| r.rank == *rank) {
+                            for s in r.tcp.iter_mut() {
+                                if s.local == c.local && s.remote == c.remote {
+                                    s.external = true;
+                                }
+                            }
+                        }
+                    }
                     progress("COMMIT", 0, bytes);
                     let store = ctl.store.clone();
                     let mm = m.clone();
@@ -1211,6 +1259,16 @@ async fn drive_restore(
                 readdress: moves.conns.remove(&r.rank).unwrap_or_default(),
                 relisten: moves.listen.remove(&r.rank).unwrap_or_default(),
                 peer_recv: moves.peer_recv.remove(&r.rank).unwrap_or_default(),
+                reset: r
+                    .tcp
+                    .iter()
+                    .filter(|c| c.external)
+                    .map(|c| ckpt_shared::proto::ConnRef {
+                        local: c.local,
+                        remote: c.remote,
+                    })
+                    .collect(),
+                external_tcp: m.external_tcp,
             });
     }
     let nodes: Vec<String> = by_agent.keys().cloned().collect();

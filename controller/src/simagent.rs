@@ -49,6 +49,7 @@ pub async fn run(
         other => bail!("expected Hello, got {other:?}"),
     }
     let ranks = FromAgent::Ranks(vec![AttachedRank {
+        external_tcp: None,
         job: job.clone(),
         rank,
         pid: 1_000_000 + rank as i32,

@@ -76,6 +76,7 @@ fn requests_over_tcp_are_judged_by_their_munge_credential() {
         job: "j".into(),
         kill: false,
         wait: true,
+        external_tcp: None,
     };
     client::call_at(&target, &save, |_| {}).expect("root's save over TCP");
     // Nobody, through the real CLI: refused on root's job.

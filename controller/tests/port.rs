@@ -192,6 +192,7 @@ fn garbage_oversized_and_lying_peers_are_dropped_and_a_good_agent_is_still_serve
                 job: "j".into(),
                 kill: false,
                 wait: true,
+                external_tcp: None,
             },
             |_| {},
         );

@@ -204,3 +204,93 @@ fn loopback_ranks_split_onto_two_nodes_and_merge_back_onto_one() {
     }
     all_advance(&logs, 10);
 }
+
+#[test]
+fn a_connection_to_a_server_outside_the_job_fails_the_save_or_comes_back_reset() {
+    if !root() {
+        return;
+    }
+    let jc = JobCluster::new(3, &bin(), 5.0, &[], &[]).unwrap();
+    let job = "ext";
+    // The server on n0 belongs to no job.
+    let dir = tempfile::tempdir().unwrap();
+    let server_log = dir.path().join("server.log");
+    let mut cmd =
+        ckpt_tests::workload::workload_command("tcp_pair", ["serve", "7300"], &server_log).unwrap();
+    let ns0 = jc.cluster.nodes()[0].netns.clone();
+    drop(jc.cluster.spawn_in(&ns0, &mut cmd).unwrap());
+    let t = Instant::now();
+    while !std::fs::read_to_string(&server_log)
+        .unwrap_or_default()
+        .contains("port 7300")
+    {
+        assert!(t.elapsed() < WAIT, "the server does not listen");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let n0 = jc.cluster.nodes()[0].addr.to_string();
+    let (pid, log) = jc
+        .spawn_rank(1, job, 0, "tcp_pair", &["connect", &n0, "7300"])
+        .unwrap();
+    wait_ticks(&log, 5, WAIT);
+    let logs = [log.clone(), server_log.clone()];
+
+    // The default policy: the save fails and names the connection; nothing is
+    // committed and the job runs on (with --kill too).
+    for args in [vec!["--wait"], vec!["--kill", "--wait"]] {
+        let mut all = vec!["job", "save", job];
+        all.extend(args);
+        let out = jc.ctl(&all).unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{all:?} succeeded");
+        assert!(err.contains("outside the job"), "{err}");
+        assert!(err.contains(&format!("-> {n0}:7300")), "{err}");
+        assert!(err.contains("--external-tcp=close"), "{err}");
+        assert!(jc.ckpts(job).unwrap().is_empty());
+        all_advance(&logs, 10);
+    }
+    // The save's own policy overrides the job's.
+    let out = jc
+        .ctl_ok(&["job", "save", job, "--wait", "--external-tcp=close"])
+        .unwrap();
+    assert!(out.contains("saved"), "{out}");
+    all_advance(&logs, 10);
+
+    // The job's policy, given when its rank is attached.
+    let agent = &jc.agent_bin;
+    let st = std::process::Command::new(agent)
+        .args(["detach", "--job", job, "--rank", "0", "--socket"])
+        .arg(jc.agent_socket(1))
+        .status()
+        .unwrap();
+    assert!(st.success());
+    jc.attach_with(1, job, 0, pid, &["--external-tcp", "close"])
+        .unwrap();
+    let t = Instant::now();
+    while jc.job_ranks(job).unwrap().is_empty() {
+        assert!(t.elapsed() < WAIT);
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let out = jc
+        .ctl_ok(&["job", "save", job, "--kill", "--wait"])
+        .unwrap();
+    assert!(out.contains("saved"), "{out}");
+    reap_killed(pid);
+    wait_job_gone(&jc, job);
+    let id = jc.ckpts(job).unwrap().last().cloned().unwrap();
+    let shown = jc.ctl_ok(&["ckpt", "show", &id]).unwrap();
+    assert!(shown.contains("restored reset"), "{shown}");
+    // Restored on n2, the rank finds its connection reset, as when a server goes
+    // away, and says so.
+    let now = restore(&jc, job, &["--nodes", "n2"]);
+    assert_eq!(now[0].1, "n2");
+    let t = Instant::now();
+    loop {
+        let text = std::fs::read_to_string(&log).unwrap();
+        if text.contains("connection error: Connection reset by peer") {
+            break;
+        }
+        assert!(t.elapsed() < WAIT, "no connection error:\n{text}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    check_log(&log).unwrap();
+}

@@ -63,6 +63,10 @@ pub struct JobManifest {
     pub freeze_us: u64,
     /// From FREEZE to the commit.
     pub total_us: u64,
+    /// The job's own policy for connections that leave it (as its ranks were
+    /// attached), restored with it.
+    #[serde(default)]
+    pub external_tcp: Option<crate::proto::ExternalTcp>,
 }
 
 impl JobManifest {
@@ -179,6 +183,7 @@ mod tests {
             }],
             freeze_us: 1,
             total_us: 2,
+            external_tcp: None,
         }
     }
 

@@ -58,6 +58,39 @@ pub struct NodeInfo {
     pub agent_version: String,
 }
 
+/// What a save does with a TCP connection whose other end is not a rank of the
+/// job (a server outside it, say): such a connection cannot be moved.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ExternalTcp {
+    /// The save aborts, naming the connections, and the job runs on.
+    #[default]
+    Fail,
+    /// The save goes on; a restore gives the application such a connection as
+    /// reset by its peer (an ordinary connection error).
+    Close,
+}
+
+impl std::str::FromStr for ExternalTcp {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "fail" => Ok(ExternalTcp::Fail),
+            "close" => Ok(ExternalTcp::Close),
+            _ => Err(format!("{s:?}: the policy is fail or close")),
+        }
+    }
+}
+
+impl std::fmt::Display for ExternalTcp {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            ExternalTcp::Fail => "fail",
+            ExternalTcp::Close => "close",
+        })
+    }
+}
+
 /// A rank attached to an agent: a process tree that belongs to a job.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AttachedRank {
@@ -66,6 +99,10 @@ pub struct AttachedRank {
     pub pid: i32,
     /// Owner of the process (its real uid): only they, or root, may act on the job.
     pub uid: u32,
+    /// The job's policy for connections that leave it, if the rank was attached
+    /// with one (`ckpt-agent attach --external-tcp`).
+    #[serde(default)]
+    pub external_tcp: Option<ExternalTcp>,
 }
 
 /// How one save of a job is made.
@@ -122,6 +159,13 @@ pub struct RestoreRank {
     /// The rank's send queue is trimmed to start there.
     #[serde(default)]
     pub peer_recv: Vec<(ConnRef, u32)>,
+    /// Its connections to peers outside the job, saved under `--external-tcp
+    /// close`: they come back reset.
+    #[serde(default)]
+    pub reset: Vec<ConnRef>,
+    /// The job's own policy, kept by the restored ranks.
+    #[serde(default)]
+    pub external_tcp: Option<ExternalTcp>,
 }
 
 /// One TCP connection of a rank, from its end.
@@ -151,6 +195,10 @@ pub struct SavedConn {
     pub send_una: Option<u32>,
     #[serde(default)]
     pub recv_nxt: Option<u32>,
+    /// The other end is not a rank of the job (set at the commit, under
+    /// `--external-tcp close`): a restore gives it back reset.
+    #[serde(default)]
+    pub external: bool,
 }
 
 /// What one rank's dump produced.

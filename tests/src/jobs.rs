@@ -202,9 +202,22 @@ impl JobCluster {
 
     /// Attaches the running `pid` again (after its agent was restarted).
     pub fn attach(&self, node: usize, job: &str, rank: u32, pid: i32) -> Result<()> {
+        self.attach_with(node, job, rank, pid, &[])
+    }
+
+    /// `ckpt-agent attach` with more arguments (`--external-tcp close`).
+    pub fn attach_with(
+        &self,
+        node: usize,
+        job: &str,
+        rank: u32,
+        pid: i32,
+        more: &[&str],
+    ) -> Result<()> {
         let out = Command::new(&self.agent_bin)
             .args(["attach", "--job", job, "--rank", &rank.to_string()])
             .args(["--pid", &pid.to_string()])
+            .args(more)
             .arg("--socket")
             .arg(self.agent_socket(node))
             .output()?;

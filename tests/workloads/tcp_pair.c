@@ -15,7 +15,9 @@
  * The child checks every echo the same way and, in connect mode, prints ticks
  * of its own every 32 echoes. A record lost, repeated, reordered or damaged prints
  * FAIL; so does a forked child whose parent changed. End of stream (the other side
- * gone) ends a side without FAIL.
+ * gone) ends a side without FAIL. A connection error (reset by the peer) prints
+ *   connection error: <strerror>
+ * and ends the side with status 3.
  */
 #include "common.h"
 
@@ -24,6 +26,7 @@
 #include <netinet/in.h>
 #include <netinet/tcp.h>
 #include <poll.h>
+#include <signal.h>
 #include <sys/socket.h>
 
 #define REC 64
@@ -88,10 +91,14 @@ static void child(const char *ip, int port, pid_t parent)
 			p.events |= POLLOUT;
 		if (poll(&p, 1, 1000) < 0 && errno != EINTR)
 			_exit(1);
-		if (p.revents & POLLIN) {
+		if (p.revents & (POLLIN | POLLERR | POLLHUP)) {
 			ssize_t k = read(s, in + in_off, REC - in_off);
 			if (k == 0)
 				_exit(0);
+			if (k < 0 && errno != EAGAIN && errno != EINTR) {
+				emit("connection error: %s", strerror(errno));
+				_exit(3);
+			}
 			if (k > 0) {
 				in_off += k;
 				if (in_off == REC) {
@@ -113,6 +120,10 @@ static void child(const char *ip, int port, pid_t parent)
 				out_off = 0;
 			}
 			ssize_t k = write(s, out + out_off, REC - out_off);
+			if (k < 0 && errno != EAGAIN && errno != EINTR) {
+				emit("connection error: %s", strerror(errno));
+				_exit(3);
+			}
 			if (k > 0) {
 				out_off += k;
 				if (out_off == REC)
@@ -124,6 +135,7 @@ static void child(const char *ip, int port, pid_t parent)
 
 int main(int argc, char **argv)
 {
+	signal(SIGPIPE, SIG_IGN);
 	if (argc >= 4 && strcmp(argv[1], "connect") == 0) {
 		emit("tcp_pair connect pid %d to %s:%s", (int)getpid(), argv[2], argv[3]);
 		child(argv[2], atoi(argv[3]), 0);

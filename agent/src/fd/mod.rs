@@ -282,9 +282,18 @@ pub struct Moves {
     /// 4-tuple): that end's `rcv_nxt` at the cut. Pairs within one image are
     /// found by [`open_all`] itself.
     pub peer_recv: Vec<(ckpt_shared::proto::ConnRef, u32)>,
+    /// Connections to peers outside the job, saved under `--external-tcp close`
+    /// (by old 4-tuple): they come back as sockets reset by their peer.
+    pub reset: Vec<ckpt_shared::proto::ConnRef>,
 }
 
 impl Moves {
+    fn is_reset(&self, conn: &tcp::TcpConn) -> bool {
+        self.reset
+            .iter()
+            .any(|c| c.local == conn.local && c.remote == conn.remote)
+    }
+
     /// The 4-tuple that the connection `conn` is rebuilt on.
     pub fn tuple_of(&self, conn: &tcp::TcpConn) -> (SocketAddr, SocketAddr) {
         self.conns
@@ -301,7 +310,7 @@ impl Moves {
         files
             .iter()
             .filter_map(|f| match &f.kind {
-                FileKind::Tcp { conn } => {
+                FileKind::Tcp { conn } if !self.is_reset(conn) => {
                     let (local, remote) = self.tuple_of(conn);
                     Some(crate::netlock::Conn { local, remote })
                 }
@@ -412,6 +421,10 @@ pub fn open_all(files: &[OpenFile], moves: &Moves) -> Result<Opened, FdError> {
     let mut held = Vec::new();
     for (i, f) in files.iter().enumerate() {
         if let FileKind::Tcp { conn } = &f.kind {
+            if moves.is_reset(conn) {
+                rebuilt.insert(i, tcp::reset(conn.local.is_ipv6()).map_err(tcp_err)?);
+                continue;
+            }
             let conn = trimmed(conn, peer_recv.get(&(conn.local, conn.remote)).copied());
             let (local, remote) = moves.tuple_of(&conn);
             let r = tcp::rebuild(&conn, local, remote).map_err(tcp_err)?;

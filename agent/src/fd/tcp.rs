@@ -471,6 +471,58 @@ pub fn silence(fd: BorrowedFd<'_>) -> Result<(), TcpError> {
     )
 }
 
+/// A TCP socket whose connection was reset by its peer, of the family of an IPv6
+/// or an IPv4 connection: the next read gives ECONNRESET, a write EPIPE, as when a
+/// server goes away. It stands in for a connection to a peer outside the job
+/// (`--external-tcp close`), which cannot be moved. Made over this namespace's
+/// loopback: a connection whose accepted end is closed with a zero linger time.
+pub fn reset(v6: bool) -> Result<std::os::fd::OwnedFd, TcpError> {
+    use nix::sys::socket::{accept, connect, getsockname, SockaddrStorage};
+    use std::os::fd::FromRawFd;
+    let lo: SocketAddr = if v6 {
+        "[::1]:0".parse().expect("address")
+    } else {
+        "127.0.0.1:0".parse().expect("address")
+    };
+    let nix_err = |what: &'static str| {
+        move |e: nix::errno::Errno| TcpError::Sys {
+            what,
+            source: e.into(),
+        }
+    };
+    let l = Listener::bind(lo, 1)?.listen()?;
+    let at: SockaddrStorage = getsockname(l.as_raw_fd()).map_err(nix_err("getsockname"))?;
+    let c = tcp_socket(lo)?;
+    connect(c.as_raw_fd(), &at).map_err(nix_err(
+        "connect over loopback (is the loopback interface up?)",
+    ))?;
+    let raw = accept(l.as_raw_fd()).map_err(nix_err("accept"))?;
+    // SAFETY: a fresh descriptor from accept, ours.
+    let a = unsafe { std::os::fd::OwnedFd::from_raw_fd(raw) };
+    let linger = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    setopt_slice(
+        a.as_raw_fd(),
+        libc::SOL_SOCKET,
+        libc::SO_LINGER,
+        std::slice::from_ref(&linger),
+        "SO_LINGER",
+    )?;
+    drop(a);
+    // The reset has arrived once the socket reports the error as pending; reading
+    // SO_ERROR would clear it, so poll for it instead.
+    let mut p = libc::pollfd {
+        fd: c.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: poll on one pollfd of ours.
+    unsafe { libc::poll(&mut p, 1, 1000) };
+    Ok(c)
+}
+
 /// What a socket of a frozen tree is, as far as TCP is concerned.
 pub enum Kind {
     Established,
