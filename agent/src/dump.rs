@@ -271,20 +271,26 @@ pub fn dump_gated(opts: &DumpOptions, gate: &dyn crate::gate::Gate) -> Result<Im
     let t_frozen = Instant::now();
     ph.mark("freeze");
     fault("after-seize")?;
-    // The network lock: every established TCP connection of the tree holds still
-    // before any socket is read (its packets are dropped both ways until the tree
-    // runs again, or until it is killed).
-    let pids: Vec<pid_t> = frozen.procs.iter().map(|p| p.pid).collect();
-    let tcp_socks = crate::fd::tcp::established_of(&pids)?;
-    let mut net_lock = if tcp_socks.is_empty() {
+    // Descriptors first: the table finds the TCP connections (a duplicate of each
+    // socket, nothing read from it yet), and the network lock holds every one of
+    // them still before any socket is read (their packets are dropped both ways
+    // until the tree runs again, or until it is killed).
+    let mut table = FdTable::default();
+    let mut fds_of: HashMap<pid_t, Vec<image::Fd>> = HashMap::new();
+    for p in &frozen.procs {
+        fds_of.insert(p.pid, table.dump_process(p.pid)?);
+    }
+    ph.mark("fd-table");
+    let conns = table.tcp_conns();
+    let mut net_lock = if conns.is_empty() {
         None
     } else {
-        let conns: Vec<_> = tcp_socks.iter().map(|(_, c)| *c).collect();
         let (table, part) = gate
             .lock_name()
             .unwrap_or_else(|| (crate::netlock::own_name("d", opts.pid), "r0".into()));
         Some(crate::netlock::NetLock::lock_part(&table, &part, &conns)?)
     };
+    ph.mark("net-lock");
     gate.frozen().map_err(DumpError::Aborted)?;
 
     // Per process: threads, signals, mm, credentials, layout.
@@ -458,11 +464,12 @@ pub fn dump_gated(opts: &DumpOptions, gate: &dyn crate::gate::Gate) -> Result<Im
     ph.mark("threads+process");
     fault("after-regs")?;
 
-    // Descriptors.
-    let mut table = FdTable::default();
+    // Descriptors: the TCP connections are read now, under the lock.
     for p in &mut processes {
-        p.fds = table.dump_process(p.pid)?;
+        p.fds = fds_of.remove(&p.pid).unwrap_or_default();
     }
+    table.capture_tcp()?;
+    ph.mark("tcp-capture");
     {
         let mut view: Vec<(pid_t, &mut Vec<image::Fd>)> =
             processes.iter_mut().map(|p| (p.pid, &mut p.fds)).collect();
@@ -572,6 +579,7 @@ pub fn dump_gated(opts: &DumpOptions, gate: &dyn crate::gate::Gate) -> Result<Im
         }
     }
     let mut files = table.files;
+    let tcp_dups = table.tcp;
     for f in &mut files {
         if let FileKind::Regular { path, check, .. } = &mut f.kind {
             *check = check_for(path)?;
@@ -721,7 +729,7 @@ pub fn dump_gated(opts: &DumpOptions, gate: &dyn crate::gate::Gate) -> Result<Im
         }
         // The connections end without a word to the peers (no FIN, no RST): they
         // come back with the image.
-        for (s, _) in &tcp_socks {
+        for (.., s) in &tcp_dups {
             use std::os::fd::AsFd;
             if let Err(e) = crate::fd::tcp::silence(s.as_fd()) {
                 tracing::warn!(%e, "a TCP connection could not be silenced before the kill");

@@ -49,6 +49,8 @@ pub enum LockError {
 pub struct NetLock {
     table: String,
     part: String,
+    /// The sets of the part (deleted after its chains, which refer to them).
+    sets: Vec<String>,
     lifted: bool,
 }
 
@@ -79,35 +81,60 @@ fn nft(script: &str) -> Result<(), (bool, String)> {
     }
 }
 
-/// The nft rule that matches packets from `src` to `dst`.
-fn rule(src: SocketAddr, dst: SocketAddr) -> String {
-    let fam = if src.is_ipv4() { "ip" } else { "ip6" };
-    format!(
-        "{fam} saddr {} {fam} daddr {} tcp sport {} tcp dport {} drop",
-        src.ip(),
-        dst.ip(),
-        src.port(),
-        dst.port()
-    )
-}
-
-/// The nft script that adds the chains of part `part` of lock table `table` over
-/// `conns` (the table is made if it is not there yet).
-pub fn script(table: &str, part: &str, conns: &[Conn]) -> String {
-    let mut rules = String::new();
+/// The nft script that adds part `part` of lock table `table` over `conns` (the
+/// table is made if it is not there yet), and the names of the sets it makes.
+///
+/// The connections go into sets of 4-tuples, one per address family, each matched
+/// by one rule per chain: nft loads two thousand set elements in about a tenth of
+/// the time it takes for two thousand rules, and matches a packet with one hash
+/// lookup instead of a walk down the rules.
+pub fn script(table: &str, part: &str, conns: &[Conn]) -> (String, Vec<String>) {
+    let mut v4 = Vec::new();
+    let mut v6 = Vec::new();
+    let mut seen = std::collections::HashSet::new();
     for c in conns {
-        // Both directions in both chains: a loopback connection's packets cross
-        // output then input; a remote one's cross one of them each way.
-        for (s, d) in [(c.local, c.remote), (c.remote, c.local)] {
-            rules += &format!("\t\t{}\n", rule(s, d));
+        // Both ends of a connection within one tree make the same elements.
+        if !seen.insert((c.local.min(c.remote), c.local.max(c.remote))) {
+            continue;
+        }
+        // One element per connection; each chain matches it both ways (a loopback
+        // connection's packets cross output then input, a remote one's cross one
+        // of the hooks each way). An IPv6 socket talking to an IPv4 peer sends
+        // IPv4 packets.
+        let canon = |a: SocketAddr| SocketAddr::new(a.ip().to_canonical(), a.port());
+        let (s, d) = (canon(c.local), canon(c.remote));
+        let e = format!("{} . {} . {} . {}", s.ip(), s.port(), d.ip(), d.port());
+        if s.is_ipv4() {
+            v4.push(e);
+        } else {
+            v6.push(e);
         }
     }
-    format!(
-        "table inet {table} {{\n\
+    let mut sets = String::new();
+    let mut rules = String::new();
+    let mut names = Vec::new();
+    for (fam, ty, elems) in [("ip", "ipv4_addr", &v4), ("ip6", "ipv6_addr", &v6)] {
+        if elems.is_empty() {
+            continue;
+        }
+        let name = format!("{fam}_{part}");
+        sets += &format!(
+            "\tset {name} {{\n\t\ttype {ty} . inet_service . {ty} . inet_service\n\t\telements = {{ {} }}\n\t}}\n",
+            elems.join(", ")
+        );
+        rules += &format!(
+            "\t\t{fam} saddr . tcp sport . {fam} daddr . tcp dport @{name} drop\n\
+             \t\t{fam} daddr . tcp dport . {fam} saddr . tcp sport @{name} drop\n"
+        );
+        names.push(name);
+    }
+    let text = format!(
+        "table inet {table} {{\n{sets}\
          \tchain in_{part} {{\n\t\ttype filter hook input priority -300; policy accept;\n{rules}\t}}\n\
          \tchain out_{part} {{\n\t\ttype filter hook output priority -300; policy accept;\n{rules}\t}}\n\
          }}\n"
-    )
+    );
+    (text, names)
 }
 
 /// A table name for an operation of its own (a command-line dump or restore of
@@ -147,7 +174,8 @@ impl NetLock {
             return Err(LockError::Family(*c));
         }
         let table = format!("{TABLE_PREFIX}{name}");
-        nft(&script(&table, part, conns)).map_err(|(spawn, e)| {
+        let (text, sets) = script(&table, part, conns);
+        nft(&text).map_err(|(spawn, e)| {
             if spawn {
                 LockError::Spawn(std::io::Error::other(e))
             } else {
@@ -160,6 +188,7 @@ impl NetLock {
         Ok(NetLock {
             table,
             part: part.to_string(),
+            sets,
             lifted: false,
         })
     }
@@ -179,10 +208,11 @@ impl NetLock {
 
     fn lift(&self) -> Result<(), String> {
         let (t, p) = (&self.table, &self.part);
-        nft(&format!(
-            "delete chain inet {t} in_{p}\ndelete chain inet {t} out_{p}\n"
-        ))
-        .map_err(|(_, e)| e)?;
+        let mut cmds = format!("delete chain inet {t} in_{p}\ndelete chain inet {t} out_{p}\n");
+        for s in &self.sets {
+            cmds += &format!("delete set inet {t} {s}\n");
+        }
+        nft(&cmds).map_err(|(_, e)| e)?;
         // The last part out takes the table with it. Two parts lifted at once may
         // both find it empty: the second delete fails, harmlessly.
         let listed = Command::new("nft")
@@ -242,16 +272,30 @@ mod tests {
             local: "10.0.0.1:5000".parse().unwrap(),
             remote: "10.0.0.2:80".parse().unwrap(),
         };
-        let s = script("ckpt_7", "r0", &[c]);
-        let fwd = "ip saddr 10.0.0.1 ip daddr 10.0.0.2 tcp sport 5000 tcp dport 80 drop";
-        let back = "ip saddr 10.0.0.2 ip daddr 10.0.0.1 tcp sport 80 tcp dport 5000 drop";
-        assert_eq!(s.matches(fwd).count(), 2, "{s}");
-        assert_eq!(s.matches(back).count(), 2, "{s}");
+        let (s, sets) = script("ckpt_7", "r0", &[c]);
+        assert_eq!(sets, vec!["ip_r0".to_string()]);
+        assert!(
+            s.contains("elements = { 10.0.0.1 . 5000 . 10.0.0.2 . 80 }"),
+            "{s}"
+        );
+        let out = "ip saddr . tcp sport . ip daddr . tcp dport @ip_r0 drop";
+        let back = "ip daddr . tcp dport . ip saddr . tcp sport @ip_r0 drop";
+        assert_eq!(s.matches(out).count(), 2, "one in each chain: {s}");
+        assert_eq!(s.matches(back).count(), 2, "one in each chain: {s}");
+        // Its other end, in the same tree, adds nothing.
+        let mirror = Conn {
+            local: c.remote,
+            remote: c.local,
+        };
+        assert_eq!(script("ckpt_7", "r0", &[c, mirror]).0, s);
         let v6 = Conn {
             local: "[fd00::1]:1".parse().unwrap(),
             remote: "[fd00::2]:2".parse().unwrap(),
         };
-        assert!(script("ckpt_8", "r1", &[v6]).contains("ip6 saddr fd00::1 ip6 daddr fd00::2"));
+        let (s6, sets6) = script("ckpt_8", "r1", &[c, v6]);
+        assert_eq!(sets6, vec!["ip_r1".to_string(), "ip6_r1".to_string()]);
+        assert!(s6.contains("fd00::1 . 1 . fd00::2 . 2"), "{s6}");
+        assert!(s6.contains("ip6 saddr . tcp sport . ip6 daddr . tcp dport @ip6_r1 drop"));
         assert!(matches!(
             NetLock::lock("bad name", &[]),
             Err(LockError::Name(_))

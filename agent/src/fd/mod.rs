@@ -19,7 +19,7 @@ pub mod tcp;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
 
 use ckpt_shared::image::{Fd, FileKind, OpenFile};
@@ -61,6 +61,38 @@ fn minor(rdev: u64) -> u64 {
     libc::minor(rdev) as u64
 }
 
+/// What `/proc` says of one descriptor (its link, its metadata, its position and
+/// flags), and for a socket our duplicate and its kind.
+type Looked = (
+    String,
+    std::fs::Metadata,
+    (u64, u32),
+    Option<(OwnedFd, tcp::Kind)>,
+);
+
+/// `f` over `items`, in order, on up to four threads when there are many.
+fn parallel_map<T: Sync, R: Send>(items: &[T], f: impl Fn(&T) -> R + Sync) -> Vec<R> {
+    let threads = std::thread::available_parallelism()
+        .map_or(2, |p| p.get())
+        .clamp(1, 4)
+        .min(items.len().div_ceil(64));
+    if threads <= 1 {
+        return items.iter().map(f).collect();
+    }
+    let per = items.len().div_ceil(threads);
+    let f = &f;
+    std::thread::scope(|s| {
+        let handles: Vec<_> = items
+            .chunks(per)
+            .map(|part| s.spawn(move || part.iter().map(f).collect::<Vec<R>>()))
+            .collect();
+        handles
+            .into_iter()
+            .flat_map(|h| h.join().expect("a descriptor thread panicked"))
+            .collect()
+    })
+}
+
 /// The descriptions found so far in the tree.
 #[derive(Default)]
 pub struct FdTable {
@@ -71,6 +103,10 @@ pub struct FdTable {
     pipes: HashMap<u64, (bool, bool)>,
     /// Regular files behind descriptors (for the restore check).
     pub regular_paths: Vec<String>,
+    /// Our duplicates of the established TCP sockets, with the file each is and
+    /// where it came from: captured together by [`capture_tcp`](Self::capture_tcp)
+    /// and kept to silence the connections if the tree is killed.
+    pub tcp: Vec<(u32, pid_t, RawFd, OwnedFd)>,
 }
 
 impl FdTable {
@@ -78,15 +114,30 @@ impl FdTable {
     pub fn dump_process(&mut self, pid: pid_t) -> Result<Vec<Fd>, FdError> {
         let mut out = Vec::new();
         let pidfd = sys::pidfd_open(pid)?;
-        for fd in proc::fds(pid)? {
-            let link = proc::readlink(format!("/proc/{pid}/fd/{fd}"))?;
-            let meta = std::fs::metadata(format!("/proc/{pid}/fd/{fd}")).map_err(|source| {
-                FdError::Open {
-                    path: format!("/proc/{pid}/fd/{fd}"),
-                    source,
-                }
+        let fds = proc::fds(pid)?;
+        // What /proc says of each descriptor, and a duplicate of each socket: read
+        // on a few threads at once (with a thousand sockets, /proc alone takes tens
+        // of milliseconds, all of it while the tree stands still).
+        let looked = parallel_map(&fds, |&fd| -> Result<Looked, FdError> {
+            let path = format!("/proc/{pid}/fd/{fd}");
+            let link = proc::readlink(path.clone())?;
+            let meta = std::fs::metadata(&path).map_err(|source| FdError::Open {
+                path: path.clone(),
+                source,
             })?;
-            let (pos, flags) = proc::fdinfo(pid, fd)?;
+            let info = proc::fdinfo(pid, fd)?;
+            let sock = if link.starts_with("socket:[") {
+                use std::os::fd::AsFd;
+                let dup = sys::pidfd_getfd(&pidfd, pid, fd)?;
+                let kind = tcp::kind(dup.as_fd());
+                Some((dup, kind))
+            } else {
+                None
+            };
+            Ok((link, meta, info, sock))
+        });
+        for (&fd, looked) in fds.iter().zip(looked) {
+            let (link, meta, (pos, flags), mut sock) = looked?;
             let cloexec = flags & libc::O_CLOEXEC as u32 != 0;
             let flags = flags & !(libc::O_CLOEXEC as u32);
             let (dev, ino) = (meta.dev(), meta.ino());
@@ -131,16 +182,16 @@ impl FdTable {
                     buffered: if already { Vec::new() } else { buffered },
                     capacity,
                 }
-            } else if link.starts_with("socket:[") {
-                let dup = sys::pidfd_getfd(&pidfd, pid, fd)?;
-                use std::os::fd::AsFd;
-                match tcp::kind(dup.as_fd()) {
-                    // Read under the network lock the dump put in place.
-                    tcp::Kind::Established => FileKind::Tcp {
-                        conn: Box::new(tcp::capture(dup.as_fd()).map_err(|e| {
-                            unsupported(format!("a TCP connection that could not be read: {e}"))
-                        })?),
-                    },
+            } else if let Some((dup, kind)) = sock.take() {
+                match kind {
+                    // Read under the network lock the dump put in place, by
+                    // capture_tcp, once every process's table is known.
+                    tcp::Kind::Established => {
+                        self.tcp.push((self.files.len() as u32, pid, fd, dup));
+                        FileKind::Inherited {
+                            what: "a TCP connection not read yet".into(),
+                        }
+                    }
                     tcp::Kind::Listen { pending, .. } if pending > 0 => {
                         // Those connections live in no descriptor: they cannot be
                         // read, and dropping them would reset clients that believe
@@ -213,6 +264,65 @@ impl FdTable {
             });
         }
         Ok(out)
+    }
+
+    /// The 4-tuple of every established TCP connection found so far: what the
+    /// network lock holds.
+    pub fn tcp_conns(&self) -> Vec<crate::netlock::Conn> {
+        self.tcp
+            .iter()
+            .filter_map(|(.., dup)| {
+                use std::os::fd::AsFd;
+                let local = tcp::local_addr(dup.as_fd()).ok()?;
+                let remote = tcp::remote_addr(dup.as_fd()).ok()?;
+                Some(crate::netlock::Conn { local, remote })
+            })
+            .collect()
+    }
+
+    /// Reads every established TCP connection found by
+    /// [`dump_process`](Self::dump_process), on a few threads at once: the tree is
+    /// frozen meanwhile, and with a thousand connections the reading is most of
+    /// its standstill.
+    pub fn capture_tcp(&mut self) -> Result<(), FdError> {
+        use std::os::fd::AsFd;
+        let n = self.tcp.len();
+        if n == 0 {
+            return Ok(());
+        }
+        let threads = std::thread::available_parallelism()
+            .map_or(2, |p| p.get())
+            .clamp(1, 4)
+            .min(n.div_ceil(64));
+        let per = n.div_ceil(threads);
+        let got: Vec<Result<tcp::TcpConn, tcp::TcpError>> = std::thread::scope(|s| {
+            let handles: Vec<_> = self
+                .tcp
+                .chunks(per)
+                .map(|part| {
+                    s.spawn(move || {
+                        part.iter()
+                            .map(|(_, _, _, dup)| tcp::capture(dup.as_fd()))
+                            .collect::<Vec<_>>()
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .flat_map(|h| h.join().expect("a capture thread panicked"))
+                .collect()
+        });
+        for ((file, pid, fd, _), conn) in self.tcp.iter().zip(got) {
+            let conn = conn.map_err(|e| FdError::Unsupported {
+                pid: *pid,
+                fd: *fd,
+                what: format!("a TCP connection that could not be read: {e}"),
+            })?;
+            self.files[*file as usize].kind = FileKind::Tcp {
+                conn: Box::new(conn),
+            };
+        }
+        Ok(())
     }
 
     /// After every process: anonymous pipes with an end outside the tree can only be

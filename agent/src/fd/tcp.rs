@@ -562,44 +562,14 @@ pub fn kind(fd: BorrowedFd<'_>) -> Kind {
 /// `TCP_LISTEN` in `tcp_info.tcpi_state`.
 pub const TCP_LISTEN: u8 = 10;
 
-/// The bound address of a listening socket.
+/// The bound address of a socket.
 pub fn local_addr(fd: BorrowedFd<'_>) -> Result<SocketAddr, TcpError> {
     addr(fd.as_raw_fd(), false)
 }
 
-/// Every established TCP connection of the processes `pids`: our duplicate of each
-/// socket and its 4-tuple. The dump locks these before it reads any of them, and
-/// silences them before it kills the tree.
-pub fn established_of(
-    pids: &[libc::pid_t],
-) -> Result<Vec<(std::os::fd::OwnedFd, crate::netlock::Conn)>, crate::sys::SysError> {
-    use std::os::fd::AsFd;
-    let mut out = Vec::new();
-    for &pid in pids {
-        let pidfd = crate::sys::pidfd_open(pid)?;
-        let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
-            continue;
-        };
-        for e in dir.flatten() {
-            let Ok(n) = e.file_name().to_string_lossy().parse::<i32>() else {
-                continue;
-            };
-            let is_socket = std::fs::read_link(e.path())
-                .map(|l| l.to_string_lossy().starts_with("socket:["))
-                .unwrap_or(false);
-            if !is_socket {
-                continue;
-            }
-            let dup = crate::sys::pidfd_getfd(&pidfd, pid, n)?;
-            if matches!(kind(dup.as_fd()), Kind::Established) {
-                let raw = dup.as_raw_fd();
-                if let (Ok(local), Ok(remote)) = (addr(raw, false), addr(raw, true)) {
-                    out.push((dup, crate::netlock::Conn { local, remote }));
-                }
-            }
-        }
-    }
-    Ok(out)
+/// The peer's address of a connected socket.
+pub fn remote_addr(fd: BorrowedFd<'_>) -> Result<SocketAddr, TcpError> {
+    addr(fd.as_raw_fd(), true)
 }
 
 /// Makes a listening socket again: bound to `addr` now, listening only on
