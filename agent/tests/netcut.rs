@@ -291,3 +291,64 @@ fn bytes_in_both_queues_at_the_cut_are_sent_once_and_nothing_stalls() {
         assert!(all < Duration::from_millis(150), "stalled: {all:?}");
     });
 }
+
+#[test]
+fn an_ipv6_connection_is_locked_read_and_rebuilt_on_other_addresses() {
+    in_netns(|| {
+        for a in ["fd00::a", "fd00::b"] {
+            let st = std::process::Command::new("ip")
+                .args([
+                    "-6",
+                    "addr",
+                    "add",
+                    &format!("{a}/128"),
+                    "dev",
+                    "lo",
+                    "nodad",
+                ])
+                .status()
+                .unwrap();
+            assert!(st.success());
+        }
+        let l = TcpListener::bind("[::1]:0").unwrap();
+        let mut a = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let (mut b, _) = l.accept().unwrap();
+        a.write_all(b"six").unwrap();
+        assert_eq!(read_n(&mut b, 3, Duration::from_secs(5)), b"six");
+        std::thread::sleep(Duration::from_millis(50));
+        let lock = NetLock::lock("v6", &[conn_of(&a)]).unwrap();
+        a.write_all(b"held back").unwrap();
+        b.write_all(b"and back").unwrap();
+        std::thread::sleep(Duration::from_millis(300));
+        assert_eq!(inq(&b), 0, "a byte crossed the IPv6 lock");
+        assert_eq!(inq(&a), 0, "a byte crossed the IPv6 lock");
+        let ca = tcp::capture(a.as_fd()).unwrap();
+        let cb = tcp::capture(b.as_fd()).unwrap();
+        assert!(ca.local.is_ipv6() && ca.send_queue == b"held back");
+        assert_eq!(cb.send_queue, b"and back");
+        tcp::silence(a.as_fd()).unwrap();
+        tcp::silence(b.as_fd()).unwrap();
+        drop((a, b));
+        let na: std::net::SocketAddr = "[fd00::a]:4000".parse().unwrap();
+        let nb: std::net::SocketAddr = "[fd00::b]:5000".parse().unwrap();
+        let lock2 = NetLock::lock(
+            "v6r",
+            &[Conn {
+                local: na,
+                remote: nb,
+            }],
+        )
+        .unwrap();
+        let ra = tcp::rebuild(&ca, na, nb).unwrap();
+        let rb = tcp::rebuild(&cb, nb, na).unwrap();
+        lock.unlock().unwrap();
+        lock2.unlock().unwrap();
+        let mut b2 = TcpStream::from(rb.finish().unwrap());
+        let mut a2 = TcpStream::from(ra.finish().unwrap());
+        assert_eq!(a2.peer_addr().unwrap(), nb);
+        assert_eq!(read_n(&mut b2, 9, Duration::from_secs(10)), b"held back");
+        assert_eq!(read_n(&mut a2, 8, Duration::from_secs(10)), b"and back");
+        a2.write_all(b"more").unwrap();
+        assert_eq!(read_n(&mut b2, 4, Duration::from_secs(5)), b"more");
+    });
+}

@@ -294,3 +294,44 @@ fn a_connection_to_a_server_outside_the_job_fails_the_save_or_comes_back_reset()
     }
     check_log(&log).unwrap();
 }
+
+#[test]
+fn a_server_rank_and_its_callers_keep_their_sessions_across_a_restore() {
+    if !root() {
+        return;
+    }
+    let jc = JobCluster::new(4, &bin(), 5.0, &[], &[]).unwrap();
+    let job = "rpc";
+    let n0 = jc.cluster.nodes()[0].addr.to_string();
+    // Rank 0 serves three callers: rank 1 beside it on n0, ranks 2 and 3 on n1.
+    let (p0, log0) = jc
+        .spawn_rank(0, job, 0, "tcp_rpc", &["serve", "7400", "3"])
+        .unwrap();
+    let mut pids = vec![p0];
+    let mut logs = vec![log0];
+    for (rank, node) in [(1u32, 0usize), (2, 1), (3, 1)] {
+        let id = rank.to_string();
+        let (p, l) = jc
+            .spawn_rank(node, job, rank, "tcp_rpc", &["call", &n0, "7400", &id])
+            .unwrap();
+        pids.push(p);
+        logs.push(l);
+    }
+    for log in &logs {
+        wait_ticks(log, 5, WAIT);
+    }
+    for pause in [70, 230] {
+        std::thread::sleep(Duration::from_millis(pause));
+        let out = jc.ctl_ok(&["job", "save", job, "--wait"]).unwrap();
+        assert!(out.contains("saved"), "{out}");
+        all_advance(&logs, 5);
+    }
+    let at_kill = kill_save(&jc, job, &pids, &logs);
+    let now = restore(&jc, job, &["--nodes", "n2,n3"]);
+    let nodes: Vec<&str> = now.iter().map(|(_, n, _)| n.as_str()).collect();
+    assert_eq!(nodes, ["n2", "n2", "n3", "n3"]);
+    for (log, k) in logs.iter().zip(&at_kill) {
+        wait_ticks(log, k + 10, WAIT);
+    }
+    all_advance(&logs, 5);
+}
