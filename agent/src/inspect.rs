@@ -70,6 +70,16 @@ fn file_json(k: &FileKind) -> Value {
         FileKind::TcpListen { addr, backlog } => {
             json!({"kind": "tcp-listen", "addr": addr.to_string(), "backlog": backlog})
         }
+        FileKind::Udp {
+            local,
+            remote,
+            opts,
+        } => json!({
+            "kind": "udp", "local": local.to_string(),
+            "remote": remote.map(|r| r.to_string()),
+            "reuseaddr": opts.reuseaddr, "reuseport": opts.reuseport,
+            "broadcast": opts.broadcast, "sndbuf": opts.sndbuf, "rcvbuf": opts.rcvbuf,
+        }),
     }
 }
 
@@ -231,6 +241,21 @@ pub fn to_text(img: &Image) -> String {
                 FileKind::TcpListen { addr, backlog } => {
                     format!("tcp listening on {addr} (backlog {backlog})")
                 }
+                FileKind::Udp {
+                    local,
+                    remote,
+                    opts,
+                } => format!(
+                    "udp {local}{}{}{}{} (buffers {} send, {} receive)",
+                    remote
+                        .map(|r| format!(" connected to {r}"))
+                        .unwrap_or_default(),
+                    if opts.reuseaddr { " reuseaddr" } else { "" },
+                    if opts.reuseport { " reuseport" } else { "" },
+                    if opts.broadcast { " broadcast" } else { "" },
+                    human(opts.sndbuf as u64),
+                    human(opts.rcvbuf as u64)
+                ),
             };
             let _ = writeln!(
                 o,

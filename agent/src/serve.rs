@@ -589,6 +589,16 @@ fn manifest_of(rank: u32, image: &str, img: &ckpt_shared::image::Image) -> RankM
                 _ => None,
             })
             .collect(),
+        udp: img
+            .files
+            .iter()
+            .filter_map(|f| match &f.kind {
+                ckpt_shared::image::FileKind::Udp { local, .. } if local.port() != 0 => {
+                    Some(*local)
+                }
+                _ => None,
+            })
+            .collect(),
     }
 }
 

@@ -2,7 +2,8 @@
 //! connection that always has data in flight both ways, plus the listening socket
 //! it came from (`tests/workloads/tcp_pair.c`), inside a network namespace of the
 //! test cluster. A dump that leaves it running, then a dump that kills it and a
-//! restore: every record arrives once, in order, intact, across both.
+//! restore: every record arrives once, in order, intact, across both. And UDP
+//! sockets (a bound server, a connected client) with their options.
 
 use std::path::Path;
 use std::process::Command;
@@ -165,5 +166,96 @@ fn a_listener_with_connections_not_yet_accepted_is_refused_and_left_running() ->
         !tables.contains("ckpt_"),
         "the network lock was left: {tables}"
     );
+    Ok(())
+}
+
+/// The last "self N" the UDP workload printed.
+fn last_self(log: &Path) -> u64 {
+    std::fs::read_to_string(log)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.strip_prefix("self ")?.trim().parse().ok())
+        .last()
+        .unwrap_or(0)
+}
+
+fn udp_ask(c: &Cluster, ns: &str, what: &str) -> Result<String> {
+    let script = format!(
+        "import socket\n\
+         s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n\
+         s.settimeout(2)\n\
+         s.sendto(b'{what}', ('127.0.0.1', 7500))\n\
+         print(s.recvfrom(2048)[0].decode())\n"
+    );
+    let out = c.run_in(ns, Command::new("python3").args(["-c", &script]))?;
+    Ok(ok(&out, "the UDP client")?.trim().to_string())
+}
+
+#[test]
+fn udp_sockets_come_back_bound_connected_and_with_their_options() -> Result<()> {
+    require_root!(Ok(()));
+    let c = Cluster::new(1)?;
+    let ns = c.nodes()[0].netns.clone();
+    let dir = tempfile::tempdir()?;
+    let log = dir.path().join("log");
+    let mut cmd = workload::workload_command("udp_echo.py", ["7500"], &log)?;
+    let child = c.spawn_in(&ns, &mut cmd)?;
+    let pid = child.id() as i32;
+    let mut guard = PidsGuard::new([pid]);
+    let t = std::time::Instant::now();
+    while last_self(&log) < 3 {
+        ensure!(t.elapsed() < WAIT, "udp_echo does not run");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let before = udp_ask(&c, &ns, "opts")?;
+    ensure!(before.contains("reuseaddr=1"), "{before}");
+    let img = dir.path().join("img");
+    ok(
+        &agent_in(
+            &c,
+            &ns,
+            &[
+                "dump",
+                "--pid",
+                &pid.to_string(),
+                "--image",
+                img.to_str().unwrap(),
+            ],
+        )?,
+        "dump",
+    )?;
+    ensure!(
+        guard.wait_gone(Duration::from_secs(10)).is_empty(),
+        "udp_echo survived the dump"
+    );
+    drop(child);
+    let shown = ok(
+        &agent_in(&c, &ns, &["inspect", "--image", img.to_str().unwrap()])?,
+        "inspect",
+    )?;
+    ensure!(shown.contains("udp 0.0.0.0:7500 reuseaddr"), "{shown}");
+    ensure!(shown.contains("connected to 127.0.0.1:7500"), "{shown}");
+    let at_dump = last_self(&log);
+    let out = agent_in(&c, &ns, &["restore", "--image", img.to_str().unwrap()])?;
+    ok(&out, "restore")?;
+    guard.rearm();
+    // The connected socket still reaches the server, which still counts.
+    let t = std::time::Instant::now();
+    while last_self(&log) < at_dump + 5 {
+        ensure!(t.elapsed() < WAIT, "no datagram after the restore");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    ensure!(udp_ask(&c, &ns, "ping")? == "gnip");
+    let after = udp_ask(&c, &ns, "opts")?;
+    ensure!(
+        after == before,
+        "options before {before:?}, after {after:?}"
+    );
+    check_no_fail(&log)
+}
+
+fn check_no_fail(log: &Path) -> Result<()> {
+    let text = std::fs::read_to_string(log)?;
+    ensure!(!text.contains("FAIL"), "{text}");
     Ok(())
 }

@@ -576,6 +576,7 @@ mod tests {
                 stored_bytes: 1,
                 tcp: vec![],
                 listen: vec![],
+                udp: vec![],
             }],
         }
     }

@@ -596,6 +596,9 @@ pub fn run(cli: Cli) -> Result<()> {
                     for a in &r.listen {
                         println!("             tcp listening on {a}");
                     }
+                    for a in &r.udp {
+                        println!("             udp bound to {a}");
+                    }
                     for c in &r.tcp {
                         println!(
                             "             tcp {} -> {}: {} queued to send, {} received unread{}",

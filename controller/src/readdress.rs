@@ -149,7 +149,8 @@ pub fn plan(
                 out.conns.entry(r.rank).or_default().push((*c, new));
             }
         }
-        for a in &r.listen {
+        // Listening TCP sockets and bound UDP sockets alike.
+        for a in r.listen.iter().chain(&r.udp) {
             if !a.ip().is_unspecified() && !a.ip().is_loopback() && moved(r.rank) {
                 out.listen
                     .entry(r.rank)
@@ -188,6 +189,7 @@ mod tests {
                 })
                 .collect(),
             listen: listen.iter().map(|a| a.parse().unwrap()).collect(),
+            udp: vec![],
         }
     }
 

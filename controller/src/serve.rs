@@ -997,6 +997,7 @@ async fn drive_save(
                                     kernel,
                                     tcp: r.tcp.clone(),
                                     listen: r.listen.clone(),
+                                    udp: r.udp.clone(),
                                     rank: r.rank,
                                     image: r.image.clone(),
                                     node: v.map(|v| v.node.clone()).unwrap_or_default(),

@@ -71,6 +71,7 @@ pub async fn run(
                     stored_bytes: 0,
                     tcp: vec![],
                     listen: vec![],
+                    udp: vec![],
                 }],
             }),
             _ => None,

@@ -41,6 +41,9 @@ pub struct JobRank {
     pub tcp: Vec<crate::proto::SavedConn>,
     #[serde(default)]
     pub listen: Vec<std::net::SocketAddr>,
+    /// The addresses its UDP sockets are bound to.
+    #[serde(default)]
+    pub udp: Vec<std::net::SocketAddr>,
 }
 
 /// A committed checkpoint of a job.
@@ -180,6 +183,7 @@ mod tests {
                 kernel: "6.18".into(),
                 tcp: vec![],
                 listen: vec![],
+                udp: vec![],
             }],
             freeze_us: 1,
             total_us: 2,

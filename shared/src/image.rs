@@ -454,6 +454,26 @@ pub enum FileKind {
         addr: SocketAddr,
         backlog: u32,
     },
+    /// A UDP socket: its bound address (a wildcard stays a wildcard; port 0: not
+    /// bound), the peer it is connected to, if any, and its options. Datagrams
+    /// queued in it at the dump are not kept: to the application that is the loss
+    /// UDP allows.
+    Udp {
+        local: SocketAddr,
+        remote: Option<SocketAddr>,
+        opts: UdpOpts,
+    },
+}
+
+/// The options of a UDP socket that a restore sets again.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UdpOpts {
+    pub reuseaddr: bool,
+    pub reuseport: bool,
+    pub broadcast: bool,
+    /// As the kernel reports them (twice what was asked).
+    pub sndbuf: u32,
+    pub rcvbuf: u32,
 }
 
 /// `struct tcp_repair_window`.

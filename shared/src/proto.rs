@@ -214,6 +214,9 @@ pub struct RankManifest {
     pub tcp: Vec<SavedConn>,
     #[serde(default)]
     pub listen: Vec<std::net::SocketAddr>,
+    /// The addresses its UDP sockets are bound to.
+    #[serde(default)]
+    pub udp: Vec<std::net::SocketAddr>,
 }
 
 /// Controller to agent.
@@ -405,6 +408,7 @@ mod tests {
                 stored_bytes: 1 << 20,
                 tcp: vec![],
                 listen: vec![],
+                udp: vec![],
             }],
         };
         assert_eq!(FromAgent::from_frame(&up.to_frame().unwrap()).unwrap(), up);
@@ -446,6 +450,7 @@ mod tests {
                 stored_bytes: 6,
                 tcp: vec![],
                 listen: vec![],
+                udp: vec![],
             }],
         })
         .unwrap();

@@ -16,6 +16,7 @@
 
 pub mod pipe;
 pub mod tcp;
+pub mod udp;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -212,6 +213,20 @@ impl FdTable {
                         )))
                     }
                     tcp::Kind::NotTcp if fd <= 2 => FileKind::Inherited { what: link.clone() },
+                    tcp::Kind::NotTcp
+                        if matches!(
+                            sys::socket_domain_type(dup.as_raw_fd())?,
+                            (libc::AF_INET | libc::AF_INET6, libc::SOCK_DGRAM)
+                        ) =>
+                    {
+                        let (local, remote, opts) = udp::capture(dup.as_fd())
+                            .map_err(|e| unsupported(format!("a UDP socket: {e}")))?;
+                        FileKind::Udp {
+                            local,
+                            remote,
+                            opts,
+                        }
+                    }
                     tcp::Kind::NotTcp => {
                         let (domain, _) = sys::socket_domain_type(dup.as_raw_fd())?;
                         return Err(unsupported(format!("a {} socket", domain_name(domain))));
@@ -564,6 +579,24 @@ pub fn open_all(files: &[OpenFile], moves: &Moves) -> Result<Opened, FdError> {
             }
             FileKind::TcpListen { .. } => {
                 let fd = listening.remove(&i).expect("bound above");
+                set_status_flags(&fd, flags)?;
+                fd
+            }
+            FileKind::Udp {
+                local,
+                remote,
+                opts,
+            } => {
+                // A bound address moves like a listener's.
+                let at = moves
+                    .listen
+                    .iter()
+                    .find(|(old, _)| old == local)
+                    .map_or(*local, |(_, new)| *new);
+                let fd = udp::rebuild(at, *remote, opts).map_err(|source| FdError::Open {
+                    path: format!("UDP {local}"),
+                    source,
+                })?;
                 set_status_flags(&fd, flags)?;
                 fd
             }

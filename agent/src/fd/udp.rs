@@ -1,0 +1,138 @@
+//! UDP sockets: the bound address, the connected peer and the options, read from
+//! a duplicate of the socket and set again on a new one. Queued datagrams are not
+//! read: UDP may lose them, and a peek sees only the first.
+
+use std::net::SocketAddr;
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+
+use ckpt_shared::image::UdpOpts;
+
+fn get_int(fd: i32, opt: i32) -> std::io::Result<i32> {
+    let mut v: libc::c_int = 0;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: getsockopt writes one int into `v`.
+    let r = unsafe {
+        libc::getsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            opt,
+            (&mut v as *mut libc::c_int).cast(),
+            &mut len,
+        )
+    };
+    if r != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(v)
+}
+
+fn set_int(fd: i32, opt: i32, v: i32, what: &str) -> std::io::Result<()> {
+    // SAFETY: setsockopt reads one int from `v`.
+    let r = unsafe {
+        libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            opt,
+            (&v as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if r != 0 {
+        let e = std::io::Error::last_os_error();
+        return Err(std::io::Error::new(e.kind(), format!("{what}: {e}")));
+    }
+    Ok(())
+}
+
+/// The bound address, the peer (if connected) and the options of UDP socket `fd`.
+pub fn capture(fd: BorrowedFd<'_>) -> std::io::Result<(SocketAddr, Option<SocketAddr>, UdpOpts)> {
+    use nix::sys::socket::{getpeername, getsockname, SockaddrStorage};
+    let raw = fd.as_raw_fd();
+    let to_addr = |s: SockaddrStorage| -> Option<SocketAddr> {
+        if let Some(v4) = s.as_sockaddr_in() {
+            Some(SocketAddr::V4((*v4).into()))
+        } else {
+            s.as_sockaddr_in6().map(|v6| SocketAddr::V6((*v6).into()))
+        }
+    };
+    let local = getsockname::<SockaddrStorage>(raw)
+        .ok()
+        .and_then(to_addr)
+        .ok_or_else(|| std::io::Error::other("getsockname of a UDP socket"))?;
+    let remote = getpeername::<SockaddrStorage>(raw).ok().and_then(to_addr);
+    let opts = UdpOpts {
+        reuseaddr: get_int(raw, libc::SO_REUSEADDR)? != 0,
+        reuseport: get_int(raw, libc::SO_REUSEPORT)? != 0,
+        broadcast: get_int(raw, libc::SO_BROADCAST)? != 0,
+        sndbuf: get_int(raw, libc::SO_SNDBUF)? as u32,
+        rcvbuf: get_int(raw, libc::SO_RCVBUF)? as u32,
+    };
+    Ok((local, remote, opts))
+}
+
+/// A new UDP socket like the one captured: options, then bound to `local` (unless
+/// it was never bound), then connected to `remote` (if it was). Close-on-exec and
+/// blocking; the caller sets the status flags.
+pub fn rebuild(
+    local: SocketAddr,
+    remote: Option<SocketAddr>,
+    opts: &UdpOpts,
+) -> std::io::Result<OwnedFd> {
+    use nix::sys::socket::{bind, connect, SockaddrStorage};
+    let domain = if local.is_ipv4() {
+        libc::AF_INET
+    } else {
+        libc::AF_INET6
+    };
+    // SAFETY: socket(2) with constant arguments.
+    let raw = unsafe { libc::socket(domain, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if raw < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: a fresh descriptor we own.
+    let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+    set_int(
+        raw,
+        libc::SO_REUSEADDR,
+        opts.reuseaddr as i32,
+        "SO_REUSEADDR",
+    )?;
+    set_int(
+        raw,
+        libc::SO_REUSEPORT,
+        opts.reuseport as i32,
+        "SO_REUSEPORT",
+    )?;
+    set_int(
+        raw,
+        libc::SO_BROADCAST,
+        opts.broadcast as i32,
+        "SO_BROADCAST",
+    )?;
+    // The kernel doubles what is asked.
+    set_int(
+        raw,
+        libc::SO_SNDBUFFORCE,
+        (opts.sndbuf / 2) as i32,
+        "SO_SNDBUFFORCE",
+    )?;
+    set_int(
+        raw,
+        libc::SO_RCVBUFFORCE,
+        (opts.rcvbuf / 2) as i32,
+        "SO_RCVBUFFORCE",
+    )?;
+    if local.port() != 0 || !local.ip().is_unspecified() {
+        bind(raw, &SockaddrStorage::from(local)).map_err(|e| {
+            std::io::Error::new(
+                std::io::ErrorKind::AddrInUse,
+                format!("bind of a UDP socket to {local} (is the port taken on this node?): {e}"),
+            )
+        })?;
+    }
+    if let Some(r) = remote {
+        connect(raw, &SockaddrStorage::from(r))
+            .map_err(|e| std::io::Error::other(format!("connect of a UDP socket to {r}: {e}")))?;
+    }
+    Ok(fd)
+}
