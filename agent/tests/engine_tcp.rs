@@ -174,8 +174,8 @@ fn last_self(log: &Path) -> u64 {
     std::fs::read_to_string(log)
         .unwrap_or_default()
         .lines()
-        .filter_map(|l| l.strip_prefix("self ")?.trim().parse().ok())
-        .last()
+        .rev()
+        .find_map(|l| l.strip_prefix("self ")?.trim().parse().ok())
         .unwrap_or(0)
 }
 
