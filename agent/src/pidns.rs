@@ -6,9 +6,11 @@
 //! the tree's files, so it holds the same descriptors at the same numbers. Husks
 //! inside the namespace cannot see the restorer, but they see PID 1, and take their
 //! descriptors from it with `pidfd_getfd`. When the restore is over we close a
-//! control pipe; init then closes everything it holds (so pipes see EOF as they
-//! should), reaps what becomes its child, and exits once no other process is left
-//! in the namespace.
+//! control pipe; init then gives up the parent-death signal that tied it to the
+//! restore, says so on a second pipe (the restorer waits for that before it goes
+//! on: an init killed by its parent's exit would take the namespace down), closes
+//! everything it holds (so pipes see EOF as they should), reaps what becomes its
+//! child, and exits once no other process is left in the namespace.
 //!
 //! The restorer joins the namespace for its children with `setns(CLONE_NEWPID)`, so
 //! the root husk is created inside it with `clone3(set_tid)` and keeps its PID there.
@@ -20,14 +22,48 @@ use libc::pid_t;
 use crate::restore::{CloneArgs, RestoreError};
 use crate::sys::SysError;
 
-/// Fork the namespace's init. Returns its PID (in our namespace) and the write end
-/// of its control pipe: dropping it lets init close the restore's descriptors.
-pub fn spawn_ns_init() -> Result<(pid_t, OwnedFd), RestoreError> {
+/// The restorer's side of the namespace init's pipes.
+pub struct NsInit {
+    ctl_w: OwnedFd,
+    ack_r: OwnedFd,
+}
+
+impl NsInit {
+    /// The restore is over: init may close the restore's descriptors and give up
+    /// its parent-death signal. Waits (up to 10 s) until it has, so that the
+    /// restorer may exit at once: init must not die with it, which would take the
+    /// whole namespace, the restored tree included, down with it (seen under load).
+    pub fn release(self) {
+        drop(self.ctl_w);
+        let mut p = libc::pollfd {
+            fd: self.ack_r.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: poll and read on our own descriptor into a local byte.
+        unsafe {
+            if libc::poll(&mut p, 1, 10_000) > 0 {
+                let mut b = 0u8;
+                libc::read(self.ack_r.as_raw_fd(), (&mut b as *mut u8).cast(), 1);
+            }
+        }
+    }
+}
+
+fn pipe(what: &'static str) -> Result<[i32; 2], RestoreError> {
     let mut fds = [0; 2];
     // SAFETY: fds has room for two descriptors.
     if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } < 0 {
-        return Err(SysError::last("pipe2", "pid namespace control").into());
+        return Err(SysError::last("pipe2", what).into());
     }
+    Ok(fds)
+}
+
+/// Fork the namespace's init. Returns its PID (in our namespace) and our ends of
+/// its pipes: [`NsInit::release`] lets init close the restore's descriptors.
+pub fn spawn_ns_init() -> Result<(pid_t, NsInit), RestoreError> {
+    let fds = pipe("pid namespace control")?;
+    let ack = pipe("pid namespace acknowledgement")?;
     let args = CloneArgs {
         flags: libc::CLONE_NEWPID as u64,
         exit_signal: libc::SIGCHLD as u64,
@@ -44,30 +80,41 @@ pub fn spawn_ns_init() -> Result<(pid_t, OwnedFd), RestoreError> {
     };
     if r == 0 {
         // SAFETY: raw system calls only; see above.
-        unsafe { ns_init(fds[0], fds[1]) }
+        unsafe { ns_init(fds[0], fds[1], ack[0], ack[1]) }
     }
     if r < 0 {
         return Err(SysError::last("clone3(CLONE_NEWPID)", "namespace init").into());
     }
-    // SAFETY: closing our copy of the read end; we own it.
-    unsafe { libc::close(fds[0]) };
-    // SAFETY: the write end is ours.
-    Ok((r as pid_t, unsafe { OwnedFd::from_raw_fd(fds[1]) }))
+    // SAFETY: closing our copies of init's ends; the other ends are ours.
+    unsafe {
+        libc::close(fds[0]);
+        libc::close(ack[1]);
+        Ok((
+            r as pid_t,
+            NsInit {
+                ctl_w: OwnedFd::from_raw_fd(fds[1]),
+                ack_r: OwnedFd::from_raw_fd(ack[0]),
+            },
+        ))
+    }
 }
 
 /// The body of the namespace init.
 ///
 /// # Safety
 /// Must only run in the freshly forked child.
-unsafe fn ns_init(ctl_r: i32, ctl_w: i32) -> ! {
+unsafe fn ns_init(ctl_r: i32, ctl_w: i32, ack_r: i32, ack_w: i32) -> ! {
     // SAFETY: raw system calls on our own descriptors and children.
     unsafe {
         libc::syscall(libc::SYS_close, ctl_w);
+        libc::syscall(libc::SYS_close, ack_r);
         // Our parent dying means the restore failed: die with it.
         libc::syscall(libc::SYS_prctl, libc::PR_SET_PDEATHSIG, libc::SIGKILL);
         let mut b = 0u8;
         while libc::syscall(libc::SYS_read, ctl_r, &mut b as *mut u8, 1) != 0 {}
         libc::syscall(libc::SYS_prctl, libc::PR_SET_PDEATHSIG, 0);
+        // Tell the restorer it may go now.
+        libc::syscall(libc::SYS_write, ack_w, &b as *const u8, 1);
         libc::syscall(libc::SYS_close_range, 0u32, u32::MAX, 0u32);
         // The restored root was forked by the restorer, so it is not our child:
         // reap whatever becomes ours, and leave once nothing else lives in the

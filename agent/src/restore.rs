@@ -928,7 +928,9 @@ pub fn restore_gated(
         }
     }
     ph.mark("release");
-    drop(ctl_w);
+    if let Some(init) = ctl_w {
+        init.release();
+    }
     // SAFETY: unmapping our own trampoline pages.
     unsafe { libc::munmap(tramp as *mut libc::c_void, TRAMP_LEN as usize) };
     Ok(RestoreReport {
