@@ -267,6 +267,8 @@ pub fn dump_gated(opts: &DumpOptions, gate: &dyn crate::gate::Gate) -> Result<Im
         None
     };
     ph.mark("snapshot-pool");
+    // nft, started now: its start is then not part of the standstill.
+    let nft = crate::netlock::prepare();
     let mut frozen = freeze::freeze(opts.pid)?;
     let t_frozen = Instant::now();
     ph.mark("freeze");
@@ -288,7 +290,9 @@ pub fn dump_gated(opts: &DumpOptions, gate: &dyn crate::gate::Gate) -> Result<Im
         let (table, part) = gate
             .lock_name()
             .unwrap_or_else(|| (crate::netlock::own_name("d", opts.pid), "r0".into()));
-        Some(crate::netlock::NetLock::lock_part(&table, &part, &conns)?)
+        Some(crate::netlock::NetLock::lock_prepared(
+            nft, &table, &part, &conns,
+        )?)
     };
     ph.mark("net-lock");
     gate.frozen().map_err(DumpError::Aborted)?;

@@ -54,14 +54,44 @@ pub struct NetLock {
     lifted: bool,
 }
 
-fn nft(script: &str) -> Result<(), (bool, String)> {
-    let mut child = Command::new("nft")
+/// An `nft -f -` started ahead, waiting for its script on stdin: a dump starts it
+/// before it freezes the tree, so that starting a process is not part of the
+/// standstill. Dropped unused, it reads an empty script and exits.
+pub struct Prepared(Option<std::process::Child>);
+
+fn spawn_nft() -> std::io::Result<std::process::Child> {
+    Command::new("nft")
         .args(["-f", "-"])
         .stdin(Stdio::piped())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
-        .map_err(|e| (true, e.to_string()))?;
+}
+
+/// Starts `nft` ahead of a lock; `None` if it cannot be started (the lock then
+/// reports why).
+pub fn prepare() -> Option<Prepared> {
+    spawn_nft().ok().map(|c| Prepared(Some(c)))
+}
+
+impl Drop for Prepared {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.0.take() {
+            drop(c.stdin.take());
+            let _ = c.wait();
+        }
+    }
+}
+
+fn nft(script: &str) -> Result<(), (bool, String)> {
+    nft_with(None, script)
+}
+
+fn nft_with(pre: Option<Prepared>, script: &str) -> Result<(), (bool, String)> {
+    let mut child = match pre.and_then(|mut p| p.0.take()) {
+        Some(c) => c,
+        None => spawn_nft().map_err(|e| (true, e.to_string()))?,
+    };
     child
         .stdin
         .take()
@@ -162,6 +192,16 @@ impl NetLock {
     /// `name` of an attempt, beside the parts of the attempt's other ranks. Lifting
     /// the part removes its chains, and the table with the last of them.
     pub fn lock_part(name: &str, part: &str, conns: &[Conn]) -> Result<NetLock, LockError> {
+        NetLock::lock_prepared(None, name, part, conns)
+    }
+
+    /// [`lock_part`](Self::lock_part) through an `nft` started ahead.
+    pub fn lock_prepared(
+        pre: Option<Prepared>,
+        name: &str,
+        part: &str,
+        conns: &[Conn],
+    ) -> Result<NetLock, LockError> {
         for n in [name, part] {
             if !valid(n) {
                 return Err(LockError::Name(n.into()));
@@ -175,7 +215,7 @@ impl NetLock {
         }
         let table = format!("{TABLE_PREFIX}{name}");
         let (text, sets) = script(&table, part, conns);
-        nft(&text).map_err(|(spawn, e)| {
+        nft_with(pre, &text).map_err(|(spawn, e)| {
             if spawn {
                 LockError::Spawn(std::io::Error::other(e))
             } else {
