@@ -13,11 +13,23 @@ command -v ip >/dev/null 2>&1 || need+=(iproute2)
 command -v munged >/dev/null 2>&1 || need+=(munge)
 # nftables: the network lock of a checkpoint (one table per attempt).
 command -v nft >/dev/null 2>&1 || need+=(nftables)
+# memcached: a real server, written by others, checkpointed with its clients.
+command -v memcached >/dev/null 2>&1 || need+=(memcached)
 if [ ${#need[@]} -gt 0 ]; then
     echo "setup: installing ${need[*]}"
     export DEBIAN_FRONTEND=noninteractive
+    # Packages must not start their services here (memcached would): a
+    # policy-rc.d that says no, for the time of the install, unless one exists.
+    policy=""
+    if [ ! -e /usr/sbin/policy-rc.d ]; then
+        policy=/usr/sbin/policy-rc.d
+        printf '#!/bin/sh\nexit 101\n' > "$policy"
+        chmod +x "$policy"
+        trap 'rm -f "$policy"' EXIT
+    fi
     apt-get update -q
     apt-get install -y -q "${need[@]}"
+    [ -z "$policy" ] || rm -f "$policy"
 fi
 if ! command -v cargo >/dev/null 2>&1; then
     echo "setup: cargo (Rust) is required and was not found on PATH" >&2

@@ -70,6 +70,15 @@ fn file_json(k: &FileKind) -> Value {
         FileKind::TcpListen { addr, backlog } => {
             json!({"kind": "tcp-listen", "addr": addr.to_string(), "backlog": backlog})
         }
+        FileKind::EventFd { count, semaphore } => {
+            json!({"kind": "eventfd", "count": count, "semaphore": semaphore})
+        }
+        FileKind::Epoll { targets } => json!({
+            "kind": "epoll",
+            "targets": targets.iter().map(|t| json!({
+                "fd": t.fd, "events": t.events, "data": t.data,
+            })).collect::<Vec<_>>(),
+        }),
         FileKind::Udp {
             local,
             remote,
@@ -241,6 +250,18 @@ pub fn to_text(img: &Image) -> String {
                 FileKind::TcpListen { addr, backlog } => {
                     format!("tcp listening on {addr} (backlog {backlog})")
                 }
+                FileKind::EventFd { count, semaphore } => format!(
+                    "eventfd count {count}{}",
+                    if *semaphore { " (semaphore)" } else { "" }
+                ),
+                FileKind::Epoll { targets } => format!(
+                    "epoll watching fds {}",
+                    targets
+                        .iter()
+                        .map(|t| format!("{} ({:#x})", t.fd, t.events))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
                 FileKind::Udp {
                     local,
                     remote,

@@ -751,11 +751,13 @@ pub fn restore_gated(
     drop(uffds);
     ph.mark("populate+fill");
 
+    let mut epolls_done = std::collections::HashSet::new();
     for h in &mut husks {
         let p = h.p;
         finish_memory(&mut h.r, p)?;
         set_mm(&mut h.r, p, h.pidfd_slot, &map_files)?;
         fd::install(&mut h.r, h.pidfd_slot, &p.fds, &img.files, &ours)?;
+        fd::register_epoll(&mut h.r, &p.fds, &img.files, &mut epolls_done)?;
         let a = h.r.put_str(0, &p.cwd)?;
         h.r.syscall(nr::CHDIR, [a, 0, 0, 0, 0, 0])?;
         h.r.syscall(nr::UMASK, [p.umask as u64, 0, 0, 0, 0, 0])?;

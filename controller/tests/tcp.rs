@@ -335,3 +335,44 @@ fn a_server_rank_and_its_callers_keep_their_sessions_across_a_restore() {
     }
     all_advance(&logs, 5);
 }
+
+#[test]
+fn memcached_and_a_client_holding_its_connection_are_restored_on_other_nodes() {
+    if !root() {
+        return;
+    }
+    let jc = JobCluster::new(4, &bin(), 5.0, &[], &[]).unwrap();
+    let job = "mc";
+    // Debian's memcached, unmodified, as rank 0 on n0; the client as rank 1 on n1.
+    let log0 = jc.cluster.nodes()[0].name.clone() + "-memcached.log";
+    let log0 = std::env::temp_dir().join(format!("{}-{log0}", jc.cluster.tag()));
+    let cmd = ckpt_tests::workload::program_command(
+        "memcached",
+        [
+            "-u", "root", "-l", "0.0.0.0", "-p", "11211", "-U", "0", "-t", "2", "-m", "64",
+        ],
+        &log0,
+    )
+    .unwrap();
+    let (p0, _) = jc.spawn_rank_cmd(0, job, 0, cmd, log0.clone()).unwrap();
+    let n0 = jc.cluster.nodes()[0].addr.to_string();
+    let (p1, log1) = jc
+        .spawn_rank(1, job, 1, "mc_client.py", &[&n0, "11211"])
+        .unwrap();
+    wait_ticks(&log1, 10, WAIT);
+    let out = jc.ctl_ok(&["job", "save", job, "--wait"]).unwrap();
+    assert!(out.contains("saved"), "{out}");
+    all_advance(std::slice::from_ref(&log1), 10);
+    let at_kill = kill_save(&jc, job, &[p0, p1], std::slice::from_ref(&log1));
+    let id = jc.ckpts(job).unwrap().last().cloned().unwrap();
+    let shown = jc.ctl_ok(&["ckpt", "show", &id]).unwrap();
+    assert!(shown.contains(":11211"), "{shown}");
+    let now = restore(&jc, job, &["--nodes", "n2,n3"]);
+    let nodes: Vec<&str> = now.iter().map(|(_, n, _)| n.as_str()).collect();
+    assert_eq!(nodes, ["n2", "n3"]);
+    // The same session carries on: the client reads back what it stored before
+    // the checkpoint, over the connection it opened then.
+    wait_ticks(&log1, at_kill[0] + 20, WAIT);
+    all_advance(std::slice::from_ref(&log1), 10);
+    let _ = std::fs::remove_file(&log0);
+}

@@ -463,6 +463,27 @@ pub enum FileKind {
         remote: Option<SocketAddr>,
         opts: UdpOpts,
     },
+    /// An eventfd: its counter and whether it counts as a semaphore.
+    EventFd {
+        count: u64,
+        semaphore: bool,
+    },
+    /// An epoll instance and what it watches. The restore registers the targets
+    /// again from inside the first process that holds it, once its descriptors
+    /// are in place.
+    Epoll {
+        targets: Vec<EpollTarget>,
+    },
+}
+
+/// One descriptor watched by an epoll instance, as its owner registered it: the
+/// descriptor number in the process that holds the instance, the event mask (with
+/// EPOLLET, EPOLLONESHOT and the like) and the user data.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EpollTarget {
+    pub fd: i32,
+    pub events: u32,
+    pub data: u64,
 }
 
 /// The options of a UDP socket that a restore sets again.

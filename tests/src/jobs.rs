@@ -266,7 +266,20 @@ impl JobCluster {
         args: &[&str],
     ) -> Result<(i32, PathBuf)> {
         let log = self.dir.path().join(format!("{job}.rank{rank}.log"));
-        let mut cmd = crate::workload::workload_command(name, args, &log)?;
+        let cmd = crate::workload::workload_command(name, args, &log)?;
+        self.spawn_rank_cmd(node, job, rank, cmd, log)
+    }
+
+    /// Starts `cmd` (see `workload::program_command`; its output goes to `log`)
+    /// inside node `node` as rank `rank` of `job`, and attaches it.
+    pub fn spawn_rank_cmd(
+        &self,
+        node: usize,
+        job: &str,
+        rank: u32,
+        mut cmd: Command,
+        log: PathBuf,
+    ) -> Result<(i32, PathBuf)> {
         let ns = self.cluster.nodes()[node].netns.clone();
         let child = self.cluster.spawn_in(&ns, &mut cmd)?;
         let pid = child.id() as i32;

@@ -184,6 +184,18 @@ where
     prepare_command(cmd, log)
 }
 
+/// A program that is not one of ours (`memcached`), started like a workload:
+/// output to `log`, its own session, no stray descriptors.
+pub fn program_command<I, S>(program: &str, args: I, log: &Path) -> Result<Command>
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<OsStr>,
+{
+    let mut cmd = Command::new(program);
+    cmd.args(args);
+    prepare_command(cmd, log)
+}
+
 fn prepare_command(mut cmd: Command, log: &Path) -> Result<Command> {
     let out = OpenOptions::new()
         .create(true)

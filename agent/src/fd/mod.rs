@@ -71,6 +71,22 @@ type Looked = (
     Option<(OwnedFd, tcp::Kind)>,
 );
 
+/// The targets of an epoll instance from its fdinfo text (`tfd: 5 events: 19
+/// data: 7f0000001000 pos:0 ino:... sdev:...` per target).
+pub fn epoll_targets(text: &str) -> Option<Vec<ckpt_shared::image::EpollTarget>> {
+    let mut out = Vec::new();
+    for line in text.lines().filter(|l| l.starts_with("tfd:")) {
+        let w: Vec<&str> = line.split_whitespace().collect();
+        let at = |key: &str| w.iter().position(|x| *x == key).and_then(|i| w.get(i + 1));
+        out.push(ckpt_shared::image::EpollTarget {
+            fd: at("tfd:")?.parse().ok()?,
+            events: u32::from_str_radix(at("events:")?, 16).ok()?,
+            data: u64::from_str_radix(at("data:")?, 16).ok()?,
+        });
+    }
+    Some(out)
+}
+
 /// `f` over `items`, in order, on up to four threads when there are many.
 fn parallel_map<T: Sync, R: Send>(items: &[T], f: impl Fn(&T) -> R + Sync) -> Vec<R> {
     let threads = std::thread::available_parallelism()
@@ -232,6 +248,29 @@ impl FdTable {
                         return Err(unsupported(format!("a {} socket", domain_name(domain))));
                     }
                 }
+            } else if link == "anon_inode:[eventfd]" {
+                let text = proc::fdinfo_text(pid, fd)?;
+                let field = |name: &str| {
+                    text.lines()
+                        .find_map(|l| l.strip_prefix(name))
+                        .map(|v| v.trim().to_string())
+                };
+                let count = field("eventfd-count:")
+                    .and_then(|v| u64::from_str_radix(&v, 16).ok())
+                    .ok_or_else(|| {
+                        unsupported("an eventfd whose count /proc does not show".into())
+                    })?;
+                FileKind::EventFd {
+                    count,
+                    semaphore: field("eventfd-semaphore:").is_some_and(|v| v == "1"),
+                }
+            } else if link == "anon_inode:[eventpoll]" {
+                let text = proc::fdinfo_text(pid, fd)?;
+                FileKind::Epoll {
+                    targets: epoll_targets(&text).ok_or_else(|| {
+                        unsupported("an epoll instance /proc does not show".into())
+                    })?,
+                }
             } else if let Some(rest) = link.strip_prefix("anon_inode:") {
                 return Err(unsupported(format!(
                     "an {} (anon inode)",
@@ -343,6 +382,30 @@ impl FdTable {
     /// After every process: anonymous pipes with an end outside the tree can only be
     /// inherited stdio.
     pub fn finish(&mut self, procs: &mut [(pid_t, &mut Vec<Fd>)]) -> Result<(), FdError> {
+        // An epoll instance is filled again by the first process that holds it,
+        // with that process's descriptor numbers: each must still be open there.
+        let mut seen = std::collections::HashSet::new();
+        for (pid, fds) in procs.iter() {
+            let open: std::collections::HashSet<i32> = fds.iter().map(|f| f.fd).collect();
+            for fd in fds.iter() {
+                if let FileKind::Epoll { targets } = &self.files[fd.file as usize].kind {
+                    if !seen.insert(fd.file) {
+                        continue;
+                    }
+                    if let Some(t) = targets.iter().find(|t| !open.contains(&t.fd)) {
+                        return Err(FdError::Unsupported {
+                            pid: *pid,
+                            fd: fd.fd,
+                            what: format!(
+                                "an epoll instance watching descriptor {}, which this process \
+                                 has closed (the file lives on elsewhere)",
+                                t.fd
+                            ),
+                        });
+                    }
+                }
+            }
+        }
         for (pid, fds) in procs.iter_mut() {
             for fd in fds.iter() {
                 let f = &mut self.files[fd.file as usize];
@@ -582,6 +645,36 @@ pub fn open_all(files: &[OpenFile], moves: &Moves) -> Result<Opened, FdError> {
                 set_status_flags(&fd, flags)?;
                 fd
             }
+            FileKind::EventFd { count, semaphore } => {
+                let sem = if *semaphore { libc::EFD_SEMAPHORE } else { 0 };
+                // SAFETY: eventfd(2) with plain arguments.
+                let raw = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | sem) };
+                if raw < 0 {
+                    return Err(SysError::last("eventfd", "an eventfd").into());
+                }
+                // SAFETY: a fresh descriptor we own.
+                let fd = unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(raw) };
+                // The counter (64 bits; eventfd's initial value has only 32) is
+                // added by a write.
+                // SAFETY: an 8-byte write from a local to our own eventfd.
+                if *count != 0 && unsafe { libc::write(raw, (count as *const u64).cast(), 8) } != 8
+                {
+                    return Err(SysError::last("write", "an eventfd's counter").into());
+                }
+                set_status_flags(&fd, flags)?;
+                fd
+            }
+            FileKind::Epoll { .. } => {
+                // SAFETY: epoll_create1 with a constant flag.
+                let raw = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
+                if raw < 0 {
+                    return Err(SysError::last("epoll_create1", "an epoll instance").into());
+                }
+                // SAFETY: a fresh descriptor we own.
+                let fd = unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(raw) };
+                set_status_flags(&fd, flags)?;
+                fd
+            }
             FileKind::Udp {
                 local,
                 remote,
@@ -710,4 +803,65 @@ pub fn install(
         }
     }
     Ok(())
+}
+
+/// Registers the targets of the epoll instances among `fds` again, from inside
+/// the husk, once all its descriptors are installed: an epoll item is keyed by the
+/// descriptor number it was added with, so it must be added with the process's
+/// own numbers. An instance shared by several processes is filled once, by the
+/// first (`done` holds the files already filled).
+pub fn register_epoll(
+    r: &mut Remote,
+    fds: &[Fd],
+    files: &[OpenFile],
+    done: &mut std::collections::HashSet<u32>,
+) -> Result<(), FdError> {
+    for fd in fds {
+        let FileKind::Epoll { targets } = &files[fd.file as usize].kind else {
+            continue;
+        };
+        if !done.insert(fd.file) {
+            continue;
+        }
+        for t in targets {
+            // struct epoll_event is packed on x86-64: u32 events, u64 data.
+            let mut ev = [0u8; 12];
+            ev[..4].copy_from_slice(&t.events.to_ne_bytes());
+            ev[4..].copy_from_slice(&t.data.to_ne_bytes());
+            let a = r.put(0, &ev)?;
+            r.syscall(
+                nr::EPOLL_CTL,
+                [
+                    fd.fd as u64,
+                    libc::EPOLL_CTL_ADD as u64,
+                    t.fd as u64,
+                    a,
+                    0,
+                    0,
+                ],
+            )?;
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod epoll_tests {
+    use super::*;
+
+    #[test]
+    fn epoll_fdinfo_gives_each_target_with_its_events_and_data() {
+        let text = "pos:\t0\nflags:\t02000002\nmnt_id:\t15\nino:\t1057\n\
+                    tfd:        5 events:       19 data:     7f2a1c000b70  pos:0 ino:3f2 sdev:8\n\
+                    tfd:       12 events: 80000001 data:                9  pos:0 ino:3f9 sdev:e\n";
+        let t = epoll_targets(text).unwrap();
+        assert_eq!(t.len(), 2);
+        assert_eq!(
+            (t[0].fd, t[0].events, t[0].data),
+            (5, 0x19, 0x7f2a_1c00_0b70)
+        );
+        assert_eq!((t[1].fd, t[1].events, t[1].data), (12, 0x8000_0001, 9));
+        assert_eq!(epoll_targets("pos:\t0\n").unwrap(), vec![]);
+        assert!(epoll_targets("tfd: x events: 1 data: 2\n").is_none());
+    }
 }

@@ -44,3 +44,4 @@ pub const PIDFD_OPEN: u64 = 434;
 pub const CLONE3: u64 = 435;
 pub const CLOSE_RANGE: u64 = 436;
 pub const PIDFD_GETFD: u64 = 438;
+pub const EPOLL_CTL: u64 = 233;

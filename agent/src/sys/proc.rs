@@ -267,6 +267,11 @@ fn parse_maps_line(line: &str) -> Option<Vma> {
     })
 }
 
+/// The whole text of `/proc/PID/fdinfo/FD`.
+pub fn fdinfo_text(pid: pid_t, fd: i32) -> Result<String> {
+    read(format!("/proc/{pid}/fdinfo/{fd}"))
+}
+
 /// `/proc/PID/fdinfo/FD`: (pos, flags).
 pub fn fdinfo(pid: pid_t, fd: i32) -> Result<(u64, u32)> {
     let path = format!("/proc/{pid}/fdinfo/{fd}");
