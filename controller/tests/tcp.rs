@@ -376,3 +376,102 @@ fn memcached_and_a_client_holding_its_connection_are_restored_on_other_nodes() {
     all_advance(std::slice::from_ref(&log1), 10);
     let _ = std::fs::remove_file(&log0);
 }
+
+/// The lock tables in node `i`'s network namespace.
+fn lock_tables(jc: &JobCluster, i: usize) -> Vec<String> {
+    let ns = jc.cluster.nodes()[i].netns.clone();
+    let out = jc
+        .cluster
+        .run_in(
+            &ns,
+            std::process::Command::new("nft").args(["list", "tables", "inet"]),
+        )
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.strip_prefix("table inet ckpt_"))
+        .map(|t| t.trim().to_string())
+        .collect()
+}
+
+#[test]
+fn a_restore_holds_the_connections_until_every_rank_is_rebuilt_and_lets_go_on_abort() {
+    if !root() {
+        return;
+    }
+    let mut jc = JobCluster::new(3, &bin(), 5.0, &[], &[]).unwrap();
+    let job = "lk";
+    let n0 = jc.cluster.nodes()[0].addr.to_string();
+    let (p0, log0) = jc
+        .spawn_rank(0, job, 0, "tcp_pair", &["serve", "7600"])
+        .unwrap();
+    let t = Instant::now();
+    while !std::fs::read_to_string(&log0)
+        .unwrap_or_default()
+        .contains("port 7600")
+    {
+        assert!(t.elapsed() < WAIT);
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let (p1, log1) = jc
+        .spawn_rank(1, job, 1, "tcp_pair", &["connect", &n0, "7600"])
+        .unwrap();
+    let logs = [log0, log1];
+    for l in &logs {
+        wait_ticks(l, 5, WAIT);
+    }
+    let at_kill = kill_save(&jc, job, &[p0, p1], &logs);
+    // n2's agent stops for good once its rank is rebuilt, before it says so.
+    jc.restart_agent(2, &[("CKPT_TEST_PAUSE", "rebuilt")])
+        .unwrap();
+    let restoring = jc
+        .ctl_spawn(&[
+            "job",
+            "restore",
+            &format!("{job}:latest"),
+            "--map",
+            "0=n1,1=n2",
+        ])
+        .unwrap();
+    // n1 has rebuilt rank 0 and waits for the others: its connection is held by a
+    // lock table of the attempt on n1, and so is n2's.
+    let t = Instant::now();
+    while lock_tables(&jc, 1).is_empty() || lock_tables(&jc, 2).is_empty() {
+        assert!(
+            t.elapsed() < WAIT,
+            "no lock table on n1 and n2 during the restore"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let held = lock_tables(&jc, 1);
+    assert_eq!(
+        held,
+        lock_tables(&jc, 2),
+        "one table per attempt, same name"
+    );
+    // n2's agent dies: the restore is aborted, n1 lets the connection go. Its
+    // husk (rank 1, with rank 1's PID) dies with it and, orphaned, is ours to reap.
+    jc.kill_agent(2);
+    reap_killed(p1);
+    let out = restoring.wait_with_output().unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("no rank was released"), "{err}");
+    let t = Instant::now();
+    while !lock_tables(&jc, 1).is_empty() {
+        assert!(t.elapsed() < WAIT, "n1 kept its lock after the abort");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // The killed agent left its table; a new one removes it at start.
+    assert_eq!(lock_tables(&jc, 2), held);
+    jc.restart_agent(2, &[]).unwrap();
+    assert!(lock_tables(&jc, 2).is_empty());
+    // And the checkpoint still restores, with the connection intact.
+    let now = restore(&jc, job, &["--map", "0=n1,1=n2"]);
+    assert_eq!(now.len(), 2);
+    assert!(lock_tables(&jc, 1).is_empty() && lock_tables(&jc, 2).is_empty());
+    for (log, k) in logs.iter().zip(&at_kill) {
+        wait_ticks(log, k + 20, WAIT);
+    }
+    all_advance(&logs, 10);
+}
