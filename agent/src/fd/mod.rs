@@ -21,7 +21,7 @@ pub mod udp;
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
-use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
+use std::os::unix::fs::OpenOptionsExt;
 
 use ckpt_shared::image::{Fd, FileKind, OpenFile};
 use libc::pid_t;
@@ -64,12 +64,11 @@ fn minor(rdev: u64) -> u64 {
 
 /// What `/proc` says of one descriptor (its link, its metadata, its position and
 /// flags), and for a socket our duplicate and its kind.
-type Looked = (
-    String,
-    std::fs::Metadata,
-    (u64, u32),
-    Option<(OwnedFd, tcp::Kind)>,
-);
+type Looked = (String, libc::stat, (u64, u32), Option<(OwnedFd, tcp::Kind)>);
+
+fn mode_is(st: &libc::stat, fmt: libc::mode_t) -> bool {
+    st.st_mode & libc::S_IFMT == fmt
+}
 
 /// The targets of an epoll instance from its fdinfo text (`tfd: 5 events: 19
 /// data: 7f0000001000 pos:0 ino:... sdev:...` per target).
@@ -135,14 +134,11 @@ impl FdTable {
         // What /proc says of each descriptor, and a duplicate of each socket: read
         // on a few threads at once (with a thousand sockets, /proc alone takes tens
         // of milliseconds, all of it while the tree stands still).
+        let dirs = proc::FdDirs::open(pid)?;
         let looked = parallel_map(&fds, |&fd| -> Result<Looked, FdError> {
-            let path = format!("/proc/{pid}/fd/{fd}");
-            let link = proc::readlink(path.clone())?;
-            let meta = std::fs::metadata(&path).map_err(|source| FdError::Open {
-                path: path.clone(),
-                source,
-            })?;
-            let info = proc::fdinfo(pid, fd)?;
+            let link = dirs.link(fd)?;
+            let meta = dirs.stat(fd)?;
+            let info = dirs.info(fd)?;
             let sock = if link.starts_with("socket:[") {
                 use std::os::fd::AsFd;
                 let dup = sys::pidfd_getfd(&pidfd, pid, fd)?;
@@ -157,7 +153,7 @@ impl FdTable {
             let (link, meta, (pos, flags), mut sock) = looked?;
             let cloexec = flags & libc::O_CLOEXEC as u32 != 0;
             let flags = flags & !(libc::O_CLOEXEC as u32);
-            let (dev, ino) = (meta.dev(), meta.ino());
+            let (dev, ino) = (meta.st_dev, meta.st_ino);
             // Already seen this description (dup, fork)?
             let mut found = None;
             for (i, &(rp, rfd, rdev, rino)) in self.reps.iter().enumerate() {
@@ -174,9 +170,8 @@ impl FdTable {
                 });
                 continue;
             }
-            let ft = meta.file_type();
             let unsupported = |what: String| FdError::Unsupported { pid, fd, what };
-            let kind = if link.starts_with("pipe:[") || ft.is_fifo() {
+            let kind = if link.starts_with("pipe:[") || mode_is(&meta, libc::S_IFIFO) {
                 let dup = sys::pidfd_getfd(&pidfd, pid, fd)?;
                 let (buffered, capacity) = pipe::peek(&dup, flags)?;
                 let read_end = flags & libc::O_ACCMODE as u32 != libc::O_WRONLY as u32;
@@ -278,20 +273,20 @@ impl FdTable {
                 )));
             } else if link.ends_with(" (deleted)") {
                 return Err(unsupported(format!("a deleted file ({link})")));
-            } else if ft.is_dir() {
+            } else if mode_is(&meta, libc::S_IFDIR) {
                 FileKind::Directory {
                     path: link.clone(),
                     pos,
                 }
-            } else if ft.is_file() {
+            } else if mode_is(&meta, libc::S_IFREG) {
                 self.regular_paths.push(link.clone());
                 FileKind::Regular {
                     path: link.clone(),
                     pos,
                     check: u32::MAX,
                 }
-            } else if ft.is_char_device() {
-                let rdev = meta.rdev();
+            } else if mode_is(&meta, libc::S_IFCHR) {
+                let rdev = meta.st_rdev;
                 if let Some(&(_, _, p)) = SAFE_CHARDEVS
                     .iter()
                     .find(|(ma, mi, _)| *ma == major(rdev) && *mi == minor(rdev))
