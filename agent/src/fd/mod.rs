@@ -137,7 +137,22 @@ impl FdTable {
         let dirs = proc::FdDirs::open(pid)?;
         let looked = parallel_map(&fds, |&fd| -> Result<Looked, FdError> {
             let link = dirs.link(fd)?;
-            let meta = dirs.stat(fd)?;
+            let meta = match link
+                .strip_prefix("socket:[")
+                .and_then(|r| r.strip_suffix(']'))
+                .and_then(|n| n.parse::<u64>().ok())
+            {
+                // A socket's inode is in its link, and nothing else of a stat is
+                // used for it: one system call less per socket.
+                Some(ino) => {
+                    // SAFETY: stat is plain old data; all-zero is a valid value.
+                    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+                    st.st_ino = ino;
+                    st.st_mode = libc::S_IFSOCK;
+                    st
+                }
+                None => dirs.stat(fd)?,
+            };
             let info = dirs.info(fd)?;
             let sock = if link.starts_with("socket:[") {
                 use std::os::fd::AsFd;

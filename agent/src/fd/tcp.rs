@@ -540,12 +540,7 @@ pub enum Kind {
 /// Classifies the socket `fd` (a duplicate the agent holds).
 pub fn kind(fd: BorrowedFd<'_>) -> Kind {
     let raw = fd.as_raw_fd();
-    let Ok((domain, ty)) = crate::sys::socket_domain_type(raw) else {
-        return Kind::NotTcp;
-    };
-    if !(domain == libc::AF_INET || domain == libc::AF_INET6) || ty != libc::SOCK_STREAM {
-        return Kind::NotTcp;
-    }
+    // TCP_INFO answers only for a TCP socket (IPv4 or IPv6).
     match getopt_info(raw) {
         Ok(i) if i.tcpi_state == TCP_ESTABLISHED => Kind::Established,
         // For a listener the kernel reports its backlog in tcpi_sacked and the

@@ -337,7 +337,6 @@ impl FdDirs {
 
     /// `fdinfo` of descriptor `n`: (pos, flags).
     pub fn info(&self, n: i32) -> Result<(u64, u32)> {
-        use std::io::Read;
         use std::os::fd::{AsRawFd, FromRawFd};
         let name = std::ffi::CString::new(n.to_string()).expect("digits");
         // SAFETY: openat relative to our directory descriptor.
@@ -352,12 +351,16 @@ impl FdDirs {
             return Err(self.err("fdinfo", n));
         }
         // SAFETY: a fresh descriptor we own.
-        let mut f = unsafe { fs::File::from_raw_fd(raw) };
-        let mut s = String::with_capacity(256);
-        f.read_to_string(&mut s).map_err(|source| ProcError {
-            path: format!("/proc/{}/fdinfo/{n}", self.pid),
-            source,
-        })?;
+        let f = unsafe { fs::File::from_raw_fd(raw) };
+        // One read: pos and flags are the first lines, well within 256 bytes (and
+        // a plain read skips the size probing of read_to_string).
+        let mut buf = [0u8; 256];
+        // SAFETY: read into our own buffer of that size.
+        let len = unsafe { libc::read(f.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
+        if len < 0 {
+            return Err(self.err("fdinfo", n));
+        }
+        let s = String::from_utf8_lossy(&buf[..len as usize]);
         parse_fdinfo(&s).ok_or_else(|| {
             bad(
                 format!("/proc/{}/fdinfo/{n}", self.pid),
