@@ -584,6 +584,7 @@ pub fn dump_gated(opts: &DumpOptions, gate: &dyn crate::gate::Gate) -> Result<Im
     }
     let mut files = table.files;
     let tcp_dups = table.tcp;
+    let cloexec_later = table.cloexec_later;
     for f in &mut files {
         if let FileKind::Regular { path, check, .. } = &mut f.kind {
             *check = check_for(path)?;
@@ -612,9 +613,11 @@ pub fn dump_gated(opts: &DumpOptions, gate: &dyn crate::gate::Gate) -> Result<Im
     let frozen_for_kill = if opts.leave_running {
         frozen.thaw();
         drop(net_lock.take());
+        crate::fd::read_cloexec(&cloexec_later, &mut processes);
         gate.storing().map_err(DumpError::Aborted)?;
         None
     } else {
+        crate::fd::read_cloexec(&cloexec_later, &mut processes);
         Some(frozen)
     };
     let freeze_us = freeze_end.duration_since(t_frozen).as_micros() as u64;

@@ -69,6 +69,14 @@ fn a_tcp_connection_with_data_in_flight_survives_dump_and_restore() -> Result<()
     )?;
     ensure!(shown.contains("tcp listening on 127.0.0.1:"), "{shown}");
     ensure!(shown.matches("tcp 127.0.0.1:").count() == 2, "{shown}");
+    // tcp_pair's sockets are not close-on-exec (the bit is read after the thaw).
+    ensure!(
+        shown
+            .lines()
+            .filter(|l| l.contains("tcp "))
+            .all(|l| !l.contains("cloexec")),
+        "{shown}"
+    );
 
     // Kill, restore: the connection comes back with its queues.
     let img2 = dir.path().join("img2");
@@ -234,6 +242,14 @@ fn udp_sockets_come_back_bound_connected_and_with_their_options() -> Result<()> 
         "inspect",
     )?;
     ensure!(shown.contains("udp 0.0.0.0:7500 reuseaddr"), "{shown}");
+    // Python makes its sockets close-on-exec.
+    ensure!(
+        shown
+            .lines()
+            .filter(|l| l.contains("udp "))
+            .all(|l| l.contains("cloexec")),
+        "{shown}"
+    );
     ensure!(shown.contains("connected to 127.0.0.1:7500"), "{shown}");
     let at_dump = last_self(&log);
     let out = agent_in(&c, &ns, &["restore", "--image", img.to_str().unwrap()])?;
