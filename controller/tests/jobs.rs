@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use ckpt_tests::cluster::in_netns;
-use ckpt_tests::jobs::{reap_killed, wait_job_gone, wait_ticks, JobCluster};
+use ckpt_tests::jobs::{reap_killed, wait_for_text, wait_job_gone, wait_ticks, JobCluster};
 use ckpt_tests::process::{is_alive, proc_state, tracer_pids};
 use ckpt_tests::ticks::{check_log, last_tick};
 
@@ -323,17 +323,7 @@ fn ranks_streaming_over_tcp_are_restored_on_other_nodes_with_their_connection_in
     let (p0, log0) = jc
         .spawn_rank(0, job, 0, "tcp_pair", &["serve", "7000"])
         .unwrap();
-    let t = Instant::now();
-    while !std::fs::read_to_string(&log0)
-        .unwrap_or_default()
-        .contains("port 7000")
-    {
-        assert!(
-            t.elapsed() < Duration::from_secs(10),
-            "rank 0 does not listen"
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    wait_for_text(&log0, "port 7000", Duration::from_secs(10));
     let (p1, log1) = jc
         .spawn_rank(1, job, 1, "tcp_pair", &["connect", &n0, "7000"])
         .unwrap();

@@ -8,7 +8,7 @@
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use ckpt_tests::jobs::{reap_killed, wait_job_gone, wait_ticks, JobCluster};
+use ckpt_tests::jobs::{reap_killed, wait_for_text, wait_job_gone, wait_ticks, JobCluster};
 use ckpt_tests::ticks::{check_log, last_tick};
 
 fn bin() -> PathBuf {
@@ -75,6 +75,34 @@ fn kill_save(jc: &JobCluster, job: &str, pids: &[i32], logs: &[PathBuf]) -> Vec<
     logs.iter().map(|l| last_tick(l).unwrap()).collect()
 }
 
+/// `save --kill` of ranks that a restore made (the agents' children, which they
+/// reap), and each one's last tick.
+fn kill_save_restored(jc: &JobCluster, job: &str, pids: &[i32], logs: &[PathBuf]) -> Vec<u64> {
+    let out = jc
+        .ctl_ok(&["job", "save", job, "--kill", "--wait"])
+        .unwrap();
+    assert!(out.contains("saved"), "{out}");
+    let t = Instant::now();
+    while pids.iter().any(|&p| ckpt_tests::process::is_alive(p)) {
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "ranks survived --kill"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    wait_job_gone(jc, job);
+    logs.iter().map(|l| last_tick(l).unwrap()).collect()
+}
+
+/// After a restore: every rank ticks well past where it was killed (`at_kill`),
+/// and then on, with its log whole.
+fn goes_on(logs: &[PathBuf], at_kill: &[u64]) {
+    for (log, k) in logs.iter().zip(at_kill) {
+        wait_ticks(log, k + 20, WAIT);
+    }
+    all_advance(logs, 10);
+}
+
 fn restore(jc: &JobCluster, job: &str, how: &[&str]) -> Vec<(u32, String, i32)> {
     let mut args = vec!["job", "restore"];
     let latest = format!("{job}:latest");
@@ -133,35 +161,15 @@ fn four_ranks_streaming_to_each_other_survive_saves_and_a_restore_on_other_nodes
     let now = restore(&jc, job, &["--nodes", "n2,n3"]);
     let nodes: Vec<&str> = now.iter().map(|(_, n, _)| n.as_str()).collect();
     assert_eq!(nodes, ["n2", "n2", "n3", "n3"]);
-    for (log, k) in logs.iter().zip(&at_kill) {
-        wait_ticks(log, k + 20, WAIT);
-    }
-    all_advance(&logs, 10);
+    goes_on(&logs, &at_kill);
     // And once more from there: saved on n2, n3 and restored on n0, n1.
     let pids: Vec<i32> = now.iter().map(|(_, _, p)| *p).collect();
     let out = jc.ctl_ok(&["job", "save", job, "--wait"]).unwrap();
     assert!(out.contains("saved"), "{out}");
     all_advance(&logs, 10);
-    let out = jc
-        .ctl_ok(&["job", "save", job, "--kill", "--wait"])
-        .unwrap();
-    assert!(out.contains("saved"), "{out}");
-    // Restored ranks are the agents' children: they reap them.
-    let t = Instant::now();
-    while pids.iter().any(|&p| ckpt_tests::process::is_alive(p)) {
-        assert!(
-            t.elapsed() < Duration::from_secs(10),
-            "ranks survived --kill"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    wait_job_gone(&jc, job);
-    let at_kill: Vec<u64> = logs.iter().map(|l| last_tick(l).unwrap()).collect();
+    let at_kill = kill_save_restored(&jc, job, &pids, &logs);
     restore(&jc, job, &["--nodes", "n0,n1"]);
-    for (log, k) in logs.iter().zip(&at_kill) {
-        wait_ticks(log, k + 20, WAIT);
-    }
-    all_advance(&logs, 10);
+    goes_on(&logs, &at_kill);
 }
 
 #[test]
@@ -178,31 +186,14 @@ fn loopback_ranks_split_onto_two_nodes_and_merge_back_onto_one() {
     let now = restore(&jc, job, &["--map", "0=n1,1=n2"]);
     let nodes: Vec<&str> = now.iter().map(|(_, n, _)| n.as_str()).collect();
     assert_eq!(nodes, ["n1", "n2"]);
-    for (log, k) in logs.iter().zip(&at_kill) {
-        wait_ticks(log, k + 20, WAIT);
-    }
-    all_advance(&logs, 10);
+    goes_on(&logs, &at_kill);
     let pids: Vec<i32> = now.iter().map(|(_, _, p)| *p).collect();
-    jc.ctl_ok(&["job", "save", job, "--kill", "--wait"])
-        .unwrap();
-    let t = Instant::now();
-    while pids.iter().any(|&p| ckpt_tests::process::is_alive(p)) {
-        assert!(
-            t.elapsed() < Duration::from_secs(10),
-            "ranks survived --kill"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    wait_job_gone(&jc, job);
-    let at_kill: Vec<u64> = logs.iter().map(|l| last_tick(l).unwrap()).collect();
+    let at_kill = kill_save_restored(&jc, job, &pids, &logs);
     // Together again, on a third node: both ends on n0's address.
     let now = restore(&jc, job, &["--map", "0=n0,1=n0"]);
     let nodes: Vec<&str> = now.iter().map(|(_, n, _)| n.as_str()).collect();
     assert_eq!(nodes, ["n0", "n0"]);
-    for (log, k) in logs.iter().zip(&at_kill) {
-        wait_ticks(log, k + 20, WAIT);
-    }
-    all_advance(&logs, 10);
+    goes_on(&logs, &at_kill);
 }
 
 #[test]
@@ -219,14 +210,7 @@ fn a_connection_to_a_server_outside_the_job_fails_the_save_or_comes_back_reset()
         ckpt_tests::workload::workload_command("tcp_pair", ["serve", "7300"], &server_log).unwrap();
     let ns0 = jc.cluster.nodes()[0].netns.clone();
     drop(jc.cluster.spawn_in(&ns0, &mut cmd).unwrap());
-    let t = Instant::now();
-    while !std::fs::read_to_string(&server_log)
-        .unwrap_or_default()
-        .contains("port 7300")
-    {
-        assert!(t.elapsed() < WAIT, "the server does not listen");
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    wait_for_text(&server_log, "port 7300", WAIT);
     let n0 = jc.cluster.nodes()[0].addr.to_string();
     let (pid, log) = jc
         .spawn_rank(1, job, 0, "tcp_pair", &["connect", &n0, "7300"])
@@ -405,14 +389,7 @@ fn a_restore_holds_the_connections_until_every_rank_is_rebuilt_and_lets_go_on_ab
     let (p0, log0) = jc
         .spawn_rank(0, job, 0, "tcp_pair", &["serve", "7600"])
         .unwrap();
-    let t = Instant::now();
-    while !std::fs::read_to_string(&log0)
-        .unwrap_or_default()
-        .contains("port 7600")
-    {
-        assert!(t.elapsed() < WAIT);
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    wait_for_text(&log0, "port 7600", WAIT);
     let (p1, log1) = jc
         .spawn_rank(1, job, 1, "tcp_pair", &["connect", &n0, "7600"])
         .unwrap();
@@ -470,8 +447,5 @@ fn a_restore_holds_the_connections_until_every_rank_is_rebuilt_and_lets_go_on_ab
     let now = restore(&jc, job, &["--map", "0=n1,1=n2"]);
     assert_eq!(now.len(), 2);
     assert!(lock_tables(&jc, 1).is_empty() && lock_tables(&jc, 2).is_empty());
-    for (log, k) in logs.iter().zip(&at_kill) {
-        wait_ticks(log, k + 20, WAIT);
-    }
-    all_advance(&logs, 10);
+    goes_on(&logs, &at_kill);
 }

@@ -422,3 +422,19 @@ pub fn wait_job_gone(jc: &JobCluster, job: &str) {
         std::thread::sleep(Duration::from_millis(50));
     }
 }
+
+/// Waits until the file at `log` contains `text` (a server saying it listens).
+pub fn wait_for_text(log: &Path, text: &str, timeout: Duration) {
+    let t = Instant::now();
+    while !std::fs::read_to_string(log)
+        .unwrap_or_default()
+        .contains(text)
+    {
+        assert!(
+            t.elapsed() < timeout,
+            "{text:?} never appeared in {}",
+            log.display()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}

@@ -62,7 +62,7 @@ fn sys(what: &'static str) -> TcpError {
     }
 }
 
-fn setopt(
+pub(super) fn setopt(
     fd: i32,
     level: i32,
     opt: i32,
@@ -98,7 +98,7 @@ fn setopt_slice<T: Copy>(
     Ok(())
 }
 
-fn getopt<T: Copy + Default>(
+pub(super) fn getopt<T: Copy + Default>(
     fd: i32,
     level: i32,
     opt: i32,

@@ -7,41 +7,13 @@ use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 
 use ckpt_shared::image::UdpOpts;
 
-fn get_int(fd: i32, opt: i32) -> std::io::Result<i32> {
-    let mut v: libc::c_int = 0;
-    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
-    // SAFETY: getsockopt writes one int into `v`.
-    let r = unsafe {
-        libc::getsockopt(
-            fd,
-            libc::SOL_SOCKET,
-            opt,
-            (&mut v as *mut libc::c_int).cast(),
-            &mut len,
-        )
-    };
-    if r != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(v)
+/// An int socket option, through the TCP module's wrappers.
+fn get_int(fd: i32, opt: i32, what: &'static str) -> std::io::Result<i32> {
+    super::tcp::getopt(fd, libc::SOL_SOCKET, opt, what).map_err(std::io::Error::other)
 }
 
-fn set_int(fd: i32, opt: i32, v: i32, what: &str) -> std::io::Result<()> {
-    // SAFETY: setsockopt reads one int from `v`.
-    let r = unsafe {
-        libc::setsockopt(
-            fd,
-            libc::SOL_SOCKET,
-            opt,
-            (&v as *const libc::c_int).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
-    if r != 0 {
-        let e = std::io::Error::last_os_error();
-        return Err(std::io::Error::new(e.kind(), format!("{what}: {e}")));
-    }
-    Ok(())
+fn set_int(fd: i32, opt: i32, v: i32, what: &'static str) -> std::io::Result<()> {
+    super::tcp::setopt(fd, libc::SOL_SOCKET, opt, v, what).map_err(std::io::Error::other)
 }
 
 /// The bound address, the peer (if connected) and the options of UDP socket `fd`.
@@ -61,11 +33,11 @@ pub fn capture(fd: BorrowedFd<'_>) -> std::io::Result<(SocketAddr, Option<Socket
         .ok_or_else(|| std::io::Error::other("getsockname of a UDP socket"))?;
     let remote = getpeername::<SockaddrStorage>(raw).ok().and_then(to_addr);
     let opts = UdpOpts {
-        reuseaddr: get_int(raw, libc::SO_REUSEADDR)? != 0,
-        reuseport: get_int(raw, libc::SO_REUSEPORT)? != 0,
-        broadcast: get_int(raw, libc::SO_BROADCAST)? != 0,
-        sndbuf: get_int(raw, libc::SO_SNDBUF)? as u32,
-        rcvbuf: get_int(raw, libc::SO_RCVBUF)? as u32,
+        reuseaddr: get_int(raw, libc::SO_REUSEADDR, "SO_REUSEADDR")? != 0,
+        reuseport: get_int(raw, libc::SO_REUSEPORT, "SO_REUSEPORT")? != 0,
+        broadcast: get_int(raw, libc::SO_BROADCAST, "SO_BROADCAST")? != 0,
+        sndbuf: get_int(raw, libc::SO_SNDBUF, "SO_SNDBUF")? as u32,
+        rcvbuf: get_int(raw, libc::SO_RCVBUF, "SO_RCVBUF")? as u32,
     };
     Ok((local, remote, opts))
 }
@@ -91,37 +63,24 @@ pub fn rebuild(
     }
     // SAFETY: a fresh descriptor we own.
     let fd = unsafe { OwnedFd::from_raw_fd(raw) };
-    set_int(
-        raw,
-        libc::SO_REUSEADDR,
-        opts.reuseaddr as i32,
-        "SO_REUSEADDR",
-    )?;
-    set_int(
-        raw,
-        libc::SO_REUSEPORT,
-        opts.reuseport as i32,
-        "SO_REUSEPORT",
-    )?;
-    set_int(
-        raw,
-        libc::SO_BROADCAST,
-        opts.broadcast as i32,
-        "SO_BROADCAST",
-    )?;
-    // The kernel doubles what is asked.
-    set_int(
-        raw,
-        libc::SO_SNDBUFFORCE,
-        (opts.sndbuf / 2) as i32,
-        "SO_SNDBUFFORCE",
-    )?;
-    set_int(
-        raw,
-        libc::SO_RCVBUFFORCE,
-        (opts.rcvbuf / 2) as i32,
-        "SO_RCVBUFFORCE",
-    )?;
+    // The buffers: the kernel doubles what is asked.
+    for (opt, v, what) in [
+        (libc::SO_REUSEADDR, opts.reuseaddr as i32, "SO_REUSEADDR"),
+        (libc::SO_REUSEPORT, opts.reuseport as i32, "SO_REUSEPORT"),
+        (libc::SO_BROADCAST, opts.broadcast as i32, "SO_BROADCAST"),
+        (
+            libc::SO_SNDBUFFORCE,
+            (opts.sndbuf / 2) as i32,
+            "SO_SNDBUFFORCE",
+        ),
+        (
+            libc::SO_RCVBUFFORCE,
+            (opts.rcvbuf / 2) as i32,
+            "SO_RCVBUFFORCE",
+        ),
+    ] {
+        set_int(raw, opt, v, what)?;
+    }
     if local.port() != 0 || !local.ip().is_unspecified() {
         bind(raw, &SockaddrStorage::from(local)).map_err(|e| {
             std::io::Error::new(
