@@ -126,6 +126,9 @@ pub struct FdTable {
     /// Socket descriptors whose close-on-exec bit is still to be read (see
     /// [`read_cloexec`]).
     pub cloexec_later: Vec<(pid_t, RawFd)>,
+    /// The 4-tuple of each of `tcp`, once [`tcp_conns`](Self::tcp_conns) has read
+    /// it.
+    tuples: Vec<Option<crate::netlock::Conn>>,
 }
 
 /// Reads the close-on-exec bit of the descriptors `later` (from fdinfo) into the
@@ -374,16 +377,17 @@ impl FdTable {
 
     /// The 4-tuple of every established TCP connection found so far: what the
     /// network lock holds.
-    pub fn tcp_conns(&self) -> Vec<crate::netlock::Conn> {
-        self.tcp
+    pub fn tcp_conns(&mut self) -> Vec<crate::netlock::Conn> {
+        self.tuples = self
+            .tcp
             .iter()
-            .filter_map(|(.., dup)| {
-                use std::os::fd::AsFd;
+            .map(|(.., dup)| {
                 let local = tcp::local_addr(dup.as_fd()).ok()?;
                 let remote = tcp::remote_addr(dup.as_fd()).ok()?;
                 Some(crate::netlock::Conn { local, remote })
             })
-            .collect()
+            .collect();
+        self.tuples.iter().flatten().copied().collect()
     }
 
     /// Reads every established TCP connection found by
@@ -391,33 +395,9 @@ impl FdTable {
     /// frozen meanwhile, and with a thousand connections the reading is most of
     /// its standstill.
     pub fn capture_tcp(&mut self) -> Result<(), FdError> {
-        use std::os::fd::AsFd;
-        let n = self.tcp.len();
-        if n == 0 {
-            return Ok(());
-        }
-        let threads = std::thread::available_parallelism()
-            .map_or(2, |p| p.get())
-            .clamp(1, 4)
-            .min(n.div_ceil(64));
-        let per = n.div_ceil(threads);
-        let got: Vec<Result<tcp::TcpConn, tcp::TcpError>> = std::thread::scope(|s| {
-            let handles: Vec<_> = self
-                .tcp
-                .chunks(per)
-                .map(|part| {
-                    s.spawn(move || {
-                        part.iter()
-                            .map(|(_, _, _, dup)| tcp::capture(dup.as_fd()))
-                            .collect::<Vec<_>>()
-                    })
-                })
-                .collect();
-            handles
-                .into_iter()
-                .flat_map(|h| h.join().expect("a capture thread panicked"))
-                .collect()
-        });
+        let known = |i: usize| self.tuples.get(i).copied().flatten();
+        let idx: Vec<usize> = (0..self.tcp.len()).collect();
+        let got = parallel_map(&idx, |&i| tcp::capture_on(self.tcp[i].3.as_fd(), known(i)));
         for ((file, pid, fd, _), conn) in self.tcp.iter().zip(got) {
             let conn = conn.map_err(|e| FdError::Unsupported {
                 pid: *pid,

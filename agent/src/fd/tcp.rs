@@ -182,6 +182,15 @@ fn peek_queue(fd: i32, queue: libc::c_int, len: usize) -> Result<Vec<u8>, TcpErr
 /// Reads the state of the established connection `fd` (a duplicate the agent
 /// holds), leaving it as it was.
 pub fn capture(fd: BorrowedFd<'_>) -> Result<TcpConn, TcpError> {
+    capture_on(fd, None)
+}
+
+/// [`capture`], with the 4-tuple when it is already known (the dump reads it once,
+/// for the lock, and does not ask each socket again under the freeze).
+pub fn capture_on(
+    fd: BorrowedFd<'_>,
+    known: Option<crate::netlock::Conn>,
+) -> Result<TcpConn, TcpError> {
     let fd = fd.as_raw_fd();
     let info: libc::tcp_info = getopt_info(fd)?;
     if info.tcpi_state != TCP_ESTABLISHED {
@@ -189,8 +198,10 @@ pub fn capture(fd: BorrowedFd<'_>) -> Result<TcpConn, TcpError> {
             state: info.tcpi_state,
         });
     }
-    let local = addr(fd, false)?;
-    let remote = addr(fd, true)?;
+    let (local, remote) = match known {
+        Some(c) => (c.local, c.remote),
+        None => (addr(fd, false)?, addr(fd, true)?),
+    };
     // Sizes before repair mode: the ioctls answer for a normal socket.
     let outq = ioctl_int(fd, SIOCOUTQ, "SIOCOUTQ")?;
     let unsent = ioctl_int(fd, SIOCOUTQNSD, "SIOCOUTQNSD")?;
