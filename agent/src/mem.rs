@@ -872,8 +872,10 @@ pub fn fill_pipelined<E: From<MemError>>(
 }
 
 /// [`fill_pipelined`] over the network: every segment is populated first, then one
-/// thread drives `concurrency` requests at a time and writes each chunk as it
-/// arrives.
+/// thread drives `concurrency` requests at a time and writes each chunk's bytes
+/// while they arrive (still in the cache), a step at a time. A chunk that then fails
+/// its check fails the fill: the caller kills the husks it wrote into, so no process
+/// runs on unverified bytes.
 fn fill_remote<E: From<MemError>>(
     direct: Vec<WriteJob>,
     segs: Vec<Segment>,
@@ -888,11 +890,8 @@ fn fill_remote<E: From<MemError>>(
     }
     let chunks: Vec<ChunkRef> = jobs.iter().map(|j| j.chunk).collect();
     let mut written = 0u64;
-    let done = store.fetch_each(&chunks, concurrency, |i, b| -> Result<(), MemError> {
-        for p in &jobs[i].pieces {
-            write_piece(p, &b[p.off as usize..(p.off + p.len) as usize])?;
-            written += p.len as u64;
-        }
+    let done = store.fetch_each(&chunks, concurrency, |i, off, b| -> Result<(), MemError> {
+        written += write_part(&jobs[i].pieces, off as u64, b)?;
         Ok(())
     });
     match done {
@@ -903,6 +902,29 @@ fn fill_remote<E: From<MemError>>(
             source: std::io::Error::other("internal: a local store filled as a remote one"),
         })),
     }
+}
+
+/// Writes bytes `[off, off + b.len())` of a chunk wherever `pieces` put them; returns
+/// the bytes written. `off` and the length are whole pages (or reach the chunk's end,
+/// as whole pages do), so every part a `UFFDIO_COPY` gets is whole pages too.
+fn write_part(pieces: &[Piece], off: u64, b: &[u8]) -> Result<u64, MemError> {
+    let end = off + b.len() as u64;
+    let mut written = 0;
+    for p in pieces {
+        let (s, e) = (off.max(p.off as u64), end.min(p.off as u64 + p.len as u64));
+        if s >= e {
+            continue;
+        }
+        let part = Piece {
+            dest: p.dest,
+            addr: p.addr + (s - p.off as u64),
+            off: s as u32,
+            len: (e - s) as u32,
+        };
+        write_piece(&part, &b[(s - off) as usize..(e - off) as usize])?;
+        written += e - s;
+    }
+    Ok(written)
 }
 
 fn write_job(j: &WriteJob, store: &ImageStore, buf: &mut Vec<u8>) -> Result<u64, MemError> {

@@ -39,7 +39,7 @@ use std::time::Instant;
 use ckpt_shared::codec;
 use ckpt_shared::image::{ChunkRef, Image, MappingKind, Process, PAGE_SIZE};
 use ckpt_shared::location::{ImageStore, ImageStoreError, Location};
-use ckpt_shared::objstore::StoreConfig;
+use ckpt_shared::objstore::{Drive, StoreConfig};
 use libc::pid_t;
 use tracing::{debug, warn};
 
@@ -174,7 +174,13 @@ pub fn load(location: &Location) -> Result<(ImageStore, Image), RestoreError> {
             });
         }
     }
-    let store = ImageStore::open(location, &StoreConfig::from_env())?;
+    // One thread (this one) keeps every request of the fill in flight and consumes
+    // what arrives: it drives the connections itself.
+    let config = StoreConfig {
+        drive: Drive::Caller,
+        ..StoreConfig::from_env()
+    };
+    let store = ImageStore::open(location, &config)?;
     let bytes = store.get_manifest()?;
     let img = codec::decode_image(&bytes)?;
     if !store.is_remote() {

@@ -329,6 +329,60 @@ fn the_store_killed_during_the_upload_aborts_the_dump_and_the_tree_runs_on() -> 
     Ok(())
 }
 
+/// The restore writes chunks into the husks while they arrive, before each is
+/// verified: a store lost half-way must still leave no process behind, and say which
+/// store.
+#[test]
+fn the_store_killed_during_a_restore_fails_it_and_starts_nothing() -> Result<()> {
+    require_root!(Ok(()));
+    let mut server = S3Server::start();
+    let mut w = Work::start("bench_mem", &["384"])?;
+    let url = format!("s3://{BUCKET}/gone/img");
+    let pid = w.pid.to_string();
+    run(&server, &["dump", "--pid", &pid, "--image", &url], &[])?.ok()?;
+    w.wait_killed()?;
+    let env: Vec<(String, String)> = server
+        .env()
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .chain([("CKPT_STORE_RETRY_SECS".to_string(), "2".to_string())])
+        .collect();
+    let restore = std::thread::spawn(move || {
+        let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        run_agent_env(agent(), &["restore", "--image", &url], &env, AGENT_TIMEOUT)
+    });
+    // The husk takes the old PID before its memory is filled: kill the server a
+    // moment into the fill.
+    let husk = wait_for(|| is_alive(w.pid), Duration::from_secs(60));
+    std::thread::sleep(Duration::from_millis(150));
+    let t_kill = Instant::now();
+    server.kill();
+    let r = restore.join().expect("restore thread")?;
+    eprintln!("restore with its store killed said:\n{}", r.stderr);
+    ensure!(husk, "the restore never made its husk: {}", r.describe());
+    ensure!(
+        !r.success(),
+        "the restore finished before the server was killed (too fast for this test): {}",
+        r.describe()
+    );
+    ensure!(
+        r.stderr.contains(&server.endpoint()) && r.stderr.contains("no process was started"),
+        "the error does not name the store or does not say nothing started: {}",
+        r.describe()
+    );
+    ensure!(
+        t_kill.elapsed() < Duration::from_secs(60),
+        "the restore took {:?} to give up",
+        t_kill.elapsed()
+    );
+    ensure!(
+        wait_for(|| !is_alive(w.pid), Duration::from_secs(5)),
+        "PID {} runs after a failed restore",
+        w.pid
+    );
+    Ok(())
+}
+
 #[test]
 fn images_in_a_shared_file_store_share_chunks_and_restore() -> Result<()> {
     require_root!(Ok(()));

@@ -264,28 +264,31 @@ pub fn decode_into(chunk: &ChunkRef, object: &[u8], out: &mut [u8]) -> Result<()
     Ok(())
 }
 
-/// Whether `s` is a chunk name: 64 lowercase hex digits.
-/// Checks a raw object read in two parts: its header, and its payload already in
-/// `out` (the object was exactly header + `chunk.len` bytes). The header must say
-/// raw, and the bytes must hash to the chunk.
-pub fn verify_raw(
+/// Checks the header of an object whose payload is as long as `chunk`: it must say
+/// raw (a compressed payload is always shorter than the bytes it holds).
+pub fn check_raw_header(
     chunk: &ChunkRef,
     header: &[u8; CHUNK_HEADER_LEN],
-    out: &[u8],
 ) -> Result<(), ChunkFmtError> {
-    let codec = check_header(chunk, header, out.len() as u64).map_err(|r| corrupt(chunk, r))?;
+    let codec = check_header(chunk, header, u64::from(chunk.len)).map_err(|r| corrupt(chunk, r))?;
     if codec != CODEC_RAW {
         return Err(corrupt(
             chunk,
             "a compressed payload as long as the raw bytes".to_string(),
         ));
     }
-    if blake3::hash(out).as_bytes() != &chunk.hash {
+    Ok(())
+}
+
+/// Checks the BLAKE3 of a chunk's bytes, hashed by the caller as they arrived.
+pub fn check_hash(chunk: &ChunkRef, hash: &blake3::Hash) -> Result<(), ChunkFmtError> {
+    if hash.as_bytes() != &chunk.hash {
         return Err(corrupt(chunk, "checksum mismatch"));
     }
     Ok(())
 }
 
+/// Whether `s` is a chunk name: 64 lowercase hex digits.
 pub fn is_chunk_name(s: &str) -> bool {
     s.len() == 64 && s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
 }

@@ -15,6 +15,7 @@
 //! batches its fsyncs; `s3://` through [`BlockingStore`]. `memory://` is refused
 //! here: a store inside one process would vanish when the command exits.
 
+use std::cell::RefCell;
 use std::path::{Path, PathBuf};
 
 use crate::gc::{self, GcError, Leases, Registration};
@@ -212,40 +213,53 @@ impl ImageStore {
 
     /// For a remote store: fetches and verifies `chunks` with `concurrency` requests
     /// in flight, all driven from the calling thread (no thread per request, whose
-    /// wake-ups would cost more than the work on a small node), and hands each to
-    /// `sink` as it arrives, with its index. Returns `None` for a local store: the
+    /// wake-ups would cost more than the work on a small node), and hands their bytes
+    /// to `sink(index, offset, bytes)` as they arrive, a step at a time (see
+    /// [`ObjectStoreBackend::get_chunk_with`]). Returns `None` for a local store: the
     /// caller reads those from its own threads.
+    ///
+    /// **`sink` sees bytes before their chunk is verified**: only `Some(Ok(()))`
+    /// says that every chunk matched its BLAKE3. On an error, whatever the sink
+    /// wrote must be thrown away.
     pub fn fetch_each<E: From<ImageStoreError>>(
         &self,
         chunks: &[ChunkRef],
         concurrency: usize,
-        mut sink: impl FnMut(usize, &[u8]) -> Result<(), E>,
+        sink: impl FnMut(usize, usize, &[u8]) -> Result<(), E>,
     ) -> Option<Result<(), E>> {
         use futures_util::StreamExt;
         let Kind::Remote { store, .. } = &self.kind else {
             return None;
         };
         let backend = store.backend();
-        // Buffers go back to a pool after use: a fresh 1 MiB buffer per chunk would
+        // Buffers go back to a pool after use: a fresh 4 MiB buffer per chunk would
         // be mapped and faulted in every time.
-        let pool = std::cell::RefCell::new(Vec::<Vec<u8>>::new());
+        let pool = RefCell::new(Vec::<Vec<u8>>::new());
+        // The requests run interleaved on this one thread, never at the same instant,
+        // so they can share the sink.
+        let sink = RefCell::new(sink);
         Some(store.block_on(async {
             let mut results = futures_util::stream::iter(chunks.iter().enumerate())
                 .map(|(i, c)| {
                     let mut buf = pool.borrow_mut().pop().unwrap_or_default();
+                    let sink = &sink;
                     async move {
                         buf.resize(c.len as usize, 0);
-                        let r = backend.get_chunk(c, &mut buf).await;
-                        (i, buf, r)
+                        let r = backend
+                            .get_chunk_with(c, &mut buf, |off, bytes| {
+                                (sink.borrow_mut())(i, off, bytes).map_err(Fetch::Sink)
+                            })
+                            .await;
+                        (buf, r)
                     }
                 })
                 .buffer_unordered(concurrency.max(1));
-            while let Some((i, buf, r)) = results.next().await {
-                if let Err(e) = r {
-                    return Err(E::from(ImageStoreError::from(e)));
+            while let Some((buf, r)) = results.next().await {
+                match r {
+                    Ok(()) => pool.borrow_mut().push(buf),
+                    Err(Fetch::Sink(e)) => return Err(e),
+                    Err(Fetch::Store(e)) => return Err(E::from(ImageStoreError::from(e))),
                 }
-                sink(i, &buf)?;
-                pool.borrow_mut().push(buf);
             }
             Ok(())
         }))
@@ -343,6 +357,18 @@ impl ImageStore {
     }
 }
 
+/// Why one chunk of [`ImageStore::fetch_each`] stopped: the store, or the sink.
+enum Fetch<E> {
+    Store(ObjStoreError),
+    Sink(E),
+}
+
+impl<E> From<ObjStoreError> for Fetch<E> {
+    fn from(e: ObjStoreError) -> Self {
+        Fetch::Store(e)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -397,6 +423,77 @@ mod tests {
             let e = Location::parse(loc).unwrap_err().to_string();
             assert!(e.contains(says), "{loc}: {e}");
         }
+    }
+
+    /// The restore's read: many chunks in flight on one thread, each handed on in
+    /// order while it arrives, and a damaged one failing the whole fetch.
+    #[test]
+    fn fetch_each_hands_on_every_byte_and_fails_on_a_damaged_chunk() {
+        use object_store::ObjectStoreExt;
+        let store = BlockingStore::open(
+            "memory://",
+            &StoreConfig {
+                drive: objstore::Drive::Caller,
+                ..StoreConfig::default()
+            },
+        )
+        .unwrap();
+        let img = ImageStore::in_store(store, "img").unwrap();
+        let step = objstore::STREAM_STEP;
+        let datas: Vec<Vec<u8>> = (0..7u8)
+            .map(|i| {
+                let len = (i as usize % 3) * step + 4096 * (i as usize + 1);
+                (0..len)
+                    .map(|b| (b * 31 + i as usize) as u8 ^ (b >> 12) as u8)
+                    .collect()
+            })
+            .collect();
+        let chunks: Vec<ChunkRef> = datas.iter().map(|d| ChunkRef::of(d)).collect();
+        for (c, d) in chunks.iter().zip(&datas) {
+            img.put_chunk(*c, d, None).unwrap();
+        }
+        let mut got: Vec<Vec<u8>> = datas.iter().map(|d| vec![0; d.len()]).collect();
+        let mut next: Vec<usize> = vec![0; datas.len()];
+        img.fetch_each(&chunks, 3, |i, off, b| -> Result<(), ImageStoreError> {
+            assert_eq!(off, next[i], "chunk {i} handed on out of order");
+            got[i][off..off + b.len()].copy_from_slice(b);
+            next[i] += b.len();
+            Ok(())
+        })
+        .expect("remote")
+        .unwrap();
+        assert_eq!(got, datas);
+
+        // One byte of one chunk flipped in the store: the fetch fails, naming it.
+        let Kind::Remote { store, .. } = &img.kind else {
+            unreachable!()
+        };
+        let b = store.backend();
+        let key = b.chunk_key(&chunks[4].hex());
+        let mut raw = store
+            .block_on(async { b.raw_store().get(&key).await?.bytes().await })
+            .unwrap()
+            .to_vec();
+        let n = raw.len();
+        raw[n - 1] ^= 1;
+        store.block_on(b.raw_store().put(&key, raw.into())).unwrap();
+        let r = img
+            .fetch_each(&chunks, 3, |_, _, _| -> Result<(), ImageStoreError> {
+                Ok(())
+            })
+            .expect("remote");
+        let e = r.unwrap_err().to_string();
+        assert!(e.contains(&chunks[4].hex()) && e.contains("corrupt"), "{e}");
+
+        // A sink's own error stops the fetch and comes back as it was.
+        let r = img
+            .fetch_each(&chunks, 3, |_, _, _| -> Result<(), ImageStoreError> {
+                Err(ImageStoreError::Object(ObjStoreError::BadImageName {
+                    name: "sink".into(),
+                }))
+            })
+            .expect("remote");
+        assert!(r.unwrap_err().to_string().contains("sink"));
     }
 
     #[test]

@@ -72,6 +72,12 @@ pub const IMAGES_DIR: &str = "images";
 /// Longest image name accepted (one path segment in every store).
 pub const MAX_IMAGE_NAME: usize = 200;
 
+/// How many bytes of a raw chunk [`ObjectStoreBackend::get_chunk_with`] hashes and
+/// hands on at a time: a multiple of the page size (the restore writes whole pages),
+/// well inside a core's L2 cache, and long enough for BLAKE3's SIMD lanes and for
+/// few system calls.
+pub const STREAM_STEP: usize = 256 << 10;
+
 /// Errors of an object store. Each names the store (its URL) and the object.
 #[derive(Debug, thiserror::Error)]
 pub enum ObjStoreError {
@@ -387,6 +393,24 @@ impl Default for RetryPolicy {
 pub struct StoreConfig {
     pub s3: S3Config,
     pub retry: RetryPolicy,
+    /// Which threads drive a [`BlockingStore`]'s connections.
+    pub drive: Drive,
+}
+
+/// Which threads drive the connections of a [`BlockingStore`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Drive {
+    /// Two threads of the store's own. For many threads calling at once, each with
+    /// a request or two (a dump's workers): none of them has to drive the others'.
+    #[default]
+    Threads,
+    /// The calling thread, inside each call. For one thread that keeps many requests
+    /// in flight ([`crate::location::ImageStore::fetch_each`], the restore): each
+    /// piece of a response is read by the thread that consumes it, with no wake-up
+    /// of another thread in between. Measured on a 2-core node restoring 1 GiB from
+    /// a local S3 server: 4.03 s against 4.16 s (median of 5, interleaved runs).
+    /// Several threads may still call at once: they take turns at driving.
+    Caller,
 }
 
 impl StoreConfig {
@@ -406,6 +430,7 @@ impl StoreConfig {
         StoreConfig {
             s3: S3Config::default().fill_from_env(),
             retry,
+            drive: Drive::default(),
         }
     }
 }
@@ -556,12 +581,32 @@ impl ObjectStoreBackend {
     /// Reads `chunk` into `out` (exactly `chunk.len` bytes), verifying its header,
     /// length and BLAKE3.
     pub async fn get_chunk(&self, chunk: &ChunkRef, out: &mut [u8]) -> Result<(), ObjStoreError> {
+        self.get_chunk_with(chunk, out, |_, _| Ok(())).await
+    }
+
+    /// [`get_chunk`](Self::get_chunk) that hands the bytes on while they arrive:
+    /// `arrived(off, bytes)` gets `out[off..off + bytes.len()]` as soon as that part is
+    /// in, in order, in steps of [`STREAM_STEP`] (the last one shorter), each hashed
+    /// just before, so that the caller writes them out while they are still in the
+    /// CPU's cache instead of reading 4 MiB back from memory twice.
+    ///
+    /// **The bytes handed on are not verified yet**: only an `Ok` return says the
+    /// whole chunk matched its BLAKE3. The caller must let nothing use them before
+    /// (the restore writes them into processes that never run unless every chunk
+    /// verified). A compressed object is decoded and verified first, then handed
+    /// on in one call.
+    pub async fn get_chunk_with<E: From<ObjStoreError>>(
+        &self,
+        chunk: &ChunkRef,
+        out: &mut [u8],
+        mut arrived: impl FnMut(usize, &[u8]) -> Result<(), E>,
+    ) -> Result<(), E> {
         if out.len() != chunk.len as usize {
-            return Err(ChunkFmtError::BufferSize {
+            return Err(ObjStoreError::from(ChunkFmtError::BufferSize {
                 chunk: chunk.hex(),
                 expected: chunk.len,
                 got: out.len(),
-            }
+            })
             .into());
         }
         let hex = chunk.hex();
@@ -572,19 +617,22 @@ impl ObjectStoreBackend {
                 return Err(ObjStoreError::Missing {
                     store: self.name.to_string(),
                     chunk: hex,
-                });
+                }
+                .into());
             }
-            Err(e) => return Err(self.request_err("get chunk", &key, e)),
+            Err(e) => return Err(self.request_err("get chunk", &key, e).into()),
         };
         let max = chunkfmt::max_object_len(chunk.len);
         if got.meta.size > max {
-            return Err(self.corrupt(
-                hex,
-                format!(
-                    "object is {} bytes, more than the {max} a chunk of {} bytes takes",
-                    got.meta.size, chunk.len
-                ),
-            ));
+            return Err(self
+                .corrupt(
+                    hex,
+                    format!(
+                        "object is {} bytes, more than the {max} a chunk of {} bytes takes",
+                        got.meta.size, chunk.len
+                    ),
+                )
+                .into());
         }
         let size = got.meta.size;
         let fix = |e| match e {
@@ -592,19 +640,22 @@ impl ObjectStoreBackend {
             other => other.into(),
         };
         if size != (crate::store::CHUNK_HEADER_LEN + out.len()) as u64 {
-            // Compressed (or damaged): whole, then decoded.
+            // Compressed (or damaged): whole, then decoded and verified.
             let object = got
                 .bytes()
                 .await
                 .map_err(|e| self.request_err("get chunk", &key, e))?;
-            return chunkfmt::decode_into(chunk, &object, out).map_err(fix);
+            chunkfmt::decode_into(chunk, &object, out).map_err(fix)?;
+            return arrived(0, out);
         }
         // The size of a raw chunk: the payload streams straight into `out`, with no
-        // buffer of 1 MiB allocated (and faulted in) per request, then the header is
-        // checked and the bytes verified.
+        // buffer allocated (and faulted in) per request. The header is checked as soon
+        // as it is in; the bytes are hashed and handed on a step at a time.
         let mut header = [0u8; crate::store::CHUNK_HEADER_LEN];
         let mut at = 0usize;
         let total = size as usize;
+        let mut hasher = blake3::Hasher::new();
+        let mut handed = 0usize;
         let mut stream = got.into_stream();
         while let Some(piece) = stream
             .try_next()
@@ -613,24 +664,42 @@ impl ObjectStoreBackend {
         {
             let mut piece = &piece[..];
             if at + piece.len() > total {
-                return Err(self.corrupt(hex, format!("object is longer than its {total} bytes")));
+                let e = self.corrupt(hex, format!("object is longer than its {total} bytes"));
+                return Err(e.into());
             }
             if at < header.len() {
                 let n = piece.len().min(header.len() - at);
                 header[at..at + n].copy_from_slice(&piece[..n]);
                 at += n;
                 piece = &piece[n..];
+                if at == header.len() {
+                    chunkfmt::check_raw_header(chunk, &header).map_err(fix)?;
+                }
             }
             if !piece.is_empty() {
                 let o = at - header.len();
                 out[o..o + piece.len()].copy_from_slice(piece);
                 at += piece.len();
             }
+            let have = at.saturating_sub(header.len());
+            while have - handed >= STREAM_STEP {
+                let step = &out[handed..handed + STREAM_STEP];
+                hasher.update(step);
+                arrived(handed, step)?;
+                handed += STREAM_STEP;
+            }
         }
         if at != total {
-            return Err(self.corrupt(hex, format!("object ended after {at} of {total} bytes")));
+            let e = self.corrupt(hex, format!("object ended after {at} of {total} bytes"));
+            return Err(e.into());
         }
-        chunkfmt::verify_raw(chunk, &header, out).map_err(fix)
+        if handed < out.len() {
+            let rest = &out[handed..];
+            hasher.update(rest);
+            arrived(handed, rest)?;
+        }
+        chunkfmt::check_hash(chunk, &hasher.finalize()).map_err(fix)?;
+        Ok(())
     }
 
     /// Names (64 hex digits) of every chunk in the store, sorted. Objects that are not
@@ -1146,10 +1215,11 @@ fn open_s3(
 }
 
 /// [`ObjectStoreBackend`] for plain threads: the same operations, synchronous. It owns
-/// a Tokio runtime of 2 worker threads that drive the connections; each call runs on
-/// the caller's thread with [`tokio::runtime::Handle::block_on`], so many threads can
-/// call at once (`Send + Sync`). Must not be called, nor dropped, from inside an async
-/// context (Tokio forbids blocking there): async code uses the backend directly.
+/// a Tokio runtime: by default 2 worker threads that drive the connections, or none
+/// ([`Drive::Caller`]); each call runs on the caller's thread with
+/// [`tokio::runtime::Runtime::block_on`], so many threads can call at once
+/// (`Send + Sync`). Must not be called, nor dropped, from inside an async context
+/// (Tokio forbids blocking there): async code uses the backend directly.
 #[derive(Debug)]
 pub struct BlockingStore {
     backend: ObjectStoreBackend,
@@ -1160,15 +1230,20 @@ impl BlockingStore {
     /// Opens the store at `url` with a runtime of its own.
     pub fn open(url: &str, config: &StoreConfig) -> Result<Self, ObjStoreError> {
         let url = StoreUrl::parse(url)?;
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .thread_name("ckpt-store-io")
-            .enable_all()
-            .build()
-            .map_err(|source| ObjStoreError::Runtime {
-                store: url.to_string(),
-                source,
-            })?;
+        let runtime = match config.drive {
+            Drive::Threads => tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .thread_name("ckpt-store-io")
+                .enable_all()
+                .build(),
+            Drive::Caller => tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build(),
+        }
+        .map_err(|source| ObjStoreError::Runtime {
+            store: url.to_string(),
+            source,
+        })?;
         // The HTTP client is created inside the runtime it will use.
         let backend = {
             let _guard = runtime.enter();
@@ -1184,7 +1259,7 @@ impl BlockingStore {
 
     /// Runs `fut` to completion on this store's runtime, from the calling thread.
     pub fn block_on<F: std::future::Future>(&self, fut: F) -> F::Output {
-        self.runtime.handle().block_on(fut)
+        self.runtime.block_on(fut)
     }
 
     /// See [`ObjectStoreBackend::check`].
@@ -1386,6 +1461,7 @@ mod tests {
                 ..S3Config::default()
             },
             retry: RetryPolicy::default(),
+            drive: Drive::default(),
         }
     }
 

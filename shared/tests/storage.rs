@@ -14,7 +14,7 @@ use ckpt_shared::chunkfmt::ChunkFmtError;
 use ckpt_shared::codec::{self, CodecError};
 use ckpt_shared::image::ChunkRef;
 use ckpt_shared::objstore::{
-    BlockingStore, ObjStoreError, RetryPolicy, S3Config, StoreConfig, StoreUrl,
+    BlockingStore, Drive, ObjStoreError, RetryPolicy, S3Config, StoreConfig, StoreUrl, STREAM_STEP,
 };
 use ckpt_shared::store::{ChunkStore, CHUNK_HEADER_LEN, CODEC_RAW, CODEC_ZSTD};
 use object_store::{ObjectStoreExt, PutPayload};
@@ -53,6 +53,20 @@ fn put_raw_object(store: &BlockingStore, c: &ChunkRef, bytes: Vec<u8>) {
     store
         .block_on(b.raw_store().put(&key, PutPayload::from(bytes)))
         .unwrap();
+}
+
+/// What `get_chunk_with` handed on, as `(offset, bytes)`.
+type Steps = Vec<(usize, Vec<u8>)>;
+
+/// Reads `c` with `get_chunk_with`: its result, and what it handed on.
+fn streamed(store: &BlockingStore, c: &ChunkRef) -> (Result<(), ObjStoreError>, Steps) {
+    let mut out = vec![0u8; c.len as usize];
+    let mut steps = Vec::new();
+    let r = store.block_on(store.backend().get_chunk_with(c, &mut out, |off, b| {
+        steps.push((off, b.to_vec()));
+        Ok::<(), ObjStoreError>(())
+    }));
+    (r, steps)
 }
 
 // ---------------------------------------------------------------- the suite
@@ -205,6 +219,8 @@ fn suite(store: &BlockingStore) {
         )
     );
 
+    stream_suite(store, &name);
+
     // Manifests: put, get, list, overwrite.
     let manifest = codec::encode(*b"TEST", &(1u32..500).collect::<Vec<_>>()).unwrap();
     store.put_manifest("job-1", &manifest).unwrap();
@@ -249,6 +265,98 @@ fn suite(store: &BlockingStore) {
     ));
 }
 
+/// `get_chunk_with`, which the restore uses: bytes handed on in order while they
+/// arrive, the whole chunk verified before it returns `Ok`.
+fn stream_suite(store: &BlockingStore, name: &str) {
+    // A raw chunk of 4 steps and a bit: handed on in steps, in order, then verified.
+    let data = noise(4 * STREAM_STEP + 3 * 4096, 11);
+    let (c, _) = put(store, &data, None);
+    let (r, steps) = streamed(store, &c);
+    r.unwrap();
+    let offsets: Vec<usize> = steps.iter().map(|(o, _)| *o).collect();
+    let lens: Vec<usize> = steps.iter().map(|(_, b)| b.len()).collect();
+    assert_eq!(offsets, (0..5).map(|i| i * STREAM_STEP).collect::<Vec<_>>());
+    assert_eq!(
+        lens,
+        [STREAM_STEP, STREAM_STEP, STREAM_STEP, STREAM_STEP, 3 * 4096]
+    );
+    let joined: Vec<u8> = steps.iter().flat_map(|(_, b)| b.iter().copied()).collect();
+    assert_eq!(joined, data);
+
+    // A compressed chunk is decoded and verified first, then handed on at once.
+    let text_data = text(3 * STREAM_STEP);
+    let (t, _) = put(store, &text_data, Some(3));
+    let (r, steps) = streamed(store, &t);
+    r.unwrap();
+    assert_eq!(steps.len(), 1);
+    assert_eq!(steps[0].0, 0);
+    assert_eq!(steps[0].1, text_data);
+
+    // A flipped byte in the last step: the earlier steps were handed on (the caller
+    // must throw them away), and the read fails naming the chunk and the store.
+    let good = raw_object(store, &c);
+    let mut bad = good.clone();
+    let last = bad.len() - 100;
+    bad[last] ^= 0x40;
+    put_raw_object(store, &c, bad);
+    let (r, steps) = streamed(store, &c);
+    assert_eq!(
+        steps.len(),
+        5,
+        "{name}: every step is handed on before the check"
+    );
+    match r {
+        Err(e @ ObjStoreError::Corrupt { .. }) => assert!(
+            e.to_string().contains(&c.hex()) && e.to_string().contains(name),
+            "{name}: {e}"
+        ),
+        other => panic!("{name}: expected Corrupt, got {other:?}"),
+    }
+    // A damaged header is refused before any byte is handed on.
+    let mut bad = good.clone();
+    bad[0] ^= 0xff;
+    put_raw_object(store, &c, bad);
+    let (r, steps) = streamed(store, &c);
+    assert!(
+        matches!(r, Err(ObjStoreError::Corrupt { .. })),
+        "{name}: {r:?}"
+    );
+    assert!(
+        steps.is_empty(),
+        "{name}: bytes handed on after a bad header"
+    );
+    // A truncated object (one step short) does not pass either.
+    put_raw_object(store, &c, good[..good.len() - STREAM_STEP].to_vec());
+    let (r, _) = streamed(store, &c);
+    assert!(
+        matches!(r, Err(ObjStoreError::Corrupt { .. })),
+        "{name}: {r:?}"
+    );
+    put_raw_object(store, &c, good);
+    assert_eq!(get(store, &c).unwrap(), data);
+
+    // An error of the caller's stops the read and comes back as it was.
+    let mut out = vec![0u8; c.len as usize];
+    let mut calls = 0;
+    let r = store.block_on(store.backend().get_chunk_with(&c, &mut out, |_, _| {
+        calls += 1;
+        if calls == 2 {
+            Err(ObjStoreError::BadImageName {
+                name: "the sink failed".into(),
+            })
+        } else {
+            Ok(())
+        }
+    }));
+    assert!(
+        matches!(r, Err(ObjStoreError::BadImageName { .. })),
+        "{name}: {r:?}"
+    );
+    assert_eq!(calls, 2);
+    store.delete_chunk(&c.hex()).unwrap();
+    store.delete_chunk(&t.hex()).unwrap();
+}
+
 /// Many threads on one store at once, half the chunks shared (dedup races).
 fn concurrent(store: &BlockingStore) {
     std::thread::scope(|s| {
@@ -283,6 +391,18 @@ fn memory_backend() {
 #[test]
 fn memory_backend_concurrent() {
     concurrent(&BlockingStore::open("memory://", &StoreConfig::default()).unwrap());
+}
+
+/// A store driven by its callers' threads ([`Drive::Caller`], as the restore opens
+/// it): the suite, and many threads at once taking turns at driving.
+#[test]
+fn memory_backend_driven_by_callers() {
+    let config = StoreConfig {
+        drive: Drive::Caller,
+        ..StoreConfig::default()
+    };
+    suite(&BlockingStore::open("memory://", &config).unwrap());
+    concurrent(&BlockingStore::open("memory://", &config).unwrap());
 }
 
 #[test]
@@ -357,6 +477,7 @@ fn s3_config(endpoint: &str) -> StoreConfig {
             connect_timeout: Duration::from_secs(2),
             request_timeout: Duration::from_secs(20),
         },
+        drive: Drive::Threads,
     }
 }
 
@@ -405,6 +526,19 @@ fn s3_backend_concurrent() {
     let server = S3Server::start();
     let store = BlockingStore::open(&format!("s3://{BUCKET}/c"), &server_config(&server)).unwrap();
     concurrent(&store);
+}
+
+/// Over HTTP, with no runtime thread of the store's own: the calling threads drive
+/// the connections, taking turns.
+#[test]
+fn s3_backend_driven_by_callers() {
+    let server = S3Server::start();
+    let config = StoreConfig {
+        drive: Drive::Caller,
+        ..server_config(&server)
+    };
+    suite(&BlockingStore::open(&format!("s3://{BUCKET}/d"), &config).unwrap());
+    concurrent(&BlockingStore::open(&format!("s3://{BUCKET}/e"), &config).unwrap());
 }
 
 #[test]
