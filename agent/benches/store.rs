@@ -13,6 +13,8 @@
 //! - baseline up: the same number of random bytes uploaded as one object with
 //!   `object_store`'s multipart writer (8 MiB parts, 16 in flight);
 //! - baseline down: that object read back with 16 parallel ranged GETs of 8 MiB;
+//!   and, after the full dump, every chunk object of the image GET whole, 16 in
+//!   flight (the same requests the restore makes, without its work);
 //! - `dump --leave-running` of the workload to `s3://ckpt/bench-N/full` (wall time);
 //! - the bench writes new random bytes into 5% of the workload's pages, picked at
 //!   random, through `/proc/PID/mem`, then `dump --leave-running --parent full` to
@@ -82,6 +84,7 @@ impl S {
 struct R {
     up: S,
     down: S,
+    down_chunks: S,
     dump: S,
     restore: S,
     full_stored: S,
@@ -122,6 +125,14 @@ fn run() -> Result<()> {
                 .with_bucket_name(BUCKET)
                 .with_access_key_id(ACCESS_KEY)
                 .with_secret_access_key(SECRET_KEY)
+                // s3s-fs completes a multipart upload by copying every part into
+                // one file: for 4 GiB that can take longer than the default 30 s
+                // timeout, whose retry then finds the upload gone.
+                .with_client_options(
+                    object_store::ClientOptions::new()
+                        .with_allow_http(true)
+                        .with_timeout(Duration::from_secs(600)),
+                )
                 .build()?,
         )
     };
@@ -182,6 +193,16 @@ fn run() -> Result<()> {
         let (secs, full) = dump(&server, pid, &format!("{prefix}/full"), None)?;
         r.dump.push(bytes as f64 / secs / 1e9);
         r.full_stored.push(full as f64 / (1 << 20) as f64);
+        // Second baseline: the image's own chunk objects (only the full image's are
+        // in the store yet), fetched whole with the same requests in flight.
+        let t = Instant::now();
+        let got = rt.block_on(get_all(&s3, &format!("bench-{rep}/chunks")))?;
+        ensure!(
+            got >= bytes,
+            "the chunk objects hold {got} bytes, fewer than {bytes}"
+        );
+        r.down_chunks
+            .push(got as f64 / t.elapsed().as_secs_f64() / 1e9);
         let changed = change_pages(pid, CHANGED, rep as u64)?;
         r.changed.push(changed as f64 / (1 << 20) as f64);
         let (isecs, incr) = dump(&server, pid, &format!("{prefix}/incr"), Some("full"))?;
@@ -205,6 +226,10 @@ fn run() -> Result<()> {
     r.dump.row("dump --leave-running to s3:// (wall)", "GB/s");
     r.down
         .row("plain parallel ranged download (16 in flight)", "GB/s");
+    r.down_chunks.row(
+        "plain GETs of the image's chunk objects (16 in flight)",
+        "GB/s",
+    );
     r.restore.row("restore from s3:// (wall)", "GB/s");
     r.full_stored.row("full checkpoint: stored", "MiB");
     r.changed.row("pages changed by the bench (5%)", "MiB");
@@ -223,6 +248,10 @@ fn run() -> Result<()> {
         v(down >= 0.8)
     );
     println!(
+        "  restore / plain chunk GETs     {:.2}  (the same objects the restore reads)",
+        r.restore.med() / r.down_chunks.med()
+    );
+    println!(
         "  incremental stored / changed   {inc:.2}  target <= 1.1   {}",
         v(inc <= 1.1)
     );
@@ -238,6 +267,27 @@ fn run() -> Result<()> {
         AGENT_PEAK_KB.load(Ordering::Relaxed) / 1024
     );
     Ok(())
+}
+
+/// GETs every object under `prefix`, whole, `IN_FLIGHT` at a time; returns the bytes.
+async fn get_all(s3: &std::sync::Arc<dyn ObjectStore>, prefix: &str) -> Result<usize> {
+    use futures_util::{StreamExt, TryStreamExt};
+    let keys: Vec<ObjPath> = s3
+        .list(Some(&ObjPath::from(prefix)))
+        .map_ok(|m| m.location)
+        .try_collect()
+        .await?;
+    let mut total = 0usize;
+    let mut st = futures_util::stream::iter(keys)
+        .map(|k| {
+            let s3 = s3.clone();
+            async move { anyhow::Ok(s3.get(&k).await?.bytes().await?.len()) }
+        })
+        .buffer_unordered(IN_FLIGHT);
+    while let Some(n) = st.next().await {
+        total += n?;
+    }
+    Ok(total)
 }
 
 /// The largest VmHWM seen of any agent run (kB): the agent's own peak memory.
