@@ -23,6 +23,9 @@
 //! - the workload is killed and `restore` from `.../full` is timed (the workload's
 //!   own checks then fail on the pages the bench changed: it is only timed).
 //!
+//! Before each timed read the page cache's dirty pages are synced, and each
+//! repetition's objects are removed at its end, so every read starts alike.
+//!
 //! Nothing is asserted: the figures and their ratios to the baselines are printed,
 //! median and min–max. The dumps run with `--max-snapshot 0`, so they stream from
 //! the frozen tree with the agent holding only its workers' chunks; the agent's peak
@@ -168,6 +171,7 @@ fn run() -> Result<()> {
             anyhow::Ok(())
         })?;
         r.up.push(bytes as f64 / t.elapsed().as_secs_f64() / 1e9);
+        settle();
         let t = Instant::now();
         let got = rt.block_on(async {
             use futures_util::StreamExt;
@@ -204,6 +208,7 @@ fn run() -> Result<()> {
         r.full_stored.push(full as f64 / (1 << 20) as f64);
         // Second baseline: the image's own chunk objects (only the full image's are
         // in the store yet), fetched whole with the same requests in flight.
+        settle();
         let t = Instant::now();
         let got = rt.block_on(get_all(&s3, &format!("bench-{rep}/chunks")))?;
         ensure!(
@@ -218,6 +223,7 @@ fn run() -> Result<()> {
         r.incr_stored.push(incr as f64 / (1 << 20) as f64);
         r.incr_time.push(isecs / secs);
         w.kill();
+        settle();
         let t = Instant::now();
         let out = agent(&server, &["restore", "--image", &format!("{prefix}/full")])?;
         let rt_secs = t.elapsed().as_secs_f64();
@@ -229,6 +235,9 @@ fn run() -> Result<()> {
         let mut g = ProcGuard::adopt(restored);
         g.kill();
         r.restore.push(bytes as f64 / rt_secs / 1e9);
+        // Each repetition starts from the same state: the last one's objects would
+        // otherwise crowd this one's out of the page cache (4 GiB each, 24 GiB here).
+        std::fs::remove_dir_all(server.bucket_dir().join(format!("bench-{rep}")))?;
     }
     println!("== {mib} MiB to s3s-fs on this machine (median, min - max) ==");
     r.up.row("plain multipart upload (8 MiB parts, 16 in flight)", "GB/s");
@@ -286,6 +295,14 @@ fn run() -> Result<()> {
         AGENT_PEAK_KB.load(Ordering::Relaxed) / 1024
     );
     Ok(())
+}
+
+/// Before each timed read: what the writes before it left dirty goes to disk, so
+/// that no read competes with their writeback (the dump leaves 4 GiB of it behind).
+fn settle() {
+    // SAFETY: sync(2) takes no arguments and cannot fail.
+    unsafe { libc::sync() };
+    std::thread::sleep(Duration::from_secs(1));
 }
 
 /// GETs every object under `prefix`, whole, `IN_FLIGHT` at a time; returns the bytes.
