@@ -83,11 +83,10 @@ impl S {
         format!("{lo:.2} - {hi:.2}")
     }
     fn row(&self, name: &str, unit: &str) {
-        let lo = self.0.iter().cloned().fold(f64::INFINITY, f64::min);
-        let hi = self.0.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
         println!(
-            "  {name:<46} {:>9.2} {unit:<5} {lo:>9.2} - {hi:.2}",
-            self.med()
+            "  {name:<46} {:>9.2} {unit:<5} {:>16}",
+            self.med(),
+            self.range()
         );
     }
 }

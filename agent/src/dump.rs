@@ -736,9 +736,9 @@ pub fn dump_gated(opts: &DumpOptions, gate: &dyn crate::gate::Gate) -> Result<Im
         }
         // The connections end without a word to the peers (no FIN, no RST): they
         // come back with the image.
-        for (.., s) in &tcp_dups {
+        for t in &tcp_dups {
             use std::os::fd::AsFd;
-            if let Err(e) = crate::fd::tcp::silence(s.as_fd()) {
+            if let Err(e) = crate::fd::tcp::silence(t.dup.as_fd()) {
                 tracing::warn!(%e, "a TCP connection could not be silenced before the kill");
             }
         }

@@ -933,14 +933,8 @@ fn write_job(j: &WriteJob, store: &ImageStore, buf: &mut Vec<u8>) -> Result<u64,
     }
     let b = &mut buf[..j.chunk.len as usize];
     store.get_chunk(&j.chunk, b)?;
-    let mut written = 0;
-    for p in &j.pieces {
-        // Extents are checked against their chunk when the manifest is decoded.
-        let bytes = &b[p.off as usize..(p.off + p.len) as usize];
-        write_piece(p, bytes)?;
-        written += bytes.len() as u64;
-    }
-    Ok(written)
+    // Extents are checked against their chunk when the manifest is decoded.
+    write_part(&j.pieces, 0, b)
 }
 
 fn write_piece(p: &Piece, b: &[u8]) -> Result<(), MemError> {

@@ -1452,6 +1452,29 @@ mod tests {
         assert!(role.instance_role);
     }
 
+    /// A `Drive::Caller` store starts no thread of its own: its calls drive the
+    /// connections (the restore's fetch relies on that to avoid wake-ups).
+    #[test]
+    fn the_drive_picks_the_runtime() {
+        let open = |drive| {
+            let config = StoreConfig {
+                drive,
+                ..StoreConfig::default()
+            };
+            BlockingStore::open("memory://", &config).unwrap()
+        };
+        assert_eq!(
+            open(Drive::Caller).runtime.handle().runtime_flavor(),
+            tokio::runtime::RuntimeFlavor::CurrentThread
+        );
+        let threads = open(Drive::Threads);
+        assert_eq!(
+            threads.runtime.handle().runtime_flavor(),
+            tokio::runtime::RuntimeFlavor::MultiThread
+        );
+        assert_eq!(threads.runtime.metrics().num_workers(), 2);
+    }
+
     fn s3_config(endpoint: &str) -> StoreConfig {
         StoreConfig {
             s3: S3Config {

@@ -119,16 +119,26 @@ pub struct FdTable {
     pipes: HashMap<u64, (bool, bool)>,
     /// Regular files behind descriptors (for the restore check).
     pub regular_paths: Vec<String>,
-    /// Our duplicates of the established TCP sockets, with the file each is and
-    /// where it came from: captured together by [`capture_tcp`](Self::capture_tcp)
-    /// and kept to silence the connections if the tree is killed.
-    pub tcp: Vec<(u32, pid_t, RawFd, OwnedFd)>,
+    /// Our duplicates of the established TCP sockets: captured together by
+    /// [`capture_tcp`](Self::capture_tcp) and kept to silence the connections if
+    /// the tree is killed.
+    pub tcp: Vec<TcpDup>,
     /// Socket descriptors whose close-on-exec bit is still to be read (see
     /// [`read_cloexec`]).
     pub cloexec_later: Vec<(pid_t, RawFd)>,
-    /// The 4-tuple of each of `tcp`, once [`tcp_conns`](Self::tcp_conns) has read
-    /// it.
-    tuples: Vec<Option<crate::netlock::Conn>>,
+}
+
+/// Our duplicate of an established TCP socket of the tree.
+pub struct TcpDup {
+    /// The file (index in [`FdTable::files`]) it is.
+    file: u32,
+    /// Where it came from.
+    pid: pid_t,
+    fd: RawFd,
+    pub dup: OwnedFd,
+    /// Its 4-tuple, once [`FdTable::tcp_conns`] has read it for the lock: the
+    /// capture does not ask again.
+    tuple: Option<crate::netlock::Conn>,
 }
 
 /// Reads the close-on-exec bit of the descriptors `later` (from fdinfo) into the
@@ -166,11 +176,11 @@ impl FdTable {
         let dirs = proc::FdDirs::open(pid)?;
         let looked = parallel_map(&fds, |&fd| -> Result<Looked, FdError> {
             let link = dirs.link(fd)?;
-            let meta = match link
+            let socket_ino = link
                 .strip_prefix("socket:[")
                 .and_then(|r| r.strip_suffix(']'))
-                .and_then(|n| n.parse::<u64>().ok())
-            {
+                .and_then(|n| n.parse::<u64>().ok());
+            let meta = match socket_ino {
                 // A socket's inode is in its link, and nothing else of a stat is
                 // used for it: one system call less per socket.
                 Some(ino) => {
@@ -182,8 +192,7 @@ impl FdTable {
                 }
                 None => dirs.stat(fd)?,
             };
-            let sock = if link.starts_with("socket:[") {
-                use std::os::fd::AsFd;
+            let sock = if socket_ino.is_some() {
                 let dup = sys::pidfd_getfd(&pidfd, pid, fd)?;
                 let kind = tcp::kind(dup.as_fd());
                 Some((dup, kind))
@@ -259,7 +268,13 @@ impl FdTable {
                     // Read under the network lock the dump put in place, by
                     // capture_tcp, once every process's table is known.
                     tcp::Kind::Established => {
-                        self.tcp.push((self.files.len() as u32, pid, fd, dup));
+                        self.tcp.push(TcpDup {
+                            file: self.files.len() as u32,
+                            pid,
+                            fd,
+                            dup,
+                            tuple: None,
+                        });
                         FileKind::Inherited {
                             what: "a TCP connection not read yet".into(),
                         }
@@ -378,16 +393,15 @@ impl FdTable {
     /// The 4-tuple of every established TCP connection found so far: what the
     /// network lock holds.
     pub fn tcp_conns(&mut self) -> Vec<crate::netlock::Conn> {
-        self.tuples = self
-            .tcp
-            .iter()
-            .map(|(.., dup)| {
-                let local = tcp::local_addr(dup.as_fd()).ok()?;
-                let remote = tcp::remote_addr(dup.as_fd()).ok()?;
+        for t in &mut self.tcp {
+            let fd = t.dup.as_fd();
+            t.tuple = (|| {
+                let local = tcp::local_addr(fd).ok()?;
+                let remote = tcp::remote_addr(fd).ok()?;
                 Some(crate::netlock::Conn { local, remote })
-            })
-            .collect();
-        self.tuples.iter().flatten().copied().collect()
+            })();
+        }
+        self.tcp.iter().filter_map(|t| t.tuple).collect()
     }
 
     /// Reads every established TCP connection found by
@@ -395,16 +409,14 @@ impl FdTable {
     /// frozen meanwhile, and with a thousand connections the reading is most of
     /// its standstill.
     pub fn capture_tcp(&mut self) -> Result<(), FdError> {
-        let known = |i: usize| self.tuples.get(i).copied().flatten();
-        let idx: Vec<usize> = (0..self.tcp.len()).collect();
-        let got = parallel_map(&idx, |&i| tcp::capture_on(self.tcp[i].3.as_fd(), known(i)));
-        for ((file, pid, fd, _), conn) in self.tcp.iter().zip(got) {
+        let got = parallel_map(&self.tcp, |t| tcp::capture_on(t.dup.as_fd(), t.tuple));
+        for (t, conn) in self.tcp.iter().zip(got) {
             let conn = conn.map_err(|e| FdError::Unsupported {
-                pid: *pid,
-                fd: *fd,
+                pid: t.pid,
+                fd: t.fd,
                 what: format!("a TCP connection that could not be read: {e}"),
             })?;
-            self.files[*file as usize].kind = FileKind::Tcp {
+            self.files[t.file as usize].kind = FileKind::Tcp {
                 conn: Box::new(conn),
             };
         }

@@ -350,8 +350,8 @@ impl FdDirs {
         if raw < 0 {
             return Err(self.err("fdinfo", n));
         }
-        // SAFETY: a fresh descriptor we own.
-        let f = unsafe { fs::File::from_raw_fd(raw) };
+        // SAFETY: a fresh descriptor we own (closed when `f` drops).
+        let f = unsafe { std::os::fd::OwnedFd::from_raw_fd(raw) };
         // One read: pos and flags are the first lines, well within 256 bytes (and
         // a plain read skips the size probing of read_to_string).
         let mut buf = [0u8; 256];
