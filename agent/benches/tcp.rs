@@ -151,6 +151,10 @@ fn freeze_ms(k: usize, dir: &std::path::Path, n: usize) -> Result<f64> {
         parent: None,
         track: false,
         chunk_size: ckpt_agent::mem::CHUNK_MAX,
+        store: Default::default(),
+        leases: Default::default(),
+        registry: Default::default(),
+        hooks: Default::default(),
     };
     let img = ckpt_agent::dump::dump(&opts).context("dump")?;
     let conns = img

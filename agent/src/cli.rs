@@ -4,6 +4,37 @@ use anyhow::{Context, Result};
 use ckpt_shared::location::Location;
 use clap::{Parser, Subcommand};
 
+/// Standard output was closed by its reader (`ckpt-agent inspect --json | head`):
+/// not a failure of the command, which stops writing and exits 0 (see `main.rs`).
+#[derive(Debug, thiserror::Error)]
+#[error("standard output was closed")]
+pub struct StdoutClosed;
+
+/// A failed write to standard output: [`StdoutClosed`] when the reader went away.
+fn stdout_error(e: std::io::Error) -> anyhow::Error {
+    if e.kind() == std::io::ErrorKind::BrokenPipe {
+        StdoutClosed.into()
+    } else {
+        anyhow::Error::new(e).context("writing to standard output")
+    }
+}
+
+/// `print!` that returns the failure instead of panicking on it.
+macro_rules! out {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        write!(std::io::stdout().lock(), $($arg)*).map_err(stdout_error)?
+    }};
+}
+
+/// `println!` that returns the failure instead of panicking on it.
+macro_rules! outln {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        writeln!(std::io::stdout().lock(), $($arg)*).map_err(stdout_error)?
+    }};
+}
+
 /// ckpt-agent: checkpoint and restore Linux process trees from outside, with ptrace.
 ///
 /// The agent freezes every thread of a process tree, reads its memory, registers,
@@ -101,6 +132,9 @@ pub enum Command {
         /// Print the summary as JSON.
         #[arg(long)]
         json: bool,
+        /// Where write tracking keeps its registry of tracked processes.
+        #[arg(long, env = "CKPT_TRACK_DIR", default_value = crate::track::DEFAULT_DIR)]
+        track_dir: std::path::PathBuf,
     },
     /// Restore a process tree from an image; prints the root PID as the last line.
     ///
@@ -182,6 +216,9 @@ pub enum Command {
         /// Worker threads per rank that read, hash and store memory.
         #[arg(long, default_value_t = 2)]
         workers: usize,
+        /// Where write tracking keeps its registry of tracked processes.
+        #[arg(long, env = "CKPT_TRACK_DIR", default_value = crate::track::DEFAULT_DIR)]
+        track_dir: std::path::PathBuf,
     },
     /// Attach a running process tree to a job as one of its ranks, so that the
     /// job's checkpoints include it. Root may attach any process; a user only their
@@ -252,15 +289,23 @@ pub enum ImagesOp {
         #[arg(required = true)]
         names: Vec<String>,
     },
-    /// Keep the newest N images of a job (those named JOB.<anything>), remove the rest.
+    /// Keep the newest N checkpoints of a job, remove the rest.
+    ///
+    /// A job's checkpoints are the ones the controller writes, JOB-<attempt>, whose
+    /// rank images JOB-<attempt>.r<N> are kept or removed together with the job
+    /// manifest, and images dumped by hand as JOB-<n> or JOB.<anything>, each one a
+    /// checkpoint of its own. Removing a job checkpoint here is what
+    /// `ckpt-controller ckpt rm` does; a running controller lists it until it starts
+    /// again.
+    #[command(verbatim_doc_comment)]
     Prune {
         /// The store: file:///path or s3://bucket/prefix.
         #[arg(long, value_name = "URL")]
         store: String,
-        /// The job: images named JOB.<anything> belong to it.
+        /// The job (its name, as in `ckpt-controller job list`).
         #[arg(long)]
         job: String,
-        /// How many of its newest images to keep.
+        /// How many of its newest checkpoints to keep.
         #[arg(long, value_name = "N")]
         keep: usize,
     },
@@ -297,12 +342,46 @@ fn parse_size(s: &str) -> Result<u64, String> {
         .ok_or_else(|| format!("{s:?}: use bytes or a K, M, G or T suffix"))
 }
 
+/// The store configuration the environment gives (AWS_*, CKPT_STORE_RETRY_SECS):
+/// read here, and only here, then passed down.
+fn store_config() -> ckpt_shared::objstore::StoreConfig {
+    ckpt_shared::objstore::StoreConfig::from_env()
+}
+
+/// The gc leases the environment gives (CKPT_GC_WAIT_SECS).
+fn leases() -> ckpt_shared::gc::Leases {
+    ckpt_shared::gc::Leases::from_env()
+}
+
+/// The test hooks (`CKPT_FAULT`, `CKPT_TEST_PAUSE`), in a build that has them.
+fn hooks() -> crate::hooks::Hooks {
+    #[cfg(feature = "test-hooks")]
+    {
+        crate::hooks::Hooks {
+            fault: std::env::var("CKPT_FAULT").ok(),
+            pause: std::env::var("CKPT_TEST_PAUSE").ok(),
+        }
+    }
+    #[cfg(not(feature = "test-hooks"))]
+    crate::hooks::Hooks::default()
+}
+
+/// How a restore fills memory: `CKPT_FILL=populate` (a test hook) forces the
+/// fallback.
+fn fill() -> crate::restore::Fill {
+    #[cfg(feature = "test-hooks")]
+    if std::env::var("CKPT_FILL").as_deref() == Ok("populate") {
+        return crate::restore::Fill::Populate;
+    }
+    crate::restore::Fill::Uffd
+}
+
 fn open_shared(url: &str) -> Result<ckpt_shared::objstore::BlockingStore> {
-    use ckpt_shared::objstore::{BlockingStore, StoreConfig, StoreUrl};
+    use ckpt_shared::objstore::{BlockingStore, StoreUrl};
     if matches!(StoreUrl::parse(url)?, StoreUrl::Memory) {
         anyhow::bail!("memory:// lives inside one process; use file:///path or s3://bucket/prefix");
     }
-    let store = BlockingStore::open(url, &StoreConfig::from_env())?;
+    let store = BlockingStore::open(url, &store_config())?;
     store.check()?;
     Ok(store)
 }
@@ -330,18 +409,22 @@ fn images(op: ImagesOp) -> Result<()> {
                 });
             }
             if json {
-                println!("{}", serde_json::to_string_pretty(&rows)?);
+                outln!("{}", serde_json::to_string_pretty(&rows)?);
             } else {
-                println!(
+                outln!(
                     "{:<40} {:>12} {:>8} {:>10} {:>10}",
-                    "NAME", "CREATED", "PID", "MEMORY", "STORED"
+                    "NAME",
+                    "CREATED",
+                    "PID",
+                    "MEMORY",
+                    "STORED"
                 );
                 for r in &rows {
                     if let Some(e) = r.get("error") {
-                        println!("{:<40} unreadable: {}", r["name"].as_str().unwrap_or(""), e);
+                        outln!("{:<40} unreadable: {}", r["name"].as_str().unwrap_or(""), e);
                         continue;
                     }
-                    println!(
+                    outln!(
                         "{:<40} {:>12} {:>8} {:>10} {:>10}",
                         r["name"].as_str().unwrap_or(""),
                         r["created_unix"],
@@ -362,32 +445,35 @@ fn images(op: ImagesOp) -> Result<()> {
             }
             for n in &names {
                 s.block_on(s.backend().delete_manifest(n))?;
-                println!("removed {n} (its chunks go at the next gc)");
+                outln!("removed {n} (its chunks go at the next gc)");
             }
         }
         ImagesOp::Prune { store, job, keep } => {
             let s = open_shared(&store)?;
             let removed = s.block_on(gc::prune(s.backend(), &job, keep))?;
             for n in &removed {
-                println!("removed {n}");
+                outln!("removed {n}");
             }
-            println!(
-                "kept the newest {keep} image(s) of job {job}; removed {}",
+            outln!(
+                "kept the newest {keep} checkpoint(s) of job {job}; removed {} image(s)",
                 removed.len()
             );
         }
         ImagesOp::Gc { store, json } => {
             let s = open_shared(&store)?;
-            let r = s.block_on(gc::gc(s.backend(), &gc::Leases::from_env()))?;
+            let r = s.block_on(gc::gc(s.backend(), &leases()))?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&r)?);
+                outln!("{}", serde_json::to_string_pretty(&r)?);
             } else {
-                println!(
+                outln!(
                     "{} image(s) reference {} of {} chunk(s); deleted {}",
-                    r.images, r.referenced, r.chunks, r.deleted
+                    r.images,
+                    r.referenced,
+                    r.chunks,
+                    r.deleted
                 );
                 for m in &r.abandoned_markers {
-                    println!("removed the marker of an abandoned checkpoint: {m}");
+                    outln!("removed the marker of an abandoned checkpoint: {m}");
                 }
             }
         }
@@ -445,6 +531,7 @@ pub fn run(cli: Cli) -> Result<()> {
             socket,
             lease,
             workers,
+            track_dir,
         } => {
             if !(0.2..=3600.0).contains(&lease) {
                 anyhow::bail!("--lease must be between 0.2 and 3600 seconds");
@@ -456,6 +543,10 @@ pub fn run(cli: Cli) -> Result<()> {
                 socket,
                 lease: std::time::Duration::from_secs_f64(lease),
                 workers: workers.max(1),
+                store: store_config(),
+                leases: leases(),
+                registry: crate::track::Registry::new(track_dir),
+                hooks: hooks(),
             })?;
         }
         Command::Attach {
@@ -474,7 +565,7 @@ pub fn run(cli: Cli) -> Result<()> {
                     external_tcp,
                 },
             )?;
-            println!("PID {pid} is rank {rank} of job {job}");
+            outln!("PID {pid} is rank {rank} of job {job}");
         }
         Command::Detach { job, rank, socket } => {
             api(
@@ -484,16 +575,16 @@ pub fn run(cli: Cli) -> Result<()> {
                     rank,
                 },
             )?;
-            println!("rank {rank} of job {job} detached");
+            outln!("rank {rank} of job {job} detached");
         }
         Command::Ranks { socket, json } => {
             let r = api(&socket, crate::serve::ApiRequest::List)?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&r.ranks)?);
+                outln!("{}", serde_json::to_string_pretty(&r.ranks)?);
             } else {
-                println!("{:<20} {:>5} {:>8} {:>6}", "JOB", "RANK", "PID", "UID");
+                outln!("{:<20} {:>5} {:>8} {:>6}", "JOB", "RANK", "PID", "UID");
                 for a in &r.ranks {
-                    println!("{:<20} {:>5} {:>8} {:>6}", a.job, a.rank, a.pid, a.uid);
+                    outln!("{:<20} {:>5} {:>8} {:>6}", a.job, a.rank, a.pid, a.uid);
                 }
             }
         }
@@ -508,6 +599,7 @@ pub fn run(cli: Cli) -> Result<()> {
             compress,
             workers,
             json,
+            track_dir,
         } => {
             let opts = crate::dump::DumpOptions {
                 pid,
@@ -518,30 +610,28 @@ pub fn run(cli: Cli) -> Result<()> {
                 snapshot_limit: max_snapshot.unwrap_or_else(crate::dump::default_snapshot_limit),
                 parent,
                 track: !no_track,
-                chunk_size: chunk_size.unwrap_or(match &image {
-                    Location::Named {
-                        store: ckpt_shared::objstore::StoreUrl::S3 { .. },
-                        ..
-                    } => crate::mem::CHUNK_MAX_REMOTE,
-                    _ => crate::mem::CHUNK_MAX,
-                }),
+                chunk_size: chunk_size.unwrap_or_else(|| crate::dump::default_chunk_size(&image)),
+                store: store_config(),
+                leases: leases(),
+                registry: crate::track::Registry::new(track_dir),
+                hooks: hooks(),
             };
             let img = crate::dump::dump(&opts).with_context(|| {
                 format!("dump of PID {pid} failed; the process tree was left running")
             })?;
             let s = &img.stats;
             if json {
-                println!(
+                outln!(
                     "{}",
                     serde_json::to_string_pretty(&crate::inspect::stats_json(&img))?
                 );
             } else {
                 let threads: usize = img.processes.iter().map(|p| p.threads.len()).sum();
-                println!(
+                outln!(
                     "dumped PID {pid} ({} processes, {threads} threads) to {image}",
                     img.processes.len(),
                 );
-                println!(
+                outln!(
                     "frozen {:.1} ms, total {:.1} ms, memory {}, stored {} in {} chunks, {}/s",
                     s.freeze_us as f64 / 1e3,
                     s.total_us as f64 / 1e3,
@@ -553,17 +643,17 @@ pub fn run(cli: Cli) -> Result<()> {
                     ),
                 );
                 match (&s.parent, &opts.parent) {
-                    (Some(p), _) => println!(
+                    (Some(p), _) => outln!(
                         "incremental against {p}: {} taken from it, not read again",
                         crate::inspect::human(s.reused_bytes)
                     ),
-                    (None, Some(p)) => println!(
+                    (None, Some(p)) => outln!(
                         "full dump: write tracking since {p} did not hold for this tree \
                          (see `ckpt-agent dump --help`, --parent)"
                     ),
                     (None, None) => {}
                 }
-                println!(
+                outln!(
                     "{}",
                     if leave_running {
                         "the tree runs on"
@@ -583,6 +673,8 @@ pub fn run(cli: Cli) -> Result<()> {
                 new_pid_ns,
                 workers: workers.unwrap_or_else(|| default_workers(&image, 16)),
                 moves: Default::default(),
+                store: store_config(),
+                fill: fill(),
             };
             let rep = crate::restore::restore(&opts)
                 .with_context(|| format!("restore from {image} failed; no process was started"))?;
@@ -595,19 +687,19 @@ pub fn run(cli: Cli) -> Result<()> {
                 rep.uffd_processes,
                 rep.processes
             );
-            println!("{}", rep.root_pid);
+            outln!("{}", rep.root_pid);
         }
         Command::Images { op } => images(op)?,
         Command::HoldUffd { pids } => crate::track::hold(&pids),
         Command::Inspect { image, json } => {
-            let (_, img) = crate::restore::load(&image)?;
+            let (_, img) = crate::restore::load(&image, &store_config())?;
             if json {
-                println!(
+                outln!(
                     "{}",
                     serde_json::to_string_pretty(&crate::inspect::to_json(&img))?
                 );
             } else {
-                print!("{}", crate::inspect::to_text(&img));
+                out!("{}", crate::inspect::to_text(&img));
             }
         }
     }

@@ -1,45 +1,66 @@
 //! `ckpt-agent dump`: freeze a process tree, read its state from outside, store the
 //! image, then let the tree go (or kill it).
 //!
-//! Order, and why:
-//! 1. freeze every thread (ptrace seize + interrupt);
-//! 2. per thread and per process, what needs injected system calls (sigaltstack,
-//!    handlers, timers, tid address, brk) — while the tree is frozen, before memory is
-//!    read, because the scratch bytes we borrow on the stack are put back first;
-//! 3. descriptors (pipes are copied with tee, nothing is consumed);
-//! 4. memory, in parallel worker threads, straight into the store;
-//! 5. with `--leave-running` the tree is thawed here; the rest (file checks, sync,
-//!    manifest) runs while it computes;
-//! 6. write the manifest (the commit point) once the chunks are durable;
-//! 7. without `--leave-running`, kill the tree only now that the image is safe.
+//! A dump is a [`DumpSession`] whose methods are its phases, in this order, and why:
+//! 1. [`DumpSession::open`]: the store is reached, the name checked, the dump
+//!    registered against a gc, the parent read, the snapshot's memory populated —
+//!    all before anything is frozen;
+//! 2. [`freeze`](DumpSession::freeze) every thread (ptrace seize + interrupt);
+//! 3. [`descriptor_table`](DumpSession::descriptor_table): every descriptor
+//!    classified, a duplicate of each TCP socket taken, nothing read from it yet;
+//! 4. [`network_lock`](DumpSession::network_lock): every connection held still
+//!    before any socket is read; then the job's FROZEN barrier;
+//! 5. [`capture_processes`](DumpSession::capture_processes): per thread and per
+//!    process, what needs injected system calls (sigaltstack, handlers, timers, tid
+//!    address, brk), before memory is read, because the scratch bytes we borrow on
+//!    the stack are put back first; then what `/proc` tells ([`crate::process`]);
+//! 6. [`capture_descriptors`](DumpSession::capture_descriptors): the TCP
+//!    connections under the lock, pipes copied with tee (nothing is consumed);
+//! 7. [`plan_memory`](DumpSession::plan_memory): what to read (only pages written
+//!    since the parent, for an incremental dump), and write tracking armed for the
+//!    next one, still frozen;
+//! 8. [`check_files`](DumpSession::check_files) as they are at the freeze, and the
+//!    memory copied into a snapshot (`--leave-running`); then the job's CAPTURED
+//!    barrier;
+//! 9. [`store_memory`](DumpSession::store_memory): with `--leave-running` the tree
+//!    is thawed first and its snapshot stored while it computes; otherwise stored
+//!    while frozen;
+//! 10. [`commit`](DumpSession::commit): the manifest (the commit point) once the
+//!     chunks are durable; without `--leave-running`, the tree is killed only now
+//!     that the image is safe, and for a job only once the job's checkpoint is.
 //!
-//! Any error before 7 drops the [`Frozen`] guard, which thaws the tree as if nothing
-//! had happened. A manifest never exists for a failed dump.
+//! Any error before the kill drops the session, which lifts the network lock and
+//! thaws the tree as if nothing had happened. A manifest never exists for a failed
+//! dump.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::os::fd::OwnedFd;
-use std::path::Path;
+use std::sync::Arc;
 use std::time::Instant;
 
 use ckpt_shared::codec;
 use ckpt_shared::gc::{Leases, Registration};
 use ckpt_shared::image::{
-    self, Creds, DumpStats, Extent, FileCheck, FileKind, HostFingerprint, Image, Mapping,
-    MappingKind, MmFields, Process,
+    self, DumpStats, Extent, FileCheck, FileKind, HostFingerprint, Image, Mapping, MappingKind,
+    Process,
 };
 use ckpt_shared::location::{ImageStore, ImageStoreError, Location};
 use ckpt_shared::objstore::StoreConfig;
 use libc::pid_t;
 use tracing::info;
 
-use crate::fd::{FdError, FdTable};
-use crate::freeze::{self, FreezeError};
-use crate::inject::{self, InjectError, Remote};
+use crate::fd::{FdError, FdTable, TcpDup};
+use crate::freeze::{self, FreezeError, Frozen};
+use crate::gate::Gate;
+use crate::hooks::Hooks;
+use crate::inject::{self, InjectError};
 use crate::mem::{self, MemError, ShmemPlan, Target};
-use crate::signals::{self, SignalError};
-use crate::sys::{self, nr, proc};
-use crate::thread::{self, StackScratch, ThreadError, SCRATCH_LEN};
-use crate::track;
+use crate::netlock::{self, NetLock};
+use crate::process::{self, Uffd};
+use crate::signals::SignalError;
+use crate::sys::{self, proc};
+use crate::thread::ThreadError;
+use crate::track::{self, Registry};
 
 #[derive(Debug, thiserror::Error)]
 pub enum DumpError {
@@ -78,7 +99,7 @@ pub enum DumpError {
          file:///store/NAME or s3://bucket/prefix/NAME, with the parent in the same store"
     )]
     ParentNeedsSharedStore,
-    #[error("induced failure at stage {0} (CKPT_FAULT, test hook)")]
+    #[error("induced failure at stage {0} (test hook)")]
     Fault(&'static str),
     #[error("the job's checkpoint was given up: {0}")]
     Aborted(String),
@@ -107,6 +128,13 @@ pub struct DumpOptions {
     pub track: bool,
     /// Largest chunk, in bytes (a multiple of the page size).
     pub chunk_size: u64,
+    /// How to reach the store (S3 endpoint, credentials, retries).
+    pub store: StoreConfig,
+    /// The gc protocol's leases (how long this dump waits for a running gc).
+    pub leases: Leases,
+    /// The write-tracking registry.
+    pub registry: Registry,
+    pub hooks: Hooks,
 }
 
 /// Half of the memory available now: the default snapshot limit.
@@ -123,6 +151,18 @@ pub fn default_snapshot_limit() -> u64 {
         .unwrap_or(0)
 }
 
+/// The largest chunk by default: 1 MiB in a directory or `file://` store, 4 MiB in
+/// `s3://` (fewer requests; S3 servers are slow on small objects).
+pub fn default_chunk_size(image: &Location) -> u64 {
+    match image {
+        Location::Named {
+            store: ckpt_shared::objstore::StoreUrl::S3 { .. },
+            ..
+        } => mem::CHUNK_MAX_REMOTE,
+        _ => mem::CHUNK_MAX,
+    }
+}
+
 /// Anonymous resident memory of the tree under `root`, before it is frozen.
 fn tree_anon_bytes(root: pid_t) -> u64 {
     let mut total = 0;
@@ -134,14 +174,6 @@ fn tree_anon_bytes(root: pid_t) -> u64 {
         queue.extend(proc::children(pid).unwrap_or_default());
     }
     total
-}
-
-/// Test-only fault hook: `CKPT_FAULT=<stage>` makes the dump fail at that stage.
-fn fault(stage: &'static str) -> Result<(), DumpError> {
-    match std::env::var("CKPT_FAULT") {
-        Ok(s) if s == stage => Err(DumpError::Fault(stage)),
-        _ => Ok(()),
-    }
 }
 
 /// Write tracking of one process of the tree.
@@ -166,7 +198,11 @@ fn is_tracked(m: &Mapping) -> bool {
 }
 
 /// The parent image `name` in the store of `image`, committed and decoded.
-fn load_parent(image: &Location, name: &str) -> Result<(Location, Image), DumpError> {
+fn load_parent(
+    image: &Location,
+    name: &str,
+    config: &StoreConfig,
+) -> Result<(Location, Image), DumpError> {
     let Location::Named { store, .. } = image else {
         return Err(DumpError::ParentNeedsSharedStore);
     };
@@ -174,7 +210,7 @@ fn load_parent(image: &Location, name: &str) -> Result<(Location, Image), DumpEr
         store: store.clone(),
         name: name.to_string(),
     };
-    let s = ImageStore::open(&loc, &StoreConfig::from_env())?;
+    let s = ImageStore::open(&loc, config)?;
     let img = codec::decode_image(&s.get_manifest()?)?;
     Ok((loc, img))
 }
@@ -194,565 +230,20 @@ fn parent_extents(img: &Image, pid: pid_t) -> Vec<Extent> {
 }
 
 /// Ends a dump's registration in a shared store when the dump ends, whatever way.
-struct Registered<'a> {
-    store: &'a ImageStore,
-    reg: Option<&'a Registration>,
+struct Registered {
+    store: Arc<ImageStore>,
+    reg: Option<Registration>,
 }
 
-impl Drop for Registered<'_> {
+impl Drop for Registered {
     fn drop(&mut self) {
-        if let Some(reg) = self.reg {
+        if let Some(reg) = &self.reg {
             if let Err(e) = self.store.end_checkpoint(reg) {
                 // Harmless: a gc treats the marker as abandoned once its lease ends.
                 tracing::warn!(marker = %reg.marker, %e, "could not remove the checkpoint's marker");
             }
         }
     }
-}
-
-/// Files larger than this are checked by size, mtime and inode only.
-const HASH_LIMIT: u64 = 64 << 20;
-
-/// Dumps one tree on its own (the `dump` command).
-pub fn dump(opts: &DumpOptions) -> Result<Image, DumpError> {
-    dump_gated(opts, &crate::gate::Alone)
-}
-
-/// Dumps one tree as one rank of a job: `gate` holds it at the points where the
-/// job's barrier must be crossed together (see [`crate::gate`]).
-pub fn dump_gated(opts: &DumpOptions, gate: &dyn crate::gate::Gate) -> Result<Image, DumpError> {
-    let t0 = Instant::now();
-    let mut ph = crate::Phases::new("dump");
-    // The store is reached, and the name checked, before anything is frozen.
-    let store = ImageStore::open(&opts.image, &StoreConfig::from_env())?;
-    store.check()?;
-    if store.exists()? {
-        return Err(DumpError::ImageExists {
-            location: opts.image.clone(),
-        });
-    }
-    // In a shared store, a gc must not delete chunks this dump is about to reuse:
-    // register before any chunk is looked at (see ckpt_shared::gc).
-    let registration = store.begin_checkpoint(&Leases::from_env())?;
-    let _registered = Registered {
-        store: &store,
-        reg: registration.as_ref(),
-    };
-    let epoch = opts.image.to_string();
-    let parent = match &opts.parent {
-        None => None,
-        Some(name) => Some(load_parent(&opts.image, name)?),
-    };
-    let want_track =
-        opts.track && opts.leave_running && matches!(opts.image, Location::Named { .. });
-    // With --leave-running, memory is copied into a snapshot while the tree is
-    // frozen and stored after it runs again. Populate the snapshot's memory now,
-    // before the freeze, from an estimate of the tree's anonymous memory.
-    let snapshot_pool = if opts.leave_running {
-        let estimate = tree_anon_bytes(opts.pid);
-        if estimate <= opts.snapshot_limit {
-            Some(mem::Region::new(
-                (estimate + estimate / 16 + (16 << 20)) as usize,
-                true,
-            )?)
-        } else {
-            info!(
-                estimate,
-                limit = opts.snapshot_limit,
-                "tree too large for a snapshot: storing while frozen"
-            );
-            None
-        }
-    } else {
-        None
-    };
-    ph.mark("snapshot-pool");
-    // nft, started now: its start is then not part of the standstill.
-    let nft = crate::netlock::prepare();
-    let mut frozen = freeze::freeze(opts.pid)?;
-    let t_frozen = Instant::now();
-    ph.mark("freeze");
-    fault("after-seize")?;
-    // Descriptors first: the table finds the TCP connections (a duplicate of each
-    // socket, nothing read from it yet), and the network lock holds every one of
-    // them still before any socket is read (their packets are dropped both ways
-    // until the tree runs again, or until it is killed).
-    let mut table = FdTable::default();
-    let mut fds_of: HashMap<pid_t, Vec<image::Fd>> = HashMap::new();
-    for p in &frozen.procs {
-        fds_of.insert(p.pid, table.dump_process(p.pid)?);
-    }
-    ph.mark("fd-table");
-    let conns = table.tcp_conns();
-    let mut net_lock = if conns.is_empty() {
-        None
-    } else {
-        let (table, part) = gate
-            .lock_name()
-            .unwrap_or_else(|| (crate::netlock::own_name("d", opts.pid), "r0".into()));
-        Some(crate::netlock::NetLock::lock_prepared(
-            nft, &table, &part, &conns,
-        )?)
-    };
-    ph.mark("net-lock");
-    gate.frozen().map_err(DumpError::Aborted)?;
-
-    // Per process: threads, signals, mm, credentials, layout.
-    let mut processes = Vec::new();
-    let mut smaps_of: Vec<Vec<proc::Vma>> = Vec::new();
-    let mut host: Option<HostFingerprint> = None;
-    let mut shmem = ShmemPlan::default();
-    let mut tracking: Vec<Tracking> = Vec::new();
-    for pi in 0..frozen.procs.len() {
-        let pid = frozen.procs[pi].pid;
-        let vmas = proc::smaps(pid)?;
-        let (syscall_ip, vdso_bytes) = find_vdso(pid, &vmas)?;
-        if host.is_none() {
-            let xsave_size = 0; // filled from the first thread below
-            let vvar_size = vmas
-                .iter()
-                .filter(|v| v.name.starts_with("[vvar"))
-                .map(|v| v.end - v.start)
-                .sum();
-            host = Some(HostFingerprint {
-                kernel: uname_release(),
-                hostname: hostname(),
-                xcr0: sys::host_xcr0(),
-                xsave_size,
-                vdso_hash: *blake3::hash(&vdso_bytes).as_bytes(),
-                vdso_size: vdso_bytes.len() as u64,
-                vvar_size,
-            });
-        }
-        let mut threads = Vec::new();
-        let fp = &mut frozen.procs[pi];
-        for t in &mut fp.threads {
-            let (th, swallowed) = thread::dump(pid, t, syscall_ip)?;
-            fp.swallowed
-                .extend(swallowed.into_iter().map(|s| (t.tid, s)));
-            threads.push(th);
-        }
-        // Process-wide state, injected into the leader.
-        let leader = &fp.threads[0];
-        let scratch = StackScratch::take(leader.tid, leader.regs.rsp)?;
-        let mut remote = Remote {
-            tid: leader.tid,
-            syscall_ip,
-            base: leader.regs,
-            scratch: scratch.addr,
-            scratch_len: SCRATCH_LEN,
-            new_children: Vec::new(),
-            swallowed: Vec::new(),
-        };
-        let start_time = proc::stat(pid)?.start_time;
-        // Write tracking: the userfaultfd of the last arming, from its holder.
-        let entry = if parent.is_some() || want_track {
-            track::load(pid, start_time)
-        } else {
-            None
-        };
-        let reused = entry.as_ref().and_then(track::take);
-        let incremental = reused.is_some()
-            && match (&parent, &entry) {
-                (Some((loc, img)), Some(e)) => {
-                    e.epoch == loc.to_string() && img.processes.iter().any(|p| p.pid == pid)
-                }
-                _ => false,
-            };
-        let got = (|| -> Result<_, DumpError> {
-            let sig = signals::dump(&mut remote, pid)?;
-            let brk = remote.syscall(nr::BRK, [0; 6])?;
-            let uffd = match reused {
-                Some(fd) => Some(fd),
-                None if want_track => track::create(&mut remote)?,
-                None => None,
-            };
-            Ok((sig, brk, uffd))
-        })();
-        scratch.give_back(leader.tid)?;
-        fp.swallowed
-            .extend(remote.swallowed.iter().map(|&s| (leader.tid, s)));
-        fp.settle();
-        let (
-            signals::SignalState {
-                actions: sigactions,
-                itimers,
-                timers: posix_timers,
-            },
-            brk,
-            uffd,
-        ) = got?;
-        tracking.push(Tracking {
-            start_time,
-            uffd,
-            incremental,
-            old_holder: entry.map(|e| (e.holder_pid, e.holder_start)),
-        });
-        let shared_pending = sys::ptrace::peek_siginfo(leader.tid, true)
-            .map_err(ThreadError::from)?
-            .into_iter()
-            .map(thread::siginfo)
-            .collect();
-        let stopped = fp.stopped;
-
-        let st = proc::stat(pid)?;
-        let status = proc::status(pid)?;
-        let rlimits = proc::limits(pid)?;
-        let personality = std::fs::read_to_string(format!("/proc/{pid}/personality"))
-            .ok()
-            .and_then(|s| u32::from_str_radix(s.trim(), 16).ok())
-            .unwrap_or(0);
-        let mut mappings = Vec::new();
-        for v in &vmas {
-            let kind = mem::classify(pid, v, &mut shmem)?;
-            let prot = [
-                (v.read, image::prot::READ),
-                (v.write, image::prot::WRITE),
-                (v.exec, image::prot::EXEC),
-            ]
-            .iter()
-            .filter(|(on, _)| *on)
-            .fold(0, |acc, (_, bit)| acc | bit);
-            mappings.push(Mapping {
-                start: v.start,
-                end: v.end,
-                prot,
-                shared: v.shared,
-                kind,
-                vm_flags: v.vm_flags.clone(),
-                data: Vec::new(),
-            });
-        }
-        processes.push(Process {
-            pid,
-            ppid: st.ppid,
-            pgid: st.pgid,
-            sid: st.sid,
-            threads,
-            mappings,
-            mm: MmFields {
-                start_code: st.start_code,
-                end_code: st.end_code,
-                start_data: st.start_data,
-                end_data: st.end_data,
-                start_brk: st.start_brk,
-                brk,
-                start_stack: st.start_stack,
-                arg_start: st.arg_start,
-                arg_end: st.arg_end,
-                env_start: st.env_start,
-                env_end: st.env_end,
-                auxv: proc::auxv(pid)?,
-                exe: proc::readlink(format!("/proc/{pid}/exe"))?,
-            },
-            fds: Vec::new(),
-            sigactions,
-            shared_pending,
-            itimers,
-            posix_timers,
-            rlimits,
-            cwd: proc::readlink(format!("/proc/{pid}/cwd"))?,
-            umask: status.umask,
-            creds: Creds {
-                uid: status.uid,
-                gid: status.gid,
-                groups: status.groups,
-            },
-            stopped,
-            personality,
-        });
-        smaps_of.push(vmas);
-    }
-    let mut host = host.expect("a tree has a root");
-    host.xsave_size = processes[0].threads[0].xsave.len() as u32;
-    ph.mark("threads+process");
-    fault("after-regs")?;
-
-    // Descriptors: the TCP connections are read now, under the lock.
-    for p in &mut processes {
-        p.fds = fds_of.remove(&p.pid).unwrap_or_default();
-    }
-    table.capture_tcp()?;
-    ph.mark("tcp-capture");
-    {
-        let mut view: Vec<(pid_t, &mut Vec<image::Fd>)> =
-            processes.iter_mut().map(|p| (p.pid, &mut p.fds)).collect();
-        table.finish(&mut view)?;
-    }
-    ph.mark("fds");
-    fault("after-files")?;
-
-    // Memory. Incremental processes: only the pages written since the parent are
-    // read (packed into chunks); the rest point into the parent's chunks.
-    let mut jobs = Vec::new();
-    let mut written_jobs = Vec::new();
-    let mut from_parent: HashMap<Target, Vec<Extent>> = HashMap::new();
-    let mut seen_shm = std::collections::HashSet::new();
-    for (pi, p) in processes.iter().enumerate() {
-        let pm = std::fs::File::open(format!("/proc/{}/pagemap", p.pid)).map_err(|source| {
-            MemError::Read {
-                pid: p.pid,
-                addr: 0,
-                source,
-            }
-        })?;
-        let t = &tracking[pi];
-        let parent_exts = match (&parent, t.incremental) {
-            (Some((_, img)), true) => {
-                // From here on, a failure must not leave the parent as the epoch:
-                // the written pages are about to be protected again.
-                track::set_epoch(p.pid, t.start_time, &epoch);
-                Some(parent_extents(img, p.pid))
-            }
-            _ => None,
-        };
-        for (mi, m) in p.mappings.iter().enumerate() {
-            let target = match m.kind {
-                MappingKind::SharedAnon { shmem_id, .. } => Target::Shmem { id: shmem_id },
-                _ => Target::Mapping { p: pi, m: mi },
-            };
-            match &parent_exts {
-                Some(pe) if is_tracked(m) => {
-                    let written = track::written(&pm, m.start, m.end)?;
-                    let (j, refs) = mem::plan_incremental(
-                        &pm,
-                        p.pid,
-                        target,
-                        m,
-                        &written,
-                        pe,
-                        opts.chunk_size,
-                    )?;
-                    written_jobs.extend(j);
-                    from_parent.entry(target).or_default().extend(refs);
-                }
-                _ => jobs.extend(mem::plan_reads(
-                    &pm,
-                    p.pid,
-                    target,
-                    m,
-                    &mut seen_shm,
-                    opts.chunk_size,
-                )?),
-            }
-        }
-    }
-    let mut groups = mem::one_group_per_job(&jobs);
-    let first_written = jobs.len();
-    groups.extend(
-        mem::packed_groups(&written_jobs, opts.chunk_size)
-            .into_iter()
-            .map(|g| g.start + first_written..g.end + first_written),
-    );
-    jobs.extend(written_jobs);
-    let reused_bytes: u64 = from_parent.values().flatten().map(Extent::bytes).sum();
-    // Arm tracking for the next dump, still frozen: from here, every write is seen.
-    let mut armed: Vec<(pid_t, u64, OwnedFd)> = Vec::new();
-    if want_track {
-        for (p, t) in processes.iter().zip(tracking.iter_mut()) {
-            let Some(uffd) = t.uffd.take() else { continue };
-            let ranges: Vec<(u64, u64)> = p
-                .mappings
-                .iter()
-                .filter(|m| trackable(m) && !(t.incremental && is_tracked(m)))
-                .map(|m| (m.start, m.end))
-                .collect();
-            track::arm(&uffd, p.pid, &ranges);
-            armed.push((p.pid, t.start_time, uffd));
-        }
-    }
-    ph.mark("plan-memory");
-    // File checks: size, mtime and inode as they are at the freeze (a tree let run
-    // on may write to its files right after); the content hash comes later.
-    let mut checks: Vec<FileCheck> = Vec::new();
-    let mut check_index: HashMap<String, u32> = HashMap::new();
-    let mut check_for = |path: &str| -> Result<u32, DumpError> {
-        if let Some(&i) = check_index.get(path) {
-            return Ok(i);
-        }
-        checks.push(stat_check(path)?);
-        let i = (checks.len() - 1) as u32;
-        check_index.insert(path.to_string(), i);
-        Ok(i)
-    };
-    for p in &mut processes {
-        for m in &mut p.mappings {
-            if let MappingKind::File { path, check, .. } = &mut m.kind {
-                *check = check_for(path)?;
-            }
-        }
-    }
-    let mut files = table.files;
-    let tcp_dups = table.tcp;
-    let cloexec_later = table.cloexec_later;
-    for f in &mut files {
-        if let FileKind::Regular { path, check, .. } = &mut f.kind {
-            *check = check_for(path)?;
-        }
-    }
-    let snapshot = match snapshot_pool {
-        Some(pool) => Some(mem::Snapshot::take(&jobs, Some(pool), opts.workers)?),
-        None => None,
-    };
-    gate.captured().map_err(DumpError::Aborted)?;
-    let stored_now = if snapshot.is_none() {
-        Some(mem::dump_parallel(
-            &jobs,
-            &groups,
-            None,
-            &store,
-            opts.zstd_level,
-            opts.workers,
-        )?)
-    } else {
-        None
-    };
-    ph.mark("memory");
-    fault("after-memory")?;
-    let freeze_end = Instant::now();
-    let frozen_for_kill = if opts.leave_running {
-        frozen.thaw();
-        drop(net_lock.take());
-        crate::fd::read_cloexec(&cloexec_later, &mut processes);
-        gate.storing().map_err(DumpError::Aborted)?;
-        None
-    } else {
-        crate::fd::read_cloexec(&cloexec_later, &mut processes);
-        Some(frozen)
-    };
-    let freeze_us = freeze_end.duration_since(t_frozen).as_micros() as u64;
-    if !armed.is_empty() {
-        // Out of the freeze window: the tracking is armed and our descriptors keep
-        // it until the holder has its copies. The holder keeps the userfaultfds
-        // once this command exits; the older holder, whose descriptors the new one
-        // now has too, can go.
-        match track::park(&armed, &epoch) {
-            Ok(_) => {
-                let mut old: Vec<(pid_t, u64)> =
-                    tracking.iter().filter_map(|t| t.old_holder).collect();
-                old.sort_unstable();
-                old.dedup();
-                for (h, start) in old {
-                    track::retire(h, start);
-                }
-            }
-            Err(e) => tracing::warn!(%e, "write tracking could not be kept: the next dump is full"),
-        }
-        drop(armed);
-    }
-    let (mut extents, totals) = match stored_now {
-        Some(x) => x,
-        None => mem::dump_parallel(
-            &jobs,
-            &groups,
-            snapshot.as_ref(),
-            &store,
-            opts.zstd_level,
-            opts.workers,
-        )?,
-    };
-    drop(snapshot);
-    ph.mark("store-snapshot");
-    for (t, refs) in from_parent {
-        let v = extents.entry(t).or_default();
-        v.extend(refs);
-        v.sort_by_key(|e| e.addr);
-    }
-
-    for (pi, p) in processes.iter_mut().enumerate() {
-        for (mi, m) in p.mappings.iter_mut().enumerate() {
-            if let Some(e) = extents.remove(&Target::Mapping { p: pi, m: mi }) {
-                m.data = e;
-            }
-        }
-    }
-    let mut shm_objs: Vec<image::SharedMemory> = shmem
-        .size
-        .iter()
-        .map(|(&id, &size)| image::SharedMemory {
-            id,
-            size,
-            data: extents.remove(&Target::Shmem { id }).unwrap_or_default(),
-        })
-        .collect();
-    shm_objs.sort_by_key(|s| s.id);
-
-    // Hash the files behind the checks, now that the tree may run: only the bytes
-    // that existed at the freeze (see `stat_check`).
-    for c in &mut checks {
-        c.hash = hash_prefix(&c.path, c.size)?;
-    }
-    ph.mark("file-hashes");
-
-    let chunks: std::collections::HashSet<_> = processes
-        .iter()
-        .flat_map(|p| p.mappings.iter().flat_map(|m| m.data.iter()))
-        .chain(shm_objs.iter().flat_map(|s| s.data.iter()))
-        .map(|e| e.chunk.hash)
-        .collect();
-    let mut img = Image {
-        format_version: image::FORMAT_VERSION,
-        arch: image::ARCH.to_string(),
-        tool_version: env!("CARGO_PKG_VERSION").to_string(),
-        created_unix: std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_secs())
-            .unwrap_or(0),
-        host,
-        root_pid: opts.pid,
-        processes,
-        files,
-        shmem: shm_objs,
-        file_checks: checks,
-        stats: DumpStats {
-            freeze_us,
-            total_us: 0,
-            memory_bytes: totals.memory_bytes,
-            stored_bytes: totals.stored_bytes,
-            chunks: chunks.len() as u64,
-            reused_bytes,
-            parent: parent
-                .as_ref()
-                .filter(|_| tracking.iter().any(|t| t.incremental))
-                .map(|(loc, _)| loc.to_string()),
-        },
-    };
-    ph.mark("file-checks");
-    fault("before-commit")?;
-    if let Some(reg) = &registration {
-        store.check_checkpoint(reg)?;
-    }
-    img.stats.total_us = t0.elapsed().as_micros() as u64;
-    let bytes = codec::encode_image(&img)?;
-    // Syncs the chunks and the manifest together, then renames it into place.
-    store.put_manifest(&bytes)?;
-    ph.mark("sync+manifest");
-    if let Some(f) = frozen_for_kill {
-        // The image is written, but only the job's commit makes it a checkpoint:
-        // until then the tree must stay able to run on.
-        if let Err(reason) = gate.stored(&img) {
-            drop(f);
-            return Err(DumpError::Aborted(reason));
-        }
-        // The connections end without a word to the peers (no FIN, no RST): they
-        // come back with the image.
-        for t in &tcp_dups {
-            use std::os::fd::AsFd;
-            if let Err(e) = crate::fd::tcp::silence(t.dup.as_fd()) {
-                tracing::warn!(%e, "a TCP connection could not be silenced before the kill");
-            }
-        }
-        f.kill();
-        drop(net_lock.take());
-        img.stats.freeze_us = t_frozen.elapsed().as_micros() as u64;
-    }
-    info!(
-        pid = opts.pid,
-        freeze_us = img.stats.freeze_us,
-        bytes = img.stats.memory_bytes,
-        "dump complete"
-    );
-    Ok(img)
 }
 
 /// Find the vDSO: a `syscall` instruction in it to inject through, and its bytes.
@@ -768,59 +259,604 @@ fn find_vdso(pid: pid_t, vmas: &[proc::Vma]) -> Result<(u64, Vec<u8>), DumpError
     Ok((ip, bytes))
 }
 
-/// Size, mtime and identity of a file, taken while the tree is frozen.
-pub fn stat_check(path: &str) -> Result<FileCheck, DumpError> {
-    use std::os::unix::fs::MetadataExt;
-    let m = std::fs::metadata(path).map_err(|source| DumpError::FileCheck {
-        path: path.to_string(),
-        source,
-    })?;
-    Ok(FileCheck {
-        path: path.to_string(),
-        size: m.len(),
-        mtime_ns: m.mtime() as i128 * 1_000_000_000 + m.mtime_nsec() as i128,
-        dev: m.dev(),
-        ino: m.ino(),
-        hash: None,
-    })
+/// Where each target's memory went, and the totals.
+pub type Stored = (HashMap<Target, Vec<Extent>>, mem::DumpTotals);
+
+/// What the memory phases decided: the reads, their grouping into chunks, and the
+/// extents taken from the parent.
+#[derive(Default)]
+struct MemoryPlan {
+    jobs: Vec<mem::ReadJob>,
+    groups: Vec<mem::Group>,
+    from_parent: HashMap<Target, Vec<Extent>>,
+    reused_bytes: u64,
+    /// Userfaultfds armed for the next dump, to hand to a holder.
+    armed: Vec<(pid_t, u64, OwnedFd)>,
 }
 
-/// BLAKE3 of the first `size` bytes of a file (those that existed at the freeze),
-/// if the file is small enough to hash.
-pub fn hash_prefix(path: &str, size: u64) -> Result<Option<[u8; 32]>, DumpError> {
-    if size > HASH_LIMIT {
-        return Ok(None);
+/// The file checks of an image: one per path, each mapping or descriptor pointing
+/// at its path's.
+#[derive(Default)]
+struct FileChecks {
+    checks: Vec<FileCheck>,
+    index: HashMap<String, u32>,
+}
+
+impl FileChecks {
+    fn of(&mut self, path: &str) -> Result<u32, DumpError> {
+        if let Some(&i) = self.index.get(path) {
+            return Ok(i);
+        }
+        self.checks.push(crate::host::stat_check(path)?);
+        let i = (self.checks.len() - 1) as u32;
+        self.index.insert(path.to_string(), i);
+        Ok(i)
     }
-    let err = |source| DumpError::FileCheck {
-        path: path.to_string(),
-        source,
-    };
-    let f = std::fs::File::open(path).map_err(err)?;
-    let mut h = blake3::Hasher::new();
-    let copied = std::io::copy(&mut std::io::Read::take(f, size), &mut h).map_err(err)?;
-    if copied != size {
-        return Err(err(std::io::Error::other(format!(
-            "the file shrank below {size} bytes while it was hashed"
-        ))));
+}
+
+/// One dump in progress; its methods are the phases, in order (see the module
+/// doc). Dropping it before [`DumpSession::commit`] lifts the lock and thaws the
+/// tree (fields drop in their order: the lock, then the tree, then the
+/// registration).
+pub struct DumpSession<'a> {
+    opts: &'a DumpOptions,
+    gate: &'a dyn Gate,
+    net_lock: Option<NetLock>,
+    frozen: Option<Frozen>,
+    snapshot: Option<mem::Snapshot>,
+    snapshot_pool: Option<mem::Region>,
+    registered: Registered,
+    store: Arc<ImageStore>,
+    parent: Option<(Location, Image)>,
+    want_track: bool,
+    phases: crate::Phases,
+    t0: Instant,
+    t_frozen: Option<Instant>,
+    freeze_us: u64,
+    nft: Option<netlock::Prepared>,
+    table: FdTable,
+    fds_of: HashMap<pid_t, Vec<image::Fd>>,
+    processes: Vec<Process>,
+    host: Option<HostFingerprint>,
+    shmem: ShmemPlan,
+    tracking: Vec<Tracking>,
+    plan: MemoryPlan,
+    files: FileChecks,
+}
+
+/// Dumps one tree on its own (the `dump` command).
+pub fn dump(opts: &DumpOptions) -> Result<Image, DumpError> {
+    dump_gated(opts, &crate::gate::Alone)
+}
+
+/// Dumps one tree as one rank of a job: `gate` holds it at the points where the
+/// job's barrier must be crossed together (see [`crate::gate`]).
+pub fn dump_gated(opts: &DumpOptions, gate: &dyn Gate) -> Result<Image, DumpError> {
+    let mut s = DumpSession::open(opts, gate)?;
+    s.freeze()?;
+    s.descriptor_table()?;
+    s.network_lock()?;
+    gate.frozen().map_err(DumpError::Aborted)?;
+    s.capture_processes()?;
+    s.capture_descriptors()?;
+    s.plan_memory()?;
+    s.check_files()?;
+    s.take_snapshot()?;
+    gate.captured().map_err(DumpError::Aborted)?;
+    let stored = s.store_memory()?;
+    s.commit(stored)
+}
+
+impl<'a> DumpSession<'a> {
+    /// Reaches the store and checks the name, registers against a gc, reads the
+    /// parent and populates the snapshot's memory: nothing is frozen yet.
+    pub fn open(opts: &'a DumpOptions, gate: &'a dyn Gate) -> Result<Self, DumpError> {
+        let t0 = Instant::now();
+        let mut phases = crate::Phases::new("dump");
+        let store = Arc::new(ImageStore::open(&opts.image, &opts.store)?);
+        store.check()?;
+        if store.exists()? {
+            return Err(DumpError::ImageExists {
+                location: opts.image.clone(),
+            });
+        }
+        // In a shared store, a gc must not delete chunks this dump is about to
+        // reuse: register before any chunk is looked at (see ckpt_shared::gc).
+        let registered = Registered {
+            reg: store.begin_checkpoint(&opts.leases)?,
+            store: store.clone(),
+        };
+        let parent = match &opts.parent {
+            None => None,
+            Some(name) => Some(load_parent(&opts.image, name, &opts.store)?),
+        };
+        let want_track =
+            opts.track && opts.leave_running && matches!(opts.image, Location::Named { .. });
+        let snapshot_pool = Self::snapshot_pool(opts)?;
+        phases.mark("snapshot-pool");
+        Ok(DumpSession {
+            opts,
+            gate,
+            net_lock: None,
+            frozen: None,
+            snapshot: None,
+            snapshot_pool,
+            registered,
+            store,
+            parent,
+            want_track,
+            phases,
+            t0,
+            t_frozen: None,
+            freeze_us: 0,
+            nft: None,
+            table: FdTable::default(),
+            fds_of: HashMap::new(),
+            processes: Vec::new(),
+            host: None,
+            shmem: ShmemPlan::default(),
+            tracking: Vec::new(),
+            plan: MemoryPlan::default(),
+            files: FileChecks::default(),
+        })
     }
-    Ok(Some(*h.finalize().as_bytes()))
+
+    /// With --leave-running, memory is copied into a snapshot while the tree is
+    /// frozen and stored after it runs again. Its memory is populated now, before
+    /// the freeze, from an estimate of the tree's anonymous memory.
+    fn snapshot_pool(opts: &DumpOptions) -> Result<Option<mem::Region>, DumpError> {
+        if !opts.leave_running {
+            return Ok(None);
+        }
+        let estimate = tree_anon_bytes(opts.pid);
+        if estimate > opts.snapshot_limit {
+            info!(
+                estimate,
+                limit = opts.snapshot_limit,
+                "tree too large for a snapshot: storing while frozen"
+            );
+            return Ok(None);
+        }
+        Ok(Some(mem::Region::new(
+            (estimate + estimate / 16 + (16 << 20)) as usize,
+            true,
+        )?))
+    }
+
+    fn fault(&self, stage: &'static str) -> Result<(), DumpError> {
+        if self.opts.hooks.fails_at(stage) {
+            return Err(DumpError::Fault(stage));
+        }
+        Ok(())
+    }
+
+    fn frozen(&mut self) -> &mut Frozen {
+        self.frozen
+            .as_mut()
+            .expect("the tree is frozen in this phase")
+    }
+
+    /// Seizes every thread of the tree.
+    pub fn freeze(&mut self) -> Result<(), DumpError> {
+        // nft, started now: its start is then not part of the standstill.
+        self.nft = netlock::prepare();
+        self.frozen = Some(freeze::freeze(self.opts.pid)?);
+        self.t_frozen = Some(Instant::now());
+        self.phases.mark("freeze");
+        self.fault("after-seize")
+    }
+
+    /// Descriptors first: the table finds the TCP connections (a duplicate of each
+    /// socket, nothing read from it yet).
+    pub fn descriptor_table(&mut self) -> Result<(), DumpError> {
+        let pids: Vec<pid_t> = self.frozen().procs.iter().map(|p| p.pid).collect();
+        for pid in pids {
+            let fds = self.table.dump_process(pid)?;
+            self.fds_of.insert(pid, fds);
+        }
+        self.phases.mark("fd-table");
+        Ok(())
+    }
+
+    /// The network lock holds every connection still before any socket is read
+    /// (their packets are dropped both ways until the tree runs again, or until it
+    /// is killed).
+    pub fn network_lock(&mut self) -> Result<(), DumpError> {
+        let conns = self.table.tcp_conns();
+        let nft = self.nft.take();
+        if !conns.is_empty() {
+            let (table, part) = self
+                .gate
+                .lock_name()
+                .unwrap_or_else(|| (netlock::own_name("d", self.opts.pid), "r0".into()));
+            self.net_lock = Some(NetLock::lock_prepared(nft, &table, &part, &conns)?);
+        }
+        self.phases.mark("net-lock");
+        Ok(())
+    }
+
+    /// Per process: threads, signals, mm, credentials, layout.
+    pub fn capture_processes(&mut self) -> Result<(), DumpError> {
+        for pi in 0..self.frozen().procs.len() {
+            self.capture_process(pi)?;
+        }
+        let host = self.host.as_mut().expect("a tree has a root");
+        host.xsave_size = self.processes[0].threads[0].xsave.len() as u32;
+        self.phases.mark("threads+process");
+        self.fault("after-regs")
+    }
+
+    fn capture_process(&mut self, pi: usize) -> Result<(), DumpError> {
+        let pid = self.frozen().procs[pi].pid;
+        let vmas = proc::smaps(pid)?;
+        let (syscall_ip, vdso_bytes) = find_vdso(pid, &vmas)?;
+        if self.host.is_none() {
+            self.host = Some(crate::host::fingerprint(&vmas, &vdso_bytes));
+        }
+        let start_time = proc::stat(pid)?.start_time;
+        // Write tracking: the userfaultfd of the last arming, from its holder.
+        let entry = if self.parent.is_some() || self.want_track {
+            self.opts.registry.load(pid, start_time)
+        } else {
+            None
+        };
+        let reused = entry.as_ref().and_then(track::take);
+        let incremental = reused.is_some()
+            && match (&self.parent, &entry) {
+                (Some((loc, img)), Some(e)) => {
+                    e.epoch == loc.to_string() && img.processes.iter().any(|p| p.pid == pid)
+                }
+                _ => false,
+            };
+        let uffd = match reused {
+            Some(fd) => Uffd::Reuse(fd),
+            None if self.want_track => Uffd::Create,
+            None => Uffd::None,
+        };
+        let frozen = self.frozen.as_mut().expect("frozen");
+        let fp = &mut frozen.procs[pi];
+        let (threads, injected) = process::dump_threads_and_injected(fp, syscall_ip, uffd)?;
+        self.tracking.push(Tracking {
+            start_time,
+            uffd: injected.uffd,
+            incremental,
+            old_holder: entry.map(|e| (e.holder_pid, e.holder_start)),
+        });
+        let frozen = self.frozen.as_ref().expect("frozen");
+        let p = process::describe(
+            &frozen.procs[pi],
+            &vmas,
+            threads,
+            injected.signals,
+            injected.brk,
+            &mut self.shmem,
+        )?;
+        self.processes.push(p);
+        Ok(())
+    }
+
+    /// Descriptors: the TCP connections are read now, under the lock.
+    pub fn capture_descriptors(&mut self) -> Result<(), DumpError> {
+        for p in &mut self.processes {
+            p.fds = self.fds_of.remove(&p.pid).unwrap_or_default();
+        }
+        self.table.capture_tcp()?;
+        self.phases.mark("tcp-capture");
+        let mut view: Vec<(pid_t, &mut Vec<image::Fd>)> = self
+            .processes
+            .iter_mut()
+            .map(|p| (p.pid, &mut p.fds))
+            .collect();
+        self.table.finish(&mut view)?;
+        self.phases.mark("fds");
+        self.fault("after-files")
+    }
+
+    /// Memory. Incremental processes: only the pages written since the parent are
+    /// read (packed into chunks); the rest point into the parent's chunks. Then
+    /// tracking is armed for the next dump, still frozen: from here, every write is
+    /// seen.
+    pub fn plan_memory(&mut self) -> Result<(), DumpError> {
+        let chunk_size = self.opts.chunk_size;
+        let epoch = self.opts.image.to_string();
+        let mut jobs = Vec::new();
+        let mut written_jobs = Vec::new();
+        let mut from_parent: HashMap<Target, Vec<Extent>> = HashMap::new();
+        let mut seen_shm = HashSet::new();
+        for (pi, p) in self.processes.iter().enumerate() {
+            let pm = std::fs::File::open(format!("/proc/{}/pagemap", p.pid)).map_err(|source| {
+                MemError::Read {
+                    pid: p.pid,
+                    addr: 0,
+                    source,
+                }
+            })?;
+            let t = &self.tracking[pi];
+            let parent_exts = match (&self.parent, t.incremental) {
+                (Some((_, img)), true) => {
+                    // From here on, a failure must not leave the parent as the
+                    // epoch: the written pages are about to be protected again.
+                    self.opts.registry.set_epoch(p.pid, t.start_time, &epoch);
+                    Some(parent_extents(img, p.pid))
+                }
+                _ => None,
+            };
+            for (mi, m) in p.mappings.iter().enumerate() {
+                let target = match m.kind {
+                    MappingKind::SharedAnon { shmem_id, .. } => Target::Shmem { id: shmem_id },
+                    _ => Target::Mapping { p: pi, m: mi },
+                };
+                match &parent_exts {
+                    Some(pe) if is_tracked(m) => {
+                        let written = track::written(&pm, m.start, m.end)?;
+                        let (j, refs) =
+                            mem::plan_incremental(&pm, p.pid, target, m, &written, pe, chunk_size)?;
+                        written_jobs.extend(j);
+                        from_parent.entry(target).or_default().extend(refs);
+                    }
+                    _ => jobs.extend(mem::plan_reads(
+                        &pm,
+                        p.pid,
+                        target,
+                        m,
+                        &mut seen_shm,
+                        chunk_size,
+                    )?),
+                }
+            }
+        }
+        let mut groups = mem::one_group_per_job(&jobs);
+        let first_written = jobs.len();
+        groups.extend(
+            mem::packed_groups(&written_jobs, chunk_size)
+                .into_iter()
+                .map(|g| g.start + first_written..g.end + first_written),
+        );
+        jobs.extend(written_jobs);
+        self.plan = MemoryPlan {
+            reused_bytes: from_parent.values().flatten().map(Extent::bytes).sum(),
+            jobs,
+            groups,
+            from_parent,
+            armed: self.arm_tracking(),
+        };
+        self.phases.mark("plan-memory");
+        Ok(())
+    }
+
+    fn arm_tracking(&mut self) -> Vec<(pid_t, u64, OwnedFd)> {
+        let mut armed = Vec::new();
+        if !self.want_track {
+            return armed;
+        }
+        for (p, t) in self.processes.iter().zip(self.tracking.iter_mut()) {
+            let Some(uffd) = t.uffd.take() else { continue };
+            let ranges: Vec<(u64, u64)> = p
+                .mappings
+                .iter()
+                .filter(|m| trackable(m) && !(t.incremental && is_tracked(m)))
+                .map(|m| (m.start, m.end))
+                .collect();
+            track::arm(&uffd, p.pid, &ranges);
+            armed.push((p.pid, t.start_time, uffd));
+        }
+        armed
+    }
+
+    /// File checks: size, mtime and inode as they are at the freeze (a tree let
+    /// run on may write to its files right after); the content hash comes later.
+    pub fn check_files(&mut self) -> Result<(), DumpError> {
+        for p in &mut self.processes {
+            for m in &mut p.mappings {
+                if let MappingKind::File { path, check, .. } = &mut m.kind {
+                    *check = self.files.of(path)?;
+                }
+            }
+        }
+        for f in &mut self.table.files {
+            if let FileKind::Regular { path, check, .. } = &mut f.kind {
+                *check = self.files.of(path)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// With --leave-running (and a tree that fits): memory copied into the
+    /// snapshot, still frozen.
+    pub fn take_snapshot(&mut self) -> Result<(), DumpError> {
+        if let Some(pool) = self.snapshot_pool.take() {
+            self.snapshot = Some(mem::Snapshot::take(
+                &self.plan.jobs,
+                Some(pool),
+                self.opts.workers,
+            )?);
+        }
+        Ok(())
+    }
+
+    fn dump_memory(&self) -> Result<Stored, DumpError> {
+        Ok(mem::dump_parallel(
+            &self.plan.jobs,
+            &self.plan.groups,
+            self.snapshot.as_ref(),
+            &self.store,
+            self.opts.zstd_level,
+            self.opts.workers,
+        )?)
+    }
+
+    /// Stores the memory: while frozen without a snapshot; otherwise the tree is let
+    /// go first (with `--leave-running`) and the snapshot stored while it runs.
+    pub fn store_memory(&mut self) -> Result<Stored, DumpError> {
+        let stored_now = match self.snapshot {
+            None => Some(self.dump_memory()?),
+            Some(_) => None,
+        };
+        self.phases.mark("memory");
+        self.fault("after-memory")?;
+        let freeze_end = Instant::now();
+        if self.opts.leave_running {
+            self.frozen.take().expect("frozen").thaw();
+            drop(self.net_lock.take());
+        }
+        // Out of the standstill with --leave-running (a read of /proc per socket).
+        crate::fd::read_cloexec(&self.table.cloexec_later, &mut self.processes);
+        let t_frozen = self.t_frozen.expect("frozen");
+        self.freeze_us = freeze_end.duration_since(t_frozen).as_micros() as u64;
+        if self.opts.leave_running {
+            self.gate.storing().map_err(DumpError::Aborted)?;
+        }
+        self.park_tracking();
+        let stored = match stored_now {
+            Some(x) => x,
+            None => self.dump_memory()?,
+        };
+        self.snapshot = None;
+        self.phases.mark("store-snapshot");
+        Ok(stored)
+    }
+
+    /// Out of the freeze window: the tracking is armed and our descriptors keep it
+    /// until the holder has its copies. The holder keeps the userfaultfds once this
+    /// command exits; the older holder, whose descriptors the new one now has too,
+    /// can go.
+    fn park_tracking(&mut self) {
+        let armed = std::mem::take(&mut self.plan.armed);
+        if armed.is_empty() {
+            return;
+        }
+        match self
+            .opts
+            .registry
+            .park(&armed, &self.opts.image.to_string())
+        {
+            Ok(_) => {
+                let mut old: Vec<(pid_t, u64)> =
+                    self.tracking.iter().filter_map(|t| t.old_holder).collect();
+                old.sort_unstable();
+                old.dedup();
+                for (h, start) in old {
+                    track::retire(h, start);
+                }
+            }
+            Err(e) => tracing::warn!(%e, "write tracking could not be kept: the next dump is full"),
+        }
+    }
+
+    /// Writes the manifest (the commit point), and in kill mode kills the tree once
+    /// the image (for a job: the job's checkpoint) is safe.
+    pub fn commit(mut self, stored: Stored) -> Result<Image, DumpError> {
+        let mut img = self.image(stored)?;
+        self.phases.mark("file-checks");
+        self.fault("before-commit")?;
+        if let Some(reg) = &self.registered.reg {
+            self.store.check_checkpoint(reg)?;
+        }
+        img.stats.total_us = self.t0.elapsed().as_micros() as u64;
+        let bytes = codec::encode_image(&img)?;
+        // Syncs the chunks and the manifest together, then renames it into place.
+        self.store.put_manifest(&bytes)?;
+        self.phases.mark("sync+manifest");
+        if let Some(f) = self.frozen.take() {
+            // The image is written, but only the job's commit makes it a checkpoint:
+            // until then the tree must stay able to run on.
+            if let Err(reason) = self.gate.stored(&img) {
+                drop(f);
+                return Err(DumpError::Aborted(reason));
+            }
+            silence(&self.table.tcp);
+            f.kill();
+            drop(self.net_lock.take());
+            img.stats.freeze_us = self.t_frozen.expect("frozen").elapsed().as_micros() as u64;
+        }
+        info!(
+            pid = self.opts.pid,
+            freeze_us = img.stats.freeze_us,
+            bytes = img.stats.memory_bytes,
+            "dump complete"
+        );
+        Ok(img)
+    }
+
+    /// The image: every process with its memory's extents, the descriptions, the
+    /// shared memory, and the files' checks with their hashes (taken now that the
+    /// tree may run: only the bytes that existed at the freeze).
+    fn image(&mut self, stored: Stored) -> Result<Image, DumpError> {
+        let (mut extents, totals) = stored;
+        for (t, refs) in std::mem::take(&mut self.plan.from_parent) {
+            let v = extents.entry(t).or_default();
+            v.extend(refs);
+            v.sort_by_key(|e| e.addr);
+        }
+        let mut processes = std::mem::take(&mut self.processes);
+        for (pi, p) in processes.iter_mut().enumerate() {
+            for (mi, m) in p.mappings.iter_mut().enumerate() {
+                if let Some(e) = extents.remove(&Target::Mapping { p: pi, m: mi }) {
+                    m.data = e;
+                }
+            }
+        }
+        let mut shm_objs: Vec<image::SharedMemory> = self
+            .shmem
+            .size
+            .iter()
+            .map(|(&id, &size)| image::SharedMemory {
+                id,
+                size,
+                data: extents.remove(&Target::Shmem { id }).unwrap_or_default(),
+            })
+            .collect();
+        shm_objs.sort_by_key(|s| s.id);
+        let mut checks = std::mem::take(&mut self.files.checks);
+        for c in &mut checks {
+            c.hash = crate::host::hash_prefix(&c.path, c.size)?;
+        }
+        self.phases.mark("file-hashes");
+        let chunks: HashSet<_> = processes
+            .iter()
+            .flat_map(|p| p.mappings.iter().flat_map(|m| m.data.iter()))
+            .chain(shm_objs.iter().flat_map(|s| s.data.iter()))
+            .map(|e| e.chunk.hash)
+            .collect();
+        let parent = self
+            .parent
+            .as_ref()
+            .filter(|_| self.tracking.iter().any(|t| t.incremental))
+            .map(|(loc, _)| loc.to_string());
+        Ok(Image {
+            format_version: image::FORMAT_VERSION,
+            arch: image::ARCH.to_string(),
+            tool_version: env!("CARGO_PKG_VERSION").to_string(),
+            created_unix: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0),
+            host: self.host.take().expect("a tree has a root"),
+            root_pid: self.opts.pid,
+            processes,
+            files: std::mem::take(&mut self.table.files),
+            shmem: shm_objs,
+            file_checks: checks,
+            stats: DumpStats {
+                freeze_us: self.freeze_us,
+                total_us: 0,
+                memory_bytes: totals.memory_bytes,
+                stored_bytes: totals.stored_bytes,
+                chunks: chunks.len() as u64,
+                reused_bytes: self.plan.reused_bytes,
+                parent,
+            },
+        })
+    }
 }
 
-pub fn hash_file(path: &Path) -> std::io::Result<[u8; 32]> {
-    let mut h = blake3::Hasher::new();
-    let mut f = std::fs::File::open(path)?;
-    std::io::copy(&mut f, &mut h)?;
-    Ok(*h.finalize().as_bytes())
-}
-
-pub fn uname_release() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/osrelease")
-        .map(|s| s.trim().to_string())
-        .unwrap_or_default()
-}
-
-pub fn hostname() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .map(|s| s.trim().to_string())
-        .unwrap_or_default()
+/// The connections end without a word to the peers (no FIN, no RST): they come
+/// back with the image.
+fn silence(tcp: &[TcpDup]) {
+    use std::os::fd::AsFd;
+    for t in tcp {
+        if let Err(e) = crate::fd::tcp::silence(t.dup.as_fd()) {
+            tracing::warn!(%e, "a TCP connection could not be silenced before the kill");
+        }
+    }
 }

@@ -2,7 +2,7 @@
 
 use clap::Parser;
 
-fn main() {
+fn main() -> std::process::ExitCode {
     let cli = ckpt_agent::cli::Cli::parse();
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -11,8 +11,16 @@ fn main() {
         )
         .with_writer(std::io::stderr)
         .init();
-    if let Err(e) = ckpt_agent::cli::run(cli) {
-        eprintln!("ckpt-agent: error: {e:#}");
-        std::process::exit(1);
+    match ckpt_agent::cli::run(cli) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        // The reader of our output has what it wanted (`| head`): like cat, stop.
+        Err(e) if e.is::<ckpt_agent::cli::StdoutClosed>() => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!(
+                "ckpt-agent: error: {}",
+                ckpt_shared::report::chain(e.chain())
+            );
+            std::process::ExitCode::FAILURE
+        }
     }
 }

@@ -19,7 +19,7 @@
 //!    userfaultfd taken from the husk: every page is allocated and written once.
 //!    The rest (private file mappings), or everything where the kernel refuses
 //!    userfaultfd, is populated in bulk (`MADV_POPULATE_WRITE`, injected) one
-//!    segment ahead of the workers' `process_vm_writev`. `CKPT_FILL=populate`
+//!    segment ahead of the workers' `process_vm_writev`. [`Fill::Populate`]
 //!    forces the second way (the tests use it to cover the fallback). Then the
 //!    protections go back, map the vDSO where it was, set the mm fields
 //!    (`PR_SET_MM_MAP`), install descriptors (`pidfd_getfd` + `dup3`), cwd, umask,
@@ -29,11 +29,12 @@
 //! 6. set registers and masks, drop the trampoline, and detach every thread of every
 //!    process together.
 //!
-//! Any failure kills every husk: no process of a partly restored tree ever runs.
+//! The steps are the phases of a [`RestoreSession`]. Any failure kills every husk:
+//! no process of a partly restored tree ever runs.
 
 use std::collections::{HashMap, HashSet};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Instant;
 
 use ckpt_shared::codec;
@@ -105,6 +106,21 @@ pub struct RestoreOptions {
     pub workers: usize,
     /// New addresses for TCP endpoints (see [`fd::Moves`]); empty: the old ones.
     pub moves: fd::Moves,
+    /// How to reach the store (S3 endpoint, credentials, retries).
+    pub store: StoreConfig,
+    pub fill: Fill,
+}
+
+/// How private anonymous memory goes into a husk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Fill {
+    /// `UFFDIO_COPY` through a userfaultfd taken from the husk, where the kernel
+    /// allows it (else populate).
+    #[default]
+    Uffd,
+    /// Always populate and write with `process_vm_writev` (the fallback; the tests
+    /// force it to cover it).
+    Populate,
 }
 
 /// Figures of one restore.
@@ -160,7 +176,10 @@ impl Drop for Husks {
 /// request per chunk, and the fill finds a missing or damaged chunk anyway before
 /// any process runs (every chunk is verified as it is read, and any failure kills
 /// every husk).
-pub fn load(location: &Location) -> Result<(ImageStore, Image), RestoreError> {
+pub fn load(
+    location: &Location,
+    config: &StoreConfig,
+) -> Result<(ImageStore, Image), RestoreError> {
     if let Location::Dir(dir) = location {
         if !dir.join("manifest.ckpt").is_file() {
             let reason = if dir.is_dir() {
@@ -178,7 +197,7 @@ pub fn load(location: &Location) -> Result<(ImageStore, Image), RestoreError> {
     // what arrives: it drives the connections itself.
     let config = StoreConfig {
         drive: Drive::Caller,
-        ..StoreConfig::from_env()
+        ..config.clone()
     };
     let store = ImageStore::open(location, &config)?;
     let bytes = store.get_manifest()?;
@@ -203,162 +222,6 @@ pub fn load(location: &Location) -> Result<(ImageStore, Image), RestoreError> {
     Ok((store, img))
 }
 
-fn hex(b: &[u8]) -> String {
-    b.iter().take(8).map(|x| format!("{x:02x}")).collect()
-}
-
-/// Our own vDSO: its bytes, and the size of the vvar area in front of it.
-pub fn host_vdso() -> Result<(Vec<u8>, u64), RestoreError> {
-    let me = std::process::id() as pid_t;
-    let vmas = sys::proc::smaps(me).map_err(|e| RestoreError::Husk {
-        pid: me,
-        what: e.to_string(),
-    })?;
-    let v = vmas
-        .iter()
-        .find(|v| v.name == "[vdso]")
-        .ok_or_else(|| RestoreError::Husk {
-            pid: me,
-            what: "this process has no vDSO".into(),
-        })?;
-    // SAFETY: the [vdso] mapping of our own process is readable for its whole length
-    // and stays mapped for the life of the process.
-    let bytes =
-        unsafe { std::slice::from_raw_parts(v.start as *const u8, (v.end - v.start) as usize) }
-            .to_vec();
-    let vvar = vmas
-        .iter()
-        .filter(|v| v.name.starts_with("[vvar"))
-        .map(|v| v.end - v.start)
-        .sum();
-    Ok((bytes, vvar))
-}
-
-fn host_xsave_size() -> u32 {
-    // CPUID leaf 0xD sub-leaf 0: EBX is the XSAVE area size for the features
-    // enabled in XCR0.
-    std::arch::x86_64::__cpuid_count(0xd, 0).ebx
-}
-
-/// Refuse an image this host cannot run, before anything is created.
-pub fn check_host(img: &Image, new_pid_ns: bool) -> Result<(), RestoreError> {
-    let host = sys::host_xcr0();
-    let missing = img.host.xcr0 & !host;
-    if missing != 0 {
-        return Err(RestoreError::CpuFeatures {
-            image: img.host.xcr0,
-            host,
-            missing,
-        });
-    }
-    let hs = host_xsave_size();
-    for p in &img.processes {
-        for t in &p.threads {
-            if t.xsave.len() as u32 > hs.max(img.host.xsave_size) || img.host.xsave_size != hs {
-                return Err(RestoreError::XsaveSize {
-                    image: img.host.xsave_size,
-                    host: hs,
-                });
-            }
-        }
-    }
-    let (vdso, vvar) = host_vdso()?;
-    let h = *blake3::hash(&vdso).as_bytes();
-    if h != img.host.vdso_hash
-        || vdso.len() as u64 != img.host.vdso_size
-        || vvar != img.host.vvar_size
-    {
-        return Err(RestoreError::Vdso {
-            image: format!(
-                "{} bytes, vvar {}, hash {}",
-                img.host.vdso_size,
-                img.host.vvar_size,
-                hex(&img.host.vdso_hash)
-            ),
-            host: format!("{} bytes, vvar {}, hash {}", vdso.len(), vvar, hex(&h)),
-            kernel: img.host.kernel.clone(),
-        });
-    }
-    if !new_pid_ns {
-        for p in &img.processes {
-            for t in &p.threads {
-                if pid_in_use(t.tid) {
-                    let by = match sys::proc::stat(t.tid) {
-                        Ok(st) if st.state == 'Z' => {
-                            format!(
-                                "a zombie of {} that its parent, PID {}, has not reaped",
-                                st.comm, st.ppid
-                            )
-                        }
-                        Ok(st) => st.comm,
-                        Err(_) => "a process that just exited".into(),
-                    };
-                    return Err(RestoreError::PidTaken { pid: t.tid, by });
-                }
-            }
-        }
-    }
-    for c in &img.file_checks {
-        use std::os::unix::fs::MetadataExt;
-        let m = std::fs::metadata(&c.path).map_err(|e| RestoreError::FileChanged {
-            path: c.path.clone(),
-            what: format!("cannot stat it: {e}"),
-        })?;
-        let mtime = m.mtime() as i128 * 1_000_000_000 + m.mtime_nsec() as i128;
-        if m.len() == c.size && mtime == c.mtime_ns && m.ino() == c.ino && m.dev() == c.dev {
-            continue;
-        }
-        if m.len() != c.size {
-            return Err(RestoreError::FileChanged {
-                path: c.path.clone(),
-                what: format!("size {} now, {} then", m.len(), c.size),
-            });
-        }
-        match c.hash {
-            Some(h) => {
-                let now = crate::dump::hash_file(Path::new(&c.path)).map_err(|e| {
-                    RestoreError::FileChanged {
-                        path: c.path.clone(),
-                        what: format!("cannot read it: {e}"),
-                    }
-                })?;
-                if now != h {
-                    return Err(RestoreError::FileChanged {
-                        path: c.path.clone(),
-                        what: "its content differs".into(),
-                    });
-                }
-            }
-            None => {
-                return Err(RestoreError::FileChanged {
-                    path: c.path.clone(),
-                    what: "its inode or mtime differs and it is too large to compare by content"
-                        .into(),
-                })
-            }
-        }
-    }
-    Ok(())
-}
-
-/// Is `pid` taken? A zombie whose parent is about to reap it (the usual state
-/// right after `dump` killed the tree) is given a moment to go.
-fn pid_in_use(pid: pid_t) -> bool {
-    let deadline = Instant::now() + std::time::Duration::from_secs(3);
-    loop {
-        match sys::proc::stat(pid) {
-            Err(_) => return false,
-            Ok(st) if st.state == 'Z' || st.state == 'X' => {
-                if Instant::now() > deadline {
-                    return true;
-                }
-                std::thread::sleep(std::time::Duration::from_millis(10));
-            }
-            Ok(_) => return true,
-        }
-    }
-}
-
 /// Pick and map the trampoline in our own process: two pages, free in every
 /// process of the image and in ours. Page 1 holds `syscall; int3`, page 2 is scratch.
 fn map_trampoline(img: &Image) -> Result<u64, RestoreError> {
@@ -371,50 +234,13 @@ fn map_trampoline(img: &Image) -> Result<u64, RestoreError> {
     while cand < 0x7000_0000_0000 {
         let end = cand + TRAMP_LEN;
         if !used.iter().any(|&(s, e)| s < end && cand < e) {
-            // SAFETY: MAP_FIXED_NOREPLACE never replaces an existing mapping of ours;
-            // the result is checked.
-            let p = unsafe {
-                libc::mmap(
-                    cand as *mut libc::c_void,
-                    TRAMP_LEN as usize,
-                    libc::PROT_READ | libc::PROT_WRITE | libc::PROT_EXEC,
-                    libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED_NOREPLACE,
-                    -1,
-                    0,
-                )
-            };
-            if p as u64 == cand {
-                // SAFETY: we just mapped these two pages read-write at `cand`.
-                unsafe {
-                    std::ptr::copy_nonoverlapping([0x0fu8, 0x05, 0xcc].as_ptr(), cand as *mut u8, 3)
-                };
-                return Ok(cand);
-            }
-            if p != libc::MAP_FAILED {
-                // SAFETY: unmapping what mmap just returned to us.
-                unsafe { libc::munmap(p, TRAMP_LEN as usize) };
+            if let Some(at) = sys::restorer::map_trampoline(cand, TRAMP_LEN, &[0x0f, 0x05, 0xcc]) {
+                return Ok(at);
             }
         }
         cand += 0x1000_0000;
     }
     Err(RestoreError::NoTrampoline)
-}
-
-/// `struct clone_args` up to `cgroup` (CLONE_ARGS_SIZE_VER2).
-#[repr(C)]
-#[derive(Default)]
-pub(crate) struct CloneArgs {
-    pub(crate) flags: u64,
-    pub(crate) pidfd: u64,
-    pub(crate) child_tid: u64,
-    pub(crate) parent_tid: u64,
-    pub(crate) exit_signal: u64,
-    pub(crate) stack: u64,
-    pub(crate) stack_size: u64,
-    pub(crate) tls: u64,
-    pub(crate) set_tid: u64,
-    pub(crate) set_tid_size: u64,
-    pub(crate) cgroup: u64,
 }
 
 fn clone_args_bytes(flags: u64, exit_signal: u64, set_tid_addr: u64) -> Vec<u8> {
@@ -423,54 +249,22 @@ fn clone_args_bytes(flags: u64, exit_signal: u64, set_tid_addr: u64) -> Vec<u8> 
 }
 
 /// Fork the root husk from the restorer: `clone3` with the wanted PID, then the
-/// child asks to be traced and stops. Only raw system calls run in the child.
+/// child asks to be traced and stops.
 fn fork_root(pid: pid_t) -> Result<pid_t, RestoreError> {
-    let set_tid: [pid_t; 1] = [pid];
-    let args = CloneArgs {
-        exit_signal: libc::SIGCHLD as u64,
-        set_tid: set_tid.as_ptr() as u64,
-        set_tid_size: 1,
-        ..Default::default()
-    };
-    // SAFETY: clone3 without CLONE_VM forks; the child only makes raw system calls
-    // (no allocation, no locks) before it stops under ptrace, so the copy of a
-    // multi-threaded address space is never used beyond that.
-    let r = unsafe {
-        libc::syscall(
-            libc::SYS_clone3,
-            &args as *const CloneArgs,
-            std::mem::size_of::<CloneArgs>(),
-        )
-    };
-    if r == 0 {
-        // SAFETY: raw system calls in the child; see above.
-        unsafe {
-            libc::syscall(libc::SYS_ptrace, libc::PTRACE_TRACEME, 0, 0, 0);
-            libc::syscall(
-                libc::SYS_kill,
-                libc::syscall(libc::SYS_getpid),
-                libc::SIGSTOP,
-            );
-            loop {
-                libc::syscall(libc::SYS_pause);
-            }
-        }
-    }
-    if r < 0 {
-        let e = std::io::Error::last_os_error();
+    sys::restorer::fork_traced(pid).map_err(|e| {
         if e.raw_os_error() == Some(libc::EEXIST) {
-            return Err(RestoreError::PidTaken {
+            RestoreError::PidTaken {
                 pid,
                 by: "another process".into(),
-            });
+            }
+        } else {
+            RestoreError::Sys(sys::SysError {
+                op: "clone3",
+                what: format!("pid {pid}"),
+                source: e,
+            })
         }
-        return Err(RestoreError::Sys(sys::SysError {
-            op: "clone3",
-            what: format!("pid {pid}"),
-            source: e,
-        }));
-    }
-    Ok(r as pid_t)
+    })
 }
 
 /// Wait for a new husk's first stop (SIGSTOP) and set our options on it.
@@ -504,12 +298,24 @@ fn remote(tid: pid_t, base: libc::user_regs_struct, tramp: u64) -> Remote {
 }
 
 /// Per-process restore context.
-struct Husk<'a> {
-    p: &'a Process,
+struct Husk {
+    /// Its process in the image.
+    pi: usize,
     r: Remote,
     /// Other threads, once cloned.
     threads: Vec<Remote>,
     pidfd_slot: u64,
+}
+
+impl Husk {
+    /// Thread `i` of the process (0: the leader).
+    fn thread(&mut self, i: usize) -> &mut Remote {
+        if i == 0 {
+            &mut self.r
+        } else {
+            &mut self.threads[i - 1]
+        }
+    }
 }
 
 /// Restores one tree on its own (the `restore` command).
@@ -523,108 +329,419 @@ pub fn restore_gated(
     opts: &RestoreOptions,
     gate: &dyn crate::gate::Gate,
 ) -> Result<RestoreReport, RestoreError> {
-    let t0 = Instant::now();
-    let mut ph = crate::Phases::new("restore");
-    let (store, img) = load(&opts.image)?;
-    ph.mark("load");
-    check_host(&img, opts.new_pid_ns)?;
-    ph.mark("check");
+    let mut s = RestoreSession::load(opts)?;
+    s.lock_network(gate)?;
+    s.open_resources()?;
+    s.fork_tree()?;
+    s.map_memory()?;
+    s.fill_memory()?;
+    s.rebuild_processes()?;
+    s.process_groups()?;
+    s.thread_state()?;
+    gate.rebuilt(s.root_pid).map_err(RestoreError::Aborted)?;
+    s.release()
+}
 
-    // The network lock on the connections' new 4-tuples, before any of them is
-    // rebuilt, until every rank of the job is (`gate.rebuilt`).
-    let conns = opts.moves.tuples(&img.files);
-    let net_lock = if conns.is_empty() {
-        None
-    } else {
+/// What the restorer opens for the husks to take: descriptions at their old
+/// numbers, memfds standing for shared memory, the files behind mappings.
+#[derive(Default)]
+struct Resources {
+    fds: Vec<OwnedFd>,
+    /// The other ends of FIFOs, held open until every husk has its end.
+    fifo_holders: Vec<OwnedFd>,
+    tcp: Vec<fd::tcp::Rebuilt>,
+    shm: HashMap<u32, OwnedFd>,
+    /// By path and whether they are opened for writing.
+    map_files: HashMap<(String, bool), OwnedFd>,
+}
+
+/// One restore in progress; its methods are the phases, in order (see the module
+/// doc). Dropping it before [`RestoreSession::release`] kills every husk (and a
+/// new PID namespace's init) and lifts the network lock.
+pub struct RestoreSession<'a> {
+    opts: &'a RestoreOptions,
+    store: ImageStore,
+    img: Image,
+    phases: crate::Phases,
+    t0: Instant,
+    net_lock: Option<crate::netlock::NetLock>,
+    res: Resources,
+    tramp: u64,
+    husks_guard: Husks,
+    husks: Vec<Husk>,
+    /// The process whose descriptors husks take (in their PID namespace).
+    src_pid: pid_t,
+    ns_init: Option<crate::sys::pidns::NsInit>,
+    root_pid: pid_t,
+    segs: Vec<mem::Segment>,
+    direct: Vec<mem::WriteJob>,
+    /// Our copies of each husk's userfaultfd: they must outlive the fill. Closing
+    /// them unregisters every range.
+    uffds: Vec<OwnedFd>,
+    written: u64,
+    fill_us: u64,
+    uffd_processes: usize,
+}
+
+impl<'a> RestoreSession<'a> {
+    /// Reads the image and checks it against this host: nothing is created yet.
+    pub fn load(opts: &'a RestoreOptions) -> Result<Self, RestoreError> {
+        let t0 = Instant::now();
+        let mut phases = crate::Phases::new("restore");
+        let (store, img) = load(&opts.image, &opts.store)?;
+        phases.mark("load");
+        crate::host::check(&img, opts.new_pid_ns)?;
+        phases.mark("check");
+        Ok(RestoreSession {
+            opts,
+            store,
+            img,
+            phases,
+            t0,
+            net_lock: None,
+            res: Resources::default(),
+            tramp: 0,
+            husks_guard: Husks {
+                pids: Vec::new(),
+                ns_init: None,
+                released: false,
+            },
+            husks: Vec::new(),
+            src_pid: 0,
+            ns_init: None,
+            root_pid: 0,
+            segs: Vec::new(),
+            direct: Vec::new(),
+            uffds: Vec::new(),
+            written: 0,
+            fill_us: 0,
+            uffd_processes: 0,
+        })
+    }
+
+    /// The network lock on the connections' new 4-tuples, before any of them is
+    /// rebuilt, until every rank of the job is (`gate.rebuilt`).
+    pub fn lock_network(&mut self, gate: &dyn crate::gate::Gate) -> Result<(), RestoreError> {
+        let conns = self.opts.moves.tuples(&self.img.files);
+        if conns.is_empty() {
+            return Ok(());
+        }
         let (table, part) = gate.lock_name().unwrap_or_else(|| {
-            let root = img.processes.first().map_or(0, |p| p.pid);
+            let root = self.img.processes.first().map_or(0, |p| p.pid);
             (crate::netlock::own_name("r", root), "r0".into())
         });
-        Some(crate::netlock::NetLock::lock_part(&table, &part, &conns)?)
-    };
-    // Resources in the restorer.
-    let fd::Opened {
-        fds: ours,
-        holders: fifo_holders,
-        tcp: tcp_ends,
-    } = fd::open_all(&img.files, &opts.moves)?;
-    let mut shm_fds: HashMap<u32, OwnedFd> = HashMap::new();
-    for s in &img.shmem {
-        let name = std::ffi::CString::new(format!("ckpt-shmem-{}", s.id)).expect("no NUL");
-        // SAFETY: name is a valid C string.
-        let fd = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC) };
-        if fd < 0 {
-            return Err(sys::SysError::last("memfd_create", s.id).into());
-        }
-        // SAFETY: fresh descriptor we own.
-        let fd = unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
-        // SAFETY: ftruncate on our own memfd.
-        if unsafe { libc::ftruncate(fd.as_raw_fd(), s.size as i64) } < 0 {
-            return Err(sys::SysError::last("ftruncate", "shared memory").into());
-        }
-        shm_fds.insert(s.id, fd);
-    }
-    // Files behind mappings, opened once per path and mode.
-    let mut map_files: HashMap<(String, bool), OwnedFd> = HashMap::new();
-    for p in &img.processes {
-        for m in &p.mappings {
-            if let MappingKind::File { path, .. } = &m.kind {
-                let write = m.shared && m.prot & ckpt_shared::image::prot::WRITE != 0;
-                if let std::collections::hash_map::Entry::Vacant(e) =
-                    map_files.entry((path.clone(), write))
-                {
-                    let f = std::fs::OpenOptions::new()
-                        .read(true)
-                        .write(write)
-                        .open(path)
-                        .map_err(|source| FdError::Open {
-                            path: path.clone(),
-                            source,
-                        })?;
-                    e.insert(f.into());
-                }
-            }
-        }
-        if let std::collections::hash_map::Entry::Vacant(e) =
-            map_files.entry((p.mm.exe.clone(), false))
-        {
-            let f = std::fs::File::open(&p.mm.exe).map_err(|source| FdError::Open {
-                path: p.mm.exe.clone(),
-                source,
-            })?;
-            e.insert(f.into());
-        }
+        self.net_lock = Some(crate::netlock::NetLock::lock_part(&table, &part, &conns)?);
+        Ok(())
     }
 
-    ph.mark("open-files");
-    let tramp = map_trampoline(&img)?;
-    let mut husks_guard = Husks {
-        pids: Vec::new(),
-        ns_init: None,
-        released: false,
-    };
-    let src_pid: pid_t; // the process whose descriptors husks take (in their PID namespace)
-    let (ctl_w, root_pid) = if opts.new_pid_ns {
-        let (init, ctl) = crate::pidns::spawn_ns_init()?;
-        husks_guard.ns_init = Some(init);
-        let ours = crate::pidns::enter(init)?;
-        src_pid = 1;
-        let root = fork_root(img.root_pid);
-        // Back to our own namespace for children: the kernel refuses to create
-        // threads (our fill workers) while it differs from our active one.
-        crate::pidns::leave(ours)?;
-        (Some(ctl), root?)
-    } else {
-        src_pid = std::process::id() as pid_t;
-        (None, fork_root(img.root_pid)?)
-    };
-    husks_guard.pids.push(root_pid);
-    let base = take_husk(root_pid)?;
-    let mut root = remote(root_pid, base, tramp);
-    // Clean the husk: no rseq area (it would fault once unmapped: the kernel writes
-    // it on every return to user space), no descriptors, no memory but the
-    // trampoline.
-    if let Some((ptr, len, sig, _)) = ptrace::rseq_configuration(root_pid)? {
+    /// Descriptions, shared memory and mapped files, opened in the restorer.
+    pub fn open_resources(&mut self) -> Result<(), RestoreError> {
+        let fd::Opened { fds, holders, tcp } = fd::open_all(&self.img.files, &self.opts.moves)?;
+        self.res.fds = fds;
+        self.res.fifo_holders = holders;
+        self.res.tcp = tcp;
+        for s in &self.img.shmem {
+            let fd = sys::restorer::memfd_sized(&format!("ckpt-shmem-{}", s.id), s.size)?;
+            self.res.shm.insert(s.id, fd);
+        }
+        // Files behind mappings, opened once per path and mode.
+        for p in &self.img.processes {
+            for m in &p.mappings {
+                if let MappingKind::File { path, .. } = &m.kind {
+                    let write = m.shared && m.prot & ckpt_shared::image::prot::WRITE != 0;
+                    open_map_file(&mut self.res.map_files, path, write)?;
+                }
+            }
+            open_map_file(&mut self.res.map_files, &p.mm.exe, false)?;
+        }
+        self.phases.mark("open-files");
+        Ok(())
+    }
+
+    /// Forks the root husk (in a new PID namespace if asked), cleans it, and from
+    /// it forks every other process of the tree with its PID.
+    pub fn fork_tree(&mut self) -> Result<(), RestoreError> {
+        self.tramp = map_trampoline(&self.img)?;
+        let root_pid = if self.opts.new_pid_ns {
+            let (init, ctl) = crate::sys::pidns::spawn_ns_init()?;
+            self.husks_guard.ns_init = Some(init);
+            self.ns_init = Some(ctl);
+            let ours = crate::sys::pidns::enter(init)?;
+            self.src_pid = 1;
+            let root = fork_root(self.img.root_pid);
+            // Back to our own namespace for children: the kernel refuses to create
+            // threads (our fill workers) while it differs from our active one.
+            crate::sys::pidns::leave(ours)?;
+            root?
+        } else {
+            self.src_pid = std::process::id() as pid_t;
+            fork_root(self.img.root_pid)?
+        };
+        self.root_pid = root_pid;
+        self.husks_guard.pids.push(root_pid);
+        let base = take_husk(root_pid)?;
+        let mut root = remote(root_pid, base, self.tramp);
+        clean_husk(&mut root, self.tramp)?;
+        // The tree: each process forks its children, with their PIDs.
+        let mut pending: Vec<(usize, Remote)> = vec![(0, root)];
+        while let Some((pi, mut r)) = pending.pop() {
+            let p = &self.img.processes[pi];
+            if p.sid == p.pid {
+                r.syscall(nr::SETSID, [0; 6])?;
+            }
+            for (ci, c) in self.img.processes.iter().enumerate() {
+                if c.ppid != p.pid || ci == pi {
+                    continue;
+                }
+                let child = clone_child(&mut r, p.pid, c.pid)?;
+                self.husks_guard.pids.push(child);
+                let cbase = take_husk(child)?;
+                pending.push((ci, remote(child, cbase, self.tramp)));
+            }
+            self.husks.push(Husk {
+                pi,
+                r,
+                threads: Vec::new(),
+                pidfd_slot: 0,
+            });
+        }
+        self.husks.sort_by_key(|h| h.pi);
+        self.phases.mark("fork-tree");
+        Ok(())
+    }
+
+    /// Memory layout of every husk: each mapping at its old address, and the plan
+    /// of how its data goes in (userfaultfd or populate and write).
+    pub fn map_memory(&mut self) -> Result<(), RestoreError> {
+        let use_uffd = self.opts.fill == Fill::Uffd;
+        let mut direct = Vec::new();
+        for (hi, h) in self.husks.iter_mut().enumerate() {
+            let p = &self.img.processes[h.pi];
+            let r = &mut h.r;
+            h.pidfd_slot = take_pidfd_slot(r, p, self.src_pid)?;
+            let uffd = if use_uffd
+                && p.mappings
+                    .iter()
+                    .any(|m| matches!(m.kind, MappingKind::Anon { .. }) && !m.data.is_empty())
+            {
+                crate::inject::userfaultfd_of(r, 0)?
+            } else {
+                None
+            };
+            map_memory(
+                r,
+                p,
+                hi,
+                h.pidfd_slot,
+                &self.res.map_files,
+                &self.res.shm,
+                uffd.as_ref().map(|f| f.as_fd()),
+                &mut direct,
+                &mut self.segs,
+            )?;
+            self.uffds.extend(uffd);
+        }
+        // Shared memory objects are filled through our memfd: the pages are the
+        // same ones the husks mapped.
+        for s in &self.img.shmem {
+            let fd = self.res.shm[&s.id].as_raw_fd();
+            direct.extend(
+                s.data
+                    .iter()
+                    .map(|e| (e.chunk, mem::Piece::of(Dest::Fd(fd), e))),
+            );
+        }
+        self.direct = mem::by_chunk(direct);
+        self.phases.mark("map");
+        Ok(())
+    }
+
+    /// Fetches, verifies and writes every chunk, in parallel.
+    pub fn fill_memory(&mut self) -> Result<(), RestoreError> {
+        let t_fill = Instant::now();
+        let husks = &mut self.husks;
+        self.written = mem::fill_pipelined(
+            std::mem::take(&mut self.direct),
+            std::mem::take(&mut self.segs),
+            &self.store,
+            self.opts.workers,
+            |seg| -> Result<(), RestoreError> {
+                let r = &mut husks[seg.husk].r;
+                // Populate in bulk: far cheaper than a fault per page when we
+                // write. It is only an optimisation: where it fails, the writes
+                // fault pages in.
+                if let Err(err) = r.syscall(
+                    nr::MADVISE,
+                    [seg.start, seg.end - seg.start, MADV_POPULATE_WRITE, 0, 0, 0],
+                ) {
+                    debug!(pid = r.tid, start = format!("{:#x}", seg.start), %err, "populate failed");
+                }
+                Ok(())
+            },
+        )?;
+        self.fill_us = t_fill.elapsed().as_micros() as u64;
+        self.uffd_processes = self.uffds.len();
+        self.uffds.clear();
+        self.phases.mark("populate+fill");
+        Ok(())
+    }
+
+    /// Per husk: protections, mm fields, descriptors, epolls, cwd and the rest of
+    /// its environment, signal handlers, then its threads with their TIDs.
+    pub fn rebuild_processes(&mut self) -> Result<(), RestoreError> {
+        let mut epolls_done = HashSet::new();
+        for h in &mut self.husks {
+            let p = &self.img.processes[h.pi];
+            finish_memory(&mut h.r, p)?;
+            set_mm(&mut h.r, p, h.pidfd_slot, &self.res.map_files)?;
+            fd::install(
+                &mut h.r,
+                h.pidfd_slot,
+                &p.fds,
+                &self.img.files,
+                &self.res.fds,
+            )?;
+            fd::register_epoll(&mut h.r, &p.fds, &self.img.files, &mut epolls_done)?;
+            crate::process::restore_environment(&mut h.r, p)?;
+            signals::restore_actions(&mut h.r, &p.sigactions)?;
+            for t in p.threads.iter().skip(1) {
+                let tid = clone_thread(&mut h.r, p.pid, t.tid)?;
+                let tb = ptrace::get_regs(tid)?;
+                h.threads.push(remote(tid, tb, self.tramp));
+            }
+        }
+        self.phases.mark("mm+fds+threads");
+        Ok(())
+    }
+
+    /// Process groups: leaders first, then members (sessions were made at fork).
+    pub fn process_groups(&mut self) -> Result<(), RestoreError> {
+        let pids_in_tree: HashSet<pid_t> = self.img.processes.iter().map(|p| p.pid).collect();
+        for pass in 0..2 {
+            for h in &mut self.husks {
+                let p = &self.img.processes[h.pi];
+                let leader = p.pgid == p.pid;
+                if p.sid == p.pid || !pids_in_tree.contains(&p.pgid) || (pass == 0) != leader {
+                    continue;
+                }
+                let target = if leader { 0 } else { p.pgid as u64 };
+                h.r.syscall(nr::SETPGID, [0, target, 0, 0, 0, 0])?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Per thread state with signals blocked until the very end, pending signals,
+    /// timers, credentials last; then the trampoline goes and the final registers
+    /// and masks are set.
+    pub fn thread_state(&mut self) -> Result<(), RestoreError> {
+        for h in &mut self.husks {
+            let p = &self.img.processes[h.pi];
+            for (i, t) in p.threads.iter().enumerate() {
+                let r = h.thread(i);
+                ptrace::set_sigmask(r.tid, !0)?;
+                thread::restore_state(r, t)?;
+                thread::restore_pending(r, p.pid, t)?;
+            }
+            for s in &p.shared_pending {
+                let a = h.r.put(0, &s.raw)?;
+                h.r.syscall(
+                    nr::RT_SIGQUEUEINFO,
+                    [p.pid as u64, s.signo as u64, a, 0, 0, 0],
+                )?;
+            }
+            signals::restore_timers(&mut h.r, p.pid, &p.itimers, &p.posix_timers)?;
+            // The pidfd slot goes; credentials last, in every thread (they are per
+            // thread in the kernel).
+            h.r.syscall(nr::CLOSE, [h.pidfd_slot, 0, 0, 0, 0, 0])?;
+            for i in 0..p.threads.len() {
+                crate::process::restore_creds(h.thread(i), p)?;
+            }
+            // Drop the trampoline: the last injected call unmaps its own page, and
+            // the thread never executes there again (its registers are set next).
+            h.r.syscall(nr::MUNMAP, [self.tramp, TRAMP_LEN, 0, 0, 0, 0])?;
+            for (i, t) in p.threads.iter().enumerate() {
+                let host_tid = h.thread(i).tid;
+                thread::restore_final(host_tid, t)?;
+            }
+        }
+        self.phases.mark("thread-state");
+        self.res.fifo_holders.clear();
+        self.res.fds.clear();
+        Ok(())
+    }
+
+    /// Every end of every connection exists now (for a job: on every node): lift
+    /// the lock first (a packet sent by an end finished elsewhere must not be
+    /// dropped here: its retransmission would wait for the first timer, a second
+    /// on a fresh connection), then leave repair mode and send what the peers may
+    /// lack; then detach every thread of every process together.
+    pub fn release(mut self) -> Result<RestoreReport, RestoreError> {
+        if let Some(l) = self.net_lock.take() {
+            l.unlock()?;
+        }
+        let root_pid = self.root_pid;
+        for t in std::mem::take(&mut self.res.tcp) {
+            drop(t.finish().map_err(|e| RestoreError::Husk {
+                pid: root_pid,
+                what: format!("finishing a TCP connection: {e}"),
+            })?);
+        }
+        let stopped = |h: &Husk| self.img.processes[h.pi].stopped;
+        for h in self.husks.iter().filter(|h| stopped(h)) {
+            let _ = sys::kill(h.r.tid, libc::SIGSTOP);
+        }
+        for h in &self.husks {
+            for r in h.threads.iter() {
+                ptrace::detach(r.tid, 0)?;
+            }
+            ptrace::detach(h.r.tid, 0)?;
+        }
+        self.husks_guard.released = true;
+        for h in self.husks.iter().filter(|h| stopped(h)) {
+            wait_stopped(h.r.tid);
+        }
+        self.phases.mark("release");
+        if let Some(init) = self.ns_init.take() {
+            init.release();
+        }
+        sys::restorer::unmap_trampoline(self.tramp, TRAMP_LEN);
+        Ok(RestoreReport {
+            root_pid,
+            memory_bytes: self.written,
+            total_us: self.t0.elapsed().as_micros() as u64,
+            fill_us: self.fill_us,
+            uffd_processes: self.uffd_processes,
+            processes: self.img.processes.len(),
+        })
+    }
+}
+
+/// Opens `path` for a mapping (once per path and mode).
+fn open_map_file(
+    files: &mut HashMap<(String, bool), OwnedFd>,
+    path: &str,
+    write: bool,
+) -> Result<(), RestoreError> {
+    if let std::collections::hash_map::Entry::Vacant(e) = files.entry((path.to_string(), write)) {
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(write)
+            .open(path)
+            .map_err(|source| FdError::Open {
+                path: path.to_string(),
+                source,
+            })?;
+        e.insert(f.into());
+    }
+    Ok(())
+}
+
+/// Clean the root husk: no rseq area (it would fault once unmapped: the kernel
+/// writes it on every return to user space), no descriptors, no memory but the
+/// trampoline.
+fn clean_husk(root: &mut Remote, tramp: u64) -> Result<(), RestoreError> {
+    if let Some((ptr, len, sig, _)) = ptrace::rseq_configuration(root.tid)? {
         const RSEQ_FLAG_UNREGISTER: u64 = 1;
         root.syscall(
             nr::RSEQ,
@@ -637,318 +754,101 @@ pub fn restore_gated(
         nr::MUNMAP,
         [tramp + TRAMP_LEN, TASK_SIZE - tramp - TRAMP_LEN, 0, 0, 0, 0],
     )?;
+    Ok(())
+}
 
-    // The tree: each process forks its children, with their PIDs.
-    let mut husks: Vec<Husk> = Vec::new();
-    let pids_in_tree: HashSet<pid_t> = img.processes.iter().map(|p| p.pid).collect();
-    let mut pending: Vec<(usize, Remote)> = vec![(0, root)];
-    while let Some((pi, mut r)) = pending.pop() {
-        let p = &img.processes[pi];
-        if p.sid == p.pid {
-            r.syscall(nr::SETSID, [0; 6])?;
-        }
-        for (ci, c) in img.processes.iter().enumerate() {
-            if c.ppid != p.pid || ci == pi {
-                continue;
-            }
-            let tid_addr = r.put(CLONE_ARGS_SIZE as u64, &c.pid.to_ne_bytes())?;
-            let args = r.put(0, &clone_args_bytes(0, libc::SIGCHLD as u64, tid_addr))?;
-            let got = r.syscall_raw(nr::CLONE3, [args, CLONE_ARGS_SIZE as u64, 0, 0, 0, 0])?;
-            if got == -(libc::EEXIST as i64) {
-                return Err(RestoreError::PidTaken {
-                    pid: c.pid,
-                    by: "another process".into(),
-                });
-            }
-            if got < 0 {
-                return Err(RestoreError::Husk {
-                    pid: p.pid,
-                    what: format!("clone3 of child {} failed: errno {}", c.pid, -got),
-                });
-            }
-            let child = got as pid_t;
-            husks_guard.pids.push(child);
-            let cbase = take_husk(child)?;
-            pending.push((ci, remote(child, cbase, tramp)));
-        }
-        husks.push(Husk {
-            p,
-            r,
-            threads: Vec::new(),
-            pidfd_slot: 0,
+/// Forks, from husk `r` (process `parent`), its child with PID `pid`.
+fn clone_child(r: &mut Remote, parent: pid_t, pid: pid_t) -> Result<pid_t, RestoreError> {
+    let tid_addr = r.put(CLONE_ARGS_SIZE as u64, &pid.to_ne_bytes())?;
+    let args = r.put(0, &clone_args_bytes(0, libc::SIGCHLD as u64, tid_addr))?;
+    let got = r.syscall_raw(nr::CLONE3, [args, CLONE_ARGS_SIZE as u64, 0, 0, 0, 0])?;
+    if got == -(libc::EEXIST as i64) {
+        return Err(RestoreError::PidTaken {
+            pid,
+            by: "another process".into(),
         });
     }
-    husks.sort_by_key(|h| img.processes.iter().position(|p| p.pid == h.p.pid));
-
-    ph.mark("fork-tree");
-    // Memory layout and descriptors of every husk.
-    let mut segs: Vec<mem::Segment> = Vec::new();
-    let mut direct = Vec::new();
-    // Our copies of each husk's userfaultfd: they must outlive the fill. Closing
-    // them unregisters every range.
-    let mut uffds: Vec<OwnedFd> = Vec::new();
-    let use_uffd = std::env::var_os("CKPT_FILL").is_none_or(|v| v != "populate");
-    for (hi, h) in husks.iter_mut().enumerate() {
-        let p = h.p;
-        let r = &mut h.r;
-        let max_fd = p.fds.iter().map(|f| f.fd).max().unwrap_or(2).max(2);
-        let slot = (max_fd + 1) as u64;
-        let pfd = r.syscall(nr::PIDFD_OPEN, [src_pid as u64, 0, 0, 0, 0, 0])?;
-        if pfd != slot {
-            r.syscall(nr::DUP3, [pfd, slot, libc::O_CLOEXEC as u64, 0, 0, 0])?;
-            r.syscall(nr::CLOSE, [pfd, 0, 0, 0, 0, 0])?;
-        }
-        h.pidfd_slot = slot;
-        let uffd = if use_uffd
-            && p.mappings
-                .iter()
-                .any(|m| matches!(m.kind, MappingKind::Anon { .. }) && !m.data.is_empty())
-        {
-            crate::inject::userfaultfd_of(r, 0)?
-        } else {
-            None
-        };
-        map_memory(
-            r,
-            p,
-            hi,
-            slot,
-            &map_files,
-            &shm_fds,
-            uffd.as_ref().map(|f| f.as_fd()),
-            &mut direct,
-            &mut segs,
-        )?;
-        uffds.extend(uffd);
+    if got < 0 {
+        return Err(RestoreError::Husk {
+            pid: parent,
+            what: format!("clone3 of child {pid} failed: errno {}", -got),
+        });
     }
-    for s in &img.shmem {
-        let fd = shm_fds[&s.id].as_raw_fd();
-        direct.extend(
-            s.data
-                .iter()
-                .map(|e| (e.chunk, mem::Piece::of(Dest::Fd(fd), e))),
+    Ok(got as pid_t)
+}
+
+/// Creates, in husk `r` (process `pid`), its thread with TID `tid`, and waits for
+/// its first stop.
+fn clone_thread(r: &mut Remote, pid: pid_t, tid: pid_t) -> Result<pid_t, RestoreError> {
+    let tid_addr = r.put(CLONE_ARGS_SIZE as u64, &tid.to_ne_bytes())?;
+    let flags = (libc::CLONE_VM
+        | libc::CLONE_FS
+        | libc::CLONE_FILES
+        | libc::CLONE_SIGHAND
+        | libc::CLONE_THREAD
+        | libc::CLONE_SYSVSEM) as u64;
+    let args = r.put(0, &clone_args_bytes(flags, 0, tid_addr))?;
+    let got = r.syscall_raw(nr::CLONE3, [args, CLONE_ARGS_SIZE as u64, 0, 0, 0, 0])?;
+    if got < 0 {
+        if got == -(libc::EEXIST as i64) {
+            return Err(RestoreError::PidTaken {
+                pid: tid,
+                by: "another process".into(),
+            });
+        }
+        return Err(RestoreError::Husk {
+            pid,
+            what: format!("clone3 of thread {tid} failed: errno {}", -got),
+        });
+    }
+    let tid = got as pid_t;
+    match ptrace::wait(tid)? {
+        Stop::Signal(libc::SIGSTOP) | Stop::Event { .. } => Ok(tid),
+        other => Err(RestoreError::Husk {
+            pid: tid,
+            what: format!("unexpected first stop {other:?}"),
+        }),
+    }
+}
+
+/// Gives the husk a pidfd of the restorer (`src_pid`, in the husk's PID
+/// namespace) at a slot above every descriptor it will have; returns the slot.
+fn take_pidfd_slot(r: &mut Remote, p: &Process, src_pid: pid_t) -> Result<u64, RestoreError> {
+    let max_fd = p.fds.iter().map(|f| f.fd).max().unwrap_or(2).max(2);
+    let slot = (max_fd + 1) as u64;
+    let pfd = r.syscall(nr::PIDFD_OPEN, [src_pid as u64, 0, 0, 0, 0, 0])?;
+    if pfd != slot {
+        r.syscall(nr::DUP3, [pfd, slot, libc::O_CLOEXEC as u64, 0, 0, 0])?;
+        r.syscall(nr::CLOSE, [pfd, 0, 0, 0, 0, 0])?;
+    }
+    Ok(slot)
+}
+
+/// A process that was stopped is stopped again when we return: the SIGSTOP we
+/// queued takes effect once it is detached, so wait for it to land.
+fn wait_stopped(pid: pid_t) {
+    let not_stopped = || {
+        sys::proc::stat(pid)
+            .map(|st| st.state != 'T')
+            .unwrap_or(false)
+    };
+    let wait = |ms| {
+        let deadline = Instant::now() + std::time::Duration::from_millis(ms);
+        while not_stopped() && Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+    };
+    wait(200);
+    if not_stopped() {
+        // Seen rarely under load in a new PID namespace: the stop queued while the
+        // husk was traced did not take. Stop it now that it is detached.
+        warn!(
+            pid,
+            "stopped process did not stop after release; sending SIGSTOP again"
         );
+        let _ = sys::kill(pid, libc::SIGSTOP);
+        wait(2000);
     }
-    let direct = mem::by_chunk(direct);
-    // Shared memory objects are filled through our memfd: the pages are the same
-    // ones the husks mapped.
-    ph.mark("map");
-    let t_fill = Instant::now();
-    let written = mem::fill_pipelined(
-        direct,
-        segs,
-        &store,
-        opts.workers,
-        |seg| -> Result<(), RestoreError> {
-            let r = &mut husks[seg.husk].r;
-            // Populate in bulk: far cheaper than a fault per page when we write. It is
-            // only an optimisation: where it fails, the writes fault pages in.
-            if let Err(err) = r.syscall(
-                nr::MADVISE,
-                [seg.start, seg.end - seg.start, MADV_POPULATE_WRITE, 0, 0, 0],
-            ) {
-                debug!(pid = r.tid, start = format!("{:#x}", seg.start), %err, "populate failed");
-            }
-            Ok(())
-        },
-    )?;
-    let fill_us = t_fill.elapsed().as_micros() as u64;
-    let uffd_processes = uffds.len();
-    drop(uffds);
-    ph.mark("populate+fill");
-
-    let mut epolls_done = std::collections::HashSet::new();
-    for h in &mut husks {
-        let p = h.p;
-        finish_memory(&mut h.r, p)?;
-        set_mm(&mut h.r, p, h.pidfd_slot, &map_files)?;
-        fd::install(&mut h.r, h.pidfd_slot, &p.fds, &img.files, &ours)?;
-        fd::register_epoll(&mut h.r, &p.fds, &img.files, &mut epolls_done)?;
-        let a = h.r.put_str(0, &p.cwd)?;
-        h.r.syscall(nr::CHDIR, [a, 0, 0, 0, 0, 0])?;
-        h.r.syscall(nr::UMASK, [p.umask as u64, 0, 0, 0, 0, 0])?;
-        if p.personality != 0 {
-            h.r.syscall(nr::PERSONALITY, [p.personality as u64, 0, 0, 0, 0, 0])?;
-        }
-        signals::restore_actions(&mut h.r, &p.sigactions)?;
-        for &(res, soft, hard) in &p.rlimits {
-            // From inside the husk: prlimit on another process needs
-            // CAP_SYS_RESOURCE, which a restoring root may not have.
-            let a =
-                h.r.put(0, &[soft.to_ne_bytes(), hard.to_ne_bytes()].concat())?;
-            if let Err(e) = h.r.syscall(nr::PRLIMIT64, [0, res as u64, a, 0, 0, 0]) {
-                warn!(pid = p.pid, res, soft, hard, %e, "rlimit not restored");
-            }
-        }
-        // Threads, with their TIDs.
-        for t in p.threads.iter().skip(1) {
-            let tid_addr = h.r.put(CLONE_ARGS_SIZE as u64, &t.tid.to_ne_bytes())?;
-            let flags = (libc::CLONE_VM
-                | libc::CLONE_FS
-                | libc::CLONE_FILES
-                | libc::CLONE_SIGHAND
-                | libc::CLONE_THREAD
-                | libc::CLONE_SYSVSEM) as u64;
-            let args = h.r.put(0, &clone_args_bytes(flags, 0, tid_addr))?;
-            let got =
-                h.r.syscall_raw(nr::CLONE3, [args, CLONE_ARGS_SIZE as u64, 0, 0, 0, 0])?;
-            if got < 0 {
-                if got == -(libc::EEXIST as i64) {
-                    return Err(RestoreError::PidTaken {
-                        pid: t.tid,
-                        by: "another process".into(),
-                    });
-                }
-                return Err(RestoreError::Husk {
-                    pid: p.pid,
-                    what: format!("clone3 of thread {} failed: errno {}", t.tid, -got),
-                });
-            }
-            let tid = got as pid_t;
-            match ptrace::wait(tid)? {
-                Stop::Signal(libc::SIGSTOP) | Stop::Event { .. } => {}
-                other => {
-                    return Err(RestoreError::Husk {
-                        pid: tid,
-                        what: format!("unexpected first stop {other:?}"),
-                    })
-                }
-            }
-            let tb = ptrace::get_regs(tid)?;
-            h.threads.push(remote(tid, tb, tramp));
-        }
-    }
-
-    ph.mark("mm+fds+threads");
-    // Process groups: leaders first, then members (sessions were made at fork).
-    for pass in 0..2 {
-        for h in &mut husks {
-            let p = h.p;
-            let leader = p.pgid == p.pid;
-            if p.sid == p.pid || !pids_in_tree.contains(&p.pgid) || (pass == 0) != leader {
-                continue;
-            }
-            let target = if leader { 0 } else { p.pgid as u64 };
-            h.r.syscall(nr::SETPGID, [0, target, 0, 0, 0, 0])?;
-        }
-    }
-
-    // Per thread state; signals blocked until the very end.
-    for h in &mut husks {
-        let p = h.p;
-        for (i, t) in p.threads.iter().enumerate() {
-            let r = if i == 0 {
-                &mut h.r
-            } else {
-                &mut h.threads[i - 1]
-            };
-            ptrace::set_sigmask(r.tid, !0)?;
-            thread::restore_state(r, t)?;
-            thread::restore_pending(r, p.pid, t)?;
-        }
-        for s in &p.shared_pending {
-            let a = h.r.put(0, &s.raw)?;
-            h.r.syscall(
-                nr::RT_SIGQUEUEINFO,
-                [p.pid as u64, s.signo as u64, a, 0, 0, 0],
-            )?;
-        }
-        signals::restore_timers(&mut h.r, p.pid, &p.itimers, &p.posix_timers)?;
-        // The pidfd slot goes; credentials last, in every thread (they are per
-        // thread in the kernel).
-        h.r.syscall(nr::CLOSE, [h.pidfd_slot, 0, 0, 0, 0, 0])?;
-        for i in 0..p.threads.len() {
-            let r = if i == 0 {
-                &mut h.r
-            } else {
-                &mut h.threads[i - 1]
-            };
-            set_creds(r, p)?;
-        }
-        // Drop the trampoline: the last injected call unmaps its own page, and the
-        // thread never executes there again (its registers are set next).
-        h.r.syscall(nr::MUNMAP, [tramp, TRAMP_LEN, 0, 0, 0, 0])?;
-        for (i, t) in p.threads.iter().enumerate() {
-            let host_tid = if i == 0 {
-                h.r.tid
-            } else {
-                h.threads[i - 1].tid
-            };
-            thread::restore_final(host_tid, t)?;
-        }
-    }
-    ph.mark("thread-state");
-    drop(fifo_holders);
-    drop(ours);
-    gate.rebuilt(root_pid).map_err(RestoreError::Aborted)?;
-    // Every end of every connection exists now (for a job: on every node): lift
-    // the lock first (a packet sent by an end finished elsewhere must not be
-    // dropped here: its retransmission would wait for the first timer, a second
-    // on a fresh connection), then leave repair mode and send what the peers may
-    // lack.
-    if let Some(l) = net_lock {
-        l.unlock()?;
-    }
-    for t in tcp_ends {
-        drop(t.finish().map_err(|e| RestoreError::Husk {
-            pid: root_pid,
-            what: format!("finishing a TCP connection: {e}"),
-        })?);
-    }
-
-    // Release: every thread of every process, together.
-    for h in &husks {
-        if h.p.stopped {
-            let _ = sys::kill(h.r.tid, libc::SIGSTOP);
-        }
-    }
-    for h in &husks {
-        for r in h.threads.iter() {
-            ptrace::detach(r.tid, 0)?;
-        }
-        ptrace::detach(h.r.tid, 0)?;
-    }
-    husks_guard.released = true;
-    // A process that was stopped is stopped again when we return: the SIGSTOP we
-    // queued takes effect once it is detached, so wait for it to land.
-    for h in husks.iter().filter(|h| h.p.stopped) {
-        let not_stopped = || {
-            sys::proc::stat(h.r.tid)
-                .map(|st| st.state != 'T')
-                .unwrap_or(false)
-        };
-        let wait = |ms| {
-            let deadline = Instant::now() + std::time::Duration::from_millis(ms);
-            while not_stopped() && Instant::now() < deadline {
-                std::thread::sleep(std::time::Duration::from_millis(1));
-            }
-        };
-        wait(200);
-        if not_stopped() {
-            // Seen rarely under load in a new PID namespace: the stop queued while
-            // the husk was traced did not take. Stop it now that it is detached.
-            warn!(
-                pid = h.r.tid,
-                "stopped process did not stop after release; sending SIGSTOP again"
-            );
-            let _ = sys::kill(h.r.tid, libc::SIGSTOP);
-            wait(2000);
-        }
-    }
-    ph.mark("release");
-    if let Some(init) = ctl_w {
-        init.release();
-    }
-    // SAFETY: unmapping our own trampoline pages.
-    unsafe { libc::munmap(tramp as *mut libc::c_void, TRAMP_LEN as usize) };
-    Ok(RestoreReport {
-        root_pid,
-        memory_bytes: written,
-        total_us: t0.elapsed().as_micros() as u64,
-        fill_us,
-        uffd_processes,
-        processes: img.processes.len(),
-    })
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -1125,57 +1025,8 @@ fn set_mm(
 ) -> Result<(), RestoreError> {
     let exe_src = map_files[&(p.mm.exe.clone(), false)].as_raw_fd();
     let exe_fd = r.syscall(nr::PIDFD_GETFD, [slot, exe_src as u64, 0, 0, 0, 0])?;
-    let mm = &p.mm;
-    let auxv: Vec<u8> = mm.auxv.iter().flat_map(|w| w.to_ne_bytes()).collect();
-    let auxv_addr = r.put(512, &auxv)?;
-    let mut b = Vec::with_capacity(104);
-    for w in [
-        mm.start_code,
-        mm.end_code,
-        mm.start_data,
-        mm.end_data,
-        mm.start_brk,
-        mm.brk,
-        mm.start_stack,
-        mm.arg_start,
-        mm.arg_end,
-        mm.env_start,
-        mm.env_end,
-        auxv_addr,
-    ] {
-        b.extend_from_slice(&w.to_ne_bytes());
-    }
-    b.extend_from_slice(&(auxv.len() as u32).to_ne_bytes());
-    b.extend_from_slice(&(exe_fd as u32).to_ne_bytes());
-    let a = r.put(0, &b)?;
-    const PR_SET_MM: u64 = 35;
-    const PR_SET_MM_MAP: u64 = 14;
-    r.syscall(
-        nr::PRCTL,
-        [PR_SET_MM, PR_SET_MM_MAP, a, b.len() as u64, 0, 0],
-    )?;
+    crate::process::restore_mm(r, p, exe_fd)?;
     r.syscall(nr::CLOSE, [exe_fd, 0, 0, 0, 0, 0])?;
-    Ok(())
-}
-
-fn set_creds(r: &mut Remote, p: &Process) -> Result<(), RestoreError> {
-    let c = &p.creds;
-    if c.uid == [0; 4] && c.gid == [0; 4] && c.groups.is_empty() {
-        return Ok(());
-    }
-    let groups: Vec<u8> = c.groups.iter().flat_map(|g| g.to_ne_bytes()).collect();
-    let a = r.put(0, &groups)?;
-    r.syscall(nr::SETGROUPS, [c.groups.len() as u64, a, 0, 0, 0, 0])?;
-    r.syscall(
-        nr::SETRESGID,
-        [c.gid[0] as u64, c.gid[1] as u64, c.gid[2] as u64, 0, 0, 0],
-    )?;
-    r.syscall(nr::SETFSGID, [c.gid[3] as u64, 0, 0, 0, 0, 0])?;
-    r.syscall(
-        nr::SETRESUID,
-        [c.uid[0] as u64, c.uid[1] as u64, c.uid[2] as u64, 0, 0, 0],
-    )?;
-    r.syscall(nr::SETFSUID, [c.uid[3] as u64, 0, 0, 0, 0, 0])?;
     Ok(())
 }
 

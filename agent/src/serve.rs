@@ -26,7 +26,6 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use ckpt_shared::location::Location;
-use ckpt_shared::objstore::StoreUrl;
 use ckpt_shared::proto::{
     AttachedRank, AttemptId, FromAgent, Hello, NodeInfo, RankManifest, RankRef, RestoreRank,
     SaveSpec, ToAgent, PROTO_VERSION,
@@ -51,6 +50,12 @@ pub struct ServeOptions {
     pub lease: Duration,
     /// Worker threads per rank for memory.
     pub workers: usize,
+    /// How this node reaches the store (its own S3 endpoint, credentials, retries).
+    pub store: ckpt_shared::objstore::StoreConfig,
+    /// The gc protocol's leases.
+    pub leases: ckpt_shared::gc::Leases,
+    pub registry: crate::track::Registry,
+    pub hooks: crate::hooks::Hooks,
 }
 
 /// A request on the local API socket.
@@ -306,7 +311,7 @@ fn node_info(name: &str) -> NodeInfo {
     NodeInfo {
         name: name.to_string(),
         addrs,
-        kernel: crate::dump::uname_release(),
+        kernel: crate::host::uname_release(),
         cpu: format!("{cpu}; xcr0 {:#x}", crate::sys::host_xcr0()),
         agent_version: env!("CARGO_PKG_VERSION").to_string(),
     }
@@ -385,9 +390,9 @@ struct JobGate {
     node: Arc<Node>,
     st: Mutex<GateState>,
     cv: Condvar,
-    /// Test hook: `CKPT_TEST_PAUSE=<point>` stops the agent there for good (so that
-    /// a test can kill it, or its controller, at a known moment).
-    pause: Option<String>,
+    /// Test hook: a pause point stops the agent there for good (so that a test can
+    /// kill it, or its controller, at a known moment).
+    pause: crate::hooks::Hooks,
 }
 
 impl JobGate {
@@ -398,12 +403,12 @@ impl JobGate {
             node: node.clone(),
             st: Mutex::new(GateState::default()),
             cv: Condvar::new(),
-            pause: std::env::var("CKPT_TEST_PAUSE").ok(),
+            pause: node.opts.hooks.clone(),
         })
     }
 
     fn test_pause(&self, point: &str) {
-        if self.pause.as_deref() == Some(point) {
+        if self.pause.pauses_at(point) {
             eprintln!("ckpt-agent: test pause at {point} (CKPT_TEST_PAUSE)");
             loop {
                 std::thread::sleep(Duration::from_secs(3600));
@@ -602,16 +607,6 @@ fn manifest_of(rank: u32, image: &str, img: &ckpt_shared::image::Image) -> RankM
     }
 }
 
-fn chunk_size_for(image: &Location) -> u64 {
-    match image {
-        Location::Named {
-            store: StoreUrl::S3 { .. },
-            ..
-        } => crate::mem::CHUNK_MAX_REMOTE,
-        _ => crate::mem::CHUNK_MAX,
-    }
-}
-
 fn start_save(node: &Arc<Node>, attempt: AttemptId, spec: SaveSpec, ranks: Vec<RankRef>) {
     // Every rank must be one of ours, still the process that was attached.
     {
@@ -649,19 +644,25 @@ fn start_save(node: &Arc<Node>, attempt: AttemptId, spec: SaveSpec, ranks: Vec<R
                     image: image.clone(),
                 };
                 let (pid, rank) = (r.pid, r.rank);
-                let (kill, zstd, workers) = (spec.kill, spec.zstd_level, node.opts.workers);
+                let (kill, zstd) = (spec.kill, spec.zstd_level);
+                let node = node.clone();
                 std::thread::spawn(move || -> Result<Option<RankManifest>, String> {
                     let loc = Location::parse(&image).map_err(|e| e.to_string())?;
+                    let o = &node.opts;
                     let opts = crate::dump::DumpOptions {
                         pid,
-                        chunk_size: chunk_size_for(&loc),
+                        chunk_size: crate::dump::default_chunk_size(&loc),
                         image: loc,
                         leave_running: !kill,
                         zstd_level: zstd,
-                        workers,
+                        workers: o.workers,
                         snapshot_limit,
                         parent: None,
                         track: false,
+                        store: o.store.clone(),
+                        leases: o.leases,
+                        registry: o.registry.clone(),
+                        hooks: o.hooks.clone(),
                     };
                     match crate::dump::dump_gated(&opts, &gate) {
                         Ok(img) => Ok((!kill).then(|| manifest_of(rank, &image, &img))),
@@ -702,10 +703,9 @@ fn start_save(node: &Arc<Node>, attempt: AttemptId, spec: SaveSpec, ranks: Vec<R
             // the controller's own ABORT: a controller that was lost may have
             // committed first, and then the images are the checkpoint.
             info!(attempt, reason = %why, "removing the images of an aborted save");
-            if let Ok(store) = ckpt_shared::objstore::BlockingStore::open(
-                &spec.store,
-                &ckpt_shared::objstore::StoreConfig::from_env(),
-            ) {
+            if let Ok(store) =
+                ckpt_shared::objstore::BlockingStore::open(&spec.store, &node.opts.store)
+            {
                 for &rank in &written {
                     let name = ckpt_shared::proto::rank_image_name(&spec.ckpt, rank);
                     if let Err(e) = store.delete_manifest(&name) {
@@ -751,7 +751,8 @@ fn start_restore(node: &Arc<Node>, attempt: AttemptId, job: String, ranks: Vec<R
                     rank: r.rank,
                     image: r.image.clone(),
                 };
-                let (rank, image, workers) = (r.rank, r.image.clone(), node.opts.workers);
+                let (rank, image) = (r.rank, r.image.clone());
+                let node = node.clone();
                 let moves = crate::fd::Moves {
                     conns: r.readdress.clone(),
                     listen: r.relisten.clone(),
@@ -763,8 +764,10 @@ fn start_restore(node: &Arc<Node>, attempt: AttemptId, job: String, ranks: Vec<R
                     let opts = crate::restore::RestoreOptions {
                         image: loc,
                         new_pid_ns: false,
-                        workers,
+                        workers: node.opts.workers,
                         moves,
+                        store: node.opts.store.clone(),
+                        fill: Default::default(),
                     };
                     match crate::restore::restore_gated(&opts, &gate) {
                         Ok(rep) => Ok(rep.root_pid),

@@ -43,11 +43,21 @@ use tracing::debug;
 use crate::inject::{InjectError, Remote};
 use crate::sys::{self, proc};
 
-/// Where the registry lives (`CKPT_TRACK_DIR` overrides it).
-fn registry_dir() -> PathBuf {
-    std::env::var_os("CKPT_TRACK_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("/run/ckpt/track"))
+/// Where the registry lives unless `--track-dir` (or `CKPT_TRACK_DIR`) says
+/// otherwise.
+pub const DEFAULT_DIR: &str = "/run/ckpt/track";
+
+/// The registry of tracked processes: one small JSON file per process, named
+/// `<pid>.<start time>`, in one directory.
+#[derive(Debug, Clone)]
+pub struct Registry {
+    dir: PathBuf,
+}
+
+impl Default for Registry {
+    fn default() -> Self {
+        Registry::new(DEFAULT_DIR)
+    }
 }
 
 /// One tracked process.
@@ -63,36 +73,86 @@ pub struct Entry {
     pub epoch: String,
 }
 
-fn entry_path(pid: pid_t, start_time: u64) -> PathBuf {
-    registry_dir().join(format!("{pid}.{start_time}"))
-}
+impl Registry {
+    /// The registry in directory `dir` (created when the first entry is saved).
+    pub fn new(dir: impl Into<PathBuf>) -> Registry {
+        Registry { dir: dir.into() }
+    }
 
-/// The registry entry of process `pid` started at `start_time`, if any.
-pub fn load(pid: pid_t, start_time: u64) -> Option<Entry> {
-    let s = std::fs::read_to_string(entry_path(pid, start_time)).ok()?;
-    serde_json::from_str(&s).ok()
-}
+    fn entry_path(&self, pid: pid_t, start_time: u64) -> PathBuf {
+        self.dir.join(format!("{pid}.{start_time}"))
+    }
 
-/// Writes (atomically) the entry.
-pub fn save(e: &Entry) -> std::io::Result<()> {
-    let dir = registry_dir();
-    std::fs::create_dir_all(&dir)?;
-    let path = entry_path(e.pid, e.start_time);
-    let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, serde_json::to_vec(e)?)?;
-    std::fs::rename(&tmp, &path)
-}
+    /// The registry entry of process `pid` started at `start_time`, if any.
+    pub fn load(&self, pid: pid_t, start_time: u64) -> Option<Entry> {
+        let s = std::fs::read_to_string(self.entry_path(pid, start_time)).ok()?;
+        serde_json::from_str(&s).ok()
+    }
 
-/// Says that tracking of the process now counts from `epoch` (before its written
-/// pages are scanned and protected again: a dump that then fails leaves its own
-/// name, and the next dump against an older parent is full).
-pub fn set_epoch(pid: pid_t, start_time: u64, epoch: &str) {
-    if let Some(mut e) = load(pid, start_time) {
-        e.epoch = epoch.to_string();
-        if let Err(err) = save(&e) {
-            debug!(pid, %err, "could not update the tracking registry");
-            // Without the update, the entry must not be trusted again.
-            let _ = std::fs::remove_file(entry_path(pid, start_time));
+    /// Writes (atomically) the entry.
+    pub fn save(&self, e: &Entry) -> std::io::Result<()> {
+        std::fs::create_dir_all(&self.dir)?;
+        let path = self.entry_path(e.pid, e.start_time);
+        let tmp = path.with_extension("tmp");
+        std::fs::write(&tmp, serde_json::to_vec(e)?)?;
+        std::fs::rename(&tmp, &path)
+    }
+
+    /// Says that tracking of the process now counts from `epoch` (before its
+    /// written pages are scanned and protected again: a dump that then fails leaves
+    /// its own name, and the next dump against an older parent is full).
+    pub fn set_epoch(&self, pid: pid_t, start_time: u64, epoch: &str) {
+        if let Some(mut e) = self.load(pid, start_time) {
+            e.epoch = epoch.to_string();
+            if let Err(err) = self.save(&e) {
+                debug!(pid, %err, "could not update the tracking registry");
+                // Without the update, the entry must not be trusted again.
+                let _ = std::fs::remove_file(self.entry_path(pid, start_time));
+            }
+        }
+    }
+
+    /// Starts a holder for `fds` (tracked PID, its start time, our userfaultfd)
+    /// and records each here with `epoch`. The holder keeps them until every
+    /// tracked process has exited. Returns the holder's PID.
+    pub fn park(&self, fds: &[(pid_t, u64, OwnedFd)], epoch: &str) -> std::io::Result<pid_t> {
+        self.prune();
+        let holder_pid = spawn_holder(fds)?;
+        let holder_start = proc::stat(holder_pid)
+            .map(|s| s.start_time)
+            .map_err(|e| std::io::Error::other(e.to_string()))?;
+        for (i, (pid, start_time, _)) in fds.iter().enumerate() {
+            self.save(&Entry {
+                pid: *pid,
+                start_time: *start_time,
+                holder_pid,
+                holder_start,
+                fd: 3 + i as RawFd,
+                epoch: epoch.to_string(),
+            })?;
+        }
+        Ok(holder_pid)
+    }
+
+    /// Removes the entries of processes that have exited.
+    fn prune(&self) {
+        let Ok(dir) = std::fs::read_dir(&self.dir) else {
+            return;
+        };
+        for f in dir.flatten() {
+            let name = f.file_name().to_string_lossy().into_owned();
+            let Some((pid, start)) = name.split_once('.') else {
+                continue;
+            };
+            let (Ok(pid), Ok(start)) = (pid.parse::<pid_t>(), start.parse::<u64>()) else {
+                continue;
+            };
+            let alive = proc::stat(pid)
+                .map(|s| s.start_time == start)
+                .unwrap_or(false);
+            if !alive {
+                let _ = std::fs::remove_file(f.path());
+            }
         }
     }
 }
@@ -145,10 +205,9 @@ pub fn written(pagemap: &File, start: u64, end: u64) -> Result<Vec<(u64, u64)>, 
     sys::pagemap_scan_written(pagemap, start, end, true)
 }
 
-/// Starts a holder for `fds` (tracked PID, its start time, our userfaultfd) and
-/// records each in the registry with `epoch`. The holder keeps them until every
-/// tracked process has exited. Returns the holder's PID.
-pub fn park(fds: &[(pid_t, u64, OwnedFd)], epoch: &str) -> std::io::Result<pid_t> {
+/// Starts `ckpt-agent __hold-uffd` with `fds`' userfaultfds as its descriptors
+/// 3, 4, …, in a session of its own. It is not waited for: it outlives us.
+fn spawn_holder(fds: &[(pid_t, u64, OwnedFd)]) -> std::io::Result<pid_t> {
     use std::os::unix::process::CommandExt;
     let exe = std::env::current_exe()?;
     let mut cmd = std::process::Command::new(exe);
@@ -178,47 +237,11 @@ pub fn park(fds: &[(pid_t, u64, OwnedFd)], epoch: &str) -> std::io::Result<pid_t
             Ok(())
         });
     }
-    prune_registry();
     let child = cmd.spawn()?;
     let holder_pid = child.id() as pid_t;
     // The holder is not waited for here: it outlives this command.
     std::mem::forget(child);
-    let holder_start = proc::stat(holder_pid)
-        .map(|s| s.start_time)
-        .map_err(|e| std::io::Error::other(e.to_string()))?;
-    for (i, (pid, start_time, _)) in fds.iter().enumerate() {
-        save(&Entry {
-            pid: *pid,
-            start_time: *start_time,
-            holder_pid,
-            holder_start,
-            fd: 3 + i as RawFd,
-            epoch: epoch.to_string(),
-        })?;
-    }
     Ok(holder_pid)
-}
-
-/// Removes the entries of processes that have exited.
-fn prune_registry() {
-    let Ok(dir) = std::fs::read_dir(registry_dir()) else {
-        return;
-    };
-    for f in dir.flatten() {
-        let name = f.file_name().to_string_lossy().into_owned();
-        let Some((pid, start)) = name.split_once('.') else {
-            continue;
-        };
-        let (Ok(pid), Ok(start)) = (pid.parse::<pid_t>(), start.parse::<u64>()) else {
-            continue;
-        };
-        let alive = proc::stat(pid)
-            .map(|s| s.start_time == start)
-            .unwrap_or(false);
-        if !alive {
-            let _ = std::fs::remove_file(f.path());
-        }
-    }
 }
 
 /// Ends an older holder once a new one holds what it held (by PID and start

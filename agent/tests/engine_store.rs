@@ -543,6 +543,70 @@ fn a_checkpoint_that_finds_a_gc_running_waits_then_gives_up_before_freezing() ->
     Ok(())
 }
 
+/// `images prune --job J` finds what the product itself writes: the rank images of
+/// a job checkpoint (`J-<attempt>.r<N>`) go or stay together, with the checkpoint's
+/// job manifest, and another job's images (`J0-…`) are not touched.
+#[test]
+fn prune_removes_whole_job_checkpoints_by_the_names_the_controller_gives() -> Result<()> {
+    require_root!(Ok(()));
+    let dir = tempfile::tempdir()?;
+    let store = format!("file://{}", dir.path().display());
+    let w = Work::start("heap_checksum", &["4"])?;
+    let pid = w.pid.to_string();
+    let names = [
+        ckpt_shared::proto::rank_image_name("sim-100", 0),
+        ckpt_shared::proto::rank_image_name("sim-100", 1),
+        ckpt_shared::proto::rank_image_name("sim0-150", 0),
+        ckpt_shared::proto::rank_image_name("sim-200", 0),
+        ckpt_shared::proto::rank_image_name("sim-200", 1),
+    ];
+    for n in &names {
+        let image = format!("{store}/{n}");
+        run_agent_env(
+            agent(),
+            &["dump", "--pid", &pid, "--image", &image, "--leave-running"],
+            &[],
+            AGENT_TIMEOUT,
+        )?
+        .ok()?;
+    }
+    // The job manifests a controller writes beside them (`jobs/<ckpt>`).
+    let jobs = dir.path().join(ckpt_shared::catalog::JOBS_DIR);
+    std::fs::create_dir_all(&jobs)?;
+    for ck in ["sim-100", "sim0-150", "sim-200"] {
+        std::fs::write(jobs.join(ck), b"job manifest")?;
+    }
+    let pruned = images(
+        None,
+        &["prune", "--store", &store, "--job", "sim", "--keep", "1"],
+    )?
+    .ok()?;
+    ensure!(
+        pruned.stdout.contains("removed sim-100.r0")
+            && pruned.stdout.contains("removed sim-100.r1")
+            && pruned.stdout.contains("removed 2"),
+        "{}",
+        pruned.describe()
+    );
+    let listed = images(None, &["list", "--store", &store, "--json"])?.ok()?;
+    let left: Vec<String> = serde_json::from_str::<serde_json::Value>(&listed.stdout)?
+        .as_array()
+        .context("list --json is not an array")?
+        .iter()
+        .filter_map(|r| r["name"].as_str().map(String::from))
+        .collect();
+    ensure!(
+        left == ["sim-200.r0", "sim-200.r1", "sim0-150.r0"],
+        "left: {left:?}"
+    );
+    ensure!(
+        !jobs.join("sim-100").exists(),
+        "the job manifest of the pruned checkpoint is left"
+    );
+    ensure!(jobs.join("sim-200").exists() && jobs.join("sim0-150").exists());
+    Ok(())
+}
+
 #[test]
 fn rm_prune_and_gc_delete_exactly_the_chunks_no_image_references() -> Result<()> {
     require_root!(Ok(()));

@@ -295,31 +295,126 @@ async fn read_image(
         })
 }
 
-/// Retention: of the images named `JOB.<anything>`, keeps the `keep` newest (by the
-/// time their dump started, then by name) and deletes the manifests of the others.
-/// Returns the names deleted, oldest first. Their chunks go at the next [`gc`].
+/// The retention unit that image `name` belongs to in job `job`'s history, or `None`
+/// if it is not the job's. The product writes two kinds of names:
+///
+/// - a job checkpoint's rank images, `<job>-<attempt>.r<rank>`
+///   ([`crate::proto::rank_image_name`] of the checkpoint `<job>-<attempt>`): every
+///   rank of one checkpoint is one unit, kept or removed together, and its job
+///   manifest (`jobs/<job>-<attempt>`) with them;
+/// - images dumped by hand, named as the help suggests, `<job>-<n>` or `<job>.<n>`:
+///   each is a unit of its own.
+///
+/// `job1` does not claim `job10-…`: the job name must be followed by `-` and digits,
+/// or by `.`.
+pub fn retention_unit(job: &str, name: &str) -> Option<Unit> {
+    let rest = name.strip_prefix(job)?;
+    if let Some(tail) = rest.strip_prefix('.') {
+        return (!tail.is_empty()).then(|| Unit::Image(name.to_string()));
+    }
+    let tail = rest.strip_prefix('-')?;
+    let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
+    match tail.split_once(".r") {
+        None if digits(tail) => Some(Unit::Image(name.to_string())),
+        Some((attempt, rank)) if digits(attempt) && digits(rank) => Some(Unit::Checkpoint(
+            name[..job.len() + 1 + attempt.len()].to_string(),
+        )),
+        _ => None,
+    }
+}
+
+/// What [`prune`] keeps or removes as one.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Unit {
+    /// A job checkpoint (its id): its rank images and its job manifest.
+    Checkpoint(String),
+    /// One image dumped on its own.
+    Image(String),
+}
+
+impl Unit {
+    fn name(&self) -> &str {
+        match self {
+            Unit::Checkpoint(n) | Unit::Image(n) => n,
+        }
+    }
+}
+
+/// Retention: of job `job`'s checkpoints and images (see [`retention_unit`]), keeps
+/// the `keep` newest (by the time their dump started, then by name) and deletes the
+/// others: a job checkpoint's job manifest first (so it is never listed with ranks
+/// missing), then its rank images' manifests. Returns the image names deleted,
+/// oldest first. Their chunks go at the next [`gc`].
 pub async fn prune(
     store: &ObjectStoreBackend,
     job: &str,
     keep: usize,
 ) -> Result<Vec<String>, GcError> {
-    let prefix = format!("{job}.");
-    let mut dated = Vec::new();
+    let mut units: std::collections::BTreeMap<Unit, (u64, Vec<String>)> = Default::default();
     for name in store.list_manifests().await? {
-        if !name.starts_with(&prefix) {
+        let Some(unit) = retention_unit(job, &name) else {
             continue;
-        }
+        };
         let Some(img) = read_image(store, &name).await? else {
             continue;
         };
-        dated.push((img.created_unix, name));
+        let u = units.entry(unit).or_default();
+        u.0 = u.0.max(img.created_unix);
+        u.1.push(name);
     }
-    dated.sort();
+    let mut dated: Vec<(u64, Unit, Vec<String>)> = units
+        .into_iter()
+        .map(|(u, (t, names))| (t, u, names))
+        .collect();
+    dated.sort_by(|a, b| (a.0, a.1.name()).cmp(&(b.0, b.1.name())));
     let drop_n = dated.len().saturating_sub(keep);
     let mut removed = Vec::new();
-    for (_, name) in dated.into_iter().take(drop_n) {
-        store.delete_manifest(&name).await?;
-        removed.push(name);
+    for (_, unit, names) in dated.into_iter().take(drop_n) {
+        if let Unit::Checkpoint(id) = &unit {
+            store.delete_object(crate::catalog::JOBS_DIR, id).await?;
+        }
+        for name in names {
+            store.delete_manifest(&name).await?;
+            removed.push(name);
+        }
     }
     Ok(removed)
+}
+
+#[cfg(test)]
+mod retention_tests {
+    use super::{retention_unit, Unit};
+    use crate::proto::rank_image_name;
+
+    #[test]
+    fn prune_finds_the_names_the_product_writes() {
+        // A job checkpoint's rank images, named by the function the agents use.
+        let r0 = rank_image_name("job1-1733000000123", 0);
+        let r7 = rank_image_name("job1-1733000000123", 7);
+        let ck = Unit::Checkpoint("job1-1733000000123".into());
+        assert_eq!(retention_unit("job1", &r0), Some(ck.clone()));
+        assert_eq!(retention_unit("job1", &r7), Some(ck));
+        // Images dumped by hand, as the help names them.
+        assert_eq!(
+            retention_unit("job1", "job1-0001"),
+            Some(Unit::Image("job1-0001".into()))
+        );
+        assert_eq!(
+            retention_unit("job", "job.3"),
+            Some(Unit::Image("job.3".into()))
+        );
+        // Another job's, or not a job's at all.
+        for other in [
+            "job10-0001",
+            "job10-5.r0",
+            "job1",
+            "job1.",
+            "job1-",
+            "job1-x.r0",
+            "job1-5.rx",
+            "xjob1-5",
+        ] {
+            assert_eq!(retention_unit("job1", other), None, "{other}");
+        }
+    }
 }

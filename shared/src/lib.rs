@@ -26,6 +26,7 @@ pub mod image;
 pub mod location;
 pub mod objstore;
 pub mod proto;
+pub mod report;
 pub mod store;
 pub mod tls;
 pub mod wire;

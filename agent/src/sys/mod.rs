@@ -8,8 +8,10 @@
 //! Every `unsafe` block in the agent that talks to the kernel lives under this module.
 
 pub mod nr;
+pub mod pidns;
 pub mod proc;
 pub mod ptrace;
+pub mod restorer;
 pub mod syscalls;
 
 pub use syscalls::*;

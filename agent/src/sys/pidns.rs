@@ -1,5 +1,8 @@
 //! Restoring into a fresh PID namespace (`restore --new-pid-ns`).
 //!
+//! Kernel contract: `clone3` with `CLONE_NEWPID` (Linux ≥ 5.3) and `setns` of a PID
+//! namespace (≥ 3.8); needs `CAP_SYS_ADMIN`.
+//!
 //! The original PIDs may be taken on this node; in a new PID namespace they are all
 //! free. A namespace needs an init (PID 1) that outlives the tree, so we fork one
 //! with `CLONE_NEWPID`: it is a copy of the restorer, taken after the restorer opened
@@ -19,8 +22,8 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 
 use libc::pid_t;
 
-use crate::restore::{CloneArgs, RestoreError};
-use crate::sys::SysError;
+use super::restorer::CloneArgs;
+use super::SysError;
 
 /// The restorer's side of the namespace init's pipes.
 pub struct NsInit {
@@ -50,18 +53,18 @@ impl NsInit {
     }
 }
 
-fn pipe(what: &'static str) -> Result<[i32; 2], RestoreError> {
+fn pipe(what: &'static str) -> Result<[i32; 2], SysError> {
     let mut fds = [0; 2];
     // SAFETY: fds has room for two descriptors.
     if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } < 0 {
-        return Err(SysError::last("pipe2", what).into());
+        return Err(SysError::last("pipe2", what));
     }
     Ok(fds)
 }
 
 /// Fork the namespace's init. Returns its PID (in our namespace) and our ends of
 /// its pipes: [`NsInit::release`] lets init close the restore's descriptors.
-pub fn spawn_ns_init() -> Result<(pid_t, NsInit), RestoreError> {
+pub fn spawn_ns_init() -> Result<(pid_t, NsInit), SysError> {
     let fds = pipe("pid namespace control")?;
     let ack = pipe("pid namespace acknowledgement")?;
     let args = CloneArgs {
@@ -83,7 +86,7 @@ pub fn spawn_ns_init() -> Result<(pid_t, NsInit), RestoreError> {
         unsafe { ns_init(fds[0], fds[1], ack[0], ack[1]) }
     }
     if r < 0 {
-        return Err(SysError::last("clone3(CLONE_NEWPID)", "namespace init").into());
+        return Err(SysError::last("clone3(CLONE_NEWPID)", "namespace init"));
     }
     // SAFETY: closing our copies of init's ends; the other ends are ours.
     unsafe {
@@ -142,7 +145,7 @@ unsafe fn ns_init(ctl_r: i32, ctl_w: i32, ack_r: i32, ack_w: i32) -> ! {
 
 /// Make our next children be born in `init`'s PID namespace. Returns our own
 /// namespace, to go back to with [`leave`].
-pub fn enter(init: pid_t) -> Result<std::fs::File, RestoreError> {
+pub fn enter(init: pid_t) -> Result<std::fs::File, SysError> {
     let ours = std::fs::File::open("/proc/self/ns/pid").map_err(|source| SysError {
         op: "open",
         what: "/proc/self/ns/pid".into(),
@@ -155,16 +158,16 @@ pub fn enter(init: pid_t) -> Result<std::fs::File, RestoreError> {
     })?;
     // SAFETY: setns on a namespace descriptor we just opened.
     if unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWPID) } < 0 {
-        return Err(SysError::last("setns(CLONE_NEWPID)", init).into());
+        return Err(SysError::last("setns(CLONE_NEWPID)", init));
     }
     Ok(ours)
 }
 
 /// Children are born in our own PID namespace again.
-pub fn leave(ours: std::fs::File) -> Result<(), RestoreError> {
+pub fn leave(ours: std::fs::File) -> Result<(), SysError> {
     // SAFETY: setns on a namespace descriptor we own.
     if unsafe { libc::setns(ours.as_raw_fd(), libc::CLONE_NEWPID) } < 0 {
-        return Err(SysError::last("setns(CLONE_NEWPID)", "our own namespace").into());
+        return Err(SysError::last("setns(CLONE_NEWPID)", "our own namespace"));
     }
     Ok(())
 }

@@ -1,0 +1,44 @@
+//! Test hooks: a failure injected at a named stage of a dump, a pause at a named
+//! point of a job's save or restore. The end-to-end tests use them to put the agent
+//! inside a window it would otherwise cross in microseconds.
+//!
+//! They exist only in a build with the `test-hooks` feature, which nothing but the
+//! tests turns on (`agent/Cargo.toml`'s dev-dependency on itself): a release binary
+//! carries no hook, and [`Hooks`] is empty there. The values are read from the
+//! environment by the command-line layer (`CKPT_FAULT`, `CKPT_TEST_PAUSE`,
+//! `CKPT_FILL`), never below it.
+
+/// The hooks of one command.
+#[derive(Debug, Clone, Default)]
+pub struct Hooks {
+    /// Stage at which a dump fails (`after-seize`, `after-regs`, `after-files`,
+    /// `after-memory`, `before-commit`).
+    #[cfg(feature = "test-hooks")]
+    pub fault: Option<String>,
+    /// Point of a job's save or restore at which the daemon stops answering
+    /// (`frozen`, `captured`, `stored`, `rebuilt`), as if it hung there.
+    #[cfg(feature = "test-hooks")]
+    pub pause: Option<String>,
+}
+
+impl Hooks {
+    /// Whether a dump is to fail at `stage`.
+    pub fn fails_at(&self, stage: &str) -> bool {
+        #[cfg(feature = "test-hooks")]
+        if self.fault.as_deref() == Some(stage) {
+            return true;
+        }
+        let _ = stage;
+        false
+    }
+
+    /// Whether a job's operation is to hang at `point`.
+    pub fn pauses_at(&self, point: &str) -> bool {
+        #[cfg(feature = "test-hooks")]
+        if self.pause.as_deref() == Some(point) {
+            return true;
+        }
+        let _ = point;
+        false
+    }
+}
