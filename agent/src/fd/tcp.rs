@@ -22,8 +22,15 @@
 //! retransmission timer, and a peer that had already received some of it drops the
 //! repeat as TCP always does.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::os::fd::{AsRawFd, BorrowedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+
+use ckpt_shared::image::{FileKind, OpenFile};
+use serde_json::{json, Value};
+
+use super::kind::{Persist, Seen};
+use super::{set_status_flags, trimmed, FdError, FdTable, Moves, TcpDup};
 
 const TCP_REPAIR_ON: libc::c_int = 1;
 const TCP_REPAIR_OFF_NO_WP: libc::c_int = -1;
@@ -297,7 +304,6 @@ pub struct Rebuilt {
 
 impl Rebuilt {
     pub fn as_fd(&self) -> BorrowedFd<'_> {
-        use std::os::fd::AsFd;
         self.fd.as_fd()
     }
 
@@ -609,7 +615,6 @@ impl Listener {
     }
 
     pub fn as_fd(&self) -> BorrowedFd<'_> {
-        use std::os::fd::AsFd;
         self.fd.as_fd()
     }
 }
@@ -632,4 +637,184 @@ fn getopt_info(fd: i32) -> Result<libc::tcp_info, TcpError> {
         return Err(sys("TCP_INFO"));
     }
     Ok(v)
+}
+
+/// TCP in the descriptor table: established connections (captured later, under
+/// the network lock, by [`FdTable::capture_tcp`]) and listening sockets.
+pub struct Tcp;
+
+/// What the restore made of the image's TCP sockets before opening descriptions.
+#[derive(Default)]
+pub struct Opening {
+    /// Connections by file index: our duplicate of each.
+    rebuilt: HashMap<usize, OwnedFd>,
+    /// Listening sockets by file index.
+    listening: HashMap<usize, OwnedFd>,
+    /// The rebuilt connections, still in repair mode (see [`super::Opened::tcp`]).
+    pub held: Vec<Rebuilt>,
+}
+
+fn open_err(e: TcpError) -> FdError {
+    FdError::Open {
+        path: "a TCP socket".into(),
+        source: std::io::Error::other(e.to_string()),
+    }
+}
+
+impl Persist for Tcp {
+    fn dump(&self, t: &mut FdTable, seen: &mut Seen<'_>) -> Option<Result<FileKind, FdError>> {
+        Some(match seen.socket_kind()? {
+            Kind::NotTcp => return None,
+            // Read under the network lock the dump put in place, by
+            // capture_tcp, once every process's table is known.
+            Kind::Established => {
+                let (dup, _) = seen.sock.take().expect("a socket");
+                t.tcp.push(TcpDup {
+                    file: t.files.len() as u32,
+                    pid: seen.pid,
+                    fd: seen.fd,
+                    dup,
+                    tuple: None,
+                });
+                Ok(FileKind::Inherited {
+                    what: "a TCP connection not read yet".into(),
+                })
+            }
+            // Those connections live in no descriptor: they cannot be read, and
+            // dropping them would reset clients that believe they are connected.
+            &Kind::Listen { pending, .. } if pending > 0 => Err(seen.unsupported(format!(
+                "a listening TCP socket with {pending} connection(s) not yet accepted; \
+                 save again once the application has accepted them"
+            ))),
+            &Kind::Listen { backlog, .. } => {
+                let (dup, _) = seen.sock.as_ref().expect("a socket");
+                local_addr(dup.as_fd())
+                    .map_err(|e| seen.unsupported(format!("a listening socket: {e}")))
+                    .map(|addr| FileKind::TcpListen { addr, backlog })
+            }
+            Kind::Other(state) => Err(seen.unsupported(format!(
+                "a TCP socket in state {state} (only established and listening ones are saved)"
+            ))),
+        })
+    }
+
+    fn owns(&self, kind: &FileKind) -> bool {
+        matches!(kind, FileKind::Tcp { .. } | FileKind::TcpListen { .. })
+    }
+
+    /// Listeners bound first (not listening yet), then the connections, some of
+    /// which share a listener's port, then the listeners listen.
+    fn prepare(&self, files: &[OpenFile], o: &mut super::kind::Opening<'_>) -> Result<(), FdError> {
+        let moves = o.moves;
+        let mut listeners: HashMap<usize, Listener> = HashMap::new();
+        for (i, f) in files.iter().enumerate() {
+            if let FileKind::TcpListen { addr, backlog } = &f.kind {
+                let at = moves
+                    .listen
+                    .iter()
+                    .find(|(old, _)| old == addr)
+                    .map_or(*addr, |(_, new)| *new);
+                listeners.insert(i, Listener::bind(at, *backlog).map_err(open_err)?);
+            }
+        }
+        let peer_recv = peer_recv(files, moves);
+        for (i, f) in files.iter().enumerate() {
+            if let FileKind::Tcp { conn } = &f.kind {
+                let fd = rebuild_one(conn, moves, &peer_recv, &mut o.tcp.held)?;
+                o.tcp.rebuilt.insert(i, fd);
+            }
+        }
+        for (i, l) in listeners {
+            o.tcp.listening.insert(i, l.listen().map_err(open_err)?);
+        }
+        Ok(())
+    }
+
+    fn open(
+        &self,
+        i: usize,
+        f: &OpenFile,
+        o: &mut super::kind::Opening<'_>,
+    ) -> Result<OwnedFd, FdError> {
+        let fd = match f.kind {
+            FileKind::Tcp { .. } => o.tcp.rebuilt.remove(&i).expect("rebuilt above"),
+            _ => o.tcp.listening.remove(&i).expect("bound above"),
+        };
+        set_status_flags(&fd, f.flags as i32)?;
+        Ok(fd)
+    }
+
+    fn describe(&self, kind: &FileKind) -> String {
+        use crate::inspect::human;
+        match kind {
+            FileKind::Tcp { conn } => format!(
+                "tcp {} -> {}, {} queued to send ({} unsent), {} received unread",
+                conn.local,
+                conn.remote,
+                human(conn.send_queue.len() as u64),
+                human(conn.unsent as u64),
+                human(conn.recv_queue.len() as u64)
+            ),
+            FileKind::TcpListen { addr, backlog } => {
+                format!("tcp listening on {addr} (backlog {backlog})")
+            }
+            _ => unreachable!("owns() chose this kind"),
+        }
+    }
+
+    fn json(&self, kind: &FileKind) -> Value {
+        match kind {
+            FileKind::Tcp { conn } => json!({
+                "kind": "tcp", "local": conn.local.to_string(), "remote": conn.remote.to_string(),
+                "send_queue": conn.send_queue.len(), "unsent": conn.unsent,
+                "recv_queue": conn.recv_queue.len(),
+            }),
+            FileKind::TcpListen { addr, backlog } => {
+                json!({"kind": "tcp-listen", "addr": addr.to_string(), "backlog": backlog})
+            }
+            _ => unreachable!("owns() chose this kind"),
+        }
+    }
+}
+
+/// The other end's rcv_nxt for each connection (by its 4-tuple here): from the
+/// controller, or from the other end when it is in this image too.
+fn peer_recv(files: &[OpenFile], moves: &Moves) -> HashMap<(SocketAddr, SocketAddr), u32> {
+    let mut peer_recv: HashMap<(SocketAddr, SocketAddr), u32> = moves
+        .peer_recv
+        .iter()
+        .map(|(c, seq)| ((c.local, c.remote), *seq))
+        .collect();
+    for f in files {
+        if let FileKind::Tcp { conn } = &f.kind {
+            peer_recv.insert((conn.remote, conn.local), conn.recv_seq);
+        }
+    }
+    peer_recv
+}
+
+/// The connection `conn` made again (or, saved under `--external-tcp close`, a
+/// reset socket in its place): our duplicate of it; the rebuilt end, still in
+/// repair mode, goes to `held`.
+fn rebuild_one(
+    conn: &TcpConn,
+    moves: &Moves,
+    peer_recv: &HashMap<(SocketAddr, SocketAddr), u32>,
+    held: &mut Vec<Rebuilt>,
+) -> Result<OwnedFd, FdError> {
+    if moves.is_reset(conn) {
+        return reset(conn.local.is_ipv6()).map_err(open_err);
+    }
+    let conn = trimmed(conn, peer_recv.get(&(conn.local, conn.remote)).copied());
+    let (local, remote) = moves.tuple_of(&conn);
+    let r = rebuild(&conn, local, remote).map_err(open_err)?;
+    let dup = r
+        .as_fd()
+        .try_clone_to_owned()
+        .map_err(|source| FdError::Open {
+            path: format!("TCP {} -> {}", conn.local, conn.remote),
+            source,
+        })?;
+    held.push(r);
+    Ok(dup)
 }
