@@ -335,12 +335,11 @@ pub struct DumpTotals {
 }
 
 fn is_zero(page: &[u8]) -> bool {
-    let (pre, mid, post) = {
-        // SAFETY: u8 -> u64 reinterpretation is sound for any bit pattern; align_to
-        // returns the aligned middle part only.
-        unsafe { page.align_to::<u64>() }
-    };
-    pre.iter().all(|&b| b == 0) && mid.iter().all(|&w| w == 0) && post.iter().all(|&b| b == 0)
+    // Blocks of 64 bytes OR-ed together (which the compiler vectorises), stopping
+    // at the first block that is not zero.
+    let mut blocks = page.chunks_exact(64);
+    blocks.all(|b| b.iter().fold(0, |a, &x| a | x) == 0)
+        && blocks.remainder().iter().all(|&x| x == 0)
 }
 
 /// Memory captured while the tree was frozen, to be hashed and stored after it
@@ -355,58 +354,27 @@ pub struct Snapshot {
 
 /// An anonymous private mapping of ours.
 pub struct Region {
-    ptr: *mut u8,
-    len: usize,
+    map: sys::mem::AnonMap,
 }
-
-// SAFETY: the region is plain memory owned by this struct; threads only touch
-// disjoint parts of it (see `Snapshot::take`), or read it after those writes joined.
-unsafe impl Send for Region {}
-// SAFETY: as above.
-unsafe impl Sync for Region {}
 
 impl Region {
     /// Map `len` bytes, populated (faulted in) now if `populate`.
     pub fn new(len: usize, populate: bool) -> Result<Region, MemError> {
         let len = len.max(PAGE_SIZE as usize);
-        let flags = libc::MAP_PRIVATE
-            | libc::MAP_ANONYMOUS
-            | libc::MAP_NORESERVE
-            | if populate { libc::MAP_POPULATE } else { 0 };
-        // SAFETY: a fresh anonymous mapping; the result is checked.
-        let p = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                flags,
-                -1,
-                0,
-            )
-        };
-        if p == libc::MAP_FAILED {
-            return Err(MemError::Read {
-                pid: 0,
-                addr: 0,
-                source: std::io::Error::last_os_error(),
-            });
-        }
-        Ok(Region { ptr: p.cast(), len })
+        let map = sys::mem::AnonMap::new(len, populate).map_err(|source| MemError::Read {
+            pid: 0,
+            addr: 0,
+            source,
+        })?;
+        Ok(Region { map })
     }
 
     pub fn len(&self) -> usize {
-        self.len
+        self.map.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.len == 0
-    }
-}
-
-impl Drop for Region {
-    fn drop(&mut self) {
-        // SAFETY: unmapping exactly what `new` mapped.
-        unsafe { libc::munmap(self.ptr.cast(), self.len) };
+        self.map.is_empty()
     }
 }
 
@@ -419,46 +387,46 @@ impl Snapshot {
         workers: usize,
     ) -> Result<Snapshot, MemError> {
         let total: u64 = jobs.iter().map(|j| j.len).sum();
-        let region = match pool {
+        let mut region = match pool {
             Some(r) if r.len() as u64 >= total => r,
             _ => Region::new(total as usize, false)?,
         };
         let mut offsets = Vec::with_capacity(jobs.len());
-        let mut off = 0usize;
-        for j in jobs {
-            offsets.push(off);
-            off += j.len as usize;
-        }
-        let next = AtomicUsize::new(0);
         let err: Mutex<Option<MemError>> = Mutex::new(None);
-        let base = region.ptr as usize;
-        std::thread::scope(|s| {
-            for _ in 0..workers.max(1) {
-                s.spawn(|| {
-                    let mut mem_files = HashMap::new();
-                    loop {
-                        let i = next.fetch_add(1, Ordering::Relaxed);
-                        if i >= jobs.len() || err.lock().expect("poisoned").is_some() {
-                            return;
-                        }
-                        let j = &jobs[i];
-                        // SAFETY: job i owns bytes [offsets[i], offsets[i] + len) of the
-                        // region, disjoint from every other job's; the region outlives
-                        // the scope.
-                        let b = unsafe {
-                            std::slice::from_raw_parts_mut(
-                                (base + offsets[i]) as *mut u8,
-                                j.len as usize,
-                            )
-                        };
-                        if let Err(e) = read_job(j, b, &mut mem_files) {
-                            err.lock().expect("poisoned").get_or_insert(e);
-                            return;
-                        }
-                    }
-                });
+        {
+            // Each job's own part of the region, handed out in order to the
+            // threads: the parts are disjoint, so the threads write side by side.
+            let mut parts = Vec::with_capacity(jobs.len());
+            let mut rest = region.map.as_mut_slice();
+            let mut off = 0usize;
+            for j in jobs {
+                let (part, after) = rest.split_at_mut(j.len as usize);
+                parts.push(part);
+                rest = after;
+                offsets.push(off);
+                off += j.len as usize;
             }
-        });
+            let work = Mutex::new(jobs.iter().zip(parts));
+            std::thread::scope(|s| {
+                for _ in 0..workers.max(1) {
+                    s.spawn(|| {
+                        let mut mem_files = HashMap::new();
+                        loop {
+                            if err.lock().expect("poisoned").is_some() {
+                                return;
+                            }
+                            let Some((j, b)) = work.lock().expect("poisoned").next() else {
+                                return;
+                            };
+                            if let Err(e) = read_job(j, b, &mut mem_files) {
+                                err.lock().expect("poisoned").get_or_insert(e);
+                                return;
+                            }
+                        }
+                    });
+                }
+            });
+        }
         if let Some(e) = err.into_inner().expect("poisoned") {
             return Err(e);
         }
@@ -466,8 +434,7 @@ impl Snapshot {
     }
 
     fn bytes(&self, i: usize, len: u64) -> &[u8] {
-        // SAFETY: written by `take` (its threads joined), within the region.
-        unsafe { std::slice::from_raw_parts(self.region.ptr.add(self.offsets[i]), len as usize) }
+        &self.region.map.as_slice()[self.offsets[i]..][..len as usize]
     }
 }
 
@@ -941,8 +908,8 @@ fn write_piece(p: &Piece, b: &[u8]) -> Result<(), MemError> {
     match p.dest {
         Dest::Process(pid) => write_process(pid, p.addr, b)?,
         Dest::Uffd { uffd, pid } => {
-            // SAFETY: the restorer keeps this descriptor open until every job is done.
-            let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(uffd) };
+            // The restorer keeps this descriptor open until every job is done.
+            let fd = uffd;
             if let Err(e) = sys::uffd::copy(fd, p.addr, b) {
                 if e.errno() != Some(libc::EEXIST) {
                     return Err(MemError::Write {
@@ -974,17 +941,12 @@ fn write_piece(p: &Piece, b: &[u8]) -> Result<(), MemError> {
             }
         }
         Dest::Fd(fd) => {
-            // SAFETY: fd is a memfd the restorer owns for the whole restore;
-            // ManuallyDrop keeps this temporary File from closing it.
-            let f = std::mem::ManuallyDrop::new(unsafe {
-                <File as std::os::fd::FromRawFd>::from_raw_fd(fd)
-            });
-            f.write_all_at(b, p.addr)
-                .map_err(|source| MemError::Write {
-                    pid: 0,
-                    addr: p.addr,
-                    source,
-                })?;
+            // fd is a memfd the restorer owns for the whole restore.
+            sys::fd::pwrite_all(fd, b, p.addr).map_err(|source| MemError::Write {
+                pid: 0,
+                addr: p.addr,
+                source,
+            })?;
         }
     }
     Ok(())

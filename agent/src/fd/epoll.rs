@@ -14,7 +14,6 @@ use serde_json::{json, Value};
 use super::kind::{Opening, Persist, Seen};
 use super::{set_status_flags, FdError, FdTable};
 use crate::sys::proc;
-use crate::sys::SysError;
 
 pub struct Epoll;
 
@@ -36,13 +35,7 @@ impl Persist for Epoll {
 
     fn open(&self, _: usize, f: &OpenFile, _: &mut Opening<'_>) -> Result<OwnedFd, FdError> {
         // Empty: the husk fills it (see the module doc).
-        // SAFETY: epoll_create1 with a constant flag.
-        let raw = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
-        if raw < 0 {
-            return Err(SysError::last("epoll_create1", "an epoll instance").into());
-        }
-        // SAFETY: a fresh descriptor we own.
-        let fd = unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(raw) };
+        let fd = crate::sys::fd::epoll_create()?;
         set_status_flags(&fd, f.flags as i32)?;
         Ok(fd)
     }

@@ -2,14 +2,14 @@
 //! (`eventfd-count:` in hex, `eventfd-semaphore:`; Linux ≥ 5.2 shows the latter),
 //! and set again on a new eventfd by a write.
 
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsFd, OwnedFd};
 
 use ckpt_shared::image::{FileKind, OpenFile};
 use serde_json::{json, Value};
 
 use super::kind::{Opening, Persist, Seen};
 use super::{set_status_flags, FdError, FdTable};
-use crate::sys::{proc, SysError};
+use crate::sys::{self, proc};
 
 pub struct EventFd;
 
@@ -27,18 +27,11 @@ impl Persist for EventFd {
             unreachable!("owns() chose this kind")
         };
         let sem = if *semaphore { libc::EFD_SEMAPHORE } else { 0 };
-        // SAFETY: eventfd(2) with plain arguments.
-        let raw = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | sem) };
-        if raw < 0 {
-            return Err(SysError::last("eventfd", "an eventfd").into());
-        }
-        // SAFETY: a fresh descriptor we own.
-        let fd = unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(raw) };
+        let fd = sys::fd::eventfd(sem)?;
         // The counter (64 bits; eventfd's initial value has only 32) is
-        // added by a write.
-        // SAFETY: an 8-byte write from a local to our own eventfd.
-        if *count != 0 && unsafe { libc::write(raw, (count as *const u64).cast(), 8) } != 8 {
-            return Err(SysError::last("write", "an eventfd's counter").into());
+        // added by a write, which an eventfd takes whole or not at all.
+        if *count != 0 {
+            sys::fd::write(fd.as_fd(), &count.to_ne_bytes(), "an eventfd's counter")?;
         }
         set_status_flags(&fd, f.flags as i32)?;
         Ok(fd)

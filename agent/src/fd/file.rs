@@ -3,14 +3,14 @@
 //! The file itself is not saved: the restore checks that it is still the file the
 //! dump saw (`FileCheck`, filled by the dump from [`FdTable::regular_paths`]).
 
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, OwnedFd};
 
 use ckpt_shared::image::{FileKind, OpenFile};
 use serde_json::{json, Value};
 
 use super::kind::{Opening, Persist, Seen};
 use super::{open_path, FdError, FdTable};
-use crate::sys::SysError;
+use crate::sys;
 
 pub struct File;
 
@@ -59,10 +59,7 @@ impl Persist for File {
 pub(super) fn open_at(path: &str, flags: i32, pos: u64) -> Result<OwnedFd, FdError> {
     let file = open_path(path, flags)?;
     if pos != 0 {
-        // SAFETY: plain lseek on a descriptor we own.
-        if unsafe { libc::lseek(file.as_raw_fd(), pos as i64, libc::SEEK_SET) } < 0 {
-            return Err(SysError::last("lseek", path).into());
-        }
+        sys::fd::seek_to(file.as_fd(), pos, path)?;
     }
     Ok(file)
 }

@@ -316,12 +316,8 @@ fn look(pid: pid_t, pidfd: &OwnedFd, dirs: &proc::FdDirs, fd: RawFd) -> Result<L
     // A socket's status flags are its description's, which our duplicate shares
     // (F_GETFL); only its close-on-exec bit needs fdinfo, which costs ~40 µs a
     // descriptor, and is read later (`cloexec_later`).
-    // SAFETY: F_GETFL on our own descriptor.
-    let fl = unsafe { libc::fcntl(dup.as_raw_fd(), libc::F_GETFL) };
-    if fl < 0 {
-        return Err(SysError::last("fcntl(F_GETFL)", "a socket").into());
-    }
-    Ok((link, meta, (0, fl as u32), Some((dup, kind))))
+    let fl = sys::fd::get_status_flags(dup.as_fd(), "a socket")?;
+    Ok((link, meta, (0, fl), Some((dup, kind))))
 }
 
 /// What [`open_all`] made: our descriptor for each file id; FIFO holders (kept open
@@ -462,11 +458,7 @@ fn open_path(path: &str, flags: i32) -> Result<OwnedFd, FdError> {
 fn set_status_flags(fd: &OwnedFd, flags: i32) -> Result<(), FdError> {
     let settable =
         libc::O_APPEND | libc::O_NONBLOCK | libc::O_ASYNC | libc::O_DIRECT | libc::O_NOATIME;
-    // SAFETY: F_SETFL on a descriptor we own.
-    if unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETFL, flags & settable) } < 0 {
-        return Err(SysError::last("fcntl(F_SETFL)", fd.as_raw_fd()).into());
-    }
-    Ok(())
+    Ok(sys::fd::set_status_flags(fd.as_fd(), flags & settable)?)
 }
 
 /// Install the descriptors of one husk. `pidfd_slot` is the husk's descriptor for a

@@ -12,7 +12,7 @@
 use std::collections::HashMap;
 use std::fs::File;
 use std::io::Read;
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 
 use ckpt_shared::image::{Fd, FileKind, OpenFile};
 use libc::pid_t;
@@ -293,18 +293,7 @@ pub fn rebuild(data: &[u8], capacity: u32) -> Result<RebuiltPipe, SysError> {
 pub fn write_all(w: &OwnedFd, data: &[u8]) -> Result<(), SysError> {
     let mut done = 0;
     while done < data.len() {
-        // SAFETY: the pointer/length pair covers the rest of `data`.
-        let n = unsafe {
-            libc::write(
-                w.as_raw_fd(),
-                data[done..].as_ptr().cast(),
-                data.len() - done,
-            )
-        };
-        if n < 0 {
-            return Err(SysError::last("write", "pipe data"));
-        }
-        done += n as usize;
+        done += sys::fd::write(w.as_fd(), &data[done..], "pipe data")?;
     }
     Ok(())
 }

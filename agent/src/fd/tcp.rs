@@ -31,15 +31,13 @@ use serde_json::{json, Value};
 
 use super::kind::{Persist, Seen};
 use super::{set_status_flags, trimmed, FdError, FdTable, Moves, TcpDup};
+use crate::sys::socket;
 
 const TCP_REPAIR_ON: libc::c_int = 1;
 const TCP_REPAIR_OFF_NO_WP: libc::c_int = -1;
 const TCP_RECV_QUEUE: libc::c_int = 1;
 const TCP_SEND_QUEUE: libc::c_int = 2;
 const TCP_TIMESTAMP: libc::c_int = 24;
-const SIOCINQ: libc::c_ulong = 0x541B;
-const SIOCOUTQ: libc::c_ulong = 0x5411;
-const SIOCOUTQNSD: libc::c_ulong = 0x894B;
 const TCPI_OPT_TIMESTAMPS: u8 = 1;
 const TCPI_OPT_SACK: u8 = 2;
 const TCPI_OPT_WSCALE: u8 = 4;
@@ -62,11 +60,9 @@ pub enum TcpError {
     Moving,
 }
 
-fn sys(what: &'static str) -> TcpError {
-    TcpError::Sys {
-        what,
-        source: std::io::Error::last_os_error(),
-    }
+/// `what` failed with `source`.
+fn sys(what: &'static str) -> impl FnOnce(std::io::Error) -> TcpError {
+    move |source| TcpError::Sys { what, source }
 }
 
 pub(super) fn setopt(
@@ -76,59 +72,28 @@ pub(super) fn setopt(
     val: libc::c_int,
     what: &'static str,
 ) -> Result<(), TcpError> {
-    setopt_slice(fd, level, opt, std::slice::from_ref(&val), what)
+    socket::setsockopt_int(fd, level, opt, val).map_err(sys(what))
 }
 
 /// setsockopt with an array of plain values (`struct tcp_repair_opt[]`, one
 /// `struct tcp_repair_window`, one int).
-fn setopt_slice<T: Copy>(
+fn setopt_slice<T: socket::Plain>(
     fd: i32,
     level: i32,
     opt: i32,
     val: &[T],
     what: &'static str,
 ) -> Result<(), TcpError> {
-    // SAFETY: setsockopt reads `size_of_val(val)` bytes from a live slice of plain
-    // values.
-    let r = unsafe {
-        libc::setsockopt(
-            fd,
-            level,
-            opt,
-            val.as_ptr().cast(),
-            std::mem::size_of_val(val) as libc::socklen_t,
-        )
-    };
-    if r != 0 {
-        return Err(sys(what));
-    }
-    Ok(())
+    socket::setsockopt(fd, level, opt, val).map_err(sys(what))
 }
 
-pub(super) fn getopt<T: Copy + Default>(
+pub(super) fn getopt<T: socket::Plain>(
     fd: i32,
     level: i32,
     opt: i32,
     what: &'static str,
 ) -> Result<T, TcpError> {
-    let mut v = T::default();
-    let mut len = std::mem::size_of::<T>() as libc::socklen_t;
-    // SAFETY: getsockopt writes at most `len` bytes into `v`, a plain value of that size.
-    let r = unsafe { libc::getsockopt(fd, level, opt, (&mut v as *mut T).cast(), &mut len) };
-    if r != 0 {
-        return Err(sys(what));
-    }
-    Ok(v)
-}
-
-fn ioctl_int(fd: i32, req: libc::c_ulong, what: &'static str) -> Result<u32, TcpError> {
-    let mut v: libc::c_int = 0;
-    // SAFETY: these ioctls write one int.
-    let r = unsafe { libc::ioctl(fd, req as _, &mut v) };
-    if r != 0 {
-        return Err(sys(what));
-    }
-    Ok(v as u32)
+    socket::getsockopt(fd, level, opt).map_err(sys(what))
 }
 
 fn addr(fd: i32, peer: bool) -> Result<SocketAddr, TcpError> {
@@ -168,19 +133,9 @@ fn peek_queue(fd: i32, queue: libc::c_int, len: usize) -> Result<Vec<u8>, TcpErr
     if len == 0 {
         return Ok(buf);
     }
-    // SAFETY: recv into our own buffer of `len` bytes.
-    let n = unsafe {
-        libc::recv(
-            fd,
-            buf.as_mut_ptr().cast(),
-            len,
-            libc::MSG_PEEK | libc::MSG_DONTWAIT,
-        )
-    };
-    if n < 0 {
-        return Err(sys("recv(MSG_PEEK) of a repair queue"));
-    }
-    if n as usize != len {
+    let n = socket::recv(fd, &mut buf, libc::MSG_PEEK | libc::MSG_DONTWAIT)
+        .map_err(sys("recv(MSG_PEEK) of a repair queue"))?;
+    if n != len {
         return Err(TcpError::Moving);
     }
     Ok(buf)
@@ -210,9 +165,9 @@ pub fn capture_on(
         None => (addr(fd, false)?, addr(fd, true)?),
     };
     // Sizes before repair mode: the ioctls answer for a normal socket.
-    let outq = ioctl_int(fd, SIOCOUTQ, "SIOCOUTQ")?;
-    let unsent = ioctl_int(fd, SIOCOUTQNSD, "SIOCOUTQNSD")?;
-    let inq = ioctl_int(fd, SIOCINQ, "SIOCINQ")?;
+    let outq = socket::ioctl_outq(fd).map_err(sys("SIOCOUTQ"))?;
+    let unsent = socket::ioctl_outq_nsd(fd).map_err(sys("SIOCOUTQNSD"))?;
+    let inq = socket::ioctl_inq(fd).map_err(sys("SIOCINQ"))?;
     let mss: libc::c_int = getopt(fd, libc::IPPROTO_TCP, libc::TCP_MAXSEG, "TCP_MAXSEG")?;
     let sndbuf: libc::c_int = getopt(fd, libc::SOL_SOCKET, libc::SO_SNDBUF, "SO_SNDBUF")?;
     let rcvbuf: libc::c_int = getopt(fd, libc::SOL_SOCKET, libc::SO_RCVBUF, "SO_RCVBUF")?;
@@ -448,29 +403,21 @@ pub fn rebuild(c: &TcpConn, local: SocketAddr, remote: SocketAddr) -> Result<Reb
 
 /// A new blocking, close-on-exec TCP socket of `addr`'s family.
 fn tcp_socket(addr: SocketAddr) -> Result<std::os::fd::OwnedFd, TcpError> {
-    use std::os::fd::FromRawFd;
     let domain = if addr.is_ipv4() {
         libc::AF_INET
     } else {
         libc::AF_INET6
     };
-    // SAFETY: socket(2) with constant arguments.
-    let raw = unsafe { libc::socket(domain, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
-    if raw < 0 {
-        return Err(sys("socket"));
-    }
-    // SAFETY: a fresh descriptor we own.
-    Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(raw) })
+    socket::socket(domain, libc::SOCK_STREAM).map_err(sys("socket"))
 }
 
 fn send_all(fd: i32, mut data: &[u8], what: &'static str) -> Result<(), TcpError> {
     while !data.is_empty() {
-        // SAFETY: send from our own buffer.
-        let n = unsafe { libc::send(fd, data.as_ptr().cast(), data.len(), libc::MSG_NOSIGNAL) };
-        if n <= 0 {
-            return Err(sys(what));
+        let n = socket::send(fd, data, libc::MSG_NOSIGNAL).map_err(sys(what))?;
+        if n == 0 {
+            return Err(sys(what)(std::io::ErrorKind::WriteZero.into()));
         }
-        data = &data[n as usize..];
+        data = &data[n..];
     }
     Ok(())
 }
@@ -494,8 +441,7 @@ pub fn silence(fd: BorrowedFd<'_>) -> Result<(), TcpError> {
 /// (`--external-tcp close`), which cannot be moved. Made over this namespace's
 /// loopback: a connection whose accepted end is closed with a zero linger time.
 pub fn reset(v6: bool) -> Result<std::os::fd::OwnedFd, TcpError> {
-    use nix::sys::socket::{accept, connect, getsockname, SockaddrStorage};
-    use std::os::fd::FromRawFd;
+    use nix::sys::socket::{connect, getsockname, SockaddrStorage};
     let lo: SocketAddr = if v6 {
         "[::1]:0".parse().expect("address")
     } else {
@@ -513,9 +459,7 @@ pub fn reset(v6: bool) -> Result<std::os::fd::OwnedFd, TcpError> {
     connect(c.as_raw_fd(), &at).map_err(nix_err(
         "connect over loopback (is the loopback interface up?)",
     ))?;
-    let raw = accept(l.as_raw_fd()).map_err(nix_err("accept"))?;
-    // SAFETY: a fresh descriptor from accept, ours.
-    let a = unsafe { std::os::fd::OwnedFd::from_raw_fd(raw) };
+    let a = socket::accept(l.as_fd()).map_err(sys("accept"))?;
     let linger = libc::linger {
         l_onoff: 1,
         l_linger: 0,
@@ -530,13 +474,7 @@ pub fn reset(v6: bool) -> Result<std::os::fd::OwnedFd, TcpError> {
     drop(a);
     // The reset has arrived once the socket reports the error as pending; reading
     // SO_ERROR would clear it, so poll for it instead.
-    let mut p = libc::pollfd {
-        fd: c.as_raw_fd(),
-        events: libc::POLLIN,
-        revents: 0,
-    };
-    // SAFETY: poll on one pollfd of ours.
-    unsafe { libc::poll(&mut p, 1, 1000) };
+    let _ = socket::poll_one(c.as_fd(), libc::POLLIN, 1000);
     Ok(c)
 }
 
@@ -607,10 +545,7 @@ impl Listener {
     }
 
     pub fn listen(self) -> Result<std::os::fd::OwnedFd, TcpError> {
-        // SAFETY: listen(2) on our own socket.
-        if unsafe { libc::listen(self.fd.as_raw_fd(), self.backlog.max(1) as i32) } != 0 {
-            return Err(sys("listen"));
-        }
+        socket::listen(self.fd.as_fd(), self.backlog.max(1) as i32).map_err(sys("listen"))?;
         Ok(self.fd)
     }
 
@@ -620,23 +555,7 @@ impl Listener {
 }
 
 fn getopt_info(fd: i32) -> Result<libc::tcp_info, TcpError> {
-    // SAFETY: tcp_info is plain old data; all-zero is a valid value.
-    let mut v: libc::tcp_info = unsafe { std::mem::zeroed() };
-    let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
-    // SAFETY: getsockopt writes at most `len` bytes into `v`.
-    let r = unsafe {
-        libc::getsockopt(
-            fd,
-            libc::IPPROTO_TCP,
-            libc::TCP_INFO,
-            (&mut v as *mut libc::tcp_info).cast(),
-            &mut len,
-        )
-    };
-    if r != 0 {
-        return Err(sys("TCP_INFO"));
-    }
-    Ok(v)
+    socket::tcp_info(fd).map_err(sys("TCP_INFO"))
 }
 
 /// TCP in the descriptor table: established connections (captured later, under

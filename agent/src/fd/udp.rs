@@ -3,7 +3,7 @@
 //! read: UDP may lose them, and a peek sees only the first.
 
 use std::net::SocketAddr;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 
 use ckpt_shared::image::{FileKind, OpenFile, UdpOpts};
 use serde_json::{json, Value};
@@ -153,13 +153,8 @@ pub fn rebuild(
     } else {
         libc::AF_INET6
     };
-    // SAFETY: socket(2) with constant arguments.
-    let raw = unsafe { libc::socket(domain, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
-    if raw < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    // SAFETY: a fresh descriptor we own.
-    let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+    let fd = crate::sys::socket::socket(domain, libc::SOCK_DGRAM)?;
+    let raw = fd.as_raw_fd();
     // The buffers: the kernel doubles what is asked.
     for (opt, v, what) in [
         (libc::SO_REUSEADDR, opts.reuseaddr as i32, "SO_REUSEADDR"),

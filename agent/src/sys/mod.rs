@@ -7,9 +7,15 @@
 //!
 //! Every `unsafe` block in the agent that talks to the kernel lives under this module.
 
+pub mod fd;
+pub mod mem;
 pub mod nr;
 pub mod proc;
 pub mod ptrace;
+pub mod socket;
 pub mod syscalls;
+pub mod uffd;
 
+pub use socket::socket_domain_type;
 pub use syscalls::*;
+pub use uffd::pagemap_scan_written;
