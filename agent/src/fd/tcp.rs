@@ -178,50 +178,82 @@ pub fn capture_on(
         TCP_REPAIR_ON,
         "TCP_REPAIR on (needs CAP_NET_ADMIN)",
     )?;
-    let got = (|| -> Result<TcpConn, TcpError> {
-        let send_queue = peek_queue(fd, TCP_SEND_QUEUE, outq as usize)?;
-        let send_seq: u32 = getopt(
-            fd,
-            libc::IPPROTO_TCP,
-            libc::TCP_QUEUE_SEQ,
-            "TCP_QUEUE_SEQ (send)",
-        )?;
-        let recv_queue = peek_queue(fd, TCP_RECV_QUEUE, inq as usize)?;
-        let recv_seq: u32 = getopt(
-            fd,
-            libc::IPPROTO_TCP,
-            libc::TCP_QUEUE_SEQ,
-            "TCP_QUEUE_SEQ (recv)",
-        )?;
-        let window: RepairWindow = getopt(
-            fd,
-            libc::IPPROTO_TCP,
-            libc::TCP_REPAIR_WINDOW,
-            "TCP_REPAIR_WINDOW",
-        )?;
-        let timestamp: u32 = getopt(fd, libc::IPPROTO_TCP, TCP_TIMESTAMP, "TCP_TIMESTAMP")?;
-        let wscale = info.tcpi_options & TCPI_OPT_WSCALE != 0;
-        Ok(TcpConn {
-            local,
-            remote,
-            send_seq,
-            recv_seq,
-            send_queue,
-            unsent,
-            recv_queue,
-            mss: mss as u32,
-            snd_wscale: wscale.then_some(info.tcpi_snd_rcv_wscale & 0xf),
-            rcv_wscale: wscale.then_some(info.tcpi_snd_rcv_wscale >> 4),
-            sack: info.tcpi_options & TCPI_OPT_SACK != 0,
-            timestamps: info.tcpi_options & TCPI_OPT_TIMESTAMPS != 0,
-            timestamp,
-            window,
-            sndbuf: sndbuf as u32,
-            rcvbuf: rcvbuf as u32,
-        })
-    })();
-    // Whatever happened, leave repair mode without a window probe: the peer sees
-    // nothing of the reading.
+    let sizes = Sizes {
+        outq,
+        unsent,
+        inq,
+        mss,
+        sndbuf,
+        rcvbuf,
+    };
+    let got = read_repaired(fd, &info, (local, remote), &sizes);
+    // Whatever happened, leave repair mode: the peer sees nothing of the reading.
+    leave_repair_unseen(fd)?;
+    got
+}
+
+/// What a socket tells of its queues and buffers outside repair mode.
+struct Sizes {
+    outq: u32,
+    unsent: u32,
+    inq: u32,
+    mss: libc::c_int,
+    sndbuf: libc::c_int,
+    rcvbuf: libc::c_int,
+}
+
+/// The state of connection `fd`, in repair mode, with `info` and `sizes` read
+/// before it.
+fn read_repaired(
+    fd: i32,
+    info: &libc::tcp_info,
+    (local, remote): (SocketAddr, SocketAddr),
+    sizes: &Sizes,
+) -> Result<TcpConn, TcpError> {
+    let send_queue = peek_queue(fd, TCP_SEND_QUEUE, sizes.outq as usize)?;
+    let send_seq: u32 = getopt(
+        fd,
+        libc::IPPROTO_TCP,
+        libc::TCP_QUEUE_SEQ,
+        "TCP_QUEUE_SEQ (send)",
+    )?;
+    let recv_queue = peek_queue(fd, TCP_RECV_QUEUE, sizes.inq as usize)?;
+    let recv_seq: u32 = getopt(
+        fd,
+        libc::IPPROTO_TCP,
+        libc::TCP_QUEUE_SEQ,
+        "TCP_QUEUE_SEQ (recv)",
+    )?;
+    let window: RepairWindow = getopt(
+        fd,
+        libc::IPPROTO_TCP,
+        libc::TCP_REPAIR_WINDOW,
+        "TCP_REPAIR_WINDOW",
+    )?;
+    let timestamp: u32 = getopt(fd, libc::IPPROTO_TCP, TCP_TIMESTAMP, "TCP_TIMESTAMP")?;
+    let wscale = info.tcpi_options & TCPI_OPT_WSCALE != 0;
+    Ok(TcpConn {
+        local,
+        remote,
+        send_seq,
+        recv_seq,
+        send_queue,
+        unsent: sizes.unsent,
+        recv_queue,
+        mss: sizes.mss as u32,
+        snd_wscale: wscale.then_some(info.tcpi_snd_rcv_wscale & 0xf),
+        rcv_wscale: wscale.then_some(info.tcpi_snd_rcv_wscale >> 4),
+        sack: info.tcpi_options & TCPI_OPT_SACK != 0,
+        timestamps: info.tcpi_options & TCPI_OPT_TIMESTAMPS != 0,
+        timestamp,
+        window,
+        sndbuf: sizes.sndbuf as u32,
+        rcvbuf: sizes.rcvbuf as u32,
+    })
+}
+
+/// Leaves repair mode without a window probe, no queue selected.
+fn leave_repair_unseen(fd: i32) -> Result<(), TcpError> {
     let _ = setopt(
         fd,
         libc::IPPROTO_TCP,
@@ -235,8 +267,7 @@ pub fn capture_on(
         libc::TCP_REPAIR,
         TCP_REPAIR_OFF_NO_WP,
         "TCP_REPAIR off",
-    )?;
-    got
+    )
 }
 
 const TCP_REPAIR_OFF: libc::c_int = 0;
@@ -294,6 +325,27 @@ pub fn rebuild(c: &TcpConn, local: SocketAddr, remote: SocketAddr) -> Result<Reb
         "TCP_REPAIR on (needs CAP_NET_ADMIN)",
     )?;
     setopt(fd, libc::SOL_SOCKET, libc::SO_REUSEADDR, 1, "SO_REUSEADDR")?;
+    set_buffers(fd, c)?;
+    set_sequences(fd, c)?;
+    let sa = |a: SocketAddr| SockaddrStorage::from(a);
+    bind(fd, &sa(local)).map_err(|e| TcpError::Sys {
+        what: "bind of a rebuilt connection",
+        source: e.into(),
+    })?;
+    connect(fd, &sa(remote)).map_err(|e| TcpError::Sys {
+        what: "connect in repair mode",
+        source: e.into(),
+    })?;
+    set_options(fd, c)?;
+    fill_receive_side(fd, c)?;
+    Ok(Rebuilt {
+        fd: owned,
+        send_queue: c.send_queue.clone(),
+    })
+}
+
+/// The buffers of the rebuilt end `c`.
+fn set_buffers(fd: i32, c: &TcpConn) -> Result<(), TcpError> {
     // The buffers as they were (the kernel doubles what is asked), and at least
     // room for the queues: the receive window was offered against that space.
     for (opt, had, queue, what) in [
@@ -313,6 +365,12 @@ pub fn rebuild(c: &TcpConn, local: SocketAddr, remote: SocketAddr) -> Result<Reb
         let want = ((had / 2) as usize).max(queue * 2).min(i32::MAX as usize) as i32;
         setopt(fd, libc::SOL_SOCKET, opt, want, what)?;
     }
+    Ok(())
+}
+
+/// Where the send and receive queues of the rebuilt end `c` start.
+fn set_sequences(fd: i32, c: &TcpConn) -> Result<(), TcpError> {
+    let tcp = libc::IPPROTO_TCP;
     setopt(
         fd,
         tcp,
@@ -341,16 +399,12 @@ pub fn rebuild(c: &TcpConn, local: SocketAddr, remote: SocketAddr) -> Result<Reb
         libc::TCP_QUEUE_SEQ,
         rcv_start as i32,
         "TCP_QUEUE_SEQ (recv)",
-    )?;
-    let sa = |a: SocketAddr| SockaddrStorage::from(a);
-    bind(fd, &sa(local)).map_err(|e| TcpError::Sys {
-        what: "bind of a rebuilt connection",
-        source: e.into(),
-    })?;
-    connect(fd, &sa(remote)).map_err(|e| TcpError::Sys {
-        what: "connect in repair mode",
-        source: e.into(),
-    })?;
+    )
+}
+
+/// The options negotiated at the handshake of `c`, and its timestamp clock.
+fn set_options(fd: i32, c: &TcpConn) -> Result<(), TcpError> {
+    let tcp = libc::IPPROTO_TCP;
     let mut opts: Vec<[u32; 2]> = vec![[TCPOPT_MAXSEG, c.mss]];
     if let (Some(s), Some(r)) = (c.snd_wscale, c.rcv_wscale) {
         opts.push([TCPOPT_WINDOW, s as u32 | (r as u32) << 16]);
@@ -372,6 +426,12 @@ pub fn rebuild(c: &TcpConn, local: SocketAddr, remote: SocketAddr) -> Result<Reb
     if c.timestamps {
         setopt(fd, tcp, TCP_TIMESTAMP, c.timestamp as i32, "TCP_TIMESTAMP")?;
     }
+    Ok(())
+}
+
+/// The receive queue of `c` and the window it was offered against.
+fn fill_receive_side(fd: i32, c: &TcpConn) -> Result<(), TcpError> {
+    let tcp = libc::IPPROTO_TCP;
     // The receive queue: data the application has not read yet.
     setopt(
         fd,
@@ -394,11 +454,7 @@ pub fn rebuild(c: &TcpConn, local: SocketAddr, remote: SocketAddr) -> Result<Reb
         libc::TCP_REPAIR_WINDOW,
         std::slice::from_ref(&c.window),
         "TCP_REPAIR_WINDOW",
-    )?;
-    Ok(Rebuilt {
-        fd: owned,
-        send_queue: c.send_queue.clone(),
-    })
+    )
 }
 
 /// A new blocking, close-on-exec TCP socket of `addr`'s family.
