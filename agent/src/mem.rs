@@ -482,94 +482,31 @@ pub fn dump_parallel(
 ) -> Result<(HashMap<Target, Vec<Extent>>, DumpTotals), MemError> {
     let next = AtomicUsize::new(0);
     let out: Mutex<HashMap<Target, Vec<Extent>>> = Mutex::new(HashMap::new());
-    let mem_bytes = AtomicU64::new(0);
-    let stored = AtomicU64::new(0);
+    let totals = Totals::default();
     let err: Mutex<Option<MemError>> = Mutex::new(None);
     std::thread::scope(|s| {
         for _ in 0..workers.max(1) {
             s.spawn(|| {
-                let live = if snapshot.is_some() {
-                    0
-                } else {
-                    CHUNK_MAX as usize
+                let mut bufs = GroupBufs {
+                    buf: vec![
+                        0u8;
+                        if snapshot.is_some() {
+                            0
+                        } else {
+                            CHUNK_MAX as usize
+                        }
+                    ],
+                    pack: Vec::new(),
+                    mem_files: HashMap::new(),
                 };
-                let mut buf = vec![0u8; live];
-                let mut pack: Vec<u8> = Vec::new();
-                let mut mem_files: HashMap<pid_t, File> = HashMap::new();
                 loop {
                     let gi = next.fetch_add(1, Ordering::Relaxed);
                     if gi >= groups.len() || err.lock().expect("poisoned").is_some() {
                         return;
                     }
-                    let g = groups[gi].clone();
-                    let r = (|| -> Result<Vec<(Target, Extent)>, MemError> {
-                        let total: u64 = jobs[g.clone()].iter().map(|j| j.len).sum();
-                        let b: &[u8] = match snapshot {
-                            Some(snap) => snap.bytes(g.start, total),
-                            None => {
-                                if buf.len() < total as usize {
-                                    buf.resize(total as usize, 0);
-                                }
-                                let mut o = 0usize;
-                                for j in &jobs[g.clone()] {
-                                    read_job(j, &mut buf[o..o + j.len as usize], &mut mem_files)?;
-                                    o += j.len as usize;
-                                }
-                                &buf[..total as usize]
-                            }
-                        };
-                        mem_bytes.fetch_add(total, Ordering::Relaxed);
-                        // (target, address, offset in the chunk, bytes) per run.
-                        let mut runs: Vec<(Target, u64, u64, u64)> = Vec::new();
-                        let mut kept = 0u64;
-                        let mut o = 0u64;
-                        let all_nonzero = b.chunks(PAGE_SIZE as usize).all(|p| !is_zero(p));
-                        pack.clear();
-                        for j in &jobs[g.clone()] {
-                            for pg in 0..j.len / PAGE_SIZE {
-                                let page =
-                                    &b[(o + pg * PAGE_SIZE) as usize..][..PAGE_SIZE as usize];
-                                if !all_nonzero && is_zero(page) {
-                                    continue;
-                                }
-                                let addr = ((j.addr + pg * PAGE_SIZE) as i64 - j.rebase) as u64;
-                                match runs.last_mut() {
-                                    Some((t, a, _, l)) if *t == j.target && *a + *l == addr => {
-                                        *l += PAGE_SIZE
-                                    }
-                                    _ => runs.push((j.target, addr, kept, PAGE_SIZE)),
-                                }
-                                if !all_nonzero {
-                                    pack.extend_from_slice(page);
-                                }
-                                kept += PAGE_SIZE;
-                            }
-                            o += j.len;
-                        }
-                        if kept == 0 {
-                            return Ok(Vec::new());
-                        }
-                        let bytes: &[u8] = if all_nonzero { b } else { &pack };
-                        let chunk = ChunkRef::of(bytes);
-                        let put = store.put_chunk(chunk, bytes, zstd_level)?;
-                        stored.fetch_add(put.stored_bytes, Ordering::Relaxed);
-                        Ok(runs
-                            .into_iter()
-                            .map(|(t, addr, off, len)| {
-                                let e = if off == 0 && len == kept {
-                                    Extent::whole(addr, chunk)
-                                } else {
-                                    Extent {
-                                        addr,
-                                        chunk,
-                                        off: off as u32,
-                                        len: len as u32,
-                                    }
-                                };
-                                (t, e)
-                            })
-                            .collect())
-                    })();
+                    let group = &jobs[groups[gi].clone()];
+                    let g = groups[gi].start;
+                    let r = dump_group(group, g, snapshot, &mut bufs, store, zstd_level, &totals);
                     match r {
                         Ok(exts) => {
                             let mut out = out.lock().expect("poisoned");
@@ -596,10 +533,125 @@ pub fn dump_parallel(
     Ok((
         out,
         DumpTotals {
-            memory_bytes: mem_bytes.into_inner(),
-            stored_bytes: stored.into_inner(),
+            memory_bytes: totals.memory.into_inner(),
+            stored_bytes: totals.stored.into_inner(),
         },
     ))
+}
+
+/// What the threads of [`dump_parallel`] add up.
+#[derive(Default)]
+struct Totals {
+    memory: AtomicU64,
+    stored: AtomicU64,
+}
+
+/// One thread's buffers in [`dump_parallel`].
+struct GroupBufs {
+    /// The group's bytes when read now (no snapshot).
+    buf: Vec<u8>,
+    /// The group's pages that are not zero, when some are.
+    pack: Vec<u8>,
+    mem_files: HashMap<pid_t, File>,
+}
+
+/// A run of kept pages: (target, address, offset in the chunk, bytes).
+type Run = (Target, u64, u64, u64);
+
+/// Stores the group `group` (jobs starting at index `g`) as one chunk: its
+/// extents.
+fn dump_group(
+    group: &[ReadJob],
+    g: usize,
+    snapshot: Option<&Snapshot>,
+    bufs: &mut GroupBufs,
+    store: &ImageStore,
+    zstd_level: Option<i32>,
+    totals: &Totals,
+) -> Result<Vec<(Target, Extent)>, MemError> {
+    let total: u64 = group.iter().map(|j| j.len).sum();
+    let b: &[u8] = match snapshot {
+        Some(snap) => snap.bytes(g, total),
+        None => read_group(group, total, &mut bufs.buf, &mut bufs.mem_files)?,
+    };
+    totals.memory.fetch_add(total, Ordering::Relaxed);
+    let all_nonzero = b.chunks(PAGE_SIZE as usize).all(|p| !is_zero(p));
+    let (runs, kept) = kept_runs(group, b, all_nonzero, &mut bufs.pack);
+    if kept == 0 {
+        return Ok(Vec::new());
+    }
+    let bytes: &[u8] = if all_nonzero { b } else { &bufs.pack };
+    let chunk = ChunkRef::of(bytes);
+    let put = store.put_chunk(chunk, bytes, zstd_level)?;
+    totals.stored.fetch_add(put.stored_bytes, Ordering::Relaxed);
+    Ok(runs
+        .into_iter()
+        .map(|(t, addr, off, len)| {
+            let e = if off == 0 && len == kept {
+                Extent::whole(addr, chunk)
+            } else {
+                Extent {
+                    addr,
+                    chunk,
+                    off: off as u32,
+                    len: len as u32,
+                }
+            };
+            (t, e)
+        })
+        .collect())
+}
+
+/// The `total` bytes of `group`, read now into `buf`.
+fn read_group<'a>(
+    group: &[ReadJob],
+    total: u64,
+    buf: &'a mut Vec<u8>,
+    mem_files: &mut HashMap<pid_t, File>,
+) -> Result<&'a [u8], MemError> {
+    if buf.len() < total as usize {
+        buf.resize(total as usize, 0);
+    }
+    let mut o = 0usize;
+    for j in group {
+        read_job(j, &mut buf[o..o + j.len as usize], mem_files)?;
+        o += j.len as usize;
+    }
+    Ok(&buf[..total as usize])
+}
+
+/// The runs of pages of `b` (the bytes of `group`) that are kept, and how many
+/// bytes they make: every page if `all_nonzero`, else the pages that are not
+/// zero, which are packed into `pack`.
+fn kept_runs(
+    group: &[ReadJob],
+    b: &[u8],
+    all_nonzero: bool,
+    pack: &mut Vec<u8>,
+) -> (Vec<Run>, u64) {
+    let mut runs: Vec<Run> = Vec::new();
+    let mut kept = 0u64;
+    let mut o = 0u64;
+    pack.clear();
+    for j in group {
+        for pg in 0..j.len / PAGE_SIZE {
+            let page = &b[(o + pg * PAGE_SIZE) as usize..][..PAGE_SIZE as usize];
+            if !all_nonzero && is_zero(page) {
+                continue;
+            }
+            let addr = ((j.addr + pg * PAGE_SIZE) as i64 - j.rebase) as u64;
+            match runs.last_mut() {
+                Some((t, a, _, l)) if *t == j.target && *a + *l == addr => *l += PAGE_SIZE,
+                _ => runs.push((j.target, addr, kept, PAGE_SIZE)),
+            }
+            if !all_nonzero {
+                pack.extend_from_slice(page);
+            }
+            kept += PAGE_SIZE;
+        }
+        o += j.len;
+    }
+    (runs, kept)
 }
 
 fn read_job(
