@@ -2,7 +2,7 @@
 
 use std::fmt::Write;
 
-use ckpt_shared::image::{prot, FileKind, Image, Mapping, MappingKind};
+use ckpt_shared::image::{prot, Image, Mapping, MappingKind};
 use serde_json::{json, Value};
 
 pub fn human(b: u64) -> String {
@@ -45,53 +45,6 @@ fn stored(m: &Mapping) -> u64 {
     m.data.iter().map(|e| e.bytes()).sum()
 }
 
-fn file_json(k: &FileKind) -> Value {
-    match k {
-        FileKind::Regular { path, pos, .. } => json!({"kind": "file", "path": path, "pos": pos}),
-        FileKind::Directory { path, pos } => json!({"kind": "directory", "path": path, "pos": pos}),
-        FileKind::CharDevice { path, .. } => json!({"kind": "chardev", "path": path}),
-        FileKind::Pipe {
-            pipe_id,
-            read_end,
-            fifo_path,
-            buffered,
-            capacity,
-        } => json!({
-            "kind": if fifo_path.is_some() { "fifo" } else { "pipe" }, "pipe": pipe_id,
-            "end": if *read_end { "read" } else { "write" }, "path": fifo_path,
-            "buffered": buffered.len(), "capacity": capacity,
-        }),
-        FileKind::Inherited { what } => json!({"kind": "inherited", "what": what}),
-        FileKind::Tcp { conn } => json!({
-            "kind": "tcp", "local": conn.local.to_string(), "remote": conn.remote.to_string(),
-            "send_queue": conn.send_queue.len(), "unsent": conn.unsent,
-            "recv_queue": conn.recv_queue.len(),
-        }),
-        FileKind::TcpListen { addr, backlog } => {
-            json!({"kind": "tcp-listen", "addr": addr.to_string(), "backlog": backlog})
-        }
-        FileKind::EventFd { count, semaphore } => {
-            json!({"kind": "eventfd", "count": count, "semaphore": semaphore})
-        }
-        FileKind::Epoll { targets } => json!({
-            "kind": "epoll",
-            "targets": targets.iter().map(|t| json!({
-                "fd": t.fd, "events": t.events, "data": t.data,
-            })).collect::<Vec<_>>(),
-        }),
-        FileKind::Udp {
-            local,
-            remote,
-            opts,
-        } => json!({
-            "kind": "udp", "local": local.to_string(),
-            "remote": remote.map(|r| r.to_string()),
-            "reuseaddr": opts.reuseaddr, "reuseport": opts.reuseport,
-            "broadcast": opts.broadcast, "sndbuf": opts.sndbuf, "rcvbuf": opts.rcvbuf,
-        }),
-    }
-}
-
 pub fn stats_json(img: &Image) -> Value {
     json!({
         "root_pid": img.root_pid,
@@ -129,7 +82,7 @@ pub fn to_json(img: &Image) -> Value {
                 })).collect::<Vec<_>>(),
                 "fds": p.fds.iter().map(|f| {
                     let of = &img.files[f.file as usize];
-                    let mut v = file_json(&of.kind);
+                    let mut v = crate::fd::json(&of.kind);
                     v["fd"] = json!(f.fd);
                     v["flags"] = json!(format!("{:#o}", of.flags));
                     v["cloexec"] = json!(f.cloexec);
@@ -214,70 +167,7 @@ pub fn to_text(img: &Image) -> String {
         let _ = writeln!(o, "  descriptors:");
         for f in &p.fds {
             let of = &img.files[f.file as usize];
-            let what = match &of.kind {
-                FileKind::Regular { path, pos, .. } => format!("file {path} @ {pos}"),
-                FileKind::Directory { path, .. } => format!("dir {path}"),
-                FileKind::CharDevice { path, .. } => format!("chardev {path}"),
-                FileKind::Pipe {
-                    pipe_id,
-                    read_end,
-                    fifo_path,
-                    buffered,
-                    ..
-                } => format!(
-                    "{} {} end{}{}",
-                    if fifo_path.is_some() { "fifo" } else { "pipe" },
-                    if *read_end { "read" } else { "write" },
-                    fifo_path
-                        .as_ref()
-                        .map(|p| format!(" {p}"))
-                        .unwrap_or_else(|| format!(" [{pipe_id}]")),
-                    if buffered.is_empty() {
-                        String::new()
-                    } else {
-                        format!(", {} buffered", human(buffered.len() as u64))
-                    }
-                ),
-                FileKind::Inherited { what } => format!("inherited from the restorer ({what})"),
-                FileKind::Tcp { conn } => format!(
-                    "tcp {} -> {}, {} queued to send ({} unsent), {} received unread",
-                    conn.local,
-                    conn.remote,
-                    human(conn.send_queue.len() as u64),
-                    human(conn.unsent as u64),
-                    human(conn.recv_queue.len() as u64)
-                ),
-                FileKind::TcpListen { addr, backlog } => {
-                    format!("tcp listening on {addr} (backlog {backlog})")
-                }
-                FileKind::EventFd { count, semaphore } => format!(
-                    "eventfd count {count}{}",
-                    if *semaphore { " (semaphore)" } else { "" }
-                ),
-                FileKind::Epoll { targets } => format!(
-                    "epoll watching fds {}",
-                    targets
-                        .iter()
-                        .map(|t| format!("{} ({:#x})", t.fd, t.events))
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                ),
-                FileKind::Udp {
-                    local,
-                    remote,
-                    opts,
-                } => format!(
-                    "udp {local}{}{}{}{} (buffers {} send, {} receive)",
-                    remote
-                        .map(|r| format!(" connected to {r}"))
-                        .unwrap_or_default(),
-                    if opts.reuseaddr { " reuseaddr" } else { "" },
-                    if opts.reuseport { " reuseport" } else { "" },
-                    if opts.broadcast { " broadcast" } else { "" },
-                    human(opts.sndbuf as u64),
-                    human(opts.rcvbuf as u64)
-                ),
-            };
+            let what = crate::fd::describe(&of.kind);
             let _ = writeln!(
                 o,
                 "    {:>4}  {what}  flags {:#o}{}",

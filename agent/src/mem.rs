@@ -335,12 +335,11 @@ pub struct DumpTotals {
 }
 
 fn is_zero(page: &[u8]) -> bool {
-    let (pre, mid, post) = {
-        // SAFETY: u8 -> u64 reinterpretation is sound for any bit pattern; align_to
-        // returns the aligned middle part only.
-        unsafe { page.align_to::<u64>() }
-    };
-    pre.iter().all(|&b| b == 0) && mid.iter().all(|&w| w == 0) && post.iter().all(|&b| b == 0)
+    // Blocks of 64 bytes OR-ed together (which the compiler vectorises), stopping
+    // at the first block that is not zero.
+    let mut blocks = page.chunks_exact(64);
+    blocks.all(|b| b.iter().fold(0, |a, &x| a | x) == 0)
+        && blocks.remainder().iter().all(|&x| x == 0)
 }
 
 /// Memory captured while the tree was frozen, to be hashed and stored after it
@@ -355,58 +354,27 @@ pub struct Snapshot {
 
 /// An anonymous private mapping of ours.
 pub struct Region {
-    ptr: *mut u8,
-    len: usize,
+    map: sys::mem::AnonMap,
 }
-
-// SAFETY: the region is plain memory owned by this struct; threads only touch
-// disjoint parts of it (see `Snapshot::take`), or read it after those writes joined.
-unsafe impl Send for Region {}
-// SAFETY: as above.
-unsafe impl Sync for Region {}
 
 impl Region {
     /// Map `len` bytes, populated (faulted in) now if `populate`.
     pub fn new(len: usize, populate: bool) -> Result<Region, MemError> {
         let len = len.max(PAGE_SIZE as usize);
-        let flags = libc::MAP_PRIVATE
-            | libc::MAP_ANONYMOUS
-            | libc::MAP_NORESERVE
-            | if populate { libc::MAP_POPULATE } else { 0 };
-        // SAFETY: a fresh anonymous mapping; the result is checked.
-        let p = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                flags,
-                -1,
-                0,
-            )
-        };
-        if p == libc::MAP_FAILED {
-            return Err(MemError::Read {
-                pid: 0,
-                addr: 0,
-                source: std::io::Error::last_os_error(),
-            });
-        }
-        Ok(Region { ptr: p.cast(), len })
+        let map = sys::mem::AnonMap::new(len, populate).map_err(|source| MemError::Read {
+            pid: 0,
+            addr: 0,
+            source,
+        })?;
+        Ok(Region { map })
     }
 
     pub fn len(&self) -> usize {
-        self.len
+        self.map.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.len == 0
-    }
-}
-
-impl Drop for Region {
-    fn drop(&mut self) {
-        // SAFETY: unmapping exactly what `new` mapped.
-        unsafe { libc::munmap(self.ptr.cast(), self.len) };
+        self.map.is_empty()
     }
 }
 
@@ -419,46 +387,46 @@ impl Snapshot {
         workers: usize,
     ) -> Result<Snapshot, MemError> {
         let total: u64 = jobs.iter().map(|j| j.len).sum();
-        let region = match pool {
+        let mut region = match pool {
             Some(r) if r.len() as u64 >= total => r,
             _ => Region::new(total as usize, false)?,
         };
         let mut offsets = Vec::with_capacity(jobs.len());
-        let mut off = 0usize;
-        for j in jobs {
-            offsets.push(off);
-            off += j.len as usize;
-        }
-        let next = AtomicUsize::new(0);
         let err: Mutex<Option<MemError>> = Mutex::new(None);
-        let base = region.ptr as usize;
-        std::thread::scope(|s| {
-            for _ in 0..workers.max(1) {
-                s.spawn(|| {
-                    let mut mem_files = HashMap::new();
-                    loop {
-                        let i = next.fetch_add(1, Ordering::Relaxed);
-                        if i >= jobs.len() || err.lock().expect("poisoned").is_some() {
-                            return;
-                        }
-                        let j = &jobs[i];
-                        // SAFETY: job i owns bytes [offsets[i], offsets[i] + len) of the
-                        // region, disjoint from every other job's; the region outlives
-                        // the scope.
-                        let b = unsafe {
-                            std::slice::from_raw_parts_mut(
-                                (base + offsets[i]) as *mut u8,
-                                j.len as usize,
-                            )
-                        };
-                        if let Err(e) = read_job(j, b, &mut mem_files) {
-                            err.lock().expect("poisoned").get_or_insert(e);
-                            return;
-                        }
-                    }
-                });
+        {
+            // Each job's own part of the region, handed out in order to the
+            // threads: the parts are disjoint, so the threads write side by side.
+            let mut parts = Vec::with_capacity(jobs.len());
+            let mut rest = region.map.as_mut_slice();
+            let mut off = 0usize;
+            for j in jobs {
+                let (part, after) = rest.split_at_mut(j.len as usize);
+                parts.push(part);
+                rest = after;
+                offsets.push(off);
+                off += j.len as usize;
             }
-        });
+            let work = Mutex::new(jobs.iter().zip(parts));
+            std::thread::scope(|s| {
+                for _ in 0..workers.max(1) {
+                    s.spawn(|| {
+                        let mut mem_files = HashMap::new();
+                        loop {
+                            if err.lock().expect("poisoned").is_some() {
+                                return;
+                            }
+                            let Some((j, b)) = work.lock().expect("poisoned").next() else {
+                                return;
+                            };
+                            if let Err(e) = read_job(j, b, &mut mem_files) {
+                                err.lock().expect("poisoned").get_or_insert(e);
+                                return;
+                            }
+                        }
+                    });
+                }
+            });
+        }
         if let Some(e) = err.into_inner().expect("poisoned") {
             return Err(e);
         }
@@ -466,8 +434,7 @@ impl Snapshot {
     }
 
     fn bytes(&self, i: usize, len: u64) -> &[u8] {
-        // SAFETY: written by `take` (its threads joined), within the region.
-        unsafe { std::slice::from_raw_parts(self.region.ptr.add(self.offsets[i]), len as usize) }
+        &self.region.map.as_slice()[self.offsets[i]..][..len as usize]
     }
 }
 
@@ -515,94 +482,31 @@ pub fn dump_parallel(
 ) -> Result<(HashMap<Target, Vec<Extent>>, DumpTotals), MemError> {
     let next = AtomicUsize::new(0);
     let out: Mutex<HashMap<Target, Vec<Extent>>> = Mutex::new(HashMap::new());
-    let mem_bytes = AtomicU64::new(0);
-    let stored = AtomicU64::new(0);
+    let totals = Totals::default();
     let err: Mutex<Option<MemError>> = Mutex::new(None);
     std::thread::scope(|s| {
         for _ in 0..workers.max(1) {
             s.spawn(|| {
-                let live = if snapshot.is_some() {
-                    0
-                } else {
-                    CHUNK_MAX as usize
+                let mut bufs = GroupBufs {
+                    buf: vec![
+                        0u8;
+                        if snapshot.is_some() {
+                            0
+                        } else {
+                            CHUNK_MAX as usize
+                        }
+                    ],
+                    pack: Vec::new(),
+                    mem_files: HashMap::new(),
                 };
-                let mut buf = vec![0u8; live];
-                let mut pack: Vec<u8> = Vec::new();
-                let mut mem_files: HashMap<pid_t, File> = HashMap::new();
                 loop {
                     let gi = next.fetch_add(1, Ordering::Relaxed);
                     if gi >= groups.len() || err.lock().expect("poisoned").is_some() {
                         return;
                     }
-                    let g = groups[gi].clone();
-                    let r = (|| -> Result<Vec<(Target, Extent)>, MemError> {
-                        let total: u64 = jobs[g.clone()].iter().map(|j| j.len).sum();
-                        let b: &[u8] = match snapshot {
-                            Some(snap) => snap.bytes(g.start, total),
-                            None => {
-                                if buf.len() < total as usize {
-                                    buf.resize(total as usize, 0);
-                                }
-                                let mut o = 0usize;
-                                for j in &jobs[g.clone()] {
-                                    read_job(j, &mut buf[o..o + j.len as usize], &mut mem_files)?;
-                                    o += j.len as usize;
-                                }
-                                &buf[..total as usize]
-                            }
-                        };
-                        mem_bytes.fetch_add(total, Ordering::Relaxed);
-                        // (target, address, offset in the chunk, bytes) per run.
-                        let mut runs: Vec<(Target, u64, u64, u64)> = Vec::new();
-                        let mut kept = 0u64;
-                        let mut o = 0u64;
-                        let all_nonzero = b.chunks(PAGE_SIZE as usize).all(|p| !is_zero(p));
-                        pack.clear();
-                        for j in &jobs[g.clone()] {
-                            for pg in 0..j.len / PAGE_SIZE {
-                                let page =
-                                    &b[(o + pg * PAGE_SIZE) as usize..][..PAGE_SIZE as usize];
-                                if !all_nonzero && is_zero(page) {
-                                    continue;
-                                }
-                                let addr = ((j.addr + pg * PAGE_SIZE) as i64 - j.rebase) as u64;
-                                match runs.last_mut() {
-                                    Some((t, a, _, l)) if *t == j.target && *a + *l == addr => {
-                                        *l += PAGE_SIZE
-                                    }
-                                    _ => runs.push((j.target, addr, kept, PAGE_SIZE)),
-                                }
-                                if !all_nonzero {
-                                    pack.extend_from_slice(page);
-                                }
-                                kept += PAGE_SIZE;
-                            }
-                            o += j.len;
-                        }
-                        if kept == 0 {
-                            return Ok(Vec::new());
-                        }
-                        let bytes: &[u8] = if all_nonzero { b } else { &pack };
-                        let chunk = ChunkRef::of(bytes);
-                        let put = store.put_chunk(chunk, bytes, zstd_level)?;
-                        stored.fetch_add(put.stored_bytes, Ordering::Relaxed);
-                        Ok(runs
-                            .into_iter()
-                            .map(|(t, addr, off, len)| {
-                                let e = if off == 0 && len == kept {
-                                    Extent::whole(addr, chunk)
-                                } else {
-                                    Extent {
-                                        addr,
-                                        chunk,
-                                        off: off as u32,
-                                        len: len as u32,
-                                    }
-                                };
-                                (t, e)
-                            })
-                            .collect())
-                    })();
+                    let group = &jobs[groups[gi].clone()];
+                    let g = groups[gi].start;
+                    let r = dump_group(group, g, snapshot, &mut bufs, store, zstd_level, &totals);
                     match r {
                         Ok(exts) => {
                             let mut out = out.lock().expect("poisoned");
@@ -629,10 +533,125 @@ pub fn dump_parallel(
     Ok((
         out,
         DumpTotals {
-            memory_bytes: mem_bytes.into_inner(),
-            stored_bytes: stored.into_inner(),
+            memory_bytes: totals.memory.into_inner(),
+            stored_bytes: totals.stored.into_inner(),
         },
     ))
+}
+
+/// What the threads of [`dump_parallel`] add up.
+#[derive(Default)]
+struct Totals {
+    memory: AtomicU64,
+    stored: AtomicU64,
+}
+
+/// One thread's buffers in [`dump_parallel`].
+struct GroupBufs {
+    /// The group's bytes when read now (no snapshot).
+    buf: Vec<u8>,
+    /// The group's pages that are not zero, when some are.
+    pack: Vec<u8>,
+    mem_files: HashMap<pid_t, File>,
+}
+
+/// A run of kept pages: (target, address, offset in the chunk, bytes).
+type Run = (Target, u64, u64, u64);
+
+/// Stores the group `group` (jobs starting at index `g`) as one chunk: its
+/// extents.
+fn dump_group(
+    group: &[ReadJob],
+    g: usize,
+    snapshot: Option<&Snapshot>,
+    bufs: &mut GroupBufs,
+    store: &ImageStore,
+    zstd_level: Option<i32>,
+    totals: &Totals,
+) -> Result<Vec<(Target, Extent)>, MemError> {
+    let total: u64 = group.iter().map(|j| j.len).sum();
+    let b: &[u8] = match snapshot {
+        Some(snap) => snap.bytes(g, total),
+        None => read_group(group, total, &mut bufs.buf, &mut bufs.mem_files)?,
+    };
+    totals.memory.fetch_add(total, Ordering::Relaxed);
+    let all_nonzero = b.chunks(PAGE_SIZE as usize).all(|p| !is_zero(p));
+    let (runs, kept) = kept_runs(group, b, all_nonzero, &mut bufs.pack);
+    if kept == 0 {
+        return Ok(Vec::new());
+    }
+    let bytes: &[u8] = if all_nonzero { b } else { &bufs.pack };
+    let chunk = ChunkRef::of(bytes);
+    let put = store.put_chunk(chunk, bytes, zstd_level)?;
+    totals.stored.fetch_add(put.stored_bytes, Ordering::Relaxed);
+    Ok(runs
+        .into_iter()
+        .map(|(t, addr, off, len)| {
+            let e = if off == 0 && len == kept {
+                Extent::whole(addr, chunk)
+            } else {
+                Extent {
+                    addr,
+                    chunk,
+                    off: off as u32,
+                    len: len as u32,
+                }
+            };
+            (t, e)
+        })
+        .collect())
+}
+
+/// The `total` bytes of `group`, read now into `buf`.
+fn read_group<'a>(
+    group: &[ReadJob],
+    total: u64,
+    buf: &'a mut Vec<u8>,
+    mem_files: &mut HashMap<pid_t, File>,
+) -> Result<&'a [u8], MemError> {
+    if buf.len() < total as usize {
+        buf.resize(total as usize, 0);
+    }
+    let mut o = 0usize;
+    for j in group {
+        read_job(j, &mut buf[o..o + j.len as usize], mem_files)?;
+        o += j.len as usize;
+    }
+    Ok(&buf[..total as usize])
+}
+
+/// The runs of pages of `b` (the bytes of `group`) that are kept, and how many
+/// bytes they make: every page if `all_nonzero`, else the pages that are not
+/// zero, which are packed into `pack`.
+fn kept_runs(
+    group: &[ReadJob],
+    b: &[u8],
+    all_nonzero: bool,
+    pack: &mut Vec<u8>,
+) -> (Vec<Run>, u64) {
+    let mut runs: Vec<Run> = Vec::new();
+    let mut kept = 0u64;
+    let mut o = 0u64;
+    pack.clear();
+    for j in group {
+        for pg in 0..j.len / PAGE_SIZE {
+            let page = &b[(o + pg * PAGE_SIZE) as usize..][..PAGE_SIZE as usize];
+            if !all_nonzero && is_zero(page) {
+                continue;
+            }
+            let addr = ((j.addr + pg * PAGE_SIZE) as i64 - j.rebase) as u64;
+            match runs.last_mut() {
+                Some((t, a, _, l)) if *t == j.target && *a + *l == addr => *l += PAGE_SIZE,
+                _ => runs.push((j.target, addr, kept, PAGE_SIZE)),
+            }
+            if !all_nonzero {
+                pack.extend_from_slice(page);
+            }
+            kept += PAGE_SIZE;
+        }
+        o += j.len;
+    }
+    (runs, kept)
 }
 
 fn read_job(
@@ -941,8 +960,8 @@ fn write_piece(p: &Piece, b: &[u8]) -> Result<(), MemError> {
     match p.dest {
         Dest::Process(pid) => write_process(pid, p.addr, b)?,
         Dest::Uffd { uffd, pid } => {
-            // SAFETY: the restorer keeps this descriptor open until every job is done.
-            let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(uffd) };
+            // The restorer keeps this descriptor open until every job is done.
+            let fd = uffd;
             if let Err(e) = sys::uffd::copy(fd, p.addr, b) {
                 if e.errno() != Some(libc::EEXIST) {
                     return Err(MemError::Write {
@@ -974,17 +993,12 @@ fn write_piece(p: &Piece, b: &[u8]) -> Result<(), MemError> {
             }
         }
         Dest::Fd(fd) => {
-            // SAFETY: fd is a memfd the restorer owns for the whole restore;
-            // ManuallyDrop keeps this temporary File from closing it.
-            let f = std::mem::ManuallyDrop::new(unsafe {
-                <File as std::os::fd::FromRawFd>::from_raw_fd(fd)
-            });
-            f.write_all_at(b, p.addr)
-                .map_err(|source| MemError::Write {
-                    pid: 0,
-                    addr: p.addr,
-                    source,
-                })?;
+            // fd is a memfd the restorer owns for the whole restore.
+            sys::fd::pwrite_all(fd, b, p.addr).map_err(|source| MemError::Write {
+                pid: 0,
+                addr: p.addr,
+                source,
+            })?;
         }
     }
     Ok(())

@@ -28,24 +28,11 @@ pub enum ThreadError {
 }
 
 pub fn regs_to_bytes(r: &libc::user_regs_struct) -> Vec<u8> {
-    // SAFETY: user_regs_struct is plain old data of 27 u64s with no padding; viewing
-    // it as bytes for its exact size is sound.
-    unsafe {
-        std::slice::from_raw_parts(
-            (r as *const libc::user_regs_struct).cast::<u8>(),
-            std::mem::size_of_val(r),
-        )
-        .to_vec()
-    }
+    ptrace::regs_as_bytes(r).to_vec()
 }
 
 pub fn regs_from_bytes(tid: pid_t, b: &[u8]) -> Result<libc::user_regs_struct, ThreadError> {
-    if b.len() != std::mem::size_of::<libc::user_regs_struct>() {
-        return Err(ThreadError::BadRegs { tid, len: b.len() });
-    }
-    // SAFETY: the length matches exactly and every bit pattern is a valid
-    // user_regs_struct (all fields are integers); read_unaligned copes with alignment.
-    Ok(unsafe { std::ptr::read_unaligned(b.as_ptr().cast::<libc::user_regs_struct>()) })
+    ptrace::regs_from_bytes(b).ok_or(ThreadError::BadRegs { tid, len: b.len() })
 }
 
 /// A scratch area on the thread's stack, below the red zone, whose bytes are saved

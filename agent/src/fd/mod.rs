@@ -1,19 +1,41 @@
 //! Descriptor tables — dump and restore.
 //!
 //! Dump: each descriptor is classified from `/proc/PID/fd/N` (the link and a `stat`
-//! through it) and `/proc/PID/fdinfo/N` (position and flags). Descriptors that share
-//! one open file description, across processes too (dup, fork), are found with
+//! through it) and `/proc/PID/fdinfo/N` (position and flags); a socket also from
+//! our duplicate of it (`pidfd_getfd`). Descriptors that share one open file
+//! description, across processes too (dup, fork), are found with
 //! `kcmp(KCMP_FILE)` and stored once, so the sharing comes back.
 //!
 //! Restore: the restorer opens every description itself ([`open_all`]), then each
 //! husk takes its descriptors with an injected `pidfd_getfd` and `dup3`s them into
 //! place. Descriptions shared between processes are shared again.
 //!
-//! Supported: regular files, directories, `/dev/{null,zero,random,urandom}`, pipes
-//! and FIFOs (with the data buffered in them). Descriptors 0–2 that lead out of the
-//! tree (a terminal, a pipe to the shell) are inherited from the restore command.
-//! Everything else is refused at dump with a message naming the fd and the PID.
+//! Supported, one kind per file behind one trait ([`kind::Persist`], table
+//! [`kind::STEPS`]):
+//! - regular files ([`file`]) and directories ([`dir`]), reopened by path at their
+//!   position, with their status flags;
+//! - `/dev/{null,zero,random,urandom}` ([`chardev`]);
+//! - pipes and FIFOs, with the data buffered in them ([`pipe`]);
+//! - eventfds, with their counter and semaphore mode ([`eventfd`]);
+//! - epoll instances, with their targets, events and data ([`epoll`]);
+//! - established TCP connections, with their queues, read under the job's
+//!   network lock with `TCP_REPAIR`, and listening TCP sockets without pending
+//!   connections ([`tcp`]);
+//! - UDP sockets, bound and connected, with their options; queued datagrams are
+//!   not kept ([`udp`]).
+//!
+//! Descriptors 0–2 that lead out of the tree (a terminal, a pipe or a socket to
+//! the shell) are inherited from the restore command ([`inherited`]). Everything
+//! else (UNIX sockets, signalfd, timerfd, inotify, deleted files, other devices) is
+//! refused at dump with a message naming the fd and the PID.
 
+mod chardev;
+mod dir;
+mod epoll;
+mod eventfd;
+mod file;
+mod inherited;
+pub mod kind;
 pub mod pipe;
 pub mod tcp;
 pub mod udp;
@@ -28,6 +50,8 @@ use libc::pid_t;
 
 use crate::inject::{InjectError, Remote};
 use crate::sys::{self, nr, proc, SysError};
+
+pub use epoll::epoll_targets;
 
 #[derive(Debug, thiserror::Error)]
 pub enum FdError {
@@ -47,43 +71,43 @@ pub enum FdError {
     },
 }
 
-/// Character devices we can reopen by path: (major, minor).
-const SAFE_CHARDEVS: [(u64, u64, &str); 4] = [
-    (1, 3, "/dev/null"),
-    (1, 5, "/dev/zero"),
-    (1, 8, "/dev/random"),
-    (1, 9, "/dev/urandom"),
-];
-
-fn major(rdev: u64) -> u64 {
-    libc::major(rdev) as u64
+/// What of a descriptor's `stat` the kinds use.
+#[derive(Debug, Clone, Copy)]
+pub struct Meta {
+    pub dev: u64,
+    pub ino: u64,
+    pub mode: u32,
+    pub rdev: u64,
 }
-fn minor(rdev: u64) -> u64 {
-    libc::minor(rdev) as u64
+
+impl Meta {
+    fn of(st: &libc::stat) -> Meta {
+        Meta {
+            dev: st.st_dev,
+            ino: st.st_ino,
+            mode: st.st_mode,
+            rdev: st.st_rdev,
+        }
+    }
+
+    /// Whether the file type (`S_IFMT` bits) is `fmt`.
+    pub fn is(&self, fmt: libc::mode_t) -> bool {
+        self.mode & libc::S_IFMT == fmt
+    }
 }
 
 /// What `/proc` says of one descriptor (its link, its metadata, its position and
 /// flags), and for a socket our duplicate and its kind.
-type Looked = (String, libc::stat, (u64, u32), Option<(OwnedFd, tcp::Kind)>);
+type Looked = (String, Meta, (u64, u32), Option<(OwnedFd, tcp::Kind)>);
 
-fn mode_is(st: &libc::stat, fmt: libc::mode_t) -> bool {
-    st.st_mode & libc::S_IFMT == fmt
+/// The one line `inspect` and `ckpt show` print for a description.
+pub fn describe(kind: &FileKind) -> String {
+    kind::of(kind).describe(kind)
 }
 
-/// The targets of an epoll instance from its fdinfo text (`tfd: 5 events: 19
-/// data: 7f0000001000 pos:0 ino:... sdev:...` per target).
-pub fn epoll_targets(text: &str) -> Option<Vec<ckpt_shared::image::EpollTarget>> {
-    let mut out = Vec::new();
-    for line in text.lines().filter(|l| l.starts_with("tfd:")) {
-        let w: Vec<&str> = line.split_whitespace().collect();
-        let at = |key: &str| w.iter().position(|x| *x == key).and_then(|i| w.get(i + 1));
-        out.push(ckpt_shared::image::EpollTarget {
-            fd: at("tfd:")?.parse().ok()?,
-            events: u32::from_str_radix(at("events:")?, 16).ok()?,
-            data: u64::from_str_radix(at("data:")?, 16).ok()?,
-        });
-    }
-    Some(out)
+/// A description for `inspect --json`.
+pub fn json(kind: &FileKind) -> serde_json::Value {
+    kind::of(kind).json(kind)
 }
 
 /// `f` over `items`, in order, on up to four threads when there are many.
@@ -167,54 +191,14 @@ pub fn read_cloexec(later: &[(pid_t, RawFd)], procs: &mut [ckpt_shared::image::P
 impl FdTable {
     /// Dump the descriptor table of `pid`.
     pub fn dump_process(&mut self, pid: pid_t) -> Result<Vec<Fd>, FdError> {
-        let mut out = Vec::new();
         let pidfd = sys::pidfd_open(pid)?;
         let fds = proc::fds(pid)?;
         // What /proc says of each descriptor, and a duplicate of each socket: read
         // on a few threads at once (with a thousand sockets, /proc alone takes tens
         // of milliseconds, all of it while the tree stands still).
         let dirs = proc::FdDirs::open(pid)?;
-        let looked = parallel_map(&fds, |&fd| -> Result<Looked, FdError> {
-            let link = dirs.link(fd)?;
-            let socket_ino = link
-                .strip_prefix("socket:[")
-                .and_then(|r| r.strip_suffix(']'))
-                .and_then(|n| n.parse::<u64>().ok());
-            let meta = match socket_ino {
-                // A socket's inode is in its link, and nothing else of a stat is
-                // used for it: one system call less per socket.
-                Some(ino) => {
-                    // SAFETY: stat is plain old data; all-zero is a valid value.
-                    let mut st: libc::stat = unsafe { std::mem::zeroed() };
-                    st.st_ino = ino;
-                    st.st_mode = libc::S_IFSOCK;
-                    st
-                }
-                None => dirs.stat(fd)?,
-            };
-            let sock = if socket_ino.is_some() {
-                let dup = sys::pidfd_getfd(&pidfd, pid, fd)?;
-                let kind = tcp::kind(dup.as_fd());
-                Some((dup, kind))
-            } else {
-                None
-            };
-            // A socket's status flags are its description's, which our duplicate
-            // shares (F_GETFL); only its close-on-exec bit needs fdinfo, which costs
-            // ~40 µs a descriptor, and is read later (`cloexec_later`).
-            let info = match &sock {
-                Some((dup, _)) => {
-                    // SAFETY: F_GETFL on our own descriptor.
-                    let fl = unsafe { libc::fcntl(dup.as_raw_fd(), libc::F_GETFL) };
-                    if fl < 0 {
-                        return Err(SysError::last("fcntl(F_GETFL)", "a socket").into());
-                    }
-                    (0, fl as u32)
-                }
-                None => dirs.info(fd)?,
-            };
-            Ok((link, meta, info, sock))
-        });
+        let looked = parallel_map(&fds, |&fd| look(pid, &pidfd, &dirs, fd));
+        let mut out = Vec::with_capacity(fds.len());
         for (&fd, looked) in fds.iter().zip(looked) {
             let (link, meta, (pos, flags), mut sock) = looked?;
             if sock.is_some() {
@@ -222,172 +206,47 @@ impl FdTable {
             }
             let cloexec = flags & libc::O_CLOEXEC as u32 != 0;
             let flags = flags & !(libc::O_CLOEXEC as u32);
-            let (dev, ino) = (meta.st_dev, meta.st_ino);
             // Already seen this description (dup, fork)?
-            let mut found = None;
-            for (i, &(rp, rfd, rdev, rino)) in self.reps.iter().enumerate() {
-                if rdev == dev && rino == ino && sys::same_file_description(rp, rfd, pid, fd)? {
-                    found = Some(i);
-                    break;
+            let file = match self.shared_with(pid, fd, &meta)? {
+                Some(i) => i,
+                None => {
+                    let mut seen = kind::Seen {
+                        pid,
+                        fd,
+                        link: &link,
+                        meta: &meta,
+                        pos,
+                        flags,
+                        pidfd: &pidfd,
+                        sock: &mut sock,
+                    };
+                    let kind = kind::dump(self, &mut seen)?;
+                    self.add(pid, fd, &meta, flags, kind)
                 }
-            }
-            if let Some(i) = found {
-                out.push(Fd {
-                    fd,
-                    cloexec,
-                    file: i as u32,
-                });
-                continue;
-            }
-            let unsupported = |what: String| FdError::Unsupported { pid, fd, what };
-            let kind = if link.starts_with("pipe:[") || mode_is(&meta, libc::S_IFIFO) {
-                let dup = sys::pidfd_getfd(&pidfd, pid, fd)?;
-                let (buffered, capacity) = pipe::peek(&dup, flags)?;
-                let read_end = flags & libc::O_ACCMODE as u32 != libc::O_WRONLY as u32;
-                let e = self.pipes.entry(ino).or_default();
-                if read_end {
-                    e.0 = true;
-                }
-                if flags & libc::O_ACCMODE as u32 != libc::O_RDONLY as u32 {
-                    e.1 = true;
-                }
-                // The data is stored once per pipe: on the first description seen.
-                let already = self
-                    .files
-                    .iter()
-                    .any(|f| matches!(&f.kind, FileKind::Pipe { pipe_id, .. } if *pipe_id == ino));
-                FileKind::Pipe {
-                    pipe_id: ino,
-                    read_end,
-                    fifo_path: (!link.starts_with("pipe:[")).then(|| link.clone()),
-                    buffered: if already { Vec::new() } else { buffered },
-                    capacity,
-                }
-            } else if let Some((dup, kind)) = sock.take() {
-                match kind {
-                    // Read under the network lock the dump put in place, by
-                    // capture_tcp, once every process's table is known.
-                    tcp::Kind::Established => {
-                        self.tcp.push(TcpDup {
-                            file: self.files.len() as u32,
-                            pid,
-                            fd,
-                            dup,
-                            tuple: None,
-                        });
-                        FileKind::Inherited {
-                            what: "a TCP connection not read yet".into(),
-                        }
-                    }
-                    tcp::Kind::Listen { pending, .. } if pending > 0 => {
-                        // Those connections live in no descriptor: they cannot be
-                        // read, and dropping them would reset clients that believe
-                        // they are connected.
-                        return Err(unsupported(format!(
-                            "a listening TCP socket with {pending} connection(s) not yet accepted; \
-                             save again once the application has accepted them"
-                        )));
-                    }
-                    tcp::Kind::Listen { backlog, .. } => FileKind::TcpListen {
-                        addr: tcp::local_addr(dup.as_fd())
-                            .map_err(|e| unsupported(format!("a listening socket: {e}")))?,
-                        backlog,
-                    },
-                    tcp::Kind::Other(state) => {
-                        return Err(unsupported(format!(
-                            "a TCP socket in state {state} (only established and listening ones are saved)"
-                        )))
-                    }
-                    tcp::Kind::NotTcp if fd <= 2 => FileKind::Inherited { what: link.clone() },
-                    tcp::Kind::NotTcp
-                        if matches!(
-                            sys::socket_domain_type(dup.as_raw_fd())?,
-                            (libc::AF_INET | libc::AF_INET6, libc::SOCK_DGRAM)
-                        ) =>
-                    {
-                        let (local, remote, opts) = udp::capture(dup.as_fd())
-                            .map_err(|e| unsupported(format!("a UDP socket: {e}")))?;
-                        FileKind::Udp {
-                            local,
-                            remote,
-                            opts,
-                        }
-                    }
-                    tcp::Kind::NotTcp => {
-                        let (domain, _) = sys::socket_domain_type(dup.as_raw_fd())?;
-                        return Err(unsupported(format!("a {} socket", domain_name(domain))));
-                    }
-                }
-            } else if link == "anon_inode:[eventfd]" {
-                let text = proc::fdinfo_text(pid, fd)?;
-                let field = |name: &str| {
-                    text.lines()
-                        .find_map(|l| l.strip_prefix(name))
-                        .map(|v| v.trim().to_string())
-                };
-                let count = field("eventfd-count:")
-                    .and_then(|v| u64::from_str_radix(&v, 16).ok())
-                    .ok_or_else(|| {
-                        unsupported("an eventfd whose count /proc does not show".into())
-                    })?;
-                FileKind::EventFd {
-                    count,
-                    semaphore: field("eventfd-semaphore:").is_some_and(|v| v == "1"),
-                }
-            } else if link == "anon_inode:[eventpoll]" {
-                let text = proc::fdinfo_text(pid, fd)?;
-                FileKind::Epoll {
-                    targets: epoll_targets(&text).ok_or_else(|| {
-                        unsupported("an epoll instance /proc does not show".into())
-                    })?,
-                }
-            } else if let Some(rest) = link.strip_prefix("anon_inode:") {
-                return Err(unsupported(format!(
-                    "an {} (anon inode)",
-                    rest.trim_matches(|c| c == '[' || c == ']')
-                )));
-            } else if link.ends_with(" (deleted)") {
-                return Err(unsupported(format!("a deleted file ({link})")));
-            } else if mode_is(&meta, libc::S_IFDIR) {
-                FileKind::Directory {
-                    path: link.clone(),
-                    pos,
-                }
-            } else if mode_is(&meta, libc::S_IFREG) {
-                self.regular_paths.push(link.clone());
-                FileKind::Regular {
-                    path: link.clone(),
-                    pos,
-                    check: u32::MAX,
-                }
-            } else if mode_is(&meta, libc::S_IFCHR) {
-                let rdev = meta.st_rdev;
-                if let Some(&(_, _, p)) = SAFE_CHARDEVS
-                    .iter()
-                    .find(|(ma, mi, _)| *ma == major(rdev) && *mi == minor(rdev))
-                {
-                    FileKind::CharDevice {
-                        path: p.to_string(),
-                        rdev,
-                    }
-                } else if fd <= 2 {
-                    FileKind::Inherited { what: link.clone() }
-                } else {
-                    return Err(unsupported(format!("the character device {link}")));
-                }
-            } else {
-                return Err(unsupported(format!("{link} (not a supported file type)")));
             };
-            let id = self.files.len() as u32;
-            self.files.push(OpenFile { id, flags, kind });
-            self.reps.push((pid, fd, dev, ino));
-            out.push(Fd {
-                fd,
-                cloexec,
-                file: id,
-            });
+            out.push(Fd { fd, cloexec, file });
         }
         Ok(out)
+    }
+
+    /// The file already found that descriptor `fd` of `pid` shares its
+    /// description with, if any.
+    fn shared_with(&self, pid: pid_t, fd: RawFd, meta: &Meta) -> Result<Option<u32>, FdError> {
+        for (i, &(rp, rfd, rdev, rino)) in self.reps.iter().enumerate() {
+            if rdev == meta.dev && rino == meta.ino && sys::same_file_description(rp, rfd, pid, fd)?
+            {
+                return Ok(Some(i as u32));
+            }
+        }
+        Ok(None)
+    }
+
+    /// A new file, with descriptor `fd` of `pid` as its representative.
+    fn add(&mut self, pid: pid_t, fd: RawFd, meta: &Meta, flags: u32, kind: FileKind) -> u32 {
+        let id = self.files.len() as u32;
+        self.files.push(OpenFile { id, flags, kind });
+        self.reps.push((pid, fd, meta.dev, meta.ino));
+        id
     }
 
     /// The 4-tuple of every established TCP connection found so far: what the
@@ -424,73 +283,41 @@ impl FdTable {
     }
 
     /// After every process: anonymous pipes with an end outside the tree can only be
-    /// inherited stdio.
+    /// inherited stdio; epoll instances must watch descriptors still open where
+    /// they are filled again.
     pub fn finish(&mut self, procs: &mut [(pid_t, &mut Vec<Fd>)]) -> Result<(), FdError> {
-        // An epoll instance is filled again by the first process that holds it,
-        // with that process's descriptor numbers: each must still be open there.
-        let mut seen = std::collections::HashSet::new();
-        for (pid, fds) in procs.iter() {
-            let open: std::collections::HashSet<i32> = fds.iter().map(|f| f.fd).collect();
-            for fd in fds.iter() {
-                if let FileKind::Epoll { targets } = &self.files[fd.file as usize].kind {
-                    if !seen.insert(fd.file) {
-                        continue;
-                    }
-                    if let Some(t) = targets.iter().find(|t| !open.contains(&t.fd)) {
-                        return Err(FdError::Unsupported {
-                            pid: *pid,
-                            fd: fd.fd,
-                            what: format!(
-                                "an epoll instance watching descriptor {}, which this process \
-                                 has closed (the file lives on elsewhere)",
-                                t.fd
-                            ),
-                        });
-                    }
-                }
-            }
-        }
-        for (pid, fds) in procs.iter_mut() {
-            for fd in fds.iter() {
-                let f = &mut self.files[fd.file as usize];
-                if let FileKind::Pipe {
-                    pipe_id,
-                    fifo_path: None,
-                    ..
-                } = f.kind
-                {
-                    let (r, w) = self.pipes.get(&pipe_id).copied().unwrap_or_default();
-                    if !(r && w) {
-                        if fd.fd <= 2 {
-                            f.kind = FileKind::Inherited {
-                                what: format!("pipe:[{pipe_id}]"),
-                            };
-                        } else {
-                            return Err(FdError::Unsupported {
-                                pid: *pid,
-                                fd: fd.fd,
-                                what: format!(
-                                    "a pipe to a process outside the tree (pipe:[{pipe_id}])"
-                                ),
-                            });
-                        }
-                    }
-                }
-            }
-        }
-        Ok(())
+        epoll::check_targets_open(&self.files, procs)?;
+        pipe::settle_outside(&mut self.files, &self.pipes, procs)
     }
 }
 
-fn domain_name(d: i32) -> String {
-    match d {
-        libc::AF_UNIX => "UNIX".into(),
-        libc::AF_INET => "TCP/UDP IPv4".into(),
-        libc::AF_INET6 => "TCP/UDP IPv6".into(),
-        libc::AF_NETLINK => "netlink".into(),
-        libc::AF_PACKET => "packet".into(),
-        other => format!("family-{other}"),
-    }
+/// What `/proc` says of descriptor `fd` of `pid`, and for a socket our duplicate
+/// and its kind.
+fn look(pid: pid_t, pidfd: &OwnedFd, dirs: &proc::FdDirs, fd: RawFd) -> Result<Looked, FdError> {
+    let link = dirs.link(fd)?;
+    let socket_ino = link
+        .strip_prefix("socket:[")
+        .and_then(|r| r.strip_suffix(']'))
+        .and_then(|n| n.parse::<u64>().ok());
+    let Some(ino) = socket_ino else {
+        let meta = Meta::of(&dirs.stat(fd)?);
+        return Ok((link, meta, dirs.info(fd)?, None));
+    };
+    // A socket's inode is in its link, and nothing else of a stat is used for it:
+    // one system call less per socket.
+    let meta = Meta {
+        dev: 0,
+        ino,
+        mode: libc::S_IFSOCK,
+        rdev: 0,
+    };
+    let dup = sys::pidfd_getfd(pidfd, pid, fd)?;
+    let kind = tcp::kind(dup.as_fd());
+    // A socket's status flags are its description's, which our duplicate shares
+    // (F_GETFL); only its close-on-exec bit needs fdinfo, which costs ~40 µs a
+    // descriptor, and is read later (`cloexec_later`).
+    let fl = sys::fd::get_status_flags(dup.as_fd(), "a socket")?;
+    Ok((link, meta, (0, fl), Some((dup, kind))))
 }
 
 /// What [`open_all`] made: our descriptor for each file id; FIFO holders (kept open
@@ -582,209 +409,26 @@ pub fn trimmed(
     }
 }
 
-/// Open every description of the image in the restorer.
+/// Open every description of the image in the restorer: first what needs the
+/// whole image (pipes, then TCP), then each description by its kind.
 pub fn open_all(files: &[OpenFile], moves: &Moves) -> Result<Opened, FdError> {
-    // Pipes first: one rebuilt pipe (or one FIFO holder) per pipe, filled with the
-    // data that the dump stored on one of its descriptions.
-    let mut data: HashMap<u64, (&[u8], u32, Option<&str>)> = HashMap::new();
-    for f in files {
-        if let FileKind::Pipe {
-            pipe_id,
-            fifo_path,
-            buffered,
-            capacity,
-            ..
-        } = &f.kind
-        {
-            let e = data
-                .entry(*pipe_id)
-                .or_insert((&[], *capacity, fifo_path.as_deref()));
-            if !buffered.is_empty() {
-                e.0 = buffered;
-            }
-        }
-    }
-    let mut pipes: HashMap<u64, pipe::RebuiltPipe> = HashMap::new();
-    let mut holders = Vec::new();
-    for (id, (bytes, capacity, fifo)) in data {
-        match fifo {
-            Some(path) => {
-                // Holding the FIFO open read-write lets the ends open without
-                // blocking and keeps the data until every husk has its end.
-                let h = pipe::open_fifo(path, libc::O_RDWR)?;
-                pipe::write_all(&h, bytes)?;
-                holders.push(h);
-            }
-            None => {
-                pipes.insert(id, pipe::rebuild(bytes, capacity)?);
-            }
-        }
-    }
-    // TCP: listeners bound first (not listening yet), then the connections, some
-    // of which share a listener's port, then the listeners listen.
-    let tcp_err = |e: tcp::TcpError| FdError::Open {
-        path: "a TCP socket".into(),
-        source: std::io::Error::other(e.to_string()),
+    let mut o = kind::Opening {
+        moves,
+        pipes: HashMap::new(),
+        holders: Vec::new(),
+        tcp: tcp::Opening::default(),
     };
-    let mut listeners: HashMap<usize, tcp::Listener> = HashMap::new();
+    for k in kind::kinds() {
+        k.prepare(files, &mut o)?;
+    }
+    let mut fds = Vec::with_capacity(files.len());
     for (i, f) in files.iter().enumerate() {
-        if let FileKind::TcpListen { addr, backlog } = &f.kind {
-            let at = moves
-                .listen
-                .iter()
-                .find(|(old, _)| old == addr)
-                .map_or(*addr, |(_, new)| *new);
-            listeners.insert(i, tcp::Listener::bind(at, *backlog).map_err(tcp_err)?);
-        }
-    }
-    // The other end's rcv_nxt for each connection: from the controller, or from
-    // the other end when it is in this image too.
-    let mut peer_recv: HashMap<(SocketAddr, SocketAddr), u32> = moves
-        .peer_recv
-        .iter()
-        .map(|(c, seq)| ((c.local, c.remote), *seq))
-        .collect();
-    for f in files {
-        if let FileKind::Tcp { conn } = &f.kind {
-            peer_recv.insert((conn.remote, conn.local), conn.recv_seq);
-        }
-    }
-    let mut rebuilt: HashMap<usize, OwnedFd> = HashMap::new();
-    let mut held = Vec::new();
-    for (i, f) in files.iter().enumerate() {
-        if let FileKind::Tcp { conn } = &f.kind {
-            if moves.is_reset(conn) {
-                rebuilt.insert(i, tcp::reset(conn.local.is_ipv6()).map_err(tcp_err)?);
-                continue;
-            }
-            let conn = trimmed(conn, peer_recv.get(&(conn.local, conn.remote)).copied());
-            let (local, remote) = moves.tuple_of(&conn);
-            let r = tcp::rebuild(&conn, local, remote).map_err(tcp_err)?;
-            let dup = r
-                .as_fd()
-                .try_clone_to_owned()
-                .map_err(|source| FdError::Open {
-                    path: format!("TCP {} -> {}", conn.local, conn.remote),
-                    source,
-                })?;
-            rebuilt.insert(i, dup);
-            held.push(r);
-        }
-    }
-    let mut listening: HashMap<usize, OwnedFd> = HashMap::new();
-    for (i, l) in listeners {
-        listening.insert(i, l.listen().map_err(tcp_err)?);
-    }
-    let mut out = Vec::with_capacity(files.len());
-    for (i, f) in files.iter().enumerate() {
-        let flags = f.flags as i32;
-        let fd: OwnedFd = match &f.kind {
-            FileKind::Tcp { .. } => {
-                let fd = rebuilt.remove(&i).expect("rebuilt above");
-                set_status_flags(&fd, flags)?;
-                fd
-            }
-            FileKind::TcpListen { .. } => {
-                let fd = listening.remove(&i).expect("bound above");
-                set_status_flags(&fd, flags)?;
-                fd
-            }
-            FileKind::EventFd { count, semaphore } => {
-                let sem = if *semaphore { libc::EFD_SEMAPHORE } else { 0 };
-                // SAFETY: eventfd(2) with plain arguments.
-                let raw = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | sem) };
-                if raw < 0 {
-                    return Err(SysError::last("eventfd", "an eventfd").into());
-                }
-                // SAFETY: a fresh descriptor we own.
-                let fd = unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(raw) };
-                // The counter (64 bits; eventfd's initial value has only 32) is
-                // added by a write.
-                // SAFETY: an 8-byte write from a local to our own eventfd.
-                if *count != 0 && unsafe { libc::write(raw, (count as *const u64).cast(), 8) } != 8
-                {
-                    return Err(SysError::last("write", "an eventfd's counter").into());
-                }
-                set_status_flags(&fd, flags)?;
-                fd
-            }
-            FileKind::Epoll { .. } => {
-                // SAFETY: epoll_create1 with a constant flag.
-                let raw = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
-                if raw < 0 {
-                    return Err(SysError::last("epoll_create1", "an epoll instance").into());
-                }
-                // SAFETY: a fresh descriptor we own.
-                let fd = unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(raw) };
-                set_status_flags(&fd, flags)?;
-                fd
-            }
-            FileKind::Udp {
-                local,
-                remote,
-                opts,
-            } => {
-                // A bound address moves like a listener's.
-                let at = moves
-                    .listen
-                    .iter()
-                    .find(|(old, _)| old == local)
-                    .map_or(*local, |(_, new)| *new);
-                let fd = udp::rebuild(at, *remote, opts).map_err(|source| FdError::Open {
-                    path: format!("UDP {local}"),
-                    source,
-                })?;
-                set_status_flags(&fd, flags)?;
-                fd
-            }
-            FileKind::Regular { path, pos, .. } | FileKind::Directory { path, pos } => {
-                let file = open_path(path, flags)?;
-                if *pos != 0 {
-                    // SAFETY: plain lseek on a descriptor we own.
-                    if unsafe { libc::lseek(file.as_raw_fd(), *pos as i64, libc::SEEK_SET) } < 0 {
-                        return Err(SysError::last("lseek", path).into());
-                    }
-                }
-                file
-            }
-            FileKind::CharDevice { path, .. } => open_path(path, flags)?,
-            FileKind::Pipe {
-                pipe_id,
-                read_end,
-                fifo_path,
-                ..
-            } => {
-                if let Some(path) = fifo_path {
-                    let fd = pipe::open_fifo(path, flags)?;
-                    set_status_flags(&fd, flags)?;
-                    fd
-                } else {
-                    let p = &pipes[pipe_id];
-                    let src = if *read_end { &p.read } else { &p.write };
-                    let dup = src.try_clone().map_err(|source| FdError::Open {
-                        path: format!("pipe:[{pipe_id}]"),
-                        source,
-                    })?;
-                    set_status_flags(&dup, flags)?;
-                    dup
-                }
-            }
-            FileKind::Inherited { .. } => {
-                // Which fd number inherits is decided by the descriptor slot; any of
-                // 0..=2 of ours stands in. The slot picks it at install time.
-                let own = std::fs::File::open("/dev/null").map_err(|source| FdError::Open {
-                    path: "/dev/null".into(),
-                    source,
-                })?;
-                own.into()
-            }
-        };
-        out.push(fd);
+        fds.push(kind::of(&f.kind).open(i, f, &mut o)?);
     }
     Ok(Opened {
-        fds: out,
-        holders,
-        tcp: held,
+        fds,
+        holders: o.holders,
+        tcp: o.tcp.held,
     })
 }
 
@@ -814,11 +458,7 @@ fn open_path(path: &str, flags: i32) -> Result<OwnedFd, FdError> {
 fn set_status_flags(fd: &OwnedFd, flags: i32) -> Result<(), FdError> {
     let settable =
         libc::O_APPEND | libc::O_NONBLOCK | libc::O_ASYNC | libc::O_DIRECT | libc::O_NOATIME;
-    // SAFETY: F_SETFL on a descriptor we own.
-    if unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETFL, flags & settable) } < 0 {
-        return Err(SysError::last("fcntl(F_SETFL)", fd.as_raw_fd()).into());
-    }
-    Ok(())
+    Ok(sys::fd::set_status_flags(fd.as_fd(), flags & settable)?)
 }
 
 /// Install the descriptors of one husk. `pidfd_slot` is the husk's descriptor for a
@@ -887,25 +527,4 @@ pub fn register_epoll(
         }
     }
     Ok(())
-}
-
-#[cfg(test)]
-mod epoll_tests {
-    use super::*;
-
-    #[test]
-    fn epoll_fdinfo_gives_each_target_with_its_events_and_data() {
-        let text = "pos:\t0\nflags:\t02000002\nmnt_id:\t15\nino:\t1057\n\
-                    tfd:        5 events:       19 data:     7f2a1c000b70  pos:0 ino:3f2 sdev:8\n\
-                    tfd:       12 events: 80000001 data:                9  pos:0 ino:3f9 sdev:e\n";
-        let t = epoll_targets(text).unwrap();
-        assert_eq!(t.len(), 2);
-        assert_eq!(
-            (t[0].fd, t[0].events, t[0].data),
-            (5, 0x19, 0x7f2a_1c00_0b70)
-        );
-        assert_eq!((t[1].fd, t[1].events, t[1].data), (12, 0x8000_0001, 9));
-        assert_eq!(epoll_targets("pos:\t0\n").unwrap(), vec![]);
-        assert!(epoll_targets("tfd: x events: 1 data: 2\n").is_none());
-    }
 }

@@ -22,17 +22,22 @@
 //! retransmission timer, and a peer that had already received some of it drops the
 //! repeat as TCP always does.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::os::fd::{AsRawFd, BorrowedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+
+use ckpt_shared::image::{FileKind, OpenFile};
+use serde_json::{json, Value};
+
+use super::kind::{Persist, Seen};
+use super::{set_status_flags, trimmed, FdError, FdTable, Moves, TcpDup};
+use crate::sys::socket;
 
 const TCP_REPAIR_ON: libc::c_int = 1;
 const TCP_REPAIR_OFF_NO_WP: libc::c_int = -1;
 const TCP_RECV_QUEUE: libc::c_int = 1;
 const TCP_SEND_QUEUE: libc::c_int = 2;
 const TCP_TIMESTAMP: libc::c_int = 24;
-const SIOCINQ: libc::c_ulong = 0x541B;
-const SIOCOUTQ: libc::c_ulong = 0x5411;
-const SIOCOUTQNSD: libc::c_ulong = 0x894B;
 const TCPI_OPT_TIMESTAMPS: u8 = 1;
 const TCPI_OPT_SACK: u8 = 2;
 const TCPI_OPT_WSCALE: u8 = 4;
@@ -55,11 +60,9 @@ pub enum TcpError {
     Moving,
 }
 
-fn sys(what: &'static str) -> TcpError {
-    TcpError::Sys {
-        what,
-        source: std::io::Error::last_os_error(),
-    }
+/// `what` failed with `source`.
+fn sys(what: &'static str) -> impl FnOnce(std::io::Error) -> TcpError {
+    move |source| TcpError::Sys { what, source }
 }
 
 pub(super) fn setopt(
@@ -69,59 +72,28 @@ pub(super) fn setopt(
     val: libc::c_int,
     what: &'static str,
 ) -> Result<(), TcpError> {
-    setopt_slice(fd, level, opt, std::slice::from_ref(&val), what)
+    socket::setsockopt_int(fd, level, opt, val).map_err(sys(what))
 }
 
 /// setsockopt with an array of plain values (`struct tcp_repair_opt[]`, one
 /// `struct tcp_repair_window`, one int).
-fn setopt_slice<T: Copy>(
+fn setopt_slice<T: socket::Plain>(
     fd: i32,
     level: i32,
     opt: i32,
     val: &[T],
     what: &'static str,
 ) -> Result<(), TcpError> {
-    // SAFETY: setsockopt reads `size_of_val(val)` bytes from a live slice of plain
-    // values.
-    let r = unsafe {
-        libc::setsockopt(
-            fd,
-            level,
-            opt,
-            val.as_ptr().cast(),
-            std::mem::size_of_val(val) as libc::socklen_t,
-        )
-    };
-    if r != 0 {
-        return Err(sys(what));
-    }
-    Ok(())
+    socket::setsockopt(fd, level, opt, val).map_err(sys(what))
 }
 
-pub(super) fn getopt<T: Copy + Default>(
+pub(super) fn getopt<T: socket::Plain>(
     fd: i32,
     level: i32,
     opt: i32,
     what: &'static str,
 ) -> Result<T, TcpError> {
-    let mut v = T::default();
-    let mut len = std::mem::size_of::<T>() as libc::socklen_t;
-    // SAFETY: getsockopt writes at most `len` bytes into `v`, a plain value of that size.
-    let r = unsafe { libc::getsockopt(fd, level, opt, (&mut v as *mut T).cast(), &mut len) };
-    if r != 0 {
-        return Err(sys(what));
-    }
-    Ok(v)
-}
-
-fn ioctl_int(fd: i32, req: libc::c_ulong, what: &'static str) -> Result<u32, TcpError> {
-    let mut v: libc::c_int = 0;
-    // SAFETY: these ioctls write one int.
-    let r = unsafe { libc::ioctl(fd, req as _, &mut v) };
-    if r != 0 {
-        return Err(sys(what));
-    }
-    Ok(v as u32)
+    socket::getsockopt(fd, level, opt).map_err(sys(what))
 }
 
 fn addr(fd: i32, peer: bool) -> Result<SocketAddr, TcpError> {
@@ -161,19 +133,9 @@ fn peek_queue(fd: i32, queue: libc::c_int, len: usize) -> Result<Vec<u8>, TcpErr
     if len == 0 {
         return Ok(buf);
     }
-    // SAFETY: recv into our own buffer of `len` bytes.
-    let n = unsafe {
-        libc::recv(
-            fd,
-            buf.as_mut_ptr().cast(),
-            len,
-            libc::MSG_PEEK | libc::MSG_DONTWAIT,
-        )
-    };
-    if n < 0 {
-        return Err(sys("recv(MSG_PEEK) of a repair queue"));
-    }
-    if n as usize != len {
+    let n = socket::recv(fd, &mut buf, libc::MSG_PEEK | libc::MSG_DONTWAIT)
+        .map_err(sys("recv(MSG_PEEK) of a repair queue"))?;
+    if n != len {
         return Err(TcpError::Moving);
     }
     Ok(buf)
@@ -203,9 +165,9 @@ pub fn capture_on(
         None => (addr(fd, false)?, addr(fd, true)?),
     };
     // Sizes before repair mode: the ioctls answer for a normal socket.
-    let outq = ioctl_int(fd, SIOCOUTQ, "SIOCOUTQ")?;
-    let unsent = ioctl_int(fd, SIOCOUTQNSD, "SIOCOUTQNSD")?;
-    let inq = ioctl_int(fd, SIOCINQ, "SIOCINQ")?;
+    let outq = socket::ioctl_outq(fd).map_err(sys("SIOCOUTQ"))?;
+    let unsent = socket::ioctl_outq_nsd(fd).map_err(sys("SIOCOUTQNSD"))?;
+    let inq = socket::ioctl_inq(fd).map_err(sys("SIOCINQ"))?;
     let mss: libc::c_int = getopt(fd, libc::IPPROTO_TCP, libc::TCP_MAXSEG, "TCP_MAXSEG")?;
     let sndbuf: libc::c_int = getopt(fd, libc::SOL_SOCKET, libc::SO_SNDBUF, "SO_SNDBUF")?;
     let rcvbuf: libc::c_int = getopt(fd, libc::SOL_SOCKET, libc::SO_RCVBUF, "SO_RCVBUF")?;
@@ -216,50 +178,82 @@ pub fn capture_on(
         TCP_REPAIR_ON,
         "TCP_REPAIR on (needs CAP_NET_ADMIN)",
     )?;
-    let got = (|| -> Result<TcpConn, TcpError> {
-        let send_queue = peek_queue(fd, TCP_SEND_QUEUE, outq as usize)?;
-        let send_seq: u32 = getopt(
-            fd,
-            libc::IPPROTO_TCP,
-            libc::TCP_QUEUE_SEQ,
-            "TCP_QUEUE_SEQ (send)",
-        )?;
-        let recv_queue = peek_queue(fd, TCP_RECV_QUEUE, inq as usize)?;
-        let recv_seq: u32 = getopt(
-            fd,
-            libc::IPPROTO_TCP,
-            libc::TCP_QUEUE_SEQ,
-            "TCP_QUEUE_SEQ (recv)",
-        )?;
-        let window: RepairWindow = getopt(
-            fd,
-            libc::IPPROTO_TCP,
-            libc::TCP_REPAIR_WINDOW,
-            "TCP_REPAIR_WINDOW",
-        )?;
-        let timestamp: u32 = getopt(fd, libc::IPPROTO_TCP, TCP_TIMESTAMP, "TCP_TIMESTAMP")?;
-        let wscale = info.tcpi_options & TCPI_OPT_WSCALE != 0;
-        Ok(TcpConn {
-            local,
-            remote,
-            send_seq,
-            recv_seq,
-            send_queue,
-            unsent,
-            recv_queue,
-            mss: mss as u32,
-            snd_wscale: wscale.then_some(info.tcpi_snd_rcv_wscale & 0xf),
-            rcv_wscale: wscale.then_some(info.tcpi_snd_rcv_wscale >> 4),
-            sack: info.tcpi_options & TCPI_OPT_SACK != 0,
-            timestamps: info.tcpi_options & TCPI_OPT_TIMESTAMPS != 0,
-            timestamp,
-            window,
-            sndbuf: sndbuf as u32,
-            rcvbuf: rcvbuf as u32,
-        })
-    })();
-    // Whatever happened, leave repair mode without a window probe: the peer sees
-    // nothing of the reading.
+    let sizes = Sizes {
+        outq,
+        unsent,
+        inq,
+        mss,
+        sndbuf,
+        rcvbuf,
+    };
+    let got = read_repaired(fd, &info, (local, remote), &sizes);
+    // Whatever happened, leave repair mode: the peer sees nothing of the reading.
+    leave_repair_unseen(fd)?;
+    got
+}
+
+/// What a socket tells of its queues and buffers outside repair mode.
+struct Sizes {
+    outq: u32,
+    unsent: u32,
+    inq: u32,
+    mss: libc::c_int,
+    sndbuf: libc::c_int,
+    rcvbuf: libc::c_int,
+}
+
+/// The state of connection `fd`, in repair mode, with `info` and `sizes` read
+/// before it.
+fn read_repaired(
+    fd: i32,
+    info: &libc::tcp_info,
+    (local, remote): (SocketAddr, SocketAddr),
+    sizes: &Sizes,
+) -> Result<TcpConn, TcpError> {
+    let send_queue = peek_queue(fd, TCP_SEND_QUEUE, sizes.outq as usize)?;
+    let send_seq: u32 = getopt(
+        fd,
+        libc::IPPROTO_TCP,
+        libc::TCP_QUEUE_SEQ,
+        "TCP_QUEUE_SEQ (send)",
+    )?;
+    let recv_queue = peek_queue(fd, TCP_RECV_QUEUE, sizes.inq as usize)?;
+    let recv_seq: u32 = getopt(
+        fd,
+        libc::IPPROTO_TCP,
+        libc::TCP_QUEUE_SEQ,
+        "TCP_QUEUE_SEQ (recv)",
+    )?;
+    let window: RepairWindow = getopt(
+        fd,
+        libc::IPPROTO_TCP,
+        libc::TCP_REPAIR_WINDOW,
+        "TCP_REPAIR_WINDOW",
+    )?;
+    let timestamp: u32 = getopt(fd, libc::IPPROTO_TCP, TCP_TIMESTAMP, "TCP_TIMESTAMP")?;
+    let wscale = info.tcpi_options & TCPI_OPT_WSCALE != 0;
+    Ok(TcpConn {
+        local,
+        remote,
+        send_seq,
+        recv_seq,
+        send_queue,
+        unsent: sizes.unsent,
+        recv_queue,
+        mss: sizes.mss as u32,
+        snd_wscale: wscale.then_some(info.tcpi_snd_rcv_wscale & 0xf),
+        rcv_wscale: wscale.then_some(info.tcpi_snd_rcv_wscale >> 4),
+        sack: info.tcpi_options & TCPI_OPT_SACK != 0,
+        timestamps: info.tcpi_options & TCPI_OPT_TIMESTAMPS != 0,
+        timestamp,
+        window,
+        sndbuf: sizes.sndbuf as u32,
+        rcvbuf: sizes.rcvbuf as u32,
+    })
+}
+
+/// Leaves repair mode without a window probe, no queue selected.
+fn leave_repair_unseen(fd: i32) -> Result<(), TcpError> {
     let _ = setopt(
         fd,
         libc::IPPROTO_TCP,
@@ -273,8 +267,7 @@ pub fn capture_on(
         libc::TCP_REPAIR,
         TCP_REPAIR_OFF_NO_WP,
         "TCP_REPAIR off",
-    )?;
-    got
+    )
 }
 
 const TCP_REPAIR_OFF: libc::c_int = 0;
@@ -297,7 +290,6 @@ pub struct Rebuilt {
 
 impl Rebuilt {
     pub fn as_fd(&self) -> BorrowedFd<'_> {
-        use std::os::fd::AsFd;
         self.fd.as_fd()
     }
 
@@ -333,6 +325,27 @@ pub fn rebuild(c: &TcpConn, local: SocketAddr, remote: SocketAddr) -> Result<Reb
         "TCP_REPAIR on (needs CAP_NET_ADMIN)",
     )?;
     setopt(fd, libc::SOL_SOCKET, libc::SO_REUSEADDR, 1, "SO_REUSEADDR")?;
+    set_buffers(fd, c)?;
+    set_sequences(fd, c)?;
+    let sa = |a: SocketAddr| SockaddrStorage::from(a);
+    bind(fd, &sa(local)).map_err(|e| TcpError::Sys {
+        what: "bind of a rebuilt connection",
+        source: e.into(),
+    })?;
+    connect(fd, &sa(remote)).map_err(|e| TcpError::Sys {
+        what: "connect in repair mode",
+        source: e.into(),
+    })?;
+    set_options(fd, c)?;
+    fill_receive_side(fd, c)?;
+    Ok(Rebuilt {
+        fd: owned,
+        send_queue: c.send_queue.clone(),
+    })
+}
+
+/// The buffers of the rebuilt end `c`.
+fn set_buffers(fd: i32, c: &TcpConn) -> Result<(), TcpError> {
     // The buffers as they were (the kernel doubles what is asked), and at least
     // room for the queues: the receive window was offered against that space.
     for (opt, had, queue, what) in [
@@ -352,6 +365,12 @@ pub fn rebuild(c: &TcpConn, local: SocketAddr, remote: SocketAddr) -> Result<Reb
         let want = ((had / 2) as usize).max(queue * 2).min(i32::MAX as usize) as i32;
         setopt(fd, libc::SOL_SOCKET, opt, want, what)?;
     }
+    Ok(())
+}
+
+/// Where the send and receive queues of the rebuilt end `c` start.
+fn set_sequences(fd: i32, c: &TcpConn) -> Result<(), TcpError> {
+    let tcp = libc::IPPROTO_TCP;
     setopt(
         fd,
         tcp,
@@ -380,16 +399,12 @@ pub fn rebuild(c: &TcpConn, local: SocketAddr, remote: SocketAddr) -> Result<Reb
         libc::TCP_QUEUE_SEQ,
         rcv_start as i32,
         "TCP_QUEUE_SEQ (recv)",
-    )?;
-    let sa = |a: SocketAddr| SockaddrStorage::from(a);
-    bind(fd, &sa(local)).map_err(|e| TcpError::Sys {
-        what: "bind of a rebuilt connection",
-        source: e.into(),
-    })?;
-    connect(fd, &sa(remote)).map_err(|e| TcpError::Sys {
-        what: "connect in repair mode",
-        source: e.into(),
-    })?;
+    )
+}
+
+/// The options negotiated at the handshake of `c`, and its timestamp clock.
+fn set_options(fd: i32, c: &TcpConn) -> Result<(), TcpError> {
+    let tcp = libc::IPPROTO_TCP;
     let mut opts: Vec<[u32; 2]> = vec![[TCPOPT_MAXSEG, c.mss]];
     if let (Some(s), Some(r)) = (c.snd_wscale, c.rcv_wscale) {
         opts.push([TCPOPT_WINDOW, s as u32 | (r as u32) << 16]);
@@ -411,6 +426,12 @@ pub fn rebuild(c: &TcpConn, local: SocketAddr, remote: SocketAddr) -> Result<Reb
     if c.timestamps {
         setopt(fd, tcp, TCP_TIMESTAMP, c.timestamp as i32, "TCP_TIMESTAMP")?;
     }
+    Ok(())
+}
+
+/// The receive queue of `c` and the window it was offered against.
+fn fill_receive_side(fd: i32, c: &TcpConn) -> Result<(), TcpError> {
+    let tcp = libc::IPPROTO_TCP;
     // The receive queue: data the application has not read yet.
     setopt(
         fd,
@@ -433,38 +454,26 @@ pub fn rebuild(c: &TcpConn, local: SocketAddr, remote: SocketAddr) -> Result<Reb
         libc::TCP_REPAIR_WINDOW,
         std::slice::from_ref(&c.window),
         "TCP_REPAIR_WINDOW",
-    )?;
-    Ok(Rebuilt {
-        fd: owned,
-        send_queue: c.send_queue.clone(),
-    })
+    )
 }
 
 /// A new blocking, close-on-exec TCP socket of `addr`'s family.
 fn tcp_socket(addr: SocketAddr) -> Result<std::os::fd::OwnedFd, TcpError> {
-    use std::os::fd::FromRawFd;
     let domain = if addr.is_ipv4() {
         libc::AF_INET
     } else {
         libc::AF_INET6
     };
-    // SAFETY: socket(2) with constant arguments.
-    let raw = unsafe { libc::socket(domain, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
-    if raw < 0 {
-        return Err(sys("socket"));
-    }
-    // SAFETY: a fresh descriptor we own.
-    Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(raw) })
+    socket::socket(domain, libc::SOCK_STREAM).map_err(sys("socket"))
 }
 
 fn send_all(fd: i32, mut data: &[u8], what: &'static str) -> Result<(), TcpError> {
     while !data.is_empty() {
-        // SAFETY: send from our own buffer.
-        let n = unsafe { libc::send(fd, data.as_ptr().cast(), data.len(), libc::MSG_NOSIGNAL) };
-        if n <= 0 {
-            return Err(sys(what));
+        let n = socket::send(fd, data, libc::MSG_NOSIGNAL).map_err(sys(what))?;
+        if n == 0 {
+            return Err(sys(what)(std::io::ErrorKind::WriteZero.into()));
         }
-        data = &data[n as usize..];
+        data = &data[n..];
     }
     Ok(())
 }
@@ -488,8 +497,7 @@ pub fn silence(fd: BorrowedFd<'_>) -> Result<(), TcpError> {
 /// (`--external-tcp close`), which cannot be moved. Made over this namespace's
 /// loopback: a connection whose accepted end is closed with a zero linger time.
 pub fn reset(v6: bool) -> Result<std::os::fd::OwnedFd, TcpError> {
-    use nix::sys::socket::{accept, connect, getsockname, SockaddrStorage};
-    use std::os::fd::FromRawFd;
+    use nix::sys::socket::{connect, getsockname, SockaddrStorage};
     let lo: SocketAddr = if v6 {
         "[::1]:0".parse().expect("address")
     } else {
@@ -507,9 +515,7 @@ pub fn reset(v6: bool) -> Result<std::os::fd::OwnedFd, TcpError> {
     connect(c.as_raw_fd(), &at).map_err(nix_err(
         "connect over loopback (is the loopback interface up?)",
     ))?;
-    let raw = accept(l.as_raw_fd()).map_err(nix_err("accept"))?;
-    // SAFETY: a fresh descriptor from accept, ours.
-    let a = unsafe { std::os::fd::OwnedFd::from_raw_fd(raw) };
+    let a = socket::accept(l.as_fd()).map_err(sys("accept"))?;
     let linger = libc::linger {
         l_onoff: 1,
         l_linger: 0,
@@ -524,13 +530,7 @@ pub fn reset(v6: bool) -> Result<std::os::fd::OwnedFd, TcpError> {
     drop(a);
     // The reset has arrived once the socket reports the error as pending; reading
     // SO_ERROR would clear it, so poll for it instead.
-    let mut p = libc::pollfd {
-        fd: c.as_raw_fd(),
-        events: libc::POLLIN,
-        revents: 0,
-    };
-    // SAFETY: poll on one pollfd of ours.
-    unsafe { libc::poll(&mut p, 1, 1000) };
+    let _ = socket::poll_one(c.as_fd(), libc::POLLIN, 1000);
     Ok(c)
 }
 
@@ -601,35 +601,195 @@ impl Listener {
     }
 
     pub fn listen(self) -> Result<std::os::fd::OwnedFd, TcpError> {
-        // SAFETY: listen(2) on our own socket.
-        if unsafe { libc::listen(self.fd.as_raw_fd(), self.backlog.max(1) as i32) } != 0 {
-            return Err(sys("listen"));
-        }
+        socket::listen(self.fd.as_fd(), self.backlog.max(1) as i32).map_err(sys("listen"))?;
         Ok(self.fd)
     }
 
     pub fn as_fd(&self) -> BorrowedFd<'_> {
-        use std::os::fd::AsFd;
         self.fd.as_fd()
     }
 }
 
 fn getopt_info(fd: i32) -> Result<libc::tcp_info, TcpError> {
-    // SAFETY: tcp_info is plain old data; all-zero is a valid value.
-    let mut v: libc::tcp_info = unsafe { std::mem::zeroed() };
-    let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
-    // SAFETY: getsockopt writes at most `len` bytes into `v`.
-    let r = unsafe {
-        libc::getsockopt(
-            fd,
-            libc::IPPROTO_TCP,
-            libc::TCP_INFO,
-            (&mut v as *mut libc::tcp_info).cast(),
-            &mut len,
-        )
-    };
-    if r != 0 {
-        return Err(sys("TCP_INFO"));
+    socket::tcp_info(fd).map_err(sys("TCP_INFO"))
+}
+
+/// TCP in the descriptor table: established connections (captured later, under
+/// the network lock, by [`FdTable::capture_tcp`]) and listening sockets.
+pub struct Tcp;
+
+/// What the restore made of the image's TCP sockets before opening descriptions.
+#[derive(Default)]
+pub struct Opening {
+    /// Connections by file index: our duplicate of each.
+    rebuilt: HashMap<usize, OwnedFd>,
+    /// Listening sockets by file index.
+    listening: HashMap<usize, OwnedFd>,
+    /// The rebuilt connections, still in repair mode (see [`super::Opened::tcp`]).
+    pub held: Vec<Rebuilt>,
+}
+
+fn open_err(e: TcpError) -> FdError {
+    FdError::Open {
+        path: "a TCP socket".into(),
+        source: std::io::Error::other(e.to_string()),
     }
-    Ok(v)
+}
+
+impl Persist for Tcp {
+    fn dump(&self, t: &mut FdTable, seen: &mut Seen<'_>) -> Option<Result<FileKind, FdError>> {
+        Some(match seen.socket_kind()? {
+            Kind::NotTcp => return None,
+            // Read under the network lock the dump put in place, by
+            // capture_tcp, once every process's table is known.
+            Kind::Established => {
+                let (dup, _) = seen.sock.take().expect("a socket");
+                t.tcp.push(TcpDup {
+                    file: t.files.len() as u32,
+                    pid: seen.pid,
+                    fd: seen.fd,
+                    dup,
+                    tuple: None,
+                });
+                Ok(FileKind::Inherited {
+                    what: "a TCP connection not read yet".into(),
+                })
+            }
+            // Those connections live in no descriptor: they cannot be read, and
+            // dropping them would reset clients that believe they are connected.
+            &Kind::Listen { pending, .. } if pending > 0 => Err(seen.unsupported(format!(
+                "a listening TCP socket with {pending} connection(s) not yet accepted; \
+                 save again once the application has accepted them"
+            ))),
+            &Kind::Listen { backlog, .. } => {
+                let (dup, _) = seen.sock.as_ref().expect("a socket");
+                local_addr(dup.as_fd())
+                    .map_err(|e| seen.unsupported(format!("a listening socket: {e}")))
+                    .map(|addr| FileKind::TcpListen { addr, backlog })
+            }
+            Kind::Other(state) => Err(seen.unsupported(format!(
+                "a TCP socket in state {state} (only established and listening ones are saved)"
+            ))),
+        })
+    }
+
+    fn owns(&self, kind: &FileKind) -> bool {
+        matches!(kind, FileKind::Tcp { .. } | FileKind::TcpListen { .. })
+    }
+
+    /// Listeners bound first (not listening yet), then the connections, some of
+    /// which share a listener's port, then the listeners listen.
+    fn prepare(&self, files: &[OpenFile], o: &mut super::kind::Opening<'_>) -> Result<(), FdError> {
+        let moves = o.moves;
+        let mut listeners: HashMap<usize, Listener> = HashMap::new();
+        for (i, f) in files.iter().enumerate() {
+            if let FileKind::TcpListen { addr, backlog } = &f.kind {
+                let at = moves
+                    .listen
+                    .iter()
+                    .find(|(old, _)| old == addr)
+                    .map_or(*addr, |(_, new)| *new);
+                listeners.insert(i, Listener::bind(at, *backlog).map_err(open_err)?);
+            }
+        }
+        let peer_recv = peer_recv(files, moves);
+        for (i, f) in files.iter().enumerate() {
+            if let FileKind::Tcp { conn } = &f.kind {
+                let fd = rebuild_one(conn, moves, &peer_recv, &mut o.tcp.held)?;
+                o.tcp.rebuilt.insert(i, fd);
+            }
+        }
+        for (i, l) in listeners {
+            o.tcp.listening.insert(i, l.listen().map_err(open_err)?);
+        }
+        Ok(())
+    }
+
+    fn open(
+        &self,
+        i: usize,
+        f: &OpenFile,
+        o: &mut super::kind::Opening<'_>,
+    ) -> Result<OwnedFd, FdError> {
+        let fd = match f.kind {
+            FileKind::Tcp { .. } => o.tcp.rebuilt.remove(&i).expect("rebuilt above"),
+            _ => o.tcp.listening.remove(&i).expect("bound above"),
+        };
+        set_status_flags(&fd, f.flags as i32)?;
+        Ok(fd)
+    }
+
+    fn describe(&self, kind: &FileKind) -> String {
+        use crate::inspect::human;
+        match kind {
+            FileKind::Tcp { conn } => format!(
+                "tcp {} -> {}, {} queued to send ({} unsent), {} received unread",
+                conn.local,
+                conn.remote,
+                human(conn.send_queue.len() as u64),
+                human(conn.unsent as u64),
+                human(conn.recv_queue.len() as u64)
+            ),
+            FileKind::TcpListen { addr, backlog } => {
+                format!("tcp listening on {addr} (backlog {backlog})")
+            }
+            _ => unreachable!("owns() chose this kind"),
+        }
+    }
+
+    fn json(&self, kind: &FileKind) -> Value {
+        match kind {
+            FileKind::Tcp { conn } => json!({
+                "kind": "tcp", "local": conn.local.to_string(), "remote": conn.remote.to_string(),
+                "send_queue": conn.send_queue.len(), "unsent": conn.unsent,
+                "recv_queue": conn.recv_queue.len(),
+            }),
+            FileKind::TcpListen { addr, backlog } => {
+                json!({"kind": "tcp-listen", "addr": addr.to_string(), "backlog": backlog})
+            }
+            _ => unreachable!("owns() chose this kind"),
+        }
+    }
+}
+
+/// The other end's rcv_nxt for each connection (by its 4-tuple here): from the
+/// controller, or from the other end when it is in this image too.
+fn peer_recv(files: &[OpenFile], moves: &Moves) -> HashMap<(SocketAddr, SocketAddr), u32> {
+    let mut peer_recv: HashMap<(SocketAddr, SocketAddr), u32> = moves
+        .peer_recv
+        .iter()
+        .map(|(c, seq)| ((c.local, c.remote), *seq))
+        .collect();
+    for f in files {
+        if let FileKind::Tcp { conn } = &f.kind {
+            peer_recv.insert((conn.remote, conn.local), conn.recv_seq);
+        }
+    }
+    peer_recv
+}
+
+/// The connection `conn` made again (or, saved under `--external-tcp close`, a
+/// reset socket in its place): our duplicate of it; the rebuilt end, still in
+/// repair mode, goes to `held`.
+fn rebuild_one(
+    conn: &TcpConn,
+    moves: &Moves,
+    peer_recv: &HashMap<(SocketAddr, SocketAddr), u32>,
+    held: &mut Vec<Rebuilt>,
+) -> Result<OwnedFd, FdError> {
+    if moves.is_reset(conn) {
+        return reset(conn.local.is_ipv6()).map_err(open_err);
+    }
+    let conn = trimmed(conn, peer_recv.get(&(conn.local, conn.remote)).copied());
+    let (local, remote) = moves.tuple_of(&conn);
+    let r = rebuild(&conn, local, remote).map_err(open_err)?;
+    let dup = r
+        .as_fd()
+        .try_clone_to_owned()
+        .map_err(|source| FdError::Open {
+            path: format!("TCP {} -> {}", conn.local, conn.remote),
+            source,
+        })?;
+    held.push(r);
+    Ok(dup)
 }

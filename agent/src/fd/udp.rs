@@ -3,9 +3,106 @@
 //! read: UDP may lose them, and a peek sees only the first.
 
 use std::net::SocketAddr;
-use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 
-use ckpt_shared::image::UdpOpts;
+use ckpt_shared::image::{FileKind, OpenFile, UdpOpts};
+use serde_json::{json, Value};
+
+use super::kind::{Opening, Persist, Seen};
+use super::{set_status_flags, tcp, FdError, FdTable};
+
+pub struct Udp;
+
+impl Persist for Udp {
+    fn dump(&self, _: &mut FdTable, seen: &mut Seen<'_>) -> Option<Result<FileKind, FdError>> {
+        let Some(tcp::Kind::NotTcp) = seen.socket_kind() else {
+            return None;
+        };
+        let (dup, _) = seen.sock.as_ref()?;
+        match crate::sys::socket_domain_type(dup.as_raw_fd()) {
+            Ok((libc::AF_INET | libc::AF_INET6, libc::SOCK_DGRAM)) => {}
+            Ok(_) => return None,
+            Err(e) => return Some(Err(e.into())),
+        }
+        Some(
+            capture(dup.as_fd())
+                .map_err(|e| seen.unsupported(format!("a UDP socket: {e}")))
+                .map(|(local, remote, opts)| FileKind::Udp {
+                    local,
+                    remote,
+                    opts,
+                }),
+        )
+    }
+
+    fn owns(&self, kind: &FileKind) -> bool {
+        matches!(kind, FileKind::Udp { .. })
+    }
+
+    fn open(&self, _: usize, f: &OpenFile, o: &mut Opening<'_>) -> Result<OwnedFd, FdError> {
+        let FileKind::Udp {
+            local,
+            remote,
+            opts,
+        } = &f.kind
+        else {
+            unreachable!("owns() chose this kind")
+        };
+        // A bound address moves like a listener's.
+        let at = o
+            .moves
+            .listen
+            .iter()
+            .find(|(old, _)| old == local)
+            .map_or(*local, |(_, new)| *new);
+        let fd = rebuild(at, *remote, opts).map_err(|source| FdError::Open {
+            path: format!("UDP {local}"),
+            source,
+        })?;
+        set_status_flags(&fd, f.flags as i32)?;
+        Ok(fd)
+    }
+
+    fn describe(&self, kind: &FileKind) -> String {
+        use crate::inspect::human;
+        let FileKind::Udp {
+            local,
+            remote,
+            opts,
+        } = kind
+        else {
+            unreachable!("owns() chose this kind")
+        };
+        format!(
+            "udp {local}{}{}{}{} (buffers {} send, {} receive)",
+            remote
+                .map(|r| format!(" connected to {r}"))
+                .unwrap_or_default(),
+            if opts.reuseaddr { " reuseaddr" } else { "" },
+            if opts.reuseport { " reuseport" } else { "" },
+            if opts.broadcast { " broadcast" } else { "" },
+            human(opts.sndbuf as u64),
+            human(opts.rcvbuf as u64)
+        )
+    }
+
+    fn json(&self, kind: &FileKind) -> Value {
+        let FileKind::Udp {
+            local,
+            remote,
+            opts,
+        } = kind
+        else {
+            unreachable!("owns() chose this kind")
+        };
+        json!({
+            "kind": "udp", "local": local.to_string(),
+            "remote": remote.map(|r| r.to_string()),
+            "reuseaddr": opts.reuseaddr, "reuseport": opts.reuseport,
+            "broadcast": opts.broadcast, "sndbuf": opts.sndbuf, "rcvbuf": opts.rcvbuf,
+        })
+    }
+}
 
 /// An int socket option, through the TCP module's wrappers.
 fn get_int(fd: i32, opt: i32, what: &'static str) -> std::io::Result<i32> {
@@ -56,13 +153,8 @@ pub fn rebuild(
     } else {
         libc::AF_INET6
     };
-    // SAFETY: socket(2) with constant arguments.
-    let raw = unsafe { libc::socket(domain, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
-    if raw < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    // SAFETY: a fresh descriptor we own.
-    let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+    let fd = crate::sys::socket::socket(domain, libc::SOCK_DGRAM)?;
+    let raw = fd.as_raw_fd();
     // The buffers: the kernel doubles what is asked.
     for (opt, v, what) in [
         (libc::SO_REUSEADDR, opts.reuseaddr as i32, "SO_REUSEADDR"),

@@ -370,3 +370,27 @@ pub fn event_msg(tid: pid_t) -> Result<u64> {
     check("GETEVENTMSG", tid, r)?;
     Ok(msg)
 }
+
+/// The bytes of a register set, as the image stores them (the kernel's
+/// `user_regs_struct` layout).
+pub fn regs_as_bytes(r: &user_regs_struct) -> &[u8] {
+    // SAFETY: user_regs_struct is plain old data of 27 u64s with no padding; viewing
+    // it as bytes for its exact size, for as long as `r` is borrowed, is sound.
+    unsafe {
+        std::slice::from_raw_parts(
+            (r as *const user_regs_struct).cast::<u8>(),
+            std::mem::size_of_val(r),
+        )
+    }
+}
+
+/// A register set from its bytes ([`regs_as_bytes`]); `None` when `b` is not
+/// exactly one set long.
+pub fn regs_from_bytes(b: &[u8]) -> Option<user_regs_struct> {
+    if b.len() != std::mem::size_of::<user_regs_struct>() {
+        return None;
+    }
+    // SAFETY: the length matches exactly and every bit pattern is a valid
+    // user_regs_struct (all fields are integers); read_unaligned copes with alignment.
+    Some(unsafe { std::ptr::read_unaligned(b.as_ptr().cast::<user_regs_struct>()) })
+}
