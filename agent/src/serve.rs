@@ -830,10 +830,7 @@ async fn monitor_loop(node: Arc<Node>) {
                 }
                 // Our child (a rank we restored): reap it if it exited. Not while an
                 // operation traces it (`busy`): its wait would be taken from it.
-                let mut status = 0;
-                // SAFETY: waitpid on one PID with WNOHANG; no memory is shared.
-                let w = unsafe { libc::waitpid(a.pid, &mut status, libc::WNOHANG) };
-                if w == a.pid {
+                if crate::sys::spawn::reap_if_exited(a.pid) {
                     info!(job = a.job, rank = a.rank, pid = a.pid, "rank exited");
                     return false;
                 }

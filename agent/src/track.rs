@@ -31,7 +31,6 @@
 //! Each process costs a page fault per page on its first write after a dump (about
 //! 1.6 µs here), as soft-dirty tracking does. `dump --no-track` turns arming off.
 
-use std::collections::HashMap;
 use std::fs::File;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
 use std::path::PathBuf;
@@ -208,7 +207,6 @@ pub fn written(pagemap: &File, start: u64, end: u64) -> Result<Vec<(u64, u64)>, 
 /// Starts `ckpt-agent __hold-uffd` with `fds`' userfaultfds as its descriptors
 /// 3, 4, …, in a session of its own. It is not waited for: it outlives us.
 fn spawn_holder(fds: &[(pid_t, u64, OwnedFd)]) -> std::io::Result<pid_t> {
-    use std::os::unix::process::CommandExt;
     let exe = std::env::current_exe()?;
     let mut cmd = std::process::Command::new(exe);
     cmd.arg("__hold-uffd")
@@ -216,28 +214,8 @@ fn spawn_holder(fds: &[(pid_t, u64, OwnedFd)]) -> std::io::Result<pid_t> {
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null());
-    let raw: Vec<RawFd> = fds.iter().map(|(_, _, f)| f.as_raw_fd()).collect();
-    // SAFETY: between fork and exec only async-signal-safe calls (dup2, setsid).
-    unsafe {
-        cmd.pre_exec(move || {
-            // Above every descriptor we pass, so no dup2 overwrites a source.
-            let base = raw.iter().copied().max().unwrap_or(0).max(99) + 1;
-            for (i, &fd) in raw.iter().enumerate() {
-                if libc::dup2(fd, base + i as RawFd) < 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-            }
-            for i in 0..raw.len() {
-                if libc::dup2(base + i as RawFd, 3 + i as RawFd) < 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                libc::close(base + i as RawFd);
-            }
-            libc::setsid();
-            Ok(())
-        });
-    }
-    let child = cmd.spawn()?;
+    let held: Vec<&OwnedFd> = fds.iter().map(|(_, _, f)| f).collect();
+    let child = sys::spawn::spawn_with_fds(&mut cmd, &held)?;
     let holder_pid = child.id() as pid_t;
     // The holder is not waited for here: it outlives this command.
     std::mem::forget(child);
@@ -257,32 +235,14 @@ pub fn retire(holder_pid: pid_t, holder_start: u64) {
 
 /// `ckpt-agent __hold-uffd PID...`: holds descriptors 3.. until every PID has exited.
 pub fn hold(pids: &[pid_t]) -> ! {
-    let mut fds: Vec<libc::pollfd> = Vec::new();
-    let mut keep: HashMap<RawFd, OwnedFd> = HashMap::new();
-    for &p in pids {
-        if let Ok(pfd) = sys::pidfd_open(p) {
-            fds.push(libc::pollfd {
-                fd: pfd.as_raw_fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            });
-            keep.insert(pfd.as_raw_fd(), pfd);
-        }
-    }
+    let pidfds: Vec<OwnedFd> = pids
+        .iter()
+        .filter_map(|&p| sys::pidfd_open(p).ok())
+        .collect();
     // Do not pin the directory we were started in.
     let _ = std::env::set_current_dir("/");
-    while !fds.is_empty() {
-        // SAFETY: `fds` is a valid array of pollfd for the call.
-        let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, -1) };
-        if n < 0 {
-            if std::io::Error::last_os_error().raw_os_error() == Some(libc::EINTR) {
-                continue;
-            }
-            break;
-        }
-        fds.retain(|f| f.revents == 0);
-    }
-    drop(keep);
+    sys::spawn::wait_all_exited(&pidfds);
+    drop(pidfds);
     // Exiting closes descriptors 3.., which ends the tracking.
     std::process::exit(0)
 }

@@ -10,13 +10,15 @@
 //! CAP_NET_ADMIN), [`uffd`] (userfaultfd, PAGEMAP_SCAN: ≥ 6.7), [`mem`] (our own
 //! mappings), [`fd`] (status flags, positions, eventfd, epoll), [`restorer`] (the
 //! restorer's own calls: `clone3` with `set_tid`, its trampoline, memfds),
-//! [`pidns`] (a new PID namespace and its init) and [`syscalls`] (`pidfd_getfd`:
+//! [`pidns`] (a new PID namespace and its init), [`spawn`] (our helper
+//! processes) and [`syscalls`] (`pidfd_getfd`:
 //! ≥ 5.6, PTRACE_MODE_ATTACH_REALCREDS; `kcmp`, pipes, signals).
 //!
 //! Every raw system call the agent makes for itself goes through a small safe
 //! wrapper here, named after the call, and every `unsafe` block belongs here with
 //! its `// SAFETY:` reason. The descriptor kinds (`fd/`), `mem`, `thread`,
-//! `signals`, `inject`, `freeze` and `restore` hold none.
+//! `signals`, `inject`, `freeze` and `restore` hold none, and the crate root denies
+//! `unsafe_code` everywhere but here.
 
 pub mod fd;
 pub mod mem;
@@ -26,6 +28,7 @@ pub mod proc;
 pub mod ptrace;
 pub mod restorer;
 pub mod socket;
+pub mod spawn;
 pub mod syscalls;
 pub mod uffd;
 
