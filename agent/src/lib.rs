@@ -21,6 +21,7 @@ pub mod hooks;
 pub mod host;
 pub mod inject;
 pub mod inspect;
+pub mod jobgate;
 pub mod mem;
 pub mod netlock;
 pub mod process;

@@ -24,6 +24,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
+use crate::jobgate::{Action, Event, GateMachine, Step, Verdict};
 use anyhow::{bail, Context, Result};
 use ckpt_shared::location::Location;
 use ckpt_shared::proto::{
@@ -340,55 +341,23 @@ fn handle(node: &Arc<Node>, msg: ToAgent) {
         ToAgent::Release { attempt } => gate(attempt).map_or((), |g| g.open(Step::Rebuilt)),
         ToAgent::Abort { attempt, reason } => {
             if let Some(g) = gate(attempt) {
-                g.st.lock().unwrap().aborted_by_controller = true;
-                g.abort(format!("the controller aborted: {reason}"));
+                g.handle(Event::ControllerAbort(format!(
+                    "the controller aborted: {reason}"
+                )));
             }
         }
     }
 }
 
-/// The barrier points, in the order a rank meets them.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Step {
-    Frozen = 0,
-    Captured = 1,
-    Stored = 2,
-    Rebuilt = 3,
-}
-
-impl Step {
-    fn name(self) -> &'static str {
-        match self {
-            Step::Frozen => "frozen",
-            Step::Captured => "captured",
-            Step::Stored => "stored",
-            Step::Rebuilt => "rebuilt",
-        }
-    }
-}
-
-#[derive(Default)]
-struct GateState {
-    arrived: [usize; 4],
-    open: [bool; 4],
-    abort: Option<String>,
-    /// The controller itself said ABORT: the attempt is certainly not committed
-    /// (a lost controller may have committed it before it went).
-    aborted_by_controller: bool,
-    /// `Failed` was sent (once per attempt).
-    failed_sent: bool,
-    manifests: Vec<RankManifest>,
-    rebuilt: Vec<RankRef>,
-}
-
 /// The [`crate::gate::Gate`] of one attempt on this node, shared by its rank
-/// threads: the last rank to reach a point tells the controller, and every rank
-/// waits there for the controller's word, an abort, or the end of the lease.
+/// threads: a [`GateMachine`] behind a lock, driven by the ranks (arrivals,
+/// failures) and the controller connection (open, abort); a rank waits on the
+/// condition variable until the machine's verdict changes or its lease deadline
+/// comes (no polling).
 struct JobGate {
     attempt: AttemptId,
-    ranks: usize,
     node: Arc<Node>,
-    st: Mutex<GateState>,
+    machine: Mutex<GateMachine>,
     cv: Condvar,
     /// Test hook: a pause point stops the agent there for good (so that a test can
     /// kill it, or its controller, at a known moment).
@@ -397,11 +366,11 @@ struct JobGate {
 
 impl JobGate {
     fn new(node: &Arc<Node>, attempt: AttemptId, ranks: usize) -> Arc<JobGate> {
+        let heard = *node.heard.lock().unwrap();
         Arc::new(JobGate {
             attempt,
-            ranks,
             node: node.clone(),
-            st: Mutex::new(GateState::default()),
+            machine: Mutex::new(GateMachine::new(attempt, ranks, node.opts.lease, heard)),
             cv: Condvar::new(),
             pause: node.opts.hooks.clone(),
         })
@@ -416,112 +385,76 @@ impl JobGate {
         }
     }
 
-    fn open(&self, step: Step) {
-        self.st.lock().unwrap().open[step as usize] = true;
+    /// Feeds `ev` to the machine, then sends what it asks for (outside the lock).
+    fn handle(&self, ev: Event) {
+        let mut m = self.machine.lock().unwrap();
+        m.handle(Instant::now(), ev);
+        let actions: Vec<Action> = std::iter::from_fn(|| m.poll()).collect();
+        drop(m);
         self.cv.notify_all();
+        for Action::Send { step, msg } in actions {
+            if let Some(step) = step {
+                self.test_pause(step.name());
+            }
+            self.node.send(msg);
+        }
+    }
+
+    fn open(&self, step: Step) {
+        self.handle(Event::Open(step));
     }
 
     fn abort(&self, reason: String) {
-        let mut st = self.st.lock().unwrap();
-        if st.abort.is_none() {
-            st.abort = Some(reason);
-        }
-        drop(st);
-        self.cv.notify_all();
+        self.handle(Event::Abort(reason));
     }
 
     /// A rank thread failed: tell the controller (once) and stop the others.
     fn fail(&self, reason: String) {
-        let mut st = self.st.lock().unwrap();
-        if st.abort.is_none() {
-            st.abort = Some(reason.clone());
-        }
-        let send = !st.failed_sent;
-        st.failed_sent = true;
-        drop(st);
-        self.cv.notify_all();
-        if send {
-            self.node.send(FromAgent::Failed {
-                attempt: self.attempt,
-                reason,
-            });
-        }
+        self.handle(Event::Failed(reason));
     }
 
-    /// Arrive at `step`; the last rank sends `msg(state)`. Then wait for the word.
-    fn pass(
-        &self,
-        step: Step,
-        msg: impl FnOnce(&mut GateState) -> FromAgent,
-    ) -> Result<(), String> {
-        let mut st = self.st.lock().unwrap();
-        if let Some(r) = &st.abort {
-            return Err(r.clone());
-        }
-        st.arrived[step as usize] += 1;
-        if st.arrived[step as usize] == self.ranks {
-            self.test_pause(step.name());
-            let m = msg(&mut st);
-            self.node.send(m);
-        }
-        let lease = self.node.opts.lease;
+    /// Arrive at `step` (the last rank reports it), then wait for the word.
+    fn pass(&self, step: Step) -> Result<(), String> {
+        self.handle(Event::Arrive(step));
+        let mut m = self.machine.lock().unwrap();
         loop {
-            if let Some(r) = &st.abort {
-                return Err(r.clone());
+            let now = Instant::now();
+            m.handle(now, Event::Heard(*self.node.heard.lock().unwrap()));
+            m.handle_timeout(now);
+            match m.verdict(step) {
+                Verdict::Go => return Ok(()),
+                Verdict::GiveUp(r) => return Err(r),
+                Verdict::Wait => {}
             }
-            if st.open[step as usize] {
-                return Ok(());
-            }
-            st = self
-                .cv
-                .wait_timeout(st, Duration::from_millis(50))
-                .unwrap()
-                .0;
-            let silent = self.node.heard.lock().unwrap().elapsed();
-            if silent > lease && st.abort.is_none() {
-                warn!(attempt = self.attempt, "controller silent: lease expired");
-                st.abort = Some(format!(
-                    "the controller was silent for {:.1} s, longer than the lease of {:.1} s",
-                    silent.as_secs_f64(),
-                    lease.as_secs_f64()
-                ));
-            }
+            let wait = m
+                .next_timeout()
+                .map_or(Duration::from_secs(1), |t| t.saturating_duration_since(now));
+            m = self.cv.wait_timeout(m, wait).unwrap().0;
         }
     }
 }
 
 impl crate::gate::Gate for JobGate {
     fn frozen(&self) -> Result<(), String> {
-        let attempt = self.attempt;
-        self.pass(Step::Frozen, |_| FromAgent::Frozen { attempt })
+        self.pass(Step::Frozen)
     }
     fn captured(&self) -> Result<(), String> {
-        let attempt = self.attempt;
-        self.pass(Step::Captured, |_| FromAgent::Captured { attempt })
+        self.pass(Step::Captured)
     }
     fn storing(&self) -> Result<(), String> {
         self.test_pause("storing");
-        match &self.st.lock().unwrap().abort {
-            Some(r) => Err(r.clone()),
+        match self.machine.lock().unwrap().abort_reason() {
+            Some(r) => Err(r.to_string()),
             None => Ok(()),
         }
     }
-    fn stored(&self, img: &ckpt_shared::image::Image) -> Result<(), String> {
-        let attempt = self.attempt;
-        // The manifest of this rank is recorded by the caller's thread before the
-        // gate (see `start_save`); only the count matters here.
-        let _ = img;
-        self.pass(Step::Stored, |st| FromAgent::Stored {
-            attempt,
-            ranks: st.manifests.clone(),
-        })
+    fn stored(&self, _img: &ckpt_shared::image::Image) -> Result<(), String> {
+        // The manifest of this rank is recorded by its RankGate before the gate;
+        // only the count matters here.
+        self.pass(Step::Stored)
     }
     fn rebuilt(&self, _root: i32) -> Result<(), String> {
-        let attempt = self.attempt;
-        self.pass(Step::Rebuilt, |st| FromAgent::Rebuilt {
-            attempt,
-            ranks: st.rebuilt.clone(),
-        })
+        self.pass(Step::Rebuilt)
     }
 }
 
@@ -545,18 +478,14 @@ impl crate::gate::Gate for RankGate {
     }
     fn stored(&self, img: &ckpt_shared::image::Image) -> Result<(), String> {
         self.gate
-            .st
-            .lock()
-            .unwrap()
-            .manifests
-            .push(manifest_of(self.rank, &self.image, img));
+            .handle(Event::Manifest(manifest_of(self.rank, &self.image, img)));
         self.gate.stored(img)
     }
     fn rebuilt(&self, root: i32) -> Result<(), String> {
-        self.gate.st.lock().unwrap().rebuilt.push(RankRef {
+        self.gate.handle(Event::Rebuilt(RankRef {
             rank: self.rank,
             pid: root,
-        });
+        }));
         self.gate.rebuilt(root)
     }
     fn lock_name(&self) -> Option<(String, String)> {
@@ -689,12 +618,17 @@ fn start_save(node: &Arc<Node>, attempt: AttemptId, spec: SaveSpec, ranks: Vec<R
             }
         }
         let (aborted, written) = {
-            let st = gate.st.lock().unwrap();
-            let mut w: Vec<u32> = st.manifests.iter().map(|m| m.rank).collect();
+            let st = gate.machine.lock().unwrap();
+            let mut w: Vec<u32> = st.manifests().iter().map(|m| m.rank).collect();
             w.extend(manifests.iter().map(|m| m.rank));
             w.sort_unstable();
             w.dedup();
-            (st.abort.clone().filter(|_| st.aborted_by_controller), w)
+            (
+                st.abort_reason()
+                    .map(String::from)
+                    .filter(|_| st.aborted_by_controller()),
+                w,
+            )
         };
         if let (Some(why), false) = (&aborted, written.is_empty()) {
             // Ranks that finished storing after the controller gave the attempt up:
