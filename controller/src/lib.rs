@@ -20,6 +20,7 @@ pub mod client;
 pub mod demo;
 pub mod munge;
 pub mod readdress;
+pub mod report;
 pub mod serve;
 pub mod simagent;
 pub use ckpt_shared::tls;
