@@ -1,7 +1,7 @@
 //! Protocol overhead of one job checkpoint: FREEZE to RESUME (every agent frozen and
 //! captured, the dump work itself left out), for 10 and for 1,000 agents over
 //! loopback QUIC with mutual TLS, against the real controller (`serve::start`).
-//! The agents are tasks in this process ([`ckpt_controller::simagent`]) that answer
+//! The agents are tasks in this process (`tests/common/simagent.rs`) that answer
 //! each step at once. Also shown: the whole save, through the STORE round and the
 //! commit of the job manifest to a local store, as the CLI sees it.
 //!
@@ -12,7 +12,10 @@
 use std::time::{Duration, Instant};
 
 use ckpt_controller::api::{Done, Event, Request};
-use ckpt_controller::{client, serve, simagent, tls};
+use ckpt_controller::{client, serve, tls};
+
+#[path = "../tests/common/simagent.rs"]
+mod simagent;
 
 fn stats(mut v: Vec<f64>) -> (f64, f64, f64) {
     v.sort_by(|a, b| a.partial_cmp(b).unwrap());

@@ -367,36 +367,6 @@ fn when(unix: u64) -> String {
     }
 }
 
-/// Prints the summary of a finished save or restore.
-pub fn print_outcome(what: &str, o: &api::Outcome) {
-    println!(
-        "{what} {} of job {}: {} ranks on {}",
-        o.ckpt,
-        o.job,
-        o.ranks,
-        o.nodes.join(",")
-    );
-    if what == "saved" {
-        println!(
-            "  job stood still {:.1} ms; total {:.1} ms; memory {}, stored {} ({}/s)",
-            o.freeze_ms,
-            o.total_ms,
-            client::human(o.memory_bytes),
-            client::human(o.stored_bytes),
-            client::human((o.memory_bytes as f64 / (o.total_ms.max(0.001) / 1e3)) as u64)
-        );
-    } else {
-        println!(
-            "  released after {:.1} ms; memory {}",
-            o.total_ms,
-            client::human(o.memory_bytes)
-        );
-        for p in &o.pids {
-            println!("  rank {:>4} on {:<12} PID {}", p.rank, p.node, p.pid);
-        }
-    }
-}
-
 pub fn run(cli: Cli) -> Result<(), CommandError> {
     let remote = cli.controller.clone();
     let munge_socket = cli.munge_socket.clone();
@@ -523,7 +493,7 @@ pub fn run(cli: Cli) -> Result<(), CommandError> {
             if json {
                 print_json(&o)?;
             } else if wait {
-                print_outcome("saved", &o);
+                client::print_outcome("saved", &o);
             } else {
                 println!("{}", o.ckpt);
                 eprintln!("save of job {} started; `ckpt-controller ckpt list --job {}` shows it once committed", o.job, o.job);
@@ -552,7 +522,7 @@ pub fn run(cli: Cli) -> Result<(), CommandError> {
             if json {
                 print_json(&o)?;
             } else {
-                print_outcome("restored", &o);
+                client::print_outcome("restored", &o);
             }
         }
         Command::Ckpt(CkptCommand::List { job, socket, json }) => {

@@ -1,5 +1,6 @@
 //! The client side of the local API ([`crate::api`]): what the `job` and `ckpt`
-//! commands do.
+//! commands do, and how they show progress and outcomes (used by the CLI and by
+//! the demo alike, so neither depends on the other).
 
 use std::io::{BufRead, IsTerminal, Write};
 use std::path::Path;
@@ -154,6 +155,36 @@ pub fn human(b: u64) -> String {
         format!("{b} B")
     } else {
         format!("{v:.1} {}", units[u])
+    }
+}
+
+/// Prints the summary of a finished save or restore.
+pub fn print_outcome(what: &str, o: &crate::api::Outcome) {
+    println!(
+        "{what} {} of job {}: {} ranks on {}",
+        o.ckpt,
+        o.job,
+        o.ranks,
+        o.nodes.join(",")
+    );
+    if what == "saved" {
+        println!(
+            "  job stood still {:.1} ms; total {:.1} ms; memory {}, stored {} ({}/s)",
+            o.freeze_ms,
+            o.total_ms,
+            human(o.memory_bytes),
+            human(o.stored_bytes),
+            human((o.memory_bytes as f64 / (o.total_ms.max(0.001) / 1e3)) as u64)
+        );
+    } else {
+        println!(
+            "  released after {:.1} ms; memory {}",
+            o.total_ms,
+            human(o.memory_bytes)
+        );
+        for p in &o.pids {
+            println!("  rank {:>4} on {:<12} PID {}", p.rank, p.node, p.pid);
+        }
     }
 }
 

@@ -430,7 +430,7 @@ pub fn run(mib: usize, keep: bool) -> Result<(), DemoError> {
             external_tcp: None,
         },
     )?;
-    crate::cli::print_outcome("saved", &s1);
+    client::print_outcome("saved", &s1);
     let steps_before = logs.iter().map(|l| last_step(l)).min().unwrap_or(0);
     std::thread::sleep(Duration::from_millis(300));
     let steps_after = logs.iter().map(|l| last_step(l)).min().unwrap_or(0);
@@ -446,7 +446,7 @@ pub fn run(mib: usize, keep: bool) -> Result<(), DemoError> {
             external_tcp: None,
         },
     )?;
-    crate::cli::print_outcome("saved", &s2);
+    client::print_outcome("saved", &s2);
     for c in &mut clean.ranks {
         c.wait().map_err(|source| DemoError::WaitRank { source })?;
     }
@@ -465,7 +465,7 @@ pub fn run(mib: usize, keep: bool) -> Result<(), DemoError> {
         },
     )?;
     clean.restored = r.pids.iter().map(|p| p.pid).collect();
-    crate::cli::print_outcome("restored", &r);
+    client::print_outcome("restored", &r);
     let t = Instant::now();
     while logs
         .iter()

@@ -22,5 +22,4 @@ pub mod munge;
 pub mod readdress;
 pub mod report;
 pub mod serve;
-pub mod simagent;
 pub use ckpt_shared::tls;

@@ -8,9 +8,12 @@ use std::os::unix::process::CommandExt;
 use std::time::Duration;
 
 use ckpt_controller::api::Request;
-use ckpt_controller::{client, munge, serve, simagent, tls};
+use ckpt_controller::{client, munge, serve, tls};
 use ckpt_shared::wire;
 use ckpt_tests::munge::Munged;
+
+#[path = "common/simagent.rs"]
+mod simagent;
 
 fn raw(addr: std::net::SocketAddr, line: &str) -> String {
     let mut s = std::net::TcpStream::connect(addr).unwrap();

@@ -7,9 +7,12 @@
 use std::time::Duration;
 
 use ckpt_controller::api::{Done, Event, Request};
-use ckpt_controller::{client, serve, simagent, tls};
+use ckpt_controller::{client, serve, tls};
 use ckpt_shared::proto::{FromAgent, Hello, PROTO_VERSION};
 use ckpt_shared::wire;
+
+#[path = "common/simagent.rs"]
+mod simagent;
 
 struct Ctl {
     _dir: tempfile::TempDir,
