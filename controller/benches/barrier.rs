@@ -46,14 +46,17 @@ fn main() {
     );
     std::fs::create_dir_all(dir.path().join("store")).unwrap();
     let socket = dir.path().join("ctl.sock");
-    let ctl = serve::start(serve::Config {
-        listen: "127.0.0.1:0".parse().unwrap(),
-        store: format!("file://{}", dir.path().join("store").display()),
-        certs: certs.clone(),
-        socket: socket.clone(),
-        lease_secs: 30.0,
-        ..serve::Config::default()
-    })
+    let ctl = serve::start(
+        serve::Config {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            store: format!("file://{}", dir.path().join("store").display()),
+            certs: certs.clone(),
+            socket: socket.clone(),
+            lease_secs: 30.0,
+            ..serve::Config::default()
+        },
+        serve::ServeOptions::default(),
+    )
     .unwrap();
     ADDR.set(ctl.addr).unwrap();
     let rt = tokio::runtime::Builder::new_multi_thread()

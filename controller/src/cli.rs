@@ -367,6 +367,17 @@ fn when(unix: u64) -> String {
     }
 }
 
+/// What the controller takes from the environment: read here, in the CLI layer,
+/// and nowhere below it.
+fn serve_options() -> crate::serve::ServeOptions {
+    crate::serve::ServeOptions {
+        store: ckpt_shared::objstore::StoreConfig::from_env(),
+        leases: ckpt_shared::gc::Leases::from_env(),
+        #[cfg(feature = "test-hooks")]
+        test_pause: std::env::var("CKPT_TEST_PAUSE").ok(),
+    }
+}
+
 pub fn run(cli: Cli) -> Result<(), CommandError> {
     let remote = cli.controller.clone();
     let munge_socket = cli.munge_socket.clone();
@@ -409,7 +420,7 @@ pub fn run(cli: Cli) -> Result<(), CommandError> {
                     secs: cfg.lease_secs,
                 });
             }
-            let r = crate::serve::start(cfg.clone())?;
+            let r = crate::serve::start(cfg.clone(), serve_options())?;
             eprintln!(
                 "ckpt-controller: serving agents on {} (QUIC), commands on {}, store {}",
                 r.addr,
@@ -418,7 +429,7 @@ pub fn run(cli: Cli) -> Result<(), CommandError> {
             );
             r.wait();
         }
-        Command::Demo { mib, keep } => crate::demo::run(mib.max(1), keep)?,
+        Command::Demo { mib, keep } => crate::demo::run(mib.max(1), keep, serve_options())?,
         Command::DemoRank {
             rank,
             mib,

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use crate::api::{Done, Event, Outcome, Request};
 use crate::client::{self, ClientError};
-use crate::serve::ServeError;
+use crate::serve::{ServeError, ServeOptions};
 use ckpt_shared::tls::TlsError;
 
 /// The demo could not run, or the job did not continue correctly.
@@ -240,8 +240,9 @@ fn call(socket: &Path, req: Request) -> Result<Outcome, DemoError> {
     }
 }
 
-/// Runs the demo.
-pub fn run(mib: usize, keep: bool) -> Result<(), DemoError> {
+/// Runs the demo; its controller takes `opts` (what the CLI read from the
+/// environment).
+pub fn run(mib: usize, keep: bool, opts: ServeOptions) -> Result<(), DemoError> {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
         return Err(DemoError::NotRoot);
@@ -288,7 +289,7 @@ pub fn run(mib: usize, keep: bool) -> Result<(), DemoError> {
         lease_secs: 5.0,
         ..crate::serve::Config::default()
     };
-    let ctl = crate::serve::start(cfg.clone())?;
+    let ctl = crate::serve::start(cfg.clone(), opts)?;
     println!(
         "== controller on {} (QUIC, mutual TLS), store {}",
         ctl.addr, cfg.store

@@ -227,6 +227,24 @@ pub enum RequestError {
     Task(tokio::task::JoinError),
 }
 
+/// What `serve` takes from its environment rather than from its config file. The
+/// CLI layer reads it (`ckpt-controller serve` and `demo`); the library never
+/// reads the environment, so a test or an embedding sets each field itself.
+#[derive(Debug, Clone, Default)]
+pub struct ServeOptions {
+    /// The store's settings under the config file's `[s3]` table (whose values
+    /// win): in the CLI, the AWS_* variables and `CKPT_STORE_RETRY_SECS`.
+    pub store: StoreConfig,
+    /// How long the markers of checkpoints and gcs count as alive, for `ckpt gc`
+    /// (in the CLI, `CKPT_GC_WAIT_SECS`).
+    pub leases: Leases,
+    /// Test hook (`CKPT_TEST_PAUSE=frozen` in the CLI): a save stops for good once
+    /// every rank is frozen, so that a test can kill the controller and watch the
+    /// agents' leases. Only in builds with the `test-hooks` feature.
+    #[cfg(feature = "test-hooks")]
+    pub test_pause: Option<String>,
+}
+
 /// Where the controller's local API listens by default.
 pub const DEFAULT_SOCKET: &str = "/run/ckpt/controller.sock";
 
@@ -312,8 +330,9 @@ impl Config {
         Duration::from_secs_f64(self.lease_secs)
     }
 
-    fn store_config(&self) -> StoreConfig {
-        let mut c = StoreConfig::from_env();
+    /// `base` (the environment's settings) with the file's `[s3]` over it.
+    fn store_config(&self, base: &StoreConfig) -> StoreConfig {
+        let mut c = base.clone();
         let s = &self.s3;
         // The file's settings win over the environment's.
         if s.endpoint.is_some() {
@@ -359,6 +378,7 @@ struct Registry {
 
 struct Ctl {
     cfg: Config,
+    opts: ServeOptions,
     store: Arc<BlockingStore>,
     reg: Mutex<Registry>,
     next_attempt: std::sync::atomic::AtomicU64,
@@ -394,7 +414,7 @@ impl Drop for Running {
 
 /// Starts the controller: opens the store and reads its catalog, binds the QUIC
 /// port and the API socket.
-pub fn start(cfg: Config) -> Result<Running, ServeError> {
+pub fn start(cfg: Config, opts: ServeOptions) -> Result<Running, ServeError> {
     let id = Identity::controller(&cfg.certs).map_err(|source| ServeError::Identity {
         certs: cfg.certs.clone(),
         source: Box::new(source),
@@ -404,7 +424,7 @@ pub fn start(cfg: Config) -> Result<Running, ServeError> {
     })?;
     server.transport_config(tls::transport(cfg.lease()));
     let store = Arc::new(
-        BlockingStore::open(&cfg.store, &cfg.store_config()).map_err(|source| {
+        BlockingStore::open(&cfg.store, &cfg.store_config(&opts.store)).map_err(|source| {
             ServeError::StoreOpen {
                 url: cfg.store.clone(),
                 source: Box::new(source),
@@ -456,6 +476,7 @@ pub fn start(cfg: Config) -> Result<Running, ServeError> {
     }
     let ctl = Arc::new(Ctl {
         cfg: cfg.clone(),
+        opts,
         store: store.clone(),
         reg: Mutex::new(Registry {
             catalog,
@@ -936,7 +957,7 @@ fn request(ctl: &Arc<Ctl>, req: Request, uid: u32, tx: mpsc::UnboundedSender<Eve
                 tokio::spawn(async move {
                     let store = ctl.store.clone();
                     let r = tokio::task::spawn_blocking(move || {
-                        store.block_on(gc::gc(store.backend(), &Leases::from_env()))
+                        store.block_on(gc::gc(store.backend(), &ctl.opts.leases))
                     })
                     .await;
                     let ev = match r {
@@ -1366,9 +1387,10 @@ async fn drive_save(
                         if before == barrier::Phase::Capturing && b.phase() == barrier::Phase::Storing {
                             freeze_us = t0.elapsed().as_micros() as u64;
                         }
+                        #[cfg(feature = "test-hooks")]
                         if before == barrier::Phase::Freezing
                             && b.phase() == barrier::Phase::Capturing
-                            && std::env::var("CKPT_TEST_PAUSE").as_deref() == Ok("frozen")
+                            && ctl.opts.test_pause.as_deref() == Some("frozen")
                         {
                             // Test hook: every rank is frozen; hold here so that a
                             // test can kill the controller and watch the leases.
