@@ -1,7 +1,7 @@
 //! Protocol overhead of one job checkpoint: FREEZE to RESUME (every agent frozen and
 //! captured, the dump work itself left out), for 10 and for 1,000 agents over
 //! loopback QUIC with mutual TLS, against the real controller (`serve::start`).
-//! The agents are tasks in this process ([`ckpt_controller::simagent`]) that answer
+//! The agents are tasks in this process (`tests/common/simagent.rs`) that answer
 //! each step at once. Also shown: the whole save, through the STORE round and the
 //! commit of the job manifest to a local store, as the CLI sees it.
 //!
@@ -12,7 +12,10 @@
 use std::time::{Duration, Instant};
 
 use ckpt_controller::api::{Done, Event, Request};
-use ckpt_controller::{client, serve, simagent, tls};
+use ckpt_controller::{client, serve, tls};
+
+#[path = "../tests/common/simagent.rs"]
+mod simagent;
 
 fn stats(mut v: Vec<f64>) -> (f64, f64, f64) {
     v.sort_by(|a, b| a.partial_cmp(b).unwrap());
@@ -43,14 +46,17 @@ fn main() {
     );
     std::fs::create_dir_all(dir.path().join("store")).unwrap();
     let socket = dir.path().join("ctl.sock");
-    let ctl = serve::start(serve::Config {
-        listen: "127.0.0.1:0".parse().unwrap(),
-        store: format!("file://{}", dir.path().join("store").display()),
-        certs: certs.clone(),
-        socket: socket.clone(),
-        lease_secs: 30.0,
-        ..serve::Config::default()
-    })
+    let ctl = serve::start(
+        serve::Config {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            store: format!("file://{}", dir.path().join("store").display()),
+            certs: certs.clone(),
+            socket: socket.clone(),
+            lease_secs: 30.0,
+            ..serve::Config::default()
+        },
+        serve::ServeOptions::default(),
+    )
     .unwrap();
     ADDR.set(ctl.addr).unwrap();
     let rt = tokio::runtime::Builder::new_multi_thread()

@@ -2,13 +2,39 @@
 
 use std::path::PathBuf;
 
-use anyhow::Context;
-use anyhow::Result;
 use clap::{Parser, Subcommand};
 
 use crate::api::{self, Done, Event, Request};
-use crate::client;
+use crate::client::{self, ClientError};
+use crate::demo::DemoError;
+use crate::serve::ServeError;
 use ckpt_shared::proto::ExternalTcp;
+use ckpt_shared::tls::TlsError;
+
+/// A command of `ckpt-controller` that failed. The binary prints it with its
+/// causes ("a: b: c").
+#[derive(Debug, thiserror::Error)]
+pub enum CommandError {
+    #[error(transparent)]
+    Serve(#[from] ServeError),
+    #[error(transparent)]
+    Client(#[from] ClientError),
+    #[error(transparent)]
+    Demo(#[from] DemoError),
+    #[error(transparent)]
+    Ca(#[from] TlsError),
+    #[error("the lease must be between 0.2 and 3600 seconds")]
+    Lease { secs: f64 },
+    #[error("the controller's answer has no outcome")]
+    NoOutcome,
+    #[error("no checkpoint in the answer")]
+    NoCheckpoint,
+    #[error("printing the answer as JSON")]
+    Json {
+        #[source]
+        source: serde_json::Error,
+    },
+}
 
 /// ckpt-controller: checkpoints of whole jobs across nodes.
 ///
@@ -301,8 +327,9 @@ pub enum CaCommand {
     },
 }
 
-fn print_json(v: &impl serde::Serialize) -> Result<()> {
-    println!("{}", serde_json::to_string_pretty(v)?);
+fn print_json(v: &impl serde::Serialize) -> Result<(), CommandError> {
+    let text = serde_json::to_string_pretty(v).map_err(|source| CommandError::Json { source })?;
+    println!("{text}");
     Ok(())
 }
 
@@ -340,37 +367,18 @@ fn when(unix: u64) -> String {
     }
 }
 
-/// Prints the summary of a finished save or restore.
-pub fn print_outcome(what: &str, o: &api::Outcome) {
-    println!(
-        "{what} {} of job {}: {} ranks on {}",
-        o.ckpt,
-        o.job,
-        o.ranks,
-        o.nodes.join(",")
-    );
-    if what == "saved" {
-        println!(
-            "  job stood still {:.1} ms; total {:.1} ms; memory {}, stored {} ({}/s)",
-            o.freeze_ms,
-            o.total_ms,
-            client::human(o.memory_bytes),
-            client::human(o.stored_bytes),
-            client::human((o.memory_bytes as f64 / (o.total_ms.max(0.001) / 1e3)) as u64)
-        );
-    } else {
-        println!(
-            "  released after {:.1} ms; memory {}",
-            o.total_ms,
-            client::human(o.memory_bytes)
-        );
-        for p in &o.pids {
-            println!("  rank {:>4} on {:<12} PID {}", p.rank, p.node, p.pid);
-        }
+/// What the controller takes from the environment: read here, in the CLI layer,
+/// and nowhere below it.
+fn serve_options() -> crate::serve::ServeOptions {
+    crate::serve::ServeOptions {
+        store: ckpt_shared::objstore::StoreConfig::from_env(),
+        leases: ckpt_shared::gc::Leases::from_env(),
+        #[cfg(feature = "test-hooks")]
+        test_pause: std::env::var("CKPT_TEST_PAUSE").ok(),
     }
 }
 
-pub fn run(cli: Cli) -> Result<()> {
+pub fn run(cli: Cli) -> Result<(), CommandError> {
     let remote = cli.controller.clone();
     let munge_socket = cli.munge_socket.clone();
     let target = |socket: &std::path::Path| match &remote {
@@ -408,9 +416,11 @@ pub fn run(cli: Cli) -> Result<()> {
                 cfg.munge_socket = Some(v);
             }
             if !(0.2..=3600.0).contains(&cfg.lease_secs) {
-                anyhow::bail!("the lease must be between 0.2 and 3600 seconds");
+                return Err(CommandError::Lease {
+                    secs: cfg.lease_secs,
+                });
             }
-            let r = crate::serve::start(cfg.clone())?;
+            let r = crate::serve::start(cfg.clone(), serve_options())?;
             eprintln!(
                 "ckpt-controller: serving agents on {} (QUIC), commands on {}, store {}",
                 r.addr,
@@ -419,7 +429,7 @@ pub fn run(cli: Cli) -> Result<()> {
             );
             r.wait();
         }
-        Command::Demo { mib, keep } => crate::demo::run(mib.max(1), keep)?,
+        Command::Demo { mib, keep } => crate::demo::run(mib.max(1), keep, serve_options())?,
         Command::DemoRank {
             rank,
             mib,
@@ -490,11 +500,11 @@ pub fn run(cli: Cli) -> Result<()> {
             });
             bar.finish();
             let (o, ..) = done_parts(r?);
-            let o = o.context("the controller's answer has no outcome")?;
+            let o = o.ok_or(CommandError::NoOutcome)?;
             if json {
                 print_json(&o)?;
             } else if wait {
-                print_outcome("saved", &o);
+                client::print_outcome("saved", &o);
             } else {
                 println!("{}", o.ckpt);
                 eprintln!("save of job {} started; `ckpt-controller ckpt list --job {}` shows it once committed", o.job, o.job);
@@ -519,11 +529,11 @@ pub fn run(cli: Cli) -> Result<()> {
             );
             bar.finish();
             let (o, ..) = done_parts(r?);
-            let o = o.context("the controller's answer has no outcome")?;
+            let o = o.ok_or(CommandError::NoOutcome)?;
             if json {
                 print_json(&o)?;
             } else {
-                print_outcome("restored", &o);
+                client::print_outcome("restored", &o);
             }
         }
         Command::Ckpt(CkptCommand::List { job, socket, json }) => {
@@ -559,10 +569,7 @@ pub fn run(cli: Cli) -> Result<()> {
                 &Request::Show { ckpt },
                 |_| {},
             )?);
-            let m = ckpts
-                .into_iter()
-                .next()
-                .context("no checkpoint in the answer")?;
+            let m = ckpts.into_iter().next().ok_or(CommandError::NoCheckpoint)?;
             if json {
                 print_json(&m)?;
             } else {
@@ -668,4 +675,98 @@ pub fn run(cli: Cli) -> Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::munge::MungeError;
+
+    fn enoent() -> std::io::Error {
+        std::io::Error::from_raw_os_error(libc::ENOENT)
+    }
+
+    /// Prints `e` as the binary does, and checks that every error of its chain
+    /// shows up exactly once: a Display that also prints its `#[source]` would
+    /// show the cause twice.
+    fn printed_once(e: CommandError) -> String {
+        let mut levels = Vec::new();
+        let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(&e);
+        while let Some(c) = cur {
+            levels.push(c.to_string());
+            cur = c.source();
+        }
+        let text = format!("{:#}", anyhow::Error::from(e));
+        for l in &levels {
+            assert_eq!(text.matches(l.as_str()).count(), 1, "{l:?} in {text:?}");
+        }
+        text
+    }
+
+    #[test]
+    fn the_binary_prints_each_cause_of_an_error_once() {
+        let os = enoent().to_string();
+        let t = printed_once(
+            ServeError::ConfigRead {
+                path: "/etc/ckpt/controller.toml".into(),
+                source: enoent(),
+            }
+            .into(),
+        );
+        assert_eq!(
+            t,
+            format!("reading the config file /etc/ckpt/controller.toml: {os}")
+        );
+        let t = printed_once(
+            ClientError::ConnectSocket {
+                socket: "/run/ckpt/controller.sock".into(),
+                source: enoent(),
+            }
+            .into(),
+        );
+        assert!(t.starts_with("cannot reach the controller at /run/ckpt/controller.sock"));
+        assert!(t.ends_with(&format!("--controller HOST:PORT: {os}")), "{t}");
+        // Three levels deep, through transparent wrappers.
+        let t = printed_once(
+            ClientError::from(MungeError::Spawn {
+                program: "munge",
+                hint: " (install the munge package, and run munged)",
+                source: enoent(),
+            })
+            .into(),
+        );
+        assert_eq!(
+            t,
+            format!("running `munge` (install the munge package, and run munged): {os}")
+        );
+        let t = printed_once(
+            DemoError::File {
+                op: "creating",
+                path: "/var/tmp/ckpt-demo.x/agent.log".into(),
+                source: enoent(),
+            }
+            .into(),
+        );
+        assert_eq!(t, format!("creating /var/tmp/ckpt-demo.x/agent.log: {os}"));
+        let bad = toml::from_str::<crate::serve::Config>("listen = 3").unwrap_err();
+        let t = printed_once(
+            ServeError::ConfigParse {
+                path: "/c.toml".into(),
+                source: Box::new(bad.clone()),
+            }
+            .into(),
+        );
+        assert_eq!(t, format!("config file /c.toml: {bad}"));
+        // The controller's refusal is its own words, and nothing else.
+        let t = printed_once(
+            ClientError::Refused {
+                reason: "job j belongs to uid 0; uid 65534 may save only its own jobs".into(),
+            }
+            .into(),
+        );
+        assert_eq!(
+            t,
+            "job j belongs to uid 0; uid 65534 may save only its own jobs"
+        );
+    }
 }

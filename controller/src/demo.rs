@@ -13,10 +13,76 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context, Result};
-
 use crate::api::{Done, Event, Outcome, Request};
-use crate::client;
+use crate::client::{self, ClientError};
+use crate::serve::{ServeError, ServeOptions};
+use ckpt_shared::tls::TlsError;
+
+/// The demo could not run, or the job did not continue correctly.
+#[derive(Debug, thiserror::Error)]
+pub enum DemoError {
+    #[error("the demo freezes and restores processes with ptrace: run it as root")]
+    NotRoot,
+    #[error("finding the path of this program")]
+    CurrentExe {
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{} not found: build both binaries (cargo build --release)", path.display())]
+    NoAgentBinary { path: PathBuf },
+    #[error("{op} {}", path.display())]
+    File {
+        op: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Ca(#[from] TlsError),
+    #[error(transparent)]
+    Serve(#[from] ServeError),
+    #[error(transparent)]
+    Client(#[from] ClientError),
+    #[error("starting {what}")]
+    Spawn {
+        what: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the agent did not register; its log:\n{log}")]
+    NotRegistered { log: String },
+    #[error("attach: {stderr}")]
+    Attach { stderr: String },
+    #[error("waiting for a rank killed by the save")]
+    WaitRank {
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{which} do not compute")]
+    NotComputing { which: &'static str },
+    #[error("no outcome in the controller's answer")]
+    NoOutcome,
+    #[error("rank {rank}, line {line}: unexpected {text:?}")]
+    LogLine {
+        rank: u32,
+        line: usize,
+        text: String,
+    },
+    #[error(
+        "rank {rank}, line {line}: step {step} value {value:016x}, expected step {want_step} \
+         value {want:016x}"
+    )]
+    LogValue {
+        rank: u32,
+        line: usize,
+        step: u64,
+        value: u64,
+        want_step: u64,
+        want: u64,
+    },
+    #[error("the job did not continue correctly")]
+    Broken,
+}
 
 const RANKS: u32 = 4;
 const JOB: &str = "demo";
@@ -81,24 +147,40 @@ pub fn rank_main(rank: u32, mib: usize, interval_ms: u64) -> ! {
 }
 
 /// Checks a rank's log: steps 1..=N in order, each value recomputed. Returns N.
-fn verify(rank: u32, mib: usize, log: &Path) -> Result<u64> {
+fn verify(rank: u32, mib: usize, log: &Path) -> Result<u64, DemoError> {
     let mut sim = RankSim::new(rank, mib);
-    let f = std::fs::File::open(log)?;
+    let read = |source| DemoError::File {
+        op: "reading",
+        path: log.to_path_buf(),
+        source,
+    };
+    let f = std::fs::File::open(log).map_err(read)?;
     for (i, l) in std::io::BufReader::new(f).lines().enumerate() {
-        let l = l?;
+        let l = l.map_err(read)?;
         let mut it = l.split_whitespace();
-        let (Some("step"), Some(n), Some(c)) = (it.next(), it.next(), it.next()) else {
-            bail!("rank {rank}, line {}: unexpected {l:?}", i + 1);
+        let parsed = match (it.next(), it.next(), it.next()) {
+            (Some("step"), Some(n), Some(c)) => {
+                n.parse::<u64>().ok().zip(u64::from_str_radix(c, 16).ok())
+            }
+            _ => None,
+        };
+        let Some((n, c)) = parsed else {
+            return Err(DemoError::LogLine {
+                rank,
+                line: i + 1,
+                text: l,
+            });
         };
         let want = sim.step_once();
-        let n: u64 = n.parse()?;
-        let c = u64::from_str_radix(c, 16)?;
         if n != sim.step || c != want {
-            bail!(
-                "rank {rank}, line {}: step {n} value {c:016x}, expected step {} value {want:016x}",
-                i + 1,
-                sim.step
-            );
+            return Err(DemoError::LogValue {
+                rank,
+                line: i + 1,
+                step: n,
+                value: c,
+                want_step: sim.step,
+                want,
+            });
         }
     }
     Ok(sim.step)
@@ -146,7 +228,7 @@ impl Drop for Cleanup {
     }
 }
 
-fn call(socket: &Path, req: Request) -> Result<Outcome> {
+fn call(socket: &Path, req: Request) -> Result<Outcome, DemoError> {
     let mut bar = client::Bar::default();
     let r = client::call(socket, &req, |e| bar.show(e));
     bar.finish();
@@ -154,28 +236,39 @@ fn call(socket: &Path, req: Request) -> Result<Outcome> {
         Event::Done(Done {
             outcome: Some(o), ..
         }) => Ok(o),
-        _ => bail!("no outcome in the controller's answer"),
+        _ => Err(DemoError::NoOutcome),
     }
 }
 
-/// Runs the demo.
-pub fn run(mib: usize, keep: bool) -> Result<()> {
+/// Runs the demo; its controller takes `opts` (what the CLI read from the
+/// environment).
+pub fn run(mib: usize, keep: bool, opts: ServeOptions) -> Result<(), DemoError> {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
-        bail!("the demo freezes and restores processes with ptrace: run it as root");
+        return Err(DemoError::NotRoot);
     }
-    let exe = std::env::current_exe()?;
+    let exe = std::env::current_exe().map_err(|source| DemoError::CurrentExe { source })?;
     let agent_bin = exe.with_file_name("ckpt-agent");
     if !agent_bin.is_file() {
-        bail!(
-            "{} not found: build both binaries (cargo build --release)",
-            agent_bin.display()
-        );
+        return Err(DemoError::NoAgentBinary { path: agent_bin });
     }
     let dir = tempfile::Builder::new()
         .prefix("ckpt-demo.")
-        .tempdir_in("/var/tmp")?
+        .tempdir_in("/var/tmp")
+        .map_err(|source| DemoError::File {
+            op: "creating a directory in",
+            path: "/var/tmp".into(),
+            source,
+        })?
         .keep();
+    let create = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| DemoError::File {
+            op: "creating",
+            path,
+            source,
+        }
+    };
     let mut clean = Cleanup {
         dir: dir.clone(),
         agent: None,
@@ -186,23 +279,25 @@ pub fn run(mib: usize, keep: bool) -> Result<()> {
     let certs = dir.join("certs");
     crate::tls::ca_init(&certs, &["127.0.0.1".into()], &["local".into()])?;
     let store = dir.join("store");
-    std::fs::create_dir_all(&store)?;
+    std::fs::create_dir_all(&store).map_err(create(&store))?;
     let socket = dir.join("controller.sock");
     let cfg = crate::serve::Config {
-        listen: "127.0.0.1:0".parse()?,
+        listen: std::net::SocketAddr::from(([127, 0, 0, 1], 0)),
         store: format!("file://{}", store.display()),
         certs: certs.clone(),
         socket: socket.clone(),
         lease_secs: 5.0,
         ..crate::serve::Config::default()
     };
-    let ctl = crate::serve::start(cfg.clone())?;
+    let ctl = crate::serve::start(cfg.clone(), opts)?;
     println!(
         "== controller on {} (QUIC, mutual TLS), store {}",
         ctl.addr, cfg.store
     );
     let agent_socket = dir.join("agent.sock");
-    let agent_log = std::fs::File::create(dir.join("agent.log"))?;
+    let agent_log_path = dir.join("agent.log");
+    let agent_log = std::fs::File::create(&agent_log_path).map_err(create(&agent_log_path))?;
+    let agent_log_2 = agent_log.try_clone().map_err(create(&agent_log_path))?;
     clean.agent = Some(
         Command::new(&agent_bin)
             .args(["serve", "--name", "local", "--controller"])
@@ -212,10 +307,13 @@ pub fn run(mib: usize, keep: bool) -> Result<()> {
             .arg("--socket")
             .arg(&agent_socket)
             .stdin(Stdio::null())
-            .stdout(agent_log.try_clone()?)
+            .stdout(agent_log_2)
             .stderr(agent_log)
             .spawn()
-            .context("starting ckpt-agent serve")?,
+            .map_err(|source| DemoError::Spawn {
+                what: "ckpt-agent serve",
+                source,
+            })?,
     );
     let t = Instant::now();
     loop {
@@ -230,10 +328,9 @@ pub fn run(mib: usize, keep: bool) -> Result<()> {
             break;
         }
         if t.elapsed() > Duration::from_secs(15) {
-            bail!(
-                "the agent did not register; its log:\n{}",
-                std::fs::read_to_string(dir.join("agent.log")).unwrap_or_default()
-            );
+            return Err(DemoError::NotRegistered {
+                log: std::fs::read_to_string(&agent_log_path).unwrap_or_default(),
+            });
         }
         std::thread::sleep(Duration::from_millis(50));
     }
@@ -246,7 +343,9 @@ pub fn run(mib: usize, keep: bool) -> Result<()> {
         .map(|r| dir.join(format!("rank{r}.log")))
         .collect();
     for r in 0..RANKS {
-        let log = std::fs::File::create(&logs[r as usize])?;
+        let path = &logs[r as usize];
+        let log = std::fs::File::create(path).map_err(create(path))?;
+        let log_2 = log.try_clone().map_err(create(path))?;
         let mut cmd = Command::new(&exe);
         cmd.args([
             "__demo-rank",
@@ -257,7 +356,7 @@ pub fn run(mib: usize, keep: bool) -> Result<()> {
         ])
         .current_dir(&dir)
         .stdin(Stdio::null())
-        .stdout(log.try_clone()?)
+        .stdout(log_2)
         .stderr(log);
         // SAFETY: async-signal-safe calls only, between fork and exec: a session of
         // its own, and no descriptor of ours beyond stdio (a pipe of this process
@@ -274,7 +373,10 @@ pub fn run(mib: usize, keep: bool) -> Result<()> {
                 Ok(())
             });
         }
-        let child = cmd.spawn().context("starting a rank")?;
+        let child = cmd.spawn().map_err(|source| DemoError::Spawn {
+            what: "a rank",
+            source,
+        })?;
         let pid = child.id() as i32;
         clean.ranks.push(child);
         let reply = Command::new(&agent_bin)
@@ -289,15 +391,21 @@ pub fn run(mib: usize, keep: bool) -> Result<()> {
             ])
             .arg("--socket")
             .arg(&agent_socket)
-            .output()?;
+            .output()
+            .map_err(|source| DemoError::Spawn {
+                what: "ckpt-agent attach",
+                source,
+            })?;
         if !reply.status.success() {
-            bail!("attach: {}", String::from_utf8_lossy(&reply.stderr));
+            return Err(DemoError::Attach {
+                stderr: String::from_utf8_lossy(&reply.stderr).into_owned(),
+            });
         }
     }
     let t = Instant::now();
     while logs.iter().any(|l| last_step(l) < 20) {
         if t.elapsed() > Duration::from_secs(30) {
-            bail!("the ranks do not compute");
+            return Err(DemoError::NotComputing { which: "the ranks" });
         }
         std::thread::sleep(Duration::from_millis(20));
     }
@@ -323,7 +431,7 @@ pub fn run(mib: usize, keep: bool) -> Result<()> {
             external_tcp: None,
         },
     )?;
-    crate::cli::print_outcome("saved", &s1);
+    client::print_outcome("saved", &s1);
     let steps_before = logs.iter().map(|l| last_step(l)).min().unwrap_or(0);
     std::thread::sleep(Duration::from_millis(300));
     let steps_after = logs.iter().map(|l| last_step(l)).min().unwrap_or(0);
@@ -339,9 +447,9 @@ pub fn run(mib: usize, keep: bool) -> Result<()> {
             external_tcp: None,
         },
     )?;
-    crate::cli::print_outcome("saved", &s2);
+    client::print_outcome("saved", &s2);
     for c in &mut clean.ranks {
-        c.wait()?;
+        c.wait().map_err(|source| DemoError::WaitRank { source })?;
     }
     clean.ranks.clear();
     let at_kill: Vec<u64> = logs.iter().map(|l| last_step(l)).collect();
@@ -358,7 +466,7 @@ pub fn run(mib: usize, keep: bool) -> Result<()> {
         },
     )?;
     clean.restored = r.pids.iter().map(|p| p.pid).collect();
-    crate::cli::print_outcome("restored", &r);
+    client::print_outcome("restored", &r);
     let t = Instant::now();
     while logs
         .iter()
@@ -366,7 +474,9 @@ pub fn run(mib: usize, keep: bool) -> Result<()> {
         .any(|(l, k)| last_step(l) < k + 50)
     {
         if t.elapsed() > Duration::from_secs(30) {
-            bail!("the restored ranks do not compute");
+            return Err(DemoError::NotComputing {
+                which: "the restored ranks",
+            });
         }
         std::thread::sleep(Duration::from_millis(20));
     }
@@ -380,7 +490,7 @@ pub fn run(mib: usize, keep: bool) -> Result<()> {
             ),
             Err(e) => {
                 all_ok = false;
-                println!("   rank {i}: BROKEN: {e:#}");
+                println!("   rank {i}: BROKEN: {}", crate::report::chain(&e));
             }
         }
     }
@@ -424,7 +534,7 @@ pub fn run(mib: usize, keep: bool) -> Result<()> {
     drop(clean);
     drop(ctl);
     if !all_ok {
-        bail!("the job did not continue correctly");
+        return Err(DemoError::Broken);
     }
     println!("the job continued correctly after save, kill and restore");
     Ok(())

@@ -17,6 +17,8 @@ fn main() -> std::process::ExitCode {
     match ckpt_controller::cli::run(ckpt_controller::cli::Cli::parse()) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
+            // anyhow's alternate form: the error and each of its causes, once.
+            let e = anyhow::Error::from(e);
             eprintln!("ckpt-controller: error: {e:#}");
             std::process::ExitCode::FAILURE
         }

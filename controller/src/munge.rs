@@ -9,7 +9,29 @@ use std::io::Write;
 use std::path::Path;
 use std::process::{Command, Stdio};
 
-use anyhow::{bail, Context, Result};
+/// A credential that could not be made or was not accepted.
+#[derive(Debug, thiserror::Error)]
+pub enum MungeError {
+    #[error("running `{program}`{hint}")]
+    Spawn {
+        program: &'static str,
+        /// What to do about it, when the program may simply be missing.
+        hint: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("handing the credential to `unmunge`")]
+    Pipe {
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("munge could not make a credential: {stderr}")]
+    Encode { stderr: String },
+    #[error("the MUNGE credential was refused: {why}")]
+    Refused { why: String },
+    #[error("unmunge gave no UID")]
+    NoUid,
+}
 
 fn with_socket(cmd: &mut Command, socket: Option<&Path>) {
     if let Some(s) = socket {
@@ -18,25 +40,26 @@ fn with_socket(cmd: &mut Command, socket: Option<&Path>) {
 }
 
 /// A credential of the calling user with `payload`.
-pub fn encode(socket: Option<&Path>, payload: &str) -> Result<String> {
+pub fn encode(socket: Option<&Path>, payload: &str) -> Result<String, MungeError> {
     let mut cmd = Command::new("munge");
     with_socket(&mut cmd, socket);
     cmd.arg("--string").arg(payload);
-    let out = cmd
-        .output()
-        .context("running `munge` (install the munge package, and run munged)")?;
+    let out = cmd.output().map_err(|source| MungeError::Spawn {
+        program: "munge",
+        hint: " (install the munge package, and run munged)",
+        source,
+    })?;
     if !out.status.success() {
-        bail!(
-            "munge could not make a credential: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
+        return Err(MungeError::Encode {
+            stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        });
     }
     Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
 }
 
 /// Decodes `cred`: the UID it proves and its payload. An invalid, expired or
 /// replayed credential is an error that says which.
-pub fn decode(socket: Option<&Path>, cred: &str) -> Result<(u32, Vec<u8>)> {
+pub fn decode(socket: Option<&Path>, cred: &str) -> Result<(u32, Vec<u8>), MungeError> {
     let mut cmd = Command::new("unmunge");
     with_socket(&mut cmd, socket);
     let mut child = cmd
@@ -44,13 +67,19 @@ pub fn decode(socket: Option<&Path>, cred: &str) -> Result<(u32, Vec<u8>)> {
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
-        .context("running `unmunge`")?;
+        .map_err(|source| MungeError::Spawn {
+            program: "unmunge",
+            hint: "",
+            source,
+        })?;
+    let pipe = |source| MungeError::Pipe { source };
     child
         .stdin
         .take()
         .expect("piped")
-        .write_all(cred.as_bytes())?;
-    let out = child.wait_with_output()?;
+        .write_all(cred.as_bytes())
+        .map_err(pipe)?;
+    let out = child.wait_with_output().map_err(pipe)?;
     let text = String::from_utf8_lossy(&out.stdout);
     let field = |name: &str| {
         text.lines()
@@ -60,14 +89,14 @@ pub fn decode(socket: Option<&Path>, cred: &str) -> Result<(u32, Vec<u8>)> {
     if !out.status.success() {
         let why = field("STATUS:")
             .unwrap_or_else(|| String::from_utf8_lossy(&out.stderr).trim().to_string());
-        bail!("the MUNGE credential was refused: {why}");
+        return Err(MungeError::Refused { why });
     }
     let uid = field("UID:")
         .and_then(|u| {
             let open = u.rfind('(')?;
             u[open + 1..].trim_end_matches(')').parse().ok()
         })
-        .context("unmunge gave no UID")?;
+        .ok_or(MungeError::NoUid)?;
     // The payload follows the first empty line.
     let raw = &out.stdout;
     let start = raw

@@ -15,15 +15,15 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context, Result};
-use ckpt_shared::catalog::{self, JobManifest, JobRank, JOB_FORMAT_VERSION};
-use ckpt_shared::objstore::{BlockingStore, StoreConfig};
+use ckpt_shared::catalog::{self, CatalogError, JobManifest, JobRank, JOB_FORMAT_VERSION};
+use ckpt_shared::gc::{self, GcError, Leases};
+use ckpt_shared::objstore::{BlockingStore, ObjStoreError, StoreConfig};
 use ckpt_shared::proto::{
-    rank_image_name, AttachedRank, AttemptId, ExternalTcp, FromAgent, Hello, NodeInfo, RankRef,
-    RestoreRank, SaveSpec, ToAgent, PROTO_VERSION,
+    rank_image_name, AttachedRank, AttemptId, ExternalTcp, FrameError, FromAgent, Hello, NodeInfo,
+    RankRef, RestoreRank, SaveSpec, ToAgent, PROTO_VERSION,
 };
-use ckpt_shared::tls::{self, Identity};
-use ckpt_shared::wire;
+use ckpt_shared::tls::{self, Identity, TlsError};
+use ckpt_shared::wire::{self, WireError};
 use serde::Deserialize;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
 use tokio::sync::mpsc;
@@ -31,6 +31,219 @@ use tracing::{info, warn};
 
 use crate::api::{Done, Event, JobView, NodeView, Outcome, RankView, Request};
 use crate::barrier::{self, Action, Barrier, RestoreBarrier, Timeouts};
+
+/// The controller could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("reading the config file {}", path.display())]
+    ConfigRead {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("config file {}", path.display())]
+    ConfigParse {
+        path: PathBuf,
+        #[source]
+        source: Box<toml::de::Error>,
+    },
+    #[error(
+        "no controller certificate in {}: create the cluster CA with \
+         `ckpt-controller ca init --dir {}`",
+        certs.display(),
+        certs.display()
+    )]
+    Identity {
+        certs: PathBuf,
+        #[source]
+        source: Box<TlsError>,
+    },
+    #[error("the TLS configuration of the QUIC port")]
+    Tls {
+        #[source]
+        source: Box<TlsError>,
+    },
+    #[error("opening the store {url}")]
+    StoreOpen {
+        url: String,
+        #[source]
+        source: Box<ObjStoreError>,
+    },
+    #[error("the store {url} does not answer")]
+    StoreCheck {
+        url: String,
+        #[source]
+        source: Box<ObjStoreError>,
+    },
+    #[error("reading the catalog of the store {url}")]
+    Catalog {
+        url: String,
+        #[source]
+        source: Box<CatalogError>,
+    },
+    #[error("starting the controller's threads")]
+    Runtime {
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("creating {}", dir.display())]
+    SocketDir {
+        dir: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(
+        "another controller listens on {}; stop it or use another --socket",
+        socket.display()
+    )]
+    SocketInUse { socket: PathBuf },
+    #[error("binding the QUIC port {addr}")]
+    BindQuic {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("binding the API socket {}", socket.display())]
+    BindSocket {
+        socket: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("opening the API socket {} to every user (mode 0666)", socket.display())]
+    SocketMode {
+        socket: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("binding the TCP API {addr}")]
+    BindTcpApi {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// An agent's connection that ended in an error (logged; the agent is dropped).
+#[derive(Debug, thiserror::Error)]
+pub enum SessionError {
+    #[error("no stream opened")]
+    NoStream,
+    #[error(transparent)]
+    Connection(#[from] quinn::ConnectionError),
+    #[error(transparent)]
+    Wire(#[from] WireError),
+    #[error(transparent)]
+    Frame(#[from] FrameError),
+    #[error("no {expected}")]
+    Closed { expected: &'static str },
+    #[error("agent {name} speaks protocol {theirs}, this controller {PROTO_VERSION}")]
+    Protocol { name: String, theirs: u32 },
+    #[error("the agent began with {got:?} instead of Hello")]
+    NotHello { got: Box<FromAgent> },
+    #[error("an agent calls itself {name:?} but its certificate is for {names:?}")]
+    NotItsName { name: String, names: Vec<String> },
+    #[error("agent {name} sent {got:?} instead of Register")]
+    NotRegister { name: String, got: Box<FromAgent> },
+}
+
+/// A request of the API that is refused or failed: the text goes back to the
+/// client, who sees it as the command's error, so each says what to do. The
+/// store's errors are part of the text (there is no chain on the wire).
+#[derive(Debug, thiserror::Error)]
+pub enum RequestError {
+    #[error("bad request: {error}")]
+    BadRequest { error: serde_json::Error },
+    #[error("bad request in the credential: {error}")]
+    BadCredentialRequest { error: serde_json::Error },
+    #[error("{}", crate::report::chain(error))]
+    Credential { error: crate::munge::MungeError },
+    #[error("cannot tell who is asking (SO_PEERCRED)")]
+    NoPeerCred,
+    #[error("job {job} has no committed checkpoint (see `ckpt-controller ckpt list`)")]
+    NoLatest { job: String },
+    #[error("no checkpoint {id} in the catalog (see `ckpt-controller ckpt list`)")]
+    NoCheckpoint { id: String },
+    #[error("checkpoint {ckpt} belongs to uid {owner}; uid {uid} may act only on its own jobs")]
+    NotYourCheckpoint { ckpt: String, owner: u32, uid: u32 },
+    #[error("job {job} belongs to uid {owner}; uid {uid} may act only on its own jobs")]
+    NotYourJob { job: String, owner: u32, uid: u32 },
+    #[error("job {job} belongs to uid {owner}; uid {uid} may save only its own jobs")]
+    NotYourSave { job: String, owner: u32, uid: u32 },
+    #[error("only root may gc the store: it deletes chunks of every user")]
+    GcNotRoot,
+    #[error("no running job {job}: no agent has ranks of it (see `ckpt-controller job list`)")]
+    NoRunningJob { job: String },
+    #[error("job {job} has a save or restore in progress; wait for it to end")]
+    Busy { job: String },
+    #[error(
+        "checkpoint {ckpt} ran on {} nodes ({}); --nodes names {given}: give as many, or \
+         use --map RANK=NODE",
+        saved.len(),
+        saved.join(",")
+    )]
+    NodeCount {
+        ckpt: String,
+        saved: Vec<String>,
+        given: usize,
+    },
+    #[error("checkpoint {ckpt} has no rank {rank}")]
+    NoRank { ckpt: String, rank: u32 },
+    #[error(
+        "job {job} is running ({ranks} ranks attached): end it, or save it with --kill, \
+         before restoring it"
+    )]
+    JobRunning { job: String, ranks: usize },
+    #[error(
+        "no agent connected for node(s) {missing:?} (connected: {have:?}); choose others \
+         with --nodes or --map"
+    )]
+    NoAgent {
+        missing: Vec<String>,
+        have: Vec<String>,
+    },
+    #[error(
+        "rank {rank} was saved on kernel {saved} but node {node} runs {have}: restore it on \
+         nodes with the same kernel build"
+    )]
+    Kernel {
+        rank: u32,
+        saved: String,
+        node: String,
+        have: String,
+    },
+    #[error(
+        "the save of job {job} was aborted, nothing was committed and the job runs on: {reason}"
+    )]
+    SaveAborted { job: String, reason: String },
+    #[error("the restore of {ckpt} failed and no rank was released: {reason}")]
+    RestoreFailed { ckpt: String, reason: String },
+    #[error("removing {ckpt}: {error}")]
+    Remove { ckpt: String, error: CatalogError },
+    #[error("pruning job {job}: {error}")]
+    Prune { job: String, error: CatalogError },
+    #[error("{0}")]
+    Gc(GcError),
+    #[error("{0}")]
+    Task(tokio::task::JoinError),
+}
+
+/// What `serve` takes from its environment rather than from its config file. The
+/// CLI layer reads it (`ckpt-controller serve` and `demo`); the library never
+/// reads the environment, so a test or an embedding sets each field itself.
+#[derive(Debug, Clone, Default)]
+pub struct ServeOptions {
+    /// The store's settings under the config file's `[s3]` table (whose values
+    /// win): in the CLI, the AWS_* variables and `CKPT_STORE_RETRY_SECS`.
+    pub store: StoreConfig,
+    /// How long the markers of checkpoints and gcs count as alive, for `ckpt gc`
+    /// (in the CLI, `CKPT_GC_WAIT_SECS`).
+    pub leases: Leases,
+    /// Test hook (`CKPT_TEST_PAUSE=frozen` in the CLI): a save stops for good once
+    /// every rank is frozen, so that a test can kill the controller and watch the
+    /// agents' leases. Only in builds with the `test-hooks` feature.
+    #[cfg(feature = "test-hooks")]
+    pub test_pause: Option<String>,
+}
 
 /// Where the controller's local API listens by default.
 pub const DEFAULT_SOCKET: &str = "/run/ckpt/controller.sock";
@@ -102,18 +315,24 @@ impl Default for Config {
 
 impl Config {
     /// Reads a TOML config file.
-    pub fn load(path: &std::path::Path) -> Result<Config> {
-        let text = std::fs::read_to_string(path)
-            .with_context(|| format!("reading the config file {}", path.display()))?;
-        toml::from_str(&text).with_context(|| format!("config file {}", path.display()))
+    pub fn load(path: &std::path::Path) -> Result<Config, ServeError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ServeError::ConfigRead {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        toml::from_str(&text).map_err(|source| ServeError::ConfigParse {
+            path: path.to_path_buf(),
+            source: Box::new(source),
+        })
     }
 
     fn lease(&self) -> Duration {
         Duration::from_secs_f64(self.lease_secs)
     }
 
-    fn store_config(&self) -> StoreConfig {
-        let mut c = StoreConfig::from_env();
+    /// `base` (the environment's settings) with the file's `[s3]` over it.
+    fn store_config(&self, base: &StoreConfig) -> StoreConfig {
+        let mut c = base.clone();
         let s = &self.s3;
         // The file's settings win over the environment's.
         if s.endpoint.is_some() {
@@ -159,6 +378,7 @@ struct Registry {
 
 struct Ctl {
     cfg: Config,
+    opts: ServeOptions,
     store: Arc<BlockingStore>,
     reg: Mutex<Registry>,
     next_attempt: std::sync::atomic::AtomicU64,
@@ -194,26 +414,33 @@ impl Drop for Running {
 
 /// Starts the controller: opens the store and reads its catalog, binds the QUIC
 /// port and the API socket.
-pub fn start(cfg: Config) -> Result<Running> {
-    let id = Identity::controller(&cfg.certs).with_context(|| {
-        format!(
-            "no controller certificate in {}: create the cluster CA with \
-             `ckpt-controller ca init --dir {}`",
-            cfg.certs.display(),
-            cfg.certs.display()
-        )
+pub fn start(cfg: Config, opts: ServeOptions) -> Result<Running, ServeError> {
+    let id = Identity::controller(&cfg.certs).map_err(|source| ServeError::Identity {
+        certs: cfg.certs.clone(),
+        source: Box::new(source),
     })?;
-    let mut server = tls::server_config(&id)?;
+    let mut server = tls::server_config(&id).map_err(|source| ServeError::Tls {
+        source: Box::new(source),
+    })?;
     server.transport_config(tls::transport(cfg.lease()));
     let store = Arc::new(
-        BlockingStore::open(&cfg.store, &cfg.store_config())
-            .with_context(|| format!("opening the store {}", cfg.store))?,
+        BlockingStore::open(&cfg.store, &cfg.store_config(&opts.store)).map_err(|source| {
+            ServeError::StoreOpen {
+                url: cfg.store.clone(),
+                source: Box::new(source),
+            }
+        })?,
     );
-    store
-        .check()
-        .with_context(|| format!("the store {} does not answer", cfg.store))?;
+    store.check().map_err(|source| ServeError::StoreCheck {
+        url: cfg.store.clone(),
+        source: Box::new(source),
+    })?;
     let mut catalog = BTreeMap::new();
-    for m in catalog::list(&store)? {
+    let listed = catalog::list(&store).map_err(|source| ServeError::Catalog {
+        url: cfg.store.clone(),
+        source: Box::new(source),
+    })?;
+    for m in listed {
         match m {
             Ok(m) => {
                 catalog.insert(m.id.clone(), m);
@@ -230,22 +457,26 @@ pub fn start(cfg: Config) -> Result<Running> {
         .worker_threads(2)
         .thread_name("ckpt-controller")
         .enable_all()
-        .build()?;
+        .build()
+        .map_err(|source| ServeError::Runtime { source })?;
     if let Some(dir) = cfg.socket.parent() {
-        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        std::fs::create_dir_all(dir).map_err(|source| ServeError::SocketDir {
+            dir: dir.to_path_buf(),
+            source,
+        })?;
     }
     if cfg.socket.exists() {
         // A live controller answers on it; a stale socket is removed.
         if std::os::unix::net::UnixStream::connect(&cfg.socket).is_ok() {
-            bail!(
-                "another controller listens on {}; stop it or use another --socket",
-                cfg.socket.display()
-            );
+            return Err(ServeError::SocketInUse {
+                socket: cfg.socket.clone(),
+            });
         }
         let _ = std::fs::remove_file(&cfg.socket);
     }
     let ctl = Arc::new(Ctl {
         cfg: cfg.clone(),
+        opts,
         store: store.clone(),
         reg: Mutex::new(Registry {
             catalog,
@@ -261,23 +492,35 @@ pub fn start(cfg: Config) -> Result<Running> {
     });
     let (addr, api_addr) = {
         let _g = rt.enter();
-        let ep = wire::endpoint(cfg.listen, Some(server))
-            .with_context(|| format!("binding the QUIC port {}", cfg.listen))?;
-        let addr = ep.local_addr()?;
-        let api = tokio::net::UnixListener::bind(&cfg.socket)
-            .with_context(|| format!("binding the API socket {}", cfg.socket.display()))?;
+        let quic = |source| ServeError::BindQuic {
+            addr: cfg.listen,
+            source,
+        };
+        let ep = wire::endpoint(cfg.listen, Some(server)).map_err(quic)?;
+        let addr = ep.local_addr().map_err(quic)?;
+        let api = tokio::net::UnixListener::bind(&cfg.socket).map_err(|source| {
+            ServeError::BindSocket {
+                socket: cfg.socket.clone(),
+                source,
+            }
+        })?;
         use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(&cfg.socket, std::fs::Permissions::from_mode(0o666))?;
+        std::fs::set_permissions(&cfg.socket, std::fs::Permissions::from_mode(0o666)).map_err(
+            |source| ServeError::SocketMode {
+                socket: cfg.socket.clone(),
+                source,
+            },
+        )?;
         rt.spawn(accept_loop(ep, ctl.clone()));
         rt.spawn(api_loop(api, ctl.clone()));
         rt.spawn(ping_loop(ctl.clone()));
         let api_addr = match cfg.api_listen {
             Some(a) => {
-                let std = std::net::TcpListener::bind(a)
-                    .with_context(|| format!("binding the TCP API {a}"))?;
-                std.set_nonblocking(true)?;
-                let l = tokio::net::TcpListener::from_std(std)?;
-                let bound = l.local_addr()?;
+                let tcp = |source| ServeError::BindTcpApi { addr: a, source };
+                let std = std::net::TcpListener::bind(a).map_err(tcp)?;
+                std.set_nonblocking(true).map_err(tcp)?;
+                let l = tokio::net::TcpListener::from_std(std).map_err(tcp)?;
+                let bound = l.local_addr().map_err(tcp)?;
                 rt.spawn(tcp_api_loop(l, ctl.clone()));
                 Some(bound)
             }
@@ -311,7 +554,7 @@ async fn accept_loop(ep: quinn::Endpoint, ctl: Arc<Ctl>) {
             match incoming.await {
                 Ok(conn) => {
                     if let Err(e) = agent_conn(conn, ctl).await {
-                        warn!(%remote, "agent connection: {e:#}");
+                        warn!(%remote, "agent connection: {}", crate::report::chain(&e));
                     }
                 }
                 Err(e) => warn!(%remote, "refused a connection: {e}"),
@@ -332,7 +575,7 @@ fn attempt_of(m: &FromAgent) -> Option<AttemptId> {
     }
 }
 
-async fn agent_conn(conn: quinn::Connection, ctl: Arc<Ctl>) -> Result<()> {
+async fn agent_conn(conn: quinn::Connection, ctl: Arc<Ctl>) -> Result<(), SessionError> {
     let names: Vec<String> = conn
         .peer_identity()
         .and_then(|i| {
@@ -343,28 +586,42 @@ async fn agent_conn(conn: quinn::Connection, ctl: Arc<Ctl>) -> Result<()> {
         .unwrap_or_default();
     let (mut send, mut recv) = tokio::time::timeout(Duration::from_secs(10), conn.accept_bi())
         .await
-        .context("no stream opened")??;
-    let hello = wire::read_frame(&mut recv).await?.context("no Hello")?;
+        .map_err(|_| SessionError::NoStream)??;
+    let hello = wire::read_frame(&mut recv)
+        .await?
+        .ok_or(SessionError::Closed { expected: "Hello" })?;
     let name = match FromAgent::from_frame(&hello)? {
         FromAgent::Hello(h) if h.proto_version != PROTO_VERSION => {
-            bail!(
-                "agent {} speaks protocol {}, this controller {PROTO_VERSION}",
-                h.name,
-                h.proto_version
-            )
+            return Err(SessionError::Protocol {
+                name: h.name,
+                theirs: h.proto_version,
+            })
         }
         FromAgent::Hello(h) => h.name,
-        other => bail!("the agent began with {other:?} instead of Hello"),
+        other => {
+            return Err(SessionError::NotHello {
+                got: Box::new(other),
+            })
+        }
     };
     if !names.contains(&name) {
         conn.close(1u32.into(), b"name not in certificate");
-        bail!("an agent calls itself {name:?} but its certificate is for {names:?}");
+        return Err(SessionError::NotItsName { name, names });
     }
-    let info =
-        match FromAgent::from_frame(&wire::read_frame(&mut recv).await?.context("no Register")?)? {
-            FromAgent::Register(i) if i.name == name => i,
-            other => bail!("agent {name} sent {other:?} instead of Register"),
-        };
+    let register = wire::read_frame(&mut recv)
+        .await?
+        .ok_or(SessionError::Closed {
+            expected: "Register",
+        })?;
+    let info = match FromAgent::from_frame(&register)? {
+        FromAgent::Register(i) if i.name == name => i,
+        other => {
+            return Err(SessionError::NotRegister {
+                name,
+                got: Box::new(other),
+            })
+        }
+    };
     let reply = ToAgent::Hello(Hello {
         proto_version: PROTO_VERSION,
         name: "controller".into(),
@@ -401,7 +658,7 @@ async fn agent_conn(conn: quinn::Connection, ctl: Arc<Ctl>) -> Result<()> {
             }
         }
     });
-    let result: Result<()> = async {
+    let result: Result<(), SessionError> = async {
         loop {
             let Some(f) = wire::read_frame(&mut recv).await? else {
                 return Ok(());
@@ -457,11 +714,11 @@ async fn api_loop(listener: tokio::net::UnixListener, ctl: Arc<Ctl>) {
             }
             let (tx, mut rx) = mpsc::unbounded_channel::<Event>();
             match (serde_json::from_str::<Request>(&line), uid) {
-                (Err(e), _) => {
-                    let _ = tx.send(Event::error(format!("bad request: {e}")));
+                (Err(error), _) => {
+                    let _ = tx.send(Event::error(RequestError::BadRequest { error }));
                 }
                 (_, None) => {
-                    let _ = tx.send(Event::error("cannot tell who is asking (SO_PEERCRED)"));
+                    let _ = tx.send(Event::error(RequestError::NoPeerCred));
                 }
                 (Ok(req), Some(uid)) => request(&ctl, req, uid, tx),
             }
@@ -498,18 +755,18 @@ async fn tcp_api_loop(listener: tokio::net::TcpListener, ctl: Arc<Ctl>) {
             let (tx, mut rx) = mpsc::unbounded_channel::<Event>();
             let socket = ctl.cfg.munge_socket.clone();
             let decoded = match serde_json::from_str::<Envelope>(&line) {
-                Err(e) => Err(format!("bad request: {e}")),
+                Err(error) => Err(RequestError::BadRequest { error }),
                 Ok(env) => tokio::task::spawn_blocking(move || {
                     crate::munge::decode(socket.as_deref(), &env.munge)
                 })
                 .await
-                .map_err(|e| e.to_string())
-                .and_then(|r| r.map_err(|e| format!("{e:#}"))),
+                .map_err(RequestError::Task)
+                .and_then(|r| r.map_err(|error| RequestError::Credential { error })),
             };
             match decoded.and_then(|(uid, payload)| {
                 serde_json::from_slice::<Request>(&payload)
                     .map(|r| (uid, r))
-                    .map_err(|e| format!("bad request in the credential: {e}"))
+                    .map_err(|error| RequestError::BadCredentialRequest { error })
             }) {
                 Ok((uid, req)) => {
                     info!(%peer, uid, "request over TCP");
@@ -631,8 +888,11 @@ fn request(ctl: &Arc<Ctl>, req: Request, uid: u32, tx: mpsc::UnboundedSender<Eve
                             ctl.reg.lock().unwrap().catalog.remove(&m.id);
                             Event::ok()
                         }
-                        Ok(Err(e)) => Event::error(format!("removing {}: {e}", m.id)),
-                        Err(e) => Event::error(e),
+                        Ok(Err(error)) => Event::error(RequestError::Remove {
+                            ckpt: m.id.clone(),
+                            error,
+                        }),
+                        Err(e) => Event::error(RequestError::Task(e)),
                     };
                     let _ = tx.send(ev);
                 });
@@ -648,10 +908,11 @@ fn request(ctl: &Arc<Ctl>, req: Request, uid: u32, tx: mpsc::UnboundedSender<Eve
                 .cloned()
                 .collect();
             if let Some(m) = of_job.iter().find(|m| !may_act(uid, m.uid)) {
-                Event::error(format!(
-                    "job {job} belongs to uid {}; uid {uid} may act only on its own jobs",
-                    m.uid
-                ))
+                Event::error(RequestError::NotYourJob {
+                    job,
+                    owner: m.uid,
+                    uid,
+                })
             } else {
                 drop(reg);
                 of_job.sort_by_key(|m| (m.created_unix, m.id.clone()));
@@ -679,8 +940,8 @@ fn request(ctl: &Arc<Ctl>, req: Request, uid: u32, tx: mpsc::UnboundedSender<Eve
                                 ..Done::ok()
                             })
                         }
-                        Ok(Err(e)) => Event::error(format!("pruning job {job}: {e}")),
-                        Err(e) => Event::error(e),
+                        Ok(Err(error)) => Event::error(RequestError::Prune { job, error }),
+                        Err(e) => Event::error(RequestError::Task(e)),
                     };
                     let _ = tx.send(ev);
                 });
@@ -689,17 +950,14 @@ fn request(ctl: &Arc<Ctl>, req: Request, uid: u32, tx: mpsc::UnboundedSender<Eve
         }
         Request::Gc => {
             if uid != 0 {
-                Event::error("only root may gc the store: it deletes chunks of every user")
+                Event::error(RequestError::GcNotRoot)
             } else {
                 drop(reg);
                 let ctl = ctl.clone();
                 tokio::spawn(async move {
                     let store = ctl.store.clone();
                     let r = tokio::task::spawn_blocking(move || {
-                        store.block_on(ckpt_shared::gc::gc(
-                            store.backend(),
-                            &ckpt_shared::gc::Leases::from_env(),
-                        ))
+                        store.block_on(gc::gc(store.backend(), &ctl.opts.leases))
                     })
                     .await;
                     let ev = match r {
@@ -710,8 +968,8 @@ fn request(ctl: &Arc<Ctl>, req: Request, uid: u32, tx: mpsc::UnboundedSender<Eve
                             )),
                             ..Done::ok()
                         }),
-                        Ok(Err(e)) => Event::error(e),
-                        Err(e) => Event::error(e),
+                        Ok(Err(e)) => Event::error(RequestError::Gc(e)),
+                        Err(e) => Event::error(RequestError::Task(e)),
                     };
                     let _ = tx.send(ev);
                 });
@@ -743,20 +1001,22 @@ fn request(ctl: &Arc<Ctl>, req: Request, uid: u32, tx: mpsc::UnboundedSender<Eve
 }
 
 /// Checkpoint `id` or `JOB:latest`, if the caller may see it.
-fn find<'a>(reg: &'a Registry, id: &str, uid: u32) -> Result<&'a JobManifest, String> {
+fn find<'a>(reg: &'a Registry, id: &str, uid: u32) -> Result<&'a JobManifest, RequestError> {
     let m = match id.strip_suffix(":latest") {
-        Some(job) => latest(reg, job).ok_or_else(|| {
-            format!("job {job} has no committed checkpoint (see `ckpt-controller ckpt list`)")
+        Some(job) => latest(reg, job).ok_or_else(|| RequestError::NoLatest {
+            job: job.to_string(),
         })?,
-        None => reg.catalog.get(id).ok_or_else(|| {
-            format!("no checkpoint {id} in the catalog (see `ckpt-controller ckpt list`)")
-        })?,
+        None => reg
+            .catalog
+            .get(id)
+            .ok_or_else(|| RequestError::NoCheckpoint { id: id.to_string() })?,
     };
     if !may_act(uid, m.uid) {
-        return Err(format!(
-            "checkpoint {} belongs to uid {}; uid {uid} may act only on its own jobs",
-            m.id, m.uid
-        ));
+        return Err(RequestError::NotYourCheckpoint {
+            ckpt: m.id.clone(),
+            owner: m.uid,
+            uid,
+        });
     }
     Ok(m)
 }
@@ -781,11 +1041,11 @@ fn begin_op(
     ctl: &Arc<Ctl>,
     reg: &mut Registry,
     job: &str,
-) -> Result<(OpGuard, mpsc::UnboundedReceiver<OpEvent>), String> {
+) -> Result<(OpGuard, mpsc::UnboundedReceiver<OpEvent>), RequestError> {
     if !reg.busy.insert(job.to_string()) {
-        return Err(format!(
-            "job {job} has a save or restore in progress; wait for it to end"
-        ));
+        return Err(RequestError::Busy {
+            job: job.to_string(),
+        });
     }
     let attempt = ctl
         .next_attempt
@@ -810,21 +1070,20 @@ fn start_save(
     uid: u32,
     tx: mpsc::UnboundedSender<Event>,
     wait: bool,
-) -> Result<(), String> {
+) -> Result<(), RequestError> {
     let mut reg = ctl.reg.lock().unwrap();
     let view = jobs(&reg)
         .into_iter()
         .find(|j| j.job == job)
-        .ok_or_else(|| {
-            format!(
-                "no running job {job}: no agent has ranks of it (see `ckpt-controller job list`)"
-            )
+        .ok_or_else(|| RequestError::NoRunningJob {
+            job: job.to_string(),
         })?;
     if !may_act(uid, view.uid) {
-        return Err(format!(
-            "job {job} belongs to uid {}; uid {uid} may save only its own jobs",
-            view.uid
-        ));
+        return Err(RequestError::NotYourSave {
+            job: job.to_string(),
+            owner: view.uid,
+            uid,
+        });
     }
     let (guard, rx) = begin_op(ctl, &mut reg, job)?;
     drop(reg);
@@ -1096,10 +1355,10 @@ async fn drive_save(
                         }
                     })
                     .await;
-                    return Event::error(format!(
-                        "the save of job {} was aborted, nothing was committed and the job runs on: {reason}",
-                        spec.job
-                    ));
+                    return Event::error(RequestError::SaveAborted {
+                        job: spec.job.clone(),
+                        reason,
+                    });
                 }
             }
         }
@@ -1128,9 +1387,10 @@ async fn drive_save(
                         if before == barrier::Phase::Capturing && b.phase() == barrier::Phase::Storing {
                             freeze_us = t0.elapsed().as_micros() as u64;
                         }
+                        #[cfg(feature = "test-hooks")]
                         if before == barrier::Phase::Freezing
                             && b.phase() == barrier::Phase::Capturing
-                            && std::env::var("CKPT_TEST_PAUSE").as_deref() == Ok("frozen")
+                            && ctl.opts.test_pause.as_deref() == Some("frozen")
                         {
                             // Test hook: every rank is frozen; hold here so that a
                             // test can kill the controller and watch the leases.
@@ -1153,18 +1413,16 @@ fn start_restore(
     nodes: &[String],
     map: &[(u32, String)],
     tx: mpsc::UnboundedSender<Event>,
-) -> Result<(), String> {
+) -> Result<(), RequestError> {
     // Placement: the same nodes; or the saved nodes, in order, onto --nodes; then
     // --map for single ranks.
     let saved = m.nodes();
     if !nodes.is_empty() && nodes.len() != saved.len() {
-        return Err(format!(
-            "checkpoint {} ran on {} nodes ({}); --nodes names {}: give as many, or use --map RANK=NODE",
-            m.id,
-            saved.len(),
-            saved.join(","),
-            nodes.len()
-        ));
+        return Err(RequestError::NodeCount {
+            ckpt: m.id.clone(),
+            saved: saved.clone(),
+            given: nodes.len(),
+        });
     }
     let mut place: BTreeMap<u32, String> = m
         .ranks
@@ -1181,17 +1439,19 @@ fn start_restore(
         .collect();
     for (rank, node) in map {
         if !place.contains_key(rank) {
-            return Err(format!("checkpoint {} has no rank {rank}", m.id));
+            return Err(RequestError::NoRank {
+                ckpt: m.id.clone(),
+                rank: *rank,
+            });
         }
         place.insert(*rank, node.clone());
     }
     let mut reg = ctl.reg.lock().unwrap();
     if let Some(j) = jobs(&reg).into_iter().find(|j| j.job == m.job) {
-        return Err(format!(
-            "job {} is running ({} ranks attached): end it, or save it with --kill, before restoring it",
-            m.job,
-            j.ranks.len()
-        ));
+        return Err(RequestError::JobRunning {
+            job: m.job.clone(),
+            ranks: j.ranks.len(),
+        });
     }
     let mut missing: Vec<&String> = place
         .values()
@@ -1200,10 +1460,10 @@ fn start_restore(
     missing.sort();
     missing.dedup();
     if !missing.is_empty() {
-        let have: Vec<&String> = reg.agents.keys().collect();
-        return Err(format!(
-            "no agent connected for node(s) {missing:?} (connected: {have:?}); choose others with --nodes or --map"
-        ));
+        return Err(RequestError::NoAgent {
+            missing: missing.into_iter().cloned().collect(),
+            have: reg.agents.keys().cloned().collect(),
+        });
     }
     // The image's vDSO comes back at its old address: the node must run the same
     // kernel. Said here, before anything is rebuilt, rather than by each agent.
@@ -1211,10 +1471,12 @@ fn start_restore(
         let node = &place[&r.rank];
         let have = &reg.agents[node].info.kernel;
         if !r.kernel.is_empty() && *have != r.kernel {
-            return Err(format!(
-                "rank {} was saved on kernel {} but node {node} runs {have}: restore it on nodes with the same kernel build",
-                r.rank, r.kernel
-            ));
+            return Err(RequestError::Kernel {
+                rank: r.rank,
+                saved: r.kernel.clone(),
+                node: node.clone(),
+                have: have.clone(),
+            });
         }
     }
     let (guard, rx) = begin_op(ctl, &mut reg, &m.job)?;
@@ -1316,10 +1578,10 @@ async fn drive_restore(
                     });
                 }
                 Action::Finished(barrier::Outcome::Aborted { reason, .. }) => {
-                    return Event::error(format!(
-                        "the restore of {} failed and no rank was released: {reason}",
-                        m.id
-                    ));
+                    return Event::error(RequestError::RestoreFailed {
+                        ckpt: m.id.clone(),
+                        reason,
+                    });
                 }
             }
         }

@@ -8,9 +8,12 @@ use std::os::unix::process::CommandExt;
 use std::time::Duration;
 
 use ckpt_controller::api::Request;
-use ckpt_controller::{client, munge, serve, simagent, tls};
+use ckpt_controller::{client, munge, serve, tls};
 use ckpt_shared::wire;
 use ckpt_tests::munge::Munged;
+
+#[path = "common/simagent.rs"]
+mod simagent;
 
 fn raw(addr: std::net::SocketAddr, line: &str) -> String {
     let mut s = std::net::TcpStream::connect(addr).unwrap();
@@ -38,15 +41,18 @@ fn requests_over_tcp_are_judged_by_their_munge_credential() {
     let certs = dir.path().join("certs");
     tls::ca_init(&certs, &["127.0.0.1".into()], &["n0".into()]).unwrap();
     std::fs::create_dir_all(dir.path().join("store")).unwrap();
-    let ctl = serve::start(serve::Config {
-        listen: "127.0.0.1:0".parse().unwrap(),
-        store: format!("file://{}", dir.path().join("store").display()),
-        certs: certs.clone(),
-        socket: dir.path().join("ctl.sock"),
-        api_listen: Some("127.0.0.1:0".parse().unwrap()),
-        munge_socket: Some(m.socket()),
-        ..serve::Config::default()
-    })
+    let ctl = serve::start(
+        serve::Config {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            store: format!("file://{}", dir.path().join("store").display()),
+            certs: certs.clone(),
+            socket: dir.path().join("ctl.sock"),
+            api_listen: Some("127.0.0.1:0".parse().unwrap()),
+            munge_socket: Some(m.socket()),
+            ..serve::Config::default()
+        },
+        serve::ServeOptions::default(),
+    )
     .unwrap();
     let api = ctl.api_addr.unwrap();
     // One agent (protocol only) with one rank of root's job "j".

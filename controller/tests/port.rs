@@ -7,9 +7,12 @@
 use std::time::Duration;
 
 use ckpt_controller::api::{Done, Event, Request};
-use ckpt_controller::{client, serve, simagent, tls};
+use ckpt_controller::{client, serve, tls};
 use ckpt_shared::proto::{FromAgent, Hello, PROTO_VERSION};
 use ckpt_shared::wire;
+
+#[path = "common/simagent.rs"]
+mod simagent;
 
 struct Ctl {
     _dir: tempfile::TempDir,
@@ -29,14 +32,17 @@ fn controller() -> Ctl {
     .unwrap();
     std::fs::create_dir_all(dir.path().join("store")).unwrap();
     let socket = dir.path().join("ctl.sock");
-    let ctl = serve::start(serve::Config {
-        listen: "127.0.0.1:0".parse().unwrap(),
-        store: format!("file://{}", dir.path().join("store").display()),
-        certs: certs.clone(),
-        socket: socket.clone(),
-        lease_secs: 3.0,
-        ..serve::Config::default()
-    })
+    let ctl = serve::start(
+        serve::Config {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            store: format!("file://{}", dir.path().join("store").display()),
+            certs: certs.clone(),
+            socket: socket.clone(),
+            lease_secs: 3.0,
+            ..serve::Config::default()
+        },
+        serve::ServeOptions::default(),
+    )
     .unwrap();
     Ctl {
         _dir: dir,

@@ -2,7 +2,13 @@
 //! with its real certificate, but answers each step of the barrier at once without
 //! freezing or dumping anything. It exists to measure the controller's protocol
 //! overhead with many agents in one process (`cargo bench --bench barrier`), and for
-//! the tests of the controller's port. It never touches a process.
+//! the tests of the controller's port and TCP API. It never touches a process.
+//!
+//! A test fixture, so it is not part of the library: each test or bench that needs
+//! it includes this file (`#[path = ...] mod simagent;`). It needs nothing of the
+//! library's (only the shared crate's protocol, TLS and framing), so a cargo
+//! feature that compiled it into the library for tests would only put a fixture
+//! one `--all-features` away from a release build.
 
 use std::net::SocketAddr;
 
