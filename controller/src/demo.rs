@@ -490,7 +490,7 @@ pub fn run(mib: usize, keep: bool, opts: ServeOptions) -> Result<(), DemoError> 
             ),
             Err(e) => {
                 all_ok = false;
-                println!("   rank {i}: BROKEN: {}", crate::report::chain(&e));
+                println!("   rank {i}: BROKEN: {}", ckpt_shared::report::error_chain(&e));
             }
         }
     }

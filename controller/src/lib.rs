@@ -20,7 +20,8 @@
 //!   (into [`serve::ServeOptions`]);
 //! - [`demo`]: `ckpt-controller demo`, the whole path on one machine;
 //! - [`tls`] (from the shared crate): the cluster CA (`ca init`, `ca issue`) and
-//!   the QUIC configurations; [`report`]: an error and its causes on one line.
+//!   the QUIC configurations; `ckpt_shared::report`: an error and its causes on
+//!   one line, each once.
 //!
 //! Each module's failures are one `thiserror` enum named after its operation
 //! (`ServeError`, `ClientError`, ...). Cargo feature `test-hooks` (tests only) adds
@@ -33,6 +34,5 @@ pub mod client;
 pub mod demo;
 pub mod munge;
 pub mod readdress;
-pub mod report;
 pub mod serve;
 pub use ckpt_shared::tls;

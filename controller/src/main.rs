@@ -17,9 +17,12 @@ fn main() -> std::process::ExitCode {
     match ckpt_controller::cli::run(ckpt_controller::cli::Cli::parse()) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
-            // anyhow's alternate form: the error and each of its causes, once.
-            let e = anyhow::Error::from(e);
-            eprintln!("ckpt-controller: error: {e:#}");
+            // The error and each of its causes, once (also where a cause from a
+            // crate below repeats its own source in its message).
+            eprintln!(
+                "ckpt-controller: error: {}",
+                ckpt_shared::report::error_chain(&e)
+            );
             std::process::ExitCode::FAILURE
         }
     }

@@ -155,7 +155,7 @@ pub enum RequestError {
     BadRequest { error: serde_json::Error },
     #[error("bad request in the credential: {error}")]
     BadCredentialRequest { error: serde_json::Error },
-    #[error("{}", crate::report::chain(error))]
+    #[error("{}", ckpt_shared::report::error_chain(error))]
     Credential { error: crate::munge::MungeError },
     #[error("cannot tell who is asking (SO_PEERCRED)")]
     NoPeerCred,
@@ -554,7 +554,7 @@ async fn accept_loop(ep: quinn::Endpoint, ctl: Arc<Ctl>) {
             match incoming.await {
                 Ok(conn) => {
                     if let Err(e) = agent_conn(conn, ctl).await {
-                        warn!(%remote, "agent connection: {}", crate::report::chain(&e));
+                        warn!(%remote, "agent connection: {}", ckpt_shared::report::error_chain(&e));
                     }
                 }
                 Err(e) => warn!(%remote, "refused a connection: {e}"),
