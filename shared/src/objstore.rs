@@ -64,11 +64,8 @@ use object_store::{
 use crate::chunkfmt::{self, ChunkFmtError};
 use crate::codec;
 use crate::image::ChunkRef;
-use crate::store::{PutOutcome, MANIFEST_NAME};
-
-const CHUNKS_DIR: &str = "chunks";
-/// Directory of the image manifests in a shared store.
-pub const IMAGES_DIR: &str = "images";
+pub use crate::store::IMAGES_DIR;
+use crate::store::{PutOutcome, CHUNKS_DIR, MANIFEST_NAME};
 /// Longest image name accepted (one path segment in every store).
 pub const MAX_IMAGE_NAME: usize = 200;
 
@@ -639,7 +636,7 @@ impl ObjectStoreBackend {
             ChunkFmtError::Corrupt { chunk, reason } => self.corrupt(chunk, reason),
             other => other.into(),
         };
-        if size != (crate::store::CHUNK_HEADER_LEN + out.len()) as u64 {
+        if size != (chunkfmt::CHUNK_HEADER_LEN + out.len()) as u64 {
             // Compressed (or damaged): whole, then decoded and verified.
             let object = got
                 .bytes()
@@ -651,7 +648,7 @@ impl ObjectStoreBackend {
         // The size of a raw chunk: the payload streams straight into `out`, with no
         // buffer allocated (and faulted in) per request. The header is checked as soon
         // as it is in; the bytes are hashed and handed on a step at a time.
-        let mut header = [0u8; crate::store::CHUNK_HEADER_LEN];
+        let mut header = [0u8; chunkfmt::CHUNK_HEADER_LEN];
         let mut at = 0usize;
         let total = size as usize;
         let mut hasher = blake3::Hasher::new();

@@ -5,22 +5,10 @@
 //! DIR/chunks/<first 2 hex>/<64 hex>  one object per distinct chunk
 //! ```
 //!
-//! A chunk object is a 12-byte header and the payload:
-//!
-//! ```text
-//! offset  size  field
-//!      0     4  magic  b"CKCH"
-//!      4     1  object version (1)
-//!      5     1  codec: 0 = raw, 1 = zstd
-//!      6     2  reserved, zero
-//!      8     4  uncompressed length, u32 LE
-//!     12     …  payload (raw bytes, or one zstd frame)
-//! ```
-//!
-//! The name of an object is the BLAKE3 of the *uncompressed* bytes
-//! ([`ChunkRef::of`]), so the compression level never changes a chunk's identity: the
-//! same page dumped with zstd by one rank and raw by another is stored once, and the
-//! S3 backend to come keeps the very same object format under the same keys.
+//! A chunk object is what [`crate::chunkfmt`] encodes (a 12-byte header, then the
+//! raw bytes or one zstd frame), named by the BLAKE3 of the uncompressed bytes; the
+//! object stores of [`crate::objstore`] keep the very same objects under the same
+//! keys.
 //!
 //! Durability, and why it is split the way it is:
 //! - Each chunk is written to a temporary file in its final directory and renamed
@@ -45,30 +33,24 @@
 //! Kernel contract: plain POSIX file I/O and fsync; no capability needed beyond write
 //! access to the directory.
 
-use std::cell::RefCell;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use crate::chunkfmt::{
+    self, is_chunk_name, ChunkFmtError, CHUNK_HEADER_LEN, CODEC_RAW, CODEC_ZSTD,
+};
 use crate::codec;
 use crate::image::ChunkRef;
-
-/// First 4 bytes of every chunk object.
-pub const CHUNK_MAGIC: [u8; 4] = *b"CKCH";
-/// Version of the chunk object format.
-pub const CHUNK_VERSION: u8 = 1;
-/// Codec byte: the payload is the raw bytes.
-pub const CODEC_RAW: u8 = 0;
-/// Codec byte: the payload is one zstd frame.
-pub const CODEC_ZSTD: u8 = 1;
-/// Size of the chunk object header.
-pub const CHUNK_HEADER_LEN: usize = 12;
 
 /// File name of the image manifest inside the store directory.
 pub const MANIFEST_NAME: &str = "manifest.ckpt";
 const MANIFEST_TMP_NAME: &str = "manifest.ckpt.tmp";
-const CHUNKS_DIR: &str = "chunks";
+/// Directory of the chunk objects, in every store.
+pub const CHUNKS_DIR: &str = "chunks";
+/// Directory of the image manifests in a shared store.
+pub const IMAGES_DIR: &str = "images";
 
 /// Errors of the chunk store. Each names the chunk or path and what went wrong.
 #[derive(Debug, thiserror::Error)]
@@ -168,18 +150,32 @@ fn corrupt(chunk: &ChunkRef, reason: impl Into<String>) -> StoreError {
     }
 }
 
-/// Per-thread zstd contexts: creating one costs an allocation of several MiB at high
-/// levels, far more than compressing a 1 MiB chunk, so each worker thread keeps its own.
-struct ZstdCtx {
-    level: i32,
-    compressor: zstd::bulk::Compressor<'static>,
-    buf: Vec<u8>,
-}
-
-thread_local! {
-    static COMPRESSOR: RefCell<Option<ZstdCtx>> = const { RefCell::new(None) };
-    static DECOMPRESSOR: RefCell<Option<zstd::bulk::Decompressor<'static>>> =
-        const { RefCell::new(None) };
+/// A chunk-format error of this store: a corrupt object names the chunk as the
+/// store's own error does; bad input keeps its own variant.
+fn fmt_err(e: ChunkFmtError) -> StoreError {
+    match e {
+        ChunkFmtError::Corrupt { chunk, reason } => StoreError::Corrupt { chunk, reason },
+        ChunkFmtError::BufferSize {
+            chunk,
+            expected,
+            got,
+        } => StoreError::BufferSize {
+            chunk,
+            expected,
+            got,
+        },
+        ChunkFmtError::RefMismatch {
+            chunk,
+            expected,
+            got,
+        } => StoreError::RefMismatch {
+            chunk,
+            expected,
+            got,
+        },
+        ChunkFmtError::ZstdLevel { level, min, max } => StoreError::ZstdLevel { level, min, max },
+        ChunkFmtError::Zstd { chunk, reason } => StoreError::Zstd { chunk, reason },
+    }
 }
 
 impl ChunkStore {
@@ -204,7 +200,7 @@ impl ChunkStore {
         let chunks = root.join(CHUNKS_DIR);
         fs::create_dir_all(&chunks).map_err(io_err("create chunk directory", &chunks))?;
         Ok(ChunkStore {
-            dir: root.join(crate::objstore::IMAGES_DIR).join(name),
+            dir: root.join(IMAGES_DIR).join(name),
             chunks,
             unsynced: std::sync::Mutex::new(Vec::new()),
         })
@@ -248,14 +244,7 @@ impl ChunkStore {
             });
         }
         if let Some(level) = zstd_level {
-            let range = zstd::compression_level_range();
-            if !range.contains(&level) {
-                return Err(StoreError::ZstdLevel {
-                    level,
-                    min: *range.start(),
-                    max: *range.end(),
-                });
-            }
+            chunkfmt::check_zstd_level(level).map_err(fmt_err)?;
         }
         let hex = chunk.hex();
         let path = self.object_path(&hex);
@@ -265,31 +254,10 @@ impl ChunkStore {
                 stored_bytes: 0,
             });
         }
-
-        match zstd_level {
-            Some(level) if !bytes.is_empty() => COMPRESSOR.with(|cell| {
-                let mut slot = cell.borrow_mut();
-                let ctx = zstd_ctx(&mut slot, level).map_err(|e| StoreError::Zstd {
-                    chunk: hex.clone(),
-                    reason: e.to_string(),
-                })?;
-                // Only a strictly smaller result is worth the decompression at restore:
-                // an output buffer one byte short of the input makes zstd fail on
-                // anything else. The buffer only grows, so it is zero-filled once.
-                let cap = bytes.len() - 1;
-                if ctx.buf.len() < cap {
-                    ctx.buf.resize(cap, 0);
-                }
-                let ZstdCtx {
-                    compressor, buf, ..
-                } = ctx;
-                match compressor.compress_to_buffer(bytes, &mut buf[..cap]) {
-                    Ok(n) => self.write_object(&path, &hex, CODEC_ZSTD, chunk.len, &buf[..n]),
-                    Err(_) => self.write_object(&path, &hex, CODEC_RAW, chunk.len, bytes),
-                }
-            }),
-            _ => self.write_object(&path, &hex, CODEC_RAW, chunk.len, bytes),
-        }
+        chunkfmt::encode_with(&chunk, bytes, zstd_level, |header, payload| {
+            self.write_object(&path, &hex, header, payload)
+        })
+        .map_err(fmt_err)?
         .map(|stored_bytes| PutOutcome {
             chunk,
             stored_bytes,
@@ -301,8 +269,7 @@ impl ChunkStore {
         &self,
         path: &Path,
         hex: &str,
-        codec: u8,
-        len: u32,
+        header: &[u8; CHUNK_HEADER_LEN],
         payload: &[u8],
     ) -> Result<u64, StoreError> {
         let shard = self.chunks.join(&hex[..2]);
@@ -318,13 +285,8 @@ impl ChunkStore {
             }
             Err(e) => return Err(io_err("create chunk temporary", &tmp)(e)),
         };
-        let mut header = [0u8; CHUNK_HEADER_LEN];
-        header[..4].copy_from_slice(&CHUNK_MAGIC);
-        header[4] = CHUNK_VERSION;
-        header[5] = codec;
-        header[8..12].copy_from_slice(&len.to_le_bytes());
         let written = file
-            .write_all(&header)
+            .write_all(header)
             .and_then(|()| file.write_all(payload));
         if written.is_ok() {
             // Start writeback now, without waiting for it: the disk works while we
@@ -382,40 +344,20 @@ impl ChunkStore {
         file.read_exact(&mut header)
             .map_err(io_err("read chunk", &path))?;
         let payload_len = size - CHUNK_HEADER_LEN as u64;
-        let codec = crate::chunkfmt::check_header(chunk, &header, payload_len)
-            .map_err(|r| corrupt(chunk, r))?;
+        let codec =
+            chunkfmt::check_header(chunk, &header, payload_len).map_err(|r| corrupt(chunk, r))?;
         match codec {
-            CODEC_RAW => read_exact_or_corrupt(&mut file, out, chunk, &path)?,
+            CODEC_RAW => {
+                read_exact_or_corrupt(&mut file, out, chunk, &path)?;
+                chunkfmt::check_hash(chunk, &blake3::hash(out)).map_err(fmt_err)
+            }
             CODEC_ZSTD => {
                 let mut compressed = vec![0u8; payload_len as usize];
                 read_exact_or_corrupt(&mut file, &mut compressed, chunk, &path)?;
-                let n = DECOMPRESSOR.with(|cell| {
-                    let mut slot = cell.borrow_mut();
-                    let d = match slot.take() {
-                        Some(d) => slot.insert(d),
-                        None => slot.insert(zstd::bulk::Decompressor::new().map_err(|e| {
-                            StoreError::Zstd {
-                                chunk: chunk.hex(),
-                                reason: e.to_string(),
-                            }
-                        })?),
-                    };
-                    d.decompress_to_buffer(&compressed[..], out)
-                        .map_err(|e| corrupt(chunk, format!("zstd: {e}")))
-                })?;
-                if n != out.len() {
-                    return Err(corrupt(
-                        chunk,
-                        format!("decompressed to {n} bytes, expected {}", chunk.len),
-                    ));
-                }
+                chunkfmt::decompress_into(chunk, &compressed, out).map_err(fmt_err)
             }
             _ => unreachable!("check_header accepts only known codecs"),
         }
-        if blake3::hash(out).as_bytes() != &chunk.hash {
-            return Err(corrupt(chunk, "checksum mismatch"));
-        }
-        Ok(())
     }
 
     /// Whether an object for `chunk` exists (its content is not checked).
@@ -605,27 +547,6 @@ impl ChunkStore {
     }
 }
 
-/// Returns this thread's compressor, set to `level`.
-fn zstd_ctx(slot: &mut Option<ZstdCtx>, level: i32) -> io::Result<&mut ZstdCtx> {
-    match slot {
-        Some(ctx) if ctx.level == level => {}
-        Some(ctx) => {
-            ctx.compressor.set_compression_level(level)?;
-            ctx.level = level;
-        }
-        None => {
-            *slot = Some(ZstdCtx {
-                level,
-                compressor: zstd::bulk::Compressor::new(level)?,
-                buf: Vec::new(),
-            });
-        }
-    }
-    // The arms above leave `slot` filled.
-    slot.as_mut()
-        .ok_or_else(|| io::Error::other("zstd context missing"))
-}
-
 fn create_new(path: &Path) -> io::Result<File> {
     OpenOptions::new().write(true).create_new(true).open(path)
 }
@@ -650,13 +571,10 @@ fn is_lower_hex(s: &str) -> bool {
     s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
 }
 
-fn is_chunk_name(s: &str) -> bool {
-    s.len() == 64 && is_lower_hex(s)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::chunkfmt::CHUNK_VERSION;
 
     #[test]
     fn two_stores_of_one_pool_write_the_same_chunks_at_once() {
@@ -1056,5 +974,100 @@ mod tests {
         });
         // 25 shared + 4 * 25 private chunks.
         assert_eq!(store.list_chunks().unwrap().len(), 125);
+    }
+
+    // The directory store writes and reads through `chunkfmt`: its files are
+    // exactly the objects `encode` makes, and `decode_into` reads them alike.
+    use crate::chunkfmt::{decode_into, encode, tests::cases};
+
+    fn object_path(store: &ChunkStore, c: &ChunkRef) -> PathBuf {
+        let hex = c.hex();
+        store.object_path(&hex)
+    }
+
+    #[test]
+    fn chunk_store_objects_decode() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = ChunkStore::open(dir.path()).unwrap();
+        for (data, level) in cases() {
+            let put = store.put_chunk(&data, level).unwrap();
+            let object = std::fs::read(object_path(&store, &put.chunk)).unwrap();
+            // Same bytes, not just the same content: the two encoders agree exactly.
+            assert_eq!(
+                encode(&put.chunk, &data, level).unwrap(),
+                object,
+                "{level:?}"
+            );
+            let mut out = vec![0u8; data.len()];
+            decode_into(&put.chunk, &object, &mut out).unwrap();
+            assert_eq!(out, data);
+        }
+    }
+
+    #[test]
+    fn encoded_objects_read_back_through_chunk_store() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = ChunkStore::open(dir.path()).unwrap();
+        for (data, level) in cases() {
+            let chunk = ChunkRef::of(&data);
+            let object = encode(&chunk, &data, level).unwrap();
+            let path = object_path(&store, &chunk);
+            std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+            std::fs::write(&path, &object).unwrap();
+            assert!(store.has_chunk(&chunk));
+            let mut out = vec![0u8; data.len()];
+            store.get_chunk(&chunk, &mut out).unwrap();
+            assert_eq!(out, data);
+        }
+    }
+
+    /// Every damage `store.rs`'s own test applies is reported with the same reason
+    /// by both decoders.
+    #[test]
+    fn damage_is_reported_like_chunk_store() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = ChunkStore::open(dir.path()).unwrap();
+        let data = text(5000);
+        let put = store.put_chunk(&data, None).unwrap();
+        let path = object_path(&store, &put.chunk);
+        let good = std::fs::read(&path).unwrap();
+        type Damage = fn(&mut Vec<u8>);
+        let cases: Vec<Damage> = vec![
+            |o| o[0] = b'X',
+            |o| o[4] = 9,
+            |o| o[5] = 7,
+            |o| o[6] = 1,
+            |o| o[8] ^= 1,
+            |o| o.truncate(100),
+            |o| o.truncate(5),
+            |o| o.push(0),
+            |o| o[5] = CODEC_ZSTD,
+            |o| {
+                o[5] = CODEC_ZSTD;
+                o.truncate(200);
+            },
+            |o| {
+                let last = o.len() - 1;
+                o[last] ^= 0x40;
+            },
+        ];
+        for damage in cases {
+            let mut obj = good.clone();
+            damage(&mut obj);
+            std::fs::write(&path, &obj).unwrap();
+            let mut out = vec![0u8; data.len()];
+            let theirs = match store.get_chunk(&put.chunk, &mut out) {
+                Err(StoreError::Corrupt { reason, .. }) => reason,
+                other => panic!("ChunkStore: expected Corrupt, got {other:?}"),
+            };
+            let ours = match decode_into(&put.chunk, &obj, &mut out) {
+                Err(ChunkFmtError::Corrupt { chunk, reason }) => {
+                    assert_eq!(chunk, put.chunk.hex());
+                    reason
+                }
+                other => panic!("chunkfmt: expected Corrupt, got {other:?}"),
+            };
+            assert_eq!(ours, theirs);
+        }
     }
 }

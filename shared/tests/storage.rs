@@ -10,13 +10,13 @@
 
 use std::time::{Duration, Instant};
 
-use ckpt_shared::chunkfmt::ChunkFmtError;
+use ckpt_shared::chunkfmt::{ChunkFmtError, CHUNK_HEADER_LEN, CODEC_RAW, CODEC_ZSTD};
 use ckpt_shared::codec::{self, CodecError};
 use ckpt_shared::image::ChunkRef;
 use ckpt_shared::objstore::{
     BlockingStore, Drive, ObjStoreError, RetryPolicy, S3Config, StoreConfig, StoreUrl, STREAM_STEP,
 };
-use ckpt_shared::store::{ChunkStore, CHUNK_HEADER_LEN, CODEC_RAW, CODEC_ZSTD};
+use ckpt_shared::store::ChunkStore;
 use object_store::{ObjectStoreExt, PutPayload};
 
 use ckpt_tests::data::{noise, text};
