@@ -41,7 +41,8 @@ use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
 use crate::codec;
-use crate::objstore::{ObjStoreError, ObjectStoreBackend};
+use crate::objstore::ObjectStoreBackend;
+use crate::store::StoreError;
 
 /// Marker directory of checkpoints in progress.
 pub const PENDING: &str = "pending";
@@ -90,7 +91,7 @@ const LEASE_MARGIN: Duration = Duration::from_secs(60);
 #[derive(Debug, thiserror::Error)]
 pub enum GcError {
     #[error(transparent)]
-    Store(#[from] ObjStoreError),
+    Store(#[from] StoreError),
 
     #[error(
         "gc of store {store} stopped before deleting anything: checkpoint(s) in progress \
@@ -283,7 +284,7 @@ async fn read_image(
 ) -> Result<Option<crate::image::Image>, GcError> {
     let bytes = match store.get_manifest(name).await {
         Ok(b) => b,
-        Err(ObjStoreError::NoImage { .. }) => return Ok(None),
+        Err(StoreError::NoImage { .. }) => return Ok(None),
         Err(e) => return Err(e.into()),
     };
     codec::decode_image(&bytes)

@@ -65,139 +65,12 @@ use crate::chunkfmt::{self, ChunkFmtError};
 use crate::codec;
 use crate::image::ChunkRef;
 pub use crate::store::IMAGES_DIR;
-use crate::store::{PutOutcome, CHUNKS_DIR, MANIFEST_NAME};
-/// Longest image name accepted (one path segment in every store).
-pub const MAX_IMAGE_NAME: usize = 200;
+pub use crate::store::{check_image_name, StoreError, MAX_IMAGE_NAME, STREAM_STEP};
+use crate::store::{ChunkBackend, ChunkSink, PutOutcome, CHUNKS_DIR, MANIFEST_NAME};
 
-/// How many bytes of a raw chunk [`ObjectStoreBackend::get_chunk_with`] hashes and
-/// hands on at a time: a multiple of the page size (the restore writes whole pages),
-/// well inside a core's L2 cache, and long enough for BLAKE3's SIMD lanes and for
-/// few system calls.
-pub const STREAM_STEP: usize = 256 << 10;
-
-/// Errors of an object store. Each names the store (its URL) and the object.
-#[derive(Debug, thiserror::Error)]
-pub enum ObjStoreError {
-    #[error("not a store URL {url:?}: use file:///path, s3://bucket/prefix or memory://")]
-    NotAUrl { url: String },
-
-    #[error("unsupported store URL scheme {scheme:?}: use file://, s3:// or memory://")]
-    UnsupportedScheme { scheme: String },
-
-    #[error("invalid store URL {url:?}: {reason}")]
-    BadUrl { url: String, reason: String },
-
-    #[error("cannot open store {store}: {reason}")]
-    Config { store: String, reason: String },
-
-    #[error("cannot open store {store}: {source}")]
-    Open {
-        store: String,
-        #[source]
-        source: Box<object_store::Error>,
-    },
-
-    /// `cause` is the innermost error (say, "Connection refused"); `source` has the
-    /// whole chain with the retries made.
-    #[error(
-        "store {store} is unreachable: {op} {key} failed after retries ({cause}); check \
-         that the server is up and that the endpoint (AWS_ENDPOINT_URL) and network are \
-         right, then run the command again"
-    )]
-    Unreachable {
-        store: String,
-        op: &'static str,
-        key: String,
-        cause: String,
-        #[source]
-        source: Box<object_store::Error>,
-    },
-
-    #[error(
-        "store {store} refused {op} {key} ({source}): check the credentials \
-         (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY) and their rights on the bucket"
-    )]
-    Denied {
-        store: String,
-        op: &'static str,
-        key: String,
-        #[source]
-        source: Box<object_store::Error>,
-    },
-
-    #[error(
-        "store {store} has no such bucket or directory ({op} {key}: {source}): create it, \
-         or fix the store URL"
-    )]
-    NoBucket {
-        store: String,
-        op: &'static str,
-        key: String,
-        #[source]
-        source: Box<object_store::Error>,
-    },
-
-    #[error("{op} {key} on store {store} failed: {source}")]
-    Request {
-        store: String,
-        op: &'static str,
-        key: String,
-        #[source]
-        source: Box<object_store::Error>,
-    },
-
-    #[error(
-        "chunk {chunk} is missing from store {store}: the image cannot be restored from \
-         this store"
-    )]
-    Missing { store: String, chunk: String },
-
-    #[error(
-        "chunk {chunk} in store {store} is corrupted ({reason}): the image cannot be \
-         restored from this store"
-    )]
-    Corrupt {
-        store: String,
-        chunk: String,
-        reason: String,
-    },
-
-    #[error(
-        "no image {name:?} in store {store}: its manifest is missing (the dump did not complete?)"
-    )]
-    NoImage { store: String, name: String },
-
-    #[error(
-        "manifest of image {name:?} in store {store} is {len} bytes, more than the limit \
-         of {max}: it is not a ckpt manifest"
-    )]
-    ManifestTooLarge {
-        store: String,
-        name: String,
-        len: u64,
-        max: u64,
-    },
-
-    #[error(
-        "{name:?} is not an image name: use 1 to {MAX_IMAGE_NAME} letters, digits, '.', \
-         '_' or '-', not starting with '.'"
-    )]
-    BadImageName { name: String },
-
-    #[error("{name:?} is not a chunk name (64 lowercase hex digits expected)")]
-    BadChunkName { name: String },
-
-    /// Bad input to a put or get (length, level, buffer): not the store's fault.
-    #[error(transparent)]
-    Format(#[from] ChunkFmtError),
-
-    #[error("cannot start the I/O runtime of store {store}: {source}")]
-    Runtime {
-        store: String,
-        #[source]
-        source: std::io::Error,
-    },
-}
+/// The errors of an object store are those of every chunk store: this is the name
+/// they had when the two stores had an enum each.
+pub type ObjStoreError = StoreError;
 
 /// A parsed store URL.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -212,9 +85,9 @@ pub enum StoreUrl {
 
 impl StoreUrl {
     /// Parses a store URL, with an error that says which forms are accepted.
-    pub fn parse(s: &str) -> Result<Self, ObjStoreError> {
-        let url = url::Url::parse(s).map_err(|_| ObjStoreError::NotAUrl { url: s.into() })?;
-        let bad = |reason: &str| ObjStoreError::BadUrl {
+    pub fn parse(s: &str) -> Result<Self, StoreError> {
+        let url = url::Url::parse(s).map_err(|_| StoreError::NotAUrl { url: s.into() })?;
+        let bad = |reason: &str| StoreError::BadUrl {
             url: s.into(),
             reason: reason.into(),
         };
@@ -268,7 +141,7 @@ impl StoreUrl {
                     prefix,
                 })
             }
-            other => Err(ObjStoreError::UnsupportedScheme {
+            other => Err(StoreError::UnsupportedScheme {
                 scheme: other.to_string(),
             }),
         }
@@ -447,22 +320,22 @@ pub struct ObjectStoreBackend {
 impl ObjectStoreBackend {
     /// Opens the store at `url` (see [`StoreUrl::parse`]). Nothing is sent to the
     /// store yet: [`check`](Self::check) does that.
-    pub fn open(url: &str, config: &StoreConfig) -> Result<Self, ObjStoreError> {
+    pub fn open(url: &str, config: &StoreConfig) -> Result<Self, StoreError> {
         Self::open_url(StoreUrl::parse(url)?, config)
     }
 
     /// Opens a parsed store URL.
-    pub fn open_url(url: StoreUrl, config: &StoreConfig) -> Result<Self, ObjStoreError> {
+    pub fn open_url(url: StoreUrl, config: &StoreConfig) -> Result<Self, StoreError> {
         let plain = url.to_string();
         let (store, root, name): (Arc<dyn ObjectStore>, ObjPath, String) = match &url {
             StoreUrl::Memory => (Arc::new(InMemory::new()), ObjPath::default(), plain),
             StoreUrl::File(dir) => {
-                std::fs::create_dir_all(dir).map_err(|e| ObjStoreError::Config {
+                std::fs::create_dir_all(dir).map_err(|e| StoreError::Config {
                     store: plain.clone(),
                     reason: format!("create directory {}: {e}", dir.display()),
                 })?;
                 let fs = LocalFileSystem::new_with_prefix(dir)
-                    .map_err(|source| ObjStoreError::Open {
+                    .map_err(|source| StoreError::Open {
                         store: plain.clone(),
                         source: Box::new(source),
                     })?
@@ -521,7 +394,7 @@ impl ObjectStoreBackend {
 
     /// Checks that the store answers and its bucket (or directory) exists, with one
     /// listing request, so a command can fail before it freezes anything.
-    pub async fn check(&self) -> Result<(), ObjStoreError> {
+    pub async fn check(&self) -> Result<(), StoreError> {
         self.store
             .list_with_delimiter(Some(&self.root))
             .await
@@ -538,7 +411,7 @@ impl ObjectStoreBackend {
         chunk: ChunkRef,
         bytes: &[u8],
         zstd_level: Option<i32>,
-    ) -> Result<PutOutcome, ObjStoreError> {
+    ) -> Result<PutOutcome, StoreError> {
         if bytes.len() != chunk.len as usize {
             return Err(ChunkFmtError::RefMismatch {
                 chunk: chunk.hex(),
@@ -570,14 +443,14 @@ impl ObjectStoreBackend {
     }
 
     /// Whether an object for `chunk` exists (its content is not checked).
-    pub async fn has_chunk(&self, chunk: &ChunkRef) -> Result<bool, ObjStoreError> {
+    pub async fn has_chunk(&self, chunk: &ChunkRef) -> Result<bool, StoreError> {
         let key = self.chunk_key(&chunk.hex());
         self.exists("head chunk", &key).await
     }
 
     /// Reads `chunk` into `out` (exactly `chunk.len` bytes), verifying its header,
     /// length and BLAKE3.
-    pub async fn get_chunk(&self, chunk: &ChunkRef, out: &mut [u8]) -> Result<(), ObjStoreError> {
+    pub async fn get_chunk(&self, chunk: &ChunkRef, out: &mut [u8]) -> Result<(), StoreError> {
         self.get_chunk_with(chunk, out, |_, _| Ok(())).await
     }
 
@@ -592,14 +465,14 @@ impl ObjectStoreBackend {
     /// (the restore writes them into processes that never run unless every chunk
     /// verified). A compressed object is decoded and verified first, then handed
     /// on in one call.
-    pub async fn get_chunk_with<E: From<ObjStoreError>>(
+    pub async fn get_chunk_with<E: From<StoreError>>(
         &self,
         chunk: &ChunkRef,
         out: &mut [u8],
         mut arrived: impl FnMut(usize, &[u8]) -> Result<(), E>,
     ) -> Result<(), E> {
         if out.len() != chunk.len as usize {
-            return Err(ObjStoreError::from(ChunkFmtError::BufferSize {
+            return Err(StoreError::from(ChunkFmtError::BufferSize {
                 chunk: chunk.hex(),
                 expected: chunk.len,
                 got: out.len(),
@@ -611,7 +484,7 @@ impl ObjectStoreBackend {
         let got = match self.store.get(&key).await {
             Ok(got) => got,
             Err(ref e @ object_store::Error::NotFound { .. }) if !is_missing_bucket(e) => {
-                return Err(ObjStoreError::Missing {
+                return Err(StoreError::Missing {
                     store: self.name.to_string(),
                     chunk: hex,
                 }
@@ -632,10 +505,7 @@ impl ObjectStoreBackend {
                 .into());
         }
         let size = got.meta.size;
-        let fix = |e| match e {
-            ChunkFmtError::Corrupt { chunk, reason } => self.corrupt(chunk, reason),
-            other => other.into(),
-        };
+        let fix = |e| StoreError::from_format(&self.name, e);
         if size != (chunkfmt::CHUNK_HEADER_LEN + out.len()) as u64 {
             // Compressed (or damaged): whole, then decoded and verified.
             let object = got
@@ -701,7 +571,7 @@ impl ObjectStoreBackend {
 
     /// Names (64 hex digits) of every chunk in the store, sorted. Objects that are not
     /// chunks are skipped.
-    pub async fn list_chunks(&self) -> Result<Vec<String>, ObjStoreError> {
+    pub async fn list_chunks(&self) -> Result<Vec<String>, StoreError> {
         let dir = self.root.clone().join(CHUNKS_DIR);
         let mut names: Vec<String> = self
             .list_under(&dir)
@@ -720,9 +590,9 @@ impl ObjectStoreBackend {
 
     /// Deletes the chunk named `hex` (as [`list_chunks`](Self::list_chunks) gives it).
     /// Deleting a chunk that is not there is not an error (S3 does not tell).
-    pub async fn delete_chunk(&self, hex: &str) -> Result<(), ObjStoreError> {
+    pub async fn delete_chunk(&self, hex: &str) -> Result<(), StoreError> {
         if !chunkfmt::is_chunk_name(hex) {
-            return Err(ObjStoreError::BadChunkName { name: hex.into() });
+            return Err(StoreError::BadChunkName { name: hex.into() });
         }
         let key = self.chunk_key(hex);
         self.delete_if_there("delete chunk", &key).await
@@ -730,16 +600,11 @@ impl ObjectStoreBackend {
 
     /// Writes the manifest of image `name`: the commit point, to be called after every
     /// chunk the manifest names was put. Replaces an older manifest of that name whole.
-    pub async fn put_manifest(&self, name: &str, bytes: &[u8]) -> Result<(), ObjStoreError> {
+    pub async fn put_manifest(&self, name: &str, bytes: &[u8]) -> Result<(), StoreError> {
         check_image_name(name)?;
         let max = codec::MAX_ENVELOPE;
         if bytes.len() as u64 > max {
-            return Err(ObjStoreError::ManifestTooLarge {
-                store: self.name.to_string(),
-                name: name.into(),
-                len: bytes.len() as u64,
-                max,
-            });
+            return Err(self.manifest_too_large(name, bytes.len() as u64));
         }
         let key = self.manifest_key(name);
         self.store
@@ -752,13 +617,13 @@ impl ObjectStoreBackend {
     /// Reads the manifest of image `name` (at most [`codec::MAX_ENVELOPE`] bytes; a
     /// larger one is refused before it is fetched). The bytes are not decoded here:
     /// [`codec::decode_image`] checks them.
-    pub async fn get_manifest(&self, name: &str) -> Result<Vec<u8>, ObjStoreError> {
+    pub async fn get_manifest(&self, name: &str) -> Result<Vec<u8>, StoreError> {
         check_image_name(name)?;
         let key = self.manifest_key(name);
         let got = match self.store.get(&key).await {
             Ok(got) => got,
             Err(ref e @ object_store::Error::NotFound { .. }) if !is_missing_bucket(e) => {
-                return Err(ObjStoreError::NoImage {
+                return Err(StoreError::NoImage {
                     store: self.name.to_string(),
                     name: name.into(),
                 });
@@ -766,12 +631,7 @@ impl ObjectStoreBackend {
             Err(e) => return Err(self.request_err("get manifest", &key, e)),
         };
         let max = codec::MAX_ENVELOPE;
-        let too_large = |len| ObjStoreError::ManifestTooLarge {
-            store: self.name.to_string(),
-            name: name.into(),
-            len,
-            max,
-        };
+        let too_large = |len| self.manifest_too_large(name, len);
         if got.meta.size > max {
             return Err(too_large(got.meta.size));
         }
@@ -786,7 +646,7 @@ impl ObjectStoreBackend {
     }
 
     /// Names of the images that have a manifest, sorted.
-    pub async fn list_manifests(&self) -> Result<Vec<String>, ObjStoreError> {
+    pub async fn list_manifests(&self) -> Result<Vec<String>, StoreError> {
         let dir = self.root.clone().join(IMAGES_DIR);
         let mut names: Vec<String> = self
             .list_under(&dir)
@@ -806,7 +666,7 @@ impl ObjectStoreBackend {
     /// Deletes the manifest of image `name`: the image no longer exists (its chunks
     /// stay until a gc finds nothing else references them). Deleting an image that
     /// is not there is not an error.
-    pub async fn delete_manifest(&self, name: &str) -> Result<(), ObjStoreError> {
+    pub async fn delete_manifest(&self, name: &str) -> Result<(), StoreError> {
         check_image_name(name)?;
         let key = self.manifest_key(name);
         self.delete_if_there("delete manifest", &key).await
@@ -814,12 +674,7 @@ impl ObjectStoreBackend {
 
     /// Writes the small object `<root>/<dir>/<name>` whole (the job manifests of
     /// [`crate::catalog`]); `name` follows the rules of image names.
-    pub async fn put_object(
-        &self,
-        dir: &str,
-        name: &str,
-        bytes: &[u8],
-    ) -> Result<(), ObjStoreError> {
+    pub async fn put_object(&self, dir: &str, name: &str, bytes: &[u8]) -> Result<(), StoreError> {
         check_image_name(name)?;
         let key = self.root.clone().join(dir).join(name);
         self.store
@@ -831,11 +686,7 @@ impl ObjectStoreBackend {
 
     /// Reads the small object `<root>/<dir>/<name>`: `None` if it is not there; one
     /// larger than [`codec::MAX_ENVELOPE`] is refused before it is fetched.
-    pub async fn get_object(
-        &self,
-        dir: &str,
-        name: &str,
-    ) -> Result<Option<Vec<u8>>, ObjStoreError> {
+    pub async fn get_object(&self, dir: &str, name: &str) -> Result<Option<Vec<u8>>, StoreError> {
         check_image_name(name)?;
         let key = self.root.clone().join(dir).join(name);
         let got = match self.store.get(&key).await {
@@ -846,12 +697,7 @@ impl ObjectStoreBackend {
             Err(e) => return Err(self.request_err("get", &key, e)),
         };
         if got.meta.size > codec::MAX_ENVELOPE {
-            return Err(ObjStoreError::ManifestTooLarge {
-                store: self.name.to_string(),
-                name: name.into(),
-                len: got.meta.size,
-                max: codec::MAX_ENVELOPE,
-            });
+            return Err(self.manifest_too_large(name, got.meta.size));
         }
         let bytes = got
             .bytes()
@@ -861,7 +707,7 @@ impl ObjectStoreBackend {
     }
 
     /// Names of the objects directly in `<root>/<dir>`, sorted.
-    pub async fn list_objects(&self, dir: &str) -> Result<Vec<String>, ObjStoreError> {
+    pub async fn list_objects(&self, dir: &str) -> Result<Vec<String>, StoreError> {
         let d = self.root.clone().join(dir);
         let mut names: Vec<String> = self
             .list_under(&d)
@@ -877,7 +723,7 @@ impl ObjectStoreBackend {
     }
 
     /// Deletes `<root>/<dir>/<name>`; one that is not there is not an error.
-    pub async fn delete_object(&self, dir: &str, name: &str) -> Result<(), ObjStoreError> {
+    pub async fn delete_object(&self, dir: &str, name: &str) -> Result<(), StoreError> {
         check_image_name(name)?;
         let key = self.root.clone().join(dir).join(name);
         self.delete_if_there("delete", &key).await
@@ -885,7 +731,7 @@ impl ObjectStoreBackend {
 
     /// Writes the marker `<root>/<kind>/<id>` (see [`crate::gc`]); returns its
     /// modification time in the store's clock (ms since the epoch).
-    pub async fn put_marker(&self, kind: &str, id: &str) -> Result<i64, ObjStoreError> {
+    pub async fn put_marker(&self, kind: &str, id: &str) -> Result<i64, StoreError> {
         let key = self.root.clone().join(kind).join(id);
         self.store
             .put(&key, PutPayload::from(id.as_bytes().to_vec()))
@@ -900,20 +746,20 @@ impl ObjectStoreBackend {
     }
 
     /// Deletes marker `<root>/<kind>/<id>` (absent is fine).
-    pub async fn delete_marker(&self, kind: &str, id: &str) -> Result<(), ObjStoreError> {
+    pub async fn delete_marker(&self, kind: &str, id: &str) -> Result<(), StoreError> {
         let key = self.root.clone().join(kind).join(id);
         self.delete_if_there("delete marker", &key).await
     }
 
     /// Whether marker `<root>/<kind>/<id>` exists.
-    pub async fn has_marker(&self, kind: &str, id: &str) -> Result<bool, ObjStoreError> {
+    pub async fn has_marker(&self, kind: &str, id: &str) -> Result<bool, StoreError> {
         let key = self.root.clone().join(kind).join(id);
         self.exists("head marker", &key).await
     }
 
     /// Every marker under `<root>/<kind>/`: its id and modification time (ms since
     /// the epoch, the store's clock).
-    pub async fn list_markers(&self, kind: &str) -> Result<Vec<(String, i64)>, ObjStoreError> {
+    pub async fn list_markers(&self, kind: &str) -> Result<Vec<(String, i64)>, StoreError> {
         let dir = self.root.clone().join(kind);
         Ok(self
             .list_metas(&dir)
@@ -935,10 +781,7 @@ impl ObjectStoreBackend {
 
     /// Every object under `dir`; a local store whose directory was never written
     /// lists as empty.
-    async fn list_metas(
-        &self,
-        dir: &ObjPath,
-    ) -> Result<Vec<object_store::ObjectMeta>, ObjStoreError> {
+    async fn list_metas(&self, dir: &ObjPath) -> Result<Vec<object_store::ObjectMeta>, StoreError> {
         match self.store.list(Some(dir)).try_collect().await {
             Ok(m) => Ok(m),
             Err(object_store::Error::NotFound { .. })
@@ -951,7 +794,7 @@ impl ObjectStoreBackend {
     }
 
     /// The path segments below `dir` of every object under it.
-    async fn list_under(&self, dir: &ObjPath) -> Result<Vec<Vec<String>>, ObjStoreError> {
+    async fn list_under(&self, dir: &ObjPath) -> Result<Vec<Vec<String>>, StoreError> {
         Ok(self
             .list_metas(dir)
             .await?
@@ -965,7 +808,7 @@ impl ObjectStoreBackend {
     }
 
     /// Deletes `key`; one that is not there is not an error (S3 does not tell).
-    async fn delete_if_there(&self, op: &'static str, key: &ObjPath) -> Result<(), ObjStoreError> {
+    async fn delete_if_there(&self, op: &'static str, key: &ObjPath) -> Result<(), StoreError> {
         match self.store.delete(key).await {
             Ok(()) => Ok(()),
             Err(ref e @ object_store::Error::NotFound { .. }) if !is_missing_bucket(e) => Ok(()),
@@ -974,7 +817,7 @@ impl ObjectStoreBackend {
     }
 
     /// Whether an object `key` exists.
-    async fn exists(&self, op: &'static str, key: &ObjPath) -> Result<bool, ObjStoreError> {
+    async fn exists(&self, op: &'static str, key: &ObjPath) -> Result<bool, StoreError> {
         match self.store.head(key).await {
             Ok(_) => Ok(true),
             Err(object_store::Error::NotFound { .. }) => Ok(false),
@@ -982,8 +825,16 @@ impl ObjectStoreBackend {
         }
     }
 
-    fn corrupt(&self, chunk: String, reason: String) -> ObjStoreError {
-        ObjStoreError::Corrupt {
+    fn manifest_too_large(&self, name: &str, len: u64) -> StoreError {
+        StoreError::ManifestTooLarge {
+            manifest: format!("of image {name:?} in store {}", self.name),
+            len,
+            max: codec::MAX_ENVELOPE,
+        }
+    }
+
+    fn corrupt(&self, chunk: String, reason: String) -> StoreError {
+        StoreError::Corrupt {
             store: self.name.to_string(),
             chunk,
             reason,
@@ -991,9 +842,9 @@ impl ObjectStoreBackend {
     }
 
     /// A failed write: "not found" there means the bucket (or directory) is missing.
-    fn write_err(&self, op: &'static str, key: &ObjPath, e: object_store::Error) -> ObjStoreError {
+    fn write_err(&self, op: &'static str, key: &ObjPath, e: object_store::Error) -> StoreError {
         match e {
-            object_store::Error::NotFound { .. } => ObjStoreError::NoBucket {
+            object_store::Error::NotFound { .. } => StoreError::NoBucket {
                 store: self.name.to_string(),
                 op,
                 key: key.to_string(),
@@ -1004,42 +855,37 @@ impl ObjectStoreBackend {
     }
 
     /// Sorts a failed request into what the user should do about it.
-    fn request_err(
-        &self,
-        op: &'static str,
-        key: &ObjPath,
-        e: object_store::Error,
-    ) -> ObjStoreError {
+    fn request_err(&self, op: &'static str, key: &ObjPath, e: object_store::Error) -> StoreError {
         let store = self.name.to_string();
         let key = key.to_string();
         match e {
             object_store::Error::PermissionDenied { .. }
-            | object_store::Error::Unauthenticated { .. } => ObjStoreError::Denied {
+            | object_store::Error::Unauthenticated { .. } => StoreError::Denied {
                 store,
                 op,
                 key,
                 source: Box::new(e),
             },
-            object_store::Error::NotFound { .. } => ObjStoreError::NoBucket {
+            object_store::Error::NotFound { .. } => StoreError::NoBucket {
                 store,
                 op,
                 key,
                 source: Box::new(e),
             },
-            e if is_missing_bucket(&e) => ObjStoreError::NoBucket {
+            e if is_missing_bucket(&e) => StoreError::NoBucket {
                 store,
                 op,
                 key,
                 source: Box::new(e),
             },
-            e if is_transport_error(&e) => ObjStoreError::Unreachable {
+            e if is_transport_error(&e) => StoreError::Unreachable {
                 store,
                 op,
                 key,
                 cause: root_cause(&e),
                 source: Box::new(e),
             },
-            e => ObjStoreError::Request {
+            e => StoreError::Request {
                 store,
                 op,
                 key,
@@ -1096,28 +942,13 @@ fn is_missing_bucket(e: &object_store::Error) -> bool {
     false
 }
 
-/// Checks that `name` can name an image: one path segment in every store.
-pub fn check_image_name(name: &str) -> Result<(), ObjStoreError> {
-    let ok = !name.is_empty()
-        && name.len() <= MAX_IMAGE_NAME
-        && !name.starts_with('.')
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
-    if ok {
-        Ok(())
-    } else {
-        Err(ObjStoreError::BadImageName { name: name.into() })
-    }
-}
-
 fn open_s3(
     store: &str,
     bucket: &str,
     s3: &S3Config,
     retry: &RetryPolicy,
-) -> Result<Arc<dyn ObjectStore>, ObjStoreError> {
-    let config_err = |reason: String| ObjStoreError::Config {
+) -> Result<Arc<dyn ObjectStore>, StoreError> {
+    let config_err = |reason: String| StoreError::Config {
         store: store.to_string(),
         reason,
     };
@@ -1204,7 +1035,7 @@ fn open_s3(
     let s3 = builder
         .with_client_options(client)
         .build()
-        .map_err(|source| ObjStoreError::Open {
+        .map_err(|source| StoreError::Open {
             store: store.to_string(),
             source: Box::new(source),
         })?;
@@ -1225,7 +1056,7 @@ pub struct BlockingStore {
 
 impl BlockingStore {
     /// Opens the store at `url` with a runtime of its own.
-    pub fn open(url: &str, config: &StoreConfig) -> Result<Self, ObjStoreError> {
+    pub fn open(url: &str, config: &StoreConfig) -> Result<Self, StoreError> {
         let url = StoreUrl::parse(url)?;
         let runtime = match config.drive {
             Drive::Threads => tokio::runtime::Builder::new_multi_thread()
@@ -1237,7 +1068,7 @@ impl BlockingStore {
                 .enable_all()
                 .build(),
         }
-        .map_err(|source| ObjStoreError::Runtime {
+        .map_err(|source| StoreError::Runtime {
             store: url.to_string(),
             source,
         })?;
@@ -1260,7 +1091,7 @@ impl BlockingStore {
     }
 
     /// See [`ObjectStoreBackend::check`].
-    pub fn check(&self) -> Result<(), ObjStoreError> {
+    pub fn check(&self) -> Result<(), StoreError> {
         self.block_on(self.backend.check())
     }
 
@@ -1270,68 +1101,131 @@ impl BlockingStore {
         chunk: ChunkRef,
         bytes: &[u8],
         zstd_level: Option<i32>,
-    ) -> Result<PutOutcome, ObjStoreError> {
+    ) -> Result<PutOutcome, StoreError> {
         self.block_on(self.backend.put_chunk(chunk, bytes, zstd_level))
     }
 
     /// See [`ObjectStoreBackend::get_chunk`].
-    pub fn get_chunk(&self, chunk: &ChunkRef, out: &mut [u8]) -> Result<(), ObjStoreError> {
+    pub fn get_chunk(&self, chunk: &ChunkRef, out: &mut [u8]) -> Result<(), StoreError> {
         self.block_on(self.backend.get_chunk(chunk, out))
     }
 
     /// See [`ObjectStoreBackend::has_chunk`].
-    pub fn has_chunk(&self, chunk: &ChunkRef) -> Result<bool, ObjStoreError> {
+    pub fn has_chunk(&self, chunk: &ChunkRef) -> Result<bool, StoreError> {
         self.block_on(self.backend.has_chunk(chunk))
     }
 
     /// See [`ObjectStoreBackend::list_chunks`].
-    pub fn list_chunks(&self) -> Result<Vec<String>, ObjStoreError> {
+    pub fn list_chunks(&self) -> Result<Vec<String>, StoreError> {
         self.block_on(self.backend.list_chunks())
     }
 
     /// See [`ObjectStoreBackend::delete_chunk`].
-    pub fn delete_chunk(&self, hex: &str) -> Result<(), ObjStoreError> {
+    pub fn delete_chunk(&self, hex: &str) -> Result<(), StoreError> {
         self.block_on(self.backend.delete_chunk(hex))
     }
 
     /// See [`ObjectStoreBackend::put_manifest`].
-    pub fn put_manifest(&self, name: &str, bytes: &[u8]) -> Result<(), ObjStoreError> {
+    pub fn put_manifest(&self, name: &str, bytes: &[u8]) -> Result<(), StoreError> {
         self.block_on(self.backend.put_manifest(name, bytes))
     }
 
     /// See [`ObjectStoreBackend::get_manifest`].
-    pub fn get_manifest(&self, name: &str) -> Result<Vec<u8>, ObjStoreError> {
+    pub fn get_manifest(&self, name: &str) -> Result<Vec<u8>, StoreError> {
         self.block_on(self.backend.get_manifest(name))
     }
 
     /// See [`ObjectStoreBackend::list_manifests`].
-    pub fn list_manifests(&self) -> Result<Vec<String>, ObjStoreError> {
+    pub fn list_manifests(&self) -> Result<Vec<String>, StoreError> {
         self.block_on(self.backend.list_manifests())
     }
 
     /// See [`ObjectStoreBackend::delete_manifest`].
-    pub fn delete_manifest(&self, name: &str) -> Result<(), ObjStoreError> {
+    pub fn delete_manifest(&self, name: &str) -> Result<(), StoreError> {
         self.block_on(self.backend.delete_manifest(name))
     }
 
     /// See [`ObjectStoreBackend::put_object`].
-    pub fn put_object(&self, dir: &str, name: &str, bytes: &[u8]) -> Result<(), ObjStoreError> {
+    pub fn put_object(&self, dir: &str, name: &str, bytes: &[u8]) -> Result<(), StoreError> {
         self.block_on(self.backend.put_object(dir, name, bytes))
     }
 
     /// See [`ObjectStoreBackend::get_object`].
-    pub fn get_object(&self, dir: &str, name: &str) -> Result<Option<Vec<u8>>, ObjStoreError> {
+    pub fn get_object(&self, dir: &str, name: &str) -> Result<Option<Vec<u8>>, StoreError> {
         self.block_on(self.backend.get_object(dir, name))
     }
 
     /// See [`ObjectStoreBackend::list_objects`].
-    pub fn list_objects(&self, dir: &str) -> Result<Vec<String>, ObjStoreError> {
+    pub fn list_objects(&self, dir: &str) -> Result<Vec<String>, StoreError> {
         self.block_on(self.backend.list_objects(dir))
     }
 
     /// See [`ObjectStoreBackend::delete_object`].
-    pub fn delete_object(&self, dir: &str, name: &str) -> Result<(), ObjStoreError> {
+    pub fn delete_object(&self, dir: &str, name: &str) -> Result<(), StoreError> {
         self.block_on(self.backend.delete_object(dir, name))
+    }
+}
+
+/// The synchronous interface of every chunk store. An object store keeps no image
+/// of its own: the manifest calls name the image.
+impl ChunkBackend for BlockingStore {
+    fn display_name(&self) -> &str {
+        self.backend.display_name()
+    }
+
+    fn is_remote(&self) -> bool {
+        true
+    }
+
+    fn check(&self) -> Result<(), StoreError> {
+        BlockingStore::check(self)
+    }
+
+    fn put_chunk(
+        &self,
+        chunk: ChunkRef,
+        bytes: &[u8],
+        zstd_level: Option<i32>,
+    ) -> Result<PutOutcome, StoreError> {
+        BlockingStore::put_chunk(self, chunk, bytes, zstd_level)
+    }
+
+    fn get_chunk_with(
+        &self,
+        chunk: &ChunkRef,
+        out: &mut [u8],
+        sink: &mut ChunkSink<'_>,
+    ) -> Result<(), StoreError> {
+        self.block_on(self.backend.get_chunk_with(chunk, out, sink))
+    }
+
+    fn has_chunk(&self, chunk: &ChunkRef) -> Result<bool, StoreError> {
+        BlockingStore::has_chunk(self, chunk)
+    }
+
+    fn list_chunks(&self) -> Result<Vec<String>, StoreError> {
+        BlockingStore::list_chunks(self)
+    }
+
+    fn delete_chunk(&self, hex: &str) -> Result<(), StoreError> {
+        BlockingStore::delete_chunk(self, hex)
+    }
+
+    /// A put is durable when it returns.
+    fn sync(&self) -> Result<(), StoreError> {
+        Ok(())
+    }
+
+    fn put_manifest(&self, name: &str, bytes: &[u8]) -> Result<(), StoreError> {
+        BlockingStore::put_manifest(self, name, bytes)
+    }
+
+    fn get_manifest(&self, name: &str) -> Result<Vec<u8>, StoreError> {
+        BlockingStore::get_manifest(self, name)
+    }
+
+    fn list_manifests(&self) -> Result<Vec<String>, StoreError> {
+        BlockingStore::list_manifests(self)
     }
 }
 
@@ -1381,7 +1275,7 @@ mod tests {
         );
         assert!(matches!(
             StoreUrl::parse("/var/ckpt"),
-            Err(ObjStoreError::NotAUrl { .. })
+            Err(StoreError::NotAUrl { .. })
         ));
         for bad in [
             "s3:///prefix",
@@ -1393,7 +1287,7 @@ mod tests {
             "s3://bucket/x?region=eu",
         ] {
             match StoreUrl::parse(bad) {
-                Err(ObjStoreError::BadUrl { url, .. }) => assert_eq!(url, bad),
+                Err(StoreError::BadUrl { url, .. }) => assert_eq!(url, bad),
                 other => panic!("{bad}: expected BadUrl, got {other:?}"),
             }
         }
@@ -1504,7 +1398,7 @@ mod tests {
             (half_creds, "or neither"),
         ] {
             match ObjectStoreBackend::open("s3://b/p", &config) {
-                Err(e @ ObjStoreError::Config { .. }) => {
+                Err(e @ StoreError::Config { .. }) => {
                     let msg = e.to_string();
                     assert!(msg.starts_with("cannot open store s3://b/p: "), "{msg}");
                     assert!(msg.contains(want), "want {want:?} in {msg}");
@@ -1545,7 +1439,7 @@ mod tests {
         ] {
             assert!(matches!(
                 check_image_name(bad),
-                Err(ObjStoreError::BadImageName { .. })
+                Err(StoreError::BadImageName { .. })
             ));
         }
     }
