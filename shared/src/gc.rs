@@ -72,13 +72,11 @@ impl Default for Leases {
 
 impl Leases {
     /// The defaults, with `CKPT_GC_WAIT_SECS` (how long a checkpoint waits for a
-    /// running gc) taken from the environment when set.
-    pub fn from_env() -> Self {
+    /// running gc) taken from `lookup` when set there (the caller's environment:
+    /// the library reads none itself).
+    pub fn from_vars(lookup: impl Fn(&str) -> Option<String>) -> Self {
         let mut l = Leases::default();
-        if let Some(s) = std::env::var("CKPT_GC_WAIT_SECS")
-            .ok()
-            .and_then(|v| v.parse::<u64>().ok())
-        {
+        if let Some(s) = lookup("CKPT_GC_WAIT_SECS").and_then(|v| v.parse::<u64>().ok()) {
             l.wait_for_gc = Duration::from_secs(s);
         }
         l
@@ -323,4 +321,17 @@ pub async fn prune(
         removed.push(name);
     }
     Ok(removed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn leases_from_vars() {
+        let l = Leases::from_vars(|k| (k == "CKPT_GC_WAIT_SECS").then(|| "7".into()));
+        assert_eq!(l.wait_for_gc, Duration::from_secs(7));
+        assert_eq!(l.gc, Leases::default().gc);
+        assert_eq!(Leases::from_vars(|_| Some("x".into())), Leases::default());
+    }
 }

@@ -19,11 +19,14 @@
 //!   frames.
 //! - [`gc`]: deleting images and unreferenced chunks beside checkpoints in progress.
 //!
-//! No I/O policy lives here beyond the stores themselves.
+//! No I/O policy lives here beyond the stores themselves, and no configuration is
+//! read from the environment: callers pass a lookup ([`objstore::StoreConfig::from_vars`]),
+//! except through [`envconfig`]'s wrappers, kept until the callers pass it.
 
 pub mod catalog;
 pub mod chunkfmt;
 pub mod codec;
+pub mod envconfig;
 pub mod gc;
 pub mod image;
 pub mod location;

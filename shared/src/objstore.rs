@@ -177,7 +177,7 @@ fn percent_decode(s: &str) -> Option<String> {
 }
 
 /// How to reach an S3-compatible endpoint. Each field left `None` is filled from the
-/// environment by [`S3Config::fill_from_env`].
+/// environment the caller passes, by [`S3Config::fill_from`].
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct S3Config {
     /// `http(s)://host:port` of a non-AWS endpoint (`AWS_ENDPOINT_URL`); `None` is AWS.
@@ -196,11 +196,6 @@ pub struct S3Config {
 }
 
 impl S3Config {
-    /// Fills each unset field from the process environment.
-    pub fn fill_from_env(self) -> Self {
-        self.fill_from(|k| std::env::var(k).ok())
-    }
-
     /// Fills each unset field from `lookup` (an environment); empty values count as
     /// unset.
     pub fn fill_from(self, lookup: impl Fn(&str) -> Option<String>) -> Self {
@@ -284,21 +279,19 @@ pub enum Drive {
 }
 
 impl StoreConfig {
-    /// S3 settings from the environment, and the default retries, but for
-    /// `CKPT_STORE_RETRY_SECS`: how long a failing request is retried before the
-    /// store is declared down (default 60; a tree frozen in kill mode waits that
-    /// long on a store that went away).
-    pub fn from_env() -> Self {
+    /// S3 settings from `lookup` (the caller's environment, through a closure: the
+    /// library reads none itself), and
+    /// the default retries, but for `CKPT_STORE_RETRY_SECS`: how long a failing
+    /// request is retried before the store is declared down (default 60; a tree
+    /// frozen in kill mode waits that long on a store that went away).
+    pub fn from_vars(lookup: impl Fn(&str) -> Option<String>) -> Self {
         let mut retry = RetryPolicy::default();
-        if let Some(secs) = std::env::var("CKPT_STORE_RETRY_SECS")
-            .ok()
-            .and_then(|v| v.parse::<u64>().ok())
-        {
+        if let Some(secs) = lookup("CKPT_STORE_RETRY_SECS").and_then(|v| v.parse::<u64>().ok()) {
             retry.retry_timeout = Duration::from_secs(secs);
             retry.connect_timeout = retry.connect_timeout.min(Duration::from_secs(secs.max(1)));
         }
         StoreConfig {
-            s3: S3Config::default().fill_from_env(),
+            s3: S3Config::default().fill_from(lookup),
             retry,
             drive: Drive::default(),
         }
@@ -1329,6 +1322,23 @@ mod tests {
         .fill_from(env);
         assert_eq!(set.region.as_deref(), Some("us-west-2"));
         assert_eq!(set.secret_access_key, None, "empty values count as unset");
+    }
+
+    #[test]
+    fn store_config_from_vars() {
+        let vars = |k: &str| {
+            match k {
+                "CKPT_STORE_RETRY_SECS" => Some("2"),
+                "AWS_ACCESS_KEY_ID" => Some("id"),
+                _ => None,
+            }
+            .map(String::from)
+        };
+        let c = StoreConfig::from_vars(vars);
+        assert_eq!(c.retry.retry_timeout, Duration::from_secs(2));
+        assert_eq!(c.retry.connect_timeout, Duration::from_secs(2));
+        assert_eq!(c.s3.access_key_id.as_deref(), Some("id"));
+        assert_eq!(StoreConfig::from_vars(|_| None), StoreConfig::default());
     }
 
     #[test]
