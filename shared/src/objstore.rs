@@ -178,7 +178,12 @@ fn percent_decode(s: &str) -> Option<String> {
 
 /// How to reach an S3-compatible endpoint. Each field left `None` is filled from the
 /// environment the caller passes, by [`S3Config::fill_from`].
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+///
+/// Serialized whole, secrets included, for the controller to send to its agents
+/// over their mutual-TLS channel; `Debug` redacts the secrets, so that a logged
+/// configuration does not give them away.
+#[derive(Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(default)]
 pub struct S3Config {
     /// `http(s)://host:port` of a non-AWS endpoint (`AWS_ENDPOINT_URL`); `None` is AWS.
     pub endpoint: Option<String>,
@@ -193,6 +198,33 @@ pub struct S3Config {
     /// With AWS and no keys: use the instance role's credentials from the metadata
     /// service (`CKPT_S3_INSTANCE_ROLE=1`). Off by default.
     pub instance_role: bool,
+}
+
+/// What `Debug` prints instead of a secret.
+const REDACTED: &str = "<redacted>";
+
+impl fmt::Debug for S3Config {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let S3Config {
+            endpoint,
+            region,
+            access_key_id,
+            secret_access_key,
+            allow_http,
+            instance_role,
+        } = self;
+        f.debug_struct("S3Config")
+            .field("endpoint", endpoint)
+            .field("region", region)
+            .field("access_key_id", access_key_id)
+            .field(
+                "secret_access_key",
+                &secret_access_key.as_ref().map(|_| REDACTED),
+            )
+            .field("allow_http", allow_http)
+            .field("instance_role", instance_role)
+            .finish()
+    }
 }
 
 impl S3Config {
@@ -226,16 +258,42 @@ impl S3Config {
 /// once `retry_timeout` has passed, whichever comes first.
 /// Other errors (403, 404, a bad signature) are not retried. `file://` and
 /// `memory://` do not retry.
-#[derive(Debug, Clone, PartialEq, Eq)]
+///
+/// Serialized with its durations in seconds (fractions allowed: `0.05`).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(default)]
 pub struct RetryPolicy {
     pub max_retries: usize,
+    #[serde(with = "secs")]
     pub init_backoff: Duration,
+    #[serde(with = "secs")]
     pub max_backoff: Duration,
+    #[serde(with = "secs")]
     pub retry_timeout: Duration,
     /// Limit on establishing one connection.
+    #[serde(with = "secs")]
     pub connect_timeout: Duration,
     /// Limit on one whole request (a chunk upload, say).
+    #[serde(with = "secs")]
     pub request_timeout: Duration,
+}
+
+/// A [`Duration`] as seconds (an `f64`), for [`RetryPolicy`]'s fields.
+mod secs {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_f64(d.as_secs_f64())
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        let secs = f64::deserialize(d)?;
+        Duration::try_from_secs_f64(secs).map_err(|e| {
+            serde::de::Error::custom(format!("{secs} is not a duration in seconds: {e}"))
+        })
+    }
 }
 
 impl Default for RetryPolicy {
@@ -253,12 +311,16 @@ impl Default for RetryPolicy {
     }
 }
 
-/// Everything needed to open a store besides its URL.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+/// Everything needed to open a store besides its URL. Serializable, so that the
+/// controller can send its configuration to the agents with each save and
+/// restore; [`drive`](Self::drive) is the opener's own choice and does not travel.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(default)]
 pub struct StoreConfig {
     pub s3: S3Config,
     pub retry: RetryPolicy,
     /// Which threads drive a [`BlockingStore`]'s connections.
+    #[serde(skip)]
     pub drive: Drive,
 }
 
@@ -1339,6 +1401,48 @@ mod tests {
         assert_eq!(c.retry.connect_timeout, Duration::from_secs(2));
         assert_eq!(c.s3.access_key_id.as_deref(), Some("id"));
         assert_eq!(StoreConfig::from_vars(|_| None), StoreConfig::default());
+    }
+
+    /// What the controller sends its agents comes back the same, secrets and
+    /// sub-second durations included, but for the drive, which stays the
+    /// receiver's.
+    #[test]
+    fn store_config_travels() {
+        let config = StoreConfig {
+            drive: Drive::Caller,
+            ..s3_config("http://127.0.0.1:9000")
+        };
+        let mut config = config;
+        config.retry.init_backoff = Duration::from_millis(50);
+        let bytes = rmp_serde::to_vec_named(&config).unwrap();
+        let back: StoreConfig = rmp_serde::from_slice(&bytes).unwrap();
+        assert_eq!(back.drive, Drive::Threads);
+        assert_eq!(
+            back,
+            StoreConfig {
+                drive: Drive::Threads,
+                ..config
+            }
+        );
+        assert_eq!(back.s3.secret_access_key.as_deref(), Some("secret"));
+    }
+
+    /// A logged configuration does not give its secret away.
+    #[test]
+    fn debug_redacts_secrets() {
+        let mut config = s3_config("http://127.0.0.1:9000");
+        config.s3.secret_access_key = Some("wJalrXUtnFEMI-very-secret".into());
+        for shown in [
+            format!("{config:?}"),
+            format!("{:?}", config.s3),
+            format!("{config:#?}"),
+        ] {
+            assert!(!shown.contains("very-secret"), "{shown}");
+            assert!(shown.contains("<redacted>"), "{shown}");
+        }
+        assert!(format!("{:?}", config.s3).contains("access_key_id: Some(\"id\")"));
+        let none = format!("{:?}", S3Config::default());
+        assert!(none.contains("secret_access_key: None"), "{none}");
     }
 
     #[test]
