@@ -345,12 +345,12 @@ fn parse_size(s: &str) -> Result<u64, String> {
 /// The store configuration the environment gives (AWS_*, CKPT_STORE_RETRY_SECS):
 /// read here, and only here, then passed down.
 fn store_config() -> ckpt_shared::objstore::StoreConfig {
-    ckpt_shared::objstore::StoreConfig::from_env()
+    ckpt_shared::objstore::StoreConfig::from_vars(|k| std::env::var(k).ok())
 }
 
 /// The gc leases the environment gives (CKPT_GC_WAIT_SECS).
 fn leases() -> ckpt_shared::gc::Leases {
-    ckpt_shared::gc::Leases::from_env()
+    ckpt_shared::gc::Leases::from_vars(|k| std::env::var(k).ok())
 }
 
 /// The test hooks (`CKPT_FAULT`, `CKPT_TEST_PAUSE`), in a build that has them.

@@ -211,8 +211,9 @@ pub fn load(
         let mut seen = HashSet::new();
         for c in chunks.filter(|c| seen.insert(c.chunk)) {
             if !store.has_chunk(&c.chunk)? {
-                return Err(RestoreError::Store(ImageStoreError::Dir(
+                return Err(RestoreError::Store(ImageStoreError::Store(
                     ckpt_shared::store::StoreError::Missing {
+                        store: store.display_name().into(),
                         chunk: c.chunk.hex(),
                     },
                 )));

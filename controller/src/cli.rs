@@ -371,8 +371,8 @@ fn when(unix: u64) -> String {
 /// and nowhere below it.
 fn serve_options() -> crate::serve::ServeOptions {
     crate::serve::ServeOptions {
-        store: ckpt_shared::objstore::StoreConfig::from_env(),
-        leases: ckpt_shared::gc::Leases::from_env(),
+        store: ckpt_shared::objstore::StoreConfig::from_vars(|k| std::env::var(k).ok()),
+        leases: ckpt_shared::gc::Leases::from_vars(|k| std::env::var(k).ok()),
         #[cfg(feature = "test-hooks")]
         test_pause: std::env::var("CKPT_TEST_PAUSE").ok(),
     }

@@ -1,27 +1,54 @@
-//! The chunk object format as bytes in memory: encode a chunk into one object, and
-//! decode and verify an object back into the chunk's bytes.
+//! The chunk object format, in one place: its header, its encoding and its
+//! decoding with verification. Both stores ([`crate::store::ChunkStore`] on a
+//! directory, [`crate::objstore::ObjectStoreBackend`] on `object_store`) write and read
+//! objects only through this module, so the two cannot drift apart.
 //!
-//! This is the very format that [`crate::store::ChunkStore`] writes to its files (a
-//! 12-byte header, then the raw bytes or one zstd frame; see [`crate::store`] for the
-//! table), and it uses that module's constants. `ChunkStore` streams its objects
-//! through files and keeps its encoder private, so the object-store backends
-//! ([`crate::objstore`]), which hand whole objects to an HTTP client, need the same
-//! encoding over a buffer. Two choices were weighed:
-//! - make `ChunkStore` delegate to this module: the right end state, but `store.rs` is
-//!   being worked on by others and its file path reads straight into the caller's
-//!   buffer (no intermediate copy), which a buffer API cannot do for the raw codec;
-//! - mirror the format here, byte for byte, and pin the two together with tests that
-//!   decode each other's objects (below, `chunk_store_objects_decode` and
-//!   `encoded_objects_read_back_through_chunk_store`). That is what this module does.
+//! A chunk object is a 12-byte header and the payload:
+//!
+//! ```text
+//! offset  size  field
+//!      0     4  magic  b"CKCH"
+//!      4     1  object version (1)
+//!      5     1  codec: 0 = raw, 1 = zstd
+//!      6     2  reserved, zero
+//!      8     4  uncompressed length, u32 LE
+//!     12     …  payload (raw bytes, or one zstd frame)
+//! ```
+//!
+//! The name of an object is the BLAKE3 of the *uncompressed* bytes
+//! ([`ChunkRef::of`]), so the compression level never changes a chunk's identity: the
+//! same page dumped with zstd by one rank and raw by another is stored once.
+//!
+//! The encoder hands the header and the payload out separately ([`encode_with`])
+//! rather than one buffer: the directory store writes them to its file as they are,
+//! and a raw chunk (most of a dump's memory) is then never copied; [`encode`] joins
+//! them for the object stores, which hand whole objects to an HTTP client. The
+//! decoder is likewise split so that a reader can check the header as soon as it is
+//! in and stream a raw payload into the caller's buffer ([`check_header`],
+//! [`decompress_into`], [`check_hash`]); [`decode_into`] does all of it over one
+//! buffer.
 //!
 //! Decoding checks, in order: size, magic, version, reserved bytes, stated length,
 //! codec, payload size, zstd frame, decompressed size, BLAKE3. Nothing in an object is
-//! trusted, and an error names the chunk with the same reasons `ChunkStore` gives.
+//! trusted, and an error names the chunk.
+//!
+//! This module depends on nothing else of the store (only [`crate::image::ChunkRef`]),
+//! so both stores can use it without an import cycle.
 
 use std::cell::RefCell;
 
 use crate::image::ChunkRef;
-use crate::store::{CHUNK_HEADER_LEN, CHUNK_MAGIC, CHUNK_VERSION, CODEC_RAW, CODEC_ZSTD};
+
+/// First 4 bytes of every chunk object.
+pub const CHUNK_MAGIC: [u8; 4] = *b"CKCH";
+/// Version of the chunk object format.
+pub const CHUNK_VERSION: u8 = 1;
+/// Codec byte: the payload is the raw bytes.
+pub const CODEC_RAW: u8 = 0;
+/// Codec byte: the payload is one zstd frame.
+pub const CODEC_ZSTD: u8 = 1;
+/// Size of the chunk object header.
+pub const CHUNK_HEADER_LEN: usize = 12;
 
 /// Errors of encoding or decoding one chunk object.
 #[derive(Debug, thiserror::Error)]
@@ -60,11 +87,14 @@ fn corrupt(chunk: &ChunkRef, reason: impl Into<String>) -> ChunkFmtError {
     }
 }
 
-/// Per-thread zstd contexts, for the same reason as in `store.rs`: a compressor at a
-/// high level allocates several MiB, more than compressing one chunk costs.
+/// Per-thread zstd contexts: creating one costs an allocation of several MiB at high
+/// levels, far more than compressing a 1 MiB chunk, so each worker thread keeps its
+/// own, with the output buffer it compresses into (it only grows, so it is
+/// zero-filled once).
 struct Compressor {
     level: i32,
     inner: zstd::bulk::Compressor<'static>,
+    buf: Vec<u8>,
 }
 
 thread_local! {
@@ -99,13 +129,30 @@ pub fn header(codec: u8, len: u32) -> [u8; CHUNK_HEADER_LEN] {
 
 /// Encodes `bytes` (whose identity the caller computed: `chunk`) as one object,
 /// compressed with zstd at `zstd_level` when that makes it strictly smaller, raw
-/// otherwise, exactly as [`crate::store::ChunkStore::put_chunk`] does. The hash is
-/// trusted; the length is checked.
+/// otherwise. The hash is trusted; the length is checked.
 pub fn encode(
     chunk: &ChunkRef,
     bytes: &[u8],
     zstd_level: Option<i32>,
 ) -> Result<Vec<u8>, ChunkFmtError> {
+    encode_with(chunk, bytes, zstd_level, |header, payload| {
+        let mut object = Vec::with_capacity(CHUNK_HEADER_LEN + payload.len());
+        object.extend_from_slice(header);
+        object.extend_from_slice(payload);
+        object
+    })
+}
+
+/// [`encode`] without joining the parts: `write(header, payload)` gets the header
+/// and the payload (`bytes` themselves when raw, this thread's compression buffer
+/// when zstd), and its result is returned. `write` must not encode a chunk itself
+/// (the compression buffer is borrowed while it runs).
+pub fn encode_with<R>(
+    chunk: &ChunkRef,
+    bytes: &[u8],
+    zstd_level: Option<i32>,
+    write: impl FnOnce(&[u8; CHUNK_HEADER_LEN], &[u8]) -> R,
+) -> Result<R, ChunkFmtError> {
     if bytes.len() != chunk.len as usize {
         return Err(ChunkFmtError::RefMismatch {
             chunk: chunk.hex(),
@@ -113,26 +160,17 @@ pub fn encode(
             got: bytes.len(),
         });
     }
-    if let Some(level) = zstd_level {
-        check_zstd_level(level)?;
-        if !bytes.is_empty() {
-            if let Some(object) = encode_zstd(chunk, bytes, level)? {
-                return Ok(object);
-            }
+    let level = match zstd_level {
+        Some(level) if !bytes.is_empty() => {
+            check_zstd_level(level)?;
+            level
         }
-    }
-    let mut object = Vec::with_capacity(CHUNK_HEADER_LEN + bytes.len());
-    object.extend_from_slice(&header(CODEC_RAW, chunk.len));
-    object.extend_from_slice(bytes);
-    Ok(object)
-}
-
-/// The zstd object, or `None` when compression would not make it smaller.
-fn encode_zstd(
-    chunk: &ChunkRef,
-    bytes: &[u8],
-    level: i32,
-) -> Result<Option<Vec<u8>>, ChunkFmtError> {
+        Some(level) => {
+            check_zstd_level(level)?;
+            return Ok(write(&header(CODEC_RAW, chunk.len), bytes));
+        }
+        None => return Ok(write(&header(CODEC_RAW, chunk.len), bytes)),
+    };
     let zstd_err = |e: std::io::Error| ChunkFmtError::Zstd {
         chunk: chunk.hex(),
         reason: e.to_string(),
@@ -150,23 +188,21 @@ fn encode_zstd(
             None => slot.insert(Compressor {
                 level,
                 inner: zstd::bulk::Compressor::new(level).map_err(zstd_err)?,
+                buf: Vec::new(),
             }),
         };
-        // One byte short of the input: zstd fails rather than produce anything that is
-        // not strictly smaller, and then the raw form is stored (as in store.rs).
+        // Only a strictly smaller result is worth the decompression at restore: an
+        // output buffer one byte short of the input makes zstd fail on anything else,
+        // and then the raw form is stored.
         let cap = bytes.len() - 1;
-        let mut object = vec![0u8; CHUNK_HEADER_LEN + cap];
-        match ctx
-            .inner
-            .compress_to_buffer(bytes, &mut object[CHUNK_HEADER_LEN..])
-        {
-            Ok(n) => {
-                object.truncate(CHUNK_HEADER_LEN + n);
-                object[..CHUNK_HEADER_LEN].copy_from_slice(&header(CODEC_ZSTD, chunk.len));
-                Ok(Some(object))
-            }
-            Err(_) => Ok(None),
+        if ctx.buf.len() < cap {
+            ctx.buf.resize(cap, 0);
         }
+        let Compressor { inner, buf, .. } = ctx;
+        Ok(match inner.compress_to_buffer(bytes, &mut buf[..cap]) {
+            Ok(n) => write(&header(CODEC_ZSTD, chunk.len), &buf[..n]),
+            Err(_) => write(&header(CODEC_RAW, chunk.len), bytes),
+        })
     })
 }
 
@@ -234,34 +270,41 @@ pub fn decode_into(chunk: &ChunkRef, object: &[u8], out: &mut [u8]) -> Result<()
     let codec = check_header(chunk, header, payload.len() as u64).map_err(|r| corrupt(chunk, r))?;
     match codec {
         CODEC_RAW => out.copy_from_slice(payload),
-        CODEC_ZSTD => {
-            let n = DECOMPRESSOR.with(|cell| {
-                let mut slot = cell.borrow_mut();
-                let d = match &mut *slot {
-                    Some(d) => d,
-                    None => slot.insert(zstd::bulk::Decompressor::new().map_err(|e| {
-                        ChunkFmtError::Zstd {
-                            chunk: chunk.hex(),
-                            reason: e.to_string(),
-                        }
-                    })?),
-                };
-                d.decompress_to_buffer(payload, out)
-                    .map_err(|e| corrupt(chunk, format!("zstd: {e}")))
-            })?;
-            if n != out.len() {
-                return Err(corrupt(
-                    chunk,
-                    format!("decompressed to {n} bytes, expected {}", chunk.len),
-                ));
-            }
-        }
+        CODEC_ZSTD => return decompress_into(chunk, payload, out),
         _ => unreachable!("check_header accepts only known codecs"),
     }
-    if blake3::hash(out).as_bytes() != &chunk.hash {
-        return Err(corrupt(chunk, "checksum mismatch"));
+    check_hash(chunk, &blake3::hash(out))
+}
+
+/// Decompresses the zstd `payload` of `chunk` into `out` (exactly `chunk.len`
+/// bytes) and verifies the BLAKE3 of the result.
+pub fn decompress_into(
+    chunk: &ChunkRef,
+    payload: &[u8],
+    out: &mut [u8],
+) -> Result<(), ChunkFmtError> {
+    let n = DECOMPRESSOR.with(|cell| {
+        let mut slot = cell.borrow_mut();
+        let d =
+            match &mut *slot {
+                Some(d) => d,
+                None => slot.insert(zstd::bulk::Decompressor::new().map_err(|e| {
+                    ChunkFmtError::Zstd {
+                        chunk: chunk.hex(),
+                        reason: e.to_string(),
+                    }
+                })?),
+            };
+        d.decompress_to_buffer(payload, out)
+            .map_err(|e| corrupt(chunk, format!("zstd: {e}")))
+    })?;
+    if n != out.len() {
+        return Err(corrupt(
+            chunk,
+            format!("decompressed to {n} bytes, expected {}", chunk.len),
+        ));
     }
-    Ok(())
+    check_hash(chunk, &blake3::hash(out))
 }
 
 /// Checks the header of an object whose payload is as long as `chunk`: it must say
@@ -294,14 +337,13 @@ pub fn is_chunk_name(s: &str) -> bool {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
-    use crate::store::{ChunkStore, StoreError};
     use ckpt_tests::data::{noise, text};
 
     /// The cases that reach every branch of the encoder: raw, zstd, zstd that does
     /// not pay (falls back to raw), empty, and a page of zeros.
-    fn cases() -> Vec<(Vec<u8>, Option<i32>)> {
+    pub(crate) fn cases() -> Vec<(Vec<u8>, Option<i32>)> {
         vec![
             (noise(10_000, 1), None),
             (text(1 << 20), Some(3)),
@@ -312,47 +354,6 @@ mod tests {
             (Vec::new(), None),
             (vec![0u8; 4096], Some(1)),
         ]
-    }
-
-    fn object_path(store: &ChunkStore, c: &ChunkRef) -> std::path::PathBuf {
-        let hex = c.hex();
-        store.dir().join("chunks").join(&hex[..2]).join(&hex)
-    }
-
-    #[test]
-    fn chunk_store_objects_decode() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = ChunkStore::open(dir.path()).unwrap();
-        for (data, level) in cases() {
-            let put = store.put_chunk(&data, level).unwrap();
-            let object = std::fs::read(object_path(&store, &put.chunk)).unwrap();
-            // Same bytes, not just the same content: the two encoders agree exactly.
-            assert_eq!(
-                encode(&put.chunk, &data, level).unwrap(),
-                object,
-                "{level:?}"
-            );
-            let mut out = vec![0u8; data.len()];
-            decode_into(&put.chunk, &object, &mut out).unwrap();
-            assert_eq!(out, data);
-        }
-    }
-
-    #[test]
-    fn encoded_objects_read_back_through_chunk_store() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = ChunkStore::open(dir.path()).unwrap();
-        for (data, level) in cases() {
-            let chunk = ChunkRef::of(&data);
-            let object = encode(&chunk, &data, level).unwrap();
-            let path = object_path(&store, &chunk);
-            std::fs::create_dir_all(path.parent().unwrap()).unwrap();
-            std::fs::write(&path, &object).unwrap();
-            assert!(store.has_chunk(&chunk));
-            let mut out = vec![0u8; data.len()];
-            store.get_chunk(&chunk, &mut out).unwrap();
-            assert_eq!(out, data);
-        }
     }
 
     #[test]
@@ -383,56 +384,6 @@ mod tests {
             encode(&c, b"abc", Some(1000)),
             Err(ChunkFmtError::ZstdLevel { level: 1000, .. })
         ));
-    }
-
-    /// Every damage `store.rs`'s own test applies is reported with the same reason
-    /// by both decoders.
-    #[test]
-    fn damage_is_reported_like_chunk_store() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = ChunkStore::open(dir.path()).unwrap();
-        let data = text(5000);
-        let put = store.put_chunk(&data, None).unwrap();
-        let path = object_path(&store, &put.chunk);
-        let good = std::fs::read(&path).unwrap();
-        type Damage = fn(&mut Vec<u8>);
-        let cases: Vec<Damage> = vec![
-            |o| o[0] = b'X',
-            |o| o[4] = 9,
-            |o| o[5] = 7,
-            |o| o[6] = 1,
-            |o| o[8] ^= 1,
-            |o| o.truncate(100),
-            |o| o.truncate(5),
-            |o| o.push(0),
-            |o| o[5] = CODEC_ZSTD,
-            |o| {
-                o[5] = CODEC_ZSTD;
-                o.truncate(200);
-            },
-            |o| {
-                let last = o.len() - 1;
-                o[last] ^= 0x40;
-            },
-        ];
-        for damage in cases {
-            let mut obj = good.clone();
-            damage(&mut obj);
-            std::fs::write(&path, &obj).unwrap();
-            let mut out = vec![0u8; data.len()];
-            let theirs = match store.get_chunk(&put.chunk, &mut out) {
-                Err(StoreError::Corrupt { reason, .. }) => reason,
-                other => panic!("ChunkStore: expected Corrupt, got {other:?}"),
-            };
-            let ours = match decode_into(&put.chunk, &obj, &mut out) {
-                Err(ChunkFmtError::Corrupt { chunk, reason }) => {
-                    assert_eq!(chunk, put.chunk.hex());
-                    reason
-                }
-                other => panic!("chunkfmt: expected Corrupt, got {other:?}"),
-            };
-            assert_eq!(ours, theirs);
-        }
     }
 
     #[test]

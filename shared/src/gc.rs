@@ -41,7 +41,8 @@ use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
 use crate::codec;
-use crate::objstore::{ObjStoreError, ObjectStoreBackend};
+use crate::objstore::ObjectStoreBackend;
+use crate::store::StoreError;
 
 /// Marker directory of checkpoints in progress.
 pub const PENDING: &str = "pending";
@@ -71,13 +72,11 @@ impl Default for Leases {
 
 impl Leases {
     /// The defaults, with `CKPT_GC_WAIT_SECS` (how long a checkpoint waits for a
-    /// running gc) taken from the environment when set.
-    pub fn from_env() -> Self {
+    /// running gc) taken from `lookup` when set there (the caller's environment:
+    /// the library reads none itself).
+    pub fn from_vars(lookup: impl Fn(&str) -> Option<String>) -> Self {
         let mut l = Leases::default();
-        if let Some(s) = std::env::var("CKPT_GC_WAIT_SECS")
-            .ok()
-            .and_then(|v| v.parse::<u64>().ok())
-        {
+        if let Some(s) = lookup("CKPT_GC_WAIT_SECS").and_then(|v| v.parse::<u64>().ok()) {
             l.wait_for_gc = Duration::from_secs(s);
         }
         l
@@ -90,7 +89,7 @@ const LEASE_MARGIN: Duration = Duration::from_secs(60);
 #[derive(Debug, thiserror::Error)]
 pub enum GcError {
     #[error(transparent)]
-    Store(#[from] ObjStoreError),
+    Store(#[from] StoreError),
 
     #[error(
         "gc of store {store} stopped before deleting anything: checkpoint(s) in progress \
@@ -283,7 +282,7 @@ async fn read_image(
 ) -> Result<Option<crate::image::Image>, GcError> {
     let bytes = match store.get_manifest(name).await {
         Ok(b) => b,
-        Err(ObjStoreError::NoImage { .. }) => return Ok(None),
+        Err(StoreError::NoImage { .. }) => return Ok(None),
         Err(e) => return Err(e.into()),
     };
     codec::decode_image(&bytes)
@@ -416,5 +415,18 @@ mod retention_tests {
         ] {
             assert_eq!(retention_unit("job1", other), None, "{other}");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn leases_from_vars() {
+        let l = Leases::from_vars(|k| (k == "CKPT_GC_WAIT_SECS").then(|| "7".into()));
+        assert_eq!(l.wait_for_gc, Duration::from_secs(7));
+        assert_eq!(l.gc, Leases::default().gc);
+        assert_eq!(Leases::from_vars(|_| Some("x".into())), Leases::default());
     }
 }

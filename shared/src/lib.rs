@@ -3,11 +3,14 @@
 //! - [`image`]: the checkpoint image model (processes, threads, mappings, descriptors).
 //! - [`codec`]: the self-describing, versioned, checksummed MessagePack envelope around
 //!   manifests, with bounded decoding.
-//! - [`store`]: the content-addressed chunk store in a local directory, which
-//!   `ckpt-agent dump`/`restore` use today.
+//! - [`chunkfmt`]: the chunk object format (header, encoding, verified decoding),
+//!   the one place both stores write and read it.
+//! - [`store`]: the one chunk-store interface ([`store::ChunkBackend`], with one
+//!   error enum, [`store::StoreError`]) and the content-addressed chunk store in a
+//!   local directory.
 //! - [`objstore`]: stores named by URL (`file://`, `s3://`, `memory://`) through
-//!   `object_store`, with the same chunk object format ([`chunkfmt`]), tested against
-//!   a real S3 server.
+//!   `object_store`, with the same chunk object format and the same interface; one
+//!   storage suite runs over every backend, S3 against a real server.
 //! - [`location`]: what `--image` takes (a directory, `file:///store/NAME`,
 //!   `s3://bucket/prefix/NAME`) and [`location::ImageStore`], the one interface the
 //!   agent's dump, restore and inspect use on any of them.
@@ -16,7 +19,9 @@
 //!   frames.
 //! - [`gc`]: deleting images and unreferenced chunks beside checkpoints in progress.
 //!
-//! No I/O policy lives here beyond the stores themselves.
+//! No I/O policy lives here beyond the stores themselves, and no configuration is
+//! read from the environment: callers pass a lookup ([`objstore::StoreConfig::from_vars`]),
+//! except through [`envconfig`]'s wrappers, kept until the callers pass it.
 
 pub mod catalog;
 pub mod chunkfmt;

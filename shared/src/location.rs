@@ -14,22 +14,25 @@
 //! `images/NAME/manifest.ckpt`). `file://` goes through [`ChunkStore`], which
 //! batches its fsyncs; `s3://` through [`BlockingStore`]. `memory://` is refused
 //! here: a store inside one process would vanish when the command exits.
+//!
+//! [`ImageStore`] holds whichever it is as one [`ChunkBackend`] and calls it without
+//! asking which; the object store is kept beside it only for what has no directory
+//! equivalent (the gc markers, and the restore's many-requests fetch).
 
 use std::cell::RefCell;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use crate::gc::{self, GcError, Leases, Registration};
 use crate::image::ChunkRef;
-use crate::objstore::{self, BlockingStore, ObjStoreError, StoreConfig, StoreUrl};
-use crate::store::{ChunkStore, PutOutcome, StoreError};
+use crate::objstore::{self, BlockingStore, StoreConfig, StoreUrl};
+use crate::store::{ChunkBackend, ChunkStore, PutOutcome, StoreError};
 
 /// Errors of an image store, naming the store.
 #[derive(Debug, thiserror::Error)]
 pub enum ImageStoreError {
     #[error(transparent)]
-    Dir(#[from] StoreError),
-    #[error(transparent)]
-    Object(#[from] ObjStoreError),
+    Store(#[from] StoreError),
     #[error(transparent)]
     Gc(#[from] GcError),
     #[error("invalid image location {location:?}: {reason}")]
@@ -40,10 +43,7 @@ impl ImageStoreError {
     /// Whether the error says the store could not be reached (as opposed to bad
     /// data or bad input).
     pub fn is_unreachable(&self) -> bool {
-        matches!(
-            self,
-            ImageStoreError::Object(ObjStoreError::Unreachable { .. })
-        )
+        matches!(self, ImageStoreError::Store(StoreError::Unreachable { .. }))
     }
 }
 
@@ -115,57 +115,60 @@ impl std::fmt::Display for Location {
 #[derive(Debug)]
 pub struct ImageStore {
     location: Location,
-    kind: Kind,
-    /// A local shared store seen through `object_store`, for the markers of
-    /// [`crate::gc`] (a remote store uses its own connection).
-    local_markers: Option<BlockingStore>,
+    /// The image's name in its store (a self-contained directory ignores it).
+    name: String,
+    /// Where the chunks and the manifest go.
+    backend: Arc<dyn ChunkBackend>,
+    /// The shared store seen through `object_store`, for the markers of
+    /// [`crate::gc`] and for [`fetch_each`](Self::fetch_each): the backend itself
+    /// when that is an object store, a second view of the directory for a local
+    /// shared store, `None` for a self-contained directory.
+    objects: Option<Arc<BlockingStore>>,
 }
 
-#[derive(Debug)]
-enum Kind {
-    Local(ChunkStore),
-    Remote { store: BlockingStore, name: String },
-}
+/// The name a self-contained image directory's one image is given (it is not
+/// used: such a store holds one image).
+const DIR_IMAGE: &str = "image";
 
 impl ImageStore {
     /// Opens the image at `location`. A local store's directories are created; a
     /// remote store is not contacted (see [`check`](Self::check)).
     pub fn open(location: &Location, config: &StoreConfig) -> Result<Self, ImageStoreError> {
-        let mut local_markers = None;
-        let kind = match location {
-            Location::Dir(dir) => Kind::Local(ChunkStore::open(dir)?),
+        let (backend, objects, name): (Arc<dyn ChunkBackend>, _, _) = match location {
+            Location::Dir(dir) => (Arc::new(ChunkStore::open(dir)?), None, DIR_IMAGE.into()),
             Location::Named {
                 store: url @ StoreUrl::File(root),
                 name,
-            } => {
-                local_markers = Some(BlockingStore::open(&url.to_string(), config)?);
-                Kind::Local(ChunkStore::open_named(root, name)?)
+            } => (
+                Arc::new(ChunkStore::open_named(root, name)?),
+                Some(Arc::new(BlockingStore::open(&url.to_string(), config)?)),
+                name.clone(),
+            ),
+            Location::Named { store, name } => {
+                let store = Arc::new(BlockingStore::open(&store.to_string(), config)?);
+                (store.clone(), Some(store), name.clone())
             }
-            Location::Named { store, name } => Kind::Remote {
-                store: BlockingStore::open(&store.to_string(), config)?,
-                name: name.clone(),
-            },
         };
         Ok(ImageStore {
             location: location.clone(),
-            kind,
-            local_markers,
+            name,
+            backend,
+            objects,
         })
     }
 
     /// Image `name` in an already open remote store (tests use `memory://` this way).
     pub fn in_store(store: BlockingStore, name: &str) -> Result<Self, ImageStoreError> {
         objstore::check_image_name(name)?;
+        let store = Arc::new(store);
         Ok(ImageStore {
             location: Location::Named {
                 store: store.backend().url().clone(),
                 name: name.into(),
             },
-            kind: Kind::Remote {
-                store,
-                name: name.into(),
-            },
-            local_markers: None,
+            name: name.into(),
+            backend: store.clone(),
+            objects: Some(store),
         })
     }
 
@@ -174,21 +177,23 @@ impl ImageStore {
         &self.location
     }
 
+    /// How errors name the store: its URL (and endpoint), or its directory.
+    pub fn display_name(&self) -> &str {
+        self.backend.display_name()
+    }
+
     /// Whether chunks travel over the network: callers then keep more of them in
     /// flight.
     pub fn is_remote(&self) -> bool {
-        matches!(self.kind, Kind::Remote { .. })
+        self.backend.is_remote()
     }
 
     /// Fails early, before anything is frozen, if the store cannot be reached.
     pub fn check(&self) -> Result<(), ImageStoreError> {
-        match &self.kind {
-            Kind::Local(_) => Ok(()),
-            Kind::Remote { store, .. } => Ok(store.check()?),
-        }
+        Ok(self.backend.check()?)
     }
 
-    /// Stores `bytes` under `chunk` (see [`ChunkStore::put_chunk_with_ref`]); a chunk
+    /// Stores `bytes` under `chunk` (see [`ChunkBackend::put_chunk`]); a chunk
     /// already in the store costs nothing (`stored_bytes` 0).
     pub fn put_chunk(
         &self,
@@ -196,19 +201,19 @@ impl ImageStore {
         bytes: &[u8],
         zstd_level: Option<i32>,
     ) -> Result<PutOutcome, ImageStoreError> {
-        Ok(match &self.kind {
-            Kind::Local(s) => s.put_chunk_with_ref(chunk, bytes, zstd_level)?,
-            Kind::Remote { store, .. } => store.put_chunk(chunk, bytes, zstd_level)?,
-        })
+        Ok(self.backend.put_chunk(chunk, bytes, zstd_level)?)
     }
 
     /// Reads and verifies `chunk` into `out` (exactly `chunk.len` bytes).
     pub fn get_chunk(&self, chunk: &ChunkRef, out: &mut [u8]) -> Result<(), ImageStoreError> {
-        match &self.kind {
-            Kind::Local(s) => s.get_chunk(chunk, out)?,
-            Kind::Remote { store, .. } => store.get_chunk(chunk, out)?,
-        }
-        Ok(())
+        Ok(self.backend.get_chunk(chunk, out)?)
+    }
+
+    /// The object store behind a remote image (the one [`fetch_each`] drives).
+    ///
+    /// [`fetch_each`]: Self::fetch_each
+    fn remote(&self) -> Option<&BlockingStore> {
+        self.objects.as_deref().filter(|_| self.backend.is_remote())
     }
 
     /// For a remote store: fetches and verifies `chunks` with `concurrency` requests
@@ -221,6 +226,8 @@ impl ImageStore {
     /// **`sink` sees bytes before their chunk is verified**: only `Some(Ok(()))`
     /// says that every chunk matched its BLAKE3. On an error, whatever the sink
     /// wrote must be thrown away.
+    ///
+    /// [`ObjectStoreBackend::get_chunk_with`]: crate::objstore::ObjectStoreBackend::get_chunk_with
     pub fn fetch_each<E: From<ImageStoreError>>(
         &self,
         chunks: &[ChunkRef],
@@ -228,9 +235,7 @@ impl ImageStore {
         sink: impl FnMut(usize, usize, &[u8]) -> Result<(), E>,
     ) -> Option<Result<(), E>> {
         use futures_util::StreamExt;
-        let Kind::Remote { store, .. } = &self.kind else {
-            return None;
-        };
+        let store = self.remote()?;
         let backend = store.backend();
         // Buffers go back to a pool after use: a fresh 4 MiB buffer per chunk would
         // be mapped and faulted in every time.
@@ -267,38 +272,29 @@ impl ImageStore {
 
     /// Whether the store has an object for `chunk` (its content is not checked).
     pub fn has_chunk(&self, chunk: &ChunkRef) -> Result<bool, ImageStoreError> {
-        Ok(match &self.kind {
-            Kind::Local(s) => s.has_chunk(chunk),
-            Kind::Remote { store, .. } => store.has_chunk(chunk)?,
-        })
+        Ok(self.backend.has_chunk(chunk)?)
     }
 
     /// Commits the image: every chunk put so far is made durable first, then the
     /// manifest is written. Before this returns there is no image.
     pub fn put_manifest(&self, bytes: &[u8]) -> Result<(), ImageStoreError> {
-        match &self.kind {
-            Kind::Local(s) => s.put_manifest(bytes)?,
-            Kind::Remote { store, name } => store.put_manifest(name, bytes)?,
-        }
-        Ok(())
+        Ok(self.backend.put_manifest(&self.name, bytes)?)
     }
 
     /// Makes every chunk put so far durable (a local store batches its fsyncs; a
     /// remote put is durable when it returns). [`put_manifest`](Self::put_manifest)
     /// does this itself; calling it first only separates the two in timings.
     pub fn sync(&self) -> Result<(), ImageStoreError> {
-        match &self.kind {
-            Kind::Local(s) => Ok(s.sync()?),
-            Kind::Remote { .. } => Ok(()),
-        }
+        Ok(self.backend.sync()?)
     }
 
     /// Whether the image is committed (its manifest exists).
     pub fn exists(&self) -> Result<bool, ImageStoreError> {
         match self.get_manifest() {
             Ok(_) => Ok(true),
-            Err(ImageStoreError::Dir(StoreError::NoImage { .. }))
-            | Err(ImageStoreError::Object(ObjStoreError::NoImage { .. })) => Ok(false),
+            Err(ImageStoreError::Store(
+                StoreError::NoImage { .. } | StoreError::NoImageDir { .. },
+            )) => Ok(false),
             Err(e) => Err(e),
         }
     }
@@ -306,10 +302,7 @@ impl ImageStore {
     /// The shared store, for the markers of [`crate::gc`]; `None` for a
     /// self-contained directory (nothing else uses its chunks).
     fn shared(&self) -> Option<&BlockingStore> {
-        match &self.kind {
-            Kind::Remote { store, .. } => Some(store),
-            Kind::Local(_) => self.local_markers.as_ref(),
-        }
+        self.objects.as_deref()
     }
 
     /// Registers a checkpoint of this image in a shared store before any chunk is
@@ -350,21 +343,18 @@ impl ImageStore {
 
     /// Reads the manifest's bytes (bounded; decode them with [`crate::codec`]).
     pub fn get_manifest(&self) -> Result<Vec<u8>, ImageStoreError> {
-        Ok(match &self.kind {
-            Kind::Local(s) => s.get_manifest()?,
-            Kind::Remote { store, name } => store.get_manifest(name)?,
-        })
+        Ok(self.backend.get_manifest(&self.name)?)
     }
 }
 
 /// Why one chunk of [`ImageStore::fetch_each`] stopped: the store, or the sink.
 enum Fetch<E> {
-    Store(ObjStoreError),
+    Store(StoreError),
     Sink(E),
 }
 
-impl<E> From<ObjStoreError> for Fetch<E> {
-    fn from(e: ObjStoreError) -> Self {
+impl<E> From<StoreError> for Fetch<E> {
+    fn from(e: StoreError) -> Self {
         Fetch::Store(e)
     }
 }
@@ -465,9 +455,7 @@ mod tests {
         assert_eq!(got, datas);
 
         // One byte of one chunk flipped in the store: the fetch fails, naming it.
-        let Kind::Remote { store, .. } = &img.kind else {
-            unreachable!()
-        };
+        let store = img.remote().expect("remote");
         let b = store.backend();
         let key = b.chunk_key(&chunks[4].hex());
         let mut raw = store
@@ -488,7 +476,7 @@ mod tests {
         // A sink's own error stops the fetch and comes back as it was.
         let r = img
             .fetch_each(&chunks, 3, |_, _, _| -> Result<(), ImageStoreError> {
-                Err(ImageStoreError::Object(ObjStoreError::BadImageName {
+                Err(ImageStoreError::Store(StoreError::BadImageName {
                     name: "sink".into(),
                 }))
             })
@@ -510,7 +498,7 @@ mod tests {
         assert_eq!(b.put_chunk(c, &data, None).unwrap().stored_bytes, 0);
         assert!(matches!(
             b.get_manifest(),
-            Err(ImageStoreError::Dir(StoreError::NoImage { .. }))
+            Err(ImageStoreError::Store(StoreError::NoImage { .. }))
         ));
         a.put_manifest(b"manifest a").unwrap();
         b.put_manifest(b"manifest b").unwrap();

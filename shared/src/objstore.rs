@@ -64,143 +64,13 @@ use object_store::{
 use crate::chunkfmt::{self, ChunkFmtError};
 use crate::codec;
 use crate::image::ChunkRef;
-use crate::store::{PutOutcome, MANIFEST_NAME};
+pub use crate::store::IMAGES_DIR;
+pub use crate::store::{check_image_name, StoreError, MAX_IMAGE_NAME, STREAM_STEP};
+use crate::store::{ChunkBackend, ChunkSink, PutOutcome, CHUNKS_DIR, MANIFEST_NAME};
 
-const CHUNKS_DIR: &str = "chunks";
-/// Directory of the image manifests in a shared store.
-pub const IMAGES_DIR: &str = "images";
-/// Longest image name accepted (one path segment in every store).
-pub const MAX_IMAGE_NAME: usize = 200;
-
-/// How many bytes of a raw chunk [`ObjectStoreBackend::get_chunk_with`] hashes and
-/// hands on at a time: a multiple of the page size (the restore writes whole pages),
-/// well inside a core's L2 cache, and long enough for BLAKE3's SIMD lanes and for
-/// few system calls.
-pub const STREAM_STEP: usize = 256 << 10;
-
-/// Errors of an object store. Each names the store (its URL) and the object.
-#[derive(Debug, thiserror::Error)]
-pub enum ObjStoreError {
-    #[error("not a store URL {url:?}: use file:///path, s3://bucket/prefix or memory://")]
-    NotAUrl { url: String },
-
-    #[error("unsupported store URL scheme {scheme:?}: use file://, s3:// or memory://")]
-    UnsupportedScheme { scheme: String },
-
-    #[error("invalid store URL {url:?}: {reason}")]
-    BadUrl { url: String, reason: String },
-
-    #[error("cannot open store {store}: {reason}")]
-    Config { store: String, reason: String },
-
-    #[error("cannot open store {store}: {source}")]
-    Open {
-        store: String,
-        #[source]
-        source: Box<object_store::Error>,
-    },
-
-    /// `cause` is the innermost error (say, "Connection refused"); `source` has the
-    /// whole chain with the retries made.
-    #[error(
-        "store {store} is unreachable: {op} {key} failed after retries ({cause}); check \
-         that the server is up and that the endpoint (AWS_ENDPOINT_URL) and network are \
-         right, then run the command again"
-    )]
-    Unreachable {
-        store: String,
-        op: &'static str,
-        key: String,
-        cause: String,
-        #[source]
-        source: Box<object_store::Error>,
-    },
-
-    #[error(
-        "store {store} refused {op} {key} ({source}): check the credentials \
-         (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY) and their rights on the bucket"
-    )]
-    Denied {
-        store: String,
-        op: &'static str,
-        key: String,
-        #[source]
-        source: Box<object_store::Error>,
-    },
-
-    #[error(
-        "store {store} has no such bucket or directory ({op} {key}: {source}): create it, \
-         or fix the store URL"
-    )]
-    NoBucket {
-        store: String,
-        op: &'static str,
-        key: String,
-        #[source]
-        source: Box<object_store::Error>,
-    },
-
-    #[error("{op} {key} on store {store} failed: {source}")]
-    Request {
-        store: String,
-        op: &'static str,
-        key: String,
-        #[source]
-        source: Box<object_store::Error>,
-    },
-
-    #[error(
-        "chunk {chunk} is missing from store {store}: the image cannot be restored from \
-         this store"
-    )]
-    Missing { store: String, chunk: String },
-
-    #[error(
-        "chunk {chunk} in store {store} is corrupted ({reason}): the image cannot be \
-         restored from this store"
-    )]
-    Corrupt {
-        store: String,
-        chunk: String,
-        reason: String,
-    },
-
-    #[error(
-        "no image {name:?} in store {store}: its manifest is missing (the dump did not complete?)"
-    )]
-    NoImage { store: String, name: String },
-
-    #[error(
-        "manifest of image {name:?} in store {store} is {len} bytes, more than the limit \
-         of {max}: it is not a ckpt manifest"
-    )]
-    ManifestTooLarge {
-        store: String,
-        name: String,
-        len: u64,
-        max: u64,
-    },
-
-    #[error(
-        "{name:?} is not an image name: use 1 to {MAX_IMAGE_NAME} letters, digits, '.', \
-         '_' or '-', not starting with '.'"
-    )]
-    BadImageName { name: String },
-
-    #[error("{name:?} is not a chunk name (64 lowercase hex digits expected)")]
-    BadChunkName { name: String },
-
-    /// Bad input to a put or get (length, level, buffer): not the store's fault.
-    #[error(transparent)]
-    Format(#[from] ChunkFmtError),
-
-    #[error("cannot start the I/O runtime of store {store}: {source}")]
-    Runtime {
-        store: String,
-        #[source]
-        source: std::io::Error,
-    },
-}
+/// The errors of an object store are those of every chunk store: this is the name
+/// they had when the two stores had an enum each.
+pub type ObjStoreError = StoreError;
 
 /// A parsed store URL.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -215,9 +85,9 @@ pub enum StoreUrl {
 
 impl StoreUrl {
     /// Parses a store URL, with an error that says which forms are accepted.
-    pub fn parse(s: &str) -> Result<Self, ObjStoreError> {
-        let url = url::Url::parse(s).map_err(|_| ObjStoreError::NotAUrl { url: s.into() })?;
-        let bad = |reason: &str| ObjStoreError::BadUrl {
+    pub fn parse(s: &str) -> Result<Self, StoreError> {
+        let url = url::Url::parse(s).map_err(|_| StoreError::NotAUrl { url: s.into() })?;
+        let bad = |reason: &str| StoreError::BadUrl {
             url: s.into(),
             reason: reason.into(),
         };
@@ -271,7 +141,7 @@ impl StoreUrl {
                     prefix,
                 })
             }
-            other => Err(ObjStoreError::UnsupportedScheme {
+            other => Err(StoreError::UnsupportedScheme {
                 scheme: other.to_string(),
             }),
         }
@@ -307,8 +177,13 @@ fn percent_decode(s: &str) -> Option<String> {
 }
 
 /// How to reach an S3-compatible endpoint. Each field left `None` is filled from the
-/// environment by [`S3Config::fill_from_env`].
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+/// environment the caller passes, by [`S3Config::fill_from`].
+///
+/// Serialized whole, secrets included, for the controller to send to its agents
+/// over their mutual-TLS channel; `Debug` redacts the secrets, so that a logged
+/// configuration does not give them away.
+#[derive(Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(default)]
 pub struct S3Config {
     /// `http(s)://host:port` of a non-AWS endpoint (`AWS_ENDPOINT_URL`); `None` is AWS.
     pub endpoint: Option<String>,
@@ -325,12 +200,34 @@ pub struct S3Config {
     pub instance_role: bool,
 }
 
-impl S3Config {
-    /// Fills each unset field from the process environment.
-    pub fn fill_from_env(self) -> Self {
-        self.fill_from(|k| std::env::var(k).ok())
-    }
+/// What `Debug` prints instead of a secret.
+const REDACTED: &str = "<redacted>";
 
+impl fmt::Debug for S3Config {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let S3Config {
+            endpoint,
+            region,
+            access_key_id,
+            secret_access_key,
+            allow_http,
+            instance_role,
+        } = self;
+        f.debug_struct("S3Config")
+            .field("endpoint", endpoint)
+            .field("region", region)
+            .field("access_key_id", access_key_id)
+            .field(
+                "secret_access_key",
+                &secret_access_key.as_ref().map(|_| REDACTED),
+            )
+            .field("allow_http", allow_http)
+            .field("instance_role", instance_role)
+            .finish()
+    }
+}
+
+impl S3Config {
     /// Fills each unset field from `lookup` (an environment); empty values count as
     /// unset.
     pub fn fill_from(self, lookup: impl Fn(&str) -> Option<String>) -> Self {
@@ -361,16 +258,42 @@ impl S3Config {
 /// once `retry_timeout` has passed, whichever comes first.
 /// Other errors (403, 404, a bad signature) are not retried. `file://` and
 /// `memory://` do not retry.
-#[derive(Debug, Clone, PartialEq, Eq)]
+///
+/// Serialized with its durations in seconds (fractions allowed: `0.05`).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(default)]
 pub struct RetryPolicy {
     pub max_retries: usize,
+    #[serde(with = "secs")]
     pub init_backoff: Duration,
+    #[serde(with = "secs")]
     pub max_backoff: Duration,
+    #[serde(with = "secs")]
     pub retry_timeout: Duration,
     /// Limit on establishing one connection.
+    #[serde(with = "secs")]
     pub connect_timeout: Duration,
     /// Limit on one whole request (a chunk upload, say).
+    #[serde(with = "secs")]
     pub request_timeout: Duration,
+}
+
+/// A [`Duration`] as seconds (an `f64`), for [`RetryPolicy`]'s fields.
+mod secs {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_f64(d.as_secs_f64())
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        let secs = f64::deserialize(d)?;
+        Duration::try_from_secs_f64(secs).map_err(|e| {
+            serde::de::Error::custom(format!("{secs} is not a duration in seconds: {e}"))
+        })
+    }
 }
 
 impl Default for RetryPolicy {
@@ -388,12 +311,16 @@ impl Default for RetryPolicy {
     }
 }
 
-/// Everything needed to open a store besides its URL.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+/// Everything needed to open a store besides its URL. Serializable, so that the
+/// controller can send its configuration to the agents with each save and
+/// restore; [`drive`](Self::drive) is the opener's own choice and does not travel.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(default)]
 pub struct StoreConfig {
     pub s3: S3Config,
     pub retry: RetryPolicy,
     /// Which threads drive a [`BlockingStore`]'s connections.
+    #[serde(skip)]
     pub drive: Drive,
 }
 
@@ -414,21 +341,19 @@ pub enum Drive {
 }
 
 impl StoreConfig {
-    /// S3 settings from the environment, and the default retries, but for
-    /// `CKPT_STORE_RETRY_SECS`: how long a failing request is retried before the
-    /// store is declared down (default 60; a tree frozen in kill mode waits that
-    /// long on a store that went away).
-    pub fn from_env() -> Self {
+    /// S3 settings from `lookup` (the caller's environment, through a closure: the
+    /// library reads none itself), and
+    /// the default retries, but for `CKPT_STORE_RETRY_SECS`: how long a failing
+    /// request is retried before the store is declared down (default 60; a tree
+    /// frozen in kill mode waits that long on a store that went away).
+    pub fn from_vars(lookup: impl Fn(&str) -> Option<String>) -> Self {
         let mut retry = RetryPolicy::default();
-        if let Some(secs) = std::env::var("CKPT_STORE_RETRY_SECS")
-            .ok()
-            .and_then(|v| v.parse::<u64>().ok())
-        {
+        if let Some(secs) = lookup("CKPT_STORE_RETRY_SECS").and_then(|v| v.parse::<u64>().ok()) {
             retry.retry_timeout = Duration::from_secs(secs);
             retry.connect_timeout = retry.connect_timeout.min(Duration::from_secs(secs.max(1)));
         }
         StoreConfig {
-            s3: S3Config::default().fill_from_env(),
+            s3: S3Config::default().fill_from(lookup),
             retry,
             drive: Drive::default(),
         }
@@ -450,22 +375,22 @@ pub struct ObjectStoreBackend {
 impl ObjectStoreBackend {
     /// Opens the store at `url` (see [`StoreUrl::parse`]). Nothing is sent to the
     /// store yet: [`check`](Self::check) does that.
-    pub fn open(url: &str, config: &StoreConfig) -> Result<Self, ObjStoreError> {
+    pub fn open(url: &str, config: &StoreConfig) -> Result<Self, StoreError> {
         Self::open_url(StoreUrl::parse(url)?, config)
     }
 
     /// Opens a parsed store URL.
-    pub fn open_url(url: StoreUrl, config: &StoreConfig) -> Result<Self, ObjStoreError> {
+    pub fn open_url(url: StoreUrl, config: &StoreConfig) -> Result<Self, StoreError> {
         let plain = url.to_string();
         let (store, root, name): (Arc<dyn ObjectStore>, ObjPath, String) = match &url {
             StoreUrl::Memory => (Arc::new(InMemory::new()), ObjPath::default(), plain),
             StoreUrl::File(dir) => {
-                std::fs::create_dir_all(dir).map_err(|e| ObjStoreError::Config {
+                std::fs::create_dir_all(dir).map_err(|e| StoreError::Config {
                     store: plain.clone(),
                     reason: format!("create directory {}: {e}", dir.display()),
                 })?;
                 let fs = LocalFileSystem::new_with_prefix(dir)
-                    .map_err(|source| ObjStoreError::Open {
+                    .map_err(|source| StoreError::Open {
                         store: plain.clone(),
                         source: Box::new(source),
                     })?
@@ -524,7 +449,7 @@ impl ObjectStoreBackend {
 
     /// Checks that the store answers and its bucket (or directory) exists, with one
     /// listing request, so a command can fail before it freezes anything.
-    pub async fn check(&self) -> Result<(), ObjStoreError> {
+    pub async fn check(&self) -> Result<(), StoreError> {
         self.store
             .list_with_delimiter(Some(&self.root))
             .await
@@ -541,7 +466,7 @@ impl ObjectStoreBackend {
         chunk: ChunkRef,
         bytes: &[u8],
         zstd_level: Option<i32>,
-    ) -> Result<PutOutcome, ObjStoreError> {
+    ) -> Result<PutOutcome, StoreError> {
         if bytes.len() != chunk.len as usize {
             return Err(ChunkFmtError::RefMismatch {
                 chunk: chunk.hex(),
@@ -573,14 +498,14 @@ impl ObjectStoreBackend {
     }
 
     /// Whether an object for `chunk` exists (its content is not checked).
-    pub async fn has_chunk(&self, chunk: &ChunkRef) -> Result<bool, ObjStoreError> {
+    pub async fn has_chunk(&self, chunk: &ChunkRef) -> Result<bool, StoreError> {
         let key = self.chunk_key(&chunk.hex());
         self.exists("head chunk", &key).await
     }
 
     /// Reads `chunk` into `out` (exactly `chunk.len` bytes), verifying its header,
     /// length and BLAKE3.
-    pub async fn get_chunk(&self, chunk: &ChunkRef, out: &mut [u8]) -> Result<(), ObjStoreError> {
+    pub async fn get_chunk(&self, chunk: &ChunkRef, out: &mut [u8]) -> Result<(), StoreError> {
         self.get_chunk_with(chunk, out, |_, _| Ok(())).await
     }
 
@@ -595,14 +520,14 @@ impl ObjectStoreBackend {
     /// (the restore writes them into processes that never run unless every chunk
     /// verified). A compressed object is decoded and verified first, then handed
     /// on in one call.
-    pub async fn get_chunk_with<E: From<ObjStoreError>>(
+    pub async fn get_chunk_with<E: From<StoreError>>(
         &self,
         chunk: &ChunkRef,
         out: &mut [u8],
         mut arrived: impl FnMut(usize, &[u8]) -> Result<(), E>,
     ) -> Result<(), E> {
         if out.len() != chunk.len as usize {
-            return Err(ObjStoreError::from(ChunkFmtError::BufferSize {
+            return Err(StoreError::from(ChunkFmtError::BufferSize {
                 chunk: chunk.hex(),
                 expected: chunk.len,
                 got: out.len(),
@@ -614,7 +539,7 @@ impl ObjectStoreBackend {
         let got = match self.store.get(&key).await {
             Ok(got) => got,
             Err(ref e @ object_store::Error::NotFound { .. }) if !is_missing_bucket(e) => {
-                return Err(ObjStoreError::Missing {
+                return Err(StoreError::Missing {
                     store: self.name.to_string(),
                     chunk: hex,
                 }
@@ -635,11 +560,8 @@ impl ObjectStoreBackend {
                 .into());
         }
         let size = got.meta.size;
-        let fix = |e| match e {
-            ChunkFmtError::Corrupt { chunk, reason } => self.corrupt(chunk, reason),
-            other => other.into(),
-        };
-        if size != (crate::store::CHUNK_HEADER_LEN + out.len()) as u64 {
+        let fix = |e| StoreError::from_format(&self.name, e);
+        if size != (chunkfmt::CHUNK_HEADER_LEN + out.len()) as u64 {
             // Compressed (or damaged): whole, then decoded and verified.
             let object = got
                 .bytes()
@@ -651,7 +573,7 @@ impl ObjectStoreBackend {
         // The size of a raw chunk: the payload streams straight into `out`, with no
         // buffer allocated (and faulted in) per request. The header is checked as soon
         // as it is in; the bytes are hashed and handed on a step at a time.
-        let mut header = [0u8; crate::store::CHUNK_HEADER_LEN];
+        let mut header = [0u8; chunkfmt::CHUNK_HEADER_LEN];
         let mut at = 0usize;
         let total = size as usize;
         let mut hasher = blake3::Hasher::new();
@@ -704,7 +626,7 @@ impl ObjectStoreBackend {
 
     /// Names (64 hex digits) of every chunk in the store, sorted. Objects that are not
     /// chunks are skipped.
-    pub async fn list_chunks(&self) -> Result<Vec<String>, ObjStoreError> {
+    pub async fn list_chunks(&self) -> Result<Vec<String>, StoreError> {
         let dir = self.root.clone().join(CHUNKS_DIR);
         let mut names: Vec<String> = self
             .list_under(&dir)
@@ -723,9 +645,9 @@ impl ObjectStoreBackend {
 
     /// Deletes the chunk named `hex` (as [`list_chunks`](Self::list_chunks) gives it).
     /// Deleting a chunk that is not there is not an error (S3 does not tell).
-    pub async fn delete_chunk(&self, hex: &str) -> Result<(), ObjStoreError> {
+    pub async fn delete_chunk(&self, hex: &str) -> Result<(), StoreError> {
         if !chunkfmt::is_chunk_name(hex) {
-            return Err(ObjStoreError::BadChunkName { name: hex.into() });
+            return Err(StoreError::BadChunkName { name: hex.into() });
         }
         let key = self.chunk_key(hex);
         self.delete_if_there("delete chunk", &key).await
@@ -733,16 +655,11 @@ impl ObjectStoreBackend {
 
     /// Writes the manifest of image `name`: the commit point, to be called after every
     /// chunk the manifest names was put. Replaces an older manifest of that name whole.
-    pub async fn put_manifest(&self, name: &str, bytes: &[u8]) -> Result<(), ObjStoreError> {
+    pub async fn put_manifest(&self, name: &str, bytes: &[u8]) -> Result<(), StoreError> {
         check_image_name(name)?;
         let max = codec::MAX_ENVELOPE;
         if bytes.len() as u64 > max {
-            return Err(ObjStoreError::ManifestTooLarge {
-                store: self.name.to_string(),
-                name: name.into(),
-                len: bytes.len() as u64,
-                max,
-            });
+            return Err(self.manifest_too_large(name, bytes.len() as u64));
         }
         let key = self.manifest_key(name);
         self.store
@@ -755,13 +672,13 @@ impl ObjectStoreBackend {
     /// Reads the manifest of image `name` (at most [`codec::MAX_ENVELOPE`] bytes; a
     /// larger one is refused before it is fetched). The bytes are not decoded here:
     /// [`codec::decode_image`] checks them.
-    pub async fn get_manifest(&self, name: &str) -> Result<Vec<u8>, ObjStoreError> {
+    pub async fn get_manifest(&self, name: &str) -> Result<Vec<u8>, StoreError> {
         check_image_name(name)?;
         let key = self.manifest_key(name);
         let got = match self.store.get(&key).await {
             Ok(got) => got,
             Err(ref e @ object_store::Error::NotFound { .. }) if !is_missing_bucket(e) => {
-                return Err(ObjStoreError::NoImage {
+                return Err(StoreError::NoImage {
                     store: self.name.to_string(),
                     name: name.into(),
                 });
@@ -769,12 +686,7 @@ impl ObjectStoreBackend {
             Err(e) => return Err(self.request_err("get manifest", &key, e)),
         };
         let max = codec::MAX_ENVELOPE;
-        let too_large = |len| ObjStoreError::ManifestTooLarge {
-            store: self.name.to_string(),
-            name: name.into(),
-            len,
-            max,
-        };
+        let too_large = |len| self.manifest_too_large(name, len);
         if got.meta.size > max {
             return Err(too_large(got.meta.size));
         }
@@ -789,7 +701,7 @@ impl ObjectStoreBackend {
     }
 
     /// Names of the images that have a manifest, sorted.
-    pub async fn list_manifests(&self) -> Result<Vec<String>, ObjStoreError> {
+    pub async fn list_manifests(&self) -> Result<Vec<String>, StoreError> {
         let dir = self.root.clone().join(IMAGES_DIR);
         let mut names: Vec<String> = self
             .list_under(&dir)
@@ -809,7 +721,7 @@ impl ObjectStoreBackend {
     /// Deletes the manifest of image `name`: the image no longer exists (its chunks
     /// stay until a gc finds nothing else references them). Deleting an image that
     /// is not there is not an error.
-    pub async fn delete_manifest(&self, name: &str) -> Result<(), ObjStoreError> {
+    pub async fn delete_manifest(&self, name: &str) -> Result<(), StoreError> {
         check_image_name(name)?;
         let key = self.manifest_key(name);
         self.delete_if_there("delete manifest", &key).await
@@ -817,12 +729,7 @@ impl ObjectStoreBackend {
 
     /// Writes the small object `<root>/<dir>/<name>` whole (the job manifests of
     /// [`crate::catalog`]); `name` follows the rules of image names.
-    pub async fn put_object(
-        &self,
-        dir: &str,
-        name: &str,
-        bytes: &[u8],
-    ) -> Result<(), ObjStoreError> {
+    pub async fn put_object(&self, dir: &str, name: &str, bytes: &[u8]) -> Result<(), StoreError> {
         check_image_name(name)?;
         let key = self.root.clone().join(dir).join(name);
         self.store
@@ -834,11 +741,7 @@ impl ObjectStoreBackend {
 
     /// Reads the small object `<root>/<dir>/<name>`: `None` if it is not there; one
     /// larger than [`codec::MAX_ENVELOPE`] is refused before it is fetched.
-    pub async fn get_object(
-        &self,
-        dir: &str,
-        name: &str,
-    ) -> Result<Option<Vec<u8>>, ObjStoreError> {
+    pub async fn get_object(&self, dir: &str, name: &str) -> Result<Option<Vec<u8>>, StoreError> {
         check_image_name(name)?;
         let key = self.root.clone().join(dir).join(name);
         let got = match self.store.get(&key).await {
@@ -849,12 +752,7 @@ impl ObjectStoreBackend {
             Err(e) => return Err(self.request_err("get", &key, e)),
         };
         if got.meta.size > codec::MAX_ENVELOPE {
-            return Err(ObjStoreError::ManifestTooLarge {
-                store: self.name.to_string(),
-                name: name.into(),
-                len: got.meta.size,
-                max: codec::MAX_ENVELOPE,
-            });
+            return Err(self.manifest_too_large(name, got.meta.size));
         }
         let bytes = got
             .bytes()
@@ -864,7 +762,7 @@ impl ObjectStoreBackend {
     }
 
     /// Names of the objects directly in `<root>/<dir>`, sorted.
-    pub async fn list_objects(&self, dir: &str) -> Result<Vec<String>, ObjStoreError> {
+    pub async fn list_objects(&self, dir: &str) -> Result<Vec<String>, StoreError> {
         let d = self.root.clone().join(dir);
         let mut names: Vec<String> = self
             .list_under(&d)
@@ -880,7 +778,7 @@ impl ObjectStoreBackend {
     }
 
     /// Deletes `<root>/<dir>/<name>`; one that is not there is not an error.
-    pub async fn delete_object(&self, dir: &str, name: &str) -> Result<(), ObjStoreError> {
+    pub async fn delete_object(&self, dir: &str, name: &str) -> Result<(), StoreError> {
         check_image_name(name)?;
         let key = self.root.clone().join(dir).join(name);
         self.delete_if_there("delete", &key).await
@@ -888,7 +786,7 @@ impl ObjectStoreBackend {
 
     /// Writes the marker `<root>/<kind>/<id>` (see [`crate::gc`]); returns its
     /// modification time in the store's clock (ms since the epoch).
-    pub async fn put_marker(&self, kind: &str, id: &str) -> Result<i64, ObjStoreError> {
+    pub async fn put_marker(&self, kind: &str, id: &str) -> Result<i64, StoreError> {
         let key = self.root.clone().join(kind).join(id);
         self.store
             .put(&key, PutPayload::from(id.as_bytes().to_vec()))
@@ -903,20 +801,20 @@ impl ObjectStoreBackend {
     }
 
     /// Deletes marker `<root>/<kind>/<id>` (absent is fine).
-    pub async fn delete_marker(&self, kind: &str, id: &str) -> Result<(), ObjStoreError> {
+    pub async fn delete_marker(&self, kind: &str, id: &str) -> Result<(), StoreError> {
         let key = self.root.clone().join(kind).join(id);
         self.delete_if_there("delete marker", &key).await
     }
 
     /// Whether marker `<root>/<kind>/<id>` exists.
-    pub async fn has_marker(&self, kind: &str, id: &str) -> Result<bool, ObjStoreError> {
+    pub async fn has_marker(&self, kind: &str, id: &str) -> Result<bool, StoreError> {
         let key = self.root.clone().join(kind).join(id);
         self.exists("head marker", &key).await
     }
 
     /// Every marker under `<root>/<kind>/`: its id and modification time (ms since
     /// the epoch, the store's clock).
-    pub async fn list_markers(&self, kind: &str) -> Result<Vec<(String, i64)>, ObjStoreError> {
+    pub async fn list_markers(&self, kind: &str) -> Result<Vec<(String, i64)>, StoreError> {
         let dir = self.root.clone().join(kind);
         Ok(self
             .list_metas(&dir)
@@ -938,10 +836,7 @@ impl ObjectStoreBackend {
 
     /// Every object under `dir`; a local store whose directory was never written
     /// lists as empty.
-    async fn list_metas(
-        &self,
-        dir: &ObjPath,
-    ) -> Result<Vec<object_store::ObjectMeta>, ObjStoreError> {
+    async fn list_metas(&self, dir: &ObjPath) -> Result<Vec<object_store::ObjectMeta>, StoreError> {
         match self.store.list(Some(dir)).try_collect().await {
             Ok(m) => Ok(m),
             Err(object_store::Error::NotFound { .. })
@@ -954,7 +849,7 @@ impl ObjectStoreBackend {
     }
 
     /// The path segments below `dir` of every object under it.
-    async fn list_under(&self, dir: &ObjPath) -> Result<Vec<Vec<String>>, ObjStoreError> {
+    async fn list_under(&self, dir: &ObjPath) -> Result<Vec<Vec<String>>, StoreError> {
         Ok(self
             .list_metas(dir)
             .await?
@@ -968,7 +863,7 @@ impl ObjectStoreBackend {
     }
 
     /// Deletes `key`; one that is not there is not an error (S3 does not tell).
-    async fn delete_if_there(&self, op: &'static str, key: &ObjPath) -> Result<(), ObjStoreError> {
+    async fn delete_if_there(&self, op: &'static str, key: &ObjPath) -> Result<(), StoreError> {
         match self.store.delete(key).await {
             Ok(()) => Ok(()),
             Err(ref e @ object_store::Error::NotFound { .. }) if !is_missing_bucket(e) => Ok(()),
@@ -977,7 +872,7 @@ impl ObjectStoreBackend {
     }
 
     /// Whether an object `key` exists.
-    async fn exists(&self, op: &'static str, key: &ObjPath) -> Result<bool, ObjStoreError> {
+    async fn exists(&self, op: &'static str, key: &ObjPath) -> Result<bool, StoreError> {
         match self.store.head(key).await {
             Ok(_) => Ok(true),
             Err(object_store::Error::NotFound { .. }) => Ok(false),
@@ -985,8 +880,16 @@ impl ObjectStoreBackend {
         }
     }
 
-    fn corrupt(&self, chunk: String, reason: String) -> ObjStoreError {
-        ObjStoreError::Corrupt {
+    fn manifest_too_large(&self, name: &str, len: u64) -> StoreError {
+        StoreError::ManifestTooLarge {
+            manifest: format!("of image {name:?} in store {}", self.name),
+            len,
+            max: codec::MAX_ENVELOPE,
+        }
+    }
+
+    fn corrupt(&self, chunk: String, reason: String) -> StoreError {
+        StoreError::Corrupt {
             store: self.name.to_string(),
             chunk,
             reason,
@@ -994,9 +897,9 @@ impl ObjectStoreBackend {
     }
 
     /// A failed write: "not found" there means the bucket (or directory) is missing.
-    fn write_err(&self, op: &'static str, key: &ObjPath, e: object_store::Error) -> ObjStoreError {
+    fn write_err(&self, op: &'static str, key: &ObjPath, e: object_store::Error) -> StoreError {
         match e {
-            object_store::Error::NotFound { .. } => ObjStoreError::NoBucket {
+            object_store::Error::NotFound { .. } => StoreError::NoBucket {
                 store: self.name.to_string(),
                 op,
                 key: key.to_string(),
@@ -1007,42 +910,37 @@ impl ObjectStoreBackend {
     }
 
     /// Sorts a failed request into what the user should do about it.
-    fn request_err(
-        &self,
-        op: &'static str,
-        key: &ObjPath,
-        e: object_store::Error,
-    ) -> ObjStoreError {
+    fn request_err(&self, op: &'static str, key: &ObjPath, e: object_store::Error) -> StoreError {
         let store = self.name.to_string();
         let key = key.to_string();
         match e {
             object_store::Error::PermissionDenied { .. }
-            | object_store::Error::Unauthenticated { .. } => ObjStoreError::Denied {
+            | object_store::Error::Unauthenticated { .. } => StoreError::Denied {
                 store,
                 op,
                 key,
                 source: Box::new(e),
             },
-            object_store::Error::NotFound { .. } => ObjStoreError::NoBucket {
+            object_store::Error::NotFound { .. } => StoreError::NoBucket {
                 store,
                 op,
                 key,
                 source: Box::new(e),
             },
-            e if is_missing_bucket(&e) => ObjStoreError::NoBucket {
+            e if is_missing_bucket(&e) => StoreError::NoBucket {
                 store,
                 op,
                 key,
                 source: Box::new(e),
             },
-            e if is_transport_error(&e) => ObjStoreError::Unreachable {
+            e if is_transport_error(&e) => StoreError::Unreachable {
                 store,
                 op,
                 key,
                 cause: root_cause(&e),
                 source: Box::new(e),
             },
-            e => ObjStoreError::Request {
+            e => StoreError::Request {
                 store,
                 op,
                 key,
@@ -1099,28 +997,13 @@ fn is_missing_bucket(e: &object_store::Error) -> bool {
     false
 }
 
-/// Checks that `name` can name an image: one path segment in every store.
-pub fn check_image_name(name: &str) -> Result<(), ObjStoreError> {
-    let ok = !name.is_empty()
-        && name.len() <= MAX_IMAGE_NAME
-        && !name.starts_with('.')
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
-    if ok {
-        Ok(())
-    } else {
-        Err(ObjStoreError::BadImageName { name: name.into() })
-    }
-}
-
 fn open_s3(
     store: &str,
     bucket: &str,
     s3: &S3Config,
     retry: &RetryPolicy,
-) -> Result<Arc<dyn ObjectStore>, ObjStoreError> {
-    let config_err = |reason: String| ObjStoreError::Config {
+) -> Result<Arc<dyn ObjectStore>, StoreError> {
+    let config_err = |reason: String| StoreError::Config {
         store: store.to_string(),
         reason,
     };
@@ -1207,7 +1090,7 @@ fn open_s3(
     let s3 = builder
         .with_client_options(client)
         .build()
-        .map_err(|source| ObjStoreError::Open {
+        .map_err(|source| StoreError::Open {
             store: store.to_string(),
             source: Box::new(source),
         })?;
@@ -1228,7 +1111,7 @@ pub struct BlockingStore {
 
 impl BlockingStore {
     /// Opens the store at `url` with a runtime of its own.
-    pub fn open(url: &str, config: &StoreConfig) -> Result<Self, ObjStoreError> {
+    pub fn open(url: &str, config: &StoreConfig) -> Result<Self, StoreError> {
         let url = StoreUrl::parse(url)?;
         let runtime = match config.drive {
             Drive::Threads => tokio::runtime::Builder::new_multi_thread()
@@ -1240,7 +1123,7 @@ impl BlockingStore {
                 .enable_all()
                 .build(),
         }
-        .map_err(|source| ObjStoreError::Runtime {
+        .map_err(|source| StoreError::Runtime {
             store: url.to_string(),
             source,
         })?;
@@ -1263,7 +1146,7 @@ impl BlockingStore {
     }
 
     /// See [`ObjectStoreBackend::check`].
-    pub fn check(&self) -> Result<(), ObjStoreError> {
+    pub fn check(&self) -> Result<(), StoreError> {
         self.block_on(self.backend.check())
     }
 
@@ -1273,68 +1156,131 @@ impl BlockingStore {
         chunk: ChunkRef,
         bytes: &[u8],
         zstd_level: Option<i32>,
-    ) -> Result<PutOutcome, ObjStoreError> {
+    ) -> Result<PutOutcome, StoreError> {
         self.block_on(self.backend.put_chunk(chunk, bytes, zstd_level))
     }
 
     /// See [`ObjectStoreBackend::get_chunk`].
-    pub fn get_chunk(&self, chunk: &ChunkRef, out: &mut [u8]) -> Result<(), ObjStoreError> {
+    pub fn get_chunk(&self, chunk: &ChunkRef, out: &mut [u8]) -> Result<(), StoreError> {
         self.block_on(self.backend.get_chunk(chunk, out))
     }
 
     /// See [`ObjectStoreBackend::has_chunk`].
-    pub fn has_chunk(&self, chunk: &ChunkRef) -> Result<bool, ObjStoreError> {
+    pub fn has_chunk(&self, chunk: &ChunkRef) -> Result<bool, StoreError> {
         self.block_on(self.backend.has_chunk(chunk))
     }
 
     /// See [`ObjectStoreBackend::list_chunks`].
-    pub fn list_chunks(&self) -> Result<Vec<String>, ObjStoreError> {
+    pub fn list_chunks(&self) -> Result<Vec<String>, StoreError> {
         self.block_on(self.backend.list_chunks())
     }
 
     /// See [`ObjectStoreBackend::delete_chunk`].
-    pub fn delete_chunk(&self, hex: &str) -> Result<(), ObjStoreError> {
+    pub fn delete_chunk(&self, hex: &str) -> Result<(), StoreError> {
         self.block_on(self.backend.delete_chunk(hex))
     }
 
     /// See [`ObjectStoreBackend::put_manifest`].
-    pub fn put_manifest(&self, name: &str, bytes: &[u8]) -> Result<(), ObjStoreError> {
+    pub fn put_manifest(&self, name: &str, bytes: &[u8]) -> Result<(), StoreError> {
         self.block_on(self.backend.put_manifest(name, bytes))
     }
 
     /// See [`ObjectStoreBackend::get_manifest`].
-    pub fn get_manifest(&self, name: &str) -> Result<Vec<u8>, ObjStoreError> {
+    pub fn get_manifest(&self, name: &str) -> Result<Vec<u8>, StoreError> {
         self.block_on(self.backend.get_manifest(name))
     }
 
     /// See [`ObjectStoreBackend::list_manifests`].
-    pub fn list_manifests(&self) -> Result<Vec<String>, ObjStoreError> {
+    pub fn list_manifests(&self) -> Result<Vec<String>, StoreError> {
         self.block_on(self.backend.list_manifests())
     }
 
     /// See [`ObjectStoreBackend::delete_manifest`].
-    pub fn delete_manifest(&self, name: &str) -> Result<(), ObjStoreError> {
+    pub fn delete_manifest(&self, name: &str) -> Result<(), StoreError> {
         self.block_on(self.backend.delete_manifest(name))
     }
 
     /// See [`ObjectStoreBackend::put_object`].
-    pub fn put_object(&self, dir: &str, name: &str, bytes: &[u8]) -> Result<(), ObjStoreError> {
+    pub fn put_object(&self, dir: &str, name: &str, bytes: &[u8]) -> Result<(), StoreError> {
         self.block_on(self.backend.put_object(dir, name, bytes))
     }
 
     /// See [`ObjectStoreBackend::get_object`].
-    pub fn get_object(&self, dir: &str, name: &str) -> Result<Option<Vec<u8>>, ObjStoreError> {
+    pub fn get_object(&self, dir: &str, name: &str) -> Result<Option<Vec<u8>>, StoreError> {
         self.block_on(self.backend.get_object(dir, name))
     }
 
     /// See [`ObjectStoreBackend::list_objects`].
-    pub fn list_objects(&self, dir: &str) -> Result<Vec<String>, ObjStoreError> {
+    pub fn list_objects(&self, dir: &str) -> Result<Vec<String>, StoreError> {
         self.block_on(self.backend.list_objects(dir))
     }
 
     /// See [`ObjectStoreBackend::delete_object`].
-    pub fn delete_object(&self, dir: &str, name: &str) -> Result<(), ObjStoreError> {
+    pub fn delete_object(&self, dir: &str, name: &str) -> Result<(), StoreError> {
         self.block_on(self.backend.delete_object(dir, name))
+    }
+}
+
+/// The synchronous interface of every chunk store. An object store keeps no image
+/// of its own: the manifest calls name the image.
+impl ChunkBackend for BlockingStore {
+    fn display_name(&self) -> &str {
+        self.backend.display_name()
+    }
+
+    fn is_remote(&self) -> bool {
+        true
+    }
+
+    fn check(&self) -> Result<(), StoreError> {
+        BlockingStore::check(self)
+    }
+
+    fn put_chunk(
+        &self,
+        chunk: ChunkRef,
+        bytes: &[u8],
+        zstd_level: Option<i32>,
+    ) -> Result<PutOutcome, StoreError> {
+        BlockingStore::put_chunk(self, chunk, bytes, zstd_level)
+    }
+
+    fn get_chunk_with(
+        &self,
+        chunk: &ChunkRef,
+        out: &mut [u8],
+        sink: &mut ChunkSink<'_>,
+    ) -> Result<(), StoreError> {
+        self.block_on(self.backend.get_chunk_with(chunk, out, sink))
+    }
+
+    fn has_chunk(&self, chunk: &ChunkRef) -> Result<bool, StoreError> {
+        BlockingStore::has_chunk(self, chunk)
+    }
+
+    fn list_chunks(&self) -> Result<Vec<String>, StoreError> {
+        BlockingStore::list_chunks(self)
+    }
+
+    fn delete_chunk(&self, hex: &str) -> Result<(), StoreError> {
+        BlockingStore::delete_chunk(self, hex)
+    }
+
+    /// A put is durable when it returns.
+    fn sync(&self) -> Result<(), StoreError> {
+        Ok(())
+    }
+
+    fn put_manifest(&self, name: &str, bytes: &[u8]) -> Result<(), StoreError> {
+        BlockingStore::put_manifest(self, name, bytes)
+    }
+
+    fn get_manifest(&self, name: &str) -> Result<Vec<u8>, StoreError> {
+        BlockingStore::get_manifest(self, name)
+    }
+
+    fn list_manifests(&self) -> Result<Vec<String>, StoreError> {
+        BlockingStore::list_manifests(self)
     }
 }
 
@@ -1384,7 +1330,7 @@ mod tests {
         );
         assert!(matches!(
             StoreUrl::parse("/var/ckpt"),
-            Err(ObjStoreError::NotAUrl { .. })
+            Err(StoreError::NotAUrl { .. })
         ));
         for bad in [
             "s3:///prefix",
@@ -1396,7 +1342,7 @@ mod tests {
             "s3://bucket/x?region=eu",
         ] {
             match StoreUrl::parse(bad) {
-                Err(ObjStoreError::BadUrl { url, .. }) => assert_eq!(url, bad),
+                Err(StoreError::BadUrl { url, .. }) => assert_eq!(url, bad),
                 other => panic!("{bad}: expected BadUrl, got {other:?}"),
             }
         }
@@ -1438,6 +1384,65 @@ mod tests {
         .fill_from(env);
         assert_eq!(set.region.as_deref(), Some("us-west-2"));
         assert_eq!(set.secret_access_key, None, "empty values count as unset");
+    }
+
+    #[test]
+    fn store_config_from_vars() {
+        let vars = |k: &str| {
+            match k {
+                "CKPT_STORE_RETRY_SECS" => Some("2"),
+                "AWS_ACCESS_KEY_ID" => Some("id"),
+                _ => None,
+            }
+            .map(String::from)
+        };
+        let c = StoreConfig::from_vars(vars);
+        assert_eq!(c.retry.retry_timeout, Duration::from_secs(2));
+        assert_eq!(c.retry.connect_timeout, Duration::from_secs(2));
+        assert_eq!(c.s3.access_key_id.as_deref(), Some("id"));
+        assert_eq!(StoreConfig::from_vars(|_| None), StoreConfig::default());
+    }
+
+    /// What the controller sends its agents comes back the same, secrets and
+    /// sub-second durations included, but for the drive, which stays the
+    /// receiver's.
+    #[test]
+    fn store_config_travels() {
+        let config = StoreConfig {
+            drive: Drive::Caller,
+            ..s3_config("http://127.0.0.1:9000")
+        };
+        let mut config = config;
+        config.retry.init_backoff = Duration::from_millis(50);
+        let bytes = rmp_serde::to_vec_named(&config).unwrap();
+        let back: StoreConfig = rmp_serde::from_slice(&bytes).unwrap();
+        assert_eq!(back.drive, Drive::Threads);
+        assert_eq!(
+            back,
+            StoreConfig {
+                drive: Drive::Threads,
+                ..config
+            }
+        );
+        assert_eq!(back.s3.secret_access_key.as_deref(), Some("secret"));
+    }
+
+    /// A logged configuration does not give its secret away.
+    #[test]
+    fn debug_redacts_secrets() {
+        let mut config = s3_config("http://127.0.0.1:9000");
+        config.s3.secret_access_key = Some("wJalrXUtnFEMI-very-secret".into());
+        for shown in [
+            format!("{config:?}"),
+            format!("{:?}", config.s3),
+            format!("{config:#?}"),
+        ] {
+            assert!(!shown.contains("very-secret"), "{shown}");
+            assert!(shown.contains("<redacted>"), "{shown}");
+        }
+        assert!(format!("{:?}", config.s3).contains("access_key_id: Some(\"id\")"));
+        let none = format!("{:?}", S3Config::default());
+        assert!(none.contains("secret_access_key: None"), "{none}");
     }
 
     #[test]
@@ -1507,7 +1512,7 @@ mod tests {
             (half_creds, "or neither"),
         ] {
             match ObjectStoreBackend::open("s3://b/p", &config) {
-                Err(e @ ObjStoreError::Config { .. }) => {
+                Err(e @ StoreError::Config { .. }) => {
                     let msg = e.to_string();
                     assert!(msg.starts_with("cannot open store s3://b/p: "), "{msg}");
                     assert!(msg.contains(want), "want {want:?} in {msg}");
@@ -1548,7 +1553,7 @@ mod tests {
         ] {
             assert!(matches!(
                 check_image_name(bad),
-                Err(ObjStoreError::BadImageName { .. })
+                Err(StoreError::BadImageName { .. })
             ));
         }
     }
