@@ -24,9 +24,9 @@ use std::path::PathBuf;
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
-use crate::jobgate::{Action, Event, GateMachine, Step, Verdict};
 use anyhow::{bail, Context, Result};
 use ckpt_shared::location::Location;
+use ckpt_shared::objstore::StoreConfig;
 use ckpt_shared::proto::{
     AttachedRank, AttemptId, FromAgent, Hello, NodeInfo, RankManifest, RankRef, RestoreRank,
     SaveSpec, ToAgent, PROTO_VERSION,
@@ -37,6 +37,8 @@ use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
 use tokio::sync::mpsc;
 use tracing::{info, warn};
+
+use crate::jobgate::{Action, Event, GateMachine, Step, Verdict};
 
 /// How the daemon runs.
 #[derive(Debug, Clone)]
@@ -332,7 +334,8 @@ fn handle(node: &Arc<Node>, msg: ToAgent) {
             attempt,
             job,
             ranks,
-        } => start_restore(node, attempt, job, ranks),
+            store_config,
+        } => start_restore(node, attempt, job, ranks, store_config),
         ToAgent::Capture { attempt } => gate(attempt).map_or((), |g| g.open(Step::Frozen)),
         ToAgent::Resume { attempt } | ToAgent::Store { attempt } => {
             gate(attempt).map_or((), |g| g.open(Step::Captured))
@@ -561,6 +564,8 @@ fn start_save(node: &Arc<Node>, attempt: AttemptId, spec: SaveSpec, ranks: Vec<R
     let gate = JobGate::new(node, attempt, ranks.len());
     node.attempts.lock().unwrap().insert(attempt, gate.clone());
     let node = node.clone();
+    // The controller's store settings, completed by ours.
+    let store = spec.store_config.or(&node.opts.store);
     std::thread::spawn(move || {
         let snapshot_limit = crate::dump::default_snapshot_limit() / ranks.len().max(1) as u64;
         let threads: Vec<_> = ranks
@@ -575,6 +580,7 @@ fn start_save(node: &Arc<Node>, attempt: AttemptId, spec: SaveSpec, ranks: Vec<R
                 let (pid, rank) = (r.pid, r.rank);
                 let (kill, zstd) = (spec.kill, spec.zstd_level);
                 let node = node.clone();
+                let store = store.clone();
                 std::thread::spawn(move || -> Result<Option<RankManifest>, String> {
                     let loc = Location::parse(&image).map_err(|e| e.to_string())?;
                     let o = &node.opts;
@@ -588,7 +594,7 @@ fn start_save(node: &Arc<Node>, attempt: AttemptId, spec: SaveSpec, ranks: Vec<R
                         snapshot_limit,
                         parent: None,
                         track: false,
-                        store: o.store.clone(),
+                        store,
                         leases: o.leases,
                         registry: o.registry.clone(),
                         hooks: o.hooks.clone(),
@@ -637,9 +643,7 @@ fn start_save(node: &Arc<Node>, attempt: AttemptId, spec: SaveSpec, ranks: Vec<R
             // the controller's own ABORT: a controller that was lost may have
             // committed first, and then the images are the checkpoint.
             info!(attempt, reason = %why, "removing the images of an aborted save");
-            if let Ok(store) =
-                ckpt_shared::objstore::BlockingStore::open(&spec.store, &node.opts.store)
-            {
+            if let Ok(store) = ckpt_shared::objstore::BlockingStore::open(&spec.store, &store) {
                 for &rank in &written {
                     let name = ckpt_shared::proto::rank_image_name(&spec.ckpt, rank);
                     if let Err(e) = store.delete_manifest(&name) {
@@ -671,7 +675,15 @@ fn start_save(node: &Arc<Node>, attempt: AttemptId, spec: SaveSpec, ranks: Vec<R
     });
 }
 
-fn start_restore(node: &Arc<Node>, attempt: AttemptId, job: String, ranks: Vec<RestoreRank>) {
+fn start_restore(
+    node: &Arc<Node>,
+    attempt: AttemptId,
+    job: String,
+    ranks: Vec<RestoreRank>,
+    store_config: StoreConfig,
+) {
+    // The controller's store settings, completed by ours.
+    let store = store_config.or(&node.opts.store);
     let gate = JobGate::new(node, attempt, ranks.len());
     node.attempts.lock().unwrap().insert(attempt, gate.clone());
     let node = node.clone();
@@ -687,6 +699,7 @@ fn start_restore(node: &Arc<Node>, attempt: AttemptId, job: String, ranks: Vec<R
                 };
                 let (rank, image) = (r.rank, r.image.clone());
                 let node = node.clone();
+                let store = store.clone();
                 let moves = crate::fd::Moves {
                     conns: r.readdress.clone(),
                     listen: r.relisten.clone(),
@@ -700,7 +713,7 @@ fn start_restore(node: &Arc<Node>, attempt: AttemptId, job: String, ranks: Vec<R
                         new_pid_ns: false,
                         workers: node.opts.workers,
                         moves,
-                        store: node.opts.store.clone(),
+                        store,
                         fill: Default::default(),
                     };
                     match crate::restore::restore_gated(&opts, &gate) {

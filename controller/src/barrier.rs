@@ -373,6 +373,7 @@ impl RestoreBarrier {
         attempt: AttemptId,
         job: &str,
         ranks: BTreeMap<AgentId, Vec<RestoreRank>>,
+        store_config: &ckpt_shared::objstore::StoreConfig,
         rebuild_timeout: Duration,
         release_timeout: Duration,
     ) -> RestoreBarrier {
@@ -395,6 +396,7 @@ impl RestoreBarrier {
                     attempt,
                     job: job.to_string(),
                     ranks: r,
+                    store_config: store_config.clone(),
                 },
             });
         }
@@ -528,6 +530,7 @@ mod tests {
             store: "s3://b".into(),
             kill: mode == SaveMode::Kill,
             zstd_level: None,
+            store_config: Default::default(),
         }
     }
 

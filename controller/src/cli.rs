@@ -101,7 +101,9 @@ pub enum Command {
     ///   access_key_id = "..."
     ///   secret_access_key = "..."
     ///   allow_http = true
-    /// The agents open the store with their own AWS_* environment.
+    /// The controller sends these store settings (or its own AWS_* environment) to
+    /// the agents with each save and restore; an agent takes what they leave unset
+    /// (keys, region) from its own environment.
     #[command(verbatim_doc_comment)]
     Serve(ServeArgs),
     /// Running jobs: list them, save them, restore them.

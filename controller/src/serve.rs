@@ -379,6 +379,9 @@ struct Registry {
 struct Ctl {
     cfg: Config,
     opts: ServeOptions,
+    /// How the store is reached: the config file's `[s3]` over the environment.
+    /// It goes to the agents with each save and restore.
+    store_config: StoreConfig,
     store: Arc<BlockingStore>,
     reg: Mutex<Registry>,
     next_attempt: std::sync::atomic::AtomicU64,
@@ -423,12 +426,11 @@ pub fn start(cfg: Config, opts: ServeOptions) -> Result<Running, ServeError> {
         source: Box::new(source),
     })?;
     server.transport_config(tls::transport(cfg.lease()));
+    let store_config = cfg.store_config(&opts.store);
     let store = Arc::new(
-        BlockingStore::open(&cfg.store, &cfg.store_config(&opts.store)).map_err(|source| {
-            ServeError::StoreOpen {
-                url: cfg.store.clone(),
-                source: Box::new(source),
-            }
+        BlockingStore::open(&cfg.store, &store_config).map_err(|source| ServeError::StoreOpen {
+            url: cfg.store.clone(),
+            source: Box::new(source),
         })?,
     );
     store.check().map_err(|source| ServeError::StoreCheck {
@@ -477,6 +479,7 @@ pub fn start(cfg: Config, opts: ServeOptions) -> Result<Running, ServeError> {
     let ctl = Arc::new(Ctl {
         cfg: cfg.clone(),
         opts,
+        store_config,
         store: store.clone(),
         reg: Mutex::new(Registry {
             catalog,
@@ -1093,6 +1096,7 @@ fn start_save(
         store: ctl.cfg.store.clone(),
         kill,
         zstd_level: (ctl.cfg.compress > 0).then_some(ctl.cfg.compress),
+        store_config: ctl.store_config.clone(),
     };
     if !wait {
         let _ = tx.send(Event::Done(Done {
@@ -1537,7 +1541,15 @@ async fn drive_restore(
     let nodes: Vec<String> = by_agent.keys().cloned().collect();
     let n = nodes.len();
     let timeout = Duration::from_secs_f64(ctl.cfg.restore_timeout_secs);
-    let mut b = RestoreBarrier::start(t0, guard.attempt, &m.job, by_agent, timeout, timeout);
+    let mut b = RestoreBarrier::start(
+        t0,
+        guard.attempt,
+        &m.job,
+        by_agent,
+        &ctl.store_config,
+        timeout,
+        timeout,
+    );
     let mut done: HashMap<&'static str, usize> = HashMap::new();
     let mut progress = Progress::new(tx, n, m.ranks.len());
     let mut progress = |phase: &str, done: usize| progress.show(phase, done, m.memory_bytes());

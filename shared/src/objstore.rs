@@ -324,6 +324,50 @@ pub struct StoreConfig {
     pub drive: Drive,
 }
 
+impl StoreConfig {
+    /// This configuration (the controller's, sent with a save or a restore), with
+    /// what it leaves unset taken from `own` (the agent's, from its environment):
+    /// an endpoint, region or keys the controller names win; a node whose agent has
+    /// its own keys keeps them where the controller has none. The retry policy is
+    /// the controller's; `drive` is `own`'s.
+    pub fn or(&self, own: &StoreConfig) -> StoreConfig {
+        StoreConfig {
+            s3: self.s3.or(&own.s3),
+            retry: self.retry.clone(),
+            drive: own.drive,
+        }
+    }
+}
+
+impl S3Config {
+    /// Each setting of `self`, or `own`'s where `self` has none (see
+    /// [`StoreConfig::or`]). Exhaustive: a new setting must say how it merges.
+    pub fn or(&self, own: &S3Config) -> S3Config {
+        let S3Config {
+            endpoint,
+            region,
+            access_key_id,
+            secret_access_key,
+            allow_http,
+            instance_role,
+        } = self;
+        // Keys come as a pair: never one half from each side.
+        let (access_key_id, secret_access_key) = if access_key_id.is_some() {
+            (access_key_id.clone(), secret_access_key.clone())
+        } else {
+            (own.access_key_id.clone(), own.secret_access_key.clone())
+        };
+        S3Config {
+            endpoint: endpoint.clone().or_else(|| own.endpoint.clone()),
+            region: region.clone().or_else(|| own.region.clone()),
+            access_key_id,
+            secret_access_key,
+            allow_http: allow_http.or(own.allow_http),
+            instance_role: *instance_role || own.instance_role,
+        }
+    }
+}
+
 /// Which threads drive the connections of a [`BlockingStore`].
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub enum Drive {
@@ -1287,6 +1331,43 @@ impl ChunkBackend for BlockingStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_controllers_store_settings_win_and_the_agents_fill_the_rest() {
+        let controller = StoreConfig {
+            s3: S3Config {
+                endpoint: Some("http://10.0.0.1:9000".into()),
+                access_key_id: Some("ctl-key".into()),
+                secret_access_key: Some("ctl-secret".into()),
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        let agent = StoreConfig {
+            s3: S3Config {
+                endpoint: Some("http://127.0.0.1:1".into()),
+                region: Some("eu-west-1".into()),
+                access_key_id: Some("agent-key".into()),
+                secret_access_key: Some("agent-secret".into()),
+                ..Default::default()
+            },
+            drive: Drive::Caller,
+            ..Default::default()
+        };
+        let got = controller.or(&agent);
+        assert_eq!(got.s3.endpoint.as_deref(), Some("http://10.0.0.1:9000"));
+        assert_eq!(got.s3.region.as_deref(), Some("eu-west-1"));
+        assert_eq!(got.s3.access_key_id.as_deref(), Some("ctl-key"));
+        assert_eq!(got.s3.secret_access_key.as_deref(), Some("ctl-secret"));
+        assert_eq!(got.drive, Drive::Caller);
+        // A controller without keys: the agent's pair, both halves.
+        let keyless = StoreConfig::default().or(&agent);
+        assert_eq!(keyless.s3.access_key_id.as_deref(), Some("agent-key"));
+        assert_eq!(
+            keyless.s3.secret_access_key.as_deref(),
+            Some("agent-secret")
+        );
+    }
 
     #[test]
     fn is_send_sync() {

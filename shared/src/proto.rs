@@ -117,6 +117,11 @@ pub struct SaveSpec {
     pub kill: bool,
     /// zstd level of the chunks; `None` stores them raw.
     pub zstd_level: Option<i32>,
+    /// How to reach the store, as the controller is configured (its `[s3]`
+    /// settings, or its environment): what it leaves unset, the agent takes from
+    /// its own ([`crate::objstore::StoreConfig::or`]).
+    #[serde(default)]
+    pub store_config: crate::objstore::StoreConfig,
 }
 
 impl SaveSpec {
@@ -257,6 +262,9 @@ pub enum ToAgent {
         attempt: AttemptId,
         job: String,
         ranks: Vec<RestoreRank>,
+        /// How to reach the store (as in [`SaveSpec::store_config`]).
+        #[serde(default)]
+        store_config: crate::objstore::StoreConfig,
     },
     /// Every rank of the restored job is rebuilt: release them; answer `Released`.
     Release {
@@ -388,6 +396,7 @@ mod tests {
                     store: "file:///var/lib/ckpt".into(),
                     kill: false,
                     zstd_level: Some(1),
+                    store_config: Default::default(),
                 },
                 ranks: vec![RankRef { rank: 0, pid: 4121 }],
             },

@@ -22,6 +22,9 @@ pub struct JobCluster {
     pub controller_bin: PathBuf,
     pub agent_bin: PathBuf,
     pub lease_secs: f64,
+    /// The controller's store arguments: `--store file://<dir>/store`, or what
+    /// [`JobCluster::new_with`]'s set-up gave (a `--config` file, say).
+    store_args: Vec<String>,
     controller: Option<Child>,
     agents: Vec<Option<Child>>,
     // Last: dropped after the children above are handled.
@@ -37,6 +40,28 @@ impl JobCluster {
         lease_secs: f64,
         controller_env: &[(&str, &str)],
         agent_env: &[(&str, &str)],
+    ) -> Result<JobCluster> {
+        JobCluster::new_with(
+            n,
+            controller_bin,
+            lease_secs,
+            controller_env,
+            agent_env,
+            |_, _| Ok(None),
+        )
+    }
+
+    /// As [`JobCluster::new`], with `store` run once the cluster and its directory
+    /// exist and before the controller starts: it may start what the store needs
+    /// (an S3 server in the hub) and return the controller's store arguments
+    /// instead of the default local store.
+    pub fn new_with(
+        n: usize,
+        controller_bin: &Path,
+        lease_secs: f64,
+        controller_env: &[(&str, &str)],
+        agent_env: &[(&str, &str)],
+        store: impl FnOnce(&Cluster, &Path) -> Result<Option<Vec<String>>>,
     ) -> Result<JobCluster> {
         let agent_bin = controller_bin.with_file_name("ckpt-agent");
         if !agent_bin.is_file() {
@@ -62,10 +87,16 @@ impl JobCluster {
             bail!("ca init: {}", String::from_utf8_lossy(&out.stderr));
         }
         std::fs::create_dir_all(dir.path().join("store"))?;
+        let default_store = vec![
+            "--store".to_string(),
+            format!("file://{}", dir.path().join("store").display()),
+        ];
+        let store_args = store(&cluster, dir.path())?.unwrap_or(default_store);
         let mut jc = JobCluster {
             controller_bin: controller_bin.to_path_buf(),
             agent_bin,
             lease_secs,
+            store_args,
             controller: None,
             agents: Vec::new(),
             cluster,
@@ -102,7 +133,7 @@ impl JobCluster {
         let mut c = Command::new(&self.controller_bin);
         c.arg("serve")
             .args(["--listen", &format!("{}:{PORT}", self.cluster.hub_addr())])
-            .args(["--store", &self.store_url()])
+            .args(&self.store_args)
             .arg("--certs")
             .arg(self.dir.path().join("certs"))
             .arg("--socket")

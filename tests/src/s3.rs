@@ -85,13 +85,42 @@ fn read_log(path: &Path) -> String {
 pub struct S3Server {
     // Dropped first: the process dies before its directory is removed.
     process: Option<Process>,
+    host: String,
     port: u16,
     data: tempfile::TempDir,
 }
 
 impl S3Server {
-    /// Starts a server (a few tries, in case its port is taken meanwhile).
+    /// Starts a server on 127.0.0.1 (a few tries, in case its port is taken
+    /// meanwhile).
     pub fn start() -> S3Server {
+        S3Server::start_with(
+            "127.0.0.1",
+            |cmd| Ok(cmd.spawn()?),
+            |port| TcpStream::connect(("127.0.0.1", port)).is_ok(),
+        )
+    }
+
+    /// Starts a server inside network namespace `netns` of `cluster` (its hub,
+    /// say), listening on `host` there: the nodes reach it over the cluster's
+    /// bridge, as they would reach an S3 service on the site's network.
+    pub fn start_in(cluster: &crate::cluster::Cluster, netns: &str, host: &str) -> S3Server {
+        let probe = |port: u16| {
+            let mut bash = Command::new("bash");
+            bash.args(["-c", &format!("exec 3<>/dev/tcp/{host}/{port}")]);
+            cluster
+                .run_in(netns, &mut bash)
+                .map(|o| o.status.success())
+                .unwrap_or(false)
+        };
+        S3Server::start_with(host, |cmd| cluster.spawn_in(netns, cmd), probe)
+    }
+
+    fn start_with(
+        host: &str,
+        spawn: impl Fn(&mut Command) -> anyhow::Result<Child>,
+        listening: impl Fn(u16) -> bool,
+    ) -> S3Server {
         let bin = s3s_fs_binary();
         let data = tempfile::tempdir().expect("temporary directory");
         let root = data.path().join("root");
@@ -101,24 +130,25 @@ impl S3Server {
         for _ in 0..5 {
             let port = free_port();
             let out = std::fs::File::create(&log).expect("create the server log");
-            let child = Command::new(&bin)
-                .args(["--host", "127.0.0.1", "--port", &port.to_string()])
+            let mut cmd = Command::new(&bin);
+            cmd.args(["--host", host, "--port", &port.to_string()])
                 .args(["--access-key", ACCESS_KEY, "--secret-key", SECRET_KEY])
                 .arg(&root)
                 .stdin(Stdio::null())
                 .stdout(out.try_clone().expect("dup the log descriptor"))
-                .stderr(out)
-                .spawn()
-                .unwrap_or_else(|e| panic!("start {}: {e}", bin.display()));
+                .stderr(out);
+            let child =
+                spawn(&mut cmd).unwrap_or_else(|e| panic!("start {}: {e:#}", bin.display()));
             let mut process = Process {
                 child,
                 log: log.clone(),
             };
             let deadline = Instant::now() + Duration::from_secs(10);
             while Instant::now() < deadline {
-                if TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                if listening(port) {
                     return S3Server {
                         process: Some(process),
+                        host: host.to_string(),
                         port,
                         data,
                     };
@@ -137,9 +167,9 @@ impl S3Server {
         panic!("s3s-fs ({}) did not start in 5 tries", bin.display());
     }
 
-    /// `http://127.0.0.1:PORT`.
+    /// `http://HOST:PORT` (127.0.0.1 unless started with [`S3Server::start_in`]).
     pub fn endpoint(&self) -> String {
-        format!("http://127.0.0.1:{}", self.port)
+        format!("http://{}:{}", self.host, self.port)
     }
 
     /// The environment a client process needs (`AWS_*`).
