@@ -335,7 +335,7 @@ fn handle(node: &Arc<Node>, msg: ToAgent) {
             job,
             ranks,
             store_config,
-        } => start_restore(node, attempt, job, ranks, store_config),
+        } => start_restore(node, attempt, job, ranks, &store_config),
         ToAgent::Capture { attempt } => gate(attempt).map_or((), |g| g.open(Step::Frozen)),
         ToAgent::Resume { attempt } | ToAgent::Store { attempt } => {
             gate(attempt).map_or((), |g| g.open(Step::Captured))
@@ -680,7 +680,7 @@ fn start_restore(
     attempt: AttemptId,
     job: String,
     ranks: Vec<RestoreRank>,
-    store_config: StoreConfig,
+    store_config: &StoreConfig,
 ) {
     // The controller's store settings, completed by ours.
     let store = store_config.or(&node.opts.store);

@@ -396,7 +396,7 @@ impl RestoreBarrier {
                     attempt,
                     job: job.to_string(),
                     ranks: r,
-                    store_config: store_config.clone(),
+                    store_config: Box::new(store_config.clone()),
                 },
             });
         }

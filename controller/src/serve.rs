@@ -1096,7 +1096,7 @@ fn start_save(
         store: ctl.cfg.store.clone(),
         kill,
         zstd_level: (ctl.cfg.compress > 0).then_some(ctl.cfg.compress),
-        store_config: ctl.store_config.clone(),
+        store_config: Box::new(ctl.store_config.clone()),
     };
     if !wait {
         let _ = tx.send(Event::Done(Done {

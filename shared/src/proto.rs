@@ -121,7 +121,7 @@ pub struct SaveSpec {
     /// settings, or its environment): what it leaves unset, the agent takes from
     /// its own ([`crate::objstore::StoreConfig::or`]).
     #[serde(default)]
-    pub store_config: crate::objstore::StoreConfig,
+    pub store_config: Box<crate::objstore::StoreConfig>,
 }
 
 impl SaveSpec {
@@ -264,7 +264,7 @@ pub enum ToAgent {
         ranks: Vec<RestoreRank>,
         /// How to reach the store (as in [`SaveSpec::store_config`]).
         #[serde(default)]
-        store_config: crate::objstore::StoreConfig,
+        store_config: Box<crate::objstore::StoreConfig>,
     },
     /// Every rank of the restored job is rebuilt: release them; answer `Released`.
     Release {
