@@ -1,6 +1,6 @@
 //! Where a dump or a restore waits for the rest of its job.
 //!
-//! A job's checkpoint is one cut across every rank of every node (DESIGN.md, "Data
+//! A job's checkpoint is one cut across every rank of every node (../shared/DESIGN.md, "Data
 //! flow of a checkpoint"): no rank may be read before every rank is frozen, and no
 //! restored rank may run before every rank is rebuilt. The engine itself knows
 //! nothing of jobs; it calls a [`Gate`] at those points, and the agent daemon's gate

@@ -1,4 +1,4 @@
-//! The network lock of a checkpoint attempt (DESIGN.md, "Consistent network cut").
+//! The network lock of a checkpoint attempt (../shared/DESIGN.md, "Consistent network cut").
 //!
 //! Before any socket of the job is read, every packet of exactly the job's
 //! connections is dropped, both ways, so nothing moves between the queues that are

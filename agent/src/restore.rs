@@ -1,7 +1,7 @@
 //! `ckpt-agent restore`: rebuild a process tree from an image inside husks.
 //!
 //! A husk is a process we fork with `clone3(set_tid)` so it has the original PID,
-//! hold under ptrace, and transform with injected system calls (DESIGN.md,
+//! hold under ptrace, and transform with injected system calls (../shared/DESIGN.md,
 //! Restore). The only code a husk executes is one `syscall` instruction on a
 //! trampoline page that we map at an address no mapping of the image uses, and
 //! unmap again at the end.

@@ -10,7 +10,7 @@
 //! top of that each scenario checks what the workload is about (TIDs, the tree's
 //! shape, the file's records, the signal counters...).
 //!
-//! The failure scenarios check the "side-effect free" promise of DESIGN.md: a dump
+//! The failure scenarios check the "side-effect free" promise of ../shared/DESIGN.md: a dump
 //! that fails at any stage (the `CKPT_FAULT` hook), or that meets an unsupported
 //! descriptor, leaves the tree running untouched, untraced, and commits no image; a
 //! restore that meets a taken PID, a corrupted chunk or a truncated manifest refuses

@@ -18,7 +18,7 @@
 //! Invariants (tested): a commit is asked for only when every agent has stored; an
 //! attempt that fails before its commit sends ABORT to every agent and never a
 //! commit; in a save that kills, no rank is killed before the commit succeeded (the
-//! ranks stay frozen while they are stored: DESIGN.md's data flow shows KILL before
+//! ranks stay frozen while they are stored: ../shared/DESIGN.md's data flow shows KILL before
 //! STORED, which would lose the job if the store then failed); messages of another
 //! attempt, of unknown agents, or repeated, change nothing.
 

@@ -1,5 +1,5 @@
 //! New addresses for the TCP connections of a job restored on other nodes
-//! (DESIGN.md, "Consistent network cut"): a pure function of the checkpoint, the
+//! (../shared/DESIGN.md, "Consistent network cut"): a pure function of the checkpoint, the
 //! placement and the new nodes' addresses.
 //!
 //! Both ends of a connection inside the job are found by their addresses (a

@@ -4,7 +4,7 @@
 //! Each rank's image is an ordinary image of the store (`images/<ckpt>.r<N>/`),
 //! written by the agent of its node. The controller writes the job manifest,
 //! `jobs/<ckpt>`, once every rank's image is written: that write is the commit
-//! (DESIGN.md, "Data flow"). A rank image without a job manifest belongs to a
+//! (../shared/DESIGN.md, "Data flow"). A rank image without a job manifest belongs to a
 //! checkpoint that never committed; the controller deletes those on abort, and
 //! lists only job manifests. Because the manifests live in the store, a controller
 //! that starts again rebuilds its catalog by listing `jobs/`.

@@ -7,7 +7,7 @@
 //! [`Hello`]; an agent and a controller of different versions refuse each other at
 //! the handshake with a message that names both.
 //!
-//! This is the vocabulary of the barrier (DESIGN.md, "Data flow of a checkpoint");
+//! This is the vocabulary of the barrier (../shared/DESIGN.md, "Data flow of a checkpoint");
 //! the state machine that speaks it is `ckpt_controller::barrier`.
 
 use serde::{Deserialize, Serialize};

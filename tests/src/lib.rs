@@ -16,7 +16,7 @@
 //! - [`s3`]: a real S3-compatible server process (s3s-fs) per test.
 //!
 //! Later it will also build the network-namespace test cluster and drive real
-//! Slurm, as `shared/DESIGN.md` ("Test environment") describes.
+//! Slurm, as `../shared/DESIGN.md` ("Test environment") describes.
 //!
 //! # Why the test process becomes a child subreaper
 //!

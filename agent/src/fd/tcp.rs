@@ -1,5 +1,5 @@
 //! The state of a TCP connection, read from outside with `TCP_REPAIR`
-//! (DESIGN.md, "Consistent network cut").
+//! (../shared/DESIGN.md, "Consistent network cut").
 //!
 //! The agent holds a duplicate of the socket (`pidfd_getfd`) and puts it in repair
 //! mode, in which the kernel lets it read what no application may: the sequence

@@ -1,4 +1,4 @@
-//! Fuzzes the image manifest decoder: a manifest is untrusted input (DESIGN.md,
+//! Fuzzes the image manifest decoder: a manifest is untrusted input (../shared/DESIGN.md,
 //! Security), so no byte string may make it panic, hang or allocate without bound.
 //!
 //! Run: `cd shared/fuzz && cargo +nightly fuzz run decode_image`.
