@@ -7,7 +7,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use ckpt_tests::jobs::{reap_killed, wait_ticks, JobCluster};
+use ckpt_tests::jobs::{reap_killed, wait_job_gone, wait_ticks, JobCluster};
 use ckpt_tests::s3::{S3Server, ACCESS_KEY, BUCKET, SECRET_KEY};
 use ckpt_tests::ticks::{check_log, last_tick};
 
@@ -77,7 +77,9 @@ fn a_controller_configured_for_s3_by_its_file_saves_and_restores_through_agents_
         assert!(m.is_file(), "{} is missing\n{}", m.display(), jc.logs());
     }
     assert!(site.join("jobs").join(&ckpt).is_file());
-    // And the job comes back from there, on the other nodes.
+    // And the job comes back from there, on the other nodes (once the agents
+    // have told the controller that its ranks are gone).
+    wait_job_gone(&jc, job);
     let before: Vec<u64> = ranks.iter().map(|(_, l)| last_tick(l).unwrap()).collect();
     let out = jc
         .ctl_ok(&["job", "restore", &ckpt, "--nodes", "n1,n0"])
