@@ -466,7 +466,7 @@ impl crate::gate::Gate for JobGate {
 struct RankGate {
     gate: Arc<JobGate>,
     rank: u32,
-    image: String,
+    image: Location,
 }
 
 impl crate::gate::Gate for RankGate {
@@ -496,10 +496,10 @@ impl crate::gate::Gate for RankGate {
     }
 }
 
-fn manifest_of(rank: u32, image: &str, img: &ckpt_shared::image::Image) -> RankManifest {
+fn manifest_of(rank: u32, image: &Location, img: &ckpt_shared::image::Image) -> RankManifest {
     RankManifest {
         rank,
-        image: image.to_string(),
+        image: image.clone(),
         memory_bytes: img.stats.memory_bytes,
         stored_bytes: img.stats.stored_bytes,
         tcp: img
@@ -582,7 +582,7 @@ fn start_save(node: &Arc<Node>, attempt: AttemptId, spec: SaveSpec, ranks: Vec<R
                 let node = node.clone();
                 let store = store.clone();
                 std::thread::spawn(move || -> Result<Option<RankManifest>, String> {
-                    let loc = Location::parse(&image).map_err(|e| e.to_string())?;
+                    let loc = image.clone();
                     let o = &node.opts;
                     let opts = crate::dump::DumpOptions {
                         pid,
@@ -643,7 +643,9 @@ fn start_save(node: &Arc<Node>, attempt: AttemptId, spec: SaveSpec, ranks: Vec<R
             // the controller's own ABORT: a controller that was lost may have
             // committed first, and then the images are the checkpoint.
             info!(attempt, reason = %why, "removing the images of an aborted save");
-            if let Ok(store) = ckpt_shared::objstore::BlockingStore::open(&spec.store, &store) {
+            if let Ok(store) =
+                ckpt_shared::objstore::BlockingStore::open(&spec.store.to_string(), &store)
+            {
                 for &rank in &written {
                     let name = ckpt_shared::proto::rank_image_name(&spec.ckpt, rank);
                     if let Err(e) = store.delete_manifest(&name) {
@@ -707,9 +709,8 @@ fn start_restore(
                     reset: r.reset.clone(),
                 };
                 std::thread::spawn(move || -> Result<i32, String> {
-                    let loc = Location::parse(&image).map_err(|e| e.to_string())?;
                     let opts = crate::restore::RestoreOptions {
-                        image: loc,
+                        image: image.clone(),
                         new_pid_ns: false,
                         workers: node.opts.workers,
                         moves,

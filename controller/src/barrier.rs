@@ -527,7 +527,7 @@ mod tests {
         SaveSpec {
             job: "job".into(),
             ckpt: "job-9".into(),
-            store: "s3://b".into(),
+            store: ckpt_shared::objstore::StoreUrl::parse("s3://b").unwrap(),
             kill: mode == SaveMode::Kill,
             zstd_level: None,
             store_config: Default::default(),
@@ -574,7 +574,10 @@ mod tests {
             attempt,
             ranks: vec![RankManifest {
                 rank,
-                image: format!("s3://b/j.{attempt}.r{rank}"),
+                image: ckpt_shared::location::Location::parse(&format!(
+                    "s3://b/j.{attempt}.r{rank}"
+                ))
+                .unwrap(),
                 memory_bytes: 1,
                 stored_bytes: 1,
                 tcp: vec![],

@@ -170,7 +170,7 @@ mod tests {
     fn rank(rank: u32, node: &str, tcp: &[(&str, &str)], listen: &[&str]) -> JobRank {
         JobRank {
             rank,
-            image: String::new(),
+            image: ckpt_shared::location::Location::Dir(Default::default()),
             node: node.into(),
             pid: 0,
             memory_bytes: 0,
@@ -200,7 +200,7 @@ mod tests {
             job: "j".into(),
             uid: 0,
             created_unix: 0,
-            store: String::new(),
+            store: ckpt_shared::objstore::StoreUrl::File("/var/lib/ckpt".into()),
             killed: true,
             ranks,
             freeze_us: 0,

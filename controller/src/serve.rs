@@ -382,6 +382,8 @@ struct Ctl {
     /// How the store is reached: the config file's `[s3]` over the environment.
     /// It goes to the agents with each save and restore.
     store_config: StoreConfig,
+    /// The store's URL, parsed from the config once.
+    store_url: ckpt_shared::objstore::StoreUrl,
     store: Arc<BlockingStore>,
     reg: Mutex<Registry>,
     next_attempt: std::sync::atomic::AtomicU64,
@@ -427,6 +429,13 @@ pub fn start(cfg: Config, opts: ServeOptions) -> Result<Running, ServeError> {
     })?;
     server.transport_config(tls::transport(cfg.lease()));
     let store_config = cfg.store_config(&opts.store);
+    // Parsed once: the saves carry it typed to the agents.
+    let store_url = ckpt_shared::objstore::StoreUrl::parse(&cfg.store).map_err(|source| {
+        ServeError::StoreOpen {
+            url: cfg.store.clone(),
+            source: Box::new(source),
+        }
+    })?;
     let store = Arc::new(
         BlockingStore::open(&cfg.store, &store_config).map_err(|source| ServeError::StoreOpen {
             url: cfg.store.clone(),
@@ -480,6 +489,7 @@ pub fn start(cfg: Config, opts: ServeOptions) -> Result<Running, ServeError> {
         cfg: cfg.clone(),
         opts,
         store_config,
+        store_url,
         store: store.clone(),
         reg: Mutex::new(Registry {
             catalog,
@@ -1093,7 +1103,7 @@ fn start_save(
     let spec = SaveSpec {
         job: job.to_string(),
         ckpt: format!("{job}-{}", guard.attempt),
-        store: ctl.cfg.store.clone(),
+        store: ctl.store_url.clone(),
         kill,
         zstd_level: (ctl.cfg.compress > 0).then_some(ctl.cfg.compress),
         store_config: Box::new(ctl.store_config.clone()),

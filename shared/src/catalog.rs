@@ -25,8 +25,8 @@ pub const JOB_FORMAT_VERSION: u32 = 1;
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct JobRank {
     pub rank: u32,
-    /// Its image URL.
-    pub image: String,
+    /// Its image.
+    pub image: crate::location::Location,
     /// The node it ran on, and its PID there.
     pub node: String,
     pub pid: i32,
@@ -56,8 +56,8 @@ pub struct JobManifest {
     /// Owner of the job: only they, or root, may restore or remove it.
     pub uid: u32,
     pub created_unix: u64,
-    /// The store URL the rank images are in.
-    pub store: String,
+    /// The store the rank images are in.
+    pub store: crate::objstore::StoreUrl,
     /// Whether the save killed the job.
     pub killed: bool,
     pub ranks: Vec<JobRank>,
@@ -171,11 +171,11 @@ mod tests {
             job: "j".into(),
             uid: 1000,
             created_unix: created,
-            store: "memory://".into(),
+            store: crate::objstore::StoreUrl::parse("file:///var/lib/ckpt").unwrap(),
             killed: false,
             ranks: vec![JobRank {
                 rank: 0,
-                image: "memory:///j-1.r0".into(),
+                image: crate::location::Location::parse("file:///var/lib/ckpt/j-1.r0").unwrap(),
                 node: "a".into(),
                 pid: 10,
                 memory_bytes: 5,

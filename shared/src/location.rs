@@ -110,6 +110,37 @@ impl std::fmt::Display for Location {
     }
 }
 
+/// A location travels (in the protocol, in job manifests) as the text it was
+/// parsed from, and is parsed again, once, where it is read: the wire and the
+/// stored formats are the same strings as before, and a receiver holds a typed
+/// value or a clear error, never a string to split.
+impl serde::Serialize for Location {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for Location {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        Location::parse(&s).map_err(serde::de::Error::custom)
+    }
+}
+
+/// A store URL travels as its text, like [`Location`].
+impl serde::Serialize for StoreUrl {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for StoreUrl {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        StoreUrl::parse(&s).map_err(serde::de::Error::custom)
+    }
+}
+
 /// One image in a store: put and get its chunks, commit and read its manifest.
 /// `Send + Sync`.
 #[derive(Debug)]
@@ -362,6 +393,26 @@ impl<E> From<StoreError> for Fetch<E> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn locations_travel_as_their_text_and_come_back_typed() {
+        for text in [
+            "s3://ckpt/site/job-17.r3",
+            "file:///scratch/store/a",
+            "/scratch/ckpt/job1",
+        ] {
+            let loc = Location::parse(text).unwrap();
+            let bytes = rmp_serde::to_vec_named(&loc).unwrap();
+            // The same bytes as the string itself: stored job manifests still read.
+            assert_eq!(bytes, rmp_serde::to_vec_named(text).unwrap());
+            assert_eq!(rmp_serde::from_slice::<Location>(&bytes).unwrap(), loc);
+        }
+        let url = StoreUrl::parse("s3://ckpt/site").unwrap();
+        let bytes = rmp_serde::to_vec_named(&url).unwrap();
+        assert_eq!(rmp_serde::from_slice::<StoreUrl>(&bytes).unwrap(), url);
+        let bad = rmp_serde::to_vec_named("ftp://x/y").unwrap();
+        assert!(rmp_serde::from_slice::<StoreUrl>(&bad).is_err());
+    }
 
     #[test]
     fn locations_parse_into_store_and_name() {

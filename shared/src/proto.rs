@@ -111,8 +111,8 @@ pub struct SaveSpec {
     pub job: String,
     /// The checkpoint's id; rank N's image is `<store>/<ckpt>.r<N>`.
     pub ckpt: String,
-    /// The store URL (`file:///...` or `s3://bucket/prefix`).
-    pub store: String,
+    /// The store (`file:///...` or `s3://bucket/prefix`).
+    pub store: crate::objstore::StoreUrl,
     /// Keep the ranks frozen while they are stored, and kill them once committed.
     pub kill: bool,
     /// zstd level of the chunks; `None` stores them raw.
@@ -126,8 +126,11 @@ pub struct SaveSpec {
 
 impl SaveSpec {
     /// The image of rank `rank` of this checkpoint.
-    pub fn image_of(&self, rank: u32) -> String {
-        rank_image(&self.store, &self.ckpt, rank)
+    pub fn image_of(&self, rank: u32) -> crate::location::Location {
+        crate::location::Location::Named {
+            store: self.store.clone(),
+            name: rank_image_name(&self.ckpt, rank),
+        }
     }
 }
 
@@ -149,8 +152,8 @@ pub fn rank_image_name(ckpt: &str, rank: u32) -> String {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RestoreRank {
     pub rank: u32,
-    /// Its image URL.
-    pub image: String,
+    /// Its image.
+    pub image: crate::location::Location,
     /// New 4-tuples for its TCP connections (old → new), when it or its peers move
     /// to other nodes: both ends of a connection inside the job get mirror images
     /// of the same new 4-tuple.
@@ -211,7 +214,7 @@ pub struct SavedConn {
 pub struct RankManifest {
     pub rank: u32,
     /// Where the rank's image is (a shared-store location).
-    pub image: String,
+    pub image: crate::location::Location,
     pub memory_bytes: u64,
     pub stored_bytes: u64,
     /// Its established TCP connections and listening addresses.
@@ -393,7 +396,7 @@ mod tests {
                 spec: SaveSpec {
                     job: "job42".into(),
                     ckpt: "job42-7".into(),
-                    store: "file:///var/lib/ckpt".into(),
+                    store: crate::objstore::StoreUrl::parse("file:///var/lib/ckpt").unwrap(),
                     kill: false,
                     zstd_level: Some(1),
                     store_config: Default::default(),
@@ -412,7 +415,7 @@ mod tests {
             attempt: 7,
             ranks: vec![RankManifest {
                 rank: 0,
-                image: "s3://ckpt/c1/job42.7.r0".into(),
+                image: crate::location::Location::parse("s3://ckpt/c1/job42.7.r0").unwrap(),
                 memory_bytes: 1 << 30,
                 stored_bytes: 1 << 20,
                 tcp: vec![],
@@ -454,7 +457,7 @@ mod tests {
             attempt: 3,
             ranks: vec![RankManifest {
                 rank: 1,
-                image: "s3://b/x".into(),
+                image: crate::location::Location::parse("s3://b/x").unwrap(),
                 memory_bytes: 5,
                 stored_bytes: 6,
                 tcp: vec![],

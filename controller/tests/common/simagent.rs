@@ -72,7 +72,10 @@ pub async fn run(
                 attempt,
                 ranks: vec![RankManifest {
                     rank,
-                    image: format!("sim://{name}"),
+                    image: ckpt_shared::location::Location::Named {
+                        store: ckpt_shared::objstore::StoreUrl::File("/sim".into()),
+                        name: format!("sim-{name}"),
+                    },
                     memory_bytes: 0,
                     stored_bytes: 0,
                     tcp: vec![],
