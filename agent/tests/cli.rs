@@ -80,12 +80,7 @@ fn an_error_names_each_cause_once() -> Result<()> {
         ],
     )?;
     ensure!(!r.success(), "{}", r.describe());
-    let line = r
-        .stderr
-        .lines()
-        .find(|l| l.starts_with("ckpt-agent: error:"))
-        .unwrap_or_default()
-        .to_string();
+    let line = error_line(&r);
     ensure!(!line.is_empty(), "{}", r.describe());
     let reason = std::io::Error::from_raw_os_error(libc::ENOTDIR).to_string();
     ensure!(
@@ -102,16 +97,20 @@ fn a_missing_image_is_named_once() -> Result<()> {
     let image = dir.path().join("nothing-here");
     let r = run_agent(agent(), &["restore", "--image", image.to_str().unwrap()])?;
     ensure!(!r.success(), "{}", r.describe());
-    let line = r
-        .stderr
-        .lines()
-        .find(|l| l.starts_with("ckpt-agent: error:"))
-        .unwrap_or_default()
-        .to_string();
+    let line = error_line(&r);
     ensure!(
         line.matches("does not exist").count() == 1,
         "{}",
         r.describe()
     );
     Ok(())
+}
+
+/// The line in which the agent reports its error.
+fn error_line(r: &ckpt_tests::AgentRun) -> String {
+    r.stderr
+        .lines()
+        .find(|l| l.starts_with("ckpt-agent: error:"))
+        .unwrap_or_default()
+        .to_string()
 }

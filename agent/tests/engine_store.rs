@@ -450,6 +450,17 @@ fn images(server: Option<&S3Server>, args: &[&str]) -> Result<AgentRun> {
     }
 }
 
+/// The names `images list --json` gives for `store`.
+fn image_names(store: &str) -> Result<Vec<String>> {
+    let listed = images(None, &["list", "--store", store, "--json"])?.ok()?;
+    Ok(serde_json::from_str::<serde_json::Value>(&listed.stdout)?
+        .as_array()
+        .context("list --json is not an array")?
+        .iter()
+        .filter_map(|r| r["name"].as_str().map(String::from))
+        .collect())
+}
+
 fn gc_report(run: &AgentRun) -> Result<serde_json::Value> {
     serde_json::from_str(&run.stdout)
         .with_context(|| format!("images gc --json printed no JSON: {}", run.describe()))
@@ -588,13 +599,7 @@ fn prune_removes_whole_job_checkpoints_by_the_names_the_controller_gives() -> Re
         "{}",
         pruned.describe()
     );
-    let listed = images(None, &["list", "--store", &store, "--json"])?.ok()?;
-    let left: Vec<String> = serde_json::from_str::<serde_json::Value>(&listed.stdout)?
-        .as_array()
-        .context("list --json is not an array")?
-        .iter()
-        .filter_map(|r| r["name"].as_str().map(String::from))
-        .collect();
+    let left = image_names(&store)?;
     ensure!(
         left == ["sim-200.r0", "sim-200.r1", "sim0-150.r0"],
         "left: {left:?}"
@@ -664,13 +669,7 @@ fn rm_prune_and_gc_delete_exactly_the_chunks_no_image_references() -> Result<()>
         "{}",
         pruned.describe()
     );
-    let listed = images(None, &["list", "--store", &store, "--json"])?.ok()?;
-    let names: Vec<String> = serde_json::from_str::<serde_json::Value>(&listed.stdout)?
-        .as_array()
-        .context("list --json is not an array")?
-        .iter()
-        .filter_map(|r| r["name"].as_str().map(String::from))
-        .collect();
+    let names = image_names(&store)?;
     ensure!(names == ["job.3"], "left: {names:?}");
     let r = gc_report(&images(None, &["gc", "--store", &store, "--json"])?.ok()?)?;
     let deleted = r["deleted"].as_u64().unwrap_or(0) as usize;

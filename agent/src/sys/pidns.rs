@@ -74,13 +74,7 @@ pub fn spawn_ns_init() -> Result<(pid_t, NsInit), SysError> {
     };
     // SAFETY: a fork (no CLONE_VM); the child makes only raw system calls and never
     // returns into Rust code that could take a lock or allocate.
-    let r = unsafe {
-        libc::syscall(
-            libc::SYS_clone3,
-            &args as *const CloneArgs,
-            std::mem::size_of::<CloneArgs>(),
-        )
-    };
+    let r = unsafe { super::restorer::clone3(&args) };
     if r == 0 {
         // SAFETY: raw system calls only; see above.
         unsafe { ns_init(fds[0], fds[1], ack[0], ack[1]) }

@@ -30,6 +30,25 @@ pub struct CloneArgs {
     pub cgroup: u64,
 }
 
+/// The raw `clone3` system call: the child's return is 0, the parent's the
+/// child's PID, an error is negative (errno in `errno`).
+///
+/// # Safety
+/// Without `CLONE_VM` this forks a copy of a multi-threaded process: the child
+/// must make only raw system calls (no allocation, no lock, no return into code
+/// that may take one) until it execs or exits.
+pub unsafe fn clone3(args: &CloneArgs) -> i64 {
+    // SAFETY: `args` is a valid clone_args of the size we pass; the caller keeps
+    // the child to raw system calls (see above).
+    unsafe {
+        libc::syscall(
+            libc::SYS_clone3,
+            args as *const CloneArgs,
+            std::mem::size_of::<CloneArgs>(),
+        )
+    }
+}
+
 /// Forks a child with PID `pid` (in our PID namespace for children) that asks to
 /// be traced and stops itself with SIGSTOP; it never runs anything else. Returns
 /// its PID, or the `clone3` error (`EEXIST`: the PID is taken).
@@ -44,13 +63,7 @@ pub fn fork_traced(pid: pid_t) -> std::io::Result<pid_t> {
     // SAFETY: clone3 without CLONE_VM forks; the child only makes raw system calls
     // (no allocation, no locks) before it stops under ptrace, so the copy of a
     // multi-threaded address space is never used beyond that.
-    let r = unsafe {
-        libc::syscall(
-            libc::SYS_clone3,
-            &args as *const CloneArgs,
-            std::mem::size_of::<CloneArgs>(),
-        )
-    };
+    let r = unsafe { clone3(&args) };
     if r == 0 {
         // SAFETY: raw system calls in the child; see above.
         unsafe {
