@@ -540,6 +540,7 @@ fn s3_config(endpoint: &str) -> StoreConfig {
             secret_access_key: Some(SECRET_KEY.into()),
             allow_http: None,
             instance_role: false,
+            ..S3Config::default()
         },
         retry: RetryPolicy {
             max_retries: 3,
