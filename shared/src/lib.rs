@@ -23,6 +23,7 @@
 //! read from the environment: callers pass a lookup ([`objstore::StoreConfig::from_vars`]),
 //! except through [`envconfig`]'s wrappers, kept until the callers pass it.
 
+pub mod awsconfig;
 pub mod catalog;
 pub mod chunkfmt;
 pub mod codec;

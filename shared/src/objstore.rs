@@ -36,9 +36,10 @@
 //! object larger than its chunk could be is refused before it is fetched: a store is
 //! shared, so nothing read from it is trusted.
 //!
-//! Configuration of S3 comes from an [`S3Config`] (a config file, later) and, for what
-//! it leaves unset, the usual AWS variables: `AWS_ENDPOINT_URL`, `AWS_REGION` (default
-//! `us-east-1`), `AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`. With a custom endpoint
+//! Configuration of S3 comes from an [`S3Config`] (the controller's config file) and,
+//! for what it leaves unset, the variables and shared files of the AWS CLI
+//! (`AWS_ENDPOINT_URL`, `AWS_REGION`, `AWS_PROFILE`, `~/.aws/credentials`, ...: the
+//! table is in [`S3Config`]'s documentation). With a custom endpoint
 //! requests use path-style addressing (`http://host:port/bucket/key`), which every
 //! S3-compatible server accepts; plain `http` is allowed only when the endpoint is
 //! `http://`.
@@ -61,6 +62,7 @@ use object_store::{
     BackoffConfig, ClientOptions, ObjectStore, ObjectStoreExt, PutPayload, RetryConfig,
 };
 
+use crate::awsconfig::{self, AwsConfigError};
 use crate::chunkfmt::{self, ChunkFmtError};
 use crate::codec;
 use crate::image::ChunkRef;
@@ -176,28 +178,109 @@ fn percent_decode(s: &str) -> Option<String> {
     String::from_utf8(out).ok()
 }
 
-/// How to reach an S3-compatible endpoint. Each field left `None` is filled from the
-/// environment the caller passes, by [`S3Config::fill_from`].
+/// How to reach an S3-compatible endpoint, and with which credentials. Each field
+/// left unset is filled from the environment the caller passes, by
+/// [`S3Config::fill_from`] (which only looks variables up), and then from the AWS
+/// shared files, by [`S3Config::resolve`] (which reads them, when the store is
+/// opened). The variables are those of the AWS CLI:
+///
+/// | Variable | Meaning |
+/// |---|---|
+/// | `AWS_ENDPOINT_URL_S3`, then `AWS_ENDPOINT_URL` | `http(s)://host:port` of a store other than AWS (path-style addressing) |
+/// | `AWS_REGION`, then `AWS_DEFAULT_REGION` | region (default `us-east-1`) |
+/// | `AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY` | static keys |
+/// | `AWS_SESSION_TOKEN` | the session token of temporary keys |
+/// | `AWS_CA_BUNDLE` | a PEM file of root certificates to trust besides the system's |
+/// | `AWS_PROFILE` | the profile of the shared files (default `default`); one named that exists in neither file is an error |
+/// | `AWS_SHARED_CREDENTIALS_FILE` | the credentials file (default `$HOME/.aws/credentials`): `[NAME]`, `aws_access_key_id`, `aws_secret_access_key`, `aws_session_token` |
+/// | `AWS_CONFIG_FILE` | the config file (default `$HOME/.aws/config`): `[profile NAME]` or `[default]`, `region`, `endpoint_url`, an `s3 =` block's `endpoint_url`, `ca_bundle` |
+/// | `AWS_WEB_IDENTITY_TOKEN_FILE`, `AWS_ROLE_ARN`, `AWS_ROLE_SESSION_NAME` | assume a role with a web identity token (EKS, GitHub Actions); `AWS_ENDPOINT_URL_STS` for another STS |
+/// | `AWS_CONTAINER_CREDENTIALS_RELATIVE_URI` | ECS task credentials |
+/// | `AWS_CONTAINER_CREDENTIALS_FULL_URI`, `AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE` | EKS Pod Identity credentials (both needed) |
+/// | `CKPT_S3_INSTANCE_ROLE=1` | with AWS and nothing above: this EC2 instance's role (off by default) |
+///
+/// Credentials are taken, as the AWS CLI takes them, from the first of: static keys
+/// (set here or from the environment), the profile's keys, web identity, container
+/// credentials, the instance role. Region and endpoint: set here or in the
+/// environment, else the profile's. [`credentials_source`](Self::credentials_source)
+/// records which one won, for errors and logs. Not supported: a profile's
+/// `role_arn`/`source_profile` (assume role), `credential_process`, SSO.
 ///
 /// Serialized whole, secrets included, for the controller to send to its agents
 /// over their mutual-TLS channel; `Debug` redacts the secrets, so that a logged
-/// configuration does not give them away.
+/// configuration does not give them away. Paths (files, the CA bundle) are read
+/// where the store is opened.
 #[derive(Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(default)]
 pub struct S3Config {
-    /// `http(s)://host:port` of a non-AWS endpoint (`AWS_ENDPOINT_URL`); `None` is AWS.
+    /// `http(s)://host:port` of a non-AWS endpoint; `None` is AWS.
     pub endpoint: Option<String>,
-    /// Region (`AWS_REGION`, then `AWS_DEFAULT_REGION`; default `us-east-1`).
+    /// Region (default `us-east-1`).
     pub region: Option<String>,
-    /// `AWS_ACCESS_KEY_ID`.
     pub access_key_id: Option<String>,
-    /// `AWS_SECRET_ACCESS_KEY`.
     pub secret_access_key: Option<String>,
+    /// The session token that goes with temporary keys.
+    pub session_token: Option<String>,
     /// Whether plain `http` is allowed; by default only when the endpoint is `http://`.
     pub allow_http: Option<bool>,
-    /// With AWS and no keys: use the instance role's credentials from the metadata
-    /// service (`CKPT_S3_INSTANCE_ROLE=1`). Off by default.
+    /// With AWS and no other credentials: use the instance role's credentials from
+    /// the metadata service. Off by default.
     pub instance_role: bool,
+    /// A PEM file of extra root certificates.
+    pub ca_bundle: Option<std::path::PathBuf>,
+    /// The profile named by the user; `None` is `default`, which may be missing.
+    pub profile: Option<String>,
+    /// The shared credentials file; `None` reads none.
+    pub credentials_file: Option<std::path::PathBuf>,
+    /// The shared config file; `None` reads none.
+    pub config_file: Option<std::path::PathBuf>,
+    /// Web identity: the file of the token, re-read at each refresh.
+    pub web_identity_token_file: Option<std::path::PathBuf>,
+    /// Web identity: the role to assume.
+    pub role_arn: Option<String>,
+    /// Web identity: the session's name (object_store's default when `None`).
+    pub role_session_name: Option<String>,
+    /// Web identity: the STS endpoint (`https://sts.REGION.amazonaws.com` if `None`).
+    pub sts_endpoint: Option<String>,
+    /// ECS: the path of the task's credentials at 169.254.170.2.
+    pub container_credentials_relative_uri: Option<String>,
+    /// EKS Pod Identity: the URL of the credentials.
+    pub container_credentials_full_uri: Option<String>,
+    /// EKS Pod Identity: the file of the token that authorizes the request.
+    pub container_authorization_token_file: Option<std::path::PathBuf>,
+    /// Where the credentials come from: set by [`fill_from`](Self::fill_from) for
+    /// keys from the environment, by [`resolve`](Self::resolve) for the others.
+    pub credentials_source: Option<CredentialsSource>,
+}
+
+/// Where an [`S3Config`]'s credentials come from, in the order they are tried.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum CredentialsSource {
+    /// Keys set in the configuration itself (the controller's file, a test).
+    Configuration,
+    /// `AWS_ACCESS_KEY_ID` and `AWS_SECRET_ACCESS_KEY`.
+    Environment,
+    /// The keys of this profile of the shared files.
+    Profile(String),
+    /// `AWS_WEB_IDENTITY_TOKEN_FILE` and `AWS_ROLE_ARN`.
+    WebIdentity,
+    /// `AWS_CONTAINER_CREDENTIALS_RELATIVE_URI` or `_FULL_URI`.
+    Container,
+    /// The EC2 instance's role (`CKPT_S3_INSTANCE_ROLE=1`).
+    InstanceRole,
+}
+
+impl fmt::Display for CredentialsSource {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            CredentialsSource::Configuration => f.write_str("configuration"),
+            CredentialsSource::Environment => f.write_str("environment"),
+            CredentialsSource::Profile(name) => write!(f, "profile {name}"),
+            CredentialsSource::WebIdentity => f.write_str("web identity"),
+            CredentialsSource::Container => f.write_str("container credentials"),
+            CredentialsSource::InstanceRole => f.write_str("instance role"),
+        }
+    }
 }
 
 /// What `Debug` prints instead of a secret.
@@ -205,35 +288,94 @@ const REDACTED: &str = "<redacted>";
 
 impl fmt::Debug for S3Config {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // Destructured, so that a new field cannot be forgotten here (and a new
+        // secret shown by accident).
         let S3Config {
             endpoint,
             region,
             access_key_id,
             secret_access_key,
+            session_token,
             allow_http,
             instance_role,
+            ca_bundle,
+            profile,
+            credentials_file,
+            config_file,
+            web_identity_token_file,
+            role_arn,
+            role_session_name,
+            sts_endpoint,
+            container_credentials_relative_uri,
+            container_credentials_full_uri,
+            container_authorization_token_file,
+            credentials_source,
         } = self;
+        let redact = |s: &Option<String>| s.as_ref().map(|_| REDACTED);
         f.debug_struct("S3Config")
             .field("endpoint", endpoint)
             .field("region", region)
             .field("access_key_id", access_key_id)
-            .field(
-                "secret_access_key",
-                &secret_access_key.as_ref().map(|_| REDACTED),
-            )
+            .field("secret_access_key", &redact(secret_access_key))
+            .field("session_token", &redact(session_token))
             .field("allow_http", allow_http)
             .field("instance_role", instance_role)
+            .field("ca_bundle", ca_bundle)
+            .field("profile", profile)
+            .field("credentials_file", credentials_file)
+            .field("config_file", config_file)
+            .field("web_identity_token_file", web_identity_token_file)
+            .field("role_arn", role_arn)
+            .field("role_session_name", role_session_name)
+            .field("sts_endpoint", sts_endpoint)
+            .field(
+                "container_credentials_relative_uri",
+                container_credentials_relative_uri,
+            )
+            .field(
+                "container_credentials_full_uri",
+                container_credentials_full_uri,
+            )
+            .field(
+                "container_authorization_token_file",
+                container_authorization_token_file,
+            )
+            .field(
+                "credentials_source",
+                &credentials_source.as_ref().map(|s| s.to_string()),
+            )
             .finish()
     }
 }
 
 impl S3Config {
     /// Fills each unset field from `lookup` (an environment); empty values count as
-    /// unset.
+    /// unset. Looks variables up and nothing else: the files they name are read by
+    /// [`resolve`](Self::resolve).
     pub fn fill_from(self, lookup: impl Fn(&str) -> Option<String>) -> Self {
         let get = |k: &str| lookup(k).filter(|v| !v.is_empty());
+        let home = get("HOME");
+        // `~/` in a file variable is the home directory, as in the AWS CLI.
+        let file = |var: &str, default: &str| {
+            let path = |p: &str| match (p.strip_prefix("~/"), &home) {
+                (Some(rest), Some(h)) => std::path::Path::new(h).join(rest),
+                _ => std::path::PathBuf::from(p),
+            };
+            match get(var) {
+                Some(p) => Some(path(&p)),
+                None => home.as_ref().map(|h| std::path::Path::new(h).join(default)),
+            }
+        };
+        let path = |var: &str| get(var).map(std::path::PathBuf::from);
+        let env_keys = self.access_key_id.is_none()
+            && self.secret_access_key.is_none()
+            && get("AWS_ACCESS_KEY_ID").is_some()
+            && get("AWS_SECRET_ACCESS_KEY").is_some();
         S3Config {
-            endpoint: self.endpoint.or_else(|| get("AWS_ENDPOINT_URL")),
+            endpoint: self
+                .endpoint
+                .or_else(|| get("AWS_ENDPOINT_URL_S3"))
+                .or_else(|| get("AWS_ENDPOINT_URL")),
             region: self
                 .region
                 .or_else(|| get("AWS_REGION"))
@@ -242,9 +384,115 @@ impl S3Config {
             secret_access_key: self
                 .secret_access_key
                 .or_else(|| get("AWS_SECRET_ACCESS_KEY")),
+            session_token: self.session_token.or_else(|| get("AWS_SESSION_TOKEN")),
             allow_http: self.allow_http,
             instance_role: self.instance_role
                 || get("CKPT_S3_INSTANCE_ROLE").is_some_and(|v| v == "1" || v == "true"),
+            ca_bundle: self.ca_bundle.or_else(|| path("AWS_CA_BUNDLE")),
+            profile: self.profile.or_else(|| get("AWS_PROFILE")),
+            credentials_file: self
+                .credentials_file
+                .or_else(|| file("AWS_SHARED_CREDENTIALS_FILE", ".aws/credentials")),
+            config_file: self
+                .config_file
+                .or_else(|| file("AWS_CONFIG_FILE", ".aws/config")),
+            web_identity_token_file: self
+                .web_identity_token_file
+                .or_else(|| path("AWS_WEB_IDENTITY_TOKEN_FILE")),
+            role_arn: self.role_arn.or_else(|| get("AWS_ROLE_ARN")),
+            role_session_name: self
+                .role_session_name
+                .or_else(|| get("AWS_ROLE_SESSION_NAME")),
+            sts_endpoint: self.sts_endpoint.or_else(|| get("AWS_ENDPOINT_URL_STS")),
+            container_credentials_relative_uri: self
+                .container_credentials_relative_uri
+                .or_else(|| get("AWS_CONTAINER_CREDENTIALS_RELATIVE_URI")),
+            container_credentials_full_uri: self
+                .container_credentials_full_uri
+                .or_else(|| get("AWS_CONTAINER_CREDENTIALS_FULL_URI")),
+            container_authorization_token_file: self
+                .container_authorization_token_file
+                .or_else(|| path("AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE")),
+            credentials_source: self
+                .credentials_source
+                .or_else(|| env_keys.then_some(CredentialsSource::Environment)),
+        }
+    }
+
+    /// The configuration a store is opened with: the profile's settings (from the
+    /// shared files, read now) under the ones set here, and
+    /// [`credentials_source`](Self::credentials_source) set to the source that
+    /// wins (`None` if there is none). Sends nothing over the network; does not
+    /// read the CA bundle (opening the store does).
+    ///
+    /// Resolving happens when the store is opened, not in `fill_from`, so that
+    /// errors in the files come out where every other configuration error does,
+    /// as a [`StoreError::Config`] naming the store, and so that the AWS CLI's
+    /// rule holds: a setting is looked for only in the profile the run names.
+    pub fn resolve(&self) -> Result<S3Config, AwsConfigError> {
+        let mut r = self.clone();
+        let name = self.profile.as_deref().unwrap_or("default");
+        let profile = awsconfig::load_profile(
+            name,
+            self.profile.is_some(),
+            self.credentials_file.as_deref(),
+            self.config_file.as_deref(),
+        )?;
+        if let Some(p) = &profile {
+            r.region = r.region.or_else(|| p.region.clone());
+            r.endpoint = r.endpoint.or_else(|| p.endpoint_url.clone());
+            r.ca_bundle = r.ca_bundle.or_else(|| p.ca_bundle.clone());
+        }
+        let half =
+            |set: &'static str, unset: &'static str| Err(AwsConfigError::HalfSet { set, unset });
+        r.credentials_source = if r.access_key_id.is_some() || r.secret_access_key.is_some() {
+            // Half a pair is refused when the store is opened, as before.
+            Some(
+                r.credentials_source
+                    .clone()
+                    .unwrap_or(CredentialsSource::Configuration),
+            )
+        } else if let Some(p) = profile.filter(|p| p.access_key_id.is_some()) {
+            // A profile's keys come with the profile's token, never another's.
+            r.access_key_id = p.access_key_id;
+            r.secret_access_key = p.secret_access_key;
+            r.session_token = p.session_token;
+            Some(CredentialsSource::Profile(p.name))
+        } else if r.web_identity_token_file.is_some() || r.role_arn.is_some() {
+            match (&r.web_identity_token_file, &r.role_arn) {
+                (Some(_), None) => return half("AWS_WEB_IDENTITY_TOKEN_FILE", "AWS_ROLE_ARN"),
+                (None, Some(_)) => return half("AWS_ROLE_ARN", "AWS_WEB_IDENTITY_TOKEN_FILE"),
+                _ => Some(CredentialsSource::WebIdentity),
+            }
+        } else if r.container_credentials_relative_uri.is_some() {
+            Some(CredentialsSource::Container)
+        } else if r.container_credentials_full_uri.is_some() {
+            if r.container_authorization_token_file.is_none() {
+                return half(
+                    "AWS_CONTAINER_CREDENTIALS_FULL_URI",
+                    "AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE",
+                );
+            }
+            Some(CredentialsSource::Container)
+        } else if r.instance_role {
+            Some(CredentialsSource::InstanceRole)
+        } else {
+            None
+        };
+        Ok(r)
+    }
+
+    /// What names the CA bundle, for errors about it: the variable, or the
+    /// profile whose `ca_bundle` it is.
+    fn ca_bundle_origin(&self) -> String {
+        match (&self.ca_bundle, &self.config_file) {
+            (Some(_), _) => "AWS_CA_BUNDLE".into(),
+            (None, Some(file)) => format!(
+                "ca_bundle of profile {} in {}",
+                self.profile.as_deref().unwrap_or("default"),
+                file.display()
+            ),
+            (None, None) => "ca_bundle".into(),
         }
     }
 }
@@ -442,8 +690,8 @@ impl ObjectStoreBackend {
                 (Arc::new(fs), ObjPath::default(), plain)
             }
             StoreUrl::S3 { bucket, prefix } => {
-                let s3 = open_s3(&plain, bucket, &config.s3, &config.retry)?;
-                let name = match &config.s3.endpoint {
+                let (s3, resolved) = open_s3(&plain, bucket, &config.s3, &config.retry)?;
+                let name = match &resolved.endpoint {
                     Some(ep) => format!("{plain} (endpoint {ep})"),
                     None => plain,
                 };
@@ -1041,19 +1289,34 @@ fn is_missing_bucket(e: &object_store::Error) -> bool {
     false
 }
 
+/// Builds the S3 client of `bucket` from `s3` resolved ([`S3Config::resolve`]),
+/// which it returns too, for the store's name.
 fn open_s3(
     store: &str,
     bucket: &str,
     s3: &S3Config,
     retry: &RetryPolicy,
-) -> Result<Arc<dyn ObjectStore>, StoreError> {
+) -> Result<(Arc<dyn ObjectStore>, S3Config), StoreError> {
     let config_err = |reason: String| StoreError::Config {
         store: store.to_string(),
         reason,
     };
+    let resolved = s3
+        .resolve()
+        .map_err(|e| config_err(crate::report::error_chain(&e)))?;
     let mut client = ClientOptions::new()
         .with_connect_timeout(retry.connect_timeout)
         .with_timeout(retry.request_timeout);
+    if let Some(bundle) = &resolved.ca_bundle {
+        let origin = s3.ca_bundle_origin();
+        for cert in awsconfig::read_ca_bundle(bundle, &origin)
+            .map_err(|e| config_err(crate::report::error_chain(&e)))?
+        {
+            client = client.with_root_certificate(cert);
+        }
+    }
+    let s3 = &resolved;
+    let source = s3.credentials_source.as_ref();
     let mut builder = AmazonS3Builder::new()
         .with_bucket_name(bucket)
         .with_region(s3.region.as_deref().unwrap_or("us-east-1"))
@@ -1094,10 +1357,17 @@ fn open_s3(
             builder = builder
                 .with_endpoint(endpoint.trim_end_matches('/'))
                 .with_virtual_hosted_style_request(false);
-            if s3.access_key_id.is_none() || s3.secret_access_key.is_none() {
+            // The instance role is AWS's alone: with another endpoint it would only
+            // send requests to 169.254.169.254 and fail slowly.
+            let keys = s3.access_key_id.is_some() && s3.secret_access_key.is_some();
+            let other = matches!(
+                source,
+                Some(CredentialsSource::WebIdentity | CredentialsSource::Container)
+            );
+            if !keys && !other {
                 return Err(config_err(format!(
                     "no credentials for endpoint {endpoint}: set AWS_ACCESS_KEY_ID and \
-                     AWS_SECRET_ACCESS_KEY"
+                     AWS_SECRET_ACCESS_KEY, or name a profile with keys (AWS_PROFILE)"
                 )));
             }
         }
@@ -1107,38 +1377,84 @@ fn open_s3(
             builder = builder.with_virtual_hosted_style_request(true);
         }
     }
-    match (&s3.access_key_id, &s3.secret_access_key) {
-        (Some(id), Some(secret)) => {
-            builder = builder
-                .with_access_key_id(id)
-                .with_secret_access_key(secret);
+    // Only the winning source goes to the builder, so that object_store's own
+    // order of providers cannot pick another one.
+    use object_store::aws::AmazonS3ConfigKey as Key;
+    match source {
+        Some(
+            CredentialsSource::Configuration
+            | CredentialsSource::Environment
+            | CredentialsSource::Profile(_),
+        ) => match (&s3.access_key_id, &s3.secret_access_key) {
+            (Some(id), Some(secret)) => {
+                builder = builder
+                    .with_access_key_id(id)
+                    .with_secret_access_key(secret);
+                if let Some(token) = &s3.session_token {
+                    builder = builder.with_token(token);
+                }
+            }
+            _ => {
+                return Err(config_err(format!(
+                    "set both AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or neither \
+                     (credentials from the {})",
+                    source.map(|s| s.to_string()).unwrap_or_default()
+                )))
+            }
+        },
+        Some(CredentialsSource::WebIdentity) => {
+            let path = |p: &std::path::PathBuf| p.display().to_string();
+            for (key, value) in [
+                (
+                    Key::WebIdentityTokenFile,
+                    s3.web_identity_token_file.as_ref().map(path),
+                ),
+                (Key::RoleArn, s3.role_arn.clone()),
+                (Key::RoleSessionName, s3.role_session_name.clone()),
+                (Key::StsEndpoint, s3.sts_endpoint.clone()),
+            ] {
+                if let Some(value) = value {
+                    builder = builder.with_config(key, value);
+                }
+            }
+        }
+        Some(CredentialsSource::Container) => {
+            if let Some(uri) = &s3.container_credentials_relative_uri {
+                builder = builder.with_config(Key::ContainerCredentialsRelativeUri, uri);
+            } else if let (Some(uri), Some(token)) = (
+                &s3.container_credentials_full_uri,
+                &s3.container_authorization_token_file,
+            ) {
+                builder = builder
+                    .with_config(Key::ContainerCredentialsFullUri, uri)
+                    .with_config(
+                        Key::ContainerAuthorizationTokenFile,
+                        token.display().to_string(),
+                    );
+            }
         }
         // AWS without keys: the instance's role, through the metadata service, only
         // when asked for. Otherwise a node with no credentials would send requests
         // to 169.254.169.254 and fail slowly with a confusing error.
-        (None, None) if s3.instance_role => {}
-        (None, None) => {
+        Some(CredentialsSource::InstanceRole) => {}
+        None => {
             return Err(config_err(
                 "no S3 credentials: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (and \
-                 AWS_ENDPOINT_URL for a store other than AWS), or CKPT_S3_INSTANCE_ROLE=1 \
+                 AWS_ENDPOINT_URL for a store other than AWS), name a profile of \
+                 ~/.aws/credentials (AWS_PROFILE), or CKPT_S3_INSTANCE_ROLE=1 \
                  to use the credentials of this EC2 instance's role"
                     .into(),
             ))
         }
-        _ => {
-            return Err(config_err(
-                "set both AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or neither".into(),
-            ))
-        }
     }
-    let s3 = builder
+    let built = builder
         .with_client_options(client)
         .build()
         .map_err(|source| StoreError::Open {
             store: store.to_string(),
             source: Box::new(source),
         })?;
-    Ok(Arc::new(s3))
+    Ok((Arc::new(built), resolved))
 }
 
 /// [`ObjectStoreBackend`] for plain threads: the same operations, synchronous. It owns
@@ -1455,6 +1771,9 @@ mod tests {
                 secret_access_key: Some("from-file".into()),
                 allow_http: None,
                 instance_role: false,
+                // The rest are unset: the environment has none of them, and only
+                // the id came from it, so the source is not "environment".
+                ..S3Config::default()
             }
         );
         // Set fields win over the environment.
@@ -1465,6 +1784,268 @@ mod tests {
         .fill_from(env);
         assert_eq!(set.region.as_deref(), Some("us-west-2"));
         assert_eq!(set.secret_access_key, None, "empty values count as unset");
+    }
+
+    /// A fake environment from pairs.
+    fn vars(pairs: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
+        let pairs: Vec<(String, String)> = pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        move |k| pairs.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone())
+    }
+
+    #[test]
+    fn s3_config_reads_the_aws_cli_variables() {
+        let c = S3Config::default().fill_from(vars(&[
+            ("AWS_ENDPOINT_URL", "http://global:1"),
+            ("AWS_ENDPOINT_URL_S3", "http://s3-only:2"),
+            ("AWS_SESSION_TOKEN", "tok"),
+            ("AWS_CA_BUNDLE", "/etc/ca.pem"),
+            ("AWS_PROFILE", "p"),
+            ("HOME", "/home/u"),
+            ("AWS_CONFIG_FILE", "~/cfg"),
+            ("AWS_WEB_IDENTITY_TOKEN_FILE", "/var/tok"),
+            ("AWS_ROLE_ARN", "arn:aws:iam::1:role/r"),
+            ("AWS_ROLE_SESSION_NAME", "s"),
+            (
+                "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI",
+                "/v2/credentials/x",
+            ),
+        ]));
+        assert_eq!(c.endpoint.as_deref(), Some("http://s3-only:2"));
+        assert_eq!(c.session_token.as_deref(), Some("tok"));
+        assert_eq!(
+            c.ca_bundle.as_deref(),
+            Some(std::path::Path::new("/etc/ca.pem"))
+        );
+        assert_eq!(c.profile.as_deref(), Some("p"));
+        assert_eq!(
+            c.credentials_file.as_deref(),
+            Some(std::path::Path::new("/home/u/.aws/credentials"))
+        );
+        assert_eq!(
+            c.config_file.as_deref(),
+            Some(std::path::Path::new("/home/u/cfg"))
+        );
+        assert_eq!(c.role_session_name.as_deref(), Some("s"));
+        assert_eq!(c.credentials_source, None, "no keys in the environment");
+        let keys = S3Config::default().fill_from(vars(&[
+            ("AWS_ACCESS_KEY_ID", "id"),
+            ("AWS_SECRET_ACCESS_KEY", "secret"),
+        ]));
+        assert_eq!(
+            keys.credentials_source,
+            Some(CredentialsSource::Environment)
+        );
+        assert_eq!(keys.credentials_file, None, "no HOME, no shared files");
+    }
+
+    /// The AWS CLI's order: environment keys, the profile's keys, web identity,
+    /// container credentials, the instance role; region and endpoint from the
+    /// environment over the profile's.
+    #[test]
+    fn credentials_follow_the_aws_cli_precedence() {
+        let dir = tempfile::tempdir().unwrap();
+        let home = dir.path().to_str().unwrap().to_string();
+        std::fs::create_dir(dir.path().join(".aws")).unwrap();
+        std::fs::write(
+            dir.path().join(".aws/credentials"),
+            "[default]\naws_access_key_id = PID\naws_secret_access_key = PSECRET\n\
+             aws_session_token = PTOKEN\n[nokeys]\n",
+        )
+        .unwrap();
+        std::fs::write(
+            dir.path().join(".aws/config"),
+            "[default]\nregion = eu-north-1\ns3 =\n  endpoint_url = http://profile:9\n",
+        )
+        .unwrap();
+        let web = [
+            ("AWS_WEB_IDENTITY_TOKEN_FILE", "/var/tok"),
+            ("AWS_ROLE_ARN", "arn:aws:iam::1:role/r"),
+        ];
+        let container = [("AWS_CONTAINER_CREDENTIALS_RELATIVE_URI", "/v2/c")];
+        let role = [("CKPT_S3_INSTANCE_ROLE", "1")];
+        let env_keys = [
+            ("AWS_ACCESS_KEY_ID", "EID"),
+            ("AWS_SECRET_ACCESS_KEY", "ESECRET"),
+            ("AWS_SESSION_TOKEN", "ETOKEN"),
+        ];
+        let resolve = |extra: &[(&str, &str)]| {
+            let mut all = vec![("HOME", home.as_str())];
+            all.extend_from_slice(extra);
+            S3Config::default().fill_from(vars(&all)).resolve().unwrap()
+        };
+        let everything: Vec<_> = [&env_keys[..], &web, &container, &role].concat();
+        let r = resolve(&everything);
+        assert_eq!(r.credentials_source, Some(CredentialsSource::Environment));
+        assert_eq!(r.access_key_id.as_deref(), Some("EID"));
+        assert_eq!(r.session_token.as_deref(), Some("ETOKEN"));
+        assert_eq!(r.region.as_deref(), Some("eu-north-1"));
+        assert_eq!(r.endpoint.as_deref(), Some("http://profile:9"));
+
+        // Without environment keys, the profile's, with its own token only.
+        let r = resolve(
+            &[
+                &web[..],
+                &container,
+                &role,
+                &[("AWS_SESSION_TOKEN", "ETOKEN")],
+            ]
+            .concat(),
+        );
+        assert_eq!(
+            r.credentials_source,
+            Some(CredentialsSource::Profile("default".into()))
+        );
+        assert_eq!(r.access_key_id.as_deref(), Some("PID"));
+        assert_eq!(r.secret_access_key.as_deref(), Some("PSECRET"));
+        assert_eq!(r.session_token.as_deref(), Some("PTOKEN"));
+
+        // A profile without keys: web identity, then the container, then the role.
+        let nokeys = ("AWS_PROFILE", "nokeys");
+        let r = resolve(&[&[nokeys][..], &web, &container, &role].concat());
+        assert_eq!(r.credentials_source, Some(CredentialsSource::WebIdentity));
+        assert_eq!(r.region, None, "the profile named has no region");
+        let r = resolve(&[&[nokeys][..], &container, &role].concat());
+        assert_eq!(r.credentials_source, Some(CredentialsSource::Container));
+        let r = resolve(&[&[nokeys][..], &role].concat());
+        assert_eq!(r.credentials_source, Some(CredentialsSource::InstanceRole));
+        assert_eq!(resolve(&[nokeys]).credentials_source, None);
+
+        // Region and endpoint of the environment win over the profile's.
+        let r = resolve(&[
+            ("AWS_REGION", "us-west-1"),
+            ("AWS_ENDPOINT_URL", "http://env:1"),
+        ]);
+        assert_eq!(r.region.as_deref(), Some("us-west-1"));
+        assert_eq!(r.endpoint.as_deref(), Some("http://env:1"));
+        // Resolving twice changes nothing.
+        assert_eq!(r.resolve().unwrap(), r);
+        // Keys set in the configuration (the controller's file) are its own.
+        let set = S3Config {
+            access_key_id: Some("a".into()),
+            secret_access_key: Some("b".into()),
+            ..S3Config::default()
+        };
+        assert_eq!(
+            set.resolve().unwrap().credentials_source,
+            Some(CredentialsSource::Configuration)
+        );
+    }
+
+    #[test]
+    fn resolve_refuses_what_is_half_set() {
+        for (pairs, want) in [
+            (
+                &[("AWS_WEB_IDENTITY_TOKEN_FILE", "/t")][..],
+                "AWS_WEB_IDENTITY_TOKEN_FILE is set but AWS_ROLE_ARN is not",
+            ),
+            (&[("AWS_ROLE_ARN", "arn")][..], "AWS_ROLE_ARN is set but"),
+            (
+                &[("AWS_CONTAINER_CREDENTIALS_FULL_URI", "http://x")][..],
+                "AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE is not",
+            ),
+        ] {
+            let e = S3Config::default()
+                .fill_from(vars(pairs))
+                .resolve()
+                .unwrap_err();
+            assert!(e.to_string().contains(want), "{want:?} in {e}");
+        }
+    }
+
+    /// Errors in the shared files and the CA bundle come out when the store is
+    /// opened, naming the store, the file and the variable.
+    #[test]
+    fn open_reports_profile_and_ca_bundle_errors() {
+        let dir = tempfile::tempdir().unwrap();
+        let home = dir.path().to_str().unwrap();
+        let open = |pairs: &[(&str, &str)]| {
+            let config = StoreConfig::from_vars(vars(pairs));
+            ObjectStoreBackend::open("s3://b/p", &config)
+                .unwrap_err()
+                .to_string()
+        };
+        let msg = open(&[("HOME", home), ("AWS_PROFILE", "ghost")]);
+        assert!(msg.starts_with("cannot open store s3://b/p: "), "{msg}");
+        assert!(
+            msg.contains("\"ghost\"") && msg.contains("AWS_PROFILE"),
+            "{msg}"
+        );
+        assert!(msg.contains(&format!("{home}/.aws/credentials")), "{msg}");
+        // The default profile missing is no error: it is the usual "no credentials".
+        let msg = open(&[("HOME", home)]);
+        assert!(msg.contains("no S3 credentials"), "{msg}");
+
+        let keys = [
+            ("AWS_ENDPOINT_URL", "https://127.0.0.1:1"),
+            ("AWS_ACCESS_KEY_ID", "id"),
+            ("AWS_SECRET_ACCESS_KEY", "secret"),
+        ];
+        let missing = format!("{home}/no-such.pem");
+        let msg = open(&[&keys[..], &[("AWS_CA_BUNDLE", missing.as_str())]].concat());
+        assert!(
+            msg.contains(&missing) && msg.contains("AWS_CA_BUNDLE"),
+            "{msg}"
+        );
+        let junk = format!("{home}/junk.pem");
+        std::fs::write(&junk, "junk").unwrap();
+        let msg = open(&[&keys[..], &[("AWS_CA_BUNDLE", junk.as_str())]].concat());
+        assert!(msg.contains(&junk) && msg.contains("PEM"), "{msg}");
+
+        // A good bundle opens, and the endpoint of the profile names the store.
+        let ca = rcgen::generate_simple_self_signed(vec!["ca.test".into()]).unwrap();
+        let good = format!("{home}/ca.pem");
+        std::fs::write(&good, ca.cert.pem()).unwrap();
+        let cfg = format!("{home}/config");
+        std::fs::write(&cfg, "[profile p]\nendpoint_url = https://from-profile:4\n").unwrap();
+        let config = StoreConfig::from_vars(vars(&[
+            ("AWS_ACCESS_KEY_ID", "id"),
+            ("AWS_SECRET_ACCESS_KEY", "secret"),
+            ("AWS_CA_BUNDLE", good.as_str()),
+            ("AWS_CONFIG_FILE", cfg.as_str()),
+            ("AWS_PROFILE", "p"),
+        ]));
+        let b = ObjectStoreBackend::open("s3://b/p", &config).unwrap();
+        assert!(
+            b.name.contains("endpoint https://from-profile:4"),
+            "{}",
+            b.name
+        );
+    }
+
+    /// Web identity and container credentials open without keys, even with another
+    /// endpoint; the instance role does not (it is AWS's alone).
+    #[test]
+    fn open_with_other_credential_sources() {
+        for pairs in [
+            &[
+                ("AWS_WEB_IDENTITY_TOKEN_FILE", "/var/tok"),
+                ("AWS_ROLE_ARN", "arn:aws:iam::1:role/r"),
+                ("AWS_ENDPOINT_URL_STS", "https://sts.example"),
+            ][..],
+            &[("AWS_CONTAINER_CREDENTIALS_RELATIVE_URI", "/v2/c")],
+            &[
+                ("AWS_CONTAINER_CREDENTIALS_FULL_URI", "http://127.0.0.1:1/c"),
+                ("AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE", "/var/tok"),
+            ],
+        ] {
+            for endpoint in [None, Some("http://127.0.0.1:1")] {
+                let mut all = pairs.to_vec();
+                all.extend(endpoint.map(|e| ("AWS_ENDPOINT_URL", e)));
+                let config = StoreConfig::from_vars(vars(&all));
+                ObjectStoreBackend::open("s3://b/p", &config).unwrap();
+            }
+        }
+        let config = StoreConfig::from_vars(vars(&[
+            ("CKPT_S3_INSTANCE_ROLE", "1"),
+            ("AWS_ENDPOINT_URL", "http://127.0.0.1:1"),
+        ]));
+        let msg = ObjectStoreBackend::open("s3://b/p", &config)
+            .unwrap_err()
+            .to_string();
+        assert!(msg.contains("no credentials for endpoint"), "{msg}");
     }
 
     #[test]
@@ -1513,6 +2094,8 @@ mod tests {
     fn debug_redacts_secrets() {
         let mut config = s3_config("http://127.0.0.1:9000");
         config.s3.secret_access_key = Some("wJalrXUtnFEMI-very-secret".into());
+        config.s3.session_token = Some("FwoGZXIvYXdz-very-secret-token".into());
+        config.s3.credentials_source = Some(CredentialsSource::Profile("ci".into()));
         for shown in [
             format!("{config:?}"),
             format!("{:?}", config.s3),
@@ -1522,6 +2105,10 @@ mod tests {
             assert!(shown.contains("<redacted>"), "{shown}");
         }
         assert!(format!("{:?}", config.s3).contains("access_key_id: Some(\"id\")"));
+        assert!(
+            format!("{:?}", config.s3).contains("credentials_source: Some(\"profile ci\")"),
+            "the source is shown"
+        );
         let none = format!("{:?}", S3Config::default());
         assert!(none.contains("secret_access_key: None"), "{none}");
     }

@@ -540,6 +540,7 @@ fn s3_config(endpoint: &str) -> StoreConfig {
             secret_access_key: Some(SECRET_KEY.into()),
             allow_http: None,
             instance_role: false,
+            ..S3Config::default()
         },
         retry: RetryPolicy {
             max_retries: 3,
@@ -701,4 +702,55 @@ fn s3_server_stopping_is_reported() {
     let start = Instant::now();
     assert_unreachable(get(&store, &c).unwrap_err(), &url, &endpoint);
     assert!(start.elapsed() < Duration::from_secs(30));
+}
+
+/// The AWS CLI's way, end to end: the keys from a named profile of a credentials
+/// file, the endpoint from its `s3 =` block in a config file, nothing but the
+/// profile's name and the files in the environment.
+#[test]
+fn s3_backend_with_a_profile_of_the_shared_files() {
+    let server = S3Server::start();
+    let dir = tempfile::tempdir().unwrap();
+    let creds = dir.path().join("credentials");
+    let config = dir.path().join("config");
+    std::fs::write(
+        &creds,
+        format!(
+            "# the test server's keys\n[ckpt]\naws_access_key_id = {ACCESS_KEY}\n\
+             aws_secret_access_key = {SECRET_KEY}\n"
+        ),
+    )
+    .unwrap();
+    std::fs::write(
+        &config,
+        format!(
+            "[profile ckpt]\nregion = us-east-1\ns3 =\n  endpoint_url = {}\n",
+            server.endpoint()
+        ),
+    )
+    .unwrap();
+    let vars = |k: &str| match k {
+        "AWS_PROFILE" => Some("ckpt".to_string()),
+        "AWS_SHARED_CREDENTIALS_FILE" => Some(creds.display().to_string()),
+        "AWS_CONFIG_FILE" => Some(config.display().to_string()),
+        _ => None,
+    };
+    let config = StoreConfig::from_vars(vars);
+    let store = BlockingStore::open(&format!("s3://{BUCKET}/profile"), &config).unwrap();
+    let c = ChunkRef::of(b"from a profile");
+    store.put_chunk(c, b"from a profile", None).unwrap();
+    assert_eq!(get(&store, &c).unwrap(), b"from a profile");
+
+    // The same profile with a wrong secret is denied: the keys really are the
+    // profile's.
+    std::fs::write(
+        &creds,
+        format!("[ckpt]\naws_access_key_id = {ACCESS_KEY}\naws_secret_access_key = wrong\n"),
+    )
+    .unwrap();
+    let mut config = StoreConfig::from_vars(vars);
+    config.retry.retry_timeout = Duration::from_secs(1);
+    let store = BlockingStore::open(&format!("s3://{BUCKET}/profile"), &config).unwrap();
+    let err = store.has_chunk(&c).unwrap_err();
+    assert!(matches!(err, StoreError::Denied { .. }), "{err:?}");
 }
