@@ -341,11 +341,12 @@ impl Config {
         if s.region.is_some() {
             c.s3.region = s.region.clone();
         }
-        if s.access_key_id.is_some() {
+        if s.access_key_id.is_some() || s.secret_access_key.is_some() {
+            // The file's keys replace the environment's whole credentials.
             c.s3.access_key_id = s.access_key_id.clone();
-        }
-        if s.secret_access_key.is_some() {
             c.s3.secret_access_key = s.secret_access_key.clone();
+            c.s3.session_token = None;
+            c.s3.credentials_source = Some(ckpt_shared::objstore::CredentialsSource::Configuration);
         }
         if s.allow_http.is_some() {
             c.s3.allow_http = s.allow_http;

@@ -18,10 +18,13 @@
 //! - [`proto`]: the messages of the controller–agent barrier and their bounded
 //!   frames.
 //! - [`gc`]: deleting images and unreferenced chunks beside checkpoints in progress.
+//! - [`awsconfig`]: the AWS shared config and credentials files (profiles) and CA
+//!   bundles, for [`objstore::S3Config`].
+//! - [`report`]: an error and its causes on one line, each cause once.
 //!
 //! No I/O policy lives here beyond the stores themselves, and no configuration is
-//! read from the environment: callers pass a lookup ([`objstore::StoreConfig::from_vars`]),
-//! except through [`envconfig`]'s wrappers, kept until the callers pass it.
+//! read from the environment: callers pass a lookup
+//! ([`objstore::StoreConfig::from_vars`]).
 
 pub mod awsconfig;
 pub mod catalog;

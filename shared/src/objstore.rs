@@ -589,29 +589,53 @@ impl StoreConfig {
 
 impl S3Config {
     /// Each setting of `self`, or `own`'s where `self` has none (see
-    /// [`StoreConfig::or`]). Exhaustive: a new setting must say how it merges.
+    /// [`StoreConfig::or`]). Credentials go as one group, never mixed: the
+    /// controller's when it names keys itself, else the agent's own chain (its
+    /// keys, profile, web identity, container or instance role). Exhaustive: a new
+    /// setting must say how it merges.
     pub fn or(&self, own: &S3Config) -> S3Config {
         let S3Config {
             endpoint,
             region,
             access_key_id,
-            secret_access_key,
+            secret_access_key: _,
+            session_token: _,
             allow_http,
-            instance_role,
+            instance_role: _,
+            ca_bundle,
+            profile: _,
+            credentials_file: _,
+            config_file: _,
+            web_identity_token_file: _,
+            role_arn: _,
+            role_session_name: _,
+            sts_endpoint: _,
+            container_credentials_relative_uri: _,
+            container_credentials_full_uri: _,
+            container_authorization_token_file: _,
+            credentials_source: _,
         } = self;
-        // Keys come as a pair: never one half from each side.
-        let (access_key_id, secret_access_key) = if access_key_id.is_some() {
-            (access_key_id.clone(), secret_access_key.clone())
-        } else {
-            (own.access_key_id.clone(), own.secret_access_key.clone())
-        };
+        let creds = if access_key_id.is_some() { self } else { own };
         S3Config {
             endpoint: endpoint.clone().or_else(|| own.endpoint.clone()),
             region: region.clone().or_else(|| own.region.clone()),
-            access_key_id,
-            secret_access_key,
             allow_http: allow_http.or(own.allow_http),
-            instance_role: *instance_role || own.instance_role,
+            ca_bundle: ca_bundle.clone().or_else(|| own.ca_bundle.clone()),
+            access_key_id: creds.access_key_id.clone(),
+            secret_access_key: creds.secret_access_key.clone(),
+            session_token: creds.session_token.clone(),
+            instance_role: creds.instance_role,
+            profile: creds.profile.clone(),
+            credentials_file: creds.credentials_file.clone(),
+            config_file: creds.config_file.clone(),
+            web_identity_token_file: creds.web_identity_token_file.clone(),
+            role_arn: creds.role_arn.clone(),
+            role_session_name: creds.role_session_name.clone(),
+            sts_endpoint: creds.sts_endpoint.clone(),
+            container_credentials_relative_uri: creds.container_credentials_relative_uri.clone(),
+            container_credentials_full_uri: creds.container_credentials_full_uri.clone(),
+            container_authorization_token_file: creds.container_authorization_token_file.clone(),
+            credentials_source: creds.credentials_source.clone(),
         }
     }
 }
