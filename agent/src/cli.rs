@@ -49,8 +49,10 @@ macro_rules! outln {
 ///                                   pages already stored cost nothing again
 ///   s3://bucket/prefix/job1         image job1 in an S3-compatible store (MinIO,
 ///                                   Ceph, Garage, AWS), chunks shared the same way
-/// S3 is configured the usual AWS way: AWS_ENDPOINT_URL (plain http allowed for a
-/// local endpoint), AWS_REGION, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY.
+/// S3 is configured the way the AWS CLI is: AWS_ENDPOINT_URL_S3 or AWS_ENDPOINT_URL
+/// (plain http allowed for a local endpoint), AWS_REGION, AWS_ACCESS_KEY_ID,
+/// AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN, AWS_PROFILE (~/.aws/credentials and
+/// ~/.aws/config), AWS_CA_BUNDLE, web identity and container credentials.
 ///
 /// Needs root (CAP_SYS_PTRACE and CAP_CHECKPOINT_RESTORE) on Linux ≥ 5.14, x86_64.
 ///
