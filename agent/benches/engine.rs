@@ -41,6 +41,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
+use ckpt_tests::stats::Samples;
 
 const AGENT: &str = env!("CARGO_BIN_EXE_ckpt-agent");
 const WORKLOAD_SRC: &str = concat!(
@@ -271,47 +272,9 @@ fn print_header(cfg: &Config, ctx: &Ctx) {
 // ---------------------------------------------------------------------------
 // Samples and printing
 
-#[derive(Default, Clone)]
-struct Samples(Vec<f64>);
-
-impl Samples {
-    fn push(&mut self, v: f64) {
-        self.0.push(v);
-    }
-
-    fn sorted(&self) -> Vec<f64> {
-        let mut v = self.0.clone();
-        v.sort_by(f64::total_cmp);
-        v
-    }
-
-    fn median(&self) -> Option<f64> {
-        let v = self.sorted();
-        let n = v.len();
-        match n {
-            0 => None,
-            _ if n % 2 == 1 => Some(v[n / 2]),
-            _ => Some((v[n / 2 - 1] + v[n / 2]) / 2.0),
-        }
-    }
-
-    fn min(&self) -> Option<f64> {
-        self.sorted().first().copied()
-    }
-
-    fn max(&self) -> Option<f64> {
-        self.sorted().last().copied()
-    }
-
-    /// GB/s of `bytes` moved in each of these times (in ms).
-    fn throughput(&self, bytes: usize) -> Samples {
-        Samples(
-            self.0
-                .iter()
-                .map(|ms| bytes as f64 / (ms / 1e3) / 1e9)
-                .collect(),
-        )
-    }
+/// GB/s of `bytes` moved in each of these times (in ms).
+fn throughput(s: &Samples, bytes: usize) -> Samples {
+    s.map(|ms| bytes as f64 / (ms / 1e3) / 1e9)
 }
 
 fn row(name: &str, s: &Samples, unit: &str) {
@@ -426,16 +389,20 @@ fn print_size(ctx: &Ctx, mib: usize, r: &SizeResults) {
     );
     println!("  (load average at the end: {})", loadavg());
     println!("  -- baselines");
-    row("memcpy, warm to warm", &r.memcpy.throughput(bytes), "GB/s");
+    row(
+        "memcpy, warm to warm",
+        &throughput(&r.memcpy, bytes),
+        "GB/s",
+    );
     row("fill, mmap MAP_POPULATE + memcpy", &r.fill_populate, "ms");
     row("fill, mmap + memcpy (page faults)", &r.fill_fault, "ms");
     row(
         "plain write 1 MiB + fsync",
-        &r.write_fsync.throughput(bytes),
+        &throughput(&r.write_fsync, bytes),
         "GB/s",
     );
-    row("plain read, cold", &r.read_cold.throughput(bytes), "GB/s");
-    row("plain read, warm", &r.read_warm.throughput(bytes), "GB/s");
+    row("plain read, cold", &throughput(&r.read_cold, bytes), "GB/s");
+    row("plain read, warm", &throughput(&r.read_warm, bytes), "GB/s");
     println!("  -- ckpt-agent");
     row("workload start to ready (fill)", &r.workload_fill, "ms");
     row("dump --leave-running: freeze_us", &r.lr_freeze, "ms");
@@ -445,7 +412,7 @@ fn print_size(ctx: &Ctx, mib: usize, r: &SizeResults) {
     row("dump (kill): wall", &r.dump_wall, "ms");
     row(
         "dump (kill): throughput S / wall",
-        &r.dump_wall.throughput(bytes),
+        &throughput(&r.dump_wall, bytes),
         "GB/s",
     );
     row("image on disk (du -sb)", &r.image_mib, "MiB");
@@ -463,12 +430,12 @@ fn print_size(ctx: &Ctx, mib: usize, r: &SizeResults) {
         row(&format!("restore ({name}): agent's fill"), &rr.fill, "ms");
         row(
             &format!("restore ({name}): throughput S / wall"),
-            &rr.wall.throughput(bytes),
+            &throughput(&rr.wall, bytes),
             "GB/s",
         );
     }
     println!("  -- ratios (of medians) and the issue's targets");
-    let tp = |s: &Samples| s.throughput(bytes);
+    let tp = |s: &Samples| throughput(s, bytes);
     ratio_row(
         "dump throughput / plain write+fsync",
         &tp(&r.dump_wall),

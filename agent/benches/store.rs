@@ -40,6 +40,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
 use ckpt_tests::s3::{S3Server, ACCESS_KEY, BUCKET, SECRET_KEY};
+use ckpt_tests::stats::{self, Samples};
 use ckpt_tests::{require_root, spawn_workload, wait_for, ProcGuard};
 use object_store::aws::AmazonS3Builder;
 use object_store::path::Path as ObjPath;
@@ -57,51 +58,33 @@ fn env_usize(k: &str, d: usize) -> usize {
         .unwrap_or(d)
 }
 
-#[derive(Default)]
-struct S(Vec<f64>);
+/// The high median (the store bench has always printed a measured value, not a
+/// mean of two); NaN without samples.
+fn med(s: &Samples) -> f64 {
+    s.median_high().unwrap_or(f64::NAN)
+}
 
-impl S {
-    fn push(&mut self, v: f64) {
-        self.0.push(v);
-    }
-    fn med(&self) -> f64 {
-        let mut v = self.0.clone();
-        v.sort_by(|a, b| a.total_cmp(b));
-        if v.is_empty() {
-            f64::NAN
-        } else {
-            v[v.len() / 2]
-        }
-    }
-    /// `self[i] / other[i]` for each repetition i.
-    fn per_rep(&self, other: &S) -> S {
-        S(self.0.iter().zip(&other.0).map(|(a, b)| a / b).collect())
-    }
-    fn range(&self) -> String {
-        let lo = self.0.iter().cloned().fold(f64::INFINITY, f64::min);
-        let hi = self.0.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
-        format!("{lo:.2} - {hi:.2}")
-    }
-    fn row(&self, name: &str, unit: &str) {
-        println!(
-            "  {name:<46} {:>9.2} {unit:<5} {:>16}",
-            self.med(),
-            self.range()
-        );
-    }
+/// `min - max`; without samples, the `inf - -inf` of an empty fold.
+fn range(s: &Samples) -> String {
+    let (lo, hi) = s.min_max().unwrap_or((f64::INFINITY, f64::NEG_INFINITY));
+    stats::range(lo, hi, 2, " - ")
+}
+
+fn row(s: &Samples, name: &str, unit: &str) {
+    println!("  {name:<46} {:>9.2} {unit:<5} {:>16}", med(s), range(s));
 }
 
 #[derive(Default)]
 struct R {
-    up: S,
-    down: S,
-    down_chunks: S,
-    dump: S,
-    restore: S,
-    full_stored: S,
-    incr_stored: S,
-    incr_time: S,
-    changed: S,
+    up: Samples,
+    down: Samples,
+    down_chunks: Samples,
+    dump: Samples,
+    restore: Samples,
+    full_stored: Samples,
+    incr_stored: Samples,
+    incr_time: Samples,
+    changed: Samples,
 }
 
 fn main() -> ExitCode {
@@ -239,44 +222,52 @@ fn run() -> Result<()> {
         std::fs::remove_dir_all(server.bucket_dir().join(format!("bench-{rep}")))?;
     }
     println!("== {mib} MiB to s3s-fs on this machine (median, min - max) ==");
-    r.up.row("plain multipart upload (8 MiB parts, 16 in flight)", "GB/s");
-    r.dump.row("dump --leave-running to s3:// (wall)", "GB/s");
-    r.down
-        .row("plain parallel ranged download (16 in flight)", "GB/s");
-    r.down_chunks.row(
+    row(
+        &r.up,
+        "plain multipart upload (8 MiB parts, 16 in flight)",
+        "GB/s",
+    );
+    row(&r.dump, "dump --leave-running to s3:// (wall)", "GB/s");
+    row(
+        &r.down,
+        "plain parallel ranged download (16 in flight)",
+        "GB/s",
+    );
+    row(
+        &r.down_chunks,
         "plain GETs of the image's chunk objects (16 in flight)",
         "GB/s",
     );
-    r.restore.row("restore from s3:// (wall)", "GB/s");
-    r.full_stored.row("full checkpoint: stored", "MiB");
-    r.changed.row("pages changed by the bench (5%)", "MiB");
-    r.incr_stored.row("second checkpoint: stored", "MiB");
-    r.incr_time.row("second checkpoint time / full time", "");
+    row(&r.restore, "restore from s3:// (wall)", "GB/s");
+    row(&r.full_stored, "full checkpoint: stored", "MiB");
+    row(&r.changed, "pages changed by the bench (5%)", "MiB");
+    row(&r.incr_stored, "second checkpoint: stored", "MiB");
+    row(&r.incr_time, "second checkpoint time / full time", "");
     let v = |ok: bool| if ok { "PASS" } else { "MISS" };
     // Each ratio is taken within a repetition (the transfer and its baseline ran
     // a minute apart on the same server), then the median over repetitions: the
     // server's speed drifts between repetitions more than within one.
-    let up = r.dump.per_rep(&r.up);
-    let down = r.restore.per_rep(&r.down);
-    let down_chunks = r.restore.per_rep(&r.down_chunks);
-    let inc = r.incr_stored.med() / r.changed.med();
+    let up = r.dump.ratios(&r.up);
+    let down = r.restore.ratios(&r.down);
+    let down_chunks = r.restore.ratios(&r.down_chunks);
+    let inc = med(&r.incr_stored) / med(&r.changed);
     println!("  ratios per repetition (median, min - max):");
     println!(
         "  checkpoint / plain upload      {:.2} ({})  target >= 0.8   {}",
-        up.med(),
-        up.range(),
-        v(up.med() >= 0.8)
+        med(&up),
+        range(&up),
+        v(med(&up) >= 0.8)
     );
     println!(
         "  restore / plain download       {:.2} ({})  target >= 0.8   {}",
-        down.med(),
-        down.range(),
-        v(down.med() >= 0.8)
+        med(&down),
+        range(&down),
+        v(med(&down) >= 0.8)
     );
     println!(
         "  restore / plain chunk GETs     {:.2} ({})  (the same objects the restore reads)",
-        down_chunks.med(),
-        down_chunks.range()
+        med(&down_chunks),
+        range(&down_chunks)
     );
     println!(
         "  incremental stored / changed   {inc:.2}  target <= 1.1   {}",
@@ -284,8 +275,8 @@ fn run() -> Result<()> {
     );
     println!(
         "  incremental time / full time   {:.2}  target <= 0.15  {}",
-        r.incr_time.med(),
-        v(r.incr_time.med() <= 0.15)
+        med(&r.incr_time),
+        v(med(&r.incr_time) <= 0.15)
     );
     println!(
         "  the agent's peak memory (VmHWM, any run): {} MiB for a {mib} MiB process \

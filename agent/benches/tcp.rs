@@ -39,6 +39,7 @@ use anyhow::{bail, Context, Result};
 use ckpt_agent::fd::tcp;
 use ckpt_agent::netlock::{Conn, NetLock};
 use ckpt_shared::location::Location;
+use ckpt_tests::stats::{self, Samples};
 
 /// The peer: accepts K connections and sends 1,000 bytes on each; never reads.
 /// It stands for the other ranks, and is not dumped.
@@ -127,15 +128,15 @@ fn start_holder(k: usize, dir: &std::path::Path) -> Result<(Holder, Holder)> {
     Ok((holder, peer))
 }
 
-fn median(v: &mut [f64]) -> f64 {
-    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    v[v.len() / 2]
+/// The high median of the repetitions (at least one: `CKPT_BENCH_REPS=0` has nothing
+/// to print).
+fn median(v: &Samples) -> f64 {
+    v.median_high().expect("CKPT_BENCH_REPS must be at least 1")
 }
 
-fn spread(v: &[f64]) -> String {
-    let lo = v.iter().cloned().fold(f64::INFINITY, f64::min);
-    let hi = v.iter().cloned().fold(0.0, f64::max);
-    format!("{lo:.1}–{hi:.1}")
+fn spread(v: &Samples) -> String {
+    let (lo, hi) = v.min_max().expect("CKPT_BENCH_REPS must be at least 1");
+    stats::range(lo, hi, 1, "–")
 }
 
 fn freeze_ms(k: usize, dir: &std::path::Path, n: usize) -> Result<f64> {
@@ -248,11 +249,11 @@ fn run() -> Result<()> {
     let mut base = 0.0;
     let mut added_1000 = 0.0;
     for k in [0usize, 10, 100, 1000] {
-        let mut v = Vec::new();
+        let mut v = Samples::new();
         for n in 0..reps {
             v.push(freeze_ms(k, dir.path(), n)?);
         }
-        let m = median(&mut v);
+        let m = median(&v);
         if k == 0 {
             base = m;
         }
@@ -270,14 +271,14 @@ fn run() -> Result<()> {
         if added_1000 < 50.0 { "PASS" } else { "FAIL" }
     );
     println!("2. First byte after the release of a rebuilt connection\n");
-    let mut restored = Vec::new();
-    let mut fresh = Vec::new();
+    let mut restored = Samples::new();
+    let mut fresh = Samples::new();
     for n in 0..(reps * 3) {
         let (r, f) = first_byte_ms(n as u16)?;
         restored.push(r);
         fresh.push(f);
     }
-    let (mr, mf) = (median(&mut restored), median(&mut fresh));
+    let (mr, mf) = (median(&restored), median(&fresh));
     println!(
         "   restored: median {mr:.3} ms ({} ms); fresh connection: {mf:.3} ms ({} ms); ratio {:.1}",
         spread(&restored),

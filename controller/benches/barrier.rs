@@ -13,14 +13,10 @@ use std::time::{Duration, Instant};
 
 use ckpt_controller::api::{Done, Event, Request};
 use ckpt_controller::{client, serve, tls};
+use ckpt_tests::stats::{median_range, Samples};
 
 #[path = "../tests/common/simagent.rs"]
 mod simagent;
-
-fn stats(mut v: Vec<f64>) -> (f64, f64, f64) {
-    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    (v[v.len() / 2], v[0], v[v.len() - 1])
-}
 
 fn main() {
     let sizes: Vec<usize> = std::env::var("CKPT_BENCH_AGENTS")
@@ -117,8 +113,8 @@ fn main() {
             "{n} agents connected and registered in {:.2} s",
             t.elapsed().as_secs_f64()
         );
-        let mut freeze = Vec::new();
-        let mut total = Vec::new();
+        let mut freeze = Samples::new();
+        let mut total = Samples::new();
         for _ in 0..reps {
             let ev = client::call(
                 &socket,
@@ -140,14 +136,13 @@ fn main() {
             freeze.push(o.freeze_ms);
             total.push(o.total_ms);
         }
-        let (fm, fl, fh) = stats(freeze);
-        let (tm, tl, th) = stats(total);
+        let at_least_one = "CKPT_BENCH_REPS must be at least 1";
         println!(
             "{n:>7} {reps:>5}  {:>28}  {:>28}",
-            format!("{fm:.1} ({fl:.1}-{fh:.1})"),
-            format!("{tm:.1} ({tl:.1}-{th:.1})")
+            median_range(&freeze, 1).expect(at_least_one),
+            median_range(&total, 1).expect(at_least_one)
         );
-        medians.push((n, fm));
+        medians.push((n, freeze.median_high().expect(at_least_one)));
         ep.close(0u32.into(), b"done");
     }
     if let (Some(&(n0, a)), Some(&(n1, b))) = (medians.first(), medians.last()) {

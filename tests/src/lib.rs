@@ -14,6 +14,7 @@
 //!   `FAIL` line.
 //! - [`agent`]: running `ckpt-agent` with a timeout and reading its answers.
 //! - [`s3`]: a real S3-compatible server process (s3s-fs) per test.
+//! - [`stats`]: the median and min–max figures the benches print.
 //!
 //! Later it will also build the network-namespace test cluster and drive real
 //! Slurm, as `../shared/DESIGN.md` ("Test environment") describes.
@@ -44,6 +45,7 @@ pub mod jobs;
 pub mod munge;
 pub mod process;
 pub mod s3;
+pub mod stats;
 pub mod ticks;
 pub mod workload;
 
