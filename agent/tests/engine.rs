@@ -453,20 +453,17 @@ fn counter_continues_after_dump_and_restore_with_its_original_pid() -> Result<()
     Ok(())
 }
 
-#[test]
-fn heap_checksum_64mib_heap_is_intact_after_dump_and_restore() -> Result<()> {
-    require_root!(Ok(()));
+/// The 64 MiB heap workload, dumped (killed) and restored with `env`: the agent's
+/// stderr must contain `fill` (how the memory was filled), and every tick after the
+/// restore carries the heap's checksum (the workload re-checks it, a mismatch is a
+/// `FAIL` line that `finish` reports).
+fn heap_comes_back(env: &[(&str, &str)], fill: &str, why: &str) -> Result<()> {
     let mut t = Tree::start(HEAP_64MIB)?;
     t.ready()?;
     t.dump_and_kill()?;
     let at_dump = t.last_tick();
-    let run = t.restore_env(&[])?;
-    ensure!(
-        run.stderr
-            .contains("1 of 1 processes filled by userfaultfd"),
-        "the heap was not filled by userfaultfd: {}",
-        run.describe()
-    );
+    let run = t.restore_env(env)?;
+    ensure!(run.stderr.contains(fill), "{why}: {}", run.describe());
     t.advance(MORE)?;
     let ticks = t.finish()?;
     ensure!(ticks.len() as u64 >= at_dump + MORE);
@@ -478,28 +475,24 @@ fn heap_checksum_64mib_heap_is_intact_after_dump_and_restore() -> Result<()> {
 }
 
 #[test]
+fn heap_checksum_64mib_heap_is_intact_after_dump_and_restore() -> Result<()> {
+    require_root!(Ok(()));
+    heap_comes_back(
+        &[],
+        "1 of 1 processes filled by userfaultfd",
+        "the heap was not filled by userfaultfd",
+    )
+}
+
+#[test]
 fn heap_checksum_heap_is_intact_when_restored_by_populating_instead_of_userfaultfd() -> Result<()> {
     require_root!(Ok(()));
     // The fallback for kernels that refuse userfaultfd: populate in bulk, then copy.
-    let mut t = Tree::start(HEAP_64MIB)?;
-    t.ready()?;
-    t.dump_and_kill()?;
-    let at_dump = t.last_tick();
-    let run = t.restore_env(&[("CKPT_FILL", "populate")])?;
-    ensure!(
-        run.stderr
-            .contains("0 of 1 processes filled by userfaultfd"),
-        "the fallback was not taken: {}",
-        run.describe()
-    );
-    t.advance(MORE)?;
-    let ticks = t.finish()?;
-    ensure!(ticks.len() as u64 >= at_dump + MORE);
-    ensure!(ticks
-        .iter()
-        .skip(at_dump as usize)
-        .all(|t| t.hex("csum").is_some()));
-    Ok(())
+    heap_comes_back(
+        &[("CKPT_FILL", "populate")],
+        "0 of 1 processes filled by userfaultfd",
+        "the fallback was not taken",
+    )
 }
 
 #[test]
