@@ -42,6 +42,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
 use ckpt_tests::stats::Samples;
+use ckpt_tests::{path_str, root_skip_reason};
 
 const AGENT: &str = env!("CARGO_BIN_EXE_ckpt-agent");
 const WORKLOAD_SRC: &str = concat!(
@@ -72,9 +73,10 @@ const POPULATE_TARGET: f64 = 1.3;
 const CRIU: [(usize, f64, f64); 2] = [(1024, 1.18, 1.20), (4096, 5.66, 5.54)];
 
 fn main() -> ExitCode {
+    // The same check as the tests' `require_root!`.
     if let Some(why) = root_skip_reason() {
         println!(
-            "engine bench: skipped: it {why}. It ptraces its workload, writes \
+            "engine bench: skipped: {why}. It ptraces its workload, writes \
              /proc/sys/vm/drop_caches and restores processes with their original PIDs; \
              run it as root."
         );
@@ -91,26 +93,6 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
-}
-
-fn root_skip_reason() -> Option<String> {
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    let euid = unsafe { libc::geteuid() };
-    if euid != 0 {
-        return Some(format!("needs root (effective UID is {euid})"));
-    }
-    let status = fs::read_to_string("/proc/self/status").unwrap_or_default();
-    let cap_eff = status
-        .lines()
-        .find_map(|l| l.strip_prefix("CapEff:"))
-        .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
-        .unwrap_or(0);
-    for (bit, name) in [(21, "CAP_SYS_ADMIN"), (19, "CAP_SYS_PTRACE")] {
-        if cap_eff & (1u64 << bit) == 0 {
-            return Some(format!("needs {name}, which this process lacks"));
-        }
-    }
-    None
 }
 
 struct Config {
@@ -912,11 +894,6 @@ fn du_bytes(dir: &Path) -> Result<u64> {
         .next()
         .and_then(|n| n.parse().ok())
         .with_context(|| format!("cannot read du -sb {}", dir.display()))
-}
-
-fn path_str(p: &Path) -> Result<&str> {
-    p.to_str()
-        .with_context(|| format!("{} is not UTF-8", p.display()))
 }
 
 // ---------------------------------------------------------------------------

@@ -30,16 +30,21 @@
 //! workload is killed by PID, even on a panic.
 
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpStream};
 use std::os::fd::AsFd;
 use std::process::{Child, Command, ExitCode, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use ckpt_agent::fd::tcp;
-use ckpt_agent::netlock::{Conn, NetLock};
+use ckpt_agent::netlock::NetLock;
 use ckpt_shared::location::Location;
 use ckpt_tests::stats::{self, Samples};
+
+// The loopback pair and its `Conn` are the ones the netcut tests use.
+#[path = "../tests/common/mod.rs"]
+mod common;
+use common::{conn_of, pair};
 
 /// The peer: accepts K connections and sends 1,000 bytes on each; never reads.
 /// It stands for the other ranks, and is not dumped.
@@ -167,20 +172,6 @@ fn freeze_ms(k: usize, dir: &std::path::Path, n: usize) -> Result<f64> {
         bail!("the image holds {conns} connections, not {k}");
     }
     Ok(img.stats.freeze_us as f64 / 1e3)
-}
-
-fn pair() -> (TcpStream, TcpStream) {
-    let l = TcpListener::bind("127.0.0.1:0").unwrap();
-    let a = TcpStream::connect(l.local_addr().unwrap()).unwrap();
-    let (b, _) = l.accept().unwrap();
-    (a, b)
-}
-
-fn conn_of(s: &TcpStream) -> Conn {
-    Conn {
-        local: s.local_addr().unwrap(),
-        remote: s.peer_addr().unwrap(),
-    }
 }
 
 /// Milliseconds from finishing both rebuilt ends to the first byte of the

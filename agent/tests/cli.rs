@@ -1,16 +1,14 @@
 //! The command line as a user meets it: output into a pipe whose reader went
 //! away, and error messages that say each thing once.
 
-use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use anyhow::{ensure, Result};
 use ckpt_tests::{require_root, run_agent, spawn_workload, wait_for_tick};
 
-fn agent() -> &'static Path {
-    Path::new(env!("CARGO_BIN_EXE_ckpt-agent"))
-}
+mod common;
+use common::agent;
 
 /// `ckpt-agent inspect --json | head -n 1`: the reader closes the pipe first. The
 /// agent stops writing and exits 0 without a panic (it exited 101 on the broken
@@ -80,7 +78,7 @@ fn an_error_names_each_cause_once() -> Result<()> {
         ],
     )?;
     ensure!(!r.success(), "{}", r.describe());
-    let line = error_line(&r);
+    let line = r.error_line();
     ensure!(!line.is_empty(), "{}", r.describe());
     let reason = std::io::Error::from_raw_os_error(libc::ENOTDIR).to_string();
     ensure!(
@@ -97,20 +95,11 @@ fn a_missing_image_is_named_once() -> Result<()> {
     let image = dir.path().join("nothing-here");
     let r = run_agent(agent(), &["restore", "--image", image.to_str().unwrap()])?;
     ensure!(!r.success(), "{}", r.describe());
-    let line = error_line(&r);
+    let line = r.error_line();
     ensure!(
         line.matches("does not exist").count() == 1,
         "{}",
         r.describe()
     );
     Ok(())
-}
-
-/// The line in which the agent reports its error.
-fn error_line(r: &ckpt_tests::AgentRun) -> String {
-    r.stderr
-        .lines()
-        .find(|l| l.starts_with("ckpt-agent: error:"))
-        .unwrap_or_default()
-        .to_string()
 }

@@ -22,7 +22,6 @@
 
 use std::collections::BTreeMap;
 use std::fs;
-use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -30,16 +29,15 @@ use anyhow::{bail, ensure, Context, Result};
 use ckpt_tests::process::{start_time, wait_gone};
 use ckpt_tests::ticks::{check_log, check_records_file, last_tick};
 use ckpt_tests::{
-    inspect_json, is_alive, is_stopped, last_line_pid, mkfifo, proc_ppid, proc_state,
-    read_log_lines, require_root, run_agent_env, send_signal, spawn_workload, thread_ids,
-    tracer_pids, tree_pids, wait_for, wait_for_tick, write_fifo, AgentRun, PidsGuard, ProcGuard,
-    Tick, AGENT_TIMEOUT,
+    digits_tokens, ensure_untraced, expect_killed_by_dump, guard_restored, inspect_json, is_alive,
+    is_stopped, last_line_pid, mkfifo, path_str, proc_ppid, proc_state, read_log_lines,
+    require_root, run_dump, run_restore, send_signal, spawn_workload, thread_ids, tracer_pids,
+    tree_pids, wait_for, wait_for_tick, write_fifo, AgentRun, PidsGuard, ProcGuard, Tick,
 };
 use tempfile::TempDir;
 
-/// How long a workload may take to reach a tick. Generous: the development
-/// machines have two cores and the tests run concurrently.
-const WAIT: Duration = Duration::from_secs(60);
+mod common;
+use common::{agent, WAIT};
 
 /// How many ticks a workload must make after a dump or a restore.
 const MORE: u64 = 20;
@@ -52,15 +50,6 @@ const FAULT_STAGES: [&str; 5] = [
     "after-files",
     "before-commit",
 ];
-
-fn agent() -> &'static Path {
-    Path::new(env!("CARGO_BIN_EXE_ckpt-agent"))
-}
-
-fn path_str(p: &Path) -> Result<&str> {
-    p.to_str()
-        .with_context(|| format!("path {} is not UTF-8", p.display()))
-}
 
 /// What a workload needs besides its static arguments.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -277,34 +266,14 @@ impl Tree {
 
     /// `ckpt-agent dump --pid PID --image IMAGE extra...` with `env`.
     fn dump(&self, image: &Path, extra: &[&str], env: &[(&str, &str)]) -> Result<AgentRun> {
-        let pid = self.pid.to_string();
-        let mut args = vec!["dump", "--pid", &pid, "--image", path_str(image)?];
-        args.extend_from_slice(extra);
-        run_agent_env(agent(), &args, env, AGENT_TIMEOUT)
+        run_dump(agent(), self.pid, image, extra, env)
     }
 
     /// Dumps without --leave-running and checks that the whole tree is gone (and
     /// reaped, so that its PIDs are free for the restore) and the image committed.
     fn dump_and_kill(&mut self) -> Result<()> {
         let run = self.dump(&self.image, &[], &[])?.ok()?;
-        let status = self
-            .root
-            .wait_exit(WAIT)
-            .with_context(|| format!("the root survived the dump\n{}", run.describe()))?;
-        if let Some(status) = status {
-            ensure!(
-                status.signal() == Some(libc::SIGKILL),
-                "the root should have been SIGKILLed by the dump, it ended with {status}"
-            );
-        }
-        let left = self.descendants.wait_gone(WAIT);
-        ensure!(left.is_empty(), "processes {left:?} survived the dump");
-        ensure!(
-            self.image.join("manifest.ckpt").is_file(),
-            "the dump succeeded but committed no manifest\n{}",
-            run.describe()
-        );
-        Ok(())
+        expect_killed_by_dump(&run, &mut self.root, &self.descendants, &self.image, WAIT)
     }
 
     /// Restores the image and checks that the tree is back as it was dumped: the
@@ -318,17 +287,10 @@ impl Tree {
     /// [`restore`](Self::restore) with extra environment for the agent; returns
     /// the agent's run.
     fn restore_env(&mut self, env: &[(&str, &str)]) -> Result<AgentRun> {
-        let run = run_agent_env(
-            agent(),
-            &["restore", "--image", path_str(&self.image)?],
-            env,
-            AGENT_TIMEOUT,
-        )?;
+        let run = run_restore(agent(), &self.image, &[], env)?;
         if run.success() {
             // Guard whatever came back before checking anything.
-            if let Ok(pid) = last_line_pid(&run) {
-                self.root.set_pid(pid);
-            }
+            guard_restored(&run, &mut self.root);
             self.descendants.rearm();
         }
         let run = run.ok()?;
@@ -395,16 +357,7 @@ impl Tree {
                 is_alive(p) && !matches!(state, Some('T') | Some('t')),
                 "process {p} is not running freely (state {state:?})"
             );
-            // A tracer may take a moment to let go after the agent exits.
-            let untraced = wait_for(
-                || tracer_pids(p).iter().all(|&(_, t)| t == 0),
-                Duration::from_secs(5),
-            );
-            ensure!(
-                untraced,
-                "process {p} is still traced: {:?}",
-                tracer_pids(p)
-            );
+            ensure_untraced(p, Duration::from_secs(5))?;
         }
         Ok(())
     }
@@ -489,12 +442,6 @@ fn dump_kill_restore(spec: Spec) -> Result<(Vec<Tick>, u64)> {
     Ok((ticks, at_dump))
 }
 
-fn digits_tokens(s: &str) -> Vec<&str> {
-    s.split(|c: char| !c.is_ascii_digit())
-        .filter(|w| !w.is_empty())
-        .collect()
-}
-
 // ---------------------------------------------------------------------------
 // Dump, kill, restore: one scenario per workload.
 // ---------------------------------------------------------------------------
@@ -506,20 +453,17 @@ fn counter_continues_after_dump_and_restore_with_its_original_pid() -> Result<()
     Ok(())
 }
 
-#[test]
-fn heap_checksum_64mib_heap_is_intact_after_dump_and_restore() -> Result<()> {
-    require_root!(Ok(()));
+/// The 64 MiB heap workload, dumped (killed) and restored with `env`: the agent's
+/// stderr must contain `fill` (how the memory was filled), and every tick after the
+/// restore carries the heap's checksum (the workload re-checks it, a mismatch is a
+/// `FAIL` line that `finish` reports).
+fn heap_comes_back(env: &[(&str, &str)], fill: &str, why: &str) -> Result<()> {
     let mut t = Tree::start(HEAP_64MIB)?;
     t.ready()?;
     t.dump_and_kill()?;
     let at_dump = t.last_tick();
-    let run = t.restore_env(&[])?;
-    ensure!(
-        run.stderr
-            .contains("1 of 1 processes filled by userfaultfd"),
-        "the heap was not filled by userfaultfd: {}",
-        run.describe()
-    );
+    let run = t.restore_env(env)?;
+    ensure!(run.stderr.contains(fill), "{why}: {}", run.describe());
     t.advance(MORE)?;
     let ticks = t.finish()?;
     ensure!(ticks.len() as u64 >= at_dump + MORE);
@@ -531,28 +475,24 @@ fn heap_checksum_64mib_heap_is_intact_after_dump_and_restore() -> Result<()> {
 }
 
 #[test]
+fn heap_checksum_64mib_heap_is_intact_after_dump_and_restore() -> Result<()> {
+    require_root!(Ok(()));
+    heap_comes_back(
+        &[],
+        "1 of 1 processes filled by userfaultfd",
+        "the heap was not filled by userfaultfd",
+    )
+}
+
+#[test]
 fn heap_checksum_heap_is_intact_when_restored_by_populating_instead_of_userfaultfd() -> Result<()> {
     require_root!(Ok(()));
     // The fallback for kernels that refuse userfaultfd: populate in bulk, then copy.
-    let mut t = Tree::start(HEAP_64MIB)?;
-    t.ready()?;
-    t.dump_and_kill()?;
-    let at_dump = t.last_tick();
-    let run = t.restore_env(&[("CKPT_FILL", "populate")])?;
-    ensure!(
-        run.stderr
-            .contains("0 of 1 processes filled by userfaultfd"),
-        "the fallback was not taken: {}",
-        run.describe()
-    );
-    t.advance(MORE)?;
-    let ticks = t.finish()?;
-    ensure!(ticks.len() as u64 >= at_dump + MORE);
-    ensure!(ticks
-        .iter()
-        .skip(at_dump as usize)
-        .all(|t| t.hex("csum").is_some()));
-    Ok(())
+    heap_comes_back(
+        &[("CKPT_FILL", "populate")],
+        "0 of 1 processes filled by userfaultfd",
+        "the fallback was not taken",
+    )
 }
 
 #[test]
@@ -927,12 +867,7 @@ fn restore_onto_a_taken_pid_fails_naming_the_pid_and_leaves_the_owner_alone() ->
     t.ready()?;
     let starts = t.start_times();
     t.dump(&t.image, &["--leave-running"], &[])?.ok()?;
-    let run = run_agent_env(
-        agent(),
-        &["restore", "--image", path_str(&t.image)?],
-        &[],
-        AGENT_TIMEOUT,
-    )?;
+    let run = run_restore(agent(), &t.image, &[], &[])?;
     ensure!(
         !run.success(),
         "restore onto a taken PID succeeded\n{}",
@@ -966,12 +901,7 @@ fn dumped_counter() -> Result<Tree> {
 /// Restores `t`'s damaged image and checks the refusal: non-zero exit, a message
 /// that says what is wrong, and no process at the root's PID.
 fn expect_refused_restore(t: &Tree, damage: &str) -> Result<()> {
-    let run = run_agent_env(
-        agent(),
-        &["restore", "--image", path_str(&t.image)?],
-        &[],
-        AGENT_TIMEOUT,
-    )?;
+    let run = run_restore(agent(), &t.image, &[], &[])?;
     // Whatever happens, kill anything that came up at the original PIDs.
     let strays: Vec<i32> = t.pids().into_iter().filter(|&p| is_alive(p)).collect();
     let _guard = PidsGuard::new(strays.iter().copied());

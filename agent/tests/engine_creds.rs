@@ -5,16 +5,15 @@
 
 use std::fs::OpenOptions;
 use std::os::unix::process::CommandExt;
-use std::path::Path;
 use std::process::{Command, Stdio};
-use std::time::Duration;
 
 use anyhow::{ensure, Context, Result};
 use ckpt_tests::{
     check_log, last_line_pid, process, require_root, run_agent, wait_for_tick, workload, ProcGuard,
 };
 
-const WAIT: Duration = Duration::from_secs(60);
+mod common;
+use common::WAIT;
 
 fn status_line(pid: i32, key: &str) -> Option<String> {
     let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
@@ -33,7 +32,7 @@ fn stat_field(pid: i32, n: usize) -> Option<i64> {
 #[test]
 fn unprivileged_credentials_groups_and_session_survive_dump_and_restore() -> Result<()> {
     require_root!(Ok(()));
-    let agent = Path::new(env!("CARGO_BIN_EXE_ckpt-agent"));
+    let agent = common::agent();
     let dir = tempfile::tempdir()?;
     let log = dir.path().join("log");
     let image = dir.path().join("img");

@@ -20,7 +20,6 @@
 use std::fs;
 use std::io::Write;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
-use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
@@ -31,32 +30,18 @@ use ckpt_tests::process::{start_time, wait_gone};
 use ckpt_tests::ticks::{check_log, last_tick, parse_tick};
 use ckpt_tests::workload::{spawn_program, workload};
 use ckpt_tests::{
-    inspect_json, is_alive, is_stopped, last_line_pid, proc_ppid, read_log_lines, require_root,
-    run_agent_env, send_signal, spawn_workload, thread_ids, tracer_pids, tree_pids, wait_for,
-    wait_for_tick, AgentRun, PidsGuard, ProcGuard, Tick, AGENT_TIMEOUT,
+    digits_tokens, ensure_untraced, expect_killed_by_dump, guard_restored, inspect_json, is_alive,
+    is_stopped, last_line_pid, path_str, proc_ppid, read_log_lines, require_root, run_agent_env,
+    run_dump, run_restore, send_signal, spawn_workload, thread_ids, tracer_pids, tree_pids,
+    wait_for, wait_for_tick, AgentRun, PidsGuard, ProcGuard, Tick, AGENT_TIMEOUT,
 };
 use tempfile::TempDir;
 
-/// How long a workload may take to reach a tick (two cores, tests in parallel).
-const WAIT: Duration = Duration::from_secs(60);
+mod common;
+use common::{agent, WAIT};
 
 /// How many ticks a workload must make after a dump or a restore.
 const MORE: u64 = 20;
-
-fn agent() -> &'static Path {
-    Path::new(env!("CARGO_BIN_EXE_ckpt-agent"))
-}
-
-fn path_str(p: &Path) -> Result<&str> {
-    p.to_str()
-        .with_context(|| format!("path {} is not UTF-8", p.display()))
-}
-
-fn digits_tokens(s: &str) -> Vec<&str> {
-    s.split(|c: char| !c.is_ascii_digit())
-        .filter(|w| !w.is_empty())
-        .collect()
-}
 
 /// A workload tree under test. Field order is drop order: descendants, root, then
 /// whatever a `--new-pid-ns` restore added, then the directory.
@@ -141,46 +126,22 @@ impl Tree {
     }
 
     fn dump(&self, extra: &[&str]) -> Result<AgentRun> {
-        let pid = self.pid.to_string();
-        let mut args = vec!["dump", "--pid", &pid, "--image", path_str(&self.image)?];
-        args.extend_from_slice(extra);
-        run_agent_env(agent(), &args, &[], AGENT_TIMEOUT)
+        run_dump(agent(), self.pid, &self.image, extra, &[])
     }
 
     /// Dumps without --leave-running; checks the tree is gone (and reaped) and the
     /// manifest committed.
     fn dump_and_kill(&mut self) -> Result<()> {
         let run = self.dump(&[])?.ok()?;
-        let status = self
-            .root
-            .wait_exit(WAIT)
-            .with_context(|| format!("the root survived the dump\n{}", run.describe()))?;
-        if let Some(status) = status {
-            ensure!(
-                status.signal() == Some(libc::SIGKILL),
-                "the root should have been SIGKILLed by the dump, it ended with {status}"
-            );
-        }
-        let left = self.descendants.wait_gone(WAIT);
-        ensure!(left.is_empty(), "processes {left:?} survived the dump");
-        ensure!(
-            self.image.join("manifest.ckpt").is_file(),
-            "the dump succeeded but committed no manifest\n{}",
-            run.describe()
-        );
-        Ok(())
+        expect_killed_by_dump(&run, &mut self.root, &self.descendants, &self.image, WAIT)
     }
 
     /// `ckpt-agent restore --image IMAGE extra...`; the restored root PID, when the
     /// restore succeeded, is guarded at once (before anything is checked).
     fn restore_run(&mut self, extra: &[&str]) -> Result<AgentRun> {
-        let mut args = vec!["restore", "--image", path_str(&self.image)?];
-        args.extend_from_slice(extra);
-        let run = run_agent_env(agent(), &args, &[], AGENT_TIMEOUT)?;
+        let run = run_restore(agent(), &self.image, extra, &[])?;
         if run.success() {
-            if let Ok(pid) = last_line_pid(&run) {
-                self.root.set_pid(pid);
-            }
+            guard_restored(&run, &mut self.root);
             self.descendants.rearm();
         }
         Ok(run)
@@ -198,15 +159,7 @@ impl Tree {
         );
         for &p in &self.pids {
             ensure!(is_alive(p), "process {p} is not running after the restore");
-            let untraced = wait_for(
-                || tracer_pids(p).iter().all(|&(_, t)| t == 0),
-                Duration::from_secs(5),
-            );
-            ensure!(
-                untraced,
-                "process {p} is still traced: {:?}",
-                tracer_pids(p)
-            );
+            ensure_untraced(p, Duration::from_secs(5))?;
         }
         let mut now = tree_pids(self.pid);
         now.sort_unstable();
@@ -1136,12 +1089,7 @@ fn dump_of_a_missing_pid_fails_naming_it_and_commits_nothing() -> Result<()> {
     let image = dir.path().join("img");
     let pid = free_pid()?;
     let pid_s = pid.to_string();
-    let run = run_agent_env(
-        agent(),
-        &["dump", "--pid", &pid_s, "--image", path_str(&image)?],
-        &[],
-        AGENT_TIMEOUT,
-    )?;
+    let run = run_dump(agent(), pid, &image, &[], &[])?;
     ensure!(
         !run.success(),
         "a dump of missing PID {pid} succeeded\n{}",

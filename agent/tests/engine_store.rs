@@ -15,24 +15,22 @@
 //!
 //! Every test guards, by PID, every process it started or restored, and the server.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context, Result};
 use ckpt_tests::s3::{S3Server, BUCKET};
 use ckpt_tests::ticks::{check_log, last_tick};
 use ckpt_tests::{
-    is_alive, last_line_pid, require_root, run_agent_env, spawn_workload, wait_for, wait_for_tick,
-    AgentRun, ProcGuard, AGENT_TIMEOUT,
+    guard_restored, is_alive, last_line_pid, require_root, run_agent_env, spawn_workload, wait_for,
+    wait_for_tick, AgentRun, ProcGuard, AGENT_TIMEOUT,
 };
 use tempfile::TempDir;
 
-const WAIT: Duration = Duration::from_secs(60);
-const MORE: u64 = 10;
+mod common;
+use common::{agent, WAIT};
 
-fn agent() -> &'static Path {
-    Path::new(env!("CARGO_BIN_EXE_ckpt-agent"))
-}
+const MORE: u64 = 10;
 
 /// Runs the agent with the server's environment (and `extra`).
 fn run(server: &S3Server, args: &[&str], extra: &[(&str, &str)]) -> Result<AgentRun> {
@@ -105,9 +103,8 @@ fn spawn_dump(
 
 /// `dump --json` figures.
 fn stored_bytes(run: &AgentRun) -> Result<u64> {
-    let v: serde_json::Value = serde_json::from_str(&run.stdout)
-        .with_context(|| format!("dump --json printed no JSON: {}", run.describe()))?;
-    v.get("stored_bytes")
+    run.json("dump --json")?
+        .get("stored_bytes")
         .and_then(serde_json::Value::as_u64)
         .context("no stored_bytes in dump --json")
 }
@@ -153,9 +150,7 @@ fn a_tree_dumped_to_s3_is_restored_from_it_and_continues() -> Result<()> {
         .is_file());
 
     let restored = run(&server, &["restore", "--image", &url], &[])?;
-    if let Ok(p) = last_line_pid(&restored) {
-        w.root.set_pid(p);
-    }
+    guard_restored(&restored, &mut w.root);
     let restored = restored.ok()?;
     ensure!(last_line_pid(&restored)? == w.pid);
     wait_for_tick(&w.log(), at_dump + MORE, WAIT)?;
@@ -430,9 +425,7 @@ fn images_in_a_shared_file_store_share_chunks_and_restore() -> Result<()> {
         &[],
         AGENT_TIMEOUT,
     )?;
-    if let Ok(p) = last_line_pid(&restored) {
-        w.root.set_pid(p);
-    }
+    guard_restored(&restored, &mut w.root);
     restored.ok()?;
     wait_for_tick(&w.log(), at_dump + MORE, WAIT)?;
     w.root.kill();
@@ -450,10 +443,11 @@ fn images(server: Option<&S3Server>, args: &[&str]) -> Result<AgentRun> {
     }
 }
 
-/// The names `images list --json` gives for `store`.
+/// The names `images list --json` gives for the images in `store`.
 fn image_names(store: &str) -> Result<Vec<String>> {
     let listed = images(None, &["list", "--store", store, "--json"])?.ok()?;
-    Ok(serde_json::from_str::<serde_json::Value>(&listed.stdout)?
+    Ok(listed
+        .json("images list --json")?
         .as_array()
         .context("list --json is not an array")?
         .iter()
@@ -462,8 +456,7 @@ fn image_names(store: &str) -> Result<Vec<String>> {
 }
 
 fn gc_report(run: &AgentRun) -> Result<serde_json::Value> {
-    serde_json::from_str(&run.stdout)
-        .with_context(|| format!("images gc --json printed no JSON: {}", run.describe()))
+    run.json("images gc --json")
 }
 
 #[test]
@@ -503,9 +496,7 @@ fn gc_beside_a_checkpoint_in_progress_deletes_nothing_and_the_checkpoint_commits
     w.wait_killed()?;
     let at_dump = w.last();
     let restored = run(&server, &["restore", "--image", &image], &[])?;
-    if let Ok(p) = last_line_pid(&restored) {
-        w.root.set_pid(p);
-    }
+    guard_restored(&restored, &mut w.root);
     restored.ok()?;
     wait_for_tick(&w.log(), at_dump + MORE, WAIT)?;
     w.root.kill();
@@ -707,15 +698,13 @@ fn dump_json(
     let mut args = vec!["dump", "--pid", &pid, "--image", image, "--json"];
     args.extend_from_slice(more);
     let r = run_agent_env(agent(), &args, env, AGENT_TIMEOUT)?.ok()?;
-    serde_json::from_str(&r.stdout).with_context(|| format!("no JSON: {}", r.describe()))
+    r.json("dump --json")
 }
 
 /// Restores `image` into `w`'s PID and waits for `more` ticks after `at`.
 fn restore_into(w: &mut Work, image: &str, at: u64) -> Result<()> {
     let restored = run_agent_env(agent(), &["restore", "--image", image], &[], AGENT_TIMEOUT)?;
-    if let Ok(p) = last_line_pid(&restored) {
-        w.root.set_pid(p);
-    }
+    guard_restored(&restored, &mut w.root);
     restored.ok()?;
     wait_for_tick(&w.log(), at + MORE, WAIT)?;
     Ok(())
@@ -836,9 +825,7 @@ fn an_incremental_dump_stores_only_the_written_pages_and_they_come_back() -> Res
         &["restore", "--image", &format!("{store}/job.2")],
         &[],
     )?;
-    if let Ok(p) = last_line_pid(&restored) {
-        w.root.set_pid(p);
-    }
+    guard_restored(&restored, &mut w.root);
     restored.ok()?;
     let mem = std::fs::File::open(format!("/proc/{}/mem", w.pid))?;
     let mut page = vec![0u8; 4096];

@@ -14,11 +14,11 @@ use ckpt_tests::cluster::Cluster;
 use ckpt_tests::process::{children, PidsGuard};
 use ckpt_tests::{check_log, require_root, wait_for_tick, workload};
 
-const WAIT: Duration = Duration::from_secs(60);
+mod common;
+use common::WAIT;
 
 fn agent_in(c: &Cluster, ns: &str, args: &[&str]) -> Result<std::process::Output> {
-    let agent = Path::new(env!("CARGO_BIN_EXE_ckpt-agent"));
-    c.run_in(ns, Command::new(agent).args(args))
+    c.run_in(ns, Command::new(common::agent()).args(args))
 }
 
 fn ok(out: &std::process::Output, what: &str) -> Result<String> {

@@ -10,6 +10,9 @@ use std::time::{Duration, Instant};
 use ckpt_agent::fd::tcp;
 use ckpt_agent::netlock::{self, Conn, NetLock};
 
+mod common;
+use common::{conn_of, pair};
+
 /// Runs `f` on a thread in a new network namespace with loopback up.
 fn in_netns<T: Send>(f: impl FnOnce() -> T + Send) -> Option<T> {
     // SAFETY: geteuid has no preconditions.
@@ -31,20 +34,6 @@ fn in_netns<T: Send>(f: impl FnOnce() -> T + Send) -> Option<T> {
         .join()
         .unwrap()
     })
-}
-
-fn pair() -> (TcpStream, TcpStream) {
-    let l = TcpListener::bind("127.0.0.1:0").unwrap();
-    let a = TcpStream::connect(l.local_addr().unwrap()).unwrap();
-    let (b, _) = l.accept().unwrap();
-    (a, b)
-}
-
-fn conn_of(s: &TcpStream) -> Conn {
-    Conn {
-        local: s.local_addr().unwrap(),
-        remote: s.peer_addr().unwrap(),
-    }
 }
 
 fn inq(s: &TcpStream) -> usize {

@@ -9,6 +9,7 @@
 //! since a restored tree should not inherit the restore command's pipes.
 
 use std::io::Read;
+use std::os::unix::process::ExitStatusExt;
 use std::path::Path;
 use std::process::{Command, ExitStatus, Output, Stdio};
 use std::sync::{Arc, Mutex};
@@ -17,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 
-use crate::process::become_subreaper;
+use crate::process::{become_subreaper, PidsGuard, ProcGuard};
 use crate::wait_for;
 
 /// Default deadline of one agent command.
@@ -57,6 +58,23 @@ impl AgentRun {
             bail!("{}", self.describe());
         }
         Ok(self)
+    }
+
+    /// The first line of stderr that starts with `ckpt-agent: error:` (the error
+    /// as the user reads it, with its causes), or an empty string when there is none.
+    pub fn error_line(&self) -> String {
+        self.stderr
+            .lines()
+            .find(|l| l.starts_with("ckpt-agent: error:"))
+            .unwrap_or_default()
+            .to_string()
+    }
+
+    /// Its stdout parsed as JSON (a `--json` command); `what` names the command
+    /// in the error, which also shows the whole run.
+    pub fn json(&self, what: &str) -> Result<serde_json::Value> {
+        serde_json::from_str(&self.stdout)
+            .with_context(|| format!("{what} printed no JSON: {}", self.describe()))
     }
 }
 
@@ -181,4 +199,79 @@ pub fn inspect_json(bin: &Path, image: &Path) -> Result<serde_json::Value> {
     let run = run_agent(bin, &["inspect", "--image", image, "--json"])?.ok()?;
     serde_json::from_str(&run.stdout)
         .with_context(|| format!("inspect --json printed invalid JSON\n{}", run.describe()))
+}
+
+/// The runs of ASCII digits in `s`: an agent's message names a PID or a descriptor
+/// number somewhere in its text, and a test checks that the number is among these
+/// (rather than a substring, which `12` would also be of `4121`).
+pub fn digits_tokens(s: &str) -> Vec<&str> {
+    s.split(|c: char| !c.is_ascii_digit())
+        .filter(|w| !w.is_empty())
+        .collect()
+}
+
+/// `ckpt-agent dump --pid PID --image IMAGE extra...` with `env`, with
+/// [`AGENT_TIMEOUT`].
+pub fn run_dump(
+    bin: &Path,
+    pid: i32,
+    image: &Path,
+    extra: &[&str],
+    env: &[(&str, &str)],
+) -> Result<AgentRun> {
+    let pid = pid.to_string();
+    let mut args = vec!["dump", "--pid", &pid, "--image", crate::path_str(image)?];
+    args.extend_from_slice(extra);
+    run_agent_env(bin, &args, env, AGENT_TIMEOUT)
+}
+
+/// `ckpt-agent restore --image IMAGE extra...` with `env`, with [`AGENT_TIMEOUT`].
+pub fn run_restore(
+    bin: &Path,
+    image: &Path,
+    extra: &[&str],
+    env: &[(&str, &str)],
+) -> Result<AgentRun> {
+    let mut args = vec!["restore", "--image", crate::path_str(image)?];
+    args.extend_from_slice(extra);
+    run_agent_env(bin, &args, env, AGENT_TIMEOUT)
+}
+
+/// Points `root` at the root PID a restore printed, if it printed one, so that the
+/// restored tree is killed with the test; call it before checking anything else
+/// about the run.
+pub fn guard_restored(run: &AgentRun, root: &mut ProcGuard) {
+    if let Ok(pid) = last_line_pid(run) {
+        root.set_pid(pid);
+    }
+}
+
+/// After a kill-mode dump that succeeded (`run`): checks that the root was
+/// SIGKILLed (when it is our child, so that its status is known) and reaped, that
+/// every descendant is gone within `timeout` (so that their PIDs are free for the
+/// restore), and that the image at `image` has its manifest committed.
+pub fn expect_killed_by_dump(
+    run: &AgentRun,
+    root: &mut ProcGuard,
+    descendants: &PidsGuard,
+    image: &Path,
+    timeout: Duration,
+) -> Result<()> {
+    let status = root
+        .wait_exit(timeout)
+        .with_context(|| format!("the root survived the dump\n{}", run.describe()))?;
+    if let Some(status) = status {
+        anyhow::ensure!(
+            status.signal() == Some(libc::SIGKILL),
+            "the root should have been SIGKILLed by the dump, it ended with {status}"
+        );
+    }
+    let left = descendants.wait_gone(timeout);
+    anyhow::ensure!(left.is_empty(), "processes {left:?} survived the dump");
+    anyhow::ensure!(
+        image.join("manifest.ckpt").is_file(),
+        "the dump succeeded but committed no manifest\n{}",
+        run.describe()
+    );
+    Ok(())
 }

@@ -51,13 +51,24 @@ pub mod workload;
 
 use std::time::{Duration, Instant};
 
-pub use agent::{inspect_json, last_line_pid, run_agent, run_agent_env, AgentRun, AGENT_TIMEOUT};
+pub use agent::{
+    digits_tokens, expect_killed_by_dump, guard_restored, inspect_json, last_line_pid, run_agent,
+    run_agent_env, run_dump, run_restore, AgentRun, AGENT_TIMEOUT,
+};
 pub use process::{
-    children, is_alive, is_stopped, proc_ppid, proc_state, send_signal, thread_ids, tracer_pids,
-    tree_pids, wait_gone, PidsGuard, ProcGuard,
+    children, ensure_untraced, is_alive, is_stopped, proc_ppid, proc_state, send_signal,
+    thread_ids, tracer_pids, tree_pids, wait_gone, PidsGuard, ProcGuard,
 };
 pub use ticks::{check_continuity, check_log, last_tick, read_log_lines, Tick};
 pub use workload::{mkfifo, spawn_workload, workload, write_fifo};
+
+/// `p` as a `&str`, for a command line; fails naming the path when it is not
+/// UTF-8.
+pub fn path_str(p: &std::path::Path) -> anyhow::Result<&str> {
+    use anyhow::Context;
+    p.to_str()
+        .with_context(|| format!("path {} is not UTF-8", p.display()))
+}
 
 /// Polls `cond` every 10 ms until it is true or `timeout` has passed; returns whether
 /// it became true. The condition is evaluated one last time at the deadline.

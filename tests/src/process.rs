@@ -148,6 +148,18 @@ pub fn tracer_pids(pid: i32) -> Vec<(i32, i32)> {
         .collect()
 }
 
+/// Waits up to `timeout` until no thread of `pid` is traced (a tracer may take a
+/// moment to let go after the agent exits); fails naming the tracers otherwise.
+pub fn ensure_untraced(pid: i32, timeout: Duration) -> anyhow::Result<()> {
+    let untraced = wait_for(|| tracer_pids(pid).iter().all(|&(_, t)| t == 0), timeout);
+    anyhow::ensure!(
+        untraced,
+        "process {pid} is still traced: {:?}",
+        tracer_pids(pid)
+    );
+    Ok(())
+}
+
 /// What `waitpid(pid, WNOHANG)` said.
 enum Reap {
     /// Our child, now reaped.

@@ -78,20 +78,16 @@ impl Samples {
 
     /// The smallest sample that is not NaN.
     pub fn min(&self) -> Option<f64> {
-        self.0
-            .iter()
-            .copied()
-            .filter(|v| !v.is_nan())
-            .reduce(f64::min)
+        self.fold_numbers(f64::min)
     }
 
     /// The largest sample that is not NaN.
     pub fn max(&self) -> Option<f64> {
-        self.0
-            .iter()
-            .copied()
-            .filter(|v| !v.is_nan())
-            .reduce(f64::max)
+        self.fold_numbers(f64::max)
+    }
+
+    fn fold_numbers(&self, f: fn(f64, f64) -> f64) -> Option<f64> {
+        self.0.iter().copied().filter(|v| !v.is_nan()).reduce(f)
     }
 
     /// The smallest and the largest sample (see [`Samples::min`]).
