@@ -679,6 +679,7 @@ pub fn run(cli: Cli) -> Result<()> {
                 moves: Default::default(),
                 store: store_config(),
                 fill: fill(),
+                hooks: hooks(),
             };
             let rep = crate::restore::restore(&opts)
                 .with_context(|| format!("restore from {image} failed; no process was started"))?;

@@ -716,6 +716,7 @@ fn start_restore(
                         moves,
                         store,
                         fill: Default::default(),
+                        hooks: node.opts.hooks.clone(),
                     };
                     match crate::restore::restore_gated(&opts, &gate) {
                         Ok(rep) => Ok(rep.root_pid),
