@@ -86,6 +86,11 @@
 //! before step 2, a "released" record as the commit) are the rescue module's, and
 //! not wired in here yet.
 //!
+//! One more case escapes the stop: a root husk that shares the restorer's session
+//! (an image whose root led no session) in a process group of its own. If the
+//! restorer dies while that group is stopped, the group becomes orphaned, and the
+//! kernel sends it SIGHUP and SIGCONT. The tests' workloads lead their sessions.
+//!
 //! The stop is visible to the tree in two ways that a restore without it would
 //! not show: a parent in the tree whose SIGCHLD handler lacks `SA_NOCLDSTOP`
 //! gets a `CLD_STOPPED` and a `CLD_CONTINUED` SIGCHLD for each child, and a

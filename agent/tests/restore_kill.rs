@@ -4,12 +4,15 @@
 //! of the same restore succeeds and the program runs on correctly.
 //!
 //! The kills land three ways, for each workload (a tree of four processes joined by
-//! pipes; one process of 61 threads; the tree again in a new PID namespace):
+//! pipes; one process of 61 threads; a 64 MiB heap; the tree again in a new PID
+//! namespace):
 //! - at every pause point of the restore (`CKPT_TEST_PAUSE`, see
 //!   `ckpt_agent::restore::PAUSE_POINTS`) that lies before the release's commit:
 //!   the agent says it hangs there, and is killed;
 //! - when a window is seen from outside: the root husk traced by the agent, half
-//!   the threads of a process cloned;
+//!   the threads of a process cloned, a quarter of the heap filled (by
+//!   userfaultfd, where the pause point `restore:filling` covers the populate
+//!   fill);
 //! - after delays spread over the length of a whole restore (measured first).
 //!
 //! After each kill the test reaps what became its own zombie child (it is the
@@ -78,6 +81,14 @@ const THREADS: Case = Case {
     args: &["60"],
     procs: 1,
     threads: 61,
+    new_pid_ns: false,
+};
+/// 64 MiB of heap: a fill long enough to be caught from outside.
+const HEAP: Case = Case {
+    name: "heap_checksum",
+    args: &["64"],
+    procs: 1,
+    threads: 1,
     new_pid_ns: false,
 };
 const TREE_NS: Case = Case {
@@ -449,7 +460,7 @@ fn kill_everywhere(case: Case) -> Result<usize> {
     // 2. At windows seen from outside.
     if !case.new_pid_ns {
         let root = d.pids[0];
-        let windows: [(&str, Spotter); 2] = [
+        let windows: [(&str, Spotter); 3] = [
             (
                 "root husk traced",
                 Box::new(move |agent| tracer_pids(root).iter().any(|&(_, t)| t == agent)),
@@ -461,9 +472,19 @@ fn kill_everywhere(case: Case) -> Result<usize> {
                         && tracer_pids(root).iter().all(|&(_, t)| t != 0)
                 }),
             ),
+            (
+                "memory being filled",
+                // A quarter of the heap in (by userfaultfd, the default), the
+                // husk still traced.
+                Box::new(move |agent| {
+                    rss_kib(root) >= 16 << 10 && tracer_pids(root).iter().any(|&(_, t)| t == agent)
+                }),
+            ),
         ];
         for (name, seen) in windows.iter() {
-            if *name == "threads being cloned" && case.threads <= 2 {
+            if (*name == "threads being cloned" && case.threads <= 2)
+                || (*name == "memory being filled" && case.name != HEAP.name)
+            {
                 continue;
             }
             let before = d.lines();
@@ -519,6 +540,18 @@ fn kill_everywhere(case: Case) -> Result<usize> {
         case.name
     );
     Ok(kills)
+}
+
+/// `VmRSS` of `pid` in KiB (0 if unknown).
+fn rss_kib(pid: i32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        })
+        .unwrap_or(0)
 }
 
 /// Whether a window of the restore is seen, given the agent's PID.
@@ -585,6 +618,14 @@ fn restore_killed_anywhere_before_the_release_of_61_threads_leaves_nothing() -> 
     require_root!(Ok(()));
     let n = kill_everywhere(THREADS)?;
     report("threads", n);
+    Ok(())
+}
+
+#[test]
+fn restore_killed_anywhere_before_the_release_of_a_64mib_heap_leaves_nothing() -> Result<()> {
+    require_root!(Ok(()));
+    let n = kill_everywhere(HEAP)?;
+    report("heap", n);
     Ok(())
 }
 
