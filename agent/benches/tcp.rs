@@ -161,6 +161,7 @@ fn freeze_ms(k: usize, dir: &std::path::Path, n: usize) -> Result<f64> {
         leases: Default::default(),
         registry: Default::default(),
         hooks: Default::default(),
+        rescue: None,
     };
     let img = ckpt_agent::dump::dump(&opts).context("dump")?;
     let conns = img

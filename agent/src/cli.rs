@@ -139,6 +139,10 @@ pub enum Command {
         /// Where write tracking keeps its registry of tracked processes.
         #[arg(long, env = "CKPT_TRACK_DIR", default_value = crate::track::DEFAULT_DIR)]
         track_dir: std::path::PathBuf,
+        /// Where the journals live that let a watchdog put the tree back if this
+        /// process dies mid-operation (see `ckpt-agent rescue --help`).
+        #[arg(long, env = "CKPT_RESCUE_DIR", default_value = crate::rescue::DEFAULT_DIR)]
+        rescue_dir: std::path::PathBuf,
     },
     /// Restore a process tree from an image; prints the root PID as the last line.
     ///
@@ -223,6 +227,10 @@ pub enum Command {
         /// Where write tracking keeps its registry of tracked processes.
         #[arg(long, env = "CKPT_TRACK_DIR", default_value = crate::track::DEFAULT_DIR)]
         track_dir: std::path::PathBuf,
+        /// Where the journals live that let a watchdog put the tree back if this
+        /// process dies mid-operation (see `ckpt-agent rescue --help`).
+        #[arg(long, env = "CKPT_RESCUE_DIR", default_value = crate::rescue::DEFAULT_DIR)]
+        rescue_dir: std::path::PathBuf,
     },
     /// Attach a running process tree to a job as one of its ranks, so that the
     /// job's checkpoints include it. Root may attach any process; a user only their
@@ -266,6 +274,24 @@ pub enum Command {
         /// Machine-readable output.
         #[arg(long)]
         json: bool,
+    },
+    /// Put back the process trees of operations whose agent died.
+    ///
+    /// Every dump and restore journals, before each change it makes to a tree, what
+    /// the tree was (registers, signal masks, stack bytes, sockets in repair mode,
+    /// lock tables), and holds the tree in group-stop meanwhile, so that a tree whose
+    /// agent is killed stays stopped instead of running on in a broken state. A
+    /// watchdog started with each agent puts such trees back at once; this command
+    /// does it for journals whose agent and watchdog are both gone (`serve` does it
+    /// at its start too). Unreleased restores are killed instead. It is safe to run
+    /// at any time: live operations are left alone.
+    Rescue {
+        #[arg(long, env = "CKPT_RESCUE_DIR", default_value = crate::rescue::DEFAULT_DIR)]
+        dir: std::path::PathBuf,
+        /// Internal: watch the agent PID.START_TIME and rescue its journals when it
+        /// exits (started by the agent itself).
+        #[arg(long, hide = true, value_name = "PID.START")]
+        watch: Option<String>,
     },
     /// Internal: holds the write-tracking descriptors (3, 4, ...) of the given PIDs
     /// between dumps, until they have all exited. Started by `dump`.
@@ -536,10 +562,16 @@ pub fn run(cli: Cli) -> Result<()> {
             lease,
             workers,
             track_dir,
+            rescue_dir,
         } => {
             if !(0.2..=3600.0).contains(&lease) {
                 anyhow::bail!("--lease must be between 0.2 and 3600 seconds");
             }
+            let rescued = crate::rescue::sweep(&rescue_dir);
+            if rescued > 0 {
+                tracing::warn!(rescued, "put back trees of operations whose agent had died");
+            }
+            let rescue = std::sync::Arc::new(crate::rescue::Watch::start(&rescue_dir)?);
             crate::serve::serve(crate::serve::ServeOptions {
                 name,
                 controller,
@@ -551,6 +583,7 @@ pub fn run(cli: Cli) -> Result<()> {
                 leases: leases(),
                 registry: crate::track::Registry::new(track_dir),
                 hooks: hooks(),
+                rescue: Some(rescue),
             })?;
         }
         Command::Attach {
@@ -604,7 +637,9 @@ pub fn run(cli: Cli) -> Result<()> {
             workers,
             json,
             track_dir,
+            rescue_dir,
         } => {
+            let rescue = std::sync::Arc::new(crate::rescue::Watch::start(&rescue_dir)?);
             let opts = crate::dump::DumpOptions {
                 pid,
                 image: image.clone(),
@@ -619,6 +654,7 @@ pub fn run(cli: Cli) -> Result<()> {
                 leases: leases(),
                 registry: crate::track::Registry::new(track_dir),
                 hooks: hooks(),
+                rescue: Some(rescue),
             };
             let img = crate::dump::dump(&opts).with_context(|| {
                 format!("dump of PID {pid} failed; the process tree was left running")
@@ -696,6 +732,13 @@ pub fn run(cli: Cli) -> Result<()> {
         }
         Command::Images { op } => images(op)?,
         Command::HoldUffd { pids } => crate::track::hold(&pids),
+        Command::Rescue { dir, watch } => match watch {
+            Some(owner) => crate::rescue::watch(&dir, &owner)?,
+            None => {
+                let n = crate::rescue::sweep(&dir);
+                outln!("{n} journal(s) of dead agents rescued");
+            }
+        },
         Command::Inspect { image, json } => {
             let (_, img) = crate::restore::load(&image, &store_config())?;
             if json {

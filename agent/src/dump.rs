@@ -57,6 +57,7 @@ use crate::inject::{self, InjectError};
 use crate::mem::{self, MemError, ShmemPlan, Target};
 use crate::netlock::{self, NetLock};
 use crate::process::{self, Uffd};
+use crate::rescue::{self, Record};
 use crate::signals::SignalError;
 use crate::sys::{self, proc};
 use crate::thread::ThreadError;
@@ -105,6 +106,8 @@ pub enum DumpError {
     Aborted(String),
     #[error(transparent)]
     Lock(#[from] crate::netlock::LockError),
+    #[error(transparent)]
+    Rescue(#[from] crate::rescue::RescueError),
 }
 
 /// What to dump and how.
@@ -135,6 +138,10 @@ pub struct DumpOptions {
     /// The write-tracking registry.
     pub registry: Registry,
     pub hooks: Hooks,
+    /// The watchdog that puts the tree back if this process dies mid-dump (see
+    /// [`crate::rescue`]); `None` runs without one (library callers, tests of
+    /// other things).
+    pub rescue: Option<Arc<crate::rescue::Watch>>,
 }
 
 /// Half of the memory available now: the default snapshot limit.
@@ -247,7 +254,7 @@ impl Drop for Registered {
 }
 
 /// Find the vDSO: a `syscall` instruction in it to inject through, and its bytes.
-fn find_vdso(pid: pid_t, vmas: &[proc::Vma]) -> Result<(u64, Vec<u8>), DumpError> {
+pub(crate) fn find_vdso(pid: pid_t, vmas: &[proc::Vma]) -> Result<(u64, Vec<u8>), DumpError> {
     let v = vmas
         .iter()
         .find(|v| v.name == "[vdso]")
@@ -322,6 +329,8 @@ pub struct DumpSession<'a> {
     tracking: Vec<Tracking>,
     plan: MemoryPlan,
     files: FileChecks,
+    /// Last, so that it goes after the tree is thawed (see [`crate::rescue`]).
+    journal: Option<Arc<crate::rescue::Journal>>,
 }
 
 /// Dumps one tree on its own (the `dump` command).
@@ -374,6 +383,10 @@ impl<'a> DumpSession<'a> {
             opts.track && opts.leave_running && matches!(opts.image, Location::Named { .. });
         let snapshot_pool = Self::snapshot_pool(opts)?;
         phases.mark("snapshot-pool");
+        let journal = match &opts.rescue {
+            Some(w) => Some(w.journal("dump")?),
+            None => None,
+        };
         Ok(DumpSession {
             opts,
             gate,
@@ -398,6 +411,7 @@ impl<'a> DumpSession<'a> {
             tracking: Vec::new(),
             plan: MemoryPlan::default(),
             files: FileChecks::default(),
+            journal,
         })
     }
 
@@ -430,6 +444,17 @@ impl<'a> DumpSession<'a> {
         Ok(())
     }
 
+    /// Lifts the network lock, if any, and says so in the journal.
+    fn unlock(&mut self) {
+        if let Some(lock) = self.net_lock.take() {
+            let table = lock.table().to_string();
+            drop(lock);
+            if let Err(e) = rescue::note(self.journal.as_deref(), Record::NetUnlock { table }) {
+                tracing::warn!(%e, "journal");
+            }
+        }
+    }
+
     fn frozen(&mut self) -> &mut Frozen {
         self.frozen
             .as_mut()
@@ -440,7 +465,7 @@ impl<'a> DumpSession<'a> {
     pub fn freeze(&mut self) -> Result<(), DumpError> {
         // nft, started now: its start is then not part of the standstill.
         self.nft = netlock::prepare();
-        self.frozen = Some(freeze::freeze(self.opts.pid)?);
+        self.frozen = Some(freeze::freeze(self.opts.pid, self.journal.clone())?);
         self.t_frozen = Some(Instant::now());
         self.phases.mark("freeze");
         self.fault("after-seize")
@@ -469,6 +494,8 @@ impl<'a> DumpSession<'a> {
                 .gate
                 .lock_name()
                 .unwrap_or_else(|| (netlock::own_name("d", self.opts.pid), "r0".into()));
+            let full = format!("{}{table}", netlock::TABLE_PREFIX);
+            rescue::note(self.journal.as_deref(), Record::NetLock { table: full })?;
             self.net_lock = Some(NetLock::lock_prepared(nft, &table, &part, &conns)?);
         }
         self.phases.mark("net-lock");
@@ -515,7 +542,8 @@ impl<'a> DumpSession<'a> {
         };
         let frozen = self.frozen.as_mut().expect("frozen");
         let fp = &mut frozen.procs[pi];
-        let (threads, injected) = process::dump_threads_and_injected(fp, syscall_ip, uffd)?;
+        let (threads, injected) =
+            process::dump_threads_and_injected(fp, syscall_ip, uffd, self.journal.as_deref())?;
         self.tracking.push(Tracking {
             start_time,
             uffd: injected.uffd,
@@ -540,7 +568,13 @@ impl<'a> DumpSession<'a> {
         for p in &mut self.processes {
             p.fds = self.fds_of.remove(&p.pid).unwrap_or_default();
         }
+        let sockets = self.table.tcp_sockets();
+        let journal = self.journal.as_deref();
+        if !sockets.is_empty() {
+            rescue::note(journal, Record::Repair { sockets })?;
+        }
         self.table.capture_tcp()?;
+        rescue::note(journal, Record::RepairOff)?;
         self.phases.mark("tcp-capture");
         let mut view: Vec<(pid_t, &mut Vec<image::Fd>)> = self
             .processes
@@ -697,7 +731,7 @@ impl<'a> DumpSession<'a> {
         let freeze_end = Instant::now();
         if self.opts.leave_running {
             self.frozen.take().expect("frozen").thaw();
-            drop(self.net_lock.take());
+            self.unlock();
         }
         // Out of the standstill with --leave-running (a read of /proc per socket).
         crate::fd::read_cloexec(&self.table.cloexec_later, &mut self.processes);
@@ -766,7 +800,7 @@ impl<'a> DumpSession<'a> {
             }
             silence(&self.table.tcp);
             f.kill();
-            drop(self.net_lock.take());
+            self.unlock();
             img.stats.freeze_us = self.t_frozen.expect("frozen").elapsed().as_micros() as u64;
         }
         info!(

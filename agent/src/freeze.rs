@@ -1,24 +1,35 @@
 //! Freezing a process tree from outside, and letting it go again.
 //!
-//! Every thread of every process under the root is `PTRACE_SEIZE`d and
-//! `PTRACE_INTERRUPT`ed. Seizing does not stop or signal anything by itself, so a
-//! tree we fail to freeze is left as it was. We walk the tree again until a pass
-//! finds no new thread or child: a stopped thread cannot clone, so this ends.
+//! Every thread of every process under the root is `PTRACE_SEIZE`d, then the
+//! process is sent SIGSTOP and its stop let through, so that the whole group is
+//! in group-stop, each thread reporting it as a ptrace stop. We walk the tree
+//! again until a pass finds no new thread or child: a stopped thread cannot
+//! clone, so this ends.
 //!
-//! Alternatives weighed: the v1 freezer cgroup freezes a whole tree atomically, but
-//! needs the tree moved into a cgroup first (a visible side effect) and still needs
-//! ptrace afterwards to read registers; SIGSTOP is visible to the parent and to the
-//! program. Seize + interrupt is invisible and reaches threads blocked in the kernel.
+//! Why group-stop and not only `PTRACE_INTERRUPT`: a tracee whose tracer dies is
+//! let run by the kernel, unless its group is stopped; then it stays stopped. So
+//! if the agent is killed at any instant after the freeze (inside an injected
+//! call, with every signal blocked), no thread runs on in that state; the
+//! watchdog of [`crate::rescue`] puts back what the journal recorded and only
+//! then sends SIGCONT. What the stop shows to the tree's parent is said there.
 //!
-//! [`Frozen`] detaches every thread when dropped, so any error path of the dump thaws
-//! the tree: registers that an injection changed are put back, normalised so that
-//! an interrupted system call restarts as if nothing happened.
+//! Alternatives weighed: the v1 freezer cgroup freezes a whole tree atomically,
+//! but needs the tree moved into a cgroup first (a visible side effect that fights
+//! Slurm's own cgroups) and still needs ptrace afterwards to read registers.
+//!
+//! [`Frozen`] detaches every thread when dropped, so any error path of the dump
+//! thaws the tree: registers that an injection changed are put back, normalised so
+//! that an interrupted system call restarts as if nothing happened; the threads
+//! are detached (still in group-stop), a `thawing` record is journaled, and then
+//! SIGCONT lets them go.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use libc::pid_t;
 use tracing::{debug, warn};
 
+use crate::rescue::{self, Journal, Record, SavedThread};
 use crate::sys::{self, proc, ptrace, ptrace::Stop};
 
 #[derive(Debug, thiserror::Error)]
@@ -34,8 +45,16 @@ pub enum FreezeError {
     },
     #[error("process {pid} is a zombie: zombies in the tree are not supported yet")]
     Zombie { pid: pid_t },
+    #[error("cannot stop process {pid}: {source}")]
+    Stop {
+        pid: pid_t,
+        #[source]
+        source: sys::SysError,
+    },
     #[error(transparent)]
     Proc(#[from] proc::ProcError),
+    #[error(transparent)]
+    Journal(#[from] rescue::RescueError),
 }
 
 /// One frozen thread.
@@ -83,6 +102,9 @@ impl FrozenProcess {
 pub struct Frozen {
     pub procs: Vec<FrozenProcess>,
     released: bool,
+    /// Where the original state is recorded before each change (see
+    /// [`crate::rescue`]); `None` for callers that run without a watchdog.
+    journal: Option<Arc<Journal>>,
 }
 
 impl Frozen {
@@ -98,6 +120,10 @@ impl Frozen {
         self.procs.iter_mut().find(|p| p.pid == pid)
     }
 
+    pub fn journal(&self) -> Option<&Journal> {
+        self.journal.as_deref()
+    }
+
     /// Let the tree run on as if nothing happened.
     pub fn thaw(mut self) {
         self.release();
@@ -107,6 +133,9 @@ impl Frozen {
     /// threads are gone.
     pub fn kill(mut self) {
         for p in &self.procs {
+            if let Err(e) = rescue::note(self.journal(), Record::Killing { pid: p.pid }) {
+                warn!(%e, "journal");
+            }
             let _ = sys::kill(p.pid, libc::SIGKILL);
         }
         for p in &self.procs {
@@ -149,6 +178,16 @@ impl Frozen {
                     warn!(tid = t.tid, ?e, "detach failed");
                 }
             }
+            // Detached, the threads stay in group-stop until SIGCONT: announce it
+            // first, so a watchdog never puts old registers into a running thread.
+            if !p.stopped {
+                if let Err(e) = rescue::note(self.journal(), Record::Thawing { pid: p.pid }) {
+                    warn!(pid = p.pid, %e, "journal");
+                }
+                if let Err(e) = sys::kill(p.pid, libc::SIGCONT) {
+                    warn!(pid = p.pid, %e, "could not continue the process");
+                }
+            }
             for &(tid, sig) in &p.swallowed {
                 let _ = sys::tgkill(p.pid, tid, sig);
             }
@@ -189,14 +228,17 @@ pub fn normalize_restart(r: &mut libc::user_regs_struct) {
     r.orig_rax = u64::MAX;
 }
 
-/// Freeze the tree rooted at `root`.
-pub fn freeze(root: pid_t) -> Result<Frozen, FreezeError> {
+/// Freeze the tree rooted at `root`, journaling in `journal` what a watchdog needs
+/// to put it back (each process before it is stopped, the threads' registers and
+/// masks before anything changes them).
+pub fn freeze(root: pid_t, journal: Option<Arc<Journal>>) -> Result<Frozen, FreezeError> {
     if std::fs::metadata(format!("/proc/{root}")).is_err() {
         return Err(FreezeError::NoSuchProcess { pid: root });
     }
     let mut frozen = Frozen {
         procs: Vec::new(),
         released: false,
+        journal,
     };
     let mut index: BTreeMap<pid_t, usize> = BTreeMap::new();
     loop {
@@ -215,26 +257,28 @@ pub fn freeze(root: pid_t) -> Result<Frozen, FreezeError> {
             if st.state == 'Z' || st.state == 'X' {
                 return Err(FreezeError::Zombie { pid });
             }
-            let i = *index.entry(pid).or_insert_with(|| {
+            let first = !index.contains_key(&pid);
+            if first {
+                let stopped = st.state == 'T';
+                rescue::note(
+                    frozen.journal(),
+                    Record::Process {
+                        pid,
+                        start_time: st.start_time,
+                        stopped_before: stopped,
+                    },
+                )?;
                 frozen.procs.push(FrozenProcess {
                     pid,
-                    stopped: st.state == 'T',
+                    stopped,
                     threads: Vec::new(),
                     swallowed: Vec::new(),
                 });
-                frozen.procs.len() - 1
-            });
-            for tid in proc::tasks(pid)? {
-                if frozen.procs[i].threads.iter().any(|t| t.tid == tid) {
-                    continue;
-                }
-                match seize_thread(pid, tid)? {
-                    Some(t) => {
-                        frozen.procs[i].threads.push(t);
-                        changed = true;
-                    }
-                    None => continue, // the thread exited meanwhile
-                }
+                index.insert(pid, frozen.procs.len() - 1);
+            }
+            let fp = &mut frozen.procs[index[&pid]];
+            if stop_process(fp, first)? {
+                changed = true;
             }
             let mut kids = proc::children(pid)?;
             kids.reverse();
@@ -249,39 +293,78 @@ pub fn freeze(root: pid_t) -> Result<Frozen, FreezeError> {
             for p in &mut frozen.procs {
                 p.threads.sort_by_key(|t| (t.tid != p.pid, t.tid));
             }
+            for p in &frozen.procs {
+                let threads = p
+                    .threads
+                    .iter()
+                    .map(|t| SavedThread {
+                        tid: t.tid,
+                        regs: ptrace::regs_as_bytes(&t.regs).to_vec(),
+                        sigmask: t.sigmask,
+                    })
+                    .collect();
+                rescue::note(
+                    frozen.journal(),
+                    Record::Threads {
+                        pid: p.pid,
+                        threads,
+                    },
+                )?;
+            }
             debug!(procs = frozen.procs.len(), "tree frozen");
             return Ok(frozen);
         }
     }
 }
 
-fn seize_thread(pid: pid_t, tid: pid_t) -> Result<Option<FrozenThread>, FreezeError> {
-    if let Err(e) = ptrace::seize(tid, ptrace::O_TRACESYSGOOD) {
-        if e.source.raw_os_error() == Some(libc::ESRCH) {
-            return Ok(None);
+/// Seizes the threads of `fp` not seized yet, stops the process the first time
+/// (SIGSTOP, unless job control had stopped it already) and waits until each new
+/// thread reports its stop. Whether a thread was added.
+fn stop_process(fp: &mut FrozenProcess, first: bool) -> Result<bool, FreezeError> {
+    let pid = fp.pid;
+    let mut new = Vec::new();
+    for tid in proc::tasks(pid)? {
+        if fp.threads.iter().any(|t| t.tid == tid) {
+            continue;
         }
-        return Err(FreezeError::Seize {
-            pid,
-            tid,
-            source: e,
-        });
+        match ptrace::seize(tid, ptrace::O_TRACESYSGOOD) {
+            Ok(()) => new.push(tid),
+            // The thread exited meanwhile.
+            Err(e) if e.source.raw_os_error() == Some(libc::ESRCH) => {}
+            Err(source) => return Err(FreezeError::Seize { pid, tid, source }),
+        }
     }
-    ptrace::interrupt(tid).map_err(|source| FreezeError::Seize { pid, tid, source })?;
+    if first && !fp.stopped {
+        sys::kill(pid, libc::SIGSTOP).map_err(|source| FreezeError::Stop { pid, source })?;
+    }
+    let mut added = false;
+    for tid in new {
+        if let Some(t) = wait_stopped(pid, tid)? {
+            fp.threads.push(t);
+            added = true;
+        }
+    }
+    Ok(added)
+}
+
+/// Waits until seized thread `tid` is in its group-stop, and reads its state.
+/// `None` if it exited meanwhile.
+fn wait_stopped(pid: pid_t, tid: pid_t) -> Result<Option<FrozenThread>, FreezeError> {
+    let err = |source| FreezeError::Seize { pid, tid, source };
     loop {
-        match ptrace::wait(tid).map_err(|source| FreezeError::Seize { pid, tid, source })? {
+        match ptrace::wait(tid).map_err(err)? {
             Stop::Event { .. } | Stop::Syscall => break,
             Stop::Signal(sig) => {
-                // A signal was already on its way: let the kernel deliver it exactly as
-                // it would have, and the pending interrupt stops the thread before any
-                // user code runs.
-                ptrace::cont(tid, sig).map_err(|source| FreezeError::Seize { pid, tid, source })?;
+                // Our SIGSTOP, let through, starts the group-stop. Any other
+                // signal was already on its way: the kernel delivers it exactly as
+                // it would have, and the stop comes before any more user code.
+                ptrace::cont(tid, sig).map_err(err)?;
             }
             Stop::Exited(_) | Stop::Killed(_) => return Ok(None),
         }
     }
-    let regs = ptrace::get_regs(tid).map_err(|source| FreezeError::Seize { pid, tid, source })?;
-    let sigmask =
-        ptrace::get_sigmask(tid).map_err(|source| FreezeError::Seize { pid, tid, source })?;
+    let regs = ptrace::get_regs(tid).map_err(err)?;
+    let sigmask = ptrace::get_sigmask(tid).map_err(err)?;
     Ok(Some(FrozenThread {
         tid,
         regs,

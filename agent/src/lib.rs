@@ -25,6 +25,7 @@ pub mod jobgate;
 pub mod mem;
 pub mod netlock;
 pub mod process;
+pub mod rescue;
 pub mod restore;
 pub mod serve;
 pub mod signals;

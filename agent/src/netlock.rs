@@ -302,6 +302,19 @@ pub fn remove_stale() -> Vec<String> {
     stale
 }
 
+/// Deletes table `inet NAME` (a lock left by an agent that died: see
+/// [`crate::rescue`]); a table that is gone already is no error.
+pub fn delete_table(name: &str) {
+    if !valid(name.strip_prefix(TABLE_PREFIX).unwrap_or("")) {
+        tracing::warn!(name, "not a lock table name: left alone");
+        return;
+    }
+    match nft(&format!("delete table inet {name}\n")) {
+        Ok(()) => tracing::info!(name, "removed a lock table left by a dead agent"),
+        Err((_, e)) => tracing::debug!(name, e, "lock table not removed (gone already?)"),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

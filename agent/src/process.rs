@@ -17,6 +17,7 @@ use crate::dump::DumpError;
 use crate::freeze::FrozenProcess;
 use crate::inject::{InjectError, Remote};
 use crate::mem::{self, ShmemPlan};
+use crate::rescue::{self, Journal, Record};
 use crate::signals::{self, SignalState};
 use crate::sys::{self, nr, proc};
 use crate::thread::{self, StackScratch, ThreadError, SCRATCH_LEN};
@@ -48,17 +49,19 @@ pub fn dump_threads_and_injected(
     fp: &mut FrozenProcess,
     syscall_ip: u64,
     uffd: Uffd,
+    journal: Option<&Journal>,
 ) -> Result<(Vec<Thread>, Injected), DumpError> {
     let pid = fp.pid;
     let mut threads = Vec::new();
     for t in &mut fp.threads {
-        let (th, swallowed) = thread::dump(pid, t, syscall_ip)?;
+        let (th, swallowed) = thread::dump(pid, t, syscall_ip, journal)?;
         fp.swallowed
             .extend(swallowed.into_iter().map(|s| (t.tid, s)));
         threads.push(th);
     }
     let leader = &fp.threads[0];
     let scratch = StackScratch::take(leader.tid, leader.regs.rsp)?;
+    rescue::note(journal, scratch.record(pid, leader.tid)).map_err(ThreadError::from)?;
     let mut remote = Remote {
         tid: leader.tid,
         syscall_ip,
@@ -73,7 +76,13 @@ pub fn dump_threads_and_injected(
         let brk = remote.syscall(nr::BRK, [0; 6])?;
         let uffd = match uffd {
             Uffd::Reuse(fd) => Some(fd),
-            Uffd::Create => crate::track::create(&mut remote)?,
+            Uffd::Create => {
+                let before = rescue::uffd_fds(pid);
+                rescue::note(journal, Record::Uffd { pid, before }).map_err(ThreadError::from)?;
+                let fd = crate::track::create(&mut remote)?;
+                rescue::note(journal, Record::UffdClosed { pid }).map_err(ThreadError::from)?;
+                fd
+            }
             Uffd::None => None,
         };
         Ok(Injected { signals, brk, uffd })

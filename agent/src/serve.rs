@@ -59,6 +59,8 @@ pub struct ServeOptions {
     pub leases: ckpt_shared::gc::Leases,
     pub registry: crate::track::Registry,
     pub hooks: crate::hooks::Hooks,
+    /// The watchdog of this daemon's operations (see [`crate::rescue`]).
+    pub rescue: Option<std::sync::Arc<crate::rescue::Watch>>,
 }
 
 /// A request on the local API socket.
@@ -598,6 +600,7 @@ fn start_save(node: &Arc<Node>, attempt: AttemptId, spec: SaveSpec, ranks: Vec<R
                         leases: o.leases,
                         registry: o.registry.clone(),
                         hooks: o.hooks.clone(),
+                        rescue: o.rescue.clone(),
                     };
                     match crate::dump::dump_gated(&opts, &gate) {
                         Ok(img) => Ok((!kill).then(|| manifest_of(rank, &image, &img))),

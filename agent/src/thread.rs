@@ -23,6 +23,8 @@ pub enum ThreadError {
     Inject(#[from] InjectError),
     #[error(transparent)]
     Proc(#[from] sys::proc::ProcError),
+    #[error(transparent)]
+    Journal(#[from] crate::rescue::RescueError),
     #[error("thread {tid}: register blob has the wrong size ({len} bytes)")]
     BadRegs { tid: pid_t, len: usize },
 }
@@ -59,6 +61,16 @@ impl StackScratch {
         Ok(StackScratch { addr, saved })
     }
 
+    /// The journal record that lets a watchdog put the bytes back.
+    pub fn record(&self, pid: pid_t, tid: pid_t) -> crate::rescue::Record {
+        crate::rescue::Record::Scratch {
+            pid,
+            tid,
+            addr: self.addr,
+            bytes: self.saved.clone(),
+        }
+    }
+
     pub fn give_back(self, tid: pid_t) -> Result<(), ThreadError> {
         sys::process_vm_writev(tid, self.addr, &self.saved)?;
         Ok(())
@@ -66,11 +78,13 @@ impl StackScratch {
 }
 
 /// Dump one frozen thread. `syscall_ip` points at a `syscall` instruction in the
-/// target (from its vDSO).
+/// target (from its vDSO). Its registers and mask are in `journal` already (the
+/// freeze put them there); the stack bytes it borrows go there before they are.
 pub fn dump(
     pid: pid_t,
     ft: &mut FrozenThread,
     syscall_ip: u64,
+    journal: Option<&crate::rescue::Journal>,
 ) -> Result<(Thread, Vec<i32>), ThreadError> {
     let tid = ft.tid;
     let xsave = ptrace::get_xstate(tid)?;
@@ -91,9 +105,10 @@ pub fn dump(
         .unwrap_or_default();
 
     // Injections: block every signal first so none is delivered while we step.
+    let scratch = StackScratch::take(tid, ft.regs.rsp)?;
+    crate::rescue::note(journal, scratch.record(pid, tid))?;
     ft.touched = true;
     ptrace::set_sigmask(tid, !0)?;
-    let scratch = StackScratch::take(tid, ft.regs.rsp)?;
     let mut remote = Remote {
         tid,
         syscall_ip,

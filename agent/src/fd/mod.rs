@@ -249,6 +249,11 @@ impl FdTable {
         id
     }
 
+    /// Each TCP socket found so far, as (process, descriptor).
+    pub fn tcp_sockets(&self) -> Vec<(pid_t, RawFd)> {
+        self.tcp.iter().map(|t| (t.pid, t.fd)).collect()
+    }
+
     /// The 4-tuple of every established TCP connection found so far: what the
     /// network lock holds.
     pub fn tcp_conns(&mut self) -> Vec<crate::netlock::Conn> {

@@ -252,6 +252,12 @@ fn read_repaired(
     })
 }
 
+/// Takes a socket out of repair mode, unseen by the peer (a socket left in it by
+/// an agent that died: see [`crate::rescue`]).
+pub fn leave_repair(fd: BorrowedFd<'_>) -> Result<(), TcpError> {
+    leave_repair_unseen(fd.as_raw_fd())
+}
+
 /// Leaves repair mode without a window probe, no queue selected.
 fn leave_repair_unseen(fd: i32) -> Result<(), TcpError> {
     let _ = setopt(
