@@ -113,6 +113,7 @@ use tracing::{debug, warn};
 use crate::fd::{self, FdError};
 use crate::inject::{InjectError, Remote};
 use crate::mem::{self, Dest, MemError};
+use crate::rescue::{self, Record};
 use crate::signals::{self, SignalError};
 use crate::sys::{self, nr, ptrace, ptrace::Stop};
 use crate::thread::{self, ThreadError};
@@ -163,6 +164,8 @@ pub enum RestoreError {
     NoTrampoline,
     #[error("the job's restore was given up: {0}")]
     Aborted(String),
+    #[error(transparent)]
+    Rescue(#[from] crate::rescue::RescueError),
 }
 
 #[derive(Debug, Clone)]
@@ -177,6 +180,10 @@ pub struct RestoreOptions {
     pub fill: Fill,
     /// Test hooks: the pause points of [`PAUSE_POINTS`].
     pub hooks: crate::hooks::Hooks,
+    /// The watchdog that kills the husks if this process dies before the
+    /// release's commit, and continues them after it (see [`crate::rescue`]);
+    /// `None` runs without one.
+    pub rescue: Option<std::sync::Arc<crate::rescue::Watch>>,
 }
 
 /// The points at which a restore hangs when `CKPT_TEST_PAUSE` names one (a build
@@ -482,6 +489,9 @@ pub struct RestoreSession<'a> {
     written: u64,
     fill_us: u64,
     uffd_processes: usize,
+    /// Last, so that it goes after the husks are killed (on failure) or
+    /// continued (see [`crate::rescue`]).
+    journal: Option<std::sync::Arc<crate::rescue::Journal>>,
 }
 
 impl<'a> RestoreSession<'a> {
@@ -493,6 +503,10 @@ impl<'a> RestoreSession<'a> {
         phases.mark("load");
         crate::host::check(&img, opts.new_pid_ns)?;
         phases.mark("check");
+        let journal = match &opts.rescue {
+            Some(w) => Some(w.journal("restore")?),
+            None => None,
+        };
         Ok(RestoreSession {
             opts,
             store,
@@ -517,7 +531,28 @@ impl<'a> RestoreSession<'a> {
             written: 0,
             fill_us: 0,
             uffd_processes: 0,
+            journal,
         })
+    }
+
+    /// Notes `r` in the journal, if there is one.
+    fn note(&self, r: Record) -> Result<(), RestoreError> {
+        Ok(rescue::note(self.journal.as_deref(), r)?)
+    }
+
+    /// Notes a husk just created (by its PID in our namespace and start time), so
+    /// that a watchdog can tell it from a later process with its PID.
+    fn note_husk(&self, pid: pid_t) -> Result<(), RestoreError> {
+        if self.journal.is_none() {
+            return Ok(());
+        }
+        let start_time = sys::proc::stat(pid)
+            .map_err(|e| RestoreError::Husk {
+                pid,
+                what: format!("reading its start time: {e}"),
+            })?
+            .start_time;
+        self.note(Record::Husk { pid, start_time })
     }
 
     /// The network lock on the connections' new 4-tuples, before any of them is
@@ -531,6 +566,8 @@ impl<'a> RestoreSession<'a> {
             let root = self.img.processes.first().map_or(0, |p| p.pid);
             (crate::netlock::own_name("r", root), "r0".into())
         });
+        let full = format!("{}{table}", crate::netlock::TABLE_PREFIX);
+        self.note(Record::NetLock { table: full })?;
         self.net_lock = Some(crate::netlock::NetLock::lock_part(&table, &part, &conns)?);
         Ok(())
     }
@@ -580,6 +617,7 @@ impl<'a> RestoreSession<'a> {
         };
         self.root_pid = root_pid;
         self.husks_guard.pids.push(root_pid);
+        self.note_husk(root_pid)?;
         self.opts.hooks.hang_at("restore:cloned");
         let base = take_husk(root_pid)?;
         let mut root = remote(root_pid, base, self.tramp);
@@ -598,6 +636,7 @@ impl<'a> RestoreSession<'a> {
                 }
                 let child = clone_child(&mut r, p.pid, c.pid)?;
                 self.husks_guard.pids.push(child);
+                self.note_husk(child)?;
                 let cbase = take_husk(child)?;
                 pending.push((ci, remote(child, cbase, self.tramp)));
             }
@@ -805,7 +844,9 @@ impl<'a> RestoreSession<'a> {
     /// not stopped at the dump.
     pub fn release(mut self) -> Result<RestoreReport, RestoreError> {
         if let Some(l) = self.net_lock.take() {
+            let table = l.table().to_string();
             l.unlock()?;
+            self.note(Record::NetUnlock { table })?;
         }
         let root_pid = self.root_pid;
         for t in std::mem::take(&mut self.res.tcp) {
@@ -834,11 +875,15 @@ impl<'a> RestoreSession<'a> {
             }
         }
         self.opts.hooks.hang_at("restore:detached");
-        // 3. The commit. In a new PID namespace its init gives up the
-        // parent-death signal that would take the whole namespace down with us.
+        // 3. The commit: the journal's `Released` record. From it on, a watchdog
+        // continues the husks instead of killing them. In a new PID namespace,
+        // first its init gives up the parent-death signal that would take the
+        // whole namespace down with us (a death between the two: the watchdog
+        // kills the husks, as before the commit).
         if let Some(init) = self.ns_init.take() {
             init.release();
         }
+        self.note(Record::Released)?;
         self.husks_guard.released = true;
         self.opts.hooks.hang_at("restore:committed");
         // 4. Run: every process that was running at the dump goes on; the

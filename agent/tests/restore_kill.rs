@@ -22,11 +22,11 @@
 //! the tree's shape and that it ticks on with no gap or repeat after the dump,
 //! and kills it. The count of kills is printed.
 //!
-//! Not covered here: in the agent's own PID namespace, a kill between the first
-//! detach and the commit of the release (`restore:detaching`, `restore:detached`)
-//! leaves the detached processes stopped (they never ran): putting them away is the
-//! rescue watchdog's, not wired into the restore yet. The new PID namespace case
-//! covers those two points (its init takes the whole namespace down).
+//! Between the first detach and the commit of the release (`restore:detaching`,
+//! `restore:detached`) the detached processes are stopped (they never ran): the
+//! rescue watchdog kills them (in a new PID namespace, its init's death does). A
+//! kill past the commit (`restore:committed`) must leave the tree running: the
+//! watchdog continues it, and the test checks it ticks on.
 //!
 //! The cases share the test process's children and subreaper role, so they run
 //! one at a time (a lock), whatever `--test-threads` says.
@@ -342,15 +342,23 @@ fn retry(d: &Dumped, what: &str) -> Result<()> {
         &[]
     };
     let run = run_restore(agent(), &d.image, extra, &[])?;
-    let mut root = ProcGuard::default();
+    let root = run
+        .clone()
+        .ok()
+        .with_context(|| format!("{what}: the retry failed"))
+        .and_then(|run| last_line_pid(&run));
+    expect_running(d, &format!("{what}, retried"), offset, root)
+}
+
+/// Checks that the tree of `root` is the dumped one and ticks on from the dump
+/// (the log's lines from `offset` on continue those of the dump), then kills it
+/// and waits until nothing of ours is left.
+fn expect_running(d: &Dumped, what: &str, offset: usize, root: Result<i32>) -> Result<()> {
+    let mut guard = ProcGuard::default();
     let mut tree = PidsGuard::default();
-    let mut check = || -> Result<()> {
-        let run = run
-            .clone()
-            .ok()
-            .with_context(|| format!("{what}: the retry failed"))?;
-        let pid = last_line_pid(&run)?;
-        root = ProcGuard::adopt(pid);
+    let check = || -> Result<()> {
+        let pid = root?;
+        guard = ProcGuard::adopt(pid);
         let pids = tree_pids(pid);
         tree = PidsGuard::new(pids.iter().copied().skip(1));
         if !d.case.new_pid_ns {
@@ -358,30 +366,27 @@ fn retry(d: &Dumped, what: &str) -> Result<()> {
             sorted.sort_unstable();
             ensure!(
                 sorted == d.pids,
-                "{what}: the retry's tree is {pids:?}, the dumped one was {:?}",
+                "{what}: the tree is {pids:?}, the dumped one was {:?}",
                 d.pids
             );
         }
-        ensure!(
-            pids.len() == d.case.procs,
-            "{what}: the retry's tree is {pids:?}"
-        );
+        ensure!(pids.len() == d.case.procs, "{what}: the tree is {pids:?}");
         let most = pids.iter().map(|&p| thread_ids(p).len()).max().unwrap_or(0);
         ensure!(
             most == d.case.threads,
-            "{what}: the retry's tree has {most} threads at most"
+            "{what}: the tree has {most} threads at most"
         );
         let target = ckpt_tests::ticks::last_tick_of(&d.at_dump).unwrap_or(0) + MORE;
         wait_for_tick(&d.log, target, WAIT)?;
         let lines = read_log_lines(&d.log)?;
         let mut joined = d.at_dump.clone();
         joined.extend_from_slice(lines.get(offset..).unwrap_or_default());
-        check_continuity(&joined).with_context(|| format!("{what}: after the retry"))?;
+        check_continuity(&joined).with_context(|| format!("{what}: ticking on"))?;
         Ok(())
     };
     let r = check();
     tree.kill_all();
-    root.kill();
+    guard.kill();
     // The namespace init (new PID namespace) leaves once its namespace is empty.
     let mut left = Vec::new();
     let empty = wait_for(
@@ -395,20 +400,56 @@ fn retry(d: &Dumped, what: &str) -> Result<()> {
     r?;
     ensure!(
         empty,
-        "{what}: left after killing the retried tree: {}",
+        "{what}: left after killing the tree: {}",
         describe(&left)
     );
     Ok(())
+}
+
+/// After a kill past the commit: the restored root, our child now (its parent,
+/// the agent, is dead), once the watchdog has continued the tree.
+fn released_root(d: &Dumped) -> Result<i32> {
+    let mut root = None;
+    wait_for(
+        || {
+            root = children(our_pid()).into_iter().find(|&p| {
+                let comm = std::fs::read_to_string(format!("/proc/{p}/comm")).unwrap_or_default();
+                comm.trim() != "ckpt-agent" && proc_state(p) != Some('T')
+            });
+            root.is_some()
+        },
+        WAIT,
+    );
+    let root = root.with_context(|| {
+        format!(
+            "no running restored root among our children: {}",
+            describe(&children(our_pid()))
+        )
+    })?;
+    ensure!(
+        d.case.new_pid_ns || root == d.pids[0],
+        "the restored root is {root}, the dumped one was {}",
+        d.pids[0]
+    );
+    Ok(root)
 }
 
 /// The kills of one case; returns how many landed on a running restore.
 fn kill_everywhere(case: Case) -> Result<usize> {
     let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let d = Dumped::new(case)?;
+    // The dump's rescue watchdog leaves once the dump has.
+    let mut left = Vec::new();
     ensure!(
-        reap_ours().is_empty(),
+        wait_for(
+            || {
+                left = reap_ours();
+                left.is_empty()
+            },
+            GONE
+        ),
         "processes of ours before the first restore: {}",
-        describe(&reap_ours())
+        describe(&left)
     );
     let mut kills = 0;
     let mut at_points = 0;
@@ -423,16 +464,10 @@ fn kill_everywhere(case: Case) -> Result<usize> {
     let left = reap_after_success(&d);
     ensure!(left.is_empty(), "left: {}", describe(&left));
 
-    // 1. At every pause point before the commit.
-    let skipped: &[&str] = if case.new_pid_ns {
-        &["restore:committed"]
-    } else {
-        // Needs the rescue watchdog (see the file's doc).
-        &["restore:detaching", "restore:detached", "restore:committed"]
-    };
+    // 1. At every pause point (the last one is past the commit: the watchdog
+    // continues the tree).
     for &point in ckpt_agent::restore::PAUSE_POINTS {
-        if skipped.contains(&point)
-            || (point == "restore:cloning-threads" && case.threads <= 2)
+        if (point == "restore:cloning-threads" && case.threads <= 2)
             || (point == "restore:detaching" && case.procs < 2)
         {
             continue;
@@ -453,6 +488,10 @@ fn kill_everywhere(case: Case) -> Result<usize> {
         kills += 1;
         at_points += 1;
         let what = format!("{}: killed at {point}", case.name);
+        if point == "restore:committed" {
+            expect_running(&d, &what, before, released_root(&d))?;
+            continue;
+        }
         expect_nothing_left(&d, before, &what)?;
         retry(&d, &what)?;
     }
