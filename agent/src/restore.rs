@@ -43,7 +43,7 @@
 //!   system call is `prctl(PR_SET_PDEATHSIG, SIGKILL)`, then it checks that
 //!   `getppid()` is still the restorer (else the restorer died before the
 //!   `prctl` and it exits). It is traced with `PTRACE_TRACEME` but without
-//!   EXITKILL until [`take_husk`] sets the options; the death signal covers that
+//!   EXITKILL until `take_husk` sets the options; the death signal covers that
 //!   gap. (Checked by the test pause `restore:cloned`: before this, a restorer
 //!   killed there left a stopped, untraced husk for good.)
 //! - **From the root's first stop to the release**: every thread of every husk
@@ -61,7 +61,7 @@
 //!   are dead they are reparented to the nearest subreaper (or init), which
 //!   reaps them (the tests are a subreaper and reap them). The other husks are
 //!   children of husks, which die too, so they are reparented the same way.
-//!   While we live, [`Husks`]'s drop kills and waits for each one.
+//!   While we live, `Husks`'s drop kills and waits for each one.
 //!
 //! # The release
 //!
@@ -74,17 +74,21 @@
 //!    dequeues the SIGSTOP, or joins the group stop another thread began (the
 //!    kernel reinstates a pending group stop at detach): it executes nothing of
 //!    the image. Detaching drops EXITKILL with the tracing.
-//! 3. The commit: in a new PID namespace, its init gives up its death signal
+//! 3. The commit: the journal's `Released` record (below). In a new PID
+//!    namespace its init first gives up its death signal
 //!    ([`sys::pidns::NsInit::release`]); a restorer killed before that takes the
-//!    whole namespace down, so there the release is atomic by construction.
+//!    whole namespace down, so there the release is atomic by construction, even
+//!    without a watchdog.
 //! 4. SIGCONT to every process that was not stopped at the dump.
 //!
 //! In the restorer's own PID namespace, a restorer killed between the first
 //! detach and the commit leaves the detached processes stopped (never run, but
-//! there): a watchdog that is not the tracer must kill them then, and continue
-//! them after the commit. That watchdog and its journal (the husk list written
-//! before step 2, a "released" record as the commit) are the rescue module's, and
-//! not wired in here yet.
+//! there): the rescue watchdog ([`crate::rescue`], a process of its own, not the
+//! tracer) kills them, and continues them after the commit. Its journal holds a
+//! `Husk` record (PID and start time) for each process as it is forked, the lock
+//! table before it is made (the watchdog removes it), and `Released`, the commit,
+//! once every thread is detached. A restore killed before `Released` thus leaves
+//! no process and no table; one killed after it leaves the tree running.
 //!
 //! One more case escapes the stop: a root husk that shares the restorer's session
 //! (an image whose root led no session) in a process group of its own. If the

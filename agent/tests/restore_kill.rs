@@ -5,10 +5,11 @@
 //!
 //! The kills land three ways, for each workload (a tree of four processes joined by
 //! pipes; one process of 61 threads; a 64 MiB heap; the tree again in a new PID
-//! namespace):
+//! namespace; a parent and child joined by a loopback TCP connection, whose
+//! restore holds an nftables lock table until the release):
 //! - at every pause point of the restore (`CKPT_TEST_PAUSE`, see
-//!   `ckpt_agent::restore::PAUSE_POINTS`) that lies before the release's commit:
-//!   the agent says it hangs there, and is killed;
+//!   `ckpt_agent::restore::PAUSE_POINTS`): the agent says it hangs there, and is
+//!   killed;
 //! - when a window is seen from outside: the root husk traced by the agent, half
 //!   the threads of a process cloned, a quarter of the heap filled (by
 //!   userfaultfd, where the pause point `restore:filling` covers the populate
@@ -18,9 +19,9 @@
 //! After each kill the test reaps what became its own zombie child (it is the
 //! subreaper of what it starts: the orphaned husks are reparented to it, and the
 //! parent reaps), then checks that nothing is left: no descendant of the test, no
-//! process holding one of the image's PIDs. Then it retries the restore, checks
-//! the tree's shape and that it ticks on with no gap or repeat after the dump,
-//! and kills it. The count of kills is printed.
+//! process holding one of the image's PIDs, no lock table of the restore. Then it
+//! retries the restore, checks the tree's shape and that it ticks on with no gap
+//! or repeat after the dump, and kills it. The count of kills is printed.
 //!
 //! Between the first detach and the commit of the release (`restore:detaching`,
 //! `restore:detached`) the detached processes are stopped (they never ran): the
@@ -88,6 +89,15 @@ const HEAP: Case = Case {
     name: "heap_checksum",
     args: &["64"],
     procs: 1,
+    threads: 1,
+    new_pid_ns: false,
+};
+/// A parent and child joined by a loopback TCP connection with data in flight:
+/// the restore locks it in an nftables table until the release.
+const TCP: Case = Case {
+    name: "tcp_pair",
+    args: &[],
+    procs: 2,
     threads: 1,
     new_pid_ns: false,
 };
@@ -279,6 +289,20 @@ fn reap_ours() -> Vec<i32> {
     tree_pids(our_pid()).into_iter().skip(1).collect()
 }
 
+/// The nftables tables whose name starts with `prefix`.
+fn lock_tables(prefix: &str) -> Vec<String> {
+    let out = Command::new("nft")
+        .args(["list", "tables"])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default();
+    out.lines()
+        .filter_map(|l| l.split_whitespace().nth(2))
+        .filter(|t| t.starts_with(prefix))
+        .map(str::to_string)
+        .collect()
+}
+
 fn describe(pids: &[i32]) -> String {
     pids.iter()
         .map(|&p| {
@@ -319,6 +343,20 @@ fn expect_nothing_left(d: &Dumped, lines_before: usize, what: &str) -> Result<()
         gone,
         "{what}: processes left after the restore was killed: {}",
         describe(&left)
+    );
+    // The restore's lock table (`ckpt_r<root PID>_<time>`) is gone too.
+    let prefix = format!("ckpt_r{}_", d.pids[0]);
+    let mut tables = Vec::new();
+    let no_table = wait_for(
+        || {
+            tables = lock_tables(&prefix);
+            tables.is_empty()
+        },
+        GONE,
+    );
+    ensure!(
+        no_table,
+        "{what}: lock tables left after the restore was killed: {tables:?}"
     );
     let now = d.lines();
     ensure!(
@@ -665,6 +703,15 @@ fn restore_killed_anywhere_before_the_release_of_a_64mib_heap_leaves_nothing() -
     require_root!(Ok(()));
     let n = kill_everywhere(HEAP)?;
     report("heap", n);
+    Ok(())
+}
+
+#[test]
+fn restore_killed_anywhere_before_the_release_of_a_tcp_pair_leaves_no_process_and_no_lock(
+) -> Result<()> {
+    require_root!(Ok(()));
+    let n = kill_everywhere(TCP)?;
+    report("tcp pair", n);
     Ok(())
 }
 
