@@ -20,20 +20,15 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
-use ckpt_tests::ticks::{log_tail, read_log_lines};
+use ckpt_tests::sigwatch::{self, injecting, phase_of, traced};
 use ckpt_tests::{
-    ensure_untraced, is_alive, proc_state, require_root, run_dump, send_signal, spawn_workload,
-    thread_ids, tracer_pids, wait_for, wait_for_tick, ProcGuard,
+    is_alive, require_root, run_dump, send_signal, spawn_workload, thread_ids, wait_for,
+    wait_for_tick, ProcGuard,
 };
 use tempfile::TempDir;
 
 mod common;
 use common::{agent, WAIT};
-
-/// What `PTRACE_SETSIGMASK` of all ones leaves: every signal but SIGKILL and
-/// SIGSTOP. No program of ours blocks exactly this; the agent does, while it
-/// injects.
-const ALL_BLOCKED: &str = "fffffffffffbfeff";
 
 /// The file whose presence makes a directory image committed.
 const MANIFEST: &str = "manifest.ckpt";
@@ -65,95 +60,19 @@ impl Rank {
         self.guard.id()
     }
 
-    fn lines(&self) -> Vec<String> {
-        read_log_lines(&self.log).unwrap_or_default()
-    }
-
-    /// The last tick's number and SIGUSR1 count.
     fn last(&self) -> (u64, u64) {
-        self.lines()
-            .iter()
-            .rev()
-            .find_map(|l| {
-                let w: Vec<&str> = l.split_whitespace().collect();
-                match w.as_slice() {
-                    ["tick", n, _, "usr1", c] => Some((n.parse().ok()?, c.parse().ok()?)),
-                    _ => None,
-                }
-            })
-            .unwrap_or((0, 0))
+        sigwatch::last(&self.log)
     }
 
-    fn failure(&self) -> Option<String> {
-        self.lines().into_iter().find(|l| l.starts_with("FAIL"))
+    fn check_runs_on(&self, usr1_before: Option<u64>, what: &str) -> Result<()> {
+        sigwatch::check_runs_on(
+            self.pid(),
+            &self.log,
+            self.threads as usize,
+            usr1_before,
+            what,
+        )
     }
-
-    /// Runs on as if nothing had happened, with `usr1_before` SIGUSR1s counted
-    /// before the one sent during the dump.
-    fn check_runs_on(&self, usr1_before: u64, what: &str) -> Result<()> {
-        let pid = self.pid();
-        let dead = |why: &str| -> anyhow::Error {
-            anyhow::anyhow!(
-                "{what}: {why} (state {:?}); log:\n{}",
-                proc_state(pid),
-                log_tail(&self.log, 5)
-            )
-        };
-        if !is_alive(pid) {
-            return Err(dead("the rank died"));
-        }
-        ensure_untraced(pid, Duration::from_secs(20)).map_err(|e| dead(&e.to_string()))?;
-        if !wait_for(
-            || proc_state(pid).is_some_and(|s| s != 'T'),
-            Duration::from_secs(20),
-        ) {
-            return Err(dead("the rank was left stopped"));
-        }
-        let (n, _) = self.last();
-        wait_for_tick(&self.log, n + 5, WAIT).map_err(|e| dead(&e.to_string()))?;
-        if !wait_for(|| self.last().1 > usr1_before, Duration::from_secs(20)) {
-            return Err(dead("the SIGUSR1 sent during the dump was never delivered"));
-        }
-        if let Some(f) = self.failure() {
-            return Err(dead(&f));
-        }
-        ensure!(
-            thread_ids(pid).len() == self.threads as usize,
-            "{what}: the rank has {} threads, not {}",
-            thread_ids(pid).len(),
-            self.threads
-        );
-        Ok(())
-    }
-}
-
-/// Where the dump was when it was killed, as seen from outside.
-fn phase_of(pid: i32) -> &'static str {
-    let traced = tracer_pids(pid).iter().any(|&(_, t)| t != 0);
-    if !traced {
-        return "not frozen (before the freeze or after the thaw)";
-    }
-    let injecting = thread_ids(pid).iter().any(|tid| {
-        std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/status"))
-            .map(|s| {
-                s.lines()
-                    .any(|l| l.starts_with("SigBlk:") && l.ends_with(ALL_BLOCKED))
-            })
-            .unwrap_or(false)
-    });
-    if injecting {
-        "inside an injection"
-    } else {
-        "frozen"
-    }
-}
-
-fn traced(pid: i32) -> bool {
-    tracer_pids(pid).iter().any(|&(_, t)| t != 0)
-}
-
-fn injecting(pid: i32) -> bool {
-    phase_of(pid) == "inside an injection"
 }
 
 /// When to kill the dump.
@@ -238,7 +157,7 @@ fn kill_loop(threads: u32, leave_running: bool, kills: u32) -> Result<Tally> {
     )?
     .ok()?;
     let full = t0.elapsed();
-    rank.check_runs_on(0, "after a normal dump").ok();
+    rank.check_runs_on(None, "after a normal dump")?;
     let mut tally = Tally::default();
     let mode = if leave_running {
         "--leave-running"
@@ -283,7 +202,7 @@ fn kill_loop(threads: u32, leave_running: bool, kills: u32) -> Result<Tally> {
             rank = Rank::start(dir.path(), threads, starts)?;
             continue;
         }
-        rank.check_runs_on(usr1, &format!("{what}, killed {phase}"))?;
+        rank.check_runs_on(Some(usr1), &format!("{what}, killed {phase}"))?;
         *tally.by_phase.entry(phase).or_default() += 1;
     }
     // A later save succeeds, and the rank still runs on.
@@ -298,7 +217,7 @@ fn kill_loop(threads: u32, leave_running: bool, kills: u32) -> Result<Tally> {
     )?
     .ok()
     .context("a dump after the killed ones")?;
-    rank.check_runs_on(usr1, "after the last, normal dump")?;
+    rank.check_runs_on(Some(usr1), "after the last, normal dump")?;
     // Every journal was rescued and removed.
     let left: Vec<_> = walk(&rescue_dir);
     ensure!(

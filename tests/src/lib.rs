@@ -45,6 +45,7 @@ pub mod jobs;
 pub mod munge;
 pub mod process;
 pub mod s3;
+pub mod sigwatch;
 pub mod stats;
 pub mod ticks;
 pub mod workload;
