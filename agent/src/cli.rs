@@ -167,6 +167,10 @@ pub enum Command {
         /// one chunk (default 16: 64 MiB with the 4 MiB chunks of s3:// dumps).
         #[arg(long)]
         workers: Option<usize>,
+        /// Where the journals live that let a watchdog kill a half-restored tree
+        /// if this process dies before the release (see `ckpt-agent rescue --help`).
+        #[arg(long, env = "CKPT_RESCUE_DIR", default_value = crate::rescue::DEFAULT_DIR)]
+        rescue_dir: std::path::PathBuf,
     },
     /// Show what an image holds: processes, threads, mappings, descriptors, sizes.
     Inspect {
@@ -719,7 +723,9 @@ pub fn run(cli: Cli) -> Result<()> {
             image,
             new_pid_ns,
             workers,
+            rescue_dir,
         } => {
+            let rescue = std::sync::Arc::new(crate::rescue::Watch::start(&rescue_dir)?);
             let opts = crate::restore::RestoreOptions {
                 image: image.clone(),
                 new_pid_ns,
@@ -727,6 +733,8 @@ pub fn run(cli: Cli) -> Result<()> {
                 moves: Default::default(),
                 store: store_config(),
                 fill: fill(),
+                hooks: hooks(),
+                rescue: Some(rescue),
             };
             let rep = crate::restore::restore(&opts)
                 .with_context(|| format!("restore from {image} failed; no process was started"))?;

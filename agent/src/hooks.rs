@@ -16,7 +16,9 @@ pub struct Hooks {
     #[cfg(feature = "test-hooks")]
     pub fault: Option<String>,
     /// Point of a job's save or restore at which the daemon stops answering
-    /// (`frozen`, `captured`, `stored`, `rebuilt`), as if it hung there.
+    /// (`frozen`, `captured`, `stored`, `rebuilt`), as if it hung there; or point
+    /// of a restore at which it hangs (`restore:cloned`, ... see
+    /// [`crate::restore`]'s `PAUSE_POINTS`), for a test to SIGKILL it there.
     #[cfg(feature = "test-hooks")]
     pub pause: Option<String>,
 }
@@ -40,5 +42,17 @@ impl Hooks {
         }
         let _ = point;
         false
+    }
+
+    /// Hangs for good at `point` if a pause is asked there, after saying so on
+    /// stderr (`ckpt-agent: test pause at POINT`): a test waits for that line and
+    /// kills the process in a known state.
+    pub fn hang_at(&self, point: &str) {
+        if self.pauses_at(point) {
+            eprintln!("ckpt-agent: test pause at {point} (CKPT_TEST_PAUSE)");
+            loop {
+                std::thread::sleep(std::time::Duration::from_secs(3600));
+            }
+        }
     }
 }

@@ -31,6 +31,76 @@
 //!
 //! The steps are the phases of a [`RestoreSession`]. Any failure kills every husk:
 //! no process of a partly restored tree ever runs.
+//!
+//! # Dying with the restorer
+//!
+//! The restorer (`ckpt-agent restore`, or the agent's restore thread) may be
+//! SIGKILLed at any instant; before the release no process of the image may be
+//! left, not even a zombie, and none may have executed an instruction of the
+//! image. Which mechanism covers which instant:
+//!
+//! - **From the root husk's `clone3` to its first stop**: the child's first
+//!   system call is `prctl(PR_SET_PDEATHSIG, SIGKILL)`, then it checks that
+//!   `getppid()` is still the restorer (else the restorer died before the
+//!   `prctl` and it exits). It is traced with `PTRACE_TRACEME` but without
+//!   EXITKILL until `take_husk` sets the options; the death signal covers that
+//!   gap. (Checked by the test pause `restore:cloned`: before this, a restorer
+//!   killed there left a stopped, untraced husk for good.)
+//! - **From the root's first stop to the release**: every thread of every husk
+//!   is traced with `PTRACE_O_EXITKILL`. The root gets it at its first stop;
+//!   every other process (`clone3` injected in its parent husk) and thread is
+//!   attached by the kernel inside `clone3` itself (`PTRACE_O_TRACEFORK` /
+//!   `TRACECLONE`), with the tracer's options, EXITKILL included, before it runs
+//!   at all. The tracer dying SIGKILLs them all. The root's death signal is
+//!   cleared near the end (`thread_state`): the restored process must not die
+//!   with the restorer's thread after the release.
+//! - **A new PID namespace** is tied to us too: its init has the death signal
+//!   until the commit, and the kernel kills every process of a namespace whose
+//!   init dies.
+//! - **Reaping**: the root husk and the namespace init are our children; once we
+//!   are dead they are reparented to the nearest subreaper (or init), which
+//!   reaps them (the tests are a subreaper and reap them). The other husks are
+//!   children of husks, which die too, so they are reparented the same way.
+//!   While we live, `Husks`'s drop kills and waits for each one.
+//!
+//! # The release
+//!
+//! Detaching one process after the other would let a restorer killed in the
+//! middle leave part of a tree running (the detached part) and the rest killed
+//! (by EXITKILL). So the release has one commit point:
+//! 1. SIGSTOP to every process, while every thread is in a ptrace stop: it only
+//!    waits, pending. Killed here: EXITKILL kills everything.
+//! 2. Every thread detached. On its way back to user space a detached thread
+//!    dequeues the SIGSTOP, or joins the group stop another thread began (the
+//!    kernel reinstates a pending group stop at detach): it executes nothing of
+//!    the image. Detaching drops EXITKILL with the tracing.
+//! 3. The commit: the journal's `Released` record (below). In a new PID
+//!    namespace its init first gives up its death signal
+//!    ([`sys::pidns::NsInit::release`]); a restorer killed before that takes the
+//!    whole namespace down, so there the release is atomic by construction, even
+//!    without a watchdog.
+//! 4. SIGCONT to every process that was not stopped at the dump.
+//!
+//! In the restorer's own PID namespace, a restorer killed between the first
+//! detach and the commit leaves the detached processes stopped (never run, but
+//! there): the rescue watchdog ([`crate::rescue`], a process of its own, not the
+//! tracer) kills them, and continues them after the commit. Its journal holds a
+//! `Husk` record (PID and start time) for each process as it is forked, the lock
+//! table before it is made (the watchdog removes it), and `Released`, the commit,
+//! once every thread is detached. A restore killed before `Released` thus leaves
+//! no process and no table; one killed after it leaves the tree running.
+//!
+//! One more case escapes the stop: a root husk that shares the restorer's session
+//! (an image whose root led no session) in a process group of its own. If the
+//! restorer dies while that group is stopped, the group becomes orphaned, and the
+//! kernel sends it SIGHUP and SIGCONT. The tests' workloads lead their sessions.
+//!
+//! The stop is visible to the tree in two ways that a restore without it would
+//! not show: a parent in the tree whose SIGCHLD handler lacks `SA_NOCLDSTOP`
+//! gets a `CLD_STOPPED` and a `CLD_CONTINUED` SIGCHLD for each child, and a
+//! SIGCONT handler runs once. (The alternative that hides both, the cgroup v2
+//! freezer, moves the tree into a cgroup of ours, which a Slurm step's cgroup
+//! forbids.)
 
 use std::collections::{HashMap, HashSet};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
@@ -47,6 +117,7 @@ use tracing::{debug, warn};
 use crate::fd::{self, FdError};
 use crate::inject::{InjectError, Remote};
 use crate::mem::{self, Dest, MemError};
+use crate::rescue::{self, Record};
 use crate::signals::{self, SignalError};
 use crate::sys::{self, nr, ptrace, ptrace::Stop};
 use crate::thread::{self, ThreadError};
@@ -97,6 +168,8 @@ pub enum RestoreError {
     NoTrampoline,
     #[error("the job's restore was given up: {0}")]
     Aborted(String),
+    #[error(transparent)]
+    Rescue(#[from] crate::rescue::RescueError),
 }
 
 #[derive(Debug, Clone)]
@@ -109,7 +182,45 @@ pub struct RestoreOptions {
     /// How to reach the store (S3 endpoint, credentials, retries).
     pub store: StoreConfig,
     pub fill: Fill,
+    /// Test hooks: the pause points of [`PAUSE_POINTS`].
+    pub hooks: crate::hooks::Hooks,
+    /// The watchdog that kills the husks if this process dies before the
+    /// release's commit, and continues them after it (see [`crate::rescue`]);
+    /// `None` runs without one.
+    pub rescue: Option<std::sync::Arc<crate::rescue::Watch>>,
 }
+
+/// The points at which a restore hangs when `CKPT_TEST_PAUSE` names one (a build
+/// with `test-hooks`), for a test to SIGKILL it there; in the order they are met.
+pub const PAUSE_POINTS: &[&str] = &[
+    // The root husk exists, traced by TRACEME, its options (EXITKILL) not set yet.
+    "restore:cloned",
+    // The root husk is traced with EXITKILL and cleaned.
+    "restore:husk-traced",
+    // Every process of the tree exists.
+    "restore:tree",
+    // Every mapping is in place, no data yet.
+    "restore:mapped",
+    // The second segment is being populated while workers write the first
+    // (populate fill only: `CKPT_FILL=populate`).
+    "restore:filling",
+    // The memory is filled.
+    "restore:filled",
+    // The first thread of a process is cloned, not the others.
+    "restore:cloning-threads",
+    // Descriptors, environment, threads: everything but the per-thread state.
+    "restore:threads",
+    // The final registers and masks are set, still traced.
+    "restore:final-regs",
+    // The release: SIGSTOP queued to every process, none detached.
+    "restore:stopped",
+    // The first process is detached (stopped), the others still traced.
+    "restore:detaching",
+    // Every thread is detached and stopping; before the commit.
+    "restore:detached",
+    // After the commit, before the SIGCONTs.
+    "restore:committed",
+];
 
 /// How private anonymous memory goes into a husk.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -251,8 +362,8 @@ fn clone_args_bytes(flags: u64, exit_signal: u64, set_tid_addr: u64) -> Vec<u8> 
 
 /// Fork the root husk from the restorer: `clone3` with the wanted PID, then the
 /// child asks to be traced and stops.
-fn fork_root(pid: pid_t) -> Result<pid_t, RestoreError> {
-    sys::restorer::fork_traced(pid).map_err(|e| {
+fn fork_root(pid: pid_t, in_new_ns: bool) -> Result<pid_t, RestoreError> {
+    sys::restorer::fork_traced(pid, in_new_ns).map_err(|e| {
         if e.raw_os_error() == Some(libc::EEXIST) {
             RestoreError::PidTaken {
                 pid,
@@ -382,6 +493,9 @@ pub struct RestoreSession<'a> {
     written: u64,
     fill_us: u64,
     uffd_processes: usize,
+    /// Last, so that it goes after the husks are killed (on failure) or
+    /// continued (see [`crate::rescue`]).
+    journal: Option<std::sync::Arc<crate::rescue::Journal>>,
 }
 
 impl<'a> RestoreSession<'a> {
@@ -393,6 +507,10 @@ impl<'a> RestoreSession<'a> {
         phases.mark("load");
         crate::host::check(&img, opts.new_pid_ns)?;
         phases.mark("check");
+        let journal = match &opts.rescue {
+            Some(w) => Some(w.journal("restore")?),
+            None => None,
+        };
         Ok(RestoreSession {
             opts,
             store,
@@ -417,7 +535,28 @@ impl<'a> RestoreSession<'a> {
             written: 0,
             fill_us: 0,
             uffd_processes: 0,
+            journal,
         })
+    }
+
+    /// Notes `r` in the journal, if there is one.
+    fn note(&self, r: Record) -> Result<(), RestoreError> {
+        Ok(rescue::note(self.journal.as_deref(), r)?)
+    }
+
+    /// Notes a husk just created (by its PID in our namespace and start time), so
+    /// that a watchdog can tell it from a later process with its PID.
+    fn note_husk(&self, pid: pid_t) -> Result<(), RestoreError> {
+        if self.journal.is_none() {
+            return Ok(());
+        }
+        let start_time = sys::proc::stat(pid)
+            .map_err(|e| RestoreError::Husk {
+                pid,
+                what: format!("reading its start time: {e}"),
+            })?
+            .start_time;
+        self.note(Record::Husk { pid, start_time })
     }
 
     /// The network lock on the connections' new 4-tuples, before any of them is
@@ -431,6 +570,8 @@ impl<'a> RestoreSession<'a> {
             let root = self.img.processes.first().map_or(0, |p| p.pid);
             (crate::netlock::own_name("r", root), "r0".into())
         });
+        let full = format!("{}{table}", crate::netlock::TABLE_PREFIX);
+        self.note(Record::NetLock { table: full })?;
         self.net_lock = Some(crate::netlock::NetLock::lock_part(&table, &part, &conns)?);
         Ok(())
     }
@@ -469,20 +610,23 @@ impl<'a> RestoreSession<'a> {
             self.ns_init = Some(ctl);
             let ours = crate::sys::pidns::enter(init)?;
             self.src_pid = 1;
-            let root = fork_root(self.img.root_pid);
+            let root = fork_root(self.img.root_pid, true);
             // Back to our own namespace for children: the kernel refuses to create
             // threads (our fill workers) while it differs from our active one.
             crate::sys::pidns::leave(ours)?;
             root?
         } else {
             self.src_pid = std::process::id() as pid_t;
-            fork_root(self.img.root_pid)?
+            fork_root(self.img.root_pid, false)?
         };
         self.root_pid = root_pid;
         self.husks_guard.pids.push(root_pid);
+        self.note_husk(root_pid)?;
+        self.opts.hooks.hang_at("restore:cloned");
         let base = take_husk(root_pid)?;
         let mut root = remote(root_pid, base, self.tramp);
         clean_husk(&mut root, self.tramp)?;
+        self.opts.hooks.hang_at("restore:husk-traced");
         // The tree: each process forks its children, with their PIDs.
         let mut pending: Vec<(usize, Remote)> = vec![(0, root)];
         while let Some((pi, mut r)) = pending.pop() {
@@ -496,6 +640,7 @@ impl<'a> RestoreSession<'a> {
                 }
                 let child = clone_child(&mut r, p.pid, c.pid)?;
                 self.husks_guard.pids.push(child);
+                self.note_husk(child)?;
                 let cbase = take_husk(child)?;
                 pending.push((ci, remote(child, cbase, self.tramp)));
             }
@@ -508,6 +653,7 @@ impl<'a> RestoreSession<'a> {
         }
         self.husks.sort_by_key(|h| h.pi);
         self.phases.mark("fork-tree");
+        self.opts.hooks.hang_at("restore:tree");
         Ok(())
     }
 
@@ -554,12 +700,15 @@ impl<'a> RestoreSession<'a> {
         }
         self.direct = mem::by_chunk(direct);
         self.phases.mark("map");
+        self.opts.hooks.hang_at("restore:mapped");
         Ok(())
     }
 
     /// Fetches, verifies and writes every chunk, in parallel.
     pub fn fill_memory(&mut self) -> Result<(), RestoreError> {
         let t_fill = Instant::now();
+        let hooks = &self.opts.hooks;
+        let mut populated = 0usize;
         let husks = &mut self.husks;
         self.written = mem::fill_pipelined(
             std::mem::take(&mut self.direct),
@@ -567,6 +716,10 @@ impl<'a> RestoreSession<'a> {
             &self.store,
             self.opts.workers,
             |seg| -> Result<(), RestoreError> {
+                populated += 1;
+                if populated == 2 {
+                    hooks.hang_at("restore:filling");
+                }
                 let r = &mut husks[seg.husk].r;
                 // Populate in bulk: far cheaper than a fault per page when we
                 // write. It is only an optimisation: where it fails, the writes
@@ -584,6 +737,7 @@ impl<'a> RestoreSession<'a> {
         self.uffd_processes = self.uffds.len();
         self.uffds.clear();
         self.phases.mark("populate+fill");
+        self.opts.hooks.hang_at("restore:filled");
         Ok(())
     }
 
@@ -605,13 +759,17 @@ impl<'a> RestoreSession<'a> {
             fd::register_epoll(&mut h.r, &p.fds, &self.img.files, &mut epolls_done)?;
             crate::process::restore_environment(&mut h.r, p)?;
             signals::restore_actions(&mut h.r, &p.sigactions)?;
-            for t in p.threads.iter().skip(1) {
+            for (i, t) in p.threads.iter().enumerate().skip(1) {
                 let tid = clone_thread(&mut h.r, p.pid, t.tid)?;
                 let tb = ptrace::get_regs(tid)?;
                 h.threads.push(remote(tid, tb, self.tramp));
+                if i == 1 && p.threads.len() > 2 {
+                    self.opts.hooks.hang_at("restore:cloning-threads");
+                }
             }
         }
         self.phases.mark("mm+fds+threads");
+        self.opts.hooks.hang_at("restore:threads");
         Ok(())
     }
 
@@ -655,6 +813,12 @@ impl<'a> RestoreSession<'a> {
             // The pidfd slot goes; credentials last, in every thread (they are per
             // thread in the kernel).
             h.r.syscall(nr::CLOSE, [h.pidfd_slot, 0, 0, 0, 0, 0])?;
+            if h.r.tid == self.root_pid {
+                // The root husk's parent-death signal covered its first instants
+                // (see the module doc); EXITKILL covers it until the release, and
+                // the restored process must not die with the restorer's thread.
+                h.r.syscall(nr::PRCTL, [libc::PR_SET_PDEATHSIG as u64, 0, 0, 0, 0, 0])?;
+            }
             for i in 0..p.threads.len() {
                 crate::process::restore_creds(h.thread(i), p)?;
             }
@@ -669,6 +833,7 @@ impl<'a> RestoreSession<'a> {
         self.phases.mark("thread-state");
         self.res.fifo_holders.clear();
         self.res.fds.clear();
+        self.opts.hooks.hang_at("restore:final-regs");
         Ok(())
     }
 
@@ -676,10 +841,16 @@ impl<'a> RestoreSession<'a> {
     /// the lock first (a packet sent by an end finished elsewhere must not be
     /// dropped here: its retransmission would wait for the first timer, a second
     /// on a fresh connection), then leave repair mode and send what the peers may
-    /// lack; then detach every thread of every process together.
+    /// lack; then release the tree with one commit point (see the module doc,
+    /// "The release"): every process is sent SIGSTOP while all its threads are
+    /// traced, every thread is detached (each one enters the group stop before it
+    /// returns to user space), the commit, then SIGCONT to every process that was
+    /// not stopped at the dump.
     pub fn release(mut self) -> Result<RestoreReport, RestoreError> {
         if let Some(l) = self.net_lock.take() {
+            let table = l.table().to_string();
             l.unlock()?;
+            self.note(Record::NetUnlock { table })?;
         }
         let root_pid = self.root_pid;
         for t in std::mem::take(&mut self.res.tcp) {
@@ -688,24 +859,51 @@ impl<'a> RestoreSession<'a> {
                 what: format!("finishing a TCP connection: {e}"),
             })?);
         }
-        let stopped = |h: &Husk| self.img.processes[h.pi].stopped;
-        for h in self.husks.iter().filter(|h| stopped(h)) {
-            let _ = sys::kill(h.r.tid, libc::SIGSTOP);
-        }
+        // 1. Stop. Every thread is in a ptrace stop, so the signal only waits,
+        // shared, in each process; any failure from here to the commit still
+        // kills every husk (the guard).
         for h in &self.husks {
+            sys::kill(h.r.tid, libc::SIGSTOP)?;
+        }
+        self.opts.hooks.hang_at("restore:stopped");
+        // 2. Detach. A detached thread dequeues the SIGSTOP (or joins the group
+        // stop another thread began) on its way back to user space: it executes
+        // nothing of the image. Detaching also drops its EXITKILL.
+        for (i, h) in self.husks.iter().enumerate() {
             for r in h.threads.iter() {
                 ptrace::detach(r.tid, 0)?;
             }
             ptrace::detach(h.r.tid, 0)?;
+            if i == 0 && self.husks.len() > 1 {
+                self.opts.hooks.hang_at("restore:detaching");
+            }
         }
+        self.opts.hooks.hang_at("restore:detached");
+        // 3. The commit: the journal's `Released` record. From it on, a watchdog
+        // continues the husks instead of killing them. In a new PID namespace,
+        // first its init gives up the parent-death signal that would take the
+        // whole namespace down with us (a death between the two: the watchdog
+        // kills the husks, as before the commit).
+        if let Some(init) = self.ns_init.take() {
+            init.release();
+        }
+        self.note(Record::Released)?;
         self.husks_guard.released = true;
+        self.opts.hooks.hang_at("restore:committed");
+        // 4. Run: every process that was running at the dump goes on; the
+        // others stay stopped, as they were.
+        let stopped = |h: &Husk| self.img.processes[h.pi].stopped;
+        for h in self.husks.iter().filter(|h| !stopped(h)) {
+            // Past the commit nothing is undone: a process that cannot be
+            // continued (it died meanwhile) must not keep the others stopped.
+            if let Err(e) = sys::kill(h.r.tid, libc::SIGCONT) {
+                warn!(pid = h.r.tid, %e, "restored process not continued");
+            }
+        }
         for h in self.husks.iter().filter(|h| stopped(h)) {
             wait_stopped(h.r.tid);
         }
         self.phases.mark("release");
-        if let Some(init) = self.ns_init.take() {
-            init.release();
-        }
         sys::restorer::unmap_trampoline(self.tramp, TRAMP_LEN);
         Ok(RestoreReport {
             root_pid,
@@ -758,10 +956,19 @@ fn clean_husk(root: &mut Remote, tramp: u64) -> Result<(), RestoreError> {
     Ok(())
 }
 
-/// Forks, from husk `r` (process `parent`), its child with PID `pid`.
+/// The PID, in our namespace, of what the last injected `clone3` created: the
+/// call returns it in the husk's namespace (another one with `--new-pid-ns`), the
+/// fork or clone event gives it in ours.
+fn created(r: &mut Remote, got: i64) -> pid_t {
+    r.new_children.pop().unwrap_or(got as pid_t)
+}
+
+/// Forks, from husk `r` (process `parent`), its child with PID `pid`; returns its
+/// PID in our namespace.
 fn clone_child(r: &mut Remote, parent: pid_t, pid: pid_t) -> Result<pid_t, RestoreError> {
     let tid_addr = r.put(CLONE_ARGS_SIZE as u64, &pid.to_ne_bytes())?;
     let args = r.put(0, &clone_args_bytes(0, libc::SIGCHLD as u64, tid_addr))?;
+    r.new_children.clear();
     let got = r.syscall_raw(nr::CLONE3, [args, CLONE_ARGS_SIZE as u64, 0, 0, 0, 0])?;
     if got == -(libc::EEXIST as i64) {
         return Err(RestoreError::PidTaken {
@@ -775,11 +982,11 @@ fn clone_child(r: &mut Remote, parent: pid_t, pid: pid_t) -> Result<pid_t, Resto
             what: format!("clone3 of child {pid} failed: errno {}", -got),
         });
     }
-    Ok(got as pid_t)
+    Ok(created(r, got))
 }
 
 /// Creates, in husk `r` (process `pid`), its thread with TID `tid`, and waits for
-/// its first stop.
+/// its first stop; returns its TID in our namespace.
 fn clone_thread(r: &mut Remote, pid: pid_t, tid: pid_t) -> Result<pid_t, RestoreError> {
     let tid_addr = r.put(CLONE_ARGS_SIZE as u64, &tid.to_ne_bytes())?;
     let flags = (libc::CLONE_VM
@@ -789,6 +996,7 @@ fn clone_thread(r: &mut Remote, pid: pid_t, tid: pid_t) -> Result<pid_t, Restore
         | libc::CLONE_THREAD
         | libc::CLONE_SYSVSEM) as u64;
     let args = r.put(0, &clone_args_bytes(flags, 0, tid_addr))?;
+    r.new_children.clear();
     let got = r.syscall_raw(nr::CLONE3, [args, CLONE_ARGS_SIZE as u64, 0, 0, 0, 0])?;
     if got < 0 {
         if got == -(libc::EEXIST as i64) {
@@ -802,7 +1010,7 @@ fn clone_thread(r: &mut Remote, pid: pid_t, tid: pid_t) -> Result<pid_t, Restore
             what: format!("clone3 of thread {tid} failed: errno {}", -got),
         });
     }
-    let tid = got as pid_t;
+    let tid = created(r, got);
     match ptrace::wait(tid)? {
         Stop::Signal(libc::SIGSTOP) | Stop::Event { .. } => Ok(tid),
         other => Err(RestoreError::Husk {

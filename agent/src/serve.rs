@@ -720,6 +720,8 @@ fn start_restore(
                         moves,
                         store,
                         fill: Default::default(),
+                        hooks: node.opts.hooks.clone(),
+                        rescue: node.opts.rescue.clone(),
                     };
                     match crate::restore::restore_gated(&opts, &gate) {
                         Ok(rep) => Ok(rep.root_pid),

@@ -8,12 +8,18 @@
 //! with `CLONE_NEWPID`: it is a copy of the restorer, taken after the restorer opened
 //! the tree's files, so it holds the same descriptors at the same numbers. Husks
 //! inside the namespace cannot see the restorer, but they see PID 1, and take their
-//! descriptors from it with `pidfd_getfd`. When the restore is over we close a
-//! control pipe; init then gives up the parent-death signal that tied it to the
-//! restore, says so on a second pipe (the restorer waits for that before it goes
+//! descriptors from it with `pidfd_getfd`. When the restore is over we write one
+//! byte on a control pipe (the commit of the release); init then gives up the
+//! parent-death signal that tied it to the restore, says so on a second pipe (the restorer waits for that before it goes
 //! on: an init killed by its parent's exit would take the namespace down), closes
 //! everything it holds (so pipes see EOF as they should), reaps what becomes its
 //! child, and exits once no other process is left in the namespace.
+//!
+//! The pipe reaching end of file without that byte means the restorer died: init
+//! exits at once, and the kernel kills every process of the namespace with it (it
+//! must not take the end of file for the release: a dying restorer's descriptors
+//! are closed before its children get their parent-death signal, so init would
+//! otherwise give up the signal and keep a half-restored tree alive).
 //!
 //! The restorer joins the namespace for its children with `setns(CLONE_NEWPID)`, so
 //! the root husk is created inside it with `clone3(set_tid)` and keeps its PID there.
@@ -37,6 +43,14 @@ impl NsInit {
     /// restorer may exit at once: init must not die with it, which would take the
     /// whole namespace, the restored tree included, down with it (seen under load).
     pub fn release(self) {
+        let go = b'r';
+        // SAFETY: a one-byte write from a local on our own descriptor.
+        let wrote = unsafe { libc::write(self.ctl_w.as_raw_fd(), (&go as *const u8).cast(), 1) };
+        if wrote != 1 {
+            // Init is gone (it would have taken the namespace with it) or the
+            // pipe is broken: nothing to release.
+            return;
+        }
         drop(self.ctl_w);
         let mut p = libc::pollfd {
             fd: self.ack_r.as_raw_fd(),
@@ -108,7 +122,18 @@ unsafe fn ns_init(ctl_r: i32, ctl_w: i32, ack_r: i32, ack_w: i32) -> ! {
         // Our parent dying means the restore failed: die with it.
         libc::syscall(libc::SYS_prctl, libc::PR_SET_PDEATHSIG, libc::SIGKILL);
         let mut b = 0u8;
-        while libc::syscall(libc::SYS_read, ctl_r, &mut b as *mut u8, 1) != 0 {}
+        loop {
+            let n = libc::syscall(libc::SYS_read, ctl_r, &mut b as *mut u8, 1);
+            if n == 1 {
+                break; // The release.
+            }
+            if n < 0 && *libc::__errno_location() == libc::EINTR {
+                continue;
+            }
+            // End of file without the byte: the restorer died. Leaving takes
+            // the namespace, every husk in it, down with us.
+            libc::syscall(libc::SYS_exit_group, 1);
+        }
         libc::syscall(libc::SYS_prctl, libc::PR_SET_PDEATHSIG, 0);
         // Tell the restorer it may go now.
         libc::syscall(libc::SYS_write, ack_w, &b as *const u8, 1);

@@ -52,8 +52,23 @@ pub unsafe fn clone3(args: &CloneArgs) -> i64 {
 /// Forks a child with PID `pid` (in our PID namespace for children) that asks to
 /// be traced and stops itself with SIGSTOP; it never runs anything else. Returns
 /// its PID, or the `clone3` error (`EEXIST`: the PID is taken).
-pub fn fork_traced(pid: pid_t) -> std::io::Result<pid_t> {
+///
+/// The child dies with the calling thread from its first instruction: it sets
+/// `PR_SET_PDEATHSIG` to SIGKILL, then checks that its parent is still the one
+/// that forked it (`getppid()` is `parent_seen`: our PID, or 0 when the child is
+/// born in a PID namespace where we are invisible) and exits otherwise, so a
+/// restorer killed between the `clone3` and the `prctl` leaves nothing either.
+/// The caller sets `PTRACE_O_EXITKILL` at the child's first stop; from then on
+/// either mechanism kills it with us.
+pub fn fork_traced(pid: pid_t, in_new_ns: bool) -> std::io::Result<pid_t> {
     let set_tid: [pid_t; 1] = [pid];
+    // Read before the fork: the child may not call into libc's caches.
+    let parent_seen: i64 = if in_new_ns {
+        0
+    } else {
+        // SAFETY: getpid takes no argument and touches no memory.
+        unsafe { libc::syscall(libc::SYS_getpid) }
+    };
     let args = CloneArgs {
         exit_signal: libc::SIGCHLD as u64,
         set_tid: set_tid.as_ptr() as u64,
@@ -67,6 +82,15 @@ pub fn fork_traced(pid: pid_t) -> std::io::Result<pid_t> {
     if r == 0 {
         // SAFETY: raw system calls in the child; see above.
         unsafe {
+            libc::syscall(
+                libc::SYS_prctl,
+                libc::PR_SET_PDEATHSIG,
+                libc::SIGKILL as libc::c_ulong,
+            );
+            if libc::syscall(libc::SYS_getppid) != parent_seen {
+                // Our parent died before the prctl could take effect.
+                libc::syscall(libc::SYS_exit_group, 1);
+            }
             libc::syscall(libc::SYS_ptrace, libc::PTRACE_TRACEME, 0, 0, 0);
             libc::syscall(
                 libc::SYS_kill,
