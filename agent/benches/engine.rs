@@ -185,12 +185,62 @@ fn run() -> Result<bool> {
         println!("!! {SMALL_MIB} MiB: FAILED: {e:#}");
     }
     println!();
+    if let Err(e) = measure_rescue_cost(&ctx) {
+        all_ok = false;
+        println!("!! freeze with and without the rescue: FAILED: {e:#}");
+    }
+    println!();
     print_criu_reference();
 
     // The guards of every measurement have run by now; the directory goes last.
     tmp.close()
         .with_context(|| format!("cannot remove {}", ctx.work.display()))?;
     Ok(all_ok)
+}
+
+/// Threads of the rank that [`measure_rescue_cost`] dumps.
+const RESCUE_THREADS: usize = 200;
+
+/// What holding the tree in group-stop, with a journal and a watchdog
+/// (agent/src/rescue.rs), adds to the freeze of a rank of [`RESCUE_THREADS`]
+/// threads: the same `--leave-running` dump with the hidden
+/// `--unsafe-interrupt-only` (PTRACE_INTERRUPT alone, as before), interleaved.
+fn measure_rescue_cost(ctx: &Ctx) -> Result<()> {
+    let log = ctx.work.join("sigwatch.log");
+    let threads = RESCUE_THREADS.to_string();
+    let rank = ckpt_tests::spawn_workload("sigwatch", [threads.as_str()], &log)?;
+    ckpt_tests::wait_for_tick(&log, 3, WAIT)?;
+    let pid = rank.id().to_string();
+    let (mut with, mut without) = (Samples::new(), Samples::new());
+    for i in 0..ctx.reps.max(5) {
+        for (interrupt_only, v) in [(false, &mut with), (true, &mut without)] {
+            let img = ctx.work.join(format!("threads-{i}-{interrupt_only}"));
+            let mut args = vec![
+                "dump",
+                "--pid",
+                &pid,
+                "--image",
+                path_str(&img)?,
+                "--leave-running",
+                "--json",
+            ];
+            if interrupt_only {
+                args.push("--unsafe-interrupt-only");
+            }
+            let run = agent(&args).context("dump of the threaded rank")?;
+            v.push(DumpStats::parse(&run.stdout)?.freeze_us as f64 / 1e3);
+            fs::remove_dir_all(&img).with_context(|| format!("remove {}", img.display()))?;
+        }
+    }
+    println!("freeze of a rank of {RESCUE_THREADS} threads, --leave-running (median, min - max):");
+    row("group-stop + journal + watchdog (the default)", &with, "ms");
+    row(
+        "PTRACE_INTERRUPT alone (unsafe at agent death)",
+        &without,
+        "ms",
+    );
+    row("ratio, same pass", &with.ratios(&without), "x");
+    Ok(())
 }
 
 fn compile_workload(out: &Path) -> Result<()> {

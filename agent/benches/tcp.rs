@@ -162,6 +162,7 @@ fn freeze_ms(k: usize, dir: &std::path::Path, n: usize) -> Result<f64> {
         registry: Default::default(),
         hooks: Default::default(),
         rescue: None,
+        hold: Default::default(),
     };
     let img = ckpt_agent::dump::dump(&opts).context("dump")?;
     let conns = img

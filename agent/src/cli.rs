@@ -143,6 +143,11 @@ pub enum Command {
         /// process dies mid-operation (see `ckpt-agent rescue --help`).
         #[arg(long, env = "CKPT_RESCUE_DIR", default_value = crate::rescue::DEFAULT_DIR)]
         rescue_dir: std::path::PathBuf,
+        /// Measuring only (the engine bench): hold the tree with PTRACE_INTERRUPT
+        /// alone, without group-stop, journal or watchdog. A tree whose agent dies
+        /// then runs on from wherever the agent left it, and may crash.
+        #[arg(long, hide = true)]
+        unsafe_interrupt_only: bool,
     },
     /// Restore a process tree from an image; prints the root PID as the last line.
     ///
@@ -642,8 +647,14 @@ pub fn run(cli: Cli) -> Result<()> {
             json,
             track_dir,
             rescue_dir,
+            unsafe_interrupt_only,
         } => {
-            let rescue = std::sync::Arc::new(crate::rescue::Watch::start(&rescue_dir)?);
+            let (rescue, hold) = if unsafe_interrupt_only {
+                (None, crate::freeze::Hold::InterruptOnly)
+            } else {
+                let w = crate::rescue::Watch::start(&rescue_dir)?;
+                (Some(std::sync::Arc::new(w)), crate::freeze::Hold::GroupStop)
+            };
             let opts = crate::dump::DumpOptions {
                 pid,
                 image: image.clone(),
@@ -658,7 +669,8 @@ pub fn run(cli: Cli) -> Result<()> {
                 leases: leases(),
                 registry: crate::track::Registry::new(track_dir),
                 hooks: hooks(),
-                rescue: Some(rescue),
+                rescue,
+                hold,
             };
             let img = crate::dump::dump(&opts).with_context(|| {
                 format!("dump of PID {pid} failed; the process tree was left running")

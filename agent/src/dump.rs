@@ -142,6 +142,8 @@ pub struct DumpOptions {
     /// [`crate::rescue`]); `None` runs without one (library callers, tests of
     /// other things).
     pub rescue: Option<Arc<crate::rescue::Watch>>,
+    /// How the tree is held (group-stop unless measuring its cost).
+    pub hold: freeze::Hold,
 }
 
 /// Half of the memory available now: the default snapshot limit.
@@ -465,7 +467,11 @@ impl<'a> DumpSession<'a> {
     pub fn freeze(&mut self) -> Result<(), DumpError> {
         // nft, started now: its start is then not part of the standstill.
         self.nft = netlock::prepare();
-        self.frozen = Some(freeze::freeze(self.opts.pid, self.journal.clone())?);
+        self.frozen = Some(freeze::freeze(
+            self.opts.pid,
+            self.journal.clone(),
+            self.opts.hold,
+        )?);
         self.t_frozen = Some(Instant::now());
         self.phases.mark("freeze");
         self.fault("after-seize")

@@ -73,6 +73,8 @@ pub struct FrozenProcess {
     pub pid: pid_t,
     /// Was the process stopped by job control before we came.
     pub stopped: bool,
+    /// Did we send it SIGSTOP (then it gets SIGCONT at the thaw).
+    sent_stop: bool,
     pub threads: Vec<FrozenThread>,
     /// Signals swallowed during injections, to send again at thaw.
     pub swallowed: Vec<(pid_t, i32)>,
@@ -180,7 +182,7 @@ impl Frozen {
             }
             // Detached, the threads stay in group-stop until SIGCONT: announce it
             // first, so a watchdog never puts old registers into a running thread.
-            if !p.stopped {
+            if p.sent_stop {
                 if let Err(e) = rescue::note(self.journal(), Record::Thawing { pid: p.pid }) {
                     warn!(pid = p.pid, %e, "journal");
                 }
@@ -228,10 +230,27 @@ pub fn normalize_restart(r: &mut libc::user_regs_struct) {
     r.orig_rax = u64::MAX;
 }
 
+/// How the tree is held while frozen.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Hold {
+    /// In group-stop as well as in ptrace stops: safe at the agent's death (see
+    /// the module doc). The default, and the only way the CLI offers.
+    #[default]
+    GroupStop,
+    /// `PTRACE_INTERRUPT` only: invisible to the parent, but a tree whose agent
+    /// dies runs on from wherever the agent left it. Kept to measure what the
+    /// group-stop costs (the engine bench); not for use.
+    InterruptOnly,
+}
+
 /// Freeze the tree rooted at `root`, journaling in `journal` what a watchdog needs
 /// to put it back (each process before it is stopped, the threads' registers and
 /// masks before anything changes them).
-pub fn freeze(root: pid_t, journal: Option<Arc<Journal>>) -> Result<Frozen, FreezeError> {
+pub fn freeze(
+    root: pid_t,
+    journal: Option<Arc<Journal>>,
+    hold: Hold,
+) -> Result<Frozen, FreezeError> {
     if std::fs::metadata(format!("/proc/{root}")).is_err() {
         return Err(FreezeError::NoSuchProcess { pid: root });
     }
@@ -271,13 +290,14 @@ pub fn freeze(root: pid_t, journal: Option<Arc<Journal>>) -> Result<Frozen, Free
                 frozen.procs.push(FrozenProcess {
                     pid,
                     stopped,
+                    sent_stop: false,
                     threads: Vec::new(),
                     swallowed: Vec::new(),
                 });
                 index.insert(pid, frozen.procs.len() - 1);
             }
             let fp = &mut frozen.procs[index[&pid]];
-            if stop_process(fp, first)? {
+            if stop_process(fp, first, hold)? {
                 changed = true;
             }
             let mut kids = proc::children(pid)?;
@@ -320,7 +340,7 @@ pub fn freeze(root: pid_t, journal: Option<Arc<Journal>>) -> Result<Frozen, Free
 /// Seizes the threads of `fp` not seized yet, stops the process the first time
 /// (SIGSTOP, unless job control had stopped it already) and waits until each new
 /// thread reports its stop. Whether a thread was added.
-fn stop_process(fp: &mut FrozenProcess, first: bool) -> Result<bool, FreezeError> {
+fn stop_process(fp: &mut FrozenProcess, first: bool, hold: Hold) -> Result<bool, FreezeError> {
     let pid = fp.pid;
     let mut new = Vec::new();
     for tid in proc::tasks(pid)? {
@@ -328,14 +348,19 @@ fn stop_process(fp: &mut FrozenProcess, first: bool) -> Result<bool, FreezeError
             continue;
         }
         match ptrace::seize(tid, ptrace::O_TRACESYSGOOD) {
+            Ok(()) if hold == Hold::InterruptOnly => {
+                ptrace::interrupt(tid).map_err(|source| FreezeError::Seize { pid, tid, source })?;
+                new.push(tid);
+            }
             Ok(()) => new.push(tid),
             // The thread exited meanwhile.
             Err(e) if e.source.raw_os_error() == Some(libc::ESRCH) => {}
             Err(source) => return Err(FreezeError::Seize { pid, tid, source }),
         }
     }
-    if first && !fp.stopped {
+    if first && !fp.stopped && hold == Hold::GroupStop {
         sys::kill(pid, libc::SIGSTOP).map_err(|source| FreezeError::Stop { pid, source })?;
+        fp.sent_stop = true;
     }
     let mut added = false;
     for tid in new {

@@ -601,6 +601,7 @@ fn start_save(node: &Arc<Node>, attempt: AttemptId, spec: SaveSpec, ranks: Vec<R
                         registry: o.registry.clone(),
                         hooks: o.hooks.clone(),
                         rescue: o.rescue.clone(),
+                        hold: Default::default(),
                     };
                     match crate::dump::dump_gated(&opts, &gate) {
                         Ok(img) => Ok((!kill).then(|| manifest_of(rank, &image, &img))),
