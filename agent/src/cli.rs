@@ -295,6 +295,7 @@ pub enum Command {
     /// at its start too). Unreleased restores are killed instead. It is safe to run
     /// at any time: live operations are left alone.
     Rescue {
+        /// The journals' directory (as `--rescue-dir` of dump, restore and serve).
         #[arg(long, env = "CKPT_RESCUE_DIR", default_value = crate::rescue::DEFAULT_DIR)]
         dir: std::path::PathBuf,
         /// Internal: watch the agent PID.START_TIME and rescue its journals when it

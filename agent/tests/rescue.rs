@@ -281,3 +281,76 @@ fn dump_killed_at_any_instant_leaves_the_rank_running_as_it_was() -> Result<()> 
     ensure!(total >= 100, "only {total} kills landed inside dumps");
     Ok(())
 }
+
+/// The watchdog's own file in a journal directory names it as `PID.START`.
+fn watchdogs(rescue_dir: &Path) -> Vec<i32> {
+    walk(rescue_dir)
+        .into_iter()
+        .filter(|p| p.file_name().is_some_and(|n| n == "watchdog"))
+        .filter_map(|p| std::fs::read_to_string(p).ok())
+        .filter_map(|s| s.split('.').next()?.trim().parse().ok())
+        .collect()
+}
+
+#[test]
+fn a_rank_whose_agent_and_watchdog_both_died_stays_stopped_until_ckpt_agent_rescue() -> Result<()> {
+    require_root!(Ok(()));
+    let dir = TempDir::new()?;
+    let rescue_dir = dir.path().join("rescue");
+    let rank = Rank::start(dir.path(), 20, 0)?;
+    let pid = rank.pid();
+    let (_, usr1) = rank.last();
+    let mut cmd = Command::new(agent());
+    cmd.args([
+        "dump",
+        "--pid",
+        &pid.to_string(),
+        "--leave-running",
+        "--image",
+    ])
+    .arg(dir.path().join("img"))
+    .env("CKPT_RESCUE_DIR", &rescue_dir)
+    .stdin(Stdio::null())
+    .stdout(Stdio::null())
+    .stderr(Stdio::null());
+    let mut dump = ProcGuard::new(cmd.spawn()?);
+    ensure!(
+        wait_for(|| injecting(pid), WAIT),
+        "the dump never injected into the rank"
+    );
+    // The watchdog first, then the agent, inside the injection window.
+    let dogs = watchdogs(&rescue_dir);
+    ensure!(dogs.len() == 1, "one watchdog expected: {dogs:?}");
+    send_signal(dogs[0], libc::SIGKILL)?;
+    send_signal(pid, libc::SIGUSR1)?;
+    dump.kill();
+    ensure!(wait_for(|| !traced(pid), WAIT), "the rank is still traced");
+    // Nobody left to put it back: it must stay stopped, not run on.
+    std::thread::sleep(Duration::from_millis(500));
+    ensure!(
+        ckpt_tests::proc_state(pid) == Some('T'),
+        "the rank did not stay stopped: state {:?}",
+        ckpt_tests::proc_state(pid)
+    );
+    let out = Command::new(agent())
+        .args(["rescue", "--dir"])
+        .arg(&rescue_dir)
+        .output()?;
+    ensure!(
+        out.status.success(),
+        "ckpt-agent rescue: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let said = String::from_utf8_lossy(&out.stdout);
+    ensure!(
+        said.contains("1 journal(s)"),
+        "ckpt-agent rescue said {said:?}"
+    );
+    rank.check_runs_on(Some(usr1), "after ckpt-agent rescue")?;
+    ensure!(
+        walk(&rescue_dir).is_empty(),
+        "journals left: {:?}",
+        walk(&rescue_dir)
+    );
+    Ok(())
+}
