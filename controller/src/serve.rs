@@ -1316,10 +1316,12 @@ async fn drive_save(
                     progress("COMMIT", 0, bytes);
                     let store = ctl.store.clone();
                     let mm = m.clone();
-                    let r = tokio::task::spawn_blocking(move || catalog::put(&store, &mm))
+                    let r = match tokio::task::spawn_blocking(move || catalog::put(&store, &mm))
                         .await
-                        .map_err(|e| e.to_string())
-                        .and_then(|r| r.map_err(|e| e.to_string()));
+                    {
+                        Ok(written) => written.map_err(barrier::CommitError::from),
+                        Err(e) => Err(barrier::CommitError::Writer(e)),
+                    };
                     if r.is_ok() {
                         ctl.reg.lock().unwrap().catalog.insert(m.id.clone(), m);
                     }
