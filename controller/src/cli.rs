@@ -82,29 +82,9 @@ pub enum Command {
     /// jobs and the catalog of checkpoints (read from the store at start), and
     /// serve the `job` and `ckpt` commands on a local socket.
     ///
-    /// Settings come from --config (TOML) and are overridden by the flags:
-    ///   listen = "0.0.0.0:7100"
-    ///   store = "s3://ckpt/cluster1"            # or "file:///scratch/ckpt"
-    ///   certs = "/etc/ckpt/certs"
-    ///   socket = "/run/ckpt/controller.sock"
-    ///   lease_secs = 5.0
-    ///   freeze_timeout_secs = 30.0
-    ///   capture_timeout_secs = 60.0
-    ///   store_timeout_secs = 3600.0
-    ///   restore_timeout_secs = 600.0
-    ///   compress = 0                            # zstd level, 0 = raw
-    ///   api_listen = "0.0.0.0:7101"             # job/ckpt commands from other hosts (MUNGE)
-    ///   munge_socket = "/run/munge/munge.socket.2"
-    ///   [s3]                                    # else the AWS_* variables
-    ///   endpoint = "http://10.0.0.5:9000"
-    ///   region = "us-east-1"
-    ///   access_key_id = "..."
-    ///   secret_access_key = "..."
-    ///   allow_http = true
-    /// The controller sends these store settings (or its own AWS_* environment) to
-    /// the agents with each save and restore; an agent takes what they leave unset
-    /// (keys, region) from its own environment.
-    #[command(verbatim_doc_comment)]
+    /// `--help` adds the settings file and what the agents take from it
+    /// (`SERVE_LONG_ABOUT`).
+    #[command(verbatim_doc_comment, long_about = SERVE_LONG_ABOUT)]
     Serve(ServeArgs),
     /// Running jobs: list them, save them, restore them.
     #[command(subcommand)]
@@ -328,6 +308,36 @@ pub enum CaCommand {
         agent: String,
     },
 }
+
+/// The long `--help` of `serve`. It is a string rather than the doc comment of
+/// [`Command::Serve`] because its settings file has an `[s3]` table, which rustdoc
+/// would read as a broken link.
+const SERVE_LONG_ABOUT: &str = r#"Run the controller: accept agents (QUIC, mutual TLS), keep the registry of
+jobs and the catalog of checkpoints (read from the store at start), and
+serve the `job` and `ckpt` commands on a local socket.
+
+Settings come from --config (TOML) and are overridden by the flags:
+  listen = "0.0.0.0:7100"
+  store = "s3://ckpt/cluster1"            # or "file:///scratch/ckpt"
+  certs = "/etc/ckpt/certs"
+  socket = "/run/ckpt/controller.sock"
+  lease_secs = 5.0
+  freeze_timeout_secs = 30.0
+  capture_timeout_secs = 60.0
+  store_timeout_secs = 3600.0
+  restore_timeout_secs = 600.0
+  compress = 0                            # zstd level, 0 = raw
+  api_listen = "0.0.0.0:7101"             # job/ckpt commands from other hosts (MUNGE)
+  munge_socket = "/run/munge/munge.socket.2"
+  [s3]                                    # else the AWS_* variables
+  endpoint = "http://10.0.0.5:9000"
+  region = "us-east-1"
+  access_key_id = "..."
+  secret_access_key = "..."
+  allow_http = true
+The controller sends these store settings (or its own AWS_* environment) to
+the agents with each save and restore; an agent takes what they leave unset
+(keys, region) from its own environment."#;
 
 fn print_json(v: &impl serde::Serialize) -> Result<(), CommandError> {
     let text = serde_json::to_string_pretty(v).map_err(|source| CommandError::Json { source })?;
