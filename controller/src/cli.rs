@@ -8,7 +8,9 @@ use crate::api::{self, Done, Event, Request};
 use crate::client::{self, ClientError};
 use crate::demo::DemoError;
 use crate::serve::ServeError;
+use ckpt_shared::outln;
 use ckpt_shared::proto::ExternalTcp;
+use ckpt_shared::stdout::StdoutError;
 use ckpt_shared::tls::TlsError;
 
 /// A command of `ckpt-controller` that failed. The binary prints it with its
@@ -29,11 +31,25 @@ pub enum CommandError {
     NoOutcome,
     #[error("no checkpoint in the answer")]
     NoCheckpoint,
+    #[error(transparent)]
+    Stdout(#[from] StdoutError),
     #[error("printing the answer as JSON")]
     Json {
         #[source]
         source: serde_json::Error,
     },
+}
+
+impl CommandError {
+    /// The reader of standard output went away (`job list | head -n1`): the
+    /// command stopped writing, which is no failure (the binary exits 0).
+    pub fn is_stdout_closed(&self) -> bool {
+        matches!(
+            self,
+            CommandError::Stdout(StdoutError::Closed)
+                | CommandError::Demo(DemoError::Stdout(StdoutError::Closed))
+        )
+    }
 }
 
 /// ckpt-controller: checkpoints of whole jobs across nodes.
@@ -341,7 +357,7 @@ the agents with each save and restore; an agent takes what they leave unset
 
 fn print_json(v: &impl serde::Serialize) -> Result<(), CommandError> {
     let text = serde_json::to_string_pretty(v).map_err(|source| CommandError::Json { source })?;
-    println!("{text}");
+    outln!("{text}");
     Ok(())
 }
 
@@ -453,9 +469,9 @@ pub fn run(cli: Cli) -> Result<(), CommandError> {
             if json {
                 print_json(&nodes)?;
             } else {
-                println!("{:<16} {:>5}  {:<24} KERNEL", "NODE", "RANKS", "ADDRESSES");
+                outln!("{:<16} {:>5}  {:<24} KERNEL", "NODE", "RANKS", "ADDRESSES");
                 for n in nodes {
-                    println!(
+                    outln!(
                         "{:<16} {:>5}  {:<24} {}",
                         n.name,
                         n.ranks,
@@ -471,15 +487,18 @@ pub fn run(cli: Cli) -> Result<(), CommandError> {
             if json {
                 print_json(&jobs)?;
             } else {
-                println!(
+                outln!(
                     "{:<20} {:>6} {:>5}  {:<20} LATEST",
-                    "JOB", "UID", "RANKS", "NODES"
+                    "JOB",
+                    "UID",
+                    "RANKS",
+                    "NODES"
                 );
                 for j in jobs {
                     let mut nodes: Vec<&str> = j.ranks.iter().map(|r| r.node.as_str()).collect();
                     nodes.sort();
                     nodes.dedup();
-                    println!(
+                    outln!(
                         "{:<20} {:>6} {:>5}  {:<20} {}",
                         j.job,
                         j.uid,
@@ -516,9 +535,9 @@ pub fn run(cli: Cli) -> Result<(), CommandError> {
             if json {
                 print_json(&o)?;
             } else if wait {
-                client::print_outcome("saved", &o);
+                client::print_outcome("saved", &o)?;
             } else {
-                println!("{}", o.ckpt);
+                outln!("{}", o.ckpt);
                 eprintln!("save of job {} started; `ckpt-controller ckpt list --job {}` shows it once committed", o.job, o.job);
             }
         }
@@ -545,7 +564,7 @@ pub fn run(cli: Cli) -> Result<(), CommandError> {
             if json {
                 print_json(&o)?;
             } else {
-                client::print_outcome("restored", &o);
+                client::print_outcome("restored", &o)?;
             }
         }
         Command::Ckpt(CkptCommand::List { job, socket, json }) => {
@@ -557,12 +576,17 @@ pub fn run(cli: Cli) -> Result<(), CommandError> {
             if json {
                 print_json(&ckpts)?;
             } else {
-                println!(
+                outln!(
                     "{:<28} {:<16} {:>5} {:>10} {:>10} {:>10}  WHEN",
-                    "CHECKPOINT", "JOB", "RANKS", "MEMORY", "STORED", "STILL"
+                    "CHECKPOINT",
+                    "JOB",
+                    "RANKS",
+                    "MEMORY",
+                    "STORED",
+                    "STILL"
                 );
                 for m in ckpts {
-                    println!(
+                    outln!(
                         "{:<28} {:<16} {:>5} {:>10} {:>10} {:>8.1}ms  {}",
                         m.id,
                         m.job,
@@ -585,8 +609,8 @@ pub fn run(cli: Cli) -> Result<(), CommandError> {
             if json {
                 print_json(&m)?;
             } else {
-                println!("checkpoint {} of job {} (uid {})", m.id, m.job, m.uid);
-                println!(
+                outln!("checkpoint {} of job {} (uid {})", m.id, m.job, m.uid);
+                outln!(
                     "  taken {} ({}), store {}",
                     when(m.created_unix),
                     if m.killed {
@@ -596,7 +620,7 @@ pub fn run(cli: Cli) -> Result<(), CommandError> {
                     },
                     m.store
                 );
-                println!(
+                outln!(
                     "  stood still {:.1} ms, total {:.1} ms, memory {}, stored {}",
                     m.freeze_us as f64 / 1e3,
                     m.total_us as f64 / 1e3,
@@ -604,7 +628,7 @@ pub fn run(cli: Cli) -> Result<(), CommandError> {
                     client::human(m.stored_bytes())
                 );
                 for r in &m.ranks {
-                    println!(
+                    outln!(
                         "  rank {:>4}  node {:<12} PID {:<8} {:>10}  {}",
                         r.rank,
                         r.node,
@@ -613,13 +637,13 @@ pub fn run(cli: Cli) -> Result<(), CommandError> {
                         r.image
                     );
                     for a in &r.listen {
-                        println!("             tcp listening on {a}");
+                        outln!("             tcp listening on {a}");
                     }
                     for a in &r.udp {
-                        println!("             udp bound to {a}");
+                        outln!("             udp bound to {a}");
                     }
                     for c in &r.tcp {
-                        println!(
+                        outln!(
                             "             tcp {} -> {}: {} queued to send, {} received unread{}",
                             c.local,
                             c.remote,
@@ -645,9 +669,9 @@ pub fn run(cli: Cli) -> Result<(), CommandError> {
                 |_| {},
             )?);
             for m in &gone {
-                println!("removed {}", m.id);
+                outln!("removed {}", m.id);
             }
-            println!(
+            outln!(
                 "job {job}: {} checkpoint(s) removed, the newest {keep} kept",
                 gone.len()
             );
@@ -656,8 +680,8 @@ pub fn run(cli: Cli) -> Result<(), CommandError> {
             match client::call_at(&target(&socket), &Request::Gc, |_| {})? {
                 Event::Done(Done {
                     message: Some(m), ..
-                }) => println!("{m}"),
-                _ => println!("gc done"),
+                }) => outln!("{m}"),
+                _ => outln!("gc done"),
             }
         }
         Command::Ckpt(CkptCommand::Rm { ckpt, socket }) => {
@@ -666,7 +690,7 @@ pub fn run(cli: Cli) -> Result<(), CommandError> {
                 &Request::Remove { ckpt: ckpt.clone() },
                 |_| {},
             )?;
-            println!("checkpoint {ckpt} removed");
+            outln!("checkpoint {ckpt} removed");
         }
         Command::Ca(CaCommand::Init {
             dir,
@@ -674,16 +698,16 @@ pub fn run(cli: Cli) -> Result<(), CommandError> {
             agents,
         }) => {
             crate::tls::ca_init(&dir, &controller_names, &agents)?;
-            println!("cluster CA created in {}", dir.display());
-            println!("  controller: {}/controller.pem", dir.display());
+            outln!("cluster CA created in {}", dir.display());
+            outln!("  controller: {}/controller.pem", dir.display());
             for a in &agents {
-                println!("  agent {a}: {}/agents/{a}.pem", dir.display());
+                outln!("  agent {a}: {}/agents/{a}.pem", dir.display());
             }
-            println!("keep {}/ca.key on this host only", dir.display());
+            outln!("keep {}/ca.key on this host only", dir.display());
         }
         Command::Ca(CaCommand::Issue { dir, agent }) => {
             let (cert, key) = crate::tls::ca_issue(&dir, &agent)?;
-            println!("agent {agent}: {} and {}", cert.display(), key.display());
+            outln!("agent {agent}: {} and {}", cert.display(), key.display());
         }
     }
     Ok(())

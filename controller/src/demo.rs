@@ -16,11 +16,15 @@ use std::time::{Duration, Instant};
 use crate::api::{Done, Event, Outcome, Request};
 use crate::client::{self, ClientError};
 use crate::serve::{ServeError, ServeOptions};
+use ckpt_shared::outln;
+use ckpt_shared::stdout::StdoutError;
 use ckpt_shared::tls::TlsError;
 
 /// The demo could not run, or the job did not continue correctly.
 #[derive(Debug, thiserror::Error)]
 pub enum DemoError {
+    #[error(transparent)]
+    Stdout(#[from] StdoutError),
     #[error("the demo freezes and restores processes with ptrace: run it as root")]
     NotRoot,
     #[error("finding the path of this program")]
@@ -290,9 +294,10 @@ pub fn run(mib: usize, keep: bool, opts: ServeOptions) -> Result<(), DemoError> 
         ..crate::serve::Config::default()
     };
     let ctl = crate::serve::start(cfg.clone(), opts)?;
-    println!(
+    outln!(
         "== controller on {} (QUIC, mutual TLS), store {}",
-        ctl.addr, cfg.store
+        ctl.addr,
+        cfg.store
     );
     let agent_socket = dir.join("agent.sock");
     let agent_log_path = dir.join("agent.log");
@@ -334,7 +339,7 @@ pub fn run(mib: usize, keep: bool, opts: ServeOptions) -> Result<(), DemoError> 
         }
         std::thread::sleep(Duration::from_millis(50));
     }
-    println!(
+    outln!(
         "== agent 'local' registered (ckpt-agent serve, PID {})",
         clean.agent.as_ref().map(|c| c.id()).unwrap_or(0)
     );
@@ -411,7 +416,7 @@ pub fn run(mib: usize, keep: bool, opts: ServeOptions) -> Result<(), DemoError> 
     }
     // Let the agent report the ranks.
     std::thread::sleep(Duration::from_millis(400));
-    println!(
+    outln!(
         "== job '{JOB}': {RANKS} ranks, each rewriting a {mib} MiB array every 10 ms (PIDs {})",
         clean
             .ranks
@@ -421,7 +426,7 @@ pub fn run(mib: usize, keep: bool, opts: ServeOptions) -> Result<(), DemoError> 
             .join(", ")
     );
 
-    println!("== ckpt-controller job save {JOB} --wait        (the job runs on)");
+    outln!("== ckpt-controller job save {JOB} --wait        (the job runs on)");
     let s1 = call(
         &socket,
         Request::Save {
@@ -431,13 +436,13 @@ pub fn run(mib: usize, keep: bool, opts: ServeOptions) -> Result<(), DemoError> 
             external_tcp: None,
         },
     )?;
-    client::print_outcome("saved", &s1);
+    client::print_outcome("saved", &s1)?;
     let steps_before = logs.iter().map(|l| last_step(l)).min().unwrap_or(0);
     std::thread::sleep(Duration::from_millis(300));
     let steps_after = logs.iter().map(|l| last_step(l)).min().unwrap_or(0);
-    println!("   still computing: step {steps_before} -> {steps_after} in 0.3 s");
+    outln!("   still computing: step {steps_before} -> {steps_after} in 0.3 s");
 
-    println!("== ckpt-controller job save {JOB} --kill --wait");
+    outln!("== ckpt-controller job save {JOB} --kill --wait");
     let s2 = call(
         &socket,
         Request::Save {
@@ -447,16 +452,16 @@ pub fn run(mib: usize, keep: bool, opts: ServeOptions) -> Result<(), DemoError> 
             external_tcp: None,
         },
     )?;
-    client::print_outcome("saved", &s2);
+    client::print_outcome("saved", &s2)?;
     for c in &mut clean.ranks {
         c.wait().map_err(|source| DemoError::WaitRank { source })?;
     }
     clean.ranks.clear();
     let at_kill: Vec<u64> = logs.iter().map(|l| last_step(l)).collect();
-    println!("   the ranks are gone (killed after the commit) at steps {at_kill:?}");
+    outln!("   the ranks are gone (killed after the commit) at steps {at_kill:?}");
     std::thread::sleep(Duration::from_millis(700)); // the agent notices
 
-    println!("== ckpt-controller job restore {JOB}:latest");
+    outln!("== ckpt-controller job restore {JOB}:latest");
     let r = call(
         &socket,
         Request::Restore {
@@ -466,7 +471,7 @@ pub fn run(mib: usize, keep: bool, opts: ServeOptions) -> Result<(), DemoError> 
         },
     )?;
     clean.restored = r.pids.iter().map(|p| p.pid).collect();
-    client::print_outcome("restored", &r);
+    client::print_outcome("restored", &r)?;
     let t = Instant::now();
     while logs
         .iter()
@@ -480,24 +485,30 @@ pub fn run(mib: usize, keep: bool, opts: ServeOptions) -> Result<(), DemoError> 
         }
         std::thread::sleep(Duration::from_millis(20));
     }
-    println!("== checking every rank's log against an independent recomputation");
+    outln!("== checking every rank's log against an independent recomputation");
     let mut all_ok = true;
     for (i, l) in logs.iter().enumerate() {
         match verify(i as u32, mib, l) {
-            Ok(n) => println!(
+            Ok(n) => outln!(
                 "   rank {i}: steps 1..{n} all present once, in order, every value right (killed at {}, restored, went on)",
                 at_kill[i]
             ),
             Err(e) => {
                 all_ok = false;
-                println!("   rank {i}: BROKEN: {}", ckpt_shared::report::error_chain(&e));
+                outln!("   rank {i}: BROKEN: {}", ckpt_shared::report::error_chain(&e));
             }
         }
     }
-    println!();
-    println!(
+    outln!();
+    outln!(
         "{:<24} {:>6} {:>12} {:>11} {:>11} {:>12} {:>10}",
-        "operation", "ranks", "stood still", "image", "stored", "throughput", "time"
+        "operation",
+        "ranks",
+        "stood still",
+        "image",
+        "stored",
+        "throughput",
+        "time"
     );
     for (what, o) in [
         ("save (job runs on)", &s1),
@@ -505,7 +516,7 @@ pub fn run(mib: usize, keep: bool, opts: ServeOptions) -> Result<(), DemoError> 
         ("restore", &r),
     ] {
         let restore = what == "restore";
-        println!(
+        outln!(
             "{:<24} {:>6} {:>12} {:>11} {:>11} {:>12} {:>10}",
             what,
             o.ranks,
@@ -527,15 +538,15 @@ pub fn run(mib: usize, keep: bool, opts: ServeOptions) -> Result<(), DemoError> 
             format!("{:.1} ms", o.total_ms)
         );
     }
-    println!();
+    outln!();
     if keep {
-        println!("files kept in {}", dir.display());
+        outln!("files kept in {}", dir.display());
     }
     drop(clean);
     drop(ctl);
     if !all_ok {
         return Err(DemoError::Broken);
     }
-    println!("the job continued correctly after save, kill and restore");
+    outln!("the job continued correctly after save, kill and restore");
     Ok(())
 }
