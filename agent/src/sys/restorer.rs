@@ -2,9 +2,13 @@
 //! trampoline pages it maps in itself, its memfds for shared memory, reading its
 //! own vDSO.
 //!
-//! Kernel contract: `clone3` with `set_tid` (Linux ≥ 5.5; choosing a PID needs
-//! `CAP_CHECKPOINT_RESTORE` or `CAP_SYS_ADMIN` in the PID namespace's owner),
-//! `MAP_FIXED_NOREPLACE` (≥ 4.17), `memfd_create` (≥ 3.17).
+//! Kernel contract: `clone3` with `set_tid` (Linux ≥ 5.5); choosing a PID needs
+//! `CAP_SYS_ADMIN`, or (since 5.9) `CAP_CHECKPOINT_RESTORE`, in every user
+//! namespace that owns one of the target PID namespaces. `PTRACE_TRACEME` in the
+//! child needs nothing (its parent is the tracer). `MAP_FIXED_NOREPLACE`
+//! (≥ 4.17; an older kernel takes it as a hint, which [`map_trampoline`] checks),
+//! `memfd_create` (≥ 3.17); these and `ftruncate` on our own memfd need no
+//! capability.
 
 use std::ffi::CString;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};

@@ -1,4 +1,17 @@
 //! Wrappers for the system calls the agent makes itself (not injected).
+//!
+//! Kernel contract, call by call:
+//! - `process_vm_readv` / `process_vm_writev`: Linux ≥ 3.2, PTRACE_MODE_ATTACH_REALCREDS
+//!   over the target (the same user, or `CAP_SYS_PTRACE`);
+//! - `pidfd_open` ≥ 5.3 (no capability); `pidfd_getfd` ≥ 5.6,
+//!   PTRACE_MODE_ATTACH_REALCREDS over the target;
+//! - `kcmp(KCMP_FILE)` ≥ 3.5, PTRACE_MODE_READ_REALCREDS over both processes, and a
+//!   kernel with `CONFIG_KCMP` (or `CONFIG_CHECKPOINT_RESTORE` before 5.12);
+//! - `get_robust_list` of another thread ≥ 2.6.17, PTRACE_MODE_READ_REALCREDS;
+//! - `tee` ≥ 2.6.17; `F_GETPIPE_SZ` / `F_SETPIPE_SZ` ≥ 2.6.35 (above
+//!   `/proc/sys/fs/pipe-max-size` needs `CAP_SYS_RESOURCE`); `FIONREAD` on a pipe;
+//! - `kill` / `tgkill` of a process not ours: the same user, or `CAP_KILL`;
+//! - `syncfs` ≥ 2.6.39; `xgetbv` (XCR0) needs a CPU with OSXSAVE set.
 
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
