@@ -155,18 +155,13 @@ pub fn enter(init: pid_t) -> Result<std::fs::File, SysError> {
         what: format!("/proc/{init}/ns/pid"),
         source,
     })?;
-    // SAFETY: setns on a namespace descriptor we just opened.
-    if unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWPID) } < 0 {
-        return Err(SysError::last("setns(CLONE_NEWPID)", init));
-    }
+    nix::sched::setns(&f, nix::sched::CloneFlags::CLONE_NEWPID)
+        .map_err(|e| SysError::nix("setns(CLONE_NEWPID)", init, e))?;
     Ok(ours)
 }
 
 /// Children are born in our own PID namespace again.
 pub fn leave(ours: std::fs::File) -> Result<(), SysError> {
-    // SAFETY: setns on a namespace descriptor we own.
-    if unsafe { libc::setns(ours.as_raw_fd(), libc::CLONE_NEWPID) } < 0 {
-        return Err(SysError::last("setns(CLONE_NEWPID)", "our own namespace"));
-    }
-    Ok(())
+    nix::sched::setns(&ours, nix::sched::CloneFlags::CLONE_NEWPID)
+        .map_err(|e| SysError::nix("setns(CLONE_NEWPID)", "our own namespace", e))
 }
