@@ -407,131 +407,138 @@ fn serve_options() -> crate::serve::ServeOptions {
 }
 
 pub fn run(cli: Cli) -> Result<(), CommandError> {
-    let remote = cli.controller.clone();
-    let munge_socket = cli.munge_socket.clone();
-    let target = |socket: &std::path::Path| match &remote {
-        Some(addr) => client::Target::Munge {
-            addr: addr.clone(),
-            socket: munge_socket.clone(),
-        },
-        None => client::Target::Local(socket.to_path_buf()),
+    let api = Api {
+        remote: cli.controller,
+        munge_socket: cli.munge_socket,
     };
     match cli.command {
-        Command::Serve(a) => {
-            let mut cfg = match &a.config {
-                Some(p) => crate::serve::Config::load(p)?,
-                None => crate::serve::Config::default(),
-            };
-            if let Some(v) = a.listen {
-                cfg.listen = v;
-            }
-            if let Some(v) = a.store {
-                cfg.store = v;
-            }
-            if let Some(v) = a.certs {
-                cfg.certs = v;
-            }
-            if let Some(v) = a.socket {
-                cfg.socket = v;
-            }
-            if let Some(v) = a.lease {
-                cfg.lease_secs = v;
-            }
-            if let Some(v) = a.api_listen {
-                cfg.api_listen = Some(v);
-            }
-            if let Some(v) = munge_socket.clone() {
-                cfg.munge_socket = Some(v);
-            }
-            if !(0.2..=3600.0).contains(&cfg.lease_secs) {
-                return Err(CommandError::Lease {
-                    secs: cfg.lease_secs,
-                });
-            }
-            let r = crate::serve::start(cfg.clone(), serve_options())?;
-            eprintln!(
-                "ckpt-controller: serving agents on {} (QUIC), commands on {}, store {}",
-                r.addr,
-                cfg.socket.display(),
-                cfg.store
-            );
-            r.wait();
-        }
-        Command::Demo { mib, keep } => crate::demo::run(mib.max(1), keep, serve_options())?,
+        Command::Serve(a) => serve(a, api.munge_socket),
+        Command::Demo { mib, keep } => Ok(crate::demo::run(mib.max(1), keep, serve_options())?),
         Command::DemoRank {
             rank,
             mib,
             interval_ms,
         } => crate::demo::rank_main(rank, mib.max(1), interval_ms),
-        Command::Nodes { socket, json } => {
-            let (_, _, nodes, _) =
-                done_parts(client::call_at(&target(&socket), &Request::Nodes, |_| {})?);
-            if json {
-                print_json(&nodes)?;
-            } else {
-                outln!("{:<16} {:>5}  {:<24} KERNEL", "NODE", "RANKS", "ADDRESSES");
-                for n in nodes {
-                    outln!(
-                        "{:<16} {:>5}  {:<24} {}",
-                        n.name,
-                        n.ranks,
-                        n.addrs.join(","),
-                        n.kernel
-                    );
-                }
-            }
+        Command::Nodes { socket, json } => nodes(&api.target(&socket), json),
+        Command::Job(c) => job(&api, c),
+        Command::Ckpt(c) => ckpt(&api, c),
+        Command::Ca(c) => ca(c),
+    }
+}
+
+/// Where the `job`, `ckpt` and `nodes` commands send their request: the local
+/// socket, or with `--controller` the TCP API of a controller on another host.
+struct Api {
+    remote: Option<String>,
+    munge_socket: Option<PathBuf>,
+}
+
+impl Api {
+    fn target(&self, socket: &std::path::Path) -> client::Target {
+        match &self.remote {
+            Some(addr) => client::Target::Munge {
+                addr: addr.clone(),
+                socket: self.munge_socket.clone(),
+            },
+            None => client::Target::Local(socket.to_path_buf()),
         }
-        Command::Job(JobCommand::List { socket, json }) => {
-            let (_, jobs, _, _) =
-                done_parts(client::call_at(&target(&socket), &Request::Jobs, |_| {})?);
-            if json {
-                print_json(&jobs)?;
-            } else {
-                outln!(
-                    "{:<20} {:>6} {:>5}  {:<20} LATEST",
-                    "JOB",
-                    "UID",
-                    "RANKS",
-                    "NODES"
-                );
-                for j in jobs {
-                    let mut nodes: Vec<&str> = j.ranks.iter().map(|r| r.node.as_str()).collect();
-                    nodes.sort();
-                    nodes.dedup();
-                    outln!(
-                        "{:<20} {:>6} {:>5}  {:<20} {}",
-                        j.job,
-                        j.uid,
-                        j.ranks.len(),
-                        nodes.join(","),
-                        j.latest.as_deref().unwrap_or("-")
-                    );
-                }
-            }
-        }
-        Command::Job(JobCommand::Save {
+    }
+
+    /// One request, answered at once (no progress to show).
+    fn ask(&self, socket: &std::path::Path, req: &Request) -> Result<Event, CommandError> {
+        Ok(client::call_at(&self.target(socket), req, |_| {})?)
+    }
+}
+
+/// `serve`: the config file, overridden by the flags; then run until killed.
+fn serve(a: ServeArgs, munge_socket: Option<PathBuf>) -> Result<(), CommandError> {
+    let cfg = serve_config(a, munge_socket)?;
+    let r = crate::serve::start(cfg.clone(), serve_options())?;
+    eprintln!(
+        "ckpt-controller: serving agents on {} (QUIC), commands on {}, store {}",
+        r.addr,
+        cfg.socket.display(),
+        cfg.store
+    );
+    r.wait();
+}
+
+/// The controller's settings: `--config` (or the defaults), each flag given over
+/// its key.
+fn serve_config(
+    a: ServeArgs,
+    munge_socket: Option<PathBuf>,
+) -> Result<crate::serve::Config, CommandError> {
+    let mut cfg = match &a.config {
+        Some(p) => crate::serve::Config::load(p)?,
+        None => crate::serve::Config::default(),
+    };
+    if let Some(v) = a.listen {
+        cfg.listen = v;
+    }
+    if let Some(v) = a.store {
+        cfg.store = v;
+    }
+    if let Some(v) = a.certs {
+        cfg.certs = v;
+    }
+    if let Some(v) = a.socket {
+        cfg.socket = v;
+    }
+    if let Some(v) = a.lease {
+        cfg.lease_secs = v;
+    }
+    if let Some(v) = a.api_listen {
+        cfg.api_listen = Some(v);
+    }
+    if let Some(v) = munge_socket {
+        cfg.munge_socket = Some(v);
+    }
+    if !(0.2..=3600.0).contains(&cfg.lease_secs) {
+        return Err(CommandError::Lease {
+            secs: cfg.lease_secs,
+        });
+    }
+    Ok(cfg)
+}
+
+/// `nodes`: the connected agents.
+fn nodes(target: &client::Target, json: bool) -> Result<(), CommandError> {
+    let (_, _, nodes, _) = done_parts(client::call_at(target, &Request::Nodes, |_| {})?);
+    if json {
+        return print_json(&nodes);
+    }
+    outln!("{:<16} {:>5}  {:<24} KERNEL", "NODE", "RANKS", "ADDRESSES");
+    for n in nodes {
+        outln!(
+            "{:<16} {:>5}  {:<24} {}",
+            n.name,
+            n.ranks,
+            n.addrs.join(","),
+            n.kernel
+        );
+    }
+    Ok(())
+}
+
+fn job(api: &Api, c: JobCommand) -> Result<(), CommandError> {
+    match c {
+        JobCommand::List { socket, json } => job_list(api, &socket, json),
+        JobCommand::Save {
             job,
             kill,
             wait,
             external_tcp,
             socket,
             json,
-        }) => {
-            let mut bar = client::Bar::default();
+        } => {
             let req = Request::Save {
                 job,
                 kill,
                 wait,
                 external_tcp,
             };
-            let r = client::call_at(&target(&socket), &req, |e| {
-                if !json {
-                    bar.show(e)
-                }
-            });
-            bar.finish();
-            let (o, ..) = done_parts(r?);
-            let o = o.ok_or(CommandError::NoOutcome)?;
+            let o = with_progress(&api.target(&socket), &req, json)?;
             if json {
                 print_json(&o)?;
             } else if wait {
@@ -540,134 +547,94 @@ pub fn run(cli: Cli) -> Result<(), CommandError> {
                 outln!("{}", o.ckpt);
                 eprintln!("save of job {} started; `ckpt-controller ckpt list --job {}` shows it once committed", o.job, o.job);
             }
+            Ok(())
         }
-        Command::Job(JobCommand::Restore {
+        JobCommand::Restore {
             ckpt,
             nodes,
             map,
             socket,
             json,
-        }) => {
-            let mut bar = client::Bar::default();
-            let r = client::call_at(
-                &target(&socket),
-                &Request::Restore { ckpt, nodes, map },
-                |e| {
-                    if !json {
-                        bar.show(e)
-                    }
-                },
-            );
-            bar.finish();
-            let (o, ..) = done_parts(r?);
-            let o = o.ok_or(CommandError::NoOutcome)?;
+        } => {
+            let req = Request::Restore { ckpt, nodes, map };
+            let o = with_progress(&api.target(&socket), &req, json)?;
             if json {
-                print_json(&o)?;
+                print_json(&o)
             } else {
-                client::print_outcome("restored", &o)?;
+                Ok(client::print_outcome("restored", &o)?)
             }
         }
-        Command::Ckpt(CkptCommand::List { job, socket, json }) => {
-            let (.., ckpts) = done_parts(client::call_at(
-                &target(&socket),
-                &Request::Ckpts { job },
-                |_| {},
-            )?);
-            if json {
-                print_json(&ckpts)?;
-            } else {
-                outln!(
-                    "{:<28} {:<16} {:>5} {:>10} {:>10} {:>10}  WHEN",
-                    "CHECKPOINT",
-                    "JOB",
-                    "RANKS",
-                    "MEMORY",
-                    "STORED",
-                    "STILL"
-                );
-                for m in ckpts {
-                    outln!(
-                        "{:<28} {:<16} {:>5} {:>10} {:>10} {:>8.1}ms  {}",
-                        m.id,
-                        m.job,
-                        m.ranks.len(),
-                        client::human(m.memory_bytes()),
-                        client::human(m.stored_bytes()),
-                        m.freeze_us as f64 / 1e3,
-                        when(m.created_unix)
-                    );
-                }
-            }
+    }
+}
+
+/// A save or restore, with its progress bar on stderr (none for `--json`): its
+/// outcome.
+fn with_progress(
+    target: &client::Target,
+    req: &Request,
+    json: bool,
+) -> Result<api::Outcome, CommandError> {
+    let mut bar = client::Bar::default();
+    let r = client::call_at(target, req, |e| {
+        if !json {
+            bar.show(e)
         }
-        Command::Ckpt(CkptCommand::Show { ckpt, socket, json }) => {
-            let (.., ckpts) = done_parts(client::call_at(
-                &target(&socket),
-                &Request::Show { ckpt },
-                |_| {},
-            )?);
+    });
+    bar.finish();
+    let (o, ..) = done_parts(r?);
+    o.ok_or(CommandError::NoOutcome)
+}
+
+/// `job list`.
+fn job_list(api: &Api, socket: &std::path::Path, json: bool) -> Result<(), CommandError> {
+    let (_, jobs, _, _) = done_parts(api.ask(socket, &Request::Jobs)?);
+    if json {
+        return print_json(&jobs);
+    }
+    outln!(
+        "{:<20} {:>6} {:>5}  {:<20} LATEST",
+        "JOB",
+        "UID",
+        "RANKS",
+        "NODES"
+    );
+    for j in jobs {
+        let mut nodes: Vec<&str> = j.ranks.iter().map(|r| r.node.as_str()).collect();
+        nodes.sort();
+        nodes.dedup();
+        outln!(
+            "{:<20} {:>6} {:>5}  {:<20} {}",
+            j.job,
+            j.uid,
+            j.ranks.len(),
+            nodes.join(","),
+            j.latest.as_deref().unwrap_or("-")
+        );
+    }
+    Ok(())
+}
+
+fn ckpt(api: &Api, c: CkptCommand) -> Result<(), CommandError> {
+    match c {
+        CkptCommand::List { job, socket, json } => {
+            let (.., ckpts) = done_parts(api.ask(&socket, &Request::Ckpts { job })?);
+            ckpt_list(&ckpts, json)
+        }
+        CkptCommand::Show { ckpt, socket, json } => {
+            let (.., ckpts) = done_parts(api.ask(&socket, &Request::Show { ckpt })?);
             let m = ckpts.into_iter().next().ok_or(CommandError::NoCheckpoint)?;
             if json {
-                print_json(&m)?;
+                print_json(&m)
             } else {
-                outln!("checkpoint {} of job {} (uid {})", m.id, m.job, m.uid);
-                outln!(
-                    "  taken {} ({}), store {}",
-                    when(m.created_unix),
-                    if m.killed {
-                        "job killed"
-                    } else {
-                        "job left running"
-                    },
-                    m.store
-                );
-                outln!(
-                    "  stood still {:.1} ms, total {:.1} ms, memory {}, stored {}",
-                    m.freeze_us as f64 / 1e3,
-                    m.total_us as f64 / 1e3,
-                    client::human(m.memory_bytes()),
-                    client::human(m.stored_bytes())
-                );
-                for r in &m.ranks {
-                    outln!(
-                        "  rank {:>4}  node {:<12} PID {:<8} {:>10}  {}",
-                        r.rank,
-                        r.node,
-                        r.pid,
-                        client::human(r.memory_bytes),
-                        r.image
-                    );
-                    for a in &r.listen {
-                        outln!("             tcp listening on {a}");
-                    }
-                    for a in &r.udp {
-                        outln!("             udp bound to {a}");
-                    }
-                    for c in &r.tcp {
-                        outln!(
-                            "             tcp {} -> {}: {} queued to send, {} received unread{}",
-                            c.local,
-                            c.remote,
-                            client::human(c.send_queued),
-                            client::human(c.recv_queued),
-                            if c.external {
-                                " (peer outside the job: restored reset)"
-                            } else {
-                                ""
-                            }
-                        );
-                    }
-                }
+                ckpt_show(&m)
             }
         }
-        Command::Ckpt(CkptCommand::Prune { job, keep, socket }) => {
-            let (.., gone) = done_parts(client::call_at(
-                &target(&socket),
-                &Request::Prune {
-                    job: job.clone(),
-                    keep,
-                },
-                |_| {},
-            )?);
+        CkptCommand::Prune { job, keep, socket } => {
+            let req = Request::Prune {
+                job: job.clone(),
+                keep,
+            };
+            let (.., gone) = done_parts(api.ask(&socket, &req)?);
             for m in &gone {
                 outln!("removed {}", m.id);
             }
@@ -675,28 +642,114 @@ pub fn run(cli: Cli) -> Result<(), CommandError> {
                 "job {job}: {} checkpoint(s) removed, the newest {keep} kept",
                 gone.len()
             );
+            Ok(())
         }
-        Command::Ckpt(CkptCommand::Gc { socket }) => {
-            match client::call_at(&target(&socket), &Request::Gc, |_| {})? {
+        CkptCommand::Gc { socket } => {
+            match api.ask(&socket, &Request::Gc)? {
                 Event::Done(Done {
                     message: Some(m), ..
                 }) => outln!("{m}"),
                 _ => outln!("gc done"),
             }
+            Ok(())
         }
-        Command::Ckpt(CkptCommand::Rm { ckpt, socket }) => {
-            client::call_at(
-                &target(&socket),
-                &Request::Remove { ckpt: ckpt.clone() },
-                |_| {},
-            )?;
+        CkptCommand::Rm { ckpt, socket } => {
+            api.ask(&socket, &Request::Remove { ckpt: ckpt.clone() })?;
             outln!("checkpoint {ckpt} removed");
+            Ok(())
         }
-        Command::Ca(CaCommand::Init {
+    }
+}
+
+/// `ckpt list`: a line per checkpoint.
+fn ckpt_list(ckpts: &[ckpt_shared::catalog::JobManifest], json: bool) -> Result<(), CommandError> {
+    if json {
+        return print_json(&ckpts);
+    }
+    outln!(
+        "{:<28} {:<16} {:>5} {:>10} {:>10} {:>10}  WHEN",
+        "CHECKPOINT",
+        "JOB",
+        "RANKS",
+        "MEMORY",
+        "STORED",
+        "STILL"
+    );
+    for m in ckpts {
+        outln!(
+            "{:<28} {:<16} {:>5} {:>10} {:>10} {:>8.1}ms  {}",
+            m.id,
+            m.job,
+            m.ranks.len(),
+            client::human(m.memory_bytes()),
+            client::human(m.stored_bytes()),
+            m.freeze_us as f64 / 1e3,
+            when(m.created_unix)
+        );
+    }
+    Ok(())
+}
+
+/// `ckpt show`: one checkpoint, rank by rank, with its sockets.
+fn ckpt_show(m: &ckpt_shared::catalog::JobManifest) -> Result<(), CommandError> {
+    outln!("checkpoint {} of job {} (uid {})", m.id, m.job, m.uid);
+    outln!(
+        "  taken {} ({}), store {}",
+        when(m.created_unix),
+        if m.killed {
+            "job killed"
+        } else {
+            "job left running"
+        },
+        m.store
+    );
+    outln!(
+        "  stood still {:.1} ms, total {:.1} ms, memory {}, stored {}",
+        m.freeze_us as f64 / 1e3,
+        m.total_us as f64 / 1e3,
+        client::human(m.memory_bytes()),
+        client::human(m.stored_bytes())
+    );
+    for r in &m.ranks {
+        outln!(
+            "  rank {:>4}  node {:<12} PID {:<8} {:>10}  {}",
+            r.rank,
+            r.node,
+            r.pid,
+            client::human(r.memory_bytes),
+            r.image
+        );
+        for a in &r.listen {
+            outln!("             tcp listening on {a}");
+        }
+        for a in &r.udp {
+            outln!("             udp bound to {a}");
+        }
+        for c in &r.tcp {
+            outln!(
+                "             tcp {} -> {}: {} queued to send, {} received unread{}",
+                c.local,
+                c.remote,
+                client::human(c.send_queued),
+                client::human(c.recv_queued),
+                if c.external {
+                    " (peer outside the job: restored reset)"
+                } else {
+                    ""
+                }
+            );
+        }
+    }
+    Ok(())
+}
+
+fn ca(c: CaCommand) -> Result<(), CommandError> {
+    match c {
+        CaCommand::Init {
             dir,
             controller_names,
             agents,
-        }) => {
+        } => {
             crate::tls::ca_init(&dir, &controller_names, &agents)?;
             outln!("cluster CA created in {}", dir.display());
             outln!("  controller: {}/controller.pem", dir.display());
@@ -705,7 +758,7 @@ pub fn run(cli: Cli) -> Result<(), CommandError> {
             }
             outln!("keep {}/ca.key on this host only", dir.display());
         }
-        Command::Ca(CaCommand::Issue { dir, agent }) => {
+        CaCommand::Issue { dir, agent } => {
             let (cert, key) = crate::tls::ca_issue(&dir, &agent)?;
             outln!("agent {agent}: {} and {}", cert.display(), key.display());
         }
