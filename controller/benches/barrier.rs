@@ -12,9 +12,11 @@
 use std::time::{Duration, Instant};
 
 use ckpt_controller::api::{Done, Event, Request};
-use ckpt_controller::{client, serve, tls};
+use ckpt_controller::{client, tls};
 use ckpt_tests::stats::{median_range, Samples};
 
+#[path = "../tests/common/ctl.rs"]
+mod ctl;
 #[path = "../tests/common/simagent.rs"]
 mod simagent;
 
@@ -29,31 +31,17 @@ fn main() {
         .and_then(|s| s.parse().ok())
         .unwrap_or(15);
     let max = *sizes.iter().max().unwrap_or(&10);
-    let dir = tempfile::tempdir().unwrap();
-    let certs = dir.path().join("certs");
+    let c = ctl::start(&[], 30.0, |_| {});
     let t = Instant::now();
-    tls::ca_init(&certs, &["127.0.0.1".into()], &[]).unwrap();
     for i in 0..max {
-        tls::ca_issue(&certs, &format!("a{i:04}")).unwrap();
+        tls::ca_issue(&c.certs, &format!("a{i:04}")).unwrap();
     }
     eprintln!(
         "issued {max} agent certificates in {:.1} s",
         t.elapsed().as_secs_f64()
     );
-    std::fs::create_dir_all(dir.path().join("store")).unwrap();
-    let socket = dir.path().join("ctl.sock");
-    let ctl = serve::start(
-        serve::Config {
-            listen: "127.0.0.1:0".parse().unwrap(),
-            store: format!("file://{}", dir.path().join("store").display()),
-            certs: certs.clone(),
-            socket: socket.clone(),
-            lease_secs: 30.0,
-            ..serve::Config::default()
-        },
-        serve::ServeOptions::default(),
-    )
-    .unwrap();
+    let (certs, socket) = (c.certs.clone(), c.socket.clone());
+    let ctl = &c.ctl;
     ADDR.set(ctl.addr).unwrap();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -157,7 +145,7 @@ fn main() {
         }
     }
     drop(rt);
-    drop(ctl);
+    drop(c);
 }
 
 static ADDR: std::sync::OnceLock<std::net::SocketAddr> = std::sync::OnceLock::new();

@@ -25,12 +25,26 @@
 use std::collections::{BTreeMap, VecDeque};
 use std::time::{Duration, Instant};
 
+use ckpt_shared::catalog::CatalogError;
 use ckpt_shared::proto::{
     AttemptId, FromAgent, RankManifest, RankRef, RestoreRank, SaveSpec, ToAgent,
 };
 
 /// An agent, by its node name.
 pub type AgentId = String;
+
+/// Why the driver could not write the job manifest, the commit of a save
+/// ([`Barrier::commit_done`]). The barrier aborts with it as the reason.
+#[derive(Debug, thiserror::Error)]
+pub enum CommitError {
+    /// The store did not take the manifest.
+    #[error(transparent)]
+    Catalog(#[from] CatalogError),
+    /// The task that writes it ended without an answer (it panicked, or the
+    /// runtime is shutting down).
+    #[error("the task writing it ended early: {0}")]
+    Writer(#[source] tokio::task::JoinError),
+}
 
 /// What a save does with the ranks once they are captured.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -259,7 +273,7 @@ impl Barrier {
     }
 
     /// The driver wrote the job manifest (`Ok`), or could not (`Err`).
-    pub fn commit_done(&mut self, _now: Instant, result: Result<(), String>) {
+    pub fn commit_done(&mut self, _now: Instant, result: Result<(), CommitError>) {
         if self.phase != Phase::Committing {
             return;
         }
@@ -270,7 +284,10 @@ impl Barrier {
                 }
                 self.finish(Outcome::Committed);
             }
-            Err(e) => self.abort(format!("the job manifest could not be written: {e}")),
+            Err(e) => self.abort(format!(
+                "the job manifest could not be written: {}",
+                ckpt_shared::report::error_chain(&e)
+            )),
         }
     }
 
@@ -730,16 +747,24 @@ mod tests {
             b.handle(now, a, stored(1, i as u32));
         }
         assert_eq!(b.phase(), Phase::Committing);
-        b.commit_done(now, Err("store down".into()));
+        let down = ckpt_shared::store::StoreError::Config {
+            store: "s3://bucket".into(),
+            reason: "store down".into(),
+        };
+        b.commit_done(now, Err(CatalogError::Store(down).into()));
         let mut seen = Seen::default();
         drain(&mut b, &mut seen);
-        assert!(matches!(
-            seen.outcome,
+        match &seen.outcome {
             Some(Outcome::Aborted {
                 phase: Phase::Committing,
-                ..
-            })
-        ));
+                reason,
+            }) => assert!(
+                reason.contains("job manifest could not be written")
+                    && reason.contains("store down"),
+                "{reason}"
+            ),
+            other => panic!("not aborted in the commit: {other:?}"),
+        }
         for msgs in seen.sent.values() {
             assert!(matches!(msgs.last(), Some(ToAgent::Abort { .. })));
             assert!(!msgs.iter().any(|m| matches!(m, ToAgent::Kill { .. })));

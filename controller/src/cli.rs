@@ -8,7 +8,9 @@ use crate::api::{self, Done, Event, Request};
 use crate::client::{self, ClientError};
 use crate::demo::DemoError;
 use crate::serve::ServeError;
+use ckpt_shared::outln;
 use ckpt_shared::proto::ExternalTcp;
+use ckpt_shared::stdout::StdoutError;
 use ckpt_shared::tls::TlsError;
 
 /// A command of `ckpt-controller` that failed. The binary prints it with its
@@ -29,11 +31,25 @@ pub enum CommandError {
     NoOutcome,
     #[error("no checkpoint in the answer")]
     NoCheckpoint,
+    #[error(transparent)]
+    Stdout(#[from] StdoutError),
     #[error("printing the answer as JSON")]
     Json {
         #[source]
         source: serde_json::Error,
     },
+}
+
+impl CommandError {
+    /// The reader of standard output went away (`job list | head -n1`): the
+    /// command stopped writing, which is no failure (the binary exits 0).
+    pub fn is_stdout_closed(&self) -> bool {
+        matches!(
+            self,
+            CommandError::Stdout(StdoutError::Closed)
+                | CommandError::Demo(DemoError::Stdout(StdoutError::Closed))
+        )
+    }
 }
 
 /// ckpt-controller: checkpoints of whole jobs across nodes.
@@ -82,29 +98,9 @@ pub enum Command {
     /// jobs and the catalog of checkpoints (read from the store at start), and
     /// serve the `job` and `ckpt` commands on a local socket.
     ///
-    /// Settings come from --config (TOML) and are overridden by the flags:
-    ///   listen = "0.0.0.0:7100"
-    ///   store = "s3://ckpt/cluster1"            # or "file:///scratch/ckpt"
-    ///   certs = "/etc/ckpt/certs"
-    ///   socket = "/run/ckpt/controller.sock"
-    ///   lease_secs = 5.0
-    ///   freeze_timeout_secs = 30.0
-    ///   capture_timeout_secs = 60.0
-    ///   store_timeout_secs = 3600.0
-    ///   restore_timeout_secs = 600.0
-    ///   compress = 0                            # zstd level, 0 = raw
-    ///   api_listen = "0.0.0.0:7101"             # job/ckpt commands from other hosts (MUNGE)
-    ///   munge_socket = "/run/munge/munge.socket.2"
-    ///   [s3]                                    # else the AWS_* variables
-    ///   endpoint = "http://10.0.0.5:9000"
-    ///   region = "us-east-1"
-    ///   access_key_id = "..."
-    ///   secret_access_key = "..."
-    ///   allow_http = true
-    /// The controller sends these store settings (or its own AWS_* environment) to
-    /// the agents with each save and restore; an agent takes what they leave unset
-    /// (keys, region) from its own environment.
-    #[command(verbatim_doc_comment)]
+    /// `--help` adds the settings file and what the agents take from it
+    /// (`SERVE_LONG_ABOUT`).
+    #[command(verbatim_doc_comment, long_about = SERVE_LONG_ABOUT)]
     Serve(ServeArgs),
     /// Running jobs: list them, save them, restore them.
     #[command(subcommand)]
@@ -329,9 +325,39 @@ pub enum CaCommand {
     },
 }
 
+/// The long `--help` of `serve`. It is a string rather than the doc comment of
+/// [`Command::Serve`] because its settings file has an `[s3]` table, which rustdoc
+/// would read as a broken link.
+const SERVE_LONG_ABOUT: &str = r#"Run the controller: accept agents (QUIC, mutual TLS), keep the registry of
+jobs and the catalog of checkpoints (read from the store at start), and
+serve the `job` and `ckpt` commands on a local socket.
+
+Settings come from --config (TOML) and are overridden by the flags:
+  listen = "0.0.0.0:7100"
+  store = "s3://ckpt/cluster1"            # or "file:///scratch/ckpt"
+  certs = "/etc/ckpt/certs"
+  socket = "/run/ckpt/controller.sock"
+  lease_secs = 5.0
+  freeze_timeout_secs = 30.0
+  capture_timeout_secs = 60.0
+  store_timeout_secs = 3600.0
+  restore_timeout_secs = 600.0
+  compress = 0                            # zstd level, 0 = raw
+  api_listen = "0.0.0.0:7101"             # job/ckpt commands from other hosts (MUNGE)
+  munge_socket = "/run/munge/munge.socket.2"
+  [s3]                                    # else the AWS_* variables
+  endpoint = "http://10.0.0.5:9000"
+  region = "us-east-1"
+  access_key_id = "..."
+  secret_access_key = "..."
+  allow_http = true
+The controller sends these store settings (or its own AWS_* environment) to
+the agents with each save and restore; an agent takes what they leave unset
+(keys, region) from its own environment."#;
+
 fn print_json(v: &impl serde::Serialize) -> Result<(), CommandError> {
     let text = serde_json::to_string_pretty(v).map_err(|source| CommandError::Json { source })?;
-    println!("{text}");
+    outln!("{text}");
     Ok(())
 }
 
@@ -381,299 +407,360 @@ fn serve_options() -> crate::serve::ServeOptions {
 }
 
 pub fn run(cli: Cli) -> Result<(), CommandError> {
-    let remote = cli.controller.clone();
-    let munge_socket = cli.munge_socket.clone();
-    let target = |socket: &std::path::Path| match &remote {
-        Some(addr) => client::Target::Munge {
-            addr: addr.clone(),
-            socket: munge_socket.clone(),
-        },
-        None => client::Target::Local(socket.to_path_buf()),
+    let api = Api {
+        remote: cli.controller,
+        munge_socket: cli.munge_socket,
     };
     match cli.command {
-        Command::Serve(a) => {
-            let mut cfg = match &a.config {
-                Some(p) => crate::serve::Config::load(p)?,
-                None => crate::serve::Config::default(),
-            };
-            if let Some(v) = a.listen {
-                cfg.listen = v;
-            }
-            if let Some(v) = a.store {
-                cfg.store = v;
-            }
-            if let Some(v) = a.certs {
-                cfg.certs = v;
-            }
-            if let Some(v) = a.socket {
-                cfg.socket = v;
-            }
-            if let Some(v) = a.lease {
-                cfg.lease_secs = v;
-            }
-            if let Some(v) = a.api_listen {
-                cfg.api_listen = Some(v);
-            }
-            if let Some(v) = munge_socket.clone() {
-                cfg.munge_socket = Some(v);
-            }
-            if !(0.2..=3600.0).contains(&cfg.lease_secs) {
-                return Err(CommandError::Lease {
-                    secs: cfg.lease_secs,
-                });
-            }
-            let r = crate::serve::start(cfg.clone(), serve_options())?;
-            eprintln!(
-                "ckpt-controller: serving agents on {} (QUIC), commands on {}, store {}",
-                r.addr,
-                cfg.socket.display(),
-                cfg.store
-            );
-            r.wait();
-        }
-        Command::Demo { mib, keep } => crate::demo::run(mib.max(1), keep, serve_options())?,
+        Command::Serve(a) => serve(a, api.munge_socket),
+        Command::Demo { mib, keep } => Ok(crate::demo::run(mib.max(1), keep, serve_options())?),
         Command::DemoRank {
             rank,
             mib,
             interval_ms,
         } => crate::demo::rank_main(rank, mib.max(1), interval_ms),
-        Command::Nodes { socket, json } => {
-            let (_, _, nodes, _) =
-                done_parts(client::call_at(&target(&socket), &Request::Nodes, |_| {})?);
-            if json {
-                print_json(&nodes)?;
-            } else {
-                println!("{:<16} {:>5}  {:<24} KERNEL", "NODE", "RANKS", "ADDRESSES");
-                for n in nodes {
-                    println!(
-                        "{:<16} {:>5}  {:<24} {}",
-                        n.name,
-                        n.ranks,
-                        n.addrs.join(","),
-                        n.kernel
-                    );
-                }
-            }
+        Command::Nodes { socket, json } => nodes(&api.target(&socket), json),
+        Command::Job(c) => job(&api, c),
+        Command::Ckpt(c) => ckpt(&api, c),
+        Command::Ca(c) => ca(c),
+    }
+}
+
+/// Where the `job`, `ckpt` and `nodes` commands send their request: the local
+/// socket, or with `--controller` the TCP API of a controller on another host.
+struct Api {
+    remote: Option<String>,
+    munge_socket: Option<PathBuf>,
+}
+
+impl Api {
+    fn target(&self, socket: &std::path::Path) -> client::Target {
+        match &self.remote {
+            Some(addr) => client::Target::Munge {
+                addr: addr.clone(),
+                socket: self.munge_socket.clone(),
+            },
+            None => client::Target::Local(socket.to_path_buf()),
         }
-        Command::Job(JobCommand::List { socket, json }) => {
-            let (_, jobs, _, _) =
-                done_parts(client::call_at(&target(&socket), &Request::Jobs, |_| {})?);
-            if json {
-                print_json(&jobs)?;
-            } else {
-                println!(
-                    "{:<20} {:>6} {:>5}  {:<20} LATEST",
-                    "JOB", "UID", "RANKS", "NODES"
-                );
-                for j in jobs {
-                    let mut nodes: Vec<&str> = j.ranks.iter().map(|r| r.node.as_str()).collect();
-                    nodes.sort();
-                    nodes.dedup();
-                    println!(
-                        "{:<20} {:>6} {:>5}  {:<20} {}",
-                        j.job,
-                        j.uid,
-                        j.ranks.len(),
-                        nodes.join(","),
-                        j.latest.as_deref().unwrap_or("-")
-                    );
-                }
-            }
-        }
-        Command::Job(JobCommand::Save {
+    }
+
+    /// One request, answered at once (no progress to show).
+    fn ask(&self, socket: &std::path::Path, req: &Request) -> Result<Event, CommandError> {
+        Ok(client::call_at(&self.target(socket), req, |_| {})?)
+    }
+}
+
+/// `serve`: the config file, overridden by the flags; then run until killed.
+fn serve(a: ServeArgs, munge_socket: Option<PathBuf>) -> Result<(), CommandError> {
+    let cfg = serve_config(a, munge_socket)?;
+    let r = crate::serve::start(cfg.clone(), serve_options())?;
+    eprintln!(
+        "ckpt-controller: serving agents on {} (QUIC), commands on {}, store {}",
+        r.addr,
+        cfg.socket.display(),
+        cfg.store
+    );
+    r.wait();
+}
+
+/// The controller's settings: `--config` (or the defaults), each flag given over
+/// its key.
+fn serve_config(
+    a: ServeArgs,
+    munge_socket: Option<PathBuf>,
+) -> Result<crate::serve::Config, CommandError> {
+    let mut cfg = match &a.config {
+        Some(p) => crate::serve::Config::load(p)?,
+        None => crate::serve::Config::default(),
+    };
+    if let Some(v) = a.listen {
+        cfg.listen = v;
+    }
+    if let Some(v) = a.store {
+        cfg.store = v;
+    }
+    if let Some(v) = a.certs {
+        cfg.certs = v;
+    }
+    if let Some(v) = a.socket {
+        cfg.socket = v;
+    }
+    if let Some(v) = a.lease {
+        cfg.lease_secs = v;
+    }
+    if let Some(v) = a.api_listen {
+        cfg.api_listen = Some(v);
+    }
+    if let Some(v) = munge_socket {
+        cfg.munge_socket = Some(v);
+    }
+    if !(0.2..=3600.0).contains(&cfg.lease_secs) {
+        return Err(CommandError::Lease {
+            secs: cfg.lease_secs,
+        });
+    }
+    Ok(cfg)
+}
+
+/// `nodes`: the connected agents.
+fn nodes(target: &client::Target, json: bool) -> Result<(), CommandError> {
+    let (_, _, nodes, _) = done_parts(client::call_at(target, &Request::Nodes, |_| {})?);
+    if json {
+        return print_json(&nodes);
+    }
+    outln!("{:<16} {:>5}  {:<24} KERNEL", "NODE", "RANKS", "ADDRESSES");
+    for n in nodes {
+        outln!(
+            "{:<16} {:>5}  {:<24} {}",
+            n.name,
+            n.ranks,
+            n.addrs.join(","),
+            n.kernel
+        );
+    }
+    Ok(())
+}
+
+fn job(api: &Api, c: JobCommand) -> Result<(), CommandError> {
+    match c {
+        JobCommand::List { socket, json } => job_list(api, &socket, json),
+        JobCommand::Save {
             job,
             kill,
             wait,
             external_tcp,
             socket,
             json,
-        }) => {
-            let mut bar = client::Bar::default();
+        } => {
             let req = Request::Save {
                 job,
                 kill,
                 wait,
                 external_tcp,
             };
-            let r = client::call_at(&target(&socket), &req, |e| {
-                if !json {
-                    bar.show(e)
-                }
-            });
-            bar.finish();
-            let (o, ..) = done_parts(r?);
-            let o = o.ok_or(CommandError::NoOutcome)?;
+            let o = with_progress(&api.target(&socket), &req, json)?;
             if json {
                 print_json(&o)?;
             } else if wait {
-                client::print_outcome("saved", &o);
+                client::print_outcome("saved", &o)?;
             } else {
-                println!("{}", o.ckpt);
+                outln!("{}", o.ckpt);
                 eprintln!("save of job {} started; `ckpt-controller ckpt list --job {}` shows it once committed", o.job, o.job);
             }
+            Ok(())
         }
-        Command::Job(JobCommand::Restore {
+        JobCommand::Restore {
             ckpt,
             nodes,
             map,
             socket,
             json,
-        }) => {
-            let mut bar = client::Bar::default();
-            let r = client::call_at(
-                &target(&socket),
-                &Request::Restore { ckpt, nodes, map },
-                |e| {
-                    if !json {
-                        bar.show(e)
-                    }
-                },
-            );
-            bar.finish();
-            let (o, ..) = done_parts(r?);
-            let o = o.ok_or(CommandError::NoOutcome)?;
+        } => {
+            let req = Request::Restore { ckpt, nodes, map };
+            let o = with_progress(&api.target(&socket), &req, json)?;
             if json {
-                print_json(&o)?;
+                print_json(&o)
             } else {
-                client::print_outcome("restored", &o);
+                Ok(client::print_outcome("restored", &o)?)
             }
         }
-        Command::Ckpt(CkptCommand::List { job, socket, json }) => {
-            let (.., ckpts) = done_parts(client::call_at(
-                &target(&socket),
-                &Request::Ckpts { job },
-                |_| {},
-            )?);
-            if json {
-                print_json(&ckpts)?;
-            } else {
-                println!(
-                    "{:<28} {:<16} {:>5} {:>10} {:>10} {:>10}  WHEN",
-                    "CHECKPOINT", "JOB", "RANKS", "MEMORY", "STORED", "STILL"
-                );
-                for m in ckpts {
-                    println!(
-                        "{:<28} {:<16} {:>5} {:>10} {:>10} {:>8.1}ms  {}",
-                        m.id,
-                        m.job,
-                        m.ranks.len(),
-                        client::human(m.memory_bytes()),
-                        client::human(m.stored_bytes()),
-                        m.freeze_us as f64 / 1e3,
-                        when(m.created_unix)
-                    );
-                }
-            }
+    }
+}
+
+/// A save or restore, with its progress bar on stderr (none for `--json`): its
+/// outcome.
+fn with_progress(
+    target: &client::Target,
+    req: &Request,
+    json: bool,
+) -> Result<api::Outcome, CommandError> {
+    let mut bar = client::Bar::default();
+    let r = client::call_at(target, req, |e| {
+        if !json {
+            bar.show(e)
         }
-        Command::Ckpt(CkptCommand::Show { ckpt, socket, json }) => {
-            let (.., ckpts) = done_parts(client::call_at(
-                &target(&socket),
-                &Request::Show { ckpt },
-                |_| {},
-            )?);
+    });
+    bar.finish();
+    let (o, ..) = done_parts(r?);
+    o.ok_or(CommandError::NoOutcome)
+}
+
+/// `job list`.
+fn job_list(api: &Api, socket: &std::path::Path, json: bool) -> Result<(), CommandError> {
+    let (_, jobs, _, _) = done_parts(api.ask(socket, &Request::Jobs)?);
+    if json {
+        return print_json(&jobs);
+    }
+    outln!(
+        "{:<20} {:>6} {:>5}  {:<20} LATEST",
+        "JOB",
+        "UID",
+        "RANKS",
+        "NODES"
+    );
+    for j in jobs {
+        let mut nodes: Vec<&str> = j.ranks.iter().map(|r| r.node.as_str()).collect();
+        nodes.sort();
+        nodes.dedup();
+        outln!(
+            "{:<20} {:>6} {:>5}  {:<20} {}",
+            j.job,
+            j.uid,
+            j.ranks.len(),
+            nodes.join(","),
+            j.latest.as_deref().unwrap_or("-")
+        );
+    }
+    Ok(())
+}
+
+fn ckpt(api: &Api, c: CkptCommand) -> Result<(), CommandError> {
+    match c {
+        CkptCommand::List { job, socket, json } => {
+            let (.., ckpts) = done_parts(api.ask(&socket, &Request::Ckpts { job })?);
+            ckpt_list(&ckpts, json)
+        }
+        CkptCommand::Show { ckpt, socket, json } => {
+            let (.., ckpts) = done_parts(api.ask(&socket, &Request::Show { ckpt })?);
             let m = ckpts.into_iter().next().ok_or(CommandError::NoCheckpoint)?;
             if json {
-                print_json(&m)?;
+                print_json(&m)
             } else {
-                println!("checkpoint {} of job {} (uid {})", m.id, m.job, m.uid);
-                println!(
-                    "  taken {} ({}), store {}",
-                    when(m.created_unix),
-                    if m.killed {
-                        "job killed"
-                    } else {
-                        "job left running"
-                    },
-                    m.store
-                );
-                println!(
-                    "  stood still {:.1} ms, total {:.1} ms, memory {}, stored {}",
-                    m.freeze_us as f64 / 1e3,
-                    m.total_us as f64 / 1e3,
-                    client::human(m.memory_bytes()),
-                    client::human(m.stored_bytes())
-                );
-                for r in &m.ranks {
-                    println!(
-                        "  rank {:>4}  node {:<12} PID {:<8} {:>10}  {}",
-                        r.rank,
-                        r.node,
-                        r.pid,
-                        client::human(r.memory_bytes),
-                        r.image
-                    );
-                    for a in &r.listen {
-                        println!("             tcp listening on {a}");
-                    }
-                    for a in &r.udp {
-                        println!("             udp bound to {a}");
-                    }
-                    for c in &r.tcp {
-                        println!(
-                            "             tcp {} -> {}: {} queued to send, {} received unread{}",
-                            c.local,
-                            c.remote,
-                            client::human(c.send_queued),
-                            client::human(c.recv_queued),
-                            if c.external {
-                                " (peer outside the job: restored reset)"
-                            } else {
-                                ""
-                            }
-                        );
-                    }
-                }
+                ckpt_show(&m)
             }
         }
-        Command::Ckpt(CkptCommand::Prune { job, keep, socket }) => {
-            let (.., gone) = done_parts(client::call_at(
-                &target(&socket),
-                &Request::Prune {
-                    job: job.clone(),
-                    keep,
-                },
-                |_| {},
-            )?);
+        CkptCommand::Prune { job, keep, socket } => {
+            let req = Request::Prune {
+                job: job.clone(),
+                keep,
+            };
+            let (.., gone) = done_parts(api.ask(&socket, &req)?);
             for m in &gone {
-                println!("removed {}", m.id);
+                outln!("removed {}", m.id);
             }
-            println!(
+            outln!(
                 "job {job}: {} checkpoint(s) removed, the newest {keep} kept",
                 gone.len()
             );
+            Ok(())
         }
-        Command::Ckpt(CkptCommand::Gc { socket }) => {
-            match client::call_at(&target(&socket), &Request::Gc, |_| {})? {
+        CkptCommand::Gc { socket } => {
+            match api.ask(&socket, &Request::Gc)? {
                 Event::Done(Done {
                     message: Some(m), ..
-                }) => println!("{m}"),
-                _ => println!("gc done"),
+                }) => outln!("{m}"),
+                _ => outln!("gc done"),
             }
+            Ok(())
         }
-        Command::Ckpt(CkptCommand::Rm { ckpt, socket }) => {
-            client::call_at(
-                &target(&socket),
-                &Request::Remove { ckpt: ckpt.clone() },
-                |_| {},
-            )?;
-            println!("checkpoint {ckpt} removed");
+        CkptCommand::Rm { ckpt, socket } => {
+            api.ask(&socket, &Request::Remove { ckpt: ckpt.clone() })?;
+            outln!("checkpoint {ckpt} removed");
+            Ok(())
         }
-        Command::Ca(CaCommand::Init {
+    }
+}
+
+/// `ckpt list`: a line per checkpoint.
+fn ckpt_list(ckpts: &[ckpt_shared::catalog::JobManifest], json: bool) -> Result<(), CommandError> {
+    if json {
+        return print_json(&ckpts);
+    }
+    outln!(
+        "{:<28} {:<16} {:>5} {:>10} {:>10} {:>10}  WHEN",
+        "CHECKPOINT",
+        "JOB",
+        "RANKS",
+        "MEMORY",
+        "STORED",
+        "STILL"
+    );
+    for m in ckpts {
+        outln!(
+            "{:<28} {:<16} {:>5} {:>10} {:>10} {:>8.1}ms  {}",
+            m.id,
+            m.job,
+            m.ranks.len(),
+            client::human(m.memory_bytes()),
+            client::human(m.stored_bytes()),
+            m.freeze_us as f64 / 1e3,
+            when(m.created_unix)
+        );
+    }
+    Ok(())
+}
+
+/// `ckpt show`: one checkpoint, rank by rank, with its sockets.
+fn ckpt_show(m: &ckpt_shared::catalog::JobManifest) -> Result<(), CommandError> {
+    outln!("checkpoint {} of job {} (uid {})", m.id, m.job, m.uid);
+    outln!(
+        "  taken {} ({}), store {}",
+        when(m.created_unix),
+        if m.killed {
+            "job killed"
+        } else {
+            "job left running"
+        },
+        m.store
+    );
+    outln!(
+        "  stood still {:.1} ms, total {:.1} ms, memory {}, stored {}",
+        m.freeze_us as f64 / 1e3,
+        m.total_us as f64 / 1e3,
+        client::human(m.memory_bytes()),
+        client::human(m.stored_bytes())
+    );
+    for r in &m.ranks {
+        outln!(
+            "  rank {:>4}  node {:<12} PID {:<8} {:>10}  {}",
+            r.rank,
+            r.node,
+            r.pid,
+            client::human(r.memory_bytes),
+            r.image
+        );
+        for a in &r.listen {
+            outln!("             tcp listening on {a}");
+        }
+        for a in &r.udp {
+            outln!("             udp bound to {a}");
+        }
+        for c in &r.tcp {
+            outln!(
+                "             tcp {} -> {}: {} queued to send, {} received unread{}",
+                c.local,
+                c.remote,
+                client::human(c.send_queued),
+                client::human(c.recv_queued),
+                if c.external {
+                    " (peer outside the job: restored reset)"
+                } else {
+                    ""
+                }
+            );
+        }
+    }
+    Ok(())
+}
+
+fn ca(c: CaCommand) -> Result<(), CommandError> {
+    match c {
+        CaCommand::Init {
             dir,
             controller_names,
             agents,
-        }) => {
+        } => {
             crate::tls::ca_init(&dir, &controller_names, &agents)?;
-            println!("cluster CA created in {}", dir.display());
-            println!("  controller: {}/controller.pem", dir.display());
+            outln!("cluster CA created in {}", dir.display());
+            outln!("  controller: {}/controller.pem", dir.display());
             for a in &agents {
-                println!("  agent {a}: {}/agents/{a}.pem", dir.display());
+                outln!("  agent {a}: {}/agents/{a}.pem", dir.display());
             }
-            println!("keep {}/ca.key on this host only", dir.display());
+            outln!("keep {}/ca.key on this host only", dir.display());
         }
-        Command::Ca(CaCommand::Issue { dir, agent }) => {
+        CaCommand::Issue { dir, agent } => {
             let (cert, key) = crate::tls::ca_issue(&dir, &agent)?;
-            println!("agent {agent}: {} and {}", cert.display(), key.display());
+            outln!("agent {agent}: {} and {}", cert.display(), key.display());
         }
     }
     Ok(())

@@ -5,6 +5,9 @@
 use std::io::{BufRead, IsTerminal, Write};
 use std::path::Path;
 
+use ckpt_shared::outln;
+use ckpt_shared::stdout::StdoutError;
+
 use crate::api::{Done, Event, Request};
 use crate::munge::MungeError;
 
@@ -159,8 +162,8 @@ pub fn human(b: u64) -> String {
 }
 
 /// Prints the summary of a finished save or restore.
-pub fn print_outcome(what: &str, o: &crate::api::Outcome) {
-    println!(
+pub fn print_outcome(what: &str, o: &crate::api::Outcome) -> Result<(), StdoutError> {
+    outln!(
         "{what} {} of job {}: {} ranks on {}",
         o.ckpt,
         o.job,
@@ -168,7 +171,7 @@ pub fn print_outcome(what: &str, o: &crate::api::Outcome) {
         o.nodes.join(",")
     );
     if what == "saved" {
-        println!(
+        outln!(
             "  job stood still {:.1} ms; total {:.1} ms; memory {}, stored {} ({}/s)",
             o.freeze_ms,
             o.total_ms,
@@ -177,15 +180,16 @@ pub fn print_outcome(what: &str, o: &crate::api::Outcome) {
             human((o.memory_bytes as f64 / (o.total_ms.max(0.001) / 1e3)) as u64)
         );
     } else {
-        println!(
+        outln!(
             "  released after {:.1} ms; memory {}",
             o.total_ms,
             human(o.memory_bytes)
         );
         for p in &o.pids {
-            println!("  rank {:>4} on {:<12} PID {}", p.rank, p.node, p.pid);
+            outln!("  rank {:>4} on {:<12} PID {}", p.rank, p.node, p.pid);
         }
     }
+    Ok(())
 }
 
 /// Progress on stderr: one bar redrawn in place on a terminal, one line per step

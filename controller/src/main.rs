@@ -16,6 +16,8 @@ fn main() -> std::process::ExitCode {
         .init();
     match ckpt_controller::cli::run(ckpt_controller::cli::Cli::parse()) {
         Ok(()) => std::process::ExitCode::SUCCESS,
+        // The reader of our output has what it wanted (`| head`): like cat, stop.
+        Err(e) if e.is_stdout_closed() => std::process::ExitCode::SUCCESS,
         Err(e) => {
             // The error and each of its causes, once (also where a cause from a
             // crate below repeats its own source in its message).

@@ -20,7 +20,7 @@ use ckpt_shared::gc::{self, GcError, Leases};
 use ckpt_shared::objstore::{BlockingStore, ObjStoreError, StoreConfig};
 use ckpt_shared::proto::{
     rank_image_name, AttachedRank, AttemptId, ExternalTcp, FrameError, FromAgent, Hello, NodeInfo,
-    RankRef, RestoreRank, SaveSpec, ToAgent, PROTO_VERSION,
+    RankManifest, RankRef, RestoreRank, SaveSpec, ToAgent, PROTO_VERSION,
 };
 use ckpt_shared::tls::{self, Identity, TlsError};
 use ckpt_shared::wire::{self, WireError};
@@ -850,161 +850,44 @@ fn latest<'a>(reg: &'a Registry, job: &str) -> Option<&'a JobManifest> {
 }
 
 fn request(ctl: &Arc<Ctl>, req: Request, uid: u32, tx: mpsc::UnboundedSender<Event>) {
-    let reg = ctl.reg.lock().unwrap();
     let reply = match req {
-        Request::Jobs => Event::Done(Done {
-            jobs: jobs(&reg)
-                .into_iter()
-                .filter(|j| may_act(uid, j.uid))
-                .collect(),
-            ..Done::ok()
-        }),
-        Request::Nodes => Event::Done(Done {
-            nodes: reg
-                .agents
-                .iter()
-                .map(|(n, a)| NodeView {
-                    name: n.clone(),
-                    addrs: a.info.addrs.clone(),
-                    kernel: a.info.kernel.clone(),
-                    ranks: a.ranks.len(),
-                })
-                .collect(),
-            ..Done::ok()
-        }),
-        Request::Ckpts { job } => Event::Done(Done {
-            ckpts: reg
-                .catalog
-                .values()
-                .filter(|m| job.as_ref().is_none_or(|j| *j == m.job) && may_act(uid, m.uid))
-                .cloned()
-                .collect(),
-            ..Done::ok()
-        }),
-        Request::Show { ckpt } => match find(&reg, &ckpt, uid) {
+        Request::Jobs => list_jobs(&ctl.reg.lock().unwrap(), uid),
+        Request::Nodes => list_nodes(&ctl.reg.lock().unwrap()),
+        Request::Ckpts { job } => list_ckpts(&ctl.reg.lock().unwrap(), job.as_deref(), uid),
+        Request::Show { ckpt } => match find(&ctl.reg.lock().unwrap(), &ckpt, uid) {
             Ok(m) => Event::Done(Done {
                 ckpts: vec![m.clone()],
                 ..Done::ok()
             }),
             Err(e) => Event::error(e),
         },
-        Request::Remove { ckpt } => match find(&reg, &ckpt, uid) {
-            Ok(m) => {
-                let m = m.clone();
-                drop(reg);
-                let ctl = ctl.clone();
-                tokio::spawn(async move {
-                    let store = ctl.store.clone();
-                    let mm = m.clone();
-                    let r = tokio::task::spawn_blocking(move || catalog::remove(&store, &mm)).await;
-                    let ev = match r {
-                        Ok(Ok(())) => {
-                            ctl.reg.lock().unwrap().catalog.remove(&m.id);
-                            Event::ok()
-                        }
-                        Ok(Err(error)) => Event::error(RequestError::Remove {
-                            ckpt: m.id.clone(),
-                            error,
-                        }),
-                        Err(e) => Event::error(RequestError::Task(e)),
-                    };
-                    let _ = tx.send(ev);
-                });
-                return;
+        Request::Remove { ckpt } => {
+            let found = find(&ctl.reg.lock().unwrap(), &ckpt, uid).cloned();
+            match found {
+                Ok(m) => return remove_ckpt(ctl, m, tx),
+                Err(e) => Event::error(e),
             }
-            Err(e) => Event::error(e),
-        },
+        }
         Request::Prune { job, keep } => {
-            let mut of_job: Vec<JobManifest> = reg
-                .catalog
-                .values()
-                .filter(|m| m.job == job)
-                .cloned()
-                .collect();
-            if let Some(m) = of_job.iter().find(|m| !may_act(uid, m.uid)) {
-                Event::error(RequestError::NotYourJob {
-                    job,
-                    owner: m.uid,
-                    uid,
-                })
-            } else {
-                drop(reg);
-                of_job.sort_by_key(|m| (m.created_unix, m.id.clone()));
-                let drop_n = of_job.len().saturating_sub(keep);
-                let gone: Vec<JobManifest> = of_job.into_iter().take(drop_n).collect();
-                let ctl = ctl.clone();
-                tokio::spawn(async move {
-                    let store = ctl.store.clone();
-                    let g = gone.clone();
-                    let r = tokio::task::spawn_blocking(move || {
-                        for m in &g {
-                            catalog::remove(&store, m)?;
-                        }
-                        Ok::<(), catalog::CatalogError>(())
-                    })
-                    .await;
-                    let ev = match r {
-                        Ok(Ok(())) => {
-                            let mut reg = ctl.reg.lock().unwrap();
-                            for m in &gone {
-                                reg.catalog.remove(&m.id);
-                            }
-                            Event::Done(Done {
-                                ckpts: gone,
-                                ..Done::ok()
-                            })
-                        }
-                        Ok(Err(error)) => Event::error(RequestError::Prune { job, error }),
-                        Err(e) => Event::error(RequestError::Task(e)),
-                    };
-                    let _ = tx.send(ev);
-                });
-                return;
+            let plan = prune_plan(&ctl.reg.lock().unwrap(), &job, keep, uid);
+            match plan {
+                Ok(gone) => return prune(ctl, job, gone, tx),
+                Err(e) => Event::error(e),
             }
         }
-        Request::Gc => {
-            if uid != 0 {
-                Event::error(RequestError::GcNotRoot)
-            } else {
-                drop(reg);
-                let ctl = ctl.clone();
-                tokio::spawn(async move {
-                    let store = ctl.store.clone();
-                    let r = tokio::task::spawn_blocking(move || {
-                        store.block_on(gc::gc(store.backend(), &ctl.opts.leases))
-                    })
-                    .await;
-                    let ev = match r {
-                        Ok(Ok(r)) => Event::Done(Done {
-                            message: Some(format!(
-                                "{} image(s) reference {} of {} chunk(s); deleted {}",
-                                r.images, r.referenced, r.chunks, r.deleted
-                            )),
-                            ..Done::ok()
-                        }),
-                        Ok(Err(e)) => Event::error(RequestError::Gc(e)),
-                        Err(e) => Event::error(RequestError::Task(e)),
-                    };
-                    let _ = tx.send(ev);
-                });
-                return;
-            }
-        }
+        Request::Gc if uid != 0 => Event::error(RequestError::GcNotRoot),
+        Request::Gc => return collect_garbage(ctl, tx),
         Request::Save {
             job,
             kill,
             wait,
             external_tcp,
-        } => {
-            drop(reg);
-            match start_save(ctl, &job, kill, external_tcp, uid, tx.clone(), wait) {
-                Ok(()) => return,
-                Err(e) => Event::error(e),
-            }
-        }
+        } => match start_save(ctl, &job, kill, external_tcp, uid, tx.clone(), wait) {
+            Ok(()) => return,
+            Err(e) => Event::error(e),
+        },
         Request::Restore { ckpt, nodes, map } => {
-            let m = find(&reg, &ckpt, uid).cloned();
-            drop(reg);
+            let m = find(&ctl.reg.lock().unwrap(), &ckpt, uid).cloned();
             match m.and_then(|m| start_restore(ctl, m, &nodes, &map, tx.clone())) {
                 Ok(()) => return,
                 Err(e) => Event::error(e),
@@ -1012,6 +895,153 @@ fn request(ctl: &Arc<Ctl>, req: Request, uid: u32, tx: mpsc::UnboundedSender<Eve
         }
     };
     let _ = tx.send(reply);
+}
+
+/// `job list`: the jobs the caller may act on.
+fn list_jobs(reg: &Registry, uid: u32) -> Event {
+    Event::Done(Done {
+        jobs: jobs(reg)
+            .into_iter()
+            .filter(|j| may_act(uid, j.uid))
+            .collect(),
+        ..Done::ok()
+    })
+}
+
+/// `nodes`: every connected agent.
+fn list_nodes(reg: &Registry) -> Event {
+    Event::Done(Done {
+        nodes: reg
+            .agents
+            .iter()
+            .map(|(n, a)| NodeView {
+                name: n.clone(),
+                addrs: a.info.addrs.clone(),
+                kernel: a.info.kernel.clone(),
+                ranks: a.ranks.len(),
+            })
+            .collect(),
+        ..Done::ok()
+    })
+}
+
+/// `ckpt list`: the committed checkpoints (of `job`) the caller may see.
+fn list_ckpts(reg: &Registry, job: Option<&str>, uid: u32) -> Event {
+    Event::Done(Done {
+        ckpts: reg
+            .catalog
+            .values()
+            .filter(|m| job.is_none_or(|j| j == m.job) && may_act(uid, m.uid))
+            .cloned()
+            .collect(),
+        ..Done::ok()
+    })
+}
+
+/// `ckpt rm`: the job manifest removed from the store, then from the catalog;
+/// answered on `tx` when done.
+fn remove_ckpt(ctl: &Arc<Ctl>, m: JobManifest, tx: mpsc::UnboundedSender<Event>) {
+    let ctl = ctl.clone();
+    tokio::spawn(async move {
+        let store = ctl.store.clone();
+        let mm = m.clone();
+        let r = tokio::task::spawn_blocking(move || catalog::remove(&store, &mm)).await;
+        let ev = match r {
+            Ok(Ok(())) => {
+                ctl.reg.lock().unwrap().catalog.remove(&m.id);
+                Event::ok()
+            }
+            Ok(Err(error)) => Event::error(RequestError::Remove {
+                ckpt: m.id.clone(),
+                error,
+            }),
+            Err(e) => Event::error(RequestError::Task(e)),
+        };
+        let _ = tx.send(ev);
+    });
+}
+
+/// What `ckpt prune --job JOB --keep N` removes: all but the newest `keep`, if
+/// the caller owns every checkpoint of the job.
+fn prune_plan(
+    reg: &Registry,
+    job: &str,
+    keep: usize,
+    uid: u32,
+) -> Result<Vec<JobManifest>, RequestError> {
+    let mut of_job: Vec<JobManifest> = reg
+        .catalog
+        .values()
+        .filter(|m| m.job == job)
+        .cloned()
+        .collect();
+    if let Some(m) = of_job.iter().find(|m| !may_act(uid, m.uid)) {
+        return Err(RequestError::NotYourJob {
+            job: job.to_string(),
+            owner: m.uid,
+            uid,
+        });
+    }
+    of_job.sort_by_key(|m| (m.created_unix, m.id.clone()));
+    let drop_n = of_job.len().saturating_sub(keep);
+    Ok(of_job.into_iter().take(drop_n).collect())
+}
+
+/// `ckpt prune`: each of `gone` removed from the store, then from the catalog;
+/// answered on `tx` with what was removed.
+fn prune(ctl: &Arc<Ctl>, job: String, gone: Vec<JobManifest>, tx: mpsc::UnboundedSender<Event>) {
+    let ctl = ctl.clone();
+    tokio::spawn(async move {
+        let store = ctl.store.clone();
+        let g = gone.clone();
+        let r = tokio::task::spawn_blocking(move || {
+            for m in &g {
+                catalog::remove(&store, m)?;
+            }
+            Ok::<(), catalog::CatalogError>(())
+        })
+        .await;
+        let ev = match r {
+            Ok(Ok(())) => {
+                let mut reg = ctl.reg.lock().unwrap();
+                for m in &gone {
+                    reg.catalog.remove(&m.id);
+                }
+                Event::Done(Done {
+                    ckpts: gone,
+                    ..Done::ok()
+                })
+            }
+            Ok(Err(error)) => Event::error(RequestError::Prune { job, error }),
+            Err(e) => Event::error(RequestError::Task(e)),
+        };
+        let _ = tx.send(ev);
+    });
+}
+
+/// `ckpt gc` (root only): the store's unreferenced chunks deleted; answered on
+/// `tx` with the counts.
+fn collect_garbage(ctl: &Arc<Ctl>, tx: mpsc::UnboundedSender<Event>) {
+    let ctl = ctl.clone();
+    tokio::spawn(async move {
+        let store = ctl.store.clone();
+        let r = tokio::task::spawn_blocking(move || {
+            store.block_on(gc::gc(store.backend(), &ctl.opts.leases))
+        })
+        .await;
+        let ev = match r {
+            Ok(Ok(r)) => Event::Done(Done {
+                message: Some(format!(
+                    "{} image(s) reference {} of {} chunk(s); deleted {}",
+                    r.images, r.referenced, r.chunks, r.deleted
+                )),
+                ..Done::ok()
+            }),
+            Ok(Err(e)) => Event::error(RequestError::Gc(e)),
+            Err(e) => Event::error(RequestError::Task(e)),
+        };
+        let _ = tx.send(ev);
+    });
 }
 
 /// Checkpoint `id` or `JOB:latest`, if the caller may see it.
@@ -1216,13 +1246,7 @@ async fn drive_save(
     tx: &mpsc::UnboundedSender<Event>,
 ) -> Event {
     let t0 = Instant::now();
-    let mut by_agent: BTreeMap<String, Vec<RankRef>> = BTreeMap::new();
-    for r in &view.ranks {
-        by_agent.entry(r.node.clone()).or_default().push(RankRef {
-            rank: r.rank,
-            pid: r.pid,
-        });
-    }
+    let by_agent = ranks_by_agent(&view);
     let nodes: Vec<String> = by_agent.keys().cloned().collect();
     let n_agents = nodes.len();
     let mut b = Barrier::start(t0, guard.attempt, &spec, by_agent, timeouts(&ctl.cfg));
@@ -1242,134 +1266,22 @@ async fn drive_save(
                 }
                 Action::Commit { ranks } => {
                     let total_us = t0.elapsed().as_micros() as u64;
-                    let mut m = JobManifest {
-                        format_version: JOB_FORMAT_VERSION,
-                        id: spec.ckpt.clone(),
-                        job: spec.job.clone(),
-                        uid: view.uid,
-                        created_unix: std::time::SystemTime::now()
-                            .duration_since(std::time::UNIX_EPOCH)
-                            .map(|d| d.as_secs())
-                            .unwrap_or(0),
-                        store: spec.store.clone(),
-                        killed: spec.kill,
-                        ranks: ranks
-                            .iter()
-                            .map(|r| {
-                                let v = view.ranks.iter().find(|v| v.rank == r.rank);
-                                let kernel = v
-                                    .and_then(|v| {
-                                        ctl.reg
-                                            .lock()
-                                            .unwrap()
-                                            .agents
-                                            .get(&v.node)
-                                            .map(|a| a.info.kernel.clone())
-                                    })
-                                    .unwrap_or_default();
-                                JobRank {
-                                    kernel,
-                                    tcp: r.tcp.clone(),
-                                    listen: r.listen.clone(),
-                                    udp: r.udp.clone(),
-                                    rank: r.rank,
-                                    image: r.image.clone(),
-                                    node: v.map(|v| v.node.clone()).unwrap_or_default(),
-                                    pid: v.map(|v| v.pid).unwrap_or(0),
-                                    memory_bytes: r.memory_bytes,
-                                    stored_bytes: r.stored_bytes,
-                                }
-                            })
-                            .collect(),
-                        freeze_us: if spec.kill { total_us } else { freeze_us },
-                        total_us,
-                        external_tcp: view.external_tcp,
-                    };
+                    let freeze_us = if spec.kill { total_us } else { freeze_us };
+                    let mut m = job_manifest(ctl, &spec, &view, &ranks, freeze_us, total_us);
                     // Connections that leave the job: the policy decides, before
                     // anything is committed.
-                    let outside = crate::readdress::outside(&m);
-                    if !outside.is_empty() && policy == ExternalTcp::Fail {
-                        let list: Vec<String> = outside
-                            .iter()
-                            .map(|(rank, node, c)| {
-                                format!("rank {rank} on {node}: {} -> {}", c.local, c.remote)
-                            })
-                            .collect();
-                        b.refuse(format!(
-                            "{} TCP connection(s) lead outside the job and cannot be moved: {}. \
-                             Save with --external-tcp=close to restore them as reset \
-                             (the application sees a connection error), or close them first",
-                            outside.len(),
-                            list.join("; ")
-                        ));
+                    if let Err(reason) = external_tcp_policy(&mut m, policy) {
+                        b.refuse(reason);
                         continue;
                     }
-                    for (rank, _, c) in &outside {
-                        if let Some(r) = m.ranks.iter_mut().find(|r| r.rank == *rank) {
-                            for s in r.tcp.iter_mut() {
-                                if s.local == c.local && s.remote == c.remote {
-                                    s.external = true;
-                                }
-                            }
-                        }
-                    }
                     progress("COMMIT", 0, bytes);
-                    let store = ctl.store.clone();
-                    let mm = m.clone();
-                    let r = tokio::task::spawn_blocking(move || catalog::put(&store, &mm))
-                        .await
-                        .map_err(|e| e.to_string())
-                        .and_then(|r| r.map_err(|e| e.to_string()));
-                    if r.is_ok() {
-                        ctl.reg.lock().unwrap().catalog.insert(m.id.clone(), m);
-                    }
-                    b.commit_done(Instant::now(), r);
+                    b.commit_done(Instant::now(), commit(ctl, m).await);
                 }
                 Action::Finished(barrier::Outcome::Committed) => {
-                    let m = ctl.reg.lock().unwrap().catalog.get(&spec.ckpt).cloned();
-                    let (memory, stored, freeze, total) = m
-                        .as_ref()
-                        .map(|m| (m.memory_bytes(), m.stored_bytes(), m.freeze_us, m.total_us))
-                        .unwrap_or_default();
-                    return Event::Done(Done {
-                        outcome: Some(Outcome {
-                            ckpt: spec.ckpt.clone(),
-                            job: spec.job.clone(),
-                            ranks: view.ranks.len(),
-                            nodes,
-                            freeze_ms: freeze as f64 / 1e3,
-                            total_ms: total as f64 / 1e3,
-                            memory_bytes: memory,
-                            stored_bytes: stored,
-                            pids: Vec::new(),
-                        }),
-                        ..Done::ok()
-                    });
+                    return saved(ctl, &spec, &view, nodes);
                 }
                 Action::Finished(barrier::Outcome::Aborted { phase, reason }) => {
-                    // Nothing was committed; the images some ranks may have written
-                    // are not a checkpoint. Remove them (the chunks go at a gc).
-                    let store = ctl.store.clone();
-                    let names: Vec<String> = view
-                        .ranks
-                        .iter()
-                        .map(|r| rank_image_name(&spec.ckpt, r.rank))
-                        .collect();
-                    let ckpt = spec.ckpt.clone();
-                    let _ = tokio::task::spawn_blocking(move || {
-                        // A commit that failed may still have landed (a timeout after
-                        // the write): the job manifest must go first, or the rank
-                        // images stay.
-                        if phase == barrier::Phase::Committing
-                            && store.delete_object(catalog::JOBS_DIR, &ckpt).is_err()
-                        {
-                            return;
-                        }
-                        for n in names {
-                            let _ = store.delete_manifest(&n);
-                        }
-                    })
-                    .await;
+                    discard_attempt(ctl, &spec, &view, phase).await;
                     return Event::error(RequestError::SaveAborted {
                         job: spec.job.clone(),
                         reason,
@@ -1420,6 +1332,161 @@ async fn drive_save(
             _ = tokio::time::sleep_until(deadline.into()) => b.handle_timeout(Instant::now()),
         }
     }
+}
+
+/// The ranks of a job, by the agent (node) that holds them.
+fn ranks_by_agent(view: &JobView) -> BTreeMap<String, Vec<RankRef>> {
+    let mut by_agent: BTreeMap<String, Vec<RankRef>> = BTreeMap::new();
+    for r in &view.ranks {
+        by_agent.entry(r.node.clone()).or_default().push(RankRef {
+            rank: r.rank,
+            pid: r.pid,
+        });
+    }
+    by_agent
+}
+
+/// The job manifest of a save whose every rank is stored: the commit to write.
+fn job_manifest(
+    ctl: &Ctl,
+    spec: &SaveSpec,
+    view: &JobView,
+    ranks: &[RankManifest],
+    freeze_us: u64,
+    total_us: u64,
+) -> JobManifest {
+    JobManifest {
+        format_version: JOB_FORMAT_VERSION,
+        id: spec.ckpt.clone(),
+        job: spec.job.clone(),
+        uid: view.uid,
+        created_unix: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0),
+        store: spec.store.clone(),
+        killed: spec.kill,
+        ranks: ranks
+            .iter()
+            .map(|r| {
+                let v = view.ranks.iter().find(|v| v.rank == r.rank);
+                let kernel = v
+                    .and_then(|v| {
+                        ctl.reg
+                            .lock()
+                            .unwrap()
+                            .agents
+                            .get(&v.node)
+                            .map(|a| a.info.kernel.clone())
+                    })
+                    .unwrap_or_default();
+                JobRank {
+                    kernel,
+                    tcp: r.tcp.clone(),
+                    listen: r.listen.clone(),
+                    udp: r.udp.clone(),
+                    rank: r.rank,
+                    image: r.image.clone(),
+                    node: v.map(|v| v.node.clone()).unwrap_or_default(),
+                    pid: v.map(|v| v.pid).unwrap_or(0),
+                    memory_bytes: r.memory_bytes,
+                    stored_bytes: r.stored_bytes,
+                }
+            })
+            .collect(),
+        freeze_us,
+        total_us,
+        external_tcp: view.external_tcp,
+    }
+}
+
+/// The connections of `m` that lead outside the job, under `policy`: refused (the
+/// reason, naming each), or marked external (restored reset).
+fn external_tcp_policy(m: &mut JobManifest, policy: ExternalTcp) -> Result<(), String> {
+    let outside = crate::readdress::outside(m);
+    if !outside.is_empty() && policy == ExternalTcp::Fail {
+        let list: Vec<String> = outside
+            .iter()
+            .map(|(rank, node, c)| format!("rank {rank} on {node}: {} -> {}", c.local, c.remote))
+            .collect();
+        return Err(format!(
+            "{} TCP connection(s) lead outside the job and cannot be moved: {}. \
+             Save with --external-tcp=close to restore them as reset \
+             (the application sees a connection error), or close them first",
+            outside.len(),
+            list.join("; ")
+        ));
+    }
+    for (rank, _, c) in &outside {
+        if let Some(r) = m.ranks.iter_mut().find(|r| r.rank == *rank) {
+            for s in r.tcp.iter_mut() {
+                if s.local == c.local && s.remote == c.remote {
+                    s.external = true;
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The commit: `m` written to the store, then into the catalog.
+async fn commit(ctl: &Ctl, m: JobManifest) -> Result<(), barrier::CommitError> {
+    let store = ctl.store.clone();
+    let mm = m.clone();
+    match tokio::task::spawn_blocking(move || catalog::put(&store, &mm)).await {
+        Ok(written) => written?,
+        Err(e) => return Err(barrier::CommitError::Writer(e)),
+    }
+    ctl.reg.lock().unwrap().catalog.insert(m.id.clone(), m);
+    Ok(())
+}
+
+/// The answer to a committed save: its figures, from the catalog.
+fn saved(ctl: &Ctl, spec: &SaveSpec, view: &JobView, nodes: Vec<String>) -> Event {
+    let m = ctl.reg.lock().unwrap().catalog.get(&spec.ckpt).cloned();
+    let (memory, stored, freeze, total) = m
+        .as_ref()
+        .map(|m| (m.memory_bytes(), m.stored_bytes(), m.freeze_us, m.total_us))
+        .unwrap_or_default();
+    Event::Done(Done {
+        outcome: Some(Outcome {
+            ckpt: spec.ckpt.clone(),
+            job: spec.job.clone(),
+            ranks: view.ranks.len(),
+            nodes,
+            freeze_ms: freeze as f64 / 1e3,
+            total_ms: total as f64 / 1e3,
+            memory_bytes: memory,
+            stored_bytes: stored,
+            pids: Vec::new(),
+        }),
+        ..Done::ok()
+    })
+}
+
+/// An aborted save: nothing was committed, and the images some ranks may have
+/// written are not a checkpoint. Remove them (the chunks go at a gc).
+async fn discard_attempt(ctl: &Ctl, spec: &SaveSpec, view: &JobView, phase: barrier::Phase) {
+    let store = ctl.store.clone();
+    let names: Vec<String> = view
+        .ranks
+        .iter()
+        .map(|r| rank_image_name(&spec.ckpt, r.rank))
+        .collect();
+    let ckpt = spec.ckpt.clone();
+    let _ = tokio::task::spawn_blocking(move || {
+        // A commit that failed may still have landed (a timeout after the
+        // write): the job manifest must go first, or the rank images stay.
+        if phase == barrier::Phase::Committing
+            && store.delete_object(catalog::JOBS_DIR, &ckpt).is_err()
+        {
+            return;
+        }
+        for n in names {
+            let _ = store.delete_manifest(&n);
+        }
+    })
+    .await;
 }
 
 fn start_restore(

@@ -10,7 +10,6 @@ use std::time::Duration;
 
 use ckpt_controller::api::Request;
 use ckpt_controller::{client, tls};
-use ckpt_shared::wire;
 
 #[path = "common/simagent.rs"]
 mod simagent;
@@ -76,21 +75,7 @@ fn the_controller_binary_of_the_tests_pauses_at_frozen() {
         .and_then(|s| s.split_whitespace().next())
         .and_then(|s| s.parse().ok())
         .unwrap_or_else(|| panic!("no address in {serving:?}"));
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-        .unwrap();
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-    let ep = {
-        let _g = rt.enter();
-        wire::endpoint("127.0.0.1:0".parse().unwrap(), None).unwrap()
-    };
-    let id = tls::Identity::agent(&certs, "n0").unwrap();
-    rt.spawn(async move {
-        let _ = simagent::run(ep, &id, "n0".into(), addr, "j".into(), 0, tx).await;
-    });
-    rt.block_on(rx.recv()).unwrap();
+    let _agent = simagent::spawn_one(&certs, "n0", addr, "j");
     // The rank list may not have arrived yet: retry until the save starts.
     let save = Request::Save {
         job: "j".into(),

@@ -84,17 +84,7 @@ fn four_ranks_on_two_nodes_saved_running_then_killed_and_restored_on_two_other_n
     let last: Vec<u64> = ranks.iter().map(|(_, l)| last_tick(l).unwrap()).collect();
     // Wait for the agents to report the ranks gone, then restore on n2, n3.
     wait_job_gone(&jc, job);
-    let out = jc
-        .ctl_ok(&[
-            "job",
-            "restore",
-            &format!("{job}:latest"),
-            "--nodes",
-            "n2,n3",
-        ])
-        .unwrap();
-    assert!(out.contains("restored"), "{out}");
-    let now = jc.job_ranks(job).unwrap();
+    let now = jc.restore_latest(job, &["--nodes", "n2,n3"]);
     assert_eq!(now.len(), 4, "{now:?}");
     for (r, node, pid) in &now {
         let want = if *r < 2 { "n2" } else { "n3" };
@@ -346,17 +336,7 @@ fn ranks_streaming_over_tcp_are_restored_on_other_nodes_with_their_connection_in
         .map(|l| last_tick(l).unwrap())
         .collect();
     wait_job_gone(&jc, job);
-    let out = jc
-        .ctl_ok(&[
-            "job",
-            "restore",
-            &format!("{job}:latest"),
-            "--nodes",
-            "n2,n3",
-        ])
-        .unwrap();
-    assert!(out.contains("restored"), "{out}");
-    let now = jc.job_ranks(job).unwrap();
+    let now = jc.restore_latest(job, &["--nodes", "n2,n3"]);
     assert_eq!(
         now.iter().map(|(_, n, _)| n.as_str()).collect::<Vec<_>>(),
         ["n2", "n3"]

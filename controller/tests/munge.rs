@@ -8,10 +8,11 @@ use std::os::unix::process::CommandExt;
 use std::time::Duration;
 
 use ckpt_controller::api::Request;
-use ckpt_controller::{client, munge, serve, tls};
-use ckpt_shared::wire;
+use ckpt_controller::{client, munge};
 use ckpt_tests::munge::Munged;
 
+#[path = "common/ctl.rs"]
+mod ctl;
 #[path = "common/simagent.rs"]
 mod simagent;
 
@@ -37,41 +38,14 @@ fn requests_over_tcp_are_judged_by_their_munge_credential() {
         "munged is not installed: scripts/setup.sh installs the munge package"
     );
     let m = Munged::start().unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let certs = dir.path().join("certs");
-    tls::ca_init(&certs, &["127.0.0.1".into()], &["n0".into()]).unwrap();
-    std::fs::create_dir_all(dir.path().join("store")).unwrap();
-    let ctl = serve::start(
-        serve::Config {
-            listen: "127.0.0.1:0".parse().unwrap(),
-            store: format!("file://{}", dir.path().join("store").display()),
-            certs: certs.clone(),
-            socket: dir.path().join("ctl.sock"),
-            api_listen: Some("127.0.0.1:0".parse().unwrap()),
-            munge_socket: Some(m.socket()),
-            ..serve::Config::default()
-        },
-        serve::ServeOptions::default(),
-    )
-    .unwrap();
+    let c = ctl::start(&["n0"], 5.0, |cfg| {
+        cfg.api_listen = Some("127.0.0.1:0".parse().unwrap());
+        cfg.munge_socket = Some(m.socket());
+    });
+    let (certs, ctl) = (&c.certs, &c.ctl);
     let api = ctl.api_addr.unwrap();
     // One agent (protocol only) with one rank of root's job "j".
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-        .unwrap();
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-    let ep = {
-        let _g = rt.enter();
-        wire::endpoint("127.0.0.1:0".parse().unwrap(), None).unwrap()
-    };
-    let id = tls::Identity::agent(&certs, "n0").unwrap();
-    let addr = ctl.addr;
-    rt.spawn(async move {
-        let _ = simagent::run(ep, &id, "n0".into(), addr, "j".into(), 0, tx).await;
-    });
-    rt.block_on(rx.recv()).unwrap();
+    let _agent = simagent::spawn_one(certs, "n0", ctl.addr, "j");
     std::thread::sleep(Duration::from_millis(200));
     let target = client::Target::Munge {
         addr: api.to_string(),

@@ -7,57 +7,23 @@
 use std::time::Duration;
 
 use ckpt_controller::api::{Done, Event, Request};
-use ckpt_controller::{client, serve, tls};
+use ckpt_controller::{client, tls};
 use ckpt_shared::proto::{FromAgent, Hello, PROTO_VERSION};
 use ckpt_shared::wire;
 
+#[path = "common/ctl.rs"]
+mod ctl;
 #[path = "common/simagent.rs"]
 mod simagent;
 
-struct Ctl {
-    _dir: tempfile::TempDir,
-    certs: std::path::PathBuf,
-    socket: std::path::PathBuf,
-    ctl: serve::Running,
-}
+type Ctl = ctl::LocalController;
 
 fn controller() -> Ctl {
-    let dir = tempfile::tempdir().unwrap();
-    let certs = dir.path().join("certs");
-    tls::ca_init(
-        &certs,
-        &["127.0.0.1".into()],
-        &["good".into(), "liar".into()],
-    )
-    .unwrap();
-    std::fs::create_dir_all(dir.path().join("store")).unwrap();
-    let socket = dir.path().join("ctl.sock");
-    let ctl = serve::start(
-        serve::Config {
-            listen: "127.0.0.1:0".parse().unwrap(),
-            store: format!("file://{}", dir.path().join("store").display()),
-            certs: certs.clone(),
-            socket: socket.clone(),
-            lease_secs: 3.0,
-            ..serve::Config::default()
-        },
-        serve::ServeOptions::default(),
-    )
-    .unwrap();
-    Ctl {
-        _dir: dir,
-        certs,
-        socket,
-        ctl,
-    }
+    ctl::start(&["good", "liar"], 3.0, |_| {})
 }
 
 fn rt() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap()
+    ctl::rt(2)
 }
 
 /// Connects as `name` with `id`, sends `bytes` raw on the stream, and returns how

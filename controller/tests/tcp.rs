@@ -103,16 +103,6 @@ fn goes_on(logs: &[PathBuf], at_kill: &[u64]) {
     all_advance(logs, 10);
 }
 
-fn restore(jc: &JobCluster, job: &str, how: &[&str]) -> Vec<(u32, String, i32)> {
-    let mut args = vec!["job", "restore"];
-    let latest = format!("{job}:latest");
-    args.push(&latest);
-    args.extend_from_slice(how);
-    let out = jc.ctl_ok(&args).unwrap();
-    assert!(out.contains("restored"), "{out}");
-    jc.job_ranks(job).unwrap()
-}
-
 /// The bytes queued in the job's latest checkpoint, summed over its connections,
 /// as `ckpt show --json` reports them.
 fn queued_bytes(jc: &JobCluster, job: &str) -> u64 {
@@ -158,7 +148,7 @@ fn four_ranks_streaming_to_each_other_survive_saves_and_a_restore_on_other_nodes
         queued > 64 * 1024,
         "the queues held only {queued} bytes: the test does not test in-flight data"
     );
-    let now = restore(&jc, job, &["--nodes", "n2,n3"]);
+    let now = jc.restore_latest(job, &["--nodes", "n2,n3"]);
     let nodes: Vec<&str> = now.iter().map(|(_, n, _)| n.as_str()).collect();
     assert_eq!(nodes, ["n2", "n2", "n3", "n3"]);
     goes_on(&logs, &at_kill);
@@ -168,7 +158,7 @@ fn four_ranks_streaming_to_each_other_survive_saves_and_a_restore_on_other_nodes
     assert!(out.contains("saved"), "{out}");
     all_advance(&logs, 10);
     let at_kill = kill_save_restored(&jc, job, &pids, &logs);
-    restore(&jc, job, &["--nodes", "n0,n1"]);
+    jc.restore_latest(job, &["--nodes", "n0,n1"]);
     goes_on(&logs, &at_kill);
 }
 
@@ -183,14 +173,14 @@ fn loopback_ranks_split_onto_two_nodes_and_merge_back_onto_one() {
     let (pids, logs) = start_mesh(&jc, job, &[0, 0], &[lo.clone(), lo]);
     let at_kill = kill_save(&jc, job, &pids, &logs);
     // Apart: the loopback connection becomes one between n1's and n2's addresses.
-    let now = restore(&jc, job, &["--map", "0=n1,1=n2"]);
+    let now = jc.restore_latest(job, &["--map", "0=n1,1=n2"]);
     let nodes: Vec<&str> = now.iter().map(|(_, n, _)| n.as_str()).collect();
     assert_eq!(nodes, ["n1", "n2"]);
     goes_on(&logs, &at_kill);
     let pids: Vec<i32> = now.iter().map(|(_, _, p)| *p).collect();
     let at_kill = kill_save_restored(&jc, job, &pids, &logs);
     // Together again, on a third node: both ends on n0's address.
-    let now = restore(&jc, job, &["--map", "0=n0,1=n0"]);
+    let now = jc.restore_latest(job, &["--map", "0=n0,1=n0"]);
     let nodes: Vec<&str> = now.iter().map(|(_, n, _)| n.as_str()).collect();
     assert_eq!(nodes, ["n0", "n0"]);
     goes_on(&logs, &at_kill);
@@ -265,7 +255,7 @@ fn a_connection_to_a_server_outside_the_job_fails_the_save_or_comes_back_reset()
     assert!(shown.contains("restored reset"), "{shown}");
     // Restored on n2, the rank finds its connection reset, as when a server goes
     // away, and says so.
-    let now = restore(&jc, job, &["--nodes", "n2"]);
+    let now = jc.restore_latest(job, &["--nodes", "n2"]);
     assert_eq!(now[0].1, "n2");
     let t = Instant::now();
     loop {
@@ -311,7 +301,7 @@ fn a_server_rank_and_its_callers_keep_their_sessions_across_a_restore() {
         all_advance(&logs, 5);
     }
     let at_kill = kill_save(&jc, job, &pids, &logs);
-    let now = restore(&jc, job, &["--nodes", "n2,n3"]);
+    let now = jc.restore_latest(job, &["--nodes", "n2,n3"]);
     let nodes: Vec<&str> = now.iter().map(|(_, n, _)| n.as_str()).collect();
     assert_eq!(nodes, ["n2", "n2", "n3", "n3"]);
     for (log, k) in logs.iter().zip(&at_kill) {
@@ -351,7 +341,7 @@ fn memcached_and_a_client_holding_its_connection_are_restored_on_other_nodes() {
     let id = jc.ckpts(job).unwrap().last().cloned().unwrap();
     let shown = jc.ctl_ok(&["ckpt", "show", &id]).unwrap();
     assert!(shown.contains(":11211"), "{shown}");
-    let now = restore(&jc, job, &["--nodes", "n2,n3"]);
+    let now = jc.restore_latest(job, &["--nodes", "n2,n3"]);
     let nodes: Vec<&str> = now.iter().map(|(_, n, _)| n.as_str()).collect();
     assert_eq!(nodes, ["n2", "n3"]);
     // The same session carries on: the client reads back what it stored before
@@ -444,7 +434,7 @@ fn a_restore_holds_the_connections_until_every_rank_is_rebuilt_and_lets_go_on_ab
     jc.restart_agent(2, &[]).unwrap();
     assert!(lock_tables(&jc, 2).is_empty());
     // And the checkpoint still restores, with the connection intact.
-    let now = restore(&jc, job, &["--map", "0=n1,1=n2"]);
+    let now = jc.restore_latest(job, &["--map", "0=n1,1=n2"]);
     assert_eq!(now.len(), 2);
     assert!(lock_tables(&jc, 1).is_empty() && lock_tables(&jc, 2).is_empty());
     goes_on(&logs, &at_kill);

@@ -10,12 +10,11 @@ use std::time::Duration;
 use ckpt_controller::tls::{self, Identity};
 use ckpt_shared::proto::{FromAgent, Hello, ToAgent, PROTO_VERSION};
 
+#[path = "common/ctl.rs"]
+mod ctl;
+
 fn rt() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap()
+    ctl::rt(2)
 }
 
 /// A controller endpoint that answers one Hello per connection.

@@ -21,6 +21,8 @@
 //! - [`awsconfig`]: the AWS shared config and credentials files (profiles) and CA
 //!   bundles, for [`objstore::S3Config`].
 //! - [`report`]: an error and its causes on one line, each cause once.
+//! - [`stdout`]: the binaries' answers on standard output ([`out!`], [`outln!`]),
+//!   where a reader that went away (`| head`) ends the command with exit 0.
 //!
 //! No I/O policy lives here beyond the stores themselves, and no configuration is
 //! read from the environment: callers pass a lookup
@@ -36,6 +38,7 @@ pub mod location;
 pub mod objstore;
 pub mod proto;
 pub mod report;
+pub mod stdout;
 pub mod store;
 pub mod tls;
 pub mod wire;

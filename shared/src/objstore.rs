@@ -1321,27 +1321,57 @@ fn open_s3(
     s3: &S3Config,
     retry: &RetryPolicy,
 ) -> Result<(Arc<dyn ObjectStore>, S3Config), StoreError> {
-    let config_err = |reason: String| StoreError::Config {
-        store: store.to_string(),
-        reason,
-    };
     let resolved = s3
         .resolve()
-        .map_err(|e| config_err(crate::report::error_chain(&e)))?;
+        .map_err(|e| config_err(store, crate::report::error_chain(&e)))?;
+    let client = client_options(store, s3, &resolved, retry)?;
+    let builder = s3_builder(bucket, &resolved, retry);
+    let (client, builder) = with_endpoint(store, &resolved, client, builder)?;
+    let builder = with_credentials(store, &resolved, builder)?;
+    let built = builder
+        .with_client_options(client)
+        .build()
+        .map_err(|source| StoreError::Open {
+            store: store.to_string(),
+            source: Box::new(source),
+        })?;
+    Ok((Arc::new(built), resolved))
+}
+
+/// The S3 settings of `store` cannot work: `reason` says why and what to set.
+fn config_err(store: &str, reason: String) -> StoreError {
+    StoreError::Config {
+        store: store.to_string(),
+        reason,
+    }
+}
+
+/// The HTTP client's timeouts, and the CA bundle's certificates as its roots.
+/// `s3` is the configuration as given (to name where its bundle came from),
+/// `resolved` the one with the shared files applied.
+fn client_options(
+    store: &str,
+    s3: &S3Config,
+    resolved: &S3Config,
+    retry: &RetryPolicy,
+) -> Result<ClientOptions, StoreError> {
     let mut client = ClientOptions::new()
         .with_connect_timeout(retry.connect_timeout)
         .with_timeout(retry.request_timeout);
     if let Some(bundle) = &resolved.ca_bundle {
         let origin = s3.ca_bundle_origin();
         for cert in awsconfig::read_ca_bundle(bundle, &origin)
-            .map_err(|e| config_err(crate::report::error_chain(&e)))?
+            .map_err(|e| config_err(store, crate::report::error_chain(&e)))?
         {
             client = client.with_root_certificate(cert);
         }
     }
-    let s3 = &resolved;
-    let source = s3.credentials_source.as_ref();
-    let mut builder = AmazonS3Builder::new()
+    Ok(client)
+}
+
+/// The builder's bucket, region and retries.
+fn s3_builder(bucket: &str, s3: &S3Config, retry: &RetryPolicy) -> AmazonS3Builder {
+    AmazonS3Builder::new()
         .with_bucket_name(bucket)
         .with_region(s3.region.as_deref().unwrap_or("us-east-1"))
         .with_retry(RetryConfig {
@@ -1352,7 +1382,19 @@ fn open_s3(
             },
             max_retries: retry.max_retries,
             retry_timeout: retry.retry_timeout,
-        });
+        })
+}
+
+/// An endpoint of its own (path-style, http only where allowed, credentials
+/// required) or AWS itself (virtual-hosted, https).
+fn with_endpoint(
+    store: &str,
+    s3: &S3Config,
+    mut client: ClientOptions,
+    mut builder: AmazonS3Builder,
+) -> Result<(ClientOptions, AmazonS3Builder), StoreError> {
+    let config_err = |reason: String| config_err(store, reason);
+    let source = s3.credentials_source.as_ref();
     match &s3.endpoint {
         Some(endpoint) => {
             let parsed = url::Url::parse(endpoint).map_err(|e| {
@@ -1401,6 +1443,18 @@ fn open_s3(
             builder = builder.with_virtual_hosted_style_request(true);
         }
     }
+    Ok((client, builder))
+}
+
+/// The credentials of the source that won (see [`CredentialsSource`]), and only
+/// those.
+fn with_credentials(
+    store: &str,
+    s3: &S3Config,
+    mut builder: AmazonS3Builder,
+) -> Result<AmazonS3Builder, StoreError> {
+    let config_err = |reason: String| config_err(store, reason);
+    let source = s3.credentials_source.as_ref();
     // Only the winning source goes to the builder, so that object_store's own
     // order of providers cannot pick another one.
     use object_store::aws::AmazonS3ConfigKey as Key;
@@ -1471,14 +1525,7 @@ fn open_s3(
             ))
         }
     }
-    let built = builder
-        .with_client_options(client)
-        .build()
-        .map_err(|source| StoreError::Open {
-            store: store.to_string(),
-            source: Box::new(source),
-        })?;
-    Ok((Arc::new(built), resolved))
+    Ok(builder)
 }
 
 /// [`ObjectStoreBackend`] for plain threads: the same operations, synchronous. It owns

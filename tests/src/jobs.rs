@@ -362,6 +362,17 @@ impl JobCluster {
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
 
+    /// `job restore JOB:latest` with the further arguments `how` (`--nodes ...`),
+    /// which must succeed and say "restored": the job's ranks after it.
+    pub fn restore_latest(&self, job: &str, how: &[&str]) -> Vec<(u32, String, i32)> {
+        let latest = format!("{job}:latest");
+        let mut args = vec!["job", "restore", latest.as_str()];
+        args.extend_from_slice(how);
+        let out = self.ctl_ok(&args).unwrap();
+        assert!(out.contains("restored"), "{out}");
+        self.job_ranks(job).unwrap()
+    }
+
     /// The ranks of `job` now: (rank, node, pid).
     pub fn job_ranks(&self, job: &str) -> Result<Vec<(u32, String, i32)>> {
         let out = self.ctl_ok(&["job", "list", "--json"])?;

@@ -2,7 +2,7 @@
 //!
 //! Today it holds what the engine tests of `ckpt-agent` need:
 //!
-//! - [`workload`]: the workload programs in `tests/workloads/` (C, compiled on demand
+//! - [`workload`](mod@workload): the workload programs in `tests/workloads/` (C, compiled on demand
 //!   with gcc into a cache keyed by their source; and Python), and
 //!   [`spawn_workload`], which starts one in a session of its own with its output
 //!   going to a log file.

@@ -12,12 +12,12 @@
 //!
 //! Supported, one kind per file behind one trait ([`kind::Persist`], table
 //! [`kind::STEPS`]):
-//! - regular files ([`file`]) and directories ([`dir`]), reopened by path at their
+//! - regular files (`file.rs`) and directories (`dir.rs`), reopened by path at their
 //!   position, with their status flags;
-//! - `/dev/{null,zero,random,urandom}` ([`chardev`]);
+//! - `/dev/{null,zero,random,urandom}` (`chardev.rs`);
 //! - pipes and FIFOs, with the data buffered in them ([`pipe`]);
-//! - eventfds, with their counter and semaphore mode ([`eventfd`]);
-//! - epoll instances, with their targets, events and data ([`epoll`]);
+//! - eventfds, with their counter and semaphore mode (`eventfd.rs`);
+//! - epoll instances, with their targets, events and data (`epoll.rs`);
 //! - established TCP connections, with their queues, read under the job's
 //!   network lock with `TCP_REPAIR`, and listening TCP sockets without pending
 //!   connections ([`tcp`]);
@@ -25,7 +25,7 @@
 //!   not kept ([`udp`]).
 //!
 //! Descriptors 0–2 that lead out of the tree (a terminal, a pipe or a socket to
-//! the shell) are inherited from the restore command ([`inherited`]). Everything
+//! the shell) are inherited from the restore command (`inherited.rs`). Everything
 //! else (UNIX sockets, signalfd, timerfd, inotify, deleted files, other devices) is
 //! refused at dump with a message naming the fd and the PID.
 

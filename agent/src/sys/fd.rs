@@ -13,40 +13,29 @@ type Result<T> = std::result::Result<T, SysError>;
 
 /// fcntl(F_GETFL): the status flags (and access mode) of the description.
 pub fn get_status_flags(fd: BorrowedFd<'_>, what: &str) -> Result<u32> {
-    // SAFETY: F_GETFL on a live descriptor; no pointers.
-    let fl = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GETFL) };
-    if fl < 0 {
-        return Err(SysError::last("fcntl(F_GETFL)", what));
-    }
+    let fl = nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_GETFL)
+        .map_err(|e| SysError::nix("fcntl(F_GETFL)", what, e))?;
     Ok(fl as u32)
 }
 
 /// fcntl(F_SETFL).
 pub fn set_status_flags(fd: BorrowedFd<'_>, flags: i32) -> Result<()> {
-    // SAFETY: F_SETFL on a live descriptor; no pointers.
-    if unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETFL, flags) } < 0 {
-        return Err(SysError::last("fcntl(F_SETFL)", fd.as_raw_fd()));
-    }
+    let flags = nix::fcntl::OFlag::from_bits_retain(flags);
+    nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_SETFL(flags))
+        .map_err(|e| SysError::nix("fcntl(F_SETFL)", fd.as_raw_fd(), e))?;
     Ok(())
 }
 
 /// lseek(SEEK_SET) to `pos`.
 pub fn seek_to(fd: BorrowedFd<'_>, pos: u64, what: &str) -> Result<()> {
-    // SAFETY: plain lseek on a live descriptor.
-    if unsafe { libc::lseek(fd.as_raw_fd(), pos as i64, libc::SEEK_SET) } < 0 {
-        return Err(SysError::last("lseek", what));
-    }
+    nix::unistd::lseek(fd, pos as i64, nix::unistd::Whence::SeekSet)
+        .map_err(|e| SysError::nix("lseek", what, e))?;
     Ok(())
 }
 
 /// write(2) of `buf`: the bytes written.
 pub fn write(fd: BorrowedFd<'_>, buf: &[u8], what: &str) -> Result<usize> {
-    // SAFETY: the pointer/length pair covers `buf`.
-    let n = unsafe { libc::write(fd.as_raw_fd(), buf.as_ptr().cast(), buf.len()) };
-    if n < 0 {
-        return Err(SysError::last("write", what));
-    }
-    Ok(n as usize)
+    nix::unistd::write(fd, buf).map_err(|e| SysError::nix("write", what, e))
 }
 
 /// pwrite(2) of all of `buf` at `off` of `fd`, which the caller keeps open for the

@@ -1,5 +1,11 @@
 //! x86_64 system call numbers, for the calls the agent injects into a tracee.
 //!
+//! Kernel contract: none of its own (constants only, no call). Each injected
+//! call needs what its own man page says, in the target, checked where it is
+//! injected (`inject.rs` and its callers): the newest are `pidfd_getfd` (438,
+//! Linux ≥ 5.6), `close_range` (436, ≥ 5.9) and `clone3` (435, ≥ 5.3); `rseq`
+//! ≥ 4.18, `userfaultfd` ≥ 4.3.
+//!
 //! These are ABI constants; we spell them out rather than take them from `libc` so the
 //! injected calls read the same as the kernel's `syscall_64.tbl`.
 

@@ -1,7 +1,12 @@
 //! Restoring into a fresh PID namespace (`restore --new-pid-ns`).
 //!
-//! Kernel contract: `clone3` with `CLONE_NEWPID` (Linux ≥ 5.3) and `setns` of a PID
-//! namespace (≥ 3.8); needs `CAP_SYS_ADMIN`.
+//! Kernel contract: `clone3` (Linux ≥ 5.3) with `CLONE_NEWPID`, which needs
+//! `CAP_SYS_ADMIN`; `setns(CLONE_NEWPID)` (PID namespaces: ≥ 3.8), which needs
+//! `CAP_SYS_ADMIN` in our own user namespace and in the one that owns the target
+//! namespace, and a target that is a descendant of our own PID namespace (the
+//! init's is: we created it); `setns` back to our own namespace is allowed by the
+//! same rule. The init itself uses `close_range` (≥ 5.9) and
+//! `prctl(PR_SET_PDEATHSIG)`, which need nothing.
 //!
 //! The original PIDs may be taken on this node; in a new PID namespace they are all
 //! free. A namespace needs an init (PID 1) that outlives the tree, so we fork one
@@ -175,18 +180,13 @@ pub fn enter(init: pid_t) -> Result<std::fs::File, SysError> {
         what: format!("/proc/{init}/ns/pid"),
         source,
     })?;
-    // SAFETY: setns on a namespace descriptor we just opened.
-    if unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWPID) } < 0 {
-        return Err(SysError::last("setns(CLONE_NEWPID)", init));
-    }
+    nix::sched::setns(&f, nix::sched::CloneFlags::CLONE_NEWPID)
+        .map_err(|e| SysError::nix("setns(CLONE_NEWPID)", init, e))?;
     Ok(ours)
 }
 
 /// Children are born in our own PID namespace again.
 pub fn leave(ours: std::fs::File) -> Result<(), SysError> {
-    // SAFETY: setns on a namespace descriptor we own.
-    if unsafe { libc::setns(ours.as_raw_fd(), libc::CLONE_NEWPID) } < 0 {
-        return Err(SysError::last("setns(CLONE_NEWPID)", "our own namespace"));
-    }
-    Ok(())
+    nix::sched::setns(&ours, nix::sched::CloneFlags::CLONE_NEWPID)
+        .map_err(|e| SysError::nix("setns(CLONE_NEWPID)", "our own namespace", e))
 }

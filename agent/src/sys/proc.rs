@@ -3,6 +3,15 @@
 //! The formats are the kernel's (Documentation/filesystems/proc.rst). Parsers are
 //! strict about what they use and ignore the rest, so new kernel fields don't break
 //! them.
+//!
+//! Kernel contract: `/proc/PID/task/TID/children` Linux ≥ 3.5 (`CONFIG_PROC_CHILDREN`
+//! since 4.2, `CONFIG_CHECKPOINT_RESTORE` before); `/proc/PID/timers` ≥ 3.10 and
+//! `CONFIG_CHECKPOINT_RESTORE`; `fdinfo` with `pos`/`flags` ≥ 2.6.22; `smaps`,
+//! `auxv`, `limits`, `stat`, `status` older still. The links of `/proc/PID/fd` and
+//! the files `fdinfo`, `auxv` and `smaps` of a process not ours need a ptrace
+//! access check over it (PTRACE_MODE_READ_FSCREDS: the same user, or
+//! `CAP_SYS_PTRACE`); the descriptors are read relative to `/proc/PID/fd` held
+//! open (`readlinkat`, `fstatat`, `openat`), which need nothing more.
 
 use std::fs;
 use std::io;

@@ -2,12 +2,16 @@
 //! trampoline pages it maps in itself, its memfds for shared memory, reading its
 //! own vDSO.
 //!
-//! Kernel contract: `clone3` with `set_tid` (Linux ≥ 5.5; choosing a PID needs
-//! `CAP_CHECKPOINT_RESTORE` or `CAP_SYS_ADMIN` in the PID namespace's owner),
-//! `MAP_FIXED_NOREPLACE` (≥ 4.17), `memfd_create` (≥ 3.17).
+//! Kernel contract: `clone3` with `set_tid` (Linux ≥ 5.5); choosing a PID needs
+//! `CAP_SYS_ADMIN`, or (since 5.9) `CAP_CHECKPOINT_RESTORE`, in every user
+//! namespace that owns one of the target PID namespaces. `PTRACE_TRACEME` in the
+//! child needs nothing (its parent is the tracer). `MAP_FIXED_NOREPLACE`
+//! (≥ 4.17; an older kernel takes it as a hint, which [`map_trampoline`] checks),
+//! `memfd_create` (≥ 3.17); these and `ftruncate` on our own memfd need no
+//! capability.
 
 use std::ffi::CString;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::OwnedFd;
 
 use libc::pid_t;
 
@@ -148,17 +152,10 @@ pub fn unmap_trampoline(addr: u64, len: u64) {
 /// A close-on-exec memfd named `name`, `size` bytes long.
 pub fn memfd_sized(name: &str, size: u64) -> Result<OwnedFd, SysError> {
     let cname = CString::new(name).expect("no NUL in a memfd name");
-    // SAFETY: cname is a valid C string.
-    let fd = unsafe { libc::memfd_create(cname.as_ptr(), libc::MFD_CLOEXEC) };
-    if fd < 0 {
-        return Err(SysError::last("memfd_create", name));
-    }
-    // SAFETY: a fresh descriptor that we own.
-    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-    // SAFETY: ftruncate on our own memfd.
-    if unsafe { libc::ftruncate(fd.as_raw_fd(), size as i64) } < 0 {
-        return Err(SysError::last("ftruncate", name));
-    }
+    let fd =
+        nix::sys::memfd::memfd_create(cname.as_c_str(), nix::sys::memfd::MFdFlags::MFD_CLOEXEC)
+            .map_err(|e| SysError::nix("memfd_create", name, e))?;
+    nix::unistd::ftruncate(&fd, size as i64).map_err(|e| SysError::nix("ftruncate", name, e))?;
     Ok(fd)
 }
 

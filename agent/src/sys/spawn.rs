@@ -1,7 +1,9 @@
 //! Starting and watching our own helper processes: the write-tracking holder gets
 //! descriptors at fixed numbers in a session of its own, and waits on pidfds.
 //!
-//! Kernel contract: `pidfd_open` and polling a pidfd (Linux ≥ 5.3), `waitpid`.
+//! Kernel contract: `pidfd_open` and polling a pidfd for its exit (Linux ≥ 5.3);
+//! `dup2`, `setsid` and `waitpid` of our own child. No capability: the processes
+//! are our own.
 
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::process::CommandExt;

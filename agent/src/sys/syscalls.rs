@@ -1,4 +1,17 @@
 //! Wrappers for the system calls the agent makes itself (not injected).
+//!
+//! Kernel contract, call by call:
+//! - `process_vm_readv` / `process_vm_writev`: Linux ≥ 3.2, PTRACE_MODE_ATTACH_REALCREDS
+//!   over the target (the same user, or `CAP_SYS_PTRACE`);
+//! - `pidfd_open` ≥ 5.3 (no capability); `pidfd_getfd` ≥ 5.6,
+//!   PTRACE_MODE_ATTACH_REALCREDS over the target;
+//! - `kcmp(KCMP_FILE)` ≥ 3.5, PTRACE_MODE_READ_REALCREDS over both processes, and a
+//!   kernel with `CONFIG_KCMP` (or `CONFIG_CHECKPOINT_RESTORE` before 5.12);
+//! - `get_robust_list` of another thread ≥ 2.6.17, PTRACE_MODE_READ_REALCREDS;
+//! - `tee` ≥ 2.6.17; `F_GETPIPE_SZ` / `F_SETPIPE_SZ` ≥ 2.6.35 (above
+//!   `/proc/sys/fs/pipe-max-size` needs `CAP_SYS_RESOURCE`); `FIONREAD` on a pipe;
+//! - `kill` / `tgkill` of a process not ours: the same user, or `CAP_KILL`;
+//! - `syncfs` ≥ 2.6.39; `xgetbv` (XCR0) needs a CPU with OSXSAVE set.
 
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
@@ -26,6 +39,14 @@ impl SysError {
     pub fn errno(&self) -> Option<i32> {
         self.source.raw_os_error()
     }
+    /// The failure of a call made through `nix`.
+    pub fn nix(op: &'static str, what: impl ToString, e: nix::errno::Errno) -> SysError {
+        SysError {
+            op,
+            what: what.to_string(),
+            source: e.into(),
+        }
+    }
 }
 
 type Result<T> = std::result::Result<T, SysError>;
@@ -33,45 +54,30 @@ type Result<T> = std::result::Result<T, SysError>;
 /// Read `len` bytes at `addr` of `pid` into `buf` with one copy. Returns the number of
 /// bytes read, which is short if part of the range is unmapped or unreadable.
 pub fn process_vm_readv(pid: pid_t, addr: u64, buf: &mut [u8]) -> Result<usize> {
-    let local = libc::iovec {
-        iov_base: buf.as_mut_ptr().cast(),
-        iov_len: buf.len(),
+    let remote = nix::sys::uio::RemoteIoVec {
+        base: addr as usize,
+        len: buf.len(),
     };
-    let remote = libc::iovec {
-        iov_base: addr as *mut libc::c_void,
-        iov_len: buf.len(),
-    };
-    // SAFETY: `local` covers exactly `buf`, which we own mutably; `remote` is only
-    // interpreted in the target's address space.
-    let r = unsafe { libc::process_vm_readv(pid, &local, 1, &remote, 1, 0) };
-    if r < 0 {
-        return Err(SysError::last(
-            "process_vm_readv",
-            format!("pid {pid} at {addr:#x}"),
-        ));
-    }
-    Ok(r as usize)
+    nix::sys::uio::process_vm_readv(
+        nix::unistd::Pid::from_raw(pid),
+        &mut [io::IoSliceMut::new(buf)],
+        &[remote],
+    )
+    .map_err(|e| SysError::nix("process_vm_readv", format!("pid {pid} at {addr:#x}"), e))
 }
 
 /// Write `buf` to `addr` of `pid`. Pages must be writable in the target.
 pub fn process_vm_writev(pid: pid_t, addr: u64, buf: &[u8]) -> Result<usize> {
-    let local = libc::iovec {
-        iov_base: buf.as_ptr().cast_mut().cast(),
-        iov_len: buf.len(),
+    let remote = nix::sys::uio::RemoteIoVec {
+        base: addr as usize,
+        len: buf.len(),
     };
-    let remote = libc::iovec {
-        iov_base: addr as *mut libc::c_void,
-        iov_len: buf.len(),
-    };
-    // SAFETY: the kernel only reads from `local`, which covers `buf`.
-    let r = unsafe { libc::process_vm_writev(pid, &local, 1, &remote, 1, 0) };
-    if r < 0 {
-        return Err(SysError::last(
-            "process_vm_writev",
-            format!("pid {pid} at {addr:#x}"),
-        ));
-    }
-    Ok(r as usize)
+    nix::sys::uio::process_vm_writev(
+        nix::unistd::Pid::from_raw(pid),
+        &[io::IoSlice::new(buf)],
+        &[remote],
+    )
+    .map_err(|e| SysError::nix("process_vm_writev", format!("pid {pid} at {addr:#x}"), e))
 }
 
 /// pidfd_open(2): Linux ≥ 5.3.
@@ -187,14 +193,7 @@ pub fn set_pipe_capacity(fd: RawFd, size: usize) -> Result<()> {
 
 /// pipe2(O_CLOEXEC): (read end, write end).
 pub fn pipe() -> Result<(OwnedFd, OwnedFd)> {
-    let mut fds = [0; 2];
-    // SAFETY: fds has room for two descriptors.
-    let r = unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) };
-    if r < 0 {
-        return Err(SysError::last("pipe2", ""));
-    }
-    // SAFETY: two fresh descriptors that we now own.
-    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
+    nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| SysError::nix("pipe2", "", e))
 }
 
 /// XCR0 of this CPU: which XSAVE state components the OS enabled.

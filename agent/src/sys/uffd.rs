@@ -6,7 +6,8 @@
 //! where populate-then-copy zeroes it first and writes it a second time.
 //!
 //! Kernel contract: userfaultfd Linux ≥ 4.3 (`UFFD_USER_MODE_ONLY` 5.11, which
-//! needs no privilege); write-protect registration ≥ 5.7; asynchronous
+//! needs no privilege; without it, `CAP_SYS_PTRACE` or
+//! `vm.unprivileged_userfaultfd = 1`); write-protect registration ≥ 5.7; asynchronous
 //! write protection (`UFFD_FEATURE_WP_ASYNC`) and `PAGEMAP_SCAN` ≥ 6.7. Reading
 //! another process's `/proc/PID/pagemap` needs PTRACE_MODE_READ over it.
 

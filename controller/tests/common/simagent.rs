@@ -19,6 +19,36 @@ use ckpt_shared::proto::{
 use ckpt_shared::tls::{self, Identity};
 use ckpt_shared::wire;
 
+/// One protocol-only agent `name` (its certificate from `certs`) with rank 0 of
+/// `job`, on a runtime of its own, connected to the controller at `addr`; returns
+/// once it has registered. Dropping the runtime ends it. (Not every includer of
+/// this file uses it.)
+#[allow(dead_code)]
+pub fn spawn_one(
+    certs: &std::path::Path,
+    name: &str,
+    addr: SocketAddr,
+    job: &str,
+) -> tokio::runtime::Runtime {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let ep = {
+        let _g = rt.enter();
+        wire::endpoint("127.0.0.1:0".parse().unwrap(), None).unwrap()
+    };
+    let id = Identity::agent(certs, name).unwrap();
+    let (name, job) = (name.to_string(), job.to_string());
+    rt.spawn(async move {
+        let _ = run(ep, &id, name, addr, job, 0, tx).await;
+    });
+    rt.block_on(rx.recv()).unwrap();
+    rt
+}
+
 /// Connects as agent `name` (with `id`) to the controller at `addr`, registers one
 /// rank of `job`, and answers the barrier until the connection ends. `ready` is
 /// signalled once registered.
