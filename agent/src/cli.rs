@@ -331,9 +331,9 @@ pub enum ImagesOp {
     },
     /// Keep the newest N checkpoints of a job, remove the rest.
     ///
-    /// A job's checkpoints are the ones the controller writes, JOB-<attempt>, whose
-    /// rank images JOB-<attempt>.r<N> are kept or removed together with the job
-    /// manifest, and images dumped by hand as JOB-<n> or JOB.<anything>, each one a
+    /// A job's checkpoints are the ones the controller writes, `JOB-<attempt>`, whose
+    /// rank images `JOB-<attempt>.r<N>` are kept or removed together with the job
+    /// manifest, and images dumped by hand as `JOB-<n>` or `JOB.<anything>`, each one a
     /// checkpoint of its own. Removing a job checkpoint here is what
     /// `ckpt-controller ckpt rm` does; a running controller lists it until it starts
     /// again.

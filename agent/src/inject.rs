@@ -12,7 +12,7 @@
 //! 2. `PTRACE_SYSCALL` to the entry stop and again to the exit stop, then read `rax`.
 //!
 //! No code of ours is ever written into the target. The caller owns putting the
-//! thread's registers back (see [`crate::thread::normalize_restart`]): after an
+//! thread's registers back (see [`crate::freeze::normalize_restart`]): after an
 //! injection the thread sits in a syscall-exit stop, where the kernel will not
 //! restart an interrupted call on its own.
 //!

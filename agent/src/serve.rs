@@ -5,7 +5,7 @@
 //! controller's barrier: FREEZE, CAPTURE, RESUME or STORE, KILL, ABORT for a save;
 //! RESTORE, RELEASE, ABORT for a restore. Each rank is dumped or restored by the
 //! engine on a thread of its own ([`crate::dump::dump_gated`],
-//! [`crate::restore::restore_gated`]); the [`JobGate`] holds those threads at the
+//! [`crate::restore::restore_gated`]); the `JobGate` (over [`crate::jobgate::GateMachine`]) holds those threads at the
 //! barrier's points until the controller's word arrives.
 //!
 //! The lease: the controller pings every agent; an agent that hears nothing from it
