@@ -161,6 +161,8 @@ fn freeze_ms(k: usize, dir: &std::path::Path, n: usize) -> Result<f64> {
         leases: Default::default(),
         registry: Default::default(),
         hooks: Default::default(),
+        start_time: None,
+        cancel: Default::default(),
     };
     let img = ckpt_agent::dump::dump(&opts).context("dump")?;
     let conns = img

@@ -34,6 +34,16 @@ pub enum FreezeError {
     },
     #[error("process {pid} is a zombie: zombies in the tree are not supported yet")]
     Zombie { pid: pid_t },
+    #[error(
+        "PID {pid} is no longer the process that was meant: that one started at tick \
+         {expected} after boot, the process at PID {pid} now at tick {found}. It exited \
+         and its PID was taken by another process, which was left as it was"
+    )]
+    NotTheProcess {
+        pid: pid_t,
+        expected: u64,
+        found: u64,
+    },
     #[error(transparent)]
     Proc(#[from] proc::ProcError),
 }
@@ -191,6 +201,16 @@ pub fn normalize_restart(r: &mut libc::user_regs_struct) {
 
 /// Freeze the tree rooted at `root`.
 pub fn freeze(root: pid_t) -> Result<Frozen, FreezeError> {
+    freeze_process(root, None)
+}
+
+/// Freeze the tree rooted at `root`, which must be the process that started at
+/// `start_time` (`/proc/PID/stat` field 22) when that is given, or else the one
+/// found at the first look: a PID taken over by another process is refused, before
+/// it is seized and again right after (a seized process cannot be reaped, so from
+/// then on the PID stays the one checked).
+pub fn freeze_process(root: pid_t, start_time: Option<u64>) -> Result<Frozen, FreezeError> {
+    let mut want = start_time;
     if std::fs::metadata(format!("/proc/{root}")).is_err() {
         return Err(FreezeError::NoSuchProcess { pid: root });
     }
@@ -215,6 +235,9 @@ pub fn freeze(root: pid_t) -> Result<Frozen, FreezeError> {
             if st.state == 'Z' || st.state == 'X' {
                 return Err(FreezeError::Zombie { pid });
             }
+            if pid == root {
+                same_process(root, *want.get_or_insert(st.start_time), st.start_time)?;
+            }
             let i = *index.entry(pid).or_insert_with(|| {
                 frozen.procs.push(FrozenProcess {
                     pid,
@@ -236,6 +259,11 @@ pub fn freeze(root: pid_t) -> Result<Frozen, FreezeError> {
                     None => continue, // the thread exited meanwhile
                 }
             }
+            if let (true, Some(w)) = (pid == root, want) {
+                // Dropping `frozen` on this error lets go of what was seized.
+                let now = proc::stat(root).map_err(|_| FreezeError::NoSuchProcess { pid: root })?;
+                same_process(root, w, now.start_time)?;
+            }
             let mut kids = proc::children(pid)?;
             kids.reverse();
             queue.extend(kids);
@@ -253,6 +281,17 @@ pub fn freeze(root: pid_t) -> Result<Frozen, FreezeError> {
             return Ok(frozen);
         }
     }
+}
+
+fn same_process(pid: pid_t, expected: u64, found: u64) -> Result<(), FreezeError> {
+    if expected != found {
+        return Err(FreezeError::NotTheProcess {
+            pid,
+            expected,
+            found,
+        });
+    }
+    Ok(())
 }
 
 fn seize_thread(pid: pid_t, tid: pid_t) -> Result<Option<FrozenThread>, FreezeError> {

@@ -29,6 +29,11 @@ pub enum CommandError {
     NoOutcome,
     #[error("no checkpoint in the answer")]
     NoCheckpoint,
+    #[error(
+        "ckpt-controller serve stopped by {}: every save and restore in progress was given up",
+        if *signal == libc::SIGTERM { "SIGTERM" } else { "SIGINT" }
+    )]
+    Interrupted { signal: i32 },
     #[error("printing the answer as JSON")]
     Json {
         #[source]
@@ -429,7 +434,8 @@ pub fn run(cli: Cli) -> Result<(), CommandError> {
                 cfg.socket.display(),
                 cfg.store
             );
-            r.wait();
+            let signal = r.wait_for_signal()?;
+            return Err(CommandError::Interrupted { signal });
         }
         Command::Demo { mib, keep } => crate::demo::run(mib.max(1), keep, serve_options())?,
         Command::DemoRank {

@@ -16,6 +16,11 @@ fn main() -> std::process::ExitCode {
         .init();
     match ckpt_controller::cli::run(ckpt_controller::cli::Cli::parse()) {
         Ok(()) => std::process::ExitCode::SUCCESS,
+        // SIGINT or SIGTERM: one line, and 128 + the signal, as a shell reports it.
+        Err(e @ ckpt_controller::cli::CommandError::Interrupted { signal }) => {
+            eprintln!("ckpt-controller: {e}");
+            std::process::ExitCode::from((128 + signal) as u8)
+        }
         Err(e) => {
             // The error and each of its causes, once (also where a cause from a
             // crate below repeats its own source in its message).
