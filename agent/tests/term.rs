@@ -1,5 +1,5 @@
 //! Issue 13 on one node, with the real `ckpt-agent`: SIGTERM to a dump in its
-//! store phase, and a dump of a PID that changed hands.
+//! store phase, a dump that fills its disk, and a dump of a PID that changed hands.
 //! After each: the tree runs on untraced, no manifest, no temporary, no chunk of
 //! the failed dump left in the store.
 
@@ -61,6 +61,28 @@ fn assert_store_empty(store: &Path, what: &str) {
     assert!(left.is_empty(), "{what} left files in the store: {left:?}");
 }
 
+/// Kills what it mounted's file system off again, even when the test fails.
+struct Tmpfs(PathBuf);
+
+impl Tmpfs {
+    fn mount(dir: &Path, size: &str) -> Tmpfs {
+        std::fs::create_dir_all(dir).unwrap();
+        let st = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "ckpt-test"])
+            .arg(dir)
+            .status()
+            .unwrap();
+        assert!(st.success(), "mount tmpfs on {}", dir.display());
+        Tmpfs(dir.to_path_buf())
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.0).status();
+    }
+}
+
 #[test]
 fn sigterm_to_a_dump_in_its_store_phase_stops_it_at_once_and_leaves_nothing() {
     if !root() {
@@ -107,6 +129,44 @@ fn sigterm_to_a_dump_in_its_store_phase_stops_it_at_once_and_leaves_nothing() {
     wait_for_tick(&log, ckpt_tests::ticks::last_tick(&log).unwrap() + 3, WAIT).unwrap();
     assert!(!std::fs::read_to_string(&log).unwrap().contains("FAIL"));
     assert_store_empty(&store, "a dump stopped by SIGTERM");
+    drop(guard);
+}
+
+#[test]
+fn a_dump_that_fills_its_disk_says_so_and_leaves_the_tree_and_the_disk_as_they_were() {
+    if !root() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("mem.log");
+    let guard = spawn_workload("bench_mem", ["32"], &log).unwrap();
+    let pid = guard.id();
+    wait_for_tick(&log, 1, WAIT).unwrap();
+    let store = dir.path().join("small");
+    let _fs = Tmpfs::mount(&store, "8m");
+    for leave_running in [false, true] {
+        let mut args = vec![
+            "dump".to_string(),
+            "--pid".into(),
+            pid.to_string(),
+            "--image".into(),
+            format!("file://{}/img", store.display()),
+        ];
+        if leave_running {
+            args.push("--leave-running".into());
+        }
+        let out = Command::new(agent()).args(&args).output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "a 32 MiB tree fit in 8 MiB?");
+        assert!(
+            err.contains("file system is full") && err.contains("images gc"),
+            "the error says neither that the disk is full nor what to do: {err}"
+        );
+        tree_runs_free(pid);
+        assert_store_empty(&store, "a dump that filled its disk");
+    }
+    wait_for_tick(&log, ckpt_tests::ticks::last_tick(&log).unwrap() + 3, WAIT).unwrap();
+    assert!(!std::fs::read_to_string(&log).unwrap().contains("FAIL"));
     drop(guard);
 }
 
