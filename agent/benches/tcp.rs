@@ -163,6 +163,8 @@ fn freeze_ms(k: usize, dir: &std::path::Path, n: usize) -> Result<f64> {
         hooks: Default::default(),
         rescue: None,
         hold: Default::default(),
+        start_time: None,
+        cancel: Default::default(),
     };
     let img = ckpt_agent::dump::dump(&opts).context("dump")?;
     let conns = img

@@ -393,6 +393,15 @@ fn leases() -> ckpt_shared::gc::Leases {
     ckpt_shared::gc::Leases::from_vars(|k| std::env::var(k).ok())
 }
 
+/// A token that SIGINT and SIGTERM set from now on, instead of ending the
+/// process (see [`crate::cancel`]).
+fn cancel_on_signals() -> Result<crate::cancel::Cancel> {
+    let cancel = crate::cancel::Cancel::new();
+    crate::sys::signal::cancel_on(&[libc::SIGINT, libc::SIGTERM], cancel.flag())
+        .context("installing the SIGINT/SIGTERM handler")?;
+    Ok(cancel)
+}
+
 /// The test hooks (`CKPT_FAULT`, `CKPT_TEST_PAUSE`), in a build that has them.
 fn hooks() -> crate::hooks::Hooks {
     #[cfg(feature = "test-hooks")]
@@ -594,6 +603,7 @@ pub fn run(cli: Cli) -> Result<()> {
                 registry: crate::track::Registry::new(track_dir),
                 hooks: hooks(),
                 rescue: Some(rescue),
+                cancel: cancel_on_signals()?,
             })?;
         }
         Command::Attach {
@@ -672,9 +682,18 @@ pub fn run(cli: Cli) -> Result<()> {
                 hooks: hooks(),
                 rescue,
                 hold,
+                start_time: None,
+                cancel: cancel_on_signals()?,
             };
-            let img = crate::dump::dump(&opts).with_context(|| {
-                format!("dump of PID {pid} failed; the process tree was left running")
+            let img = crate::dump::dump(&opts).map_err(|e| match e.cancelled_by() {
+                Some(signal) => anyhow::Error::new(crate::cancel::Interrupted {
+                    signal,
+                    what: format!("dump of PID {pid}"),
+                    outcome: "nothing was committed, and the tree runs on as before".into(),
+                }),
+                None => anyhow::Error::new(e).context(format!(
+                    "dump of PID {pid} failed; the process tree was left running"
+                )),
             })?;
             let s = &img.stats;
             if json {

@@ -104,6 +104,8 @@ pub enum DumpError {
     Fault(&'static str),
     #[error("the job's checkpoint was given up: {0}")]
     Aborted(String),
+    #[error("stopped by {}", crate::cancel::signal_name(*signal))]
+    Cancelled { signal: i32 },
     #[error(transparent)]
     Lock(#[from] crate::netlock::LockError),
     #[error(transparent)]
@@ -144,6 +146,24 @@ pub struct DumpOptions {
     pub rescue: Option<Arc<crate::rescue::Watch>>,
     /// How the tree is held (group-stop unless measuring its cost).
     pub hold: freeze::Hold,
+    /// The root's start time (`/proc/PID/stat` field 22) when the caller knows
+    /// which process it means (an attached rank): a process that took the PID over
+    /// is refused, untouched.
+    pub start_time: Option<u64>,
+    /// Set by SIGINT or SIGTERM: the dump gives up at the next phase or chunk.
+    pub cancel: crate::cancel::Cancel,
+}
+
+impl DumpError {
+    /// The signal that stopped the dump, if that is why it failed.
+    pub fn cancelled_by(&self) -> Option<i32> {
+        match self {
+            DumpError::Cancelled { signal } | DumpError::Mem(MemError::Cancelled { signal }) => {
+                Some(*signal)
+            }
+            _ => None,
+        }
+    }
 }
 
 /// Half of the memory available now: the default snapshot limit.
@@ -238,14 +258,30 @@ fn parent_extents(img: &Image, pid: pid_t) -> Vec<Extent> {
     v
 }
 
-/// Ends a dump's registration in a shared store when the dump ends, whatever way.
+/// Ends a dump's registration in a shared store when the dump ends, whatever way;
+/// a dump that ends before its manifest is written first removes the chunks it
+/// wrote (a disk it filled gets its space back; see
+/// [`ImageStore::discard_written`]).
 struct Registered {
     store: Arc<ImageStore>,
     reg: Option<Registration>,
+    leases: Leases,
+    committed: bool,
 }
 
 impl Drop for Registered {
     fn drop(&mut self) {
+        if !self.committed {
+            match self.store.discard_written(self.reg.as_ref(), &self.leases) {
+                Ok(Some(n)) if n > 0 => info!(chunks = n, "removed the chunks of the failed dump"),
+                Ok(Some(_)) => {}
+                Ok(None) => tracing::warn!(
+                    "another checkpoint is in progress in the store: the chunks of the \
+                     failed dump are left to the next gc"
+                ),
+                Err(e) => tracing::warn!(%e, "could not remove the chunks of the failed dump"),
+            }
+        }
         if let Some(reg) = &self.reg {
             if let Err(e) = self.store.end_checkpoint(reg) {
                 // Harmless: a gc treats the marker as abandoned once its lease ends.
@@ -376,6 +412,8 @@ impl<'a> DumpSession<'a> {
         let registered = Registered {
             reg: store.begin_checkpoint(&opts.leases)?,
             store: store.clone(),
+            leases: opts.leases,
+            committed: false,
         };
         let parent = match &opts.parent {
             None => None,
@@ -439,7 +477,21 @@ impl<'a> DumpSession<'a> {
         )?))
     }
 
+    /// The end of a phase: a SIGINT or SIGTERM received meanwhile stops the dump
+    /// here, and so does a test fault at `stage`.
     fn fault(&self, stage: &'static str) -> Result<(), DumpError> {
+        if self.opts.hooks.pauses_at(stage) {
+            // Test hook: hold the dump here (frozen, its lock in place) until a
+            // signal stops it.
+            eprintln!("ckpt-agent: test pause at {stage} (CKPT_TEST_PAUSE)");
+            while self.opts.cancel.signal().is_none() {
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+        }
+        self.opts
+            .cancel
+            .check()
+            .map_err(|signal| DumpError::Cancelled { signal })?;
         if self.opts.hooks.fails_at(stage) {
             return Err(DumpError::Fault(stage));
         }
@@ -466,9 +518,11 @@ impl<'a> DumpSession<'a> {
     /// Seizes every thread of the tree.
     pub fn freeze(&mut self) -> Result<(), DumpError> {
         // nft, started now: its start is then not part of the standstill.
+        self.fault("before-freeze")?;
         self.nft = netlock::prepare();
         self.frozen = Some(freeze::freeze(
             self.opts.pid,
+            self.opts.start_time,
             self.journal.clone(),
             self.opts.hold,
         )?);
@@ -722,6 +776,7 @@ impl<'a> DumpSession<'a> {
             &self.store,
             self.opts.zstd_level,
             self.opts.workers,
+            &self.opts.cancel,
         )?)
     }
 
@@ -796,6 +851,7 @@ impl<'a> DumpSession<'a> {
         let bytes = codec::encode_image(&img)?;
         // Syncs the chunks and the manifest together, then renames it into place.
         self.store.put_manifest(&bytes)?;
+        self.registered.committed = true;
         self.phases.mark("sync+manifest");
         if let Some(f) = self.frozen.take() {
             // The image is written, but only the job's commit makes it a checkpoint:

@@ -51,6 +51,16 @@ pub enum FreezeError {
         #[source]
         source: sys::SysError,
     },
+    #[error(
+        "PID {pid} is no longer the process that was meant: that one started at tick \
+         {expected} after boot, the process at PID {pid} now at tick {found}. It exited \
+         and its PID was taken by another process, which was left as it was"
+    )]
+    NotTheProcess {
+        pid: pid_t,
+        expected: u64,
+        found: u64,
+    },
     #[error(transparent)]
     Proc(#[from] proc::ProcError),
     #[error(transparent)]
@@ -245,12 +255,18 @@ pub enum Hold {
 
 /// Freeze the tree rooted at `root`, journaling in `journal` what a watchdog needs
 /// to put it back (each process before it is stopped, the threads' registers and
-/// masks before anything changes them).
+/// masks before anything changes them). `root` must be the process that started
+/// at `start_time` (`/proc/PID/stat` field 22) when that is given, or else the one
+/// found at the first look: a PID taken over by another process is refused before
+/// it is seized and again right after, before it is stopped (a seized process
+/// cannot be reaped, so from then on the PID stays the one checked).
 pub fn freeze(
     root: pid_t,
+    start_time: Option<u64>,
     journal: Option<Arc<Journal>>,
     hold: Hold,
 ) -> Result<Frozen, FreezeError> {
+    let mut want = start_time;
     if std::fs::metadata(format!("/proc/{root}")).is_err() {
         return Err(FreezeError::NoSuchProcess { pid: root });
     }
@@ -276,6 +292,9 @@ pub fn freeze(
             if st.state == 'Z' || st.state == 'X' {
                 return Err(FreezeError::Zombie { pid });
             }
+            if pid == root {
+                same_process(root, *want.get_or_insert(st.start_time), st.start_time)?;
+            }
             let first = !index.contains_key(&pid);
             if first {
                 let stopped = st.state == 'T';
@@ -297,8 +316,14 @@ pub fn freeze(
                 index.insert(pid, frozen.procs.len() - 1);
             }
             let fp = &mut frozen.procs[index[&pid]];
-            if stop_process(fp, first, hold)? {
+            let check = if pid == root { want } else { None };
+            if stop_process(fp, first, hold, check)? {
                 changed = true;
+            }
+            if let (true, Some(w)) = (pid == root, want) {
+                // Dropping `frozen` on this error lets go of what was seized.
+                let now = proc::stat(root).map_err(|_| FreezeError::NoSuchProcess { pid: root })?;
+                same_process(root, w, now.start_time)?;
             }
             let mut kids = proc::children(pid)?;
             kids.reverse();
@@ -337,10 +362,28 @@ pub fn freeze(
     }
 }
 
+fn same_process(pid: pid_t, expected: u64, found: u64) -> Result<(), FreezeError> {
+    if expected != found {
+        return Err(FreezeError::NotTheProcess {
+            pid,
+            expected,
+            found,
+        });
+    }
+    Ok(())
+}
+
 /// Seizes the threads of `fp` not seized yet, stops the process the first time
 /// (SIGSTOP, unless job control had stopped it already) and waits until each new
-/// thread reports its stop. Whether a thread was added.
-fn stop_process(fp: &mut FrozenProcess, first: bool, hold: Hold) -> Result<bool, FreezeError> {
+/// thread reports its stop. Whether a thread was added. With `check`, the
+/// process must still be the one that started then once its threads are seized;
+/// if not, they are let go untouched.
+fn stop_process(
+    fp: &mut FrozenProcess,
+    first: bool,
+    hold: Hold,
+    check: Option<u64>,
+) -> Result<bool, FreezeError> {
     let pid = fp.pid;
     let mut new = Vec::new();
     for tid in proc::tasks(pid)? {
@@ -358,6 +401,15 @@ fn stop_process(fp: &mut FrozenProcess, first: bool, hold: Hold) -> Result<bool,
             Err(source) => return Err(FreezeError::Seize { pid, tid, source }),
         }
     }
+    if let Some(w) = check {
+        let now = proc::stat(pid).map(|s| s.start_time).unwrap_or(0);
+        if let Err(e) = same_process(pid, w, now) {
+            for &tid in &new {
+                let_go(tid);
+            }
+            return Err(e);
+        }
+    }
     if first && !fp.stopped && hold == Hold::GroupStop {
         sys::kill(pid, libc::SIGSTOP).map_err(|source| FreezeError::Stop { pid, source })?;
         fp.sent_stop = true;
@@ -370,6 +422,24 @@ fn stop_process(fp: &mut FrozenProcess, first: bool, hold: Hold) -> Result<bool,
         }
     }
     Ok(added)
+}
+
+/// Detaches a thread seized but not stopped yet, leaving it as it was.
+fn let_go(tid: pid_t) {
+    if ptrace::interrupt(tid).is_err() {
+        return;
+    }
+    loop {
+        match ptrace::wait(tid) {
+            Ok(Stop::Signal(sig)) => {
+                // Delivered as it would have been; the interrupt stops it next.
+                let _ = ptrace::cont(tid, sig);
+            }
+            Ok(Stop::Event { .. }) | Ok(Stop::Syscall) => break,
+            _ => return,
+        }
+    }
+    let _ = ptrace::detach(tid, 0);
 }
 
 /// Waits until seized thread `tid` is in its group-stop, and reads its state.

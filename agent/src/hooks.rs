@@ -11,14 +11,17 @@
 /// The hooks of one command.
 #[derive(Debug, Clone, Default)]
 pub struct Hooks {
-    /// Stage at which a dump fails (`after-seize`, `after-regs`, `after-files`,
+    /// Stage at which a dump fails (`before-freeze`, `after-seize`, `after-regs`, `after-files`,
     /// `after-memory`, `before-commit`).
     #[cfg(feature = "test-hooks")]
     pub fault: Option<String>,
     /// Point of a job's save or restore at which the daemon stops answering
-    /// (`frozen`, `captured`, `stored`, `rebuilt`), as if it hung there; or point
+    /// (`frozen`, `captured`, `stored`, `rebuilt`), as if it hung there; a point
     /// of a restore at which it hangs (`restore:cloned`, ... see
-    /// [`crate::restore`]'s `PAUSE_POINTS`), for a test to SIGKILL it there.
+    /// [`crate::restore`]'s `PAUSE_POINTS`), for a test to SIGKILL it there;
+    /// `monitor`: the daemon never drops a rank whose process exited; or a stage
+    /// of a dump (`before-freeze`, `after-seize`, `after-regs`, `after-files`,
+    /// `after-memory`, `before-commit`) at which it waits until SIGINT or SIGTERM.
     #[cfg(feature = "test-hooks")]
     pub pause: Option<String>,
 }

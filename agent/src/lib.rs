@@ -12,6 +12,7 @@
 #![deny(unsafe_code)]
 #![deny(unsafe_op_in_unsafe_fn)]
 
+pub mod cancel;
 pub mod cli;
 pub mod dump;
 pub mod fd;

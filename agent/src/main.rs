@@ -15,6 +15,14 @@ fn main() -> std::process::ExitCode {
         Ok(()) => std::process::ExitCode::SUCCESS,
         // The reader of our output has what it wanted (`| head`): like cat, stop.
         Err(e) if e.is::<ckpt_agent::cli::StdoutClosed>() => std::process::ExitCode::SUCCESS,
+        // SIGINT or SIGTERM: one line, and 128 + the signal, as a shell reports it.
+        Err(e) if e.is::<ckpt_agent::cancel::Interrupted>() => {
+            eprintln!("ckpt-agent: {e}");
+            let code = e
+                .downcast_ref::<ckpt_agent::cancel::Interrupted>()
+                .map_or(1, |i| i.exit_code());
+            std::process::ExitCode::from(code)
+        }
         Err(e) => {
             eprintln!(
                 "ckpt-agent: error: {}",

@@ -70,6 +70,8 @@ pub enum MemError {
     Store(#[from] ImageStoreError),
     #[error(transparent)]
     Proc(#[from] proc::ProcError),
+    #[error("stopped by {}", crate::cancel::signal_name(*signal))]
+    Cancelled { signal: i32 },
 }
 
 /// Where the bytes of a read job belong in the image.
@@ -479,6 +481,7 @@ pub fn dump_parallel(
     store: &ImageStore,
     zstd_level: Option<i32>,
     workers: usize,
+    cancel: &crate::cancel::Cancel,
 ) -> Result<(HashMap<Target, Vec<Extent>>, DumpTotals), MemError> {
     let next = AtomicUsize::new(0);
     let out: Mutex<HashMap<Target, Vec<Extent>>> = Mutex::new(HashMap::new());
@@ -502,6 +505,14 @@ pub fn dump_parallel(
                 loop {
                     let gi = next.fetch_add(1, Ordering::Relaxed);
                     if gi >= groups.len() || err.lock().expect("poisoned").is_some() {
+                        return;
+                    }
+                    // A group is one chunk at most: a cancelled store stops within
+                    // one chunk's write per worker.
+                    if let Err(signal) = cancel.check() {
+                        err.lock()
+                            .expect("poisoned")
+                            .get_or_insert(MemError::Cancelled { signal });
                         return;
                     }
                     let group = &jobs[groups[gi].clone()];

@@ -14,9 +14,19 @@
 //! FROZEN and lifts its part when the rank runs again or is killed; a restore
 //! locks the new 4-tuples before any socket is rebuilt and lifts its part at the
 //! job's RELEASE, once every rank of the job is rebuilt. The last part lifted
-//! takes the table with it; dropping a lock lifts it too. A daemon that
-//! crashed while holding a lock leaves its table behind; [`remove_stale`] removes
-//! every `ckpt_*` table at the daemon's start, since only it makes them.
+//! takes the table with it; dropping a lock lifts it too.
+//!
+//! Each table carries its owner in its comment, `ckpt owner PID START`: the process
+//! that made it (the daemon, or a command-line `dump` or `restore`), named by its PID
+//! and its start time (`/proc/PID/stat` field 22), which together survive PID
+//! reuse. A process that died while holding a lock (SIGKILL, a crash) leaves its
+//! table behind, and it would hold the job's connections forever;
+//! [`remove_stale`] (the daemon's start) removes the tables whose owner is gone,
+//! and only those: a command-line dump running beside the daemon, or another
+//! daemon of the same network namespace, keeps its lock. A table without an owner
+//! comment (made before owners were recorded) counts as stale. The comment was
+//! preferred to a name that holds the owner: the names stay what the callers chose
+//! (`ckpt_<attempt>`), and nft keeps the comment with the table.
 
 use std::io::Write;
 use std::net::SocketAddr;
@@ -159,10 +169,11 @@ pub fn script(table: &str, part: &str, conns: &[Conn]) -> (String, Vec<String>) 
         names.push(name);
     }
     let text = format!(
-        "table inet {table} {{\n{sets}\
+        "table inet {table} {{\n\tcomment \"{}\"\n{sets}\
          \tchain in_{part} {{\n\t\ttype filter hook input priority -300; policy accept;\n{rules}\t}}\n\
          \tchain out_{part} {{\n\t\ttype filter hook output priority -300; policy accept;\n{rules}\t}}\n\
-         }}\n"
+         }}\n",
+        owner_comment()
     );
     (text, names)
 }
@@ -293,11 +304,74 @@ pub fn tables() -> Vec<String> {
         .collect()
 }
 
-/// Removes every lock table (a crashed daemon's); returns their names.
+/// The comment of the tables this process makes: `ckpt owner PID START`.
+fn owner_comment() -> &'static str {
+    static OWNER: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    OWNER.get_or_init(|| {
+        let pid = std::process::id() as i32;
+        let start = crate::sys::proc::stat(pid)
+            .map(|s| s.start_time)
+            .unwrap_or(0);
+        format!("{OWNER_TAG} {pid} {start}")
+    })
+}
+
+const OWNER_TAG: &str = "ckpt owner";
+
+/// The owner (PID, start time) in a table's comment.
+fn parse_owner(comment: &str) -> Option<(i32, u64)> {
+    let mut w = comment.strip_prefix(OWNER_TAG)?.split_whitespace();
+    let pid = w.next()?.parse().ok()?;
+    let start = w.next()?.parse().ok()?;
+    Some((pid, start))
+}
+
+/// The lock tables of `nft list ruleset` text, each with the owner its comment
+/// names (`None`: no owner comment).
+fn owners_in(ruleset: &str) -> Vec<(String, Option<(i32, u64)>)> {
+    let mut out = Vec::new();
+    let mut lines = ruleset.lines().peekable();
+    while let Some(l) = lines.next() {
+        let Some(name) = l
+            .strip_prefix("table inet ")
+            .and_then(|r| r.strip_suffix(" {"))
+            .filter(|n| n.starts_with(TABLE_PREFIX))
+        else {
+            continue;
+        };
+        let owner = lines
+            .peek()
+            .and_then(|n| n.trim().strip_prefix("comment \""))
+            .and_then(|c| c.strip_suffix('"'))
+            .and_then(parse_owner);
+        out.push((name.to_string(), owner));
+    }
+    out
+}
+
+/// Whether the process that started at tick `start` still runs at `pid`.
+fn alive(pid: i32, start: u64) -> bool {
+    crate::sys::proc::stat(pid)
+        .map(|s| s.start_time == start && s.state != 'Z' && s.state != 'X')
+        .unwrap_or(false)
+}
+
+/// Removes the lock tables whose owner is gone (see the module doc); returns
+/// their names. The tables of a live owner, this process included, stay.
 pub fn remove_stale() -> Vec<String> {
-    let stale = tables();
-    for t in &stale {
-        let _ = nft(&format!("delete table inet {t}\n"));
+    let out = Command::new("nft")
+        .args(["list", "ruleset", "inet"])
+        .stderr(Stdio::null())
+        .output();
+    let Ok(out) = out else { return Vec::new() };
+    let mut stale = Vec::new();
+    for (t, owner) in owners_in(&String::from_utf8_lossy(&out.stdout)) {
+        if owner.is_some_and(|(pid, start)| alive(pid, start)) {
+            continue;
+        }
+        if nft(&format!("delete table inet {t}\n")).is_ok() {
+            stale.push(t);
+        }
     }
     stale
 }
@@ -313,6 +387,24 @@ pub fn delete_table(name: &str) {
         Ok(()) => tracing::info!(name, "removed a lock table left by a dead agent"),
         Err((_, e)) => tracing::debug!(name, e, "lock table not removed (gone already?)"),
     }
+}
+
+/// Removes the lock tables this process made and still holds (a daemon that
+/// stops: its locks were lifted with their operations; this is the last sweep).
+pub fn remove_own() -> Vec<String> {
+    let out = Command::new("nft")
+        .args(["list", "ruleset", "inet"])
+        .stderr(Stdio::null())
+        .output();
+    let Ok(out) = out else { return Vec::new() };
+    let me = parse_owner(owner_comment());
+    let mut removed = Vec::new();
+    for (t, owner) in owners_in(&String::from_utf8_lossy(&out.stdout)) {
+        if owner.is_some() && owner == me && nft(&format!("delete table inet {t}\n")).is_ok() {
+            removed.push(t);
+        }
+    }
+    removed
 }
 
 #[cfg(test)]
@@ -353,5 +445,28 @@ mod tests {
             NetLock::lock("bad name", &[]),
             Err(LockError::Name(_))
         ));
+        // The owner is this process.
+        let me = std::process::id();
+        assert!(s.contains(&format!("comment \"ckpt owner {me} ")), "{s}");
+    }
+
+    #[test]
+    fn owners_are_read_from_the_table_comments() {
+        let ruleset =
+            "table inet ckpt_1 {\n\tcomment \"ckpt owner 42 977\"\n\tchain in_r0 {\n\t}\n}\n\
+                       table inet other {\n\tcomment \"ckpt owner 1 1\"\n}\n\
+                       table inet ckpt_old {\n\tchain in_r0 {\n\t}\n}\n";
+        assert_eq!(
+            owners_in(ruleset),
+            vec![
+                ("ckpt_1".to_string(), Some((42, 977))),
+                ("ckpt_old".to_string(), None)
+            ]
+        );
+        assert_eq!(parse_owner("ckpt owner x 1"), None);
+        let me = std::process::id() as i32;
+        let start = crate::sys::proc::stat(me).unwrap().start_time;
+        assert!(alive(me, start));
+        assert!(!alive(me, start + 1));
     }
 }

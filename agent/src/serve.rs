@@ -17,6 +17,18 @@
 //! Slurm plugin): one JSON request per connection, answered by one JSON line. The
 //! caller is identified by `SO_PEERCRED`: root may attach any process, a user only
 //! their own.
+//!
+//! A rank is its process, not its number: each is held with its start time
+//! (`/proc/PID/stat` field 22) from the moment it is attached or restored. A rank
+//! whose process exited is dropped, even when another process took its PID; a
+//! save checks every rank's start time before it touches anything, and the freeze
+//! checks it again right after it seizes the root ([`crate::freeze::freeze`]),
+//! so a process that took over a rank's PID is never frozen, dumped or killed.
+//!
+//! SIGINT and SIGTERM stop the daemon cleanly: it stops accepting requests, gives
+//! up every operation in progress (frozen ranks thawed, half-restored ones killed,
+//! the controller told), waits for them to end, removes what is left of its
+//! network locks and exits with 128 + the signal.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -61,6 +73,8 @@ pub struct ServeOptions {
     pub hooks: crate::hooks::Hooks,
     /// The watchdog of this daemon's operations (see [`crate::rescue`]).
     pub rescue: Option<std::sync::Arc<crate::rescue::Watch>>,
+    /// Set by SIGINT or SIGTERM: the daemon stops (see the module doc).
+    pub cancel: crate::cancel::Cancel,
 }
 
 /// A request on the local API socket.
@@ -125,6 +139,28 @@ pub fn api_call(socket: &std::path::Path, req: &ApiRequest) -> Result<ApiReply> 
 struct Ranks {
     list: Vec<AttachedRank>,
     busy: std::collections::HashSet<i32>,
+    /// The start time of each rank's process, by PID: the PID alone may come to
+    /// name another process once the rank exits.
+    starts: HashMap<i32, u64>,
+}
+
+impl Ranks {
+    /// Whether the rank at `pid` is still the process that was attached.
+    fn same_process(&self, pid: i32) -> bool {
+        let now = crate::sys::proc::stat(pid)
+            .ok()
+            .filter(|s| s.state != 'Z' && s.state != 'X')
+            .map(|s| s.start_time);
+        now.is_some() && now == self.starts.get(&pid).copied()
+    }
+}
+
+/// The start time of the live process `pid`.
+fn start_time_of(pid: i32) -> Option<u64> {
+    crate::sys::proc::stat(pid)
+        .ok()
+        .filter(|s| s.state != 'Z' && s.state != 'X')
+        .map(|s| s.start_time)
 }
 
 struct Node {
@@ -174,8 +210,9 @@ pub fn serve(opts: ServeOptions) -> Result<()> {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     }
     let _ = std::fs::remove_file(&opts.socket);
-    // Lock tables are made only by this daemon: any present now are a crashed
-    // predecessor's, and would hold connections of a running job forever.
+    // Lock tables whose owner is gone (a crashed predecessor, a killed dump) would
+    // hold connections of a running job forever; those of a live owner (a
+    // command-line dump beside us) stay.
     for t in crate::netlock::remove_stale() {
         eprintln!("ckpt-agent: removed the stale network lock {t}");
     }
@@ -190,14 +227,21 @@ pub fn serve(opts: ServeOptions) -> Result<()> {
         out: Mutex::new(None),
         heard: Mutex::new(Instant::now()),
     });
+    let name = opts.name.clone();
     rt.block_on(async move {
         let listener = tokio::net::UnixListener::bind(&opts.socket)
             .with_context(|| format!("binding the API socket {}", opts.socket.display()))?;
         // Any user may ask; each request is judged by the caller's credentials.
         use std::os::unix::fs::PermissionsExt;
         std::fs::set_permissions(&opts.socket, std::fs::Permissions::from_mode(0o666))?;
-        tokio::spawn(api_loop(listener, node.clone()));
-        tokio::spawn(monitor_loop(node.clone()));
+        let api_task = tokio::spawn(api_loop(listener, node.clone()));
+        if node.opts.hooks.pauses_at("monitor") {
+            // Test hook: ranks are not watched, so that a test can give a rank's
+            // PID to another process before the save looks at it.
+            eprintln!("ckpt-agent: test pause at monitor (CKPT_TEST_PAUSE)");
+        } else {
+            tokio::spawn(monitor_loop(node.clone()));
+        }
         let mut ep = wire::endpoint(
             if opts.controller.is_ipv6() {
                 "[::]:0".parse()?
@@ -213,19 +257,64 @@ pub fn serve(opts: ServeOptions) -> Result<()> {
             opts.socket.display(),
             opts.controller
         );
-        let mut backoff = Duration::from_millis(200);
-        loop {
-            match connection(&ep, node.clone()).await {
-                Ok(()) => backoff = Duration::from_millis(200),
-                Err(e) => warn!("controller connection: {e:#}"),
+        let conn_node = node.clone();
+        let conn_ep = ep.clone();
+        let conns = tokio::spawn(async move {
+            let mut backoff = Duration::from_millis(200);
+            loop {
+                match connection(&conn_ep, conn_node.clone()).await {
+                    Ok(()) => backoff = Duration::from_millis(200),
+                    Err(e) => warn!("controller connection: {e:#}"),
+                }
+                *conn_node.out.lock().unwrap() = None;
+                conn_node.abort_all("lost the connection to the controller");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(5));
             }
-            *node.out.lock().unwrap() = None;
-            node.abort_all("lost the connection to the controller");
-            tokio::time::sleep(backoff).await;
-            backoff = (backoff * 2).min(Duration::from_secs(5));
+        });
+        let signal = loop {
+            if let Some(sig) = node.opts.cancel.signal() {
+                break sig;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        // Stop: no new request, every operation given up (its rank threads thaw
+        // or kill what they hold and tell the controller, whose connection stays
+        // up meanwhile), then the connection.
+        api_task.abort();
+        let _ = std::fs::remove_file(&node.opts.socket);
+        let why = format!(
+            "the agent of node {} was stopped by {}",
+            node.opts.name,
+            crate::cancel::signal_name(signal)
+        );
+        eprintln!("ckpt-agent: {why}: giving up the operations in progress");
+        node.abort_all(&why);
+        let t = Instant::now();
+        while !node.attempts.lock().unwrap().is_empty() {
+            if t.elapsed() > Duration::from_secs(30) {
+                warn!("operations still running after 30 s; exiting anyway");
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        #[allow(unreachable_code)]
-        Ok::<(), anyhow::Error>(())
+        // Let the last frames (FAILED) leave before the connection closes.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        conns.abort();
+        ep.close(0u32.into(), b"agent stopping");
+        let _ = tokio::time::timeout(Duration::from_secs(1), ep.wait_idle()).await;
+        Ok::<i32, anyhow::Error>(signal)
+    })
+    .and_then(|signal| {
+        for t in crate::netlock::remove_own() {
+            eprintln!("ckpt-agent: removed the network lock {t}");
+        }
+        Err(crate::cancel::Interrupted {
+            signal,
+            what: format!("ckpt-agent serve (node {name})"),
+            outcome: "every operation in progress was given up, its ranks left running".into(),
+        }
+        .into())
     })
 }
 
@@ -543,7 +632,7 @@ fn manifest_of(rank: u32, image: &Location, img: &ckpt_shared::image::Image) -> 
 
 fn start_save(node: &Arc<Node>, attempt: AttemptId, spec: SaveSpec, ranks: Vec<RankRef>) {
     // Every rank must be one of ours, still the process that was attached.
-    {
+    let starts = {
         let mut r = node.ranks.lock().unwrap();
         for want in &ranks {
             let ok = r
@@ -560,9 +649,30 @@ fn start_save(node: &Arc<Node>, attempt: AttemptId, spec: SaveSpec, ranks: Vec<R
                 });
                 return;
             }
+            if !r.same_process(want.pid) {
+                let now = start_time_of(want.pid).is_some();
+                node.send(FromAgent::Failed {
+                    attempt,
+                    reason: format!(
+                        "rank {} of job {} (PID {}) on node {} has exited{}; the save \
+                         touched no process (detach the rank, or restore the job)",
+                        want.rank,
+                        spec.job,
+                        want.pid,
+                        node.opts.name,
+                        if now {
+                            format!(", and PID {} now belongs to another process", want.pid)
+                        } else {
+                            String::new()
+                        }
+                    ),
+                });
+                return;
+            }
         }
         r.busy.extend(ranks.iter().map(|x| x.pid));
-    }
+        r.starts.clone()
+    };
     let gate = JobGate::new(node, attempt, ranks.len());
     node.attempts.lock().unwrap().insert(attempt, gate.clone());
     let node = node.clone();
@@ -580,6 +690,7 @@ fn start_save(node: &Arc<Node>, attempt: AttemptId, spec: SaveSpec, ranks: Vec<R
                     image: image.clone(),
                 };
                 let (pid, rank) = (r.pid, r.rank);
+                let start_time = starts.get(&pid).copied();
                 let (kill, zstd) = (spec.kill, spec.zstd_level);
                 let node = node.clone();
                 let store = store.clone();
@@ -602,6 +713,8 @@ fn start_save(node: &Arc<Node>, attempt: AttemptId, spec: SaveSpec, ranks: Vec<R
                         hooks: o.hooks.clone(),
                         rescue: o.rescue.clone(),
                         hold: Default::default(),
+                        start_time,
+                        cancel: o.cancel.clone(),
                     };
                     match crate::dump::dump_gated(&opts, &gate) {
                         Ok(img) => Ok((!kill).then(|| manifest_of(rank, &image, &img))),
@@ -672,6 +785,9 @@ fn start_save(node: &Arc<Node>, attempt: AttemptId, spec: SaveSpec, ranks: Vec<R
             if ok && spec.kill {
                 r.list
                     .retain(|a| !(a.job == spec.job && ranks.iter().any(|x| x.pid == a.pid)));
+                for x in &ranks {
+                    r.starts.remove(&x.pid);
+                }
             }
         }
         if ok && spec.kill {
@@ -753,6 +869,9 @@ fn start_restore(
                 for (rank, pid) in pids {
                     let uid = crate::sys::proc::status(pid).map(|s| s.uid[0]).unwrap_or(0);
                     rs.list.retain(|a| !(a.job == job && a.rank == rank));
+                    if let Some(start) = start_time_of(pid) {
+                        rs.starts.insert(pid, start);
+                    }
                     rs.list.push(AttachedRank {
                         job: job.clone(),
                         rank,
@@ -775,9 +894,11 @@ async fn monitor_loop(node: Arc<Node>) {
     loop {
         tokio::time::sleep(Duration::from_millis(300)).await;
         let changed = {
-            let mut r = node.ranks.lock().unwrap();
+            let mut guard = node.ranks.lock().unwrap();
+            let r = &mut *guard;
             let busy = r.busy.clone();
             let before = r.list.len();
+            let starts = &r.starts;
             r.list.retain(|a| {
                 if busy.contains(&a.pid) {
                     return true;
@@ -788,10 +909,16 @@ async fn monitor_loop(node: Arc<Node>) {
                     info!(job = a.job, rank = a.rank, pid = a.pid, "rank exited");
                     return false;
                 }
-                crate::sys::proc::stat(a.pid)
-                    .map(|s| s.state != 'Z' && s.state != 'X')
-                    .unwrap_or(false)
+                // Gone, or its PID taken by another process: the rank exited.
+                let same = start_time_of(a.pid).is_some()
+                    && start_time_of(a.pid) == starts.get(&a.pid).copied();
+                if !same {
+                    info!(job = a.job, rank = a.rank, pid = a.pid, "rank exited");
+                }
+                same
             });
+            let live: std::collections::HashSet<i32> = r.list.iter().map(|a| a.pid).collect();
+            r.starts.retain(|pid, _| live.contains(pid));
             r.list.len() != before
         };
         if changed {
@@ -846,6 +973,9 @@ fn api(node: &Arc<Node>, req: ApiRequest, caller: u32) -> ApiReply {
                 Ok(s) => s.uid[0],
                 Err(_) => return ApiReply::err(format!("no process {pid} on this node")),
             };
+            let Some(start) = start_time_of(pid) else {
+                return ApiReply::err(format!("no process {pid} on this node"));
+            };
             if caller != 0 && caller != owner {
                 return ApiReply::err(format!(
                     "process {pid} belongs to uid {owner}; uid {caller} may attach only its own processes"
@@ -871,6 +1001,7 @@ fn api(node: &Arc<Node>, req: ApiRequest, caller: u32) -> ApiReply {
                     uid: owner,
                     external_tcp,
                 });
+                r.starts.insert(pid, start);
             }
             node.send_ranks();
             ApiReply {
@@ -887,7 +1018,8 @@ fn api(node: &Arc<Node>, req: ApiRequest, caller: u32) -> ApiReply {
             if caller != 0 && caller != r.list[i].uid {
                 return ApiReply::err("only the job's owner or root may detach its ranks");
             }
-            r.list.remove(i);
+            let gone = r.list.remove(i);
+            r.starts.remove(&gone.pid);
             drop(r);
             node.send_ranks();
             ApiReply {

@@ -95,8 +95,33 @@ fn the_lock_holds_exactly_its_connections_and_lifting_it_loses_nothing() {
         p1.unlock().unwrap();
         assert!(netlock::tables().is_empty());
         assert_eq!(read_n(&mut d, 4, Duration::from_secs(10)), b"held");
+        // A table left behind is stale only once its owner is gone: this process
+        // still runs, so its table stays; one whose owner (PID and start time) is
+        // gone goes, and so does one with no owner at all.
         std::mem::forget(NetLock::lock("t3", &[conn_of(&c)]).unwrap());
-        assert_eq!(netlock::remove_stale(), vec!["ckpt_t3".to_string()]);
+        let me = std::process::id();
+        let start = ckpt_tests::process::start_time(me as i32).unwrap();
+        let dead = format!(
+            "table inet ckpt_t4 {{\n\tcomment \"ckpt owner {me} {}\"\n}}\n\
+             table inet ckpt_t5 {{\n}}\n",
+            start + 1
+        );
+        let mut nft = std::process::Command::new("nft")
+            .args(["-f", "-"])
+            .stdin(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        nft.stdin
+            .take()
+            .unwrap()
+            .write_all(dead.as_bytes())
+            .unwrap();
+        assert!(nft.wait().unwrap().success());
+        let mut stale = netlock::remove_stale();
+        stale.sort();
+        assert_eq!(stale, vec!["ckpt_t4".to_string(), "ckpt_t5".to_string()]);
+        assert_eq!(netlock::tables(), vec!["ckpt_t3".to_string()]);
+        assert_eq!(netlock::remove_own(), vec!["ckpt_t3".to_string()]);
         assert!(netlock::tables().is_empty());
     });
 }

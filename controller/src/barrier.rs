@@ -293,6 +293,17 @@ impl Barrier {
 
     /// The controller will not commit what it was asked to (the checkpoint breaks
     /// a policy): abort, as before a commit, since nothing was written.
+    /// The controller stops: the attempt is given up unless its checkpoint is
+    /// being committed or is done.
+    pub fn stop(&mut self, reason: String) {
+        if matches!(
+            self.phase,
+            Phase::Freezing | Phase::Capturing | Phase::Storing
+        ) {
+            self.abort(reason);
+        }
+    }
+
     pub fn refuse(&mut self, reason: String) {
         if self.phase != Phase::Committing {
             return;
@@ -494,6 +505,14 @@ impl RestoreBarrier {
     pub fn agent_lost(&mut self, _now: Instant, from: &str) {
         if self.phase != RestorePhase::Done && self.agents.contains_key(from) {
             self.abort(format!("lost agent {from} during the restore"));
+        }
+    }
+
+    /// The controller stops: a restore not yet released is given up (its husks
+    /// killed); one being released goes on.
+    pub fn stop(&mut self, reason: String) {
+        if self.phase == RestorePhase::Rebuilding {
+            self.abort(reason);
         }
     }
 

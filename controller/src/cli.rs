@@ -33,6 +33,11 @@ pub enum CommandError {
     NoCheckpoint,
     #[error(transparent)]
     Stdout(#[from] StdoutError),
+    #[error(
+        "ckpt-controller serve stopped by {}: every save and restore in progress was given up",
+        if *signal == libc::SIGTERM { "SIGTERM" } else { "SIGINT" }
+    )]
+    Interrupted { signal: i32 },
     #[error("printing the answer as JSON")]
     Json {
         #[source]
@@ -460,7 +465,8 @@ fn serve(a: ServeArgs, munge_socket: Option<PathBuf>) -> Result<(), CommandError
         cfg.socket.display(),
         cfg.store
     );
-    r.wait();
+    let signal = r.wait_for_signal()?;
+    Err(CommandError::Interrupted { signal })
 }
 
 /// The controller's settings: `--config` (or the defaults), each flag given over

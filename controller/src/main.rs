@@ -18,6 +18,11 @@ fn main() -> std::process::ExitCode {
         Ok(()) => std::process::ExitCode::SUCCESS,
         // The reader of our output has what it wanted (`| head`): like cat, stop.
         Err(e) if e.is_stdout_closed() => std::process::ExitCode::SUCCESS,
+        // SIGINT or SIGTERM: one line, and 128 + the signal, as a shell reports it.
+        Err(e @ ckpt_controller::cli::CommandError::Interrupted { signal }) => {
+            eprintln!("ckpt-controller: {e}");
+            std::process::ExitCode::from((128 + signal) as u8)
+        }
         Err(e) => {
             // The error and each of its causes, once (also where a cause from a
             // crate below repeats its own source in its message).

@@ -175,6 +175,8 @@ pub enum RequestError {
     NoRunningJob { job: String },
     #[error("job {job} has a save or restore in progress; wait for it to end")]
     Busy { job: String },
+    #[error("the controller is stopping: start the save or restore again once it runs")]
+    Stopping,
     #[error(
         "checkpoint {ckpt} ran on {} nodes ({}); --nodes names {given}: give as many, or \
          use --map RANK=NODE",
@@ -359,6 +361,8 @@ impl Config {
 enum OpEvent {
     Msg(String, FromAgent),
     Lost(String),
+    /// The controller stops (SIGINT, SIGTERM): give the attempt up.
+    Stop(String),
 }
 
 struct AgentConn {
@@ -387,6 +391,8 @@ struct Ctl {
     store_url: ckpt_shared::objstore::StoreUrl,
     store: Arc<BlockingStore>,
     reg: Mutex<Registry>,
+    /// Set when the controller stops: no new save or restore begins.
+    stopping: std::sync::atomic::AtomicBool,
     next_attempt: std::sync::atomic::AtomicU64,
     next_conn: std::sync::atomic::AtomicU64,
 }
@@ -398,9 +404,52 @@ pub struct Running {
     pub api_addr: Option<SocketAddr>,
     rt: Option<tokio::runtime::Runtime>,
     store: Option<Arc<BlockingStore>>,
+    ctl: Arc<Ctl>,
 }
 
 impl Running {
+    /// Runs until SIGINT or SIGTERM, then [`stop`](Self::stop)s; returns the
+    /// signal's number.
+    pub fn wait_for_signal(self) -> Result<i32, ServeError> {
+        use tokio::signal::unix::{signal, SignalKind};
+        let rt = self.rt.as_ref().expect("running");
+        let sig = rt.block_on(async {
+            let mut term = signal(SignalKind::terminate())?;
+            let mut int = signal(SignalKind::interrupt())?;
+            tokio::select! {
+                _ = term.recv() => Ok::<i32, std::io::Error>(libc::SIGTERM),
+                _ = int.recv() => Ok(libc::SIGINT),
+            }
+        });
+        let sig = sig.map_err(|source| ServeError::Runtime { source })?;
+        let name = if sig == libc::SIGTERM {
+            "SIGTERM"
+        } else {
+            "SIGINT"
+        };
+        self.stop(&format!("the controller was stopped by {name}"));
+        Ok(sig)
+    }
+
+    /// Gives up every save and restore in progress (the agents are told to thaw,
+    /// or to kill what they rebuilt), waits (up to 10 s) until they have ended and
+    /// their ABORTs are sent, and refuses new ones.
+    pub fn stop(&self, why: &str) {
+        let ctl = &self.ctl;
+        ctl.stopping
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        let _ = std::fs::remove_file(&ctl.cfg.socket);
+        for op in ctl.reg.lock().unwrap().ops.values() {
+            let _ = op.send(OpEvent::Stop(why.to_string()));
+        }
+        let t = Instant::now();
+        while !ctl.reg.lock().unwrap().ops.is_empty() && t.elapsed() < Duration::from_secs(10) {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        // The ABORT frames are queued to the agents' writers: let them leave.
+        std::thread::sleep(Duration::from_millis(300));
+    }
+
     /// Runs until the process ends.
     pub fn wait(self) -> ! {
         loop {
@@ -496,6 +545,7 @@ pub fn start(cfg: Config, opts: ServeOptions) -> Result<Running, ServeError> {
             catalog,
             ..Registry::default()
         }),
+        stopping: Default::default(),
         next_attempt: std::sync::atomic::AtomicU64::new(
             std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
@@ -547,6 +597,7 @@ pub fn start(cfg: Config, opts: ServeOptions) -> Result<Running, ServeError> {
         api_addr,
         rt: Some(rt),
         store: Some(store),
+        ctl,
     })
 }
 
@@ -1086,6 +1137,9 @@ fn begin_op(
     reg: &mut Registry,
     job: &str,
 ) -> Result<(OpGuard, mpsc::UnboundedReceiver<OpEvent>), RequestError> {
+    if ctl.stopping.load(std::sync::atomic::Ordering::SeqCst) {
+        return Err(RequestError::Stopping);
+    }
     if !reg.busy.insert(job.to_string()) {
         return Err(RequestError::Busy {
             job: job.to_string(),
@@ -1326,6 +1380,7 @@ async fn drive_save(
                         }
                     }
                     Some(OpEvent::Lost(a)) => b.agent_lost(now, &a),
+                    Some(OpEvent::Stop(why)) => b.stop(why),
                     None => b.handle_timeout(now + Duration::from_secs(1 << 30)),
                 }
             }
@@ -1694,6 +1749,7 @@ async fn drive_restore(
                         }
                     }
                     Some(OpEvent::Lost(a)) => b.agent_lost(now, &a),
+                    Some(OpEvent::Stop(why)) => b.stop(why),
                     None => b.handle_timeout(now + Duration::from_secs(1 << 30)),
                 }
             }

@@ -230,6 +230,61 @@ pub async fn gc(store: &ObjectStoreBackend, leases: &Leases) -> Result<GcReport,
     out
 }
 
+/// A checkpoint that failed removes the chunks it wrote itself (`chunks`, hex
+/// names): a dump that filled the disk must give the space back. The same protocol
+/// as [`gc`], narrowed to those chunks: a gc marker first, then, unless another
+/// checkpoint than `own` is in progress (it may have found one of them in the store
+/// and be about to reference it), every chunk of `chunks` that no manifest
+/// references is deleted. With another checkpoint in progress nothing is deleted
+/// and `Ok(None)` says so: the chunks are garbage for the next gc. Returns how many
+/// were deleted.
+pub async fn discard(
+    store: &ObjectStoreBackend,
+    leases: &Leases,
+    own: Option<&Registration>,
+    chunks: &[String],
+) -> Result<Option<usize>, GcError> {
+    if chunks.is_empty() {
+        return Ok(Some(0));
+    }
+    let marker = unique("gc");
+    let now = store.put_marker(GC, &marker).await?;
+    let out = async {
+        let others = store
+            .list_markers(PENDING)
+            .await?
+            .into_iter()
+            .any(|(m, t)| {
+                Some(m.as_str()) != own.map(|r| r.marker.as_str())
+                    && now - t < leases.checkpoint.as_millis() as i64
+            });
+        if others {
+            return Ok(None);
+        }
+        let mut referenced: HashSet<String> = HashSet::new();
+        for name in store.list_manifests().await? {
+            let Some(img) = read_image(store, &name).await? else {
+                continue;
+            };
+            let extents = img
+                .processes
+                .iter()
+                .flat_map(|p| p.mappings.iter().flat_map(|m| m.data.iter()))
+                .chain(img.shmem.iter().flat_map(|s| s.data.iter()));
+            referenced.extend(extents.map(|e| e.chunk.hex()));
+        }
+        let mut deleted = 0;
+        for c in chunks.iter().filter(|c| !referenced.contains(*c)) {
+            store.delete_chunk(c).await?;
+            deleted += 1;
+        }
+        Ok(Some(deleted))
+    }
+    .await;
+    let _ = store.delete_marker(GC, &marker).await;
+    out
+}
+
 async fn sweep(store: &ObjectStoreBackend, leases: &Leases, now: i64) -> Result<GcReport, GcError> {
     let mut report = GcReport::default();
     let mut active = Vec::new();

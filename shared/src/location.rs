@@ -155,6 +155,9 @@ pub struct ImageStore {
     /// when that is an object store, a second view of the directory for a local
     /// shared store, `None` for a self-contained directory.
     objects: Option<Arc<BlockingStore>>,
+    /// The chunks this handle put that were not in the store before: what
+    /// [`discard_written`](Self::discard_written) removes when the image fails.
+    written: std::sync::Mutex<Vec<String>>,
 }
 
 /// The name a self-contained image directory's one image is given (it is not
@@ -185,6 +188,7 @@ impl ImageStore {
             name,
             backend,
             objects,
+            written: Default::default(),
         })
     }
 
@@ -200,6 +204,7 @@ impl ImageStore {
             name: name.into(),
             backend: store.clone(),
             objects: Some(store),
+            written: Default::default(),
         })
     }
 
@@ -232,7 +237,42 @@ impl ImageStore {
         bytes: &[u8],
         zstd_level: Option<i32>,
     ) -> Result<PutOutcome, ImageStoreError> {
-        Ok(self.backend.put_chunk(chunk, bytes, zstd_level)?)
+        let out = self.backend.put_chunk(chunk, bytes, zstd_level)?;
+        if out.stored_bytes > 0 {
+            self.written
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push(chunk.hex());
+        }
+        Ok(out)
+    }
+
+    /// The image failed before its manifest was written: removes the chunks this
+    /// handle wrote, so that a failed dump (one that filled the disk, say) leaves
+    /// nothing behind. In a self-contained directory they are deleted at once; in a
+    /// shared store only under the gc protocol ([`gc::discard`]: a chunk another
+    /// image references or another checkpoint in progress may reuse stays; `reg`
+    /// is this checkpoint's own registration). Returns how many were deleted, or
+    /// `None` when another checkpoint in progress left them all to the next gc.
+    pub fn discard_written(
+        &self,
+        reg: Option<&Registration>,
+        leases: &Leases,
+    ) -> Result<Option<usize>, ImageStoreError> {
+        let chunks = std::mem::take(&mut *self.written.lock().unwrap_or_else(|e| e.into_inner()));
+        match (&self.location, self.shared()) {
+            (Location::Named { .. }, Some(store)) => {
+                Ok(store.block_on(gc::discard(store.backend(), leases, reg, &chunks))?)
+            }
+            // A manifest written after all (a failure after its rename): keep.
+            _ if self.exists()? => Ok(Some(0)),
+            _ => {
+                for c in &chunks {
+                    self.backend.delete_chunk(c)?;
+                }
+                Ok(Some(chunks.len()))
+            }
+        }
     }
 
     /// Reads and verifies `chunk` into `out` (exactly `chunk.len` bytes).

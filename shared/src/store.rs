@@ -93,6 +93,20 @@ pub enum StoreError {
         source: std::io::Error,
     },
 
+    /// The file system of a directory store is full (ENOSPC, EDQUOT).
+    #[error(
+        "{op} {}: the store's file system is full ({source}). Free space there \
+         (`ckpt-agent images gc --store file://...` deletes the chunks no image \
+         references) or write the image to a store with room",
+        path.display()
+    )]
+    NoSpace {
+        op: &'static str,
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+
     /// A system call on a directory store's file (the path names the store).
     #[error("{op} {}: {source}", path.display())]
     Io {
@@ -356,10 +370,17 @@ pub struct ChunkStore {
 }
 
 fn io_err<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> StoreError + 'a {
-    move |source| StoreError::Io {
-        op,
-        path: path.to_path_buf(),
-        source,
+    move |source| match source.raw_os_error() {
+        Some(libc::ENOSPC | libc::EDQUOT) => StoreError::NoSpace {
+            op,
+            path: path.to_path_buf(),
+            source,
+        },
+        _ => StoreError::Io {
+            op,
+            path: path.to_path_buf(),
+            source,
+        },
     }
 }
 
@@ -774,13 +795,17 @@ impl ChunkStore {
             .truncate(true)
             .open(&tmp)
             .map_err(io_err("create manifest temporary", &tmp))?;
-        file.write_all(bytes)
-            .map_err(io_err("write manifest temporary", &tmp))?;
+        let written = file
+            .write_all(bytes)
+            .map_err(io_err("write manifest temporary", &tmp));
         drop(file);
         // The chunks, their directories and the temporary are made durable together;
         // only then is the manifest renamed into place: it is never durable before
-        // the chunks it names.
-        self.sync_with(std::slice::from_ref(&tmp))?;
+        // the chunks it names. A failure leaves no temporary behind.
+        if let Err(e) = written.and_then(|()| self.sync_with(std::slice::from_ref(&tmp))) {
+            let _ = fs::remove_file(&tmp);
+            return Err(e);
+        }
         fs::rename(&tmp, &path).map_err(io_err("rename manifest into place", &path))?;
         let handle = File::open(dir).map_err(io_err("open store directory", dir))?;
         handle

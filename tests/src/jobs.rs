@@ -207,6 +207,11 @@ impl JobCluster {
         }
     }
 
+    /// The controller's PID.
+    pub fn controller_pid(&self) -> Option<i32> {
+        self.controller.as_ref().map(|c| c.id() as i32)
+    }
+
     /// The PID of node `i`'s agent.
     pub fn agent_pid(&self, i: usize) -> Option<i32> {
         self.agents[i].as_ref().map(|c| c.id() as i32)

@@ -436,3 +436,76 @@ pub fn largest_anon_mapping(pid: i32) -> io::Result<(u64, u64)> {
             )
         })
 }
+
+/// Starts `program` with `args` as a new process with PID `pid` (which must be
+/// free: a process that just exited and was reaped), with `clone3(set_tid)`
+/// (Linux ≥ 5.5, CAP_CHECKPOINT_RESTORE or root); its output goes to `log`. The
+/// PID-reuse tests use it to hand a rank's PID to a stranger at once. A PID taken
+/// meanwhile by some other process of the machine is an error (EEXIST).
+pub fn spawn_at_pid(
+    pid: i32,
+    program: &std::path::Path,
+    args: &[&str],
+    log: &std::path::Path,
+) -> io::Result<ProcGuard> {
+    use std::ffi::CString;
+    use std::os::unix::ffi::OsStrExt;
+    let bad = |_| io::Error::from(io::ErrorKind::InvalidInput);
+    let prog = CString::new(program.as_os_str().as_bytes()).map_err(bad)?;
+    let mut argv: Vec<CString> = vec![prog.clone()];
+    for a in args {
+        argv.push(CString::new(*a).map_err(bad)?);
+    }
+    let mut argv_ptrs: Vec<*const libc::c_char> = argv.iter().map(|a| a.as_ptr()).collect();
+    argv_ptrs.push(std::ptr::null());
+    let out = fs::OpenOptions::new().create(true).append(true).open(log)?;
+    let out_fd = std::os::fd::AsRawFd::as_raw_fd(&out);
+    let set_tid = [pid as libc::pid_t];
+    /// struct clone_args of clone3(2), up to `cgroup` (CLONE_ARGS_SIZE_VER2).
+    #[repr(C)]
+    #[derive(Default)]
+    struct CloneArgs {
+        flags: u64,
+        pidfd: u64,
+        child_tid: u64,
+        parent_tid: u64,
+        exit_signal: u64,
+        stack: u64,
+        stack_size: u64,
+        tls: u64,
+        set_tid: u64,
+        set_tid_size: u64,
+        cgroup: u64,
+    }
+    let cl = CloneArgs {
+        exit_signal: libc::SIGCHLD as u64,
+        set_tid: set_tid.as_ptr() as u64,
+        set_tid_size: 1,
+        ..Default::default()
+    };
+    become_subreaper();
+    // SAFETY: a fork (no CLONE_VM) whose child only makes async-signal-safe calls
+    // (dup2, execv, _exit) on memory prepared above; the parent reads nothing the
+    // child writes.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_clone3,
+            &cl as *const CloneArgs,
+            std::mem::size_of::<CloneArgs>(),
+        )
+    };
+    if r == 0 {
+        // SAFETY: see above; the child never returns into Rust.
+        unsafe {
+            libc::dup2(out_fd, 1);
+            libc::dup2(out_fd, 2);
+            libc::execv(prog.as_ptr(), argv_ptrs.as_ptr());
+            libc::_exit(127);
+        }
+    }
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    assert_eq!(r as i32, pid, "clone3 gave another PID than set_tid asked");
+    Ok(ProcGuard::adopt(pid))
+}

@@ -11,7 +11,7 @@
 //! mappings), [`fd`] (status flags, positions, eventfd, epoll), [`restorer`] (the
 //! restorer's own calls: `clone3` with `set_tid`, its trampoline, memfds),
 //! [`pidns`] (a new PID namespace and its init), [`spawn`] (our helper
-//! processes) and [`syscalls`] (`pidfd_getfd`:
+//! processes), [`signal`] (our own SIGINT/SIGTERM handler) and [`syscalls`] (`pidfd_getfd`:
 //! ≥ 5.6, PTRACE_MODE_ATTACH_REALCREDS; `kcmp`, pipes, signals).
 //!
 //! Every raw system call the agent makes for itself goes through a small safe
@@ -27,6 +27,7 @@ pub mod pidns;
 pub mod proc;
 pub mod ptrace;
 pub mod restorer;
+pub mod signal;
 pub mod socket;
 pub mod spawn;
 pub mod syscalls;
