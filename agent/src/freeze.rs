@@ -338,24 +338,7 @@ pub fn freeze(
             for p in &mut frozen.procs {
                 p.threads.sort_by_key(|t| (t.tid != p.pid, t.tid));
             }
-            for p in &frozen.procs {
-                let threads = p
-                    .threads
-                    .iter()
-                    .map(|t| SavedThread {
-                        tid: t.tid,
-                        regs: ptrace::regs_as_bytes(&t.regs).to_vec(),
-                        sigmask: t.sigmask,
-                    })
-                    .collect();
-                rescue::note(
-                    frozen.journal(),
-                    Record::Threads {
-                        pid: p.pid,
-                        threads,
-                    },
-                )?;
-            }
+            journal_threads(&frozen)?;
             debug!(procs = frozen.procs.len(), "tree frozen");
             return Ok(frozen);
         }
@@ -369,6 +352,30 @@ fn same_process(pid: pid_t, expected: u64, found: u64) -> Result<(), FreezeError
             expected,
             found,
         });
+    }
+    Ok(())
+}
+
+/// Journals every thread's registers and mask as they stopped, before anything
+/// changes them.
+fn journal_threads(frozen: &Frozen) -> Result<(), FreezeError> {
+    for p in &frozen.procs {
+        let threads = p
+            .threads
+            .iter()
+            .map(|t| SavedThread {
+                tid: t.tid,
+                regs: ptrace::regs_as_bytes(&t.regs).to_vec(),
+                sigmask: t.sigmask,
+            })
+            .collect();
+        rescue::note(
+            frozen.journal(),
+            Record::Threads {
+                pid: p.pid,
+                threads,
+            },
+        )?;
     }
     Ok(())
 }

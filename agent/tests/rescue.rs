@@ -99,7 +99,7 @@ fn kill_dump(
         .env("CKPT_RESCUE_DIR", rescue_dir)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
-        .stderr(Stdio::null());
+        .stderr(std::fs::File::create(image.with_extension("stderr"))?);
     if leave_running {
         cmd.arg("--leave-running");
     }
@@ -109,7 +109,28 @@ fn kill_dump(
     // Watch closely: a busy loop, no sleep, so that short windows are hit.
     let hit = loop {
         if Instant::now() > deadline {
-            bail!("the dump never reached the moment to kill it ({when:?})");
+            let dpid = dump.id();
+            let wchan = |p: i32| {
+                thread_ids(p)
+                    .iter()
+                    .map(|t| {
+                        std::fs::read_to_string(format!("/proc/{p}/task/{t}/wchan"))
+                            .unwrap_or_default()
+                    })
+                    .collect::<Vec<_>>()
+                    .join(",")
+            };
+            bail!(
+                "the dump never reached the moment to kill it ({when:?}): dump {dpid} \
+                 waits in [{}]; rank state {:?}, tracers {:?}; dump's stderr: {}",
+                wchan(dpid),
+                ckpt_tests::proc_state(pid),
+                ckpt_tests::tracer_pids(pid)
+                    .iter()
+                    .take(3)
+                    .collect::<Vec<_>>(),
+                std::fs::read_to_string(image.with_extension("stderr")).unwrap_or_default()
+            );
         }
         let reached = match when {
             When::AfterFreeze(_) => traced(pid),
