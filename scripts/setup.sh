@@ -15,6 +15,9 @@ command -v munged >/dev/null 2>&1 || need+=(munge)
 command -v nft >/dev/null 2>&1 || need+=(nftables)
 # memcached: a real server, written by others, checkpointed with its clients.
 command -v memcached >/dev/null 2>&1 || need+=(memcached)
+# Open MPI: the MPI jobs the engine is tried on (mpirun, and mpicc for the workload).
+command -v mpirun >/dev/null 2>&1 || need+=(openmpi-bin)
+command -v mpicc >/dev/null 2>&1 || need+=(libopenmpi-dev)
 if [ ${#need[@]} -gt 0 ]; then
     echo "setup: installing ${need[*]}"
     export DEBIAN_FRONTEND=noninteractive

@@ -175,6 +175,9 @@ impl Frozen {
         }
         self.released = true;
         for p in &self.procs {
+            // One thread stays attached to take our SIGCONT out of the queue before
+            // the program's handler sees it (see [`continue_quietly`]).
+            let keep = p.sent_stop.then(|| quiet_thread(p)).flatten();
             for t in &p.threads {
                 if t.touched {
                     let mut r = t.regs;
@@ -186,6 +189,9 @@ impl Frozen {
                         warn!(tid = t.tid, ?e, "could not put the signal mask back");
                     }
                 }
+                if keep.is_some() {
+                    continue;
+                }
                 if let Err(e) = ptrace::detach(t.tid, 0) {
                     warn!(tid = t.tid, ?e, "detach failed");
                 }
@@ -196,13 +202,74 @@ impl Frozen {
                 if let Err(e) = rescue::note(self.journal(), Record::Thawing { pid: p.pid }) {
                     warn!(pid = p.pid, %e, "journal");
                 }
-                if let Err(e) = sys::kill(p.pid, libc::SIGCONT) {
+                let continued = match keep {
+                    Some(tid) => {
+                        let tids: Vec<pid_t> = p.threads.iter().map(|t| t.tid).collect();
+                        continue_quietly(p.pid, tid, &tids)
+                    }
+                    None => sys::kill(p.pid, libc::SIGCONT).map_err(|e| e.to_string()),
+                };
+                if let Err(e) = continued {
                     warn!(pid = p.pid, %e, "could not continue the process");
                 }
             }
             for &(tid, sig) in &p.swallowed {
                 let _ = sys::tgkill(p.pid, tid, sig);
             }
+        }
+    }
+}
+
+/// The bit of SIGCONT in a signal set as /proc and ptrace show it.
+const SIGCONT_BIT: u64 = 1 << (libc::SIGCONT - 1);
+
+/// A thread of `p` that can take SIGCONT for its process, if the program
+/// catches SIGCONT (its handler would run once for our SIGCONT otherwise) and
+/// one thread does not block it.
+fn quiet_thread(p: &FrozenProcess) -> Option<pid_t> {
+    let status = proc::status(p.pid).ok()?;
+    if status.sig_cgt & SIGCONT_BIT == 0 {
+        return None;
+    }
+    p.threads
+        .iter()
+        .find(|t| t.sigmask & SIGCONT_BIT == 0)
+        .map(|t| t.tid)
+}
+
+/// Ends the group-stop of `pid` without running the program's SIGCONT handler.
+/// Every thread of the process (`tids`) is still traced, in a ptrace stop with
+/// its registers back, so none can run, let alone dequeue a signal: SIGCONT is
+/// sent, then thread `tid` (one that does not block it) alone is resumed. It
+/// dequeues the SIGCONT before any user instruction, which stops it for us as a
+/// signal-delivery stop, and detaching it with no signal discards it; then the
+/// other threads are detached. A signal dequeued before it (a lower number,
+/// SIGCHLD say) is delivered as it would have been. If we die in between, the
+/// kernel detaches the threads and the handler runs once: what a plain SIGCONT
+/// does.
+pub fn continue_quietly(pid: pid_t, tid: pid_t, tids: &[pid_t]) -> Result<(), String> {
+    let taken = take_sigcont(pid, tid);
+    for &t in tids {
+        if t != tid || taken.is_err() {
+            let _ = ptrace::detach(t, 0);
+        }
+    }
+    taken
+}
+
+/// The part of [`continue_quietly`] that resumes `tid` until it has dequeued
+/// SIGCONT, and detaches it then.
+fn take_sigcont(pid: pid_t, tid: pid_t) -> Result<(), String> {
+    let err = |e: ptrace::PtraceError| e.to_string();
+    sys::kill(pid, libc::SIGCONT).map_err(|e| e.to_string())?;
+    ptrace::cont(tid, 0).map_err(err)?;
+    loop {
+        match ptrace::wait(tid).map_err(err)? {
+            Stop::Signal(libc::SIGCONT) => return ptrace::detach(tid, 0).map_err(err),
+            Stop::Signal(sig) => ptrace::cont(tid, sig).map_err(err)?,
+            // The trap that tells a seizing tracer the group-stop ended.
+            Stop::Event { .. } | Stop::Syscall => ptrace::cont(tid, 0).map_err(err)?,
+            Stop::Exited(_) | Stop::Killed(_) => return Ok(()),
         }
     }
 }

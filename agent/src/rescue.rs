@@ -50,8 +50,11 @@
 //!
 //! SIGSTOP is seen by the tree's real parent: a SIGCHLD with `CLD_STOPPED` at the
 //! freeze and `CLD_CONTINUED` at the thaw (none where the parent set
-//! `SA_NOCLDSTOP` or ignores SIGCHLD), and `waitpid(WUNTRACED)` reports the stop;
-//! a SIGCONT handler of the program runs once. slurmstepd, Open MPI's daemons and
+//! `SA_NOCLDSTOP` or ignores SIGCHLD), and `waitpid(WUNTRACED)` reports the stop.
+//! A SIGCONT handler of the program does not run: our SIGCONT is sent while the
+//! threads are still traced and taken out of the queue by one of them before the
+//! detach ([`crate::freeze::continue_quietly`]; it runs once only if the agent
+//! dies and a watchdog continues the tree). slurmstepd, Open MPI's daemons and
 //! shells without job control wait without `WUNTRACED` and see nothing; an
 //! interactive shell with job control reports the job as stopped and then
 //! continued in the background. We chose this over a freezer cgroup (a cgroup move

@@ -95,12 +95,14 @@
 //! restorer dies while that group is stopped, the group becomes orphaned, and the
 //! kernel sends it SIGHUP and SIGCONT. The tests' workloads lead their sessions.
 //!
-//! The stop is visible to the tree in two ways that a restore without it would
+//! The stop is visible to the tree in one way that a restore without it would
 //! not show: a parent in the tree whose SIGCHLD handler lacks `SA_NOCLDSTOP`
-//! gets a `CLD_STOPPED` and a `CLD_CONTINUED` SIGCHLD for each child, and a
-//! SIGCONT handler runs once. (The alternative that hides both, the cgroup v2
-//! freezer, moves the tree into a cgroup of ours, which a Slurm step's cgroup
-//! forbids.)
+//! gets a `CLD_STOPPED` and a `CLD_CONTINUED` SIGCHLD for each child. (The
+//! alternative that hides it, the cgroup v2 freezer, moves the tree into a cgroup
+//! of ours, which a Slurm step's cgroup forbids.) A SIGCONT handler does not
+//! run: the threads of a process that catches SIGCONT stay traced through the
+//! commit (without EXITKILL) and one of them takes step 4's SIGCONT out of the
+//! queue ([`crate::freeze::continue_quietly`]).
 
 use std::collections::{HashMap, HashSet};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
@@ -837,6 +839,27 @@ impl<'a> RestoreSession<'a> {
         Ok(())
     }
 
+    /// The thread of husk `h` to keep traced at the release, so that step 4's
+    /// SIGCONT does not run the program's SIGCONT handler: one that does not block
+    /// SIGCONT, in a process that catches it and was running at the dump.
+    fn quiet_thread(&self, h: &Husk) -> Option<pid_t> {
+        let p = &self.img.processes[h.pi];
+        let catches = p
+            .sigactions
+            .iter()
+            .any(|a| a.signo == libc::SIGCONT && a.handler > 1);
+        if p.stopped || !catches {
+            return None;
+        }
+        let bit = 1u64 << (libc::SIGCONT - 1);
+        let i = p.threads.iter().position(|t| t.sigmask & bit == 0)?;
+        Some(if i == 0 {
+            h.r.tid
+        } else {
+            h.threads.get(i - 1)?.tid
+        })
+    }
+
     /// Every end of every connection exists now (for a job: on every node): lift
     /// the lock first (a packet sent by an end finished elsewhere must not be
     /// dropped here: its retransmission would wait for the first timer, a second
@@ -869,11 +892,18 @@ impl<'a> RestoreSession<'a> {
         // 2. Detach. A detached thread dequeues the SIGSTOP (or joins the group
         // stop another thread began) on its way back to user space: it executes
         // nothing of the image. Detaching also drops its EXITKILL.
+        // The threads of a process that catches SIGCONT stay traced (without
+        // EXITKILL: past this point a death of ours kills nothing, as a detach)
+        // so that step 4's SIGCONT is taken away from the handler.
+        let keep: Vec<Option<pid_t>> = self.husks.iter().map(|h| self.quiet_thread(h)).collect();
         for (i, h) in self.husks.iter().enumerate() {
-            for r in h.threads.iter() {
-                ptrace::detach(r.tid, 0)?;
+            for r in h.threads.iter().chain([&h.r]) {
+                if keep[i].is_some() {
+                    ptrace::set_options(r.tid, ptrace::O_TRACESYSGOOD)?;
+                } else {
+                    ptrace::detach(r.tid, 0)?;
+                }
             }
-            ptrace::detach(h.r.tid, 0)?;
             if i == 0 && self.husks.len() > 1 {
                 self.opts.hooks.hang_at("restore:detaching");
             }
@@ -893,10 +923,17 @@ impl<'a> RestoreSession<'a> {
         // 4. Run: every process that was running at the dump goes on; the
         // others stay stopped, as they were.
         let stopped = |h: &Husk| self.img.processes[h.pi].stopped;
-        for h in self.husks.iter().filter(|h| !stopped(h)) {
+        for (h, keep) in self.husks.iter().zip(&keep).filter(|(h, _)| !stopped(h)) {
             // Past the commit nothing is undone: a process that cannot be
             // continued (it died meanwhile) must not keep the others stopped.
-            if let Err(e) = sys::kill(h.r.tid, libc::SIGCONT) {
+            let continued = match keep {
+                Some(tid) => {
+                    let tids: Vec<pid_t> = h.threads.iter().chain([&h.r]).map(|r| r.tid).collect();
+                    crate::freeze::continue_quietly(h.r.tid, *tid, &tids)
+                }
+                None => sys::kill(h.r.tid, libc::SIGCONT).map_err(|e| e.to_string()),
+            };
+            if let Err(e) = continued {
                 warn!(pid = h.r.tid, %e, "restored process not continued");
             }
         }

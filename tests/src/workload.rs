@@ -10,6 +10,8 @@
 //! concurrent tests wait for one compilation instead of racing.
 //!
 //! Python workloads (`*.py`) are not compiled; they run as `python3 -u SCRIPT`.
+//! MPI workloads (`mpi_*.c`) are compiled with Open MPI's `mpicc` wrapper (the
+//! same flags) and started under `mpirun` by their tests.
 
 use std::collections::hash_map::DefaultHasher;
 use std::collections::HashMap;
@@ -90,18 +92,23 @@ pub fn workload(name: &str) -> Result<PathBuf> {
             std::process::id(),
             std::thread::current().id()
         ));
-        let out = Command::new("gcc")
+        let cc = if name.starts_with("mpi_") {
+            "mpicc"
+        } else {
+            "gcc"
+        };
+        let out = Command::new(cc)
             .args(CFLAGS)
             .arg("-o")
             .arg(&tmp)
             .arg(&source)
             .stdin(Stdio::null())
             .output()
-            .context("running gcc (is it installed?)")?;
+            .with_context(|| format!("running {cc} (is it installed?)"))?;
         if !out.status.success() {
             let _ = fs::remove_file(&tmp);
             bail!(
-                "gcc failed to build workload {} ({}):\n{}{}",
+                "{cc} failed to build workload {} ({}):\n{}{}",
                 source.display(),
                 out.status,
                 String::from_utf8_lossy(&out.stdout),

@@ -18,6 +18,9 @@
  *     must carry the next value, from our own PID with SI_QUEUE, and a new one is
  *     queued: queued siginfo survives a checkpoint intact and in order.
  *   - SIGHUP: ignored.
+ *   - SIGCONT: a handler that prints FAIL. Nobody continues this program, and a
+ *     checkpoint must not show itself: the freeze's own SIGSTOP/SIGCONT (and the
+ *     restore's) must not reach the handler.
  *   - sigaltstack: a 64 KiB malloc'd stack; every tick sigaltstack(NULL, &ss)
  *     must still report it.
  * Every tick it also reads back each sigaction and compares handler, flags and
@@ -60,6 +63,13 @@ static void on_usr1(int sig, siginfo_t *si, void *uc)
 	(void)sig;
 	usr1_value = si->si_value.sival_int;
 	usr1_count++;
+}
+
+static void on_cont(int sig)
+{
+	static const char msg[] = "FAIL the SIGCONT handler ran\n";
+	(void)sig;
+	write_all(1, msg, sizeof msg - 1);
 }
 
 static int same_action(int sig, void (*fn)(int, siginfo_t *, void *), int flags,
@@ -111,6 +121,7 @@ int main(void)
 	sigaction(SIGUSR1, &sa, NULL);
 
 	signal(SIGHUP, SIG_IGN);
+	signal(SIGCONT, on_cont);
 
 	sigset_t blocked;
 	sigemptyset(&blocked);
@@ -216,6 +227,10 @@ int main(void)
 		sigaction(SIGHUP, NULL, &hup);
 		if (hup.sa_handler != SIG_IGN)
 			FAIL("tick %llu: SIGHUP is no longer ignored", (unsigned long long)n);
+		struct sigaction cont;
+		sigaction(SIGCONT, NULL, &cont);
+		if (cont.sa_handler != on_cont)
+			FAIL("tick %llu: SIGCONT lost its handler", (unsigned long long)n);
 
 		emit("tick %llu %016llx alarms %ld usr1 %ld rt %ld", (unsigned long long)n,
 		     (unsigned long long)t.chain, a, (long)usr1_value, rt_next_take - 1);
