@@ -908,18 +908,12 @@ impl<'a> DumpSession<'a> {
             c.hash = crate::host::hash_prefix(&c.path, c.size)?;
         }
         self.phases.mark("file-hashes");
-        let chunks: HashSet<_> = processes
-            .iter()
-            .flat_map(|p| p.mappings.iter().flat_map(|m| m.data.iter()))
-            .chain(shm_objs.iter().flat_map(|s| s.data.iter()))
-            .map(|e| e.chunk.hash)
-            .collect();
         let parent = self
             .parent
             .as_ref()
             .filter(|_| self.tracking.iter().any(|t| t.incremental))
             .map(|(loc, _)| loc.to_string());
-        Ok(Image {
+        let mut img = Image {
             format_version: image::FORMAT_VERSION,
             arch: image::ARCH.to_string(),
             tool_version: env!("CARGO_PKG_VERSION").to_string(),
@@ -938,11 +932,14 @@ impl<'a> DumpSession<'a> {
                 total_us: 0,
                 memory_bytes: totals.memory_bytes,
                 stored_bytes: totals.stored_bytes,
-                chunks: chunks.len() as u64,
+                chunks: 0,
                 reused_bytes: self.plan.reused_bytes,
                 parent,
             },
-        })
+        };
+        let chunks: HashSet<_> = img.extents().map(|e| e.chunk.hash).collect();
+        img.stats.chunks = chunks.len() as u64;
+        Ok(img)
     }
 }
 

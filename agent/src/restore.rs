@@ -316,13 +316,8 @@ pub fn load(
     let bytes = store.get_manifest()?;
     let img = codec::decode_image(&bytes)?;
     if !store.is_remote() {
-        let chunks = img
-            .processes
-            .iter()
-            .flat_map(|p| p.mappings.iter().flat_map(|m| m.data.iter()))
-            .chain(img.shmem.iter().flat_map(|s| s.data.iter()));
         let mut seen = HashSet::new();
-        for c in chunks.filter(|c| seen.insert(c.chunk)) {
+        for c in img.extents().filter(|c| seen.insert(c.chunk)) {
             if !store.has_chunk(&c.chunk)? {
                 return Err(RestoreError::Store(ImageStoreError::Store(
                     ckpt_shared::store::StoreError::Missing {
@@ -1278,15 +1273,5 @@ fn set_mm(
 
 /// Used by restore-time figures.
 pub fn image_memory_bytes(img: &Image) -> u64 {
-    img.processes
-        .iter()
-        .flat_map(|p| p.mappings.iter().flat_map(|m| m.data.iter()))
-        .map(|e| e.bytes())
-        .sum::<u64>()
-        + img
-            .shmem
-            .iter()
-            .flat_map(|s| s.data.iter())
-            .map(|e| e.bytes())
-            .sum::<u64>()
+    img.extents().map(|e| e.bytes()).sum()
 }

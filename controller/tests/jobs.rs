@@ -4,26 +4,12 @@
 //! each phase; a controller killed while the job is frozen; a user acting on
 //! another's job.
 
-use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use ckpt_tests::cluster::in_netns;
 use ckpt_tests::jobs::{reap_killed, wait_for_text, wait_job_gone, wait_ticks, JobCluster};
 use ckpt_tests::process::{is_alive, proc_state, tracer_pids};
 use ckpt_tests::ticks::{check_log, last_tick};
-
-fn bin() -> PathBuf {
-    PathBuf::from(env!("CARGO_BIN_EXE_ckpt-controller"))
-}
-
-fn root() -> bool {
-    // SAFETY: geteuid has no preconditions.
-    let r = unsafe { libc::geteuid() } == 0;
-    if !r {
-        eprintln!("skipped: job checkpoints need root (ptrace, namespaces)");
-    }
-    r
-}
 
 /// Neither stopped nor traced.
 fn running_free(pid: i32) -> bool {
@@ -299,6 +285,10 @@ fn a_user_cannot_save_restore_or_remove_another_users_job() {
 }
 
 use std::os::unix::process::CommandExt;
+
+#[path = "common/bin.rs"]
+mod bin;
+use bin::{bin, root};
 
 #[test]
 fn ranks_streaming_over_tcp_are_restored_on_other_nodes_with_their_connection_intact() {

@@ -6,25 +6,15 @@
 //! delivered, and a later save succeeds.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use ckpt_tests::jobs::JobCluster;
 use ckpt_tests::process::send_signal;
 use ckpt_tests::sigwatch::{self, check_runs_on, injecting, phase_of, traced};
 
-fn bin() -> PathBuf {
-    PathBuf::from(env!("CARGO_BIN_EXE_ckpt-controller"))
-}
-
-fn root() -> bool {
-    // SAFETY: geteuid has no preconditions.
-    let r = unsafe { libc::geteuid() } == 0;
-    if !r {
-        eprintln!("skipped: job checkpoints need root (ptrace, namespaces)");
-    }
-    r
-}
+#[path = "common/bin.rs"]
+mod bin;
+use bin::{bin, root};
 
 const THREADS: usize = 100;
 const KILLS: u32 = 12;

@@ -4,16 +4,15 @@
 //! Before, the agents opened the store with their own (empty) environment, and the
 //! save went nowhere the controller said.
 
-use std::path::PathBuf;
 use std::time::Duration;
 
 use ckpt_tests::jobs::{reap_killed, wait_job_gone, wait_ticks, JobCluster};
 use ckpt_tests::s3::{S3Server, ACCESS_KEY, BUCKET, SECRET_KEY};
 use ckpt_tests::ticks::{check_log, last_tick};
 
-fn bin() -> PathBuf {
-    PathBuf::from(env!("CARGO_BIN_EXE_ckpt-controller"))
-}
+#[path = "common/bin.rs"]
+mod bin;
+use bin::bin;
 
 #[test]
 fn a_controller_configured_for_s3_by_its_file_saves_and_restores_through_agents_without_aws_env() {

@@ -11,18 +11,9 @@ use std::time::{Duration, Instant};
 use ckpt_tests::jobs::{reap_killed, wait_for_text, wait_job_gone, wait_ticks, JobCluster};
 use ckpt_tests::ticks::{check_log, last_tick};
 
-fn bin() -> PathBuf {
-    PathBuf::from(env!("CARGO_BIN_EXE_ckpt-controller"))
-}
-
-fn root() -> bool {
-    // SAFETY: geteuid has no preconditions.
-    let r = unsafe { libc::geteuid() } == 0;
-    if !r {
-        eprintln!("skipped: needs root (ptrace, namespaces, TCP_REPAIR)");
-    }
-    r
-}
+#[path = "common/bin.rs"]
+mod bin;
+use bin::{bin, root};
 
 const PORT: &str = "7200";
 const WAIT: Duration = Duration::from_secs(30);

@@ -13,18 +13,9 @@ use ckpt_tests::jobs::{wait_ticks, JobCluster};
 use ckpt_tests::process::{is_alive, proc_state, spawn_at_pid, start_time, tracer_pids, tree_pids};
 use ckpt_tests::wait_for;
 
-fn bin() -> PathBuf {
-    PathBuf::from(env!("CARGO_BIN_EXE_ckpt-controller"))
-}
-
-fn root() -> bool {
-    // SAFETY: geteuid has no preconditions.
-    let r = unsafe { libc::geteuid() } == 0;
-    if !r {
-        eprintln!("skipped: job checkpoints need root (ptrace, namespaces, nftables)");
-    }
-    r
-}
+#[path = "common/bin.rs"]
+mod bin;
+use bin::{bin, root};
 
 /// Neither stopped nor traced.
 fn running_free(pid: i32) -> bool {

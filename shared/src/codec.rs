@@ -144,12 +144,7 @@ pub fn decode_image(bytes: &[u8]) -> Result<Image, CodecError> {
             supported: image::ARCH.to_string(),
         });
     }
-    let extents = image
-        .processes
-        .iter()
-        .flat_map(|p| p.mappings.iter().flat_map(|m| m.data.iter()))
-        .chain(image.shmem.iter().flat_map(|s| s.data.iter()));
-    for e in extents {
+    for e in image.extents() {
         e.check().map_err(CodecError::Invalid)?;
     }
     Ok(image)

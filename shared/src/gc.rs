@@ -261,18 +261,8 @@ pub async fn discard(
         if others {
             return Ok(None);
         }
-        let mut referenced: HashSet<String> = HashSet::new();
-        for name in store.list_manifests().await? {
-            let Some(img) = read_image(store, &name).await? else {
-                continue;
-            };
-            let extents = img
-                .processes
-                .iter()
-                .flat_map(|p| p.mappings.iter().flat_map(|m| m.data.iter()))
-                .chain(img.shmem.iter().flat_map(|s| s.data.iter()));
-            referenced.extend(extents.map(|e| e.chunk.hex()));
-        }
+        let names = store.list_manifests().await?;
+        let referenced = referenced_chunks(store, &names).await?;
         let mut deleted = 0;
         for c in chunks.iter().filter(|c| !referenced.contains(*c)) {
             store.delete_chunk(c).await?;
@@ -304,21 +294,9 @@ async fn sweep(store: &ObjectStoreBackend, leases: &Leases, now: i64) -> Result<
     for m in &report.abandoned_markers {
         store.delete_marker(PENDING, m).await?;
     }
-    let mut referenced: HashSet<String> = HashSet::new();
     let names = store.list_manifests().await?;
     report.images = names.len();
-    for name in &names {
-        // Removed since the listing: it references nothing any more.
-        let Some(img) = read_image(store, name).await? else {
-            continue;
-        };
-        let extents = img
-            .processes
-            .iter()
-            .flat_map(|p| p.mappings.iter().flat_map(|m| m.data.iter()))
-            .chain(img.shmem.iter().flat_map(|s| s.data.iter()));
-        referenced.extend(extents.map(|e| e.chunk.hex()));
-    }
+    let referenced = referenced_chunks(store, &names).await?;
     report.referenced = referenced.len();
     let chunks = store.list_chunks().await?;
     report.chunks = chunks.len();
@@ -327,6 +305,22 @@ async fn sweep(store: &ObjectStoreBackend, leases: &Leases, now: i64) -> Result<
         report.deleted += 1;
     }
     Ok(report)
+}
+
+/// The chunks (by hex name) that the images `names` reference. An image removed
+/// since the listing references nothing any more.
+async fn referenced_chunks(
+    store: &ObjectStoreBackend,
+    names: &[String],
+) -> Result<HashSet<String>, GcError> {
+    let mut referenced = HashSet::new();
+    for name in names {
+        let Some(img) = read_image(store, name).await? else {
+            continue;
+        };
+        referenced.extend(img.extents().map(|e| e.chunk.hex()));
+    }
+    Ok(referenced)
 }
 
 /// The decoded manifest of image `name`; `None` if it is gone. One that cannot be

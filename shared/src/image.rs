@@ -48,6 +48,18 @@ pub struct Image {
     pub stats: DumpStats,
 }
 
+impl Image {
+    /// Every stored extent the image references: what a gc must keep, what a
+    /// restore must find and what decoding checks. A new kind of content stored in
+    /// chunks is added here, and only here.
+    pub fn extents(&self) -> impl Iterator<Item = &Extent> {
+        self.processes
+            .iter()
+            .flat_map(|p| p.mappings.iter().flat_map(|m| m.data.iter()))
+            .chain(self.shmem.iter().flat_map(|s| s.data.iter()))
+    }
+}
+
 /// What the restorer compares with the host before it maps anything.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct HostFingerprint {
