@@ -453,6 +453,9 @@ pub enum FileKind {
     TcpListen {
         addr: SocketAddr,
         backlog: u32,
+        /// Absent in images of older versions: the defaults.
+        #[serde(default)]
+        opts: SockOpts,
     },
     /// A UDP socket: its bound address (a wildcard stays a wildcard; port 0: not
     /// bound), the peer it is connected to, if any, and its options. Datagrams
@@ -495,6 +498,37 @@ pub struct UdpOpts {
     /// As the kernel reports them (twice what was asked).
     pub sndbuf: u32,
     pub rcvbuf: u32,
+    /// `IPV6_V6ONLY` of an IPv6 socket (absent in older images: off).
+    #[serde(default)]
+    pub v6only: bool,
+}
+
+/// The socket options of a TCP socket (listening or connected) that a restore sets
+/// again. Each field is absent in images of older versions, which decode to these
+/// defaults. The tuning options are kept only where they differ from what a fresh
+/// socket of the dumping host has (`None`): a restore elsewhere then keeps that
+/// host's defaults.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct SockOpts {
+    /// `IPV6_V6ONLY` (IPv6 sockets only).
+    pub v6only: bool,
+    pub reuseaddr: bool,
+    pub reuseport: bool,
+    pub keepalive: bool,
+    /// `SO_LINGER`: the linger time in seconds when it is on.
+    pub linger: Option<u32>,
+    /// `TCP_NODELAY`.
+    pub nodelay: bool,
+    /// `TCP_KEEPIDLE`, `TCP_KEEPINTVL` (seconds), `TCP_KEEPCNT`.
+    pub keepidle: Option<u32>,
+    pub keepintvl: Option<u32>,
+    pub keepcnt: Option<u32>,
+    /// `SO_SNDBUF` / `SO_RCVBUF` as the kernel reports them (twice what was asked),
+    /// of a listener whose application set them. A connection keeps its buffers in
+    /// [`TcpConn::sndbuf`] and [`TcpConn::rcvbuf`].
+    pub sndbuf: Option<u32>,
+    pub rcvbuf: Option<u32>,
 }
 
 /// `struct tcp_repair_window`.
@@ -539,6 +573,9 @@ pub struct TcpConn {
     /// drop what the peer may send.
     pub sndbuf: u32,
     pub rcvbuf: u32,
+    /// The socket options (absent in older images: the defaults).
+    #[serde(default)]
+    pub opts: SockOpts,
 }
 
 impl TcpConn {

@@ -246,9 +246,14 @@ mod tests {
                     window: Default::default(),
                     sndbuf: 0,
                     rcvbuf: 0,
+                    opts: Default::default(),
                 }),
             },
-            FileKind::TcpListen { addr, backlog: 1 },
+            FileKind::TcpListen {
+                addr,
+                backlog: 1,
+                opts: Default::default(),
+            },
             FileKind::Udp {
                 local: addr,
                 remote: None,

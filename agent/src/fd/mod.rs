@@ -37,7 +37,9 @@ mod file;
 mod inherited;
 pub mod kind;
 pub mod pipe;
+pub mod sockopt;
 pub mod tcp;
+mod tcp_reset;
 pub mod udp;
 
 use std::collections::HashMap;
