@@ -477,6 +477,40 @@ pub enum FileKind {
     Epoll {
         targets: Vec<EpollTarget>,
     },
+    /// A UNIX socket whose peer, if any, is in the tree too.
+    Unix(Box<UnixSock>),
+}
+
+/// A UNIX socket: stream, datagram or seqpacket; named (a path or an abstract
+/// name), listening, connected, or neither; and what was queued for it to read.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UnixSock {
+    /// Its inode at the dump: how its peer names it.
+    pub ino: u64,
+    /// `SOCK_STREAM`, `SOCK_DGRAM` or `SOCK_SEQPACKET`.
+    pub ty: i32,
+    /// The name it is bound to: a path, or an abstract name (its bytes, without
+    /// the leading NUL).
+    pub name: Option<UnixName>,
+    /// Listening, with this backlog.
+    pub listen: Option<u32>,
+    /// The inode of the socket it is connected to (in this image).
+    pub peer: Option<u64>,
+    /// Queued for it to read, in order: one entry per datagram or seqpacket
+    /// message, chunks of bytes for a stream. Written back by its peer at restore.
+    pub queue: Vec<serde_bytes::ByteBuf>,
+    pub passcred: bool,
+    /// As the kernel reports them (twice what was asked).
+    pub sndbuf: u32,
+    pub rcvbuf: u32,
+}
+
+/// The name a UNIX socket is bound to.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum UnixName {
+    Path(String),
+    #[serde(with = "serde_bytes")]
+    Abstract(Vec<u8>),
 }
 
 /// One descriptor watched by an epoll instance, as its owner registered it: the
