@@ -275,3 +275,86 @@ fn check_no_fail(log: &Path) -> Result<()> {
     ensure!(!text.contains("FAIL"), "{text}");
     Ok(())
 }
+
+/// The options field of the last tick `sockopts` printed: what getsockopt read.
+fn last_opts(log: &Path) -> Result<String> {
+    let text = std::fs::read_to_string(log)?;
+    let line = text
+        .lines()
+        .rev()
+        .find(|l| l.starts_with("tick "))
+        .context("no tick")?;
+    Ok(line.splitn(4, ' ').nth(3).unwrap_or("").to_string())
+}
+
+#[test]
+fn socket_options_and_a_v6only_listener_on_the_same_port_come_back() -> Result<()> {
+    require_root!(Ok(()));
+    let c = Cluster::new(1)?;
+    let ns = c.nodes()[0].netns.clone();
+    let dir = tempfile::tempdir()?;
+    let log = dir.path().join("log");
+    let mut cmd = workload::workload_command("sockopts", Vec::<&str>::new(), &log)?;
+    let child = c.spawn_in(&ns, &mut cmd)?;
+    let pid = child.id() as i32;
+    let mut guard = PidsGuard::new([pid]);
+    wait_for_tick(&log, 10, WAIT)?;
+    let before = last_opts(&log)?;
+    for want in [
+        "l4:reuseaddr=1,keepalive=1,keepidle=77,rcvbuf=200000",
+        "l6:v6only=1,reuseaddr=1,nodelay=1",
+        "c:nodelay=1,keepalive=1,keepidle=33,keepintvl=7,keepcnt=4,linger=1/5",
+        "a:keepalive=1",
+        "u6:v6only=1",
+    ] {
+        ensure!(before.contains(want), "{want} not in {before}");
+    }
+    let img = dir.path().join("img");
+    let img_s = img.to_str().unwrap();
+    let pid_s = pid.to_string();
+    // A dump that leaves it running changes nothing it reads.
+    let img0 = dir.path().join("img0");
+    let dump0 = ["dump", "--pid", &pid_s, "--image", img0.to_str().unwrap()];
+    ok(
+        &agent_in(&c, &ns, &[&dump0[..], &["--leave-running"]].concat())?,
+        "dump",
+    )?;
+    let n = ckpt_tests::ticks::last_tick(&log).context("no tick")?;
+    wait_for_tick(&log, n + 5, WAIT)?;
+    ok(
+        &agent_in(&c, &ns, &["dump", "--pid", &pid_s, "--image", img_s])?,
+        "dump",
+    )?;
+    let at_kill = ckpt_tests::ticks::last_tick(&log).context("no tick")?;
+    ensure!(
+        guard.wait_gone(Duration::from_secs(10)).is_empty(),
+        "sockopts survived the dump"
+    );
+    drop(child);
+    let shown = ok(
+        &agent_in(&c, &ns, &["inspect", "--image", img_s])?,
+        "inspect",
+    )?;
+    eprintln!("{shown}");
+    for want in [
+        "(backlog 8) [v6only, reuseaddr, nodelay]",
+        "(backlog 8) [reuseaddr, keepalive, keepidle 77, rcvbuf 200000]",
+        "[keepalive, nodelay, linger 5, keepidle 33, keepintvl 7, keepcnt 4]",
+        " v6only (buffers",
+    ] {
+        ensure!(shown.contains(want), "{want} not in {shown}");
+    }
+    ok(
+        &agent_in(&c, &ns, &["restore", "--image", img_s])?,
+        "restore",
+    )?;
+    guard.rearm();
+    wait_for_tick(&log, at_kill + 10, WAIT)?;
+    let after = last_opts(&log)?;
+    ensure!(
+        after == before,
+        "options before {before:?}, after {after:?}"
+    );
+    check_log(&log)?;
+    check_no_fail(&log)
+}

@@ -465,6 +465,9 @@ pub enum FileKind {
     TcpListen {
         addr: SocketAddr,
         backlog: u32,
+        /// Absent in images of older versions: the defaults.
+        #[serde(default)]
+        opts: SockOpts,
     },
     /// A UDP socket: its bound address (a wildcard stays a wildcard; port 0: not
     /// bound), the peer it is connected to, if any, and its options. Datagrams
@@ -486,6 +489,40 @@ pub enum FileKind {
     Epoll {
         targets: Vec<EpollTarget>,
     },
+    /// A UNIX socket whose peer, if any, is in the tree too.
+    Unix(Box<UnixSock>),
+}
+
+/// A UNIX socket: stream, datagram or seqpacket; named (a path or an abstract
+/// name), listening, connected, or neither; and what was queued for it to read.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UnixSock {
+    /// Its inode at the dump: how its peer names it.
+    pub ino: u64,
+    /// `SOCK_STREAM`, `SOCK_DGRAM` or `SOCK_SEQPACKET`.
+    pub ty: i32,
+    /// The name it is bound to: a path, or an abstract name (its bytes, without
+    /// the leading NUL).
+    pub name: Option<UnixName>,
+    /// Listening, with this backlog.
+    pub listen: Option<u32>,
+    /// The inode of the socket it is connected to (in this image).
+    pub peer: Option<u64>,
+    /// Queued for it to read, in order: one entry per datagram or seqpacket
+    /// message, chunks of bytes for a stream. Written back by its peer at restore.
+    pub queue: Vec<serde_bytes::ByteBuf>,
+    pub passcred: bool,
+    /// As the kernel reports them (twice what was asked).
+    pub sndbuf: u32,
+    pub rcvbuf: u32,
+}
+
+/// The name a UNIX socket is bound to.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum UnixName {
+    Path(String),
+    #[serde(with = "serde_bytes")]
+    Abstract(Vec<u8>),
 }
 
 /// One descriptor watched by an epoll instance, as its owner registered it: the
@@ -507,6 +544,37 @@ pub struct UdpOpts {
     /// As the kernel reports them (twice what was asked).
     pub sndbuf: u32,
     pub rcvbuf: u32,
+    /// `IPV6_V6ONLY` of an IPv6 socket (absent in older images: off).
+    #[serde(default)]
+    pub v6only: bool,
+}
+
+/// The socket options of a TCP socket (listening or connected) that a restore sets
+/// again. Each field is absent in images of older versions, which decode to these
+/// defaults. The tuning options are kept only where they differ from what a fresh
+/// socket of the dumping host has (`None`): a restore elsewhere then keeps that
+/// host's defaults.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct SockOpts {
+    /// `IPV6_V6ONLY` (IPv6 sockets only).
+    pub v6only: bool,
+    pub reuseaddr: bool,
+    pub reuseport: bool,
+    pub keepalive: bool,
+    /// `SO_LINGER`: the linger time in seconds when it is on.
+    pub linger: Option<u32>,
+    /// `TCP_NODELAY`.
+    pub nodelay: bool,
+    /// `TCP_KEEPIDLE`, `TCP_KEEPINTVL` (seconds), `TCP_KEEPCNT`.
+    pub keepidle: Option<u32>,
+    pub keepintvl: Option<u32>,
+    pub keepcnt: Option<u32>,
+    /// `SO_SNDBUF` / `SO_RCVBUF` as the kernel reports them (twice what was asked),
+    /// of a listener whose application set them. A connection keeps its buffers in
+    /// [`TcpConn::sndbuf`] and [`TcpConn::rcvbuf`].
+    pub sndbuf: Option<u32>,
+    pub rcvbuf: Option<u32>,
 }
 
 /// `struct tcp_repair_window`.
@@ -551,6 +619,9 @@ pub struct TcpConn {
     /// drop what the peer may send.
     pub sndbuf: u32,
     pub rcvbuf: u32,
+    /// The socket options (absent in older images: the defaults).
+    #[serde(default)]
+    pub opts: SockOpts,
 }
 
 impl TcpConn {

@@ -21,7 +21,7 @@ use ckpt_shared::image::{FileKind, OpenFile};
 use libc::pid_t;
 use serde_json::Value;
 
-use super::{chardev, dir, epoll, eventfd, file, inherited, pipe, tcp, udp};
+use super::{chardev, dir, epoll, eventfd, file, inherited, pipe, tcp, udp, unix};
 use super::{FdError, FdTable, Meta, Moves};
 
 /// What the dump has read of one descriptor of `pid` before a kind claims it.
@@ -67,6 +67,7 @@ pub struct Opening<'a> {
     /// FIFO holders, kept open until every husk has its end.
     pub holders: Vec<OwnedFd>,
     pub tcp: tcp::Opening,
+    pub unix: unix::Opening,
 }
 
 /// Save and restore of one kind of open file description.
@@ -113,6 +114,7 @@ pub const STEPS: &[Step] = &[
     Step::Kind(&tcp::Tcp),
     Step::Kind(&inherited::Inherited),
     Step::Kind(&udp::Udp),
+    Step::Kind(&unix::Unix),
     Step::Refuse(other_socket),
     Step::Kind(&eventfd::EventFd),
     Step::Kind(&epoll::Epoll),
@@ -246,9 +248,14 @@ mod tests {
                     window: Default::default(),
                     sndbuf: 0,
                     rcvbuf: 0,
+                    opts: Default::default(),
                 }),
             },
-            FileKind::TcpListen { addr, backlog: 1 },
+            FileKind::TcpListen {
+                addr,
+                backlog: 1,
+                opts: Default::default(),
+            },
             FileKind::Udp {
                 local: addr,
                 remote: None,
@@ -258,6 +265,17 @@ mod tests {
                 count: 0,
                 semaphore: false,
             },
+            FileKind::Unix(Box::new(ckpt_shared::image::UnixSock {
+                ino: 1,
+                ty: libc::SOCK_STREAM,
+                name: None,
+                listen: None,
+                peer: None,
+                queue: vec![],
+                passcred: false,
+                sndbuf: 0,
+                rcvbuf: 0,
+            })),
             FileKind::Epoll {
                 targets: vec![EpollTarget {
                     fd: 1,

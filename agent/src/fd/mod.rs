@@ -37,8 +37,11 @@ mod file;
 mod inherited;
 pub mod kind;
 pub mod pipe;
+pub mod sockopt;
 pub mod tcp;
+mod tcp_reset;
 pub mod udp;
+mod unix;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -292,6 +295,8 @@ impl FdTable {
     /// they are filled again.
     pub fn finish(&mut self, procs: &mut [(pid_t, &mut Vec<Fd>)]) -> Result<(), FdError> {
         epoll::check_targets_open(&self.files, procs)?;
+        let reps: Vec<(pid_t, RawFd)> = self.reps.iter().map(|r| (r.0, r.1)).collect();
+        unix::check_peers(&self.files, &reps)?;
         pipe::settle_outside(&mut self.files, &self.pipes, procs)
     }
 }
@@ -422,6 +427,7 @@ pub fn open_all(files: &[OpenFile], moves: &Moves) -> Result<Opened, FdError> {
         pipes: HashMap::new(),
         holders: Vec::new(),
         tcp: tcp::Opening::default(),
+        unix: unix::Opening::default(),
     };
     for k in kind::kinds() {
         k.prepare(files, &mut o)?;

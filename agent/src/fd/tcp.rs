@@ -33,7 +33,7 @@ use super::kind::{Persist, Seen};
 use super::{set_status_flags, trimmed, FdError, FdTable, Moves, TcpDup};
 use crate::sys::socket;
 
-const TCP_REPAIR_ON: libc::c_int = 1;
+pub(super) const TCP_REPAIR_ON: libc::c_int = 1;
 const TCP_REPAIR_OFF_NO_WP: libc::c_int = -1;
 const TCP_RECV_QUEUE: libc::c_int = 1;
 const TCP_SEND_QUEUE: libc::c_int = 2;
@@ -61,7 +61,7 @@ pub enum TcpError {
 }
 
 /// `what` failed with `source`.
-fn sys(what: &'static str) -> impl FnOnce(std::io::Error) -> TcpError {
+pub(super) fn sys(what: &'static str) -> impl FnOnce(std::io::Error) -> TcpError {
     move |source| TcpError::Sys { what, source }
 }
 
@@ -77,7 +77,7 @@ pub(super) fn setopt(
 
 /// setsockopt with an array of plain values (`struct tcp_repair_opt[]`, one
 /// `struct tcp_repair_window`, one int).
-fn setopt_slice<T: socket::Plain>(
+pub(super) fn setopt_slice<T: socket::Plain>(
     fd: i32,
     level: i32,
     opt: i32,
@@ -153,6 +153,7 @@ pub fn capture_on(
     fd: BorrowedFd<'_>,
     known: Option<crate::netlock::Conn>,
 ) -> Result<TcpConn, TcpError> {
+    let borrowed = fd;
     let fd = fd.as_raw_fd();
     let info: libc::tcp_info = getopt_info(fd)?;
     if info.tcpi_state != TCP_ESTABLISHED {
@@ -171,6 +172,7 @@ pub fn capture_on(
     let mss: libc::c_int = getopt(fd, libc::IPPROTO_TCP, libc::TCP_MAXSEG, "TCP_MAXSEG")?;
     let sndbuf: libc::c_int = getopt(fd, libc::SOL_SOCKET, libc::SO_SNDBUF, "SO_SNDBUF")?;
     let rcvbuf: libc::c_int = getopt(fd, libc::SOL_SOCKET, libc::SO_RCVBUF, "SO_RCVBUF")?;
+    let opts = super::sockopt::capture(borrowed, false).map_err(sys("the socket options"))?;
     setopt(
         fd,
         libc::IPPROTO_TCP,
@@ -185,6 +187,7 @@ pub fn capture_on(
         mss,
         sndbuf,
         rcvbuf,
+        opts,
     };
     let got = read_repaired(fd, &info, (local, remote), &sizes);
     // Whatever happened, leave repair mode: the peer sees nothing of the reading.
@@ -200,6 +203,7 @@ struct Sizes {
     mss: libc::c_int,
     sndbuf: libc::c_int,
     rcvbuf: libc::c_int,
+    opts: ckpt_shared::image::SockOpts,
 }
 
 /// The state of connection `fd`, in repair mode, with `info` and `sizes` read
@@ -249,6 +253,7 @@ fn read_repaired(
         window,
         sndbuf: sizes.sndbuf as u32,
         rcvbuf: sizes.rcvbuf as u32,
+        opts: sizes.opts,
     })
 }
 
@@ -292,6 +297,7 @@ const TCPOPT_TIMESTAMP: u32 = 8;
 pub struct Rebuilt {
     fd: std::os::fd::OwnedFd,
     send_queue: Vec<u8>,
+    opts: ckpt_shared::image::SockOpts,
 }
 
 impl Rebuilt {
@@ -311,6 +317,7 @@ impl Rebuilt {
             "TCP_REPAIR off",
         )?;
         send_all(fd, &self.send_queue, "restoring the send queue")?;
+        super::sockopt::after(self.fd.as_fd(), &self.opts).map_err(sys("the socket options"))?;
         Ok(self.fd)
     }
 }
@@ -331,6 +338,7 @@ pub fn rebuild(c: &TcpConn, local: SocketAddr, remote: SocketAddr) -> Result<Reb
         "TCP_REPAIR on (needs CAP_NET_ADMIN)",
     )?;
     setopt(fd, libc::SOL_SOCKET, libc::SO_REUSEADDR, 1, "SO_REUSEADDR")?;
+    super::sockopt::before_bind(owned.as_fd(), &c.opts).map_err(sys("the socket options"))?;
     set_buffers(fd, c)?;
     set_sequences(fd, c)?;
     let sa = |a: SocketAddr| SockaddrStorage::from(a);
@@ -347,6 +355,7 @@ pub fn rebuild(c: &TcpConn, local: SocketAddr, remote: SocketAddr) -> Result<Reb
     Ok(Rebuilt {
         fd: owned,
         send_queue: c.send_queue.clone(),
+        opts: c.opts,
     })
 }
 
@@ -464,7 +473,7 @@ fn fill_receive_side(fd: i32, c: &TcpConn) -> Result<(), TcpError> {
 }
 
 /// A new blocking, close-on-exec TCP socket of `addr`'s family.
-fn tcp_socket(addr: SocketAddr) -> Result<std::os::fd::OwnedFd, TcpError> {
+pub(super) fn tcp_socket(addr: SocketAddr) -> Result<std::os::fd::OwnedFd, TcpError> {
     let domain = if addr.is_ipv4() {
         libc::AF_INET
     } else {
@@ -484,61 +493,7 @@ fn send_all(fd: i32, mut data: &[u8], what: &'static str) -> Result<(), TcpError
     Ok(())
 }
 
-/// Puts `fd`'s connection in repair mode for good: closing it afterwards sends
-/// nothing to the peer (no FIN, no RST). For the sockets of a tree that is killed
-/// after its dump, or of a husk that is given up.
-pub fn silence(fd: BorrowedFd<'_>) -> Result<(), TcpError> {
-    setopt(
-        fd.as_raw_fd(),
-        libc::IPPROTO_TCP,
-        libc::TCP_REPAIR,
-        TCP_REPAIR_ON,
-        "TCP_REPAIR on",
-    )
-}
-
-/// A TCP socket whose connection was reset by its peer, of the family of an IPv6
-/// or an IPv4 connection: the next read gives ECONNRESET, a write EPIPE, as when a
-/// server goes away. It stands in for a connection to a peer outside the job
-/// (`--external-tcp close`), which cannot be moved. Made over this namespace's
-/// loopback: a connection whose accepted end is closed with a zero linger time.
-pub fn reset(v6: bool) -> Result<std::os::fd::OwnedFd, TcpError> {
-    use nix::sys::socket::{connect, getsockname, SockaddrStorage};
-    let lo: SocketAddr = if v6 {
-        "[::1]:0".parse().expect("address")
-    } else {
-        "127.0.0.1:0".parse().expect("address")
-    };
-    let nix_err = |what: &'static str| {
-        move |e: nix::errno::Errno| TcpError::Sys {
-            what,
-            source: e.into(),
-        }
-    };
-    let l = Listener::bind(lo, 1)?.listen()?;
-    let at: SockaddrStorage = getsockname(l.as_raw_fd()).map_err(nix_err("getsockname"))?;
-    let c = tcp_socket(lo)?;
-    connect(c.as_raw_fd(), &at).map_err(nix_err(
-        "connect over loopback (is the loopback interface up?)",
-    ))?;
-    let a = socket::accept(l.as_fd()).map_err(sys("accept"))?;
-    let linger = libc::linger {
-        l_onoff: 1,
-        l_linger: 0,
-    };
-    setopt_slice(
-        a.as_raw_fd(),
-        libc::SOL_SOCKET,
-        libc::SO_LINGER,
-        std::slice::from_ref(&linger),
-        "SO_LINGER",
-    )?;
-    drop(a);
-    // The reset has arrived once the socket reports the error as pending; reading
-    // SO_ERROR would clear it, so poll for it instead.
-    let _ = socket::poll_one(c.as_fd(), libc::POLLIN, 1000);
-    Ok(c)
-}
+pub use super::tcp_reset::{reset, silence};
 
 /// What a socket of a frozen tree is, as far as TCP is concerned.
 pub enum Kind {
@@ -590,24 +545,35 @@ pub fn remote_addr(fd: BorrowedFd<'_>) -> Result<SocketAddr, TcpError> {
 pub struct Listener {
     fd: std::os::fd::OwnedFd,
     backlog: u32,
+    opts: ckpt_shared::image::SockOpts,
 }
 
 impl Listener {
-    pub fn bind(addr: SocketAddr, backlog: u32) -> Result<Listener, TcpError> {
+    pub fn bind(
+        addr: SocketAddr,
+        backlog: u32,
+        opts: &ckpt_shared::image::SockOpts,
+    ) -> Result<Listener, TcpError> {
         let fd = tcp_socket(addr)?;
         let raw = fd.as_raw_fd();
         setopt(raw, libc::SOL_SOCKET, libc::SO_REUSEADDR, 1, "SO_REUSEADDR")?;
+        super::sockopt::before_bind(fd.as_fd(), opts).map_err(sys("the socket options"))?;
         nix::sys::socket::bind(raw, &nix::sys::socket::SockaddrStorage::from(addr)).map_err(
             |e| TcpError::Sys {
                 what: "bind of a listening socket (is its port taken on this node?)",
                 source: e.into(),
             },
         )?;
-        Ok(Listener { fd, backlog })
+        Ok(Listener {
+            fd,
+            backlog,
+            opts: *opts,
+        })
     }
 
     pub fn listen(self) -> Result<std::os::fd::OwnedFd, TcpError> {
         socket::listen(self.fd.as_fd(), self.backlog.max(1) as i32).map_err(sys("listen"))?;
+        super::sockopt::after(self.fd.as_fd(), &self.opts).map_err(sys("the socket options"))?;
         Ok(self.fd)
     }
 
@@ -669,9 +635,15 @@ impl Persist for Tcp {
             ))),
             &Kind::Listen { backlog, .. } => {
                 let (dup, _) = seen.sock.as_ref().expect("a socket");
+                let opts = super::sockopt::capture(dup.as_fd(), true).map_err(sys("options"));
                 local_addr(dup.as_fd())
+                    .and_then(|addr| Ok((addr, opts?)))
                     .map_err(|e| seen.unsupported(format!("a listening socket: {e}")))
-                    .map(|addr| FileKind::TcpListen { addr, backlog })
+                    .map(|(addr, opts)| FileKind::TcpListen {
+                        addr,
+                        backlog,
+                        opts,
+                    })
             }
             Kind::Other(state) => Err(seen.unsupported(format!(
                 "a TCP socket in state {state} (only established and listening ones are saved)"
@@ -689,13 +661,19 @@ impl Persist for Tcp {
         let moves = o.moves;
         let mut listeners: HashMap<usize, Listener> = HashMap::new();
         for (i, f) in files.iter().enumerate() {
-            if let FileKind::TcpListen { addr, backlog } = &f.kind {
+            if let FileKind::TcpListen {
+                addr,
+                backlog,
+                opts,
+            } = &f.kind
+            {
                 let at = moves
                     .listen
                     .iter()
                     .find(|(old, _)| old == addr)
                     .map_or(*addr, |(_, new)| *new);
-                listeners.insert(i, Listener::bind(at, *backlog).map_err(open_err)?);
+                let l = Listener::bind(at, *backlog, opts).map_err(open_err)?;
+                listeners.insert(i, l);
             }
         }
         let peer_recv = peer_recv(files, moves);
@@ -729,16 +707,22 @@ impl Persist for Tcp {
         use crate::inspect::human;
         match kind {
             FileKind::Tcp { conn } => format!(
-                "tcp {} -> {}, {} queued to send ({} unsent), {} received unread",
+                "tcp {} -> {}, {} queued to send ({} unsent), {} received unread{}",
                 conn.local,
                 conn.remote,
                 human(conn.send_queue.len() as u64),
                 human(conn.unsent as u64),
-                human(conn.recv_queue.len() as u64)
+                human(conn.recv_queue.len() as u64),
+                super::sockopt::describe(&conn.opts)
             ),
-            FileKind::TcpListen { addr, backlog } => {
-                format!("tcp listening on {addr} (backlog {backlog})")
-            }
+            FileKind::TcpListen {
+                addr,
+                backlog,
+                opts,
+            } => format!(
+                "tcp listening on {addr} (backlog {backlog}){}",
+                super::sockopt::describe(opts)
+            ),
             _ => unreachable!("owns() chose this kind"),
         }
     }
@@ -749,10 +733,16 @@ impl Persist for Tcp {
                 "kind": "tcp", "local": conn.local.to_string(), "remote": conn.remote.to_string(),
                 "send_queue": conn.send_queue.len(), "unsent": conn.unsent,
                 "recv_queue": conn.recv_queue.len(),
+                "opts": super::sockopt::json(&conn.opts),
             }),
-            FileKind::TcpListen { addr, backlog } => {
-                json!({"kind": "tcp-listen", "addr": addr.to_string(), "backlog": backlog})
-            }
+            FileKind::TcpListen {
+                addr,
+                backlog,
+                opts,
+            } => json!({
+                "kind": "tcp-listen", "addr": addr.to_string(), "backlog": backlog,
+                "opts": super::sockopt::json(opts),
+            }),
             _ => unreachable!("owns() chose this kind"),
         }
     }

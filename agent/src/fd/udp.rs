@@ -74,13 +74,14 @@ impl Persist for Udp {
             unreachable!("owns() chose this kind")
         };
         format!(
-            "udp {local}{}{}{}{} (buffers {} send, {} receive)",
+            "udp {local}{}{}{}{}{} (buffers {} send, {} receive)",
             remote
                 .map(|r| format!(" connected to {r}"))
                 .unwrap_or_default(),
             if opts.reuseaddr { " reuseaddr" } else { "" },
             if opts.reuseport { " reuseport" } else { "" },
             if opts.broadcast { " broadcast" } else { "" },
+            if opts.v6only { " v6only" } else { "" },
             human(opts.sndbuf as u64),
             human(opts.rcvbuf as u64)
         )
@@ -99,7 +100,7 @@ impl Persist for Udp {
             "kind": "udp", "local": local.to_string(),
             "remote": remote.map(|r| r.to_string()),
             "reuseaddr": opts.reuseaddr, "reuseport": opts.reuseport,
-            "broadcast": opts.broadcast, "sndbuf": opts.sndbuf, "rcvbuf": opts.rcvbuf,
+            "broadcast": opts.broadcast, "v6only": opts.v6only, "sndbuf": opts.sndbuf, "rcvbuf": opts.rcvbuf,
         })
     }
 }
@@ -135,6 +136,7 @@ pub fn capture(fd: BorrowedFd<'_>) -> std::io::Result<(SocketAddr, Option<Socket
         broadcast: get_int(raw, libc::SO_BROADCAST, "SO_BROADCAST")? != 0,
         sndbuf: get_int(raw, libc::SO_SNDBUF, "SO_SNDBUF")? as u32,
         rcvbuf: get_int(raw, libc::SO_RCVBUF, "SO_RCVBUF")? as u32,
+        v6only: local.is_ipv6() && super::sockopt::v6only(fd)?,
     };
     Ok((local, remote, opts))
 }
@@ -155,6 +157,9 @@ pub fn rebuild(
     };
     let fd = crate::sys::socket::socket(domain, libc::SOCK_DGRAM)?;
     let raw = fd.as_raw_fd();
+    if local.is_ipv6() {
+        super::sockopt::set_v6only(fd.as_fd(), opts.v6only)?;
+    }
     // The buffers: the kernel doubles what is asked.
     for (opt, v, what) in [
         (libc::SO_REUSEADDR, opts.reuseaddr as i32, "SO_REUSEADDR"),

@@ -32,6 +32,7 @@ pub mod socket;
 pub mod spawn;
 pub mod syscalls;
 pub mod uffd;
+pub mod unix;
 
 pub use socket::socket_domain_type;
 pub use syscalls::*;
