@@ -21,7 +21,7 @@ use ckpt_shared::image::{FileKind, OpenFile};
 use libc::pid_t;
 use serde_json::Value;
 
-use super::{chardev, dir, epoll, eventfd, file, inherited, pipe, tcp, udp};
+use super::{chardev, dir, epoll, eventfd, file, inherited, pipe, signalfd, tcp, timerfd, udp};
 use super::{FdError, FdTable, Meta, Moves};
 
 /// What the dump has read of one descriptor of `pid` before a kind claims it.
@@ -116,6 +116,8 @@ pub const STEPS: &[Step] = &[
     Step::Refuse(other_socket),
     Step::Kind(&eventfd::EventFd),
     Step::Kind(&epoll::Epoll),
+    Step::Kind(&timerfd::TimerFd),
+    Step::Kind(&signalfd::SignalFd),
     Step::Refuse(other_anon_inode),
     Step::Refuse(deleted),
     Step::Kind(&dir::Dir),
@@ -180,7 +182,7 @@ fn domain_name(d: i32) -> String {
     }
 }
 
-/// An anonymous inode no kind took (signalfd, timerfd, inotify, ...).
+/// An anonymous inode no kind took (inotify, fanotify, userfaultfd, ...).
 fn other_anon_inode(seen: &Seen<'_>) -> Option<FdError> {
     let rest = seen.link.strip_prefix("anon_inode:")?;
     Some(seen.unsupported(format!(
@@ -265,6 +267,15 @@ mod tests {
                     data: 0,
                 }],
             },
+            FileKind::TimerFd {
+                clock: libc::CLOCK_MONOTONIC,
+                flags: 0,
+                value_ns: 1,
+                interval_ns: 0,
+                ticks: 0,
+                deadline_ns: None,
+            },
+            FileKind::SignalFd { mask: 1 << 9 },
         ];
         for k in &all {
             assert_eq!(kinds().filter(|p| p.owns(k)).count(), 1, "{k:?}");

@@ -18,6 +18,8 @@
 //! - pipes and FIFOs, with the data buffered in them ([`pipe`]);
 //! - eventfds, with their counter and semaphore mode (`eventfd.rs`);
 //! - epoll instances, with their targets, events and data (`epoll.rs`);
+//! - timerfds, with their clock, time left, interval and the expirations not yet
+//!   read (`timerfd.rs`), and signalfds with their mask (`signalfd.rs`);
 //! - established TCP connections, with their queues, read under the job's
 //!   network lock with `TCP_REPAIR`, and listening TCP sockets without pending
 //!   connections ([`tcp`]);
@@ -26,7 +28,7 @@
 //!
 //! Descriptors 0–2 that lead out of the tree (a terminal, a pipe or a socket to
 //! the shell) are inherited from the restore command (`inherited.rs`). Everything
-//! else (UNIX sockets, signalfd, timerfd, inotify, deleted files, other devices) is
+//! else (UNIX sockets, inotify, deleted files, other devices) is
 //! refused at dump with a message naming the fd and the PID.
 
 mod chardev;
@@ -37,7 +39,9 @@ mod file;
 mod inherited;
 pub mod kind;
 pub mod pipe;
+mod signalfd;
 pub mod tcp;
+mod timerfd;
 pub mod udp;
 
 use std::collections::HashMap;
