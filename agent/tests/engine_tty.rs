@@ -232,3 +232,93 @@ fn eventfd_timerfd_and_signalfd_under_epoll_keep_counting_after_a_restore() -> R
     );
     Ok(())
 }
+
+// ---------------------------------------------------------------------------
+// A pseudo-terminal pair inside the tree.
+// ---------------------------------------------------------------------------
+
+/// What the image keeps of the tree's pty pair; the bytes queued both ways.
+fn check_pty_image(img: &Image, child: i32) -> Result<(usize, usize)> {
+    let pair = img
+        .files
+        .iter()
+        .find_map(|f| match &f.kind {
+            FileKind::PtyMaster { pty } => Some(pty),
+            _ => None,
+        })
+        .context("the image holds no pty master")?;
+    ensure!(
+        img.files
+            .iter()
+            .any(|f| matches!(f.kind, FileKind::PtySlave { index } if index == pair.index)),
+        "the image holds no slave of /dev/pts/{}",
+        pair.index
+    );
+    ensure!(
+        (pair.winsize.cols, pair.winsize.rows) == (101, 33),
+        "window {:?}",
+        pair.winsize
+    );
+    ensure!(pair.termios.lflag & libc::ICANON != 0 && pair.termios.lflag & libc::ECHO == 0);
+    ensure!(
+        pair.session == Some(child),
+        "the pair is the controlling terminal of {:?}, the child is {child}",
+        pair.session
+    );
+    ensure!(
+        pair.foreground == Some(child),
+        "foreground {:?}",
+        pair.foreground
+    );
+    ensure!(!pair.locked && !pair.slave_closed && !pair.packet);
+    let input = pair
+        .input
+        .lines
+        .iter()
+        .map(|l| l.bytes.len())
+        .sum::<usize>()
+        + pair.input.rest.len();
+    Ok((input, pair.output.len()))
+}
+
+#[test]
+fn a_pty_pair_with_data_queued_both_ways_survives_a_running_dump_and_a_restore() -> Result<()> {
+    require_root!(Ok(()));
+    let mut t = Tree::start("pty_pair", &[])?;
+    t.ready(3, 2)?;
+    let child = t.pids[1];
+    // Each side reads once a second, and a tick is printed right after the
+    // parent's read: half a second later both queues hold half a second of data.
+    let settle = Duration::from_millis(500);
+    std::thread::sleep(settle);
+    // 1. --leave-running: the queues are taken out and put back; the programs'
+    // own checks (FAIL lines) see every byte once, in order.
+    let image1 = t.image.clone();
+    run_dump(agent(), t.pid, &image1, &["--leave-running"], &[])?.ok()?;
+    let (in1, out1) = check_pty_image(&t.manifest()?, child)?;
+    let at = t.last_tick();
+    wait_for_tick(&t.log, at + 4, WAIT)?;
+    std::thread::sleep(settle);
+    // 2. Killed and restored: a new pair, settings, queues and controlling
+    // terminal set again (the child checks them itself).
+    t.image = image1.with_file_name("img-kill");
+    t.dump_and_kill()?;
+    let (in2, out2) = check_pty_image(&t.manifest()?, child)?;
+    ensure!(
+        in1 > 0 && in2 > 0 && out1 > 0 && out2 > 0,
+        "data should be queued both ways at each dump (in {in1}/{in2}, out {out1}/{out2} bytes)"
+    );
+    let before = t.last_tick();
+    t.restore()?;
+    wait_for_tick(&t.log, before + 5, WAIT)?;
+    let ticks = t.finish()?;
+    let (b, last) = (
+        &ticks[before as usize - 1],
+        ticks.last().context("no ticks")?,
+    );
+    ensure!(
+        num(last, "out")? > num(b, "out")? + 40 && num(last, "in")? > num(b, "in")? + 20,
+        "the pair stopped carrying data after the restore: {b:?} then {last:?}"
+    );
+    Ok(())
+}

@@ -538,7 +538,7 @@ pub struct PtyPair {
     pub foreground: Option<i32>,
 }
 
-/// `struct termios2` as the kernel keeps it for a terminal.
+/// `struct termios2` as the kernel keeps it for a terminal (x86-64: 19 `c_cc`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Termios {
     pub iflag: u32,

@@ -21,7 +21,9 @@ use ckpt_shared::image::{FileKind, OpenFile};
 use libc::pid_t;
 use serde_json::Value;
 
-use super::{chardev, dir, epoll, eventfd, file, inherited, pipe, signalfd, tcp, timerfd, udp};
+use super::{
+    chardev, dir, epoll, eventfd, file, inherited, pipe, pty, signalfd, tcp, timerfd, udp,
+};
 use super::{FdError, FdTable, Meta, Moves};
 
 /// What the dump has read of one descriptor of `pid` before a kind claims it.
@@ -67,6 +69,8 @@ pub struct Opening<'a> {
     /// FIFO holders, kept open until every husk has its end.
     pub holders: Vec<OwnedFd>,
     pub tcp: tcp::Opening,
+    /// Rebuilt pseudo-terminal pairs, by their `N` at the dump.
+    pub ptys: HashMap<u32, pty::Rebuilt>,
 }
 
 /// Save and restore of one kind of open file description.
@@ -122,6 +126,7 @@ pub const STEPS: &[Step] = &[
     Step::Refuse(deleted),
     Step::Kind(&dir::Dir),
     Step::Kind(&file::File),
+    Step::Kind(&pty::Pty),
     Step::Kind(&chardev::CharDev),
 ];
 
@@ -276,6 +281,31 @@ mod tests {
                 deadline_ns: None,
             },
             FileKind::SignalFd { mask: 1 << 9 },
+            FileKind::PtyMaster {
+                pty: Box::new(ckpt_shared::image::PtyPair {
+                    index: 3,
+                    path: "/dev/ptmx".into(),
+                    termios: ckpt_shared::image::Termios {
+                        iflag: 0,
+                        oflag: 0,
+                        cflag: 0,
+                        lflag: 0,
+                        line: 0,
+                        cc: vec![0; 19],
+                        ispeed: 0,
+                        ospeed: 0,
+                    },
+                    winsize: Default::default(),
+                    packet: false,
+                    locked: false,
+                    slave_closed: false,
+                    input: Default::default(),
+                    output: vec![],
+                    session: None,
+                    foreground: None,
+                }),
+            },
+            FileKind::PtySlave { index: 3 },
         ];
         for k in &all {
             assert_eq!(kinds().filter(|p| p.owns(k)).count(), 1, "{k:?}");
