@@ -322,3 +322,56 @@ fn a_pty_pair_with_data_queued_both_ways_survives_a_running_dump_and_a_restore()
     );
     Ok(())
 }
+
+#[test]
+fn a_terminal_whose_master_is_outside_the_tree_is_refused_beyond_stdio() -> Result<()> {
+    require_root!(Ok(()));
+    use nix::fcntl::OFlag;
+    // The master is ours (outside the tree); the program opens the slave at fd 3.
+    let master = nix::pty::posix_openpt(OFlag::O_RDWR | OFlag::O_NOCTTY)?;
+    nix::pty::grantpt(&master)?;
+    nix::pty::unlockpt(&master)?;
+    let slave = nix::pty::ptsname_r(&master)?;
+    let dir = tempfile::Builder::new()
+        .prefix("ckpt-tty-outside-")
+        .tempdir()?;
+    let log = dir.path().join("log");
+    let code = format!(
+        "import os, time\nfd = os.open({slave:?}, os.O_RDWR | os.O_NOCTTY)\n\
+         print('opened', fd, flush=True)\ntime.sleep(120)\n"
+    );
+    let mut root = ckpt_tests::workload::spawn_program(
+        std::path::Path::new("/usr/bin/python3"),
+        ["-c", code.as_str()],
+        &log,
+    )?;
+    let pid = root.id();
+    ensure!(
+        wait_for(
+            || std::fs::read_to_string(&log).is_ok_and(|l| l.contains("opened 3")),
+            WAIT
+        ),
+        "python did not open {slave}: {:?}",
+        std::fs::read_to_string(&log)
+    );
+    let run = run_dump(agent(), pid, &dir.path().join("img"), &[], &[])?;
+    ensure!(
+        !run.success(),
+        "the dump should be refused\n{}",
+        run.describe()
+    );
+    let err = run.error_line();
+    ensure!(
+        err.contains("master is outside the tree")
+            && err.contains(&format!("fd 3 of PID {pid}"))
+            && err.contains(&slave),
+        "the refusal should name fd 3, PID {pid} and {slave}: {err}"
+    );
+    ensure!(is_alive(pid), "the tree should run on after a refused dump");
+    ensure!(
+        !dir.path().join("img/manifest.ckpt").exists(),
+        "a refused dump left a manifest"
+    );
+    root.kill();
+    Ok(())
+}
