@@ -459,6 +459,8 @@ struct Resources {
     /// The other ends of FIFOs, held open until every husk has its end.
     fifo_holders: Vec<OwnedFd>,
     tcp: Vec<fd::tcp::Rebuilt>,
+    /// Controlling terminals for session leaders, until their groups are set.
+    ctty: Vec<fd::pty::Ctty>,
     shm: HashMap<u32, OwnedFd>,
     /// By path and whether they are opened for writing.
     map_files: HashMap<(String, bool), OwnedFd>,
@@ -575,8 +577,14 @@ impl<'a> RestoreSession<'a> {
 
     /// Descriptions, shared memory and mapped files, opened in the restorer.
     pub fn open_resources(&mut self) -> Result<(), RestoreError> {
-        let fd::Opened { fds, holders, tcp } = fd::open_all(&self.img.files, &self.opts.moves)?;
+        let fd::Opened {
+            fds,
+            holders,
+            tcp,
+            ctty,
+        } = fd::open_all(&self.img.files, &self.opts.moves)?;
         self.res.fds = fds;
+        self.res.ctty = ctty;
         self.res.fifo_holders = holders;
         self.res.tcp = tcp;
         for s in &self.img.shmem {
@@ -630,6 +638,11 @@ impl<'a> RestoreSession<'a> {
             let p = &self.img.processes[pi];
             if p.sid == p.pid {
                 r.syscall(nr::SETSID, [0; 6])?;
+                // Its controlling terminal before it forks the rest of its
+                // session, who inherit it.
+                if let Some(c) = self.res.ctty.iter().find(|c| c.session == p.pid) {
+                    fd::pty::set_ctty(&mut r, self.src_pid, c)?;
+                }
             }
             for (ci, c) in self.img.processes.iter().enumerate() {
                 if c.ppid != p.pid || ci == pi {
@@ -784,6 +797,17 @@ impl<'a> RestoreSession<'a> {
                 h.r.syscall(nr::SETPGID, [0, target, 0, 0, 0, 0])?;
             }
         }
+        // The foreground group of each controlling terminal, from its session
+        // leader, now that the groups exist.
+        for c in &self.res.ctty {
+            if let Some(h) = self
+                .husks
+                .iter_mut()
+                .find(|h| self.img.processes[h.pi].pid == c.session)
+            {
+                fd::pty::set_foreground(&mut h.r, h.pidfd_slot, c)?;
+            }
+        }
         Ok(())
     }
 
@@ -829,6 +853,7 @@ impl<'a> RestoreSession<'a> {
         }
         self.phases.mark("thread-state");
         self.res.fifo_holders.clear();
+        self.res.ctty.clear();
         self.res.fds.clear();
         self.opts.hooks.hang_at("restore:final-regs");
         Ok(())

@@ -491,6 +491,112 @@ pub enum FileKind {
     },
     /// A UNIX socket whose peer, if any, is in the tree too.
     Unix(Box<UnixSock>),
+    /// A timerfd: its clock, how it was set, what it had left and the expirations
+    /// not yet read (`agent/src/fd/timerfd.rs` says how the time passes).
+    TimerFd {
+        /// The `clockid_t` it counts on.
+        clock: i32,
+        /// `TFD_TIMER_ABSTIME` and `TFD_TIMER_CANCEL_ON_SET`, as it was set.
+        flags: u32,
+        /// Time left to its next expiration at the dump (0: disarmed), and its
+        /// interval (0: one-shot).
+        value_ns: u64,
+        interval_ns: u64,
+        /// Expirations not yet read.
+        ticks: u64,
+        /// For an absolute timer on `CLOCK_REALTIME(_ALARM)`: its wall-clock
+        /// deadline, in ns since the epoch, kept as it is.
+        #[serde(default)]
+        deadline_ns: Option<u64>,
+    },
+    /// A signalfd and the signals it takes (bit `n - 1` for signal `n`).
+    SignalFd {
+        mask: u64,
+    },
+    /// The master of a pseudo-terminal pair (`/dev/ptmx`), with the state of the
+    /// pair: settings, queues, controlling terminal.
+    PtyMaster {
+        pty: Box<PtyPair>,
+    },
+    /// A descriptor of the slave of a pair whose master is in the image: `index`
+    /// is the pair's `/dev/pts/N` at the dump (the restored pair may have another).
+    PtySlave {
+        index: u32,
+    },
+}
+
+/// A pseudo-terminal pair whose master is in the tree, as the dump read it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PtyPair {
+    /// `N` of `/dev/pts/N` at the dump.
+    pub index: u32,
+    /// The path the master was opened by (`/dev/ptmx`, `/dev/pts/ptmx`).
+    pub path: String,
+    /// The slave's terminal settings (the master has none of its own).
+    pub termios: Termios,
+    pub winsize: WinSize,
+    /// Packet mode (`TIOCPKT`) on the master.
+    pub packet: bool,
+    /// Still locked (`unlockpt` not called): no slave was ever opened.
+    pub locked: bool,
+    /// Every descriptor of the slave was closed (the master reads EIO once its
+    /// queue is empty).
+    pub slave_closed: bool,
+    /// What the slave will read, as the line discipline holds it.
+    pub input: PtyInput,
+    /// What the master will read (the slave's output, after its processing).
+    #[serde(with = "serde_bytes")]
+    pub output: Vec<u8>,
+    /// The session it is the controlling terminal of (its leader's PID), if any.
+    #[serde(default)]
+    pub session: Option<i32>,
+    /// Its foreground process group, when it is a controlling terminal.
+    #[serde(default)]
+    pub foreground: Option<i32>,
+}
+
+/// `struct termios2` as the kernel keeps it for a terminal (x86-64: 19 `c_cc`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Termios {
+    pub iflag: u32,
+    pub oflag: u32,
+    pub cflag: u32,
+    pub lflag: u32,
+    pub line: u8,
+    /// `c_cc`, `NCCS` (19) bytes.
+    #[serde(with = "serde_bytes")]
+    pub cc: Vec<u8>,
+    pub ispeed: u32,
+    pub ospeed: u32,
+}
+
+/// `struct winsize`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WinSize {
+    pub rows: u16,
+    pub cols: u16,
+    pub xpixel: u16,
+    pub ypixel: u16,
+}
+
+/// The input queue of a terminal: complete lines (canonical mode), each as one
+/// read returns it, then what no line end has ended yet (all of the queue in
+/// non-canonical mode).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PtyInput {
+    pub lines: Vec<PtyLine>,
+    #[serde(with = "serde_bytes")]
+    pub rest: Vec<u8>,
+}
+
+/// One complete line of a canonical input queue: with its end (`\n`, `VEOL`,
+/// `VEOL2`) as its last byte, or ended by `VEOF` (`eof`), which a read does not
+/// return.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PtyLine {
+    #[serde(with = "serde_bytes")]
+    pub bytes: Vec<u8>,
+    pub eof: bool,
 }
 
 /// A UNIX socket: stream, datagram or seqpacket; named (a path or an abstract

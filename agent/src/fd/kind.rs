@@ -21,7 +21,9 @@ use ckpt_shared::image::{FileKind, OpenFile};
 use libc::pid_t;
 use serde_json::Value;
 
-use super::{chardev, dir, epoll, eventfd, file, inherited, pipe, tcp, udp, unix};
+use super::{
+    chardev, dir, epoll, eventfd, file, inherited, pipe, pty, signalfd, tcp, timerfd, udp, unix,
+};
 use super::{FdError, FdTable, Meta, Moves};
 
 /// What the dump has read of one descriptor of `pid` before a kind claims it.
@@ -68,6 +70,8 @@ pub struct Opening<'a> {
     pub holders: Vec<OwnedFd>,
     pub tcp: tcp::Opening,
     pub unix: unix::Opening,
+    /// Rebuilt pseudo-terminal pairs, by their `N` at the dump.
+    pub ptys: HashMap<u32, pty::Rebuilt>,
 }
 
 /// Save and restore of one kind of open file description.
@@ -118,10 +122,13 @@ pub const STEPS: &[Step] = &[
     Step::Refuse(other_socket),
     Step::Kind(&eventfd::EventFd),
     Step::Kind(&epoll::Epoll),
+    Step::Kind(&timerfd::TimerFd),
+    Step::Kind(&signalfd::SignalFd),
     Step::Refuse(other_anon_inode),
     Step::Refuse(deleted),
     Step::Kind(&dir::Dir),
     Step::Kind(&file::File),
+    Step::Kind(&pty::Pty),
     Step::Kind(&chardev::CharDev),
 ];
 
@@ -182,7 +189,7 @@ fn domain_name(d: i32) -> String {
     }
 }
 
-/// An anonymous inode no kind took (signalfd, timerfd, inotify, ...).
+/// An anonymous inode no kind took (inotify, fanotify, userfaultfd, ...).
 fn other_anon_inode(seen: &Seen<'_>) -> Option<FdError> {
     let rest = seen.link.strip_prefix("anon_inode:")?;
     Some(seen.unsupported(format!(
@@ -283,6 +290,40 @@ mod tests {
                     data: 0,
                 }],
             },
+            FileKind::TimerFd {
+                clock: libc::CLOCK_MONOTONIC,
+                flags: 0,
+                value_ns: 1,
+                interval_ns: 0,
+                ticks: 0,
+                deadline_ns: None,
+            },
+            FileKind::SignalFd { mask: 1 << 9 },
+            FileKind::PtyMaster {
+                pty: Box::new(ckpt_shared::image::PtyPair {
+                    index: 3,
+                    path: "/dev/ptmx".into(),
+                    termios: ckpt_shared::image::Termios {
+                        iflag: 0,
+                        oflag: 0,
+                        cflag: 0,
+                        lflag: 0,
+                        line: 0,
+                        cc: vec![0; 19],
+                        ispeed: 0,
+                        ospeed: 0,
+                    },
+                    winsize: Default::default(),
+                    packet: false,
+                    locked: false,
+                    slave_closed: false,
+                    input: Default::default(),
+                    output: vec![],
+                    session: None,
+                    foreground: None,
+                }),
+            },
+            FileKind::PtySlave { index: 3 },
         ];
         for k in &all {
             assert_eq!(kinds().filter(|p| p.owns(k)).count(), 1, "{k:?}");

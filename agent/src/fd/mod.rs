@@ -18,6 +18,10 @@
 //! - pipes and FIFOs, with the data buffered in them ([`pipe`]);
 //! - eventfds, with their counter and semaphore mode (`eventfd.rs`);
 //! - epoll instances, with their targets, events and data (`epoll.rs`);
+//! - pseudo-terminal pairs inside the tree, with their settings, queues and
+//!   controlling terminal (`pty.rs`, queues in `ptyq.rs`);
+//! - timerfds, with their clock, time left, interval and the expirations not yet
+//!   read (`timerfd.rs`), and signalfds with their mask (`signalfd.rs`);
 //! - established TCP connections, with their queues, read under the job's
 //!   network lock with `TCP_REPAIR`, and listening TCP sockets without pending
 //!   connections ([`tcp`]);
@@ -26,7 +30,7 @@
 //!
 //! Descriptors 0–2 that lead out of the tree (a terminal, a pipe or a socket to
 //! the shell) are inherited from the restore command (`inherited.rs`). Everything
-//! else (UNIX sockets, signalfd, timerfd, inotify, deleted files, other devices) is
+//! else (UNIX sockets, inotify, deleted files, other devices) is
 //! refused at dump with a message naming the fd and the PID.
 
 mod chardev;
@@ -37,9 +41,13 @@ mod file;
 mod inherited;
 pub mod kind;
 pub mod pipe;
+pub mod pty;
+mod ptyq;
+mod signalfd;
 pub mod sockopt;
 pub mod tcp;
 mod tcp_reset;
+mod timerfd;
 pub mod udp;
 mod unix;
 
@@ -153,6 +161,8 @@ pub struct FdTable {
     /// Socket descriptors whose close-on-exec bit is still to be read (see
     /// [`read_cloexec`]).
     pub cloexec_later: Vec<(pid_t, RawFd)>,
+    /// Our duplicates of the pty masters, read by [`FdTable::finish`].
+    ptys: Vec<pty::HeldMaster>,
 }
 
 /// Our duplicate of an established TCP socket of the tree.
@@ -290,13 +300,15 @@ impl FdTable {
         Ok(())
     }
 
-    /// After every process: anonymous pipes with an end outside the tree can only be
-    /// inherited stdio; epoll instances must watch descriptors still open where
-    /// they are filled again.
+    /// After every process: anonymous pipes and pty slaves with an end outside the
+    /// tree can only be inherited stdio; epoll instances must watch descriptors
+    /// still open where they are filled again; the pty pairs are read (still
+    /// frozen).
     pub fn finish(&mut self, procs: &mut [(pid_t, &mut Vec<Fd>)]) -> Result<(), FdError> {
         epoll::check_targets_open(&self.files, procs)?;
         let reps: Vec<(pid_t, RawFd)> = self.reps.iter().map(|r| (r.0, r.1)).collect();
         unix::check_peers(&self.files, &reps)?;
+        pty::settle(&mut self.files, &mut self.ptys, procs)?;
         pipe::settle_outside(&mut self.files, &self.pipes, procs)
     }
 }
@@ -338,6 +350,8 @@ pub struct Opened {
     pub fds: Vec<OwnedFd>,
     pub holders: Vec<OwnedFd>,
     pub tcp: Vec<tcp::Rebuilt>,
+    /// Controlling terminals to set in session leaders' husks.
+    pub ctty: Vec<pty::Ctty>,
 }
 
 /// New addresses for TCP endpoints at a restore on another node (the controller
@@ -428,6 +442,7 @@ pub fn open_all(files: &[OpenFile], moves: &Moves) -> Result<Opened, FdError> {
         holders: Vec::new(),
         tcp: tcp::Opening::default(),
         unix: unix::Opening::default(),
+        ptys: HashMap::new(),
     };
     for k in kind::kinds() {
         k.prepare(files, &mut o)?;
@@ -436,10 +451,12 @@ pub fn open_all(files: &[OpenFile], moves: &Moves) -> Result<Opened, FdError> {
     for (i, f) in files.iter().enumerate() {
         fds.push(kind::of(&f.kind).open(i, f, &mut o)?);
     }
+    let ctty = pty::finish_open(o.ptys, &mut o.holders);
     Ok(Opened {
         fds,
         holders: o.holders,
         tcp: o.tcp.held,
+        ctty,
     })
 }
 

@@ -11,7 +11,8 @@
 //! mappings), [`fd`] (status flags, positions, eventfd, epoll), [`restorer`] (the
 //! restorer's own calls: `clone3` with `set_tid`, its trampoline, memfds),
 //! [`pidns`] (a new PID namespace and its init), [`spawn`] (our helper
-//! processes), [`signal`] (our own SIGINT/SIGTERM handler) and [`syscalls`] (`pidfd_getfd`:
+//! processes), [`signal`] (our own SIGINT/SIGTERM handler), [`timer`] (timerfd, signalfd),
+//! [`tty`] (pseudo-terminals) and [`syscalls`] (`pidfd_getfd`:
 //! ≥ 5.6, PTRACE_MODE_ATTACH_REALCREDS; `kcmp`, pipes, signals).
 //!
 //! Every raw system call the agent makes for itself goes through a small safe
@@ -31,6 +32,8 @@ pub mod signal;
 pub mod socket;
 pub mod spawn;
 pub mod syscalls;
+pub mod timer;
+pub mod tty;
 pub mod uffd;
 pub mod unix;
 

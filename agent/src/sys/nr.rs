@@ -17,6 +17,7 @@ pub const MPROTECT: u64 = 10;
 pub const MUNMAP: u64 = 11;
 pub const BRK: u64 = 12;
 pub const RT_SIGACTION: u64 = 13;
+pub const IOCTL: u64 = 16;
 pub const MADVISE: u64 = 28;
 pub const GETITIMER: u64 = 36;
 pub const SETITIMER: u64 = 38;
