@@ -152,7 +152,57 @@ pub fn decode_image(bytes: &[u8]) -> Result<Image, CodecError> {
     for e in extents {
         e.check().map_err(CodecError::Invalid)?;
     }
+    check_objects(&image).map_err(CodecError::Invalid)?;
     Ok(image)
+}
+
+/// Every memory object's content lies inside it, and every mapping or descriptor
+/// of an object names one the image has.
+fn check_objects(image: &Image) -> Result<(), String> {
+    use image::{FileKind, MappingKind};
+    let mut ids = std::collections::HashSet::new();
+    for s in &image.shmem {
+        if !ids.insert(s.id) {
+            return Err(format!("memory object {} appears twice", s.id));
+        }
+        let room = s.size.div_ceil(image::PAGE_SIZE) * image::PAGE_SIZE;
+        if let Some(e) = s.data.iter().find(|e| e.end() > room) {
+            return Err(format!(
+                "memory object {} of {} bytes has content at {:#x}..{:#x}",
+                s.id,
+                s.size,
+                e.addr,
+                e.end()
+            ));
+        }
+    }
+    let known = |id: &u32, what: &str| {
+        if ids.contains(id) {
+            Ok(())
+        } else {
+            Err(format!(
+                "{what} names memory object {id}, which the image lacks"
+            ))
+        }
+    };
+    for p in &image.processes {
+        for m in &p.mappings {
+            if let MappingKind::SharedAnon { shmem_id, .. } | MappingKind::Object { shmem_id, .. } =
+                &m.kind
+            {
+                known(
+                    shmem_id,
+                    &format!("mapping {:#x} of PID {}", m.start, p.pid),
+                )?;
+            }
+        }
+    }
+    for f in &image.files {
+        if let FileKind::Object { shmem_id, .. } = &f.kind {
+            known(shmem_id, &format!("open file {}", f.id))?;
+        }
+    }
+    Ok(())
 }
 
 /// Wraps an already encoded payload in an envelope of `kind`.
@@ -390,6 +440,7 @@ pub(crate) mod tests {
                 id: 0,
                 size: 4096,
                 data: vec![],
+                backing: Default::default(),
             }],
             file_checks: vec![FileCheck {
                 path: "/bin/true".into(),

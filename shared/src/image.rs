@@ -264,6 +264,11 @@ pub enum MappingKind {
     /// A shared anonymous object, filled once from [`Image::shmem`] and mapped by
     /// every process that shares it.
     SharedAnon { shmem_id: u32, offset: u64 },
+    /// A file whose content the image holds ([`Image::shmem`], with its
+    /// [`ShmBacking`]: a memfd, a deleted file, a file on tmpfs, a System V
+    /// segment), mapped at `offset` of it. A shared mapping's pages are the
+    /// object's; a private one keeps only the process's own copies in `data`.
+    Object { shmem_id: u32, offset: u64 },
     /// A regular file. `check` indexes [`Image::file_checks`].
     File {
         path: String,
@@ -383,7 +388,8 @@ impl ChunkRef {
     }
 }
 
-/// A shared anonymous memory object.
+/// A memory object whose content the image holds: shared anonymous memory, or a
+/// file of one of the kinds of [`ShmBacking`].
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct SharedMemory {
     pub id: u32,
@@ -391,6 +397,43 @@ pub struct SharedMemory {
     pub size: u64,
     /// Contents; `Extent::addr` is an offset into the object.
     pub data: Vec<Extent>,
+    /// What the object is, and so how the restore makes it again.
+    #[serde(default)]
+    pub backing: ShmBacking,
+}
+
+/// What backs a memory object of [`Image::shmem`].
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub enum ShmBacking {
+    /// Shared anonymous memory (`MAP_SHARED | MAP_ANONYMOUS`, `/dev/zero`).
+    #[default]
+    Anon,
+    /// A memfd: its name (without `memfd:`) and its seals (`F_GET_SEALS`; a memfd
+    /// made without `MFD_ALLOW_SEALING` has `F_SEAL_SEAL`).
+    Memfd { name: String, seals: u32 },
+    /// A file unlinked while the tree held it: made again unlinked, in the
+    /// directory of `path` (the name it had).
+    Deleted { path: String, owner: FileOwner },
+    /// A file on a tmpfs (`/dev/shm`: POSIX shared memory) that the tree maps
+    /// shared: made again at `path` with the image's content.
+    Tmpfs { path: String, owner: FileOwner },
+    /// A System V shared memory segment.
+    SysV {
+        key: i32,
+        shmid: i32,
+        owner: FileOwner,
+        /// Marked for removal (`IPC_RMID`) while attached.
+        removed: bool,
+    },
+}
+
+/// Mode and owner of a file or segment.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct FileOwner {
+    /// Permission bits (`0o7777` at most).
+    pub mode: u32,
+    pub uid: u32,
+    pub gid: u32,
 }
 
 /// A descriptor slot.
@@ -467,6 +510,12 @@ pub enum FileKind {
     EventFd {
         count: u64,
         semaphore: bool,
+    },
+    /// A descriptor of a memory object of [`Image::shmem`] (a memfd, a deleted
+    /// file, a file on tmpfs that the tree maps shared), at position `pos`.
+    Object {
+        shmem_id: u32,
+        pos: u64,
     },
     /// An epoll instance and what it watches. The restore registers the targets
     /// again from inside the first process that holds it, once its descriptors

@@ -21,7 +21,7 @@ use ckpt_shared::image::{FileKind, OpenFile};
 use libc::pid_t;
 use serde_json::Value;
 
-use super::{chardev, dir, epoll, eventfd, file, inherited, pipe, tcp, udp};
+use super::{chardev, dir, epoll, eventfd, file, inherited, object, pipe, tcp, udp};
 use super::{FdError, FdTable, Meta, Moves};
 
 /// What the dump has read of one descriptor of `pid` before a kind claims it.
@@ -67,6 +67,8 @@ pub struct Opening<'a> {
     /// FIFO holders, kept open until every husk has its end.
     pub holders: Vec<OwnedFd>,
     pub tcp: tcp::Opening,
+    /// The restorer's descriptors of the image's memory objects, by id.
+    pub objects: &'a HashMap<u32, OwnedFd>,
 }
 
 /// Save and restore of one kind of open file description.
@@ -117,6 +119,7 @@ pub const STEPS: &[Step] = &[
     Step::Kind(&eventfd::EventFd),
     Step::Kind(&epoll::Epoll),
     Step::Refuse(other_anon_inode),
+    Step::Kind(&object::Object),
     Step::Refuse(deleted),
     Step::Kind(&dir::Dir),
     Step::Kind(&file::File),
@@ -189,7 +192,8 @@ fn other_anon_inode(seen: &Seen<'_>) -> Option<FdError> {
     )))
 }
 
-/// A file deleted since it was opened: nothing to open again by path.
+/// A file deleted since it was opened that the object kind did not take (not a
+/// regular file): nothing to open again by path.
 fn deleted(seen: &Seen<'_>) -> Option<FdError> {
     seen.link
         .ends_with(" (deleted)")
@@ -257,6 +261,10 @@ mod tests {
             FileKind::EventFd {
                 count: 0,
                 semaphore: false,
+            },
+            FileKind::Object {
+                shmem_id: 0,
+                pos: 0,
             },
             FileKind::Epoll {
                 targets: vec![EpollTarget {
