@@ -81,10 +81,24 @@ pub fn make(path: &str, owner: &FileOwner, size: u64) -> Result<OwnedFd, MemErro
 
 /// Where `O_TMPFILE` is not supported: a fresh name, unlinked at once.
 fn named_then_unlinked(dir: &str, owner: &FileOwner, size: u64) -> Result<OwnedFd, MemError> {
+    let (fd, name) = named_file(dir, "deleted", owner, size)?;
+    std::fs::remove_file(&name)
+        .map_err(|source| MemError::Object(format!("unlinking {name}: {source}")))?;
+    Ok(fd)
+}
+
+/// A new file of `size` bytes under a fresh name in `dir` (made with `O_EXCL`),
+/// with `owner`'s mode and owner: the descriptor and the name.
+pub fn named_file(
+    dir: &str,
+    what: &str,
+    owner: &FileOwner,
+    size: u64,
+) -> Result<(OwnedFd, String), MemError> {
     use std::os::unix::fs::{fchown, OpenOptionsExt, PermissionsExt};
     static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let name = format!("{dir}/.ckpt-deleted-{}-{n}", std::process::id());
+    let name = format!("{dir}/.ckpt-{what}-{}-{n}", std::process::id());
     let io = |source: std::io::Error| MemError::Object(format!("making {name}: {source}"));
     let f = std::fs::OpenOptions::new()
         .read(true)
@@ -93,12 +107,16 @@ fn named_then_unlinked(dir: &str, owner: &FileOwner, size: u64) -> Result<OwnedF
         .mode(0o600)
         .open(&name)
         .map_err(io)?;
-    std::fs::remove_file(&name).map_err(io)?;
-    f.set_len(size).map_err(io)?;
-    f.set_permissions(std::fs::Permissions::from_mode(owner.mode))
-        .map_err(io)?;
-    fchown(&f, Some(owner.uid), Some(owner.gid)).map_err(io)?;
-    Ok(f.into())
+    let set = (|| {
+        f.set_len(size)?;
+        f.set_permissions(std::fs::Permissions::from_mode(owner.mode))?;
+        fchown(&f, Some(owner.uid), Some(owner.gid))
+    })();
+    if let Err(e) = set {
+        let _ = std::fs::remove_file(&name);
+        return Err(io(e));
+    }
+    Ok((f.into(), name))
 }
 
 #[cfg(test)]

@@ -21,7 +21,9 @@
 //!
 //! A failed restore leaves no object behind: the unlinked files and memfds go with
 //! the restorer's descriptors, the System V segments it made are removed, and a
-//! tmpfs file only takes its path at the release ([`Objects::publish`]).
+//! tmpfs file only takes its path at the release ([`Objects::publish`]), under a
+//! temporary name until then (left behind only if the restorer is SIGKILLed
+//! before the release: `.ckpt-restore-PID-N` beside the path).
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -185,6 +187,8 @@ pub struct Objects {
     pub segments: HashMap<u32, i32>,
     /// Segments this restore made: removed if it fails.
     made_segments: Vec<i32>,
+    /// The temporary names of the tmpfs files, by object id: removed if it fails.
+    temps: HashMap<u32, String>,
     kept: bool,
 }
 
@@ -199,7 +203,11 @@ impl Objects {
                 }
                 ShmBacking::Memfd { name, seals } => super::memfd::make(name, *seals, s.size)?,
                 ShmBacking::Deleted { path, owner } => super::deleted::make(path, owner, s.size)?,
-                ShmBacking::Tmpfs { path, owner } => super::tmpfs::make(path, owner, s.size)?,
+                ShmBacking::Tmpfs { path, owner } => {
+                    let (fd, temp) = super::tmpfs::make(path, owner, s.size)?;
+                    o.temps.insert(s.id, temp);
+                    fd
+                }
                 ShmBacking::SysV {
                     key, shmid, owner, ..
                 } => {
@@ -246,7 +254,9 @@ impl Objects {
     pub fn publish(&mut self, shm: &[SharedMemory]) -> Result<(), MemError> {
         for s in shm {
             if let ShmBacking::Tmpfs { path, .. } = &s.backing {
-                super::tmpfs::publish(self.fds[&s.id].as_fd(), path)?;
+                if let Some(temp) = self.temps.remove(&s.id) {
+                    super::tmpfs::publish(&temp, path)?;
+                }
             }
         }
         self.kept = true;
@@ -258,6 +268,11 @@ impl Drop for Objects {
     fn drop(&mut self) {
         if self.kept {
             return;
+        }
+        for temp in self.temps.values() {
+            if let Err(e) = std::fs::remove_file(temp) {
+                warn!(%temp, %e, "a file of the failed restore is left");
+            }
         }
         for &id in &self.made_segments {
             if let Err(e) = sys::shm::shm_remove(id) {

@@ -16,9 +16,9 @@
 //!
 //! A restore in place finds the file the killed tree left behind; after
 //! `--leave-running`, the running tree's file, changed since. Policy: the restore
-//! makes a new file with the image's content and, at the release, renames it over
-//! the path (atomically: anyone opening the path sees the old file or the new,
-//! never a mix). Chosen because the restored processes must see the bytes of the
+//! makes a new file with the image's content (under a temporary name in the same
+//! directory) and, at the release, renames it over the path (atomically: anyone
+//! opening the path sees the old file or the new, never a mix). Chosen because the restored processes must see the bytes of the
 //! checkpoint (which their memory and registers were taken with), not whatever
 //! the file holds now; and because writing into the existing file instead would
 //! change it under any process still using it (the original tree after
@@ -27,7 +27,7 @@
 //! in place after a kill. Before the release the path is not touched: a failed
 //! restore leaves it as it was.
 
-use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::fd::{AsFd, OwnedFd};
 
 use libc::pid_t;
 
@@ -61,9 +61,11 @@ pub fn classify(pid: pid_t, v: &proc::Vma, shmem: &mut ShmemPlan) -> Result<Opti
     Ok(Some(id))
 }
 
-/// The new file for `path`, unlinked until [`publish`], in the same directory
-/// (so the rename stays on the tmpfs).
-pub fn make(path: &str, owner: &FileOwner, size: u64) -> Result<OwnedFd, MemError> {
+/// The new file for `path`, under a temporary name in the same directory until
+/// [`publish`] renames it (so the rename stays on the tmpfs, and the mappings made
+/// of it meanwhile show `path` afterwards, as they did at the dump): its
+/// descriptor and its temporary name.
+pub fn make(path: &str, owner: &FileOwner, size: u64) -> Result<(OwnedFd, String), MemError> {
     let dir = super::deleted::dir_of(path);
     if !std::path::Path::new(dir).is_dir() {
         return Err(MemError::Object(format!(
@@ -71,12 +73,11 @@ pub fn make(path: &str, owner: &FileOwner, size: u64) -> Result<OwnedFd, MemErro
              exist on this node: create the directory (a tmpfs), then restore"
         )));
     }
-    Ok(sys::shm::tmpfile(
-        dir, size, owner.mode, owner.uid, owner.gid,
-    )?)
+    super::deleted::named_file(dir, "restore", owner, size)
 }
 
-/// The release: the new file takes `path`.
-pub fn publish(fd: BorrowedFd<'_>, path: &str) -> Result<(), MemError> {
-    Ok(sys::shm::publish(fd, path)?)
+/// The release: the new file takes `path`, replacing what is there.
+pub fn publish(temp: &str, path: &str) -> Result<(), MemError> {
+    std::fs::rename(temp, path)
+        .map_err(|source| MemError::Object(format!("renaming {temp} to {path}: {source}")))
 }

@@ -109,31 +109,6 @@ pub fn tmpfile(dir: &str, size: u64, mode: u32, uid: u32, gid: u32) -> Result<Ow
     Ok(fd)
 }
 
-/// Gives the unlinked file `fd` the name `path`, replacing what is there, in one
-/// step for other processes: it is linked under a temporary name in the same
-/// directory, then renamed over `path`.
-pub fn publish(fd: BorrowedFd<'_>, path: &str) -> Result<()> {
-    let tmp = format!("{path}.ckpt-restore-{}", std::process::id());
-    let from = format!("/proc/self/fd/{}", fd.as_raw_fd());
-    nix::unistd::linkat(
-        nix::fcntl::AT_FDCWD,
-        from.as_str(),
-        nix::fcntl::AT_FDCWD,
-        tmp.as_str(),
-        nix::fcntl::AtFlags::AT_SYMLINK_FOLLOW,
-    )
-    .map_err(|e| SysError::nix("linkat", path, e))?;
-    if let Err(e) = std::fs::rename(&tmp, path) {
-        let _ = std::fs::remove_file(&tmp);
-        return Err(SysError {
-            op: "rename",
-            what: path.to_string(),
-            source: e,
-        });
-    }
-    Ok(())
-}
-
 /// The runs `[start, end)` of `fd` below `size` that hold data (`SEEK_DATA` /
 /// `SEEK_HOLE`): the holes of a sparse file are not read.
 pub fn data_runs(fd: BorrowedFd<'_>, size: u64, what: &str) -> Result<Vec<(u64, u64)>> {
