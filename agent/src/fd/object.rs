@@ -1,10 +1,11 @@
 //! Descriptors of memory objects ([`crate::mem::object`]): memfds, files deleted
 //! while held, and tmpfs files the tree also maps shared.
 //!
-//! Dump: a memfd or deleted file is registered with the tree's objects here (its
-//! content is stored with the memory, once, whoever holds or maps it); a tmpfs
-//! file first looks like a regular file and becomes an object's descriptor once
-//! the mappings are classified ([`FdTable::adopt_objects`]).
+//! Dump: a memfd, a deleted file or a file under `/dev/shm` (on a tmpfs) is
+//! registered with the tree's objects here (its content is stored with the
+//! memory, once, whoever holds or maps it); another tmpfs file first looks like a
+//! regular file and becomes an object's descriptor if the tree maps it shared
+//! ([`FdTable::adopt_objects`]).
 //!
 //! Restore: the restorer's descriptor of the object is reopened through
 //! `/proc/self/fd/N` with the description's flags, then moved to its position: a
@@ -29,6 +30,16 @@ fn open_seen(seen: &Seen<'_>) -> Result<File, FdError> {
     File::open(&path).map_err(|source| FdError::Open { path, source })
 }
 
+/// POSIX shared memory: files here are memory, whether mapped or not (Open
+/// MPI's probe `/dev/shm/open_mpi.0000` is held by a descriptor only), and do not
+/// exist on another node.
+const DEV_SHM: &str = "/dev/shm/";
+
+fn on_tmpfs(file: &File, link: &str) -> Result<bool, FdError> {
+    use std::os::fd::AsFd;
+    Ok(crate::sys::shm::on_tmpfs(file.as_fd(), link)?)
+}
+
 fn refusal(seen: &Seen<'_>, e: MemError) -> FdError {
     seen.unsupported(format!(
         "{} (its content could not be saved: {e})",
@@ -42,28 +53,34 @@ impl Persist for Object {
             return None;
         }
         let memfd = seen.link.starts_with("/memfd:");
-        if !memfd && !seen.link.ends_with(" (deleted)") {
+        let deleted = seen.link.ends_with(" (deleted)");
+        if !memfd && !deleted && !seen.link.starts_with(DEV_SHM) {
             return None;
         }
         let got = (|| {
             let file = open_seen(seen)?;
             let link = seen.link;
+            if !memfd && !deleted && !on_tmpfs(&file, link)? {
+                return Ok(None);
+            }
             let id = t
                 .shm
                 .object(file, link, |f, st| {
                     if memfd {
                         mem::memfd::backing(link, f)
-                    } else {
+                    } else if deleted {
                         mem::deleted::backing(link, st)
+                    } else {
+                        Ok(mem::tmpfs::backing(link, st))
                     }
                 })
                 .map_err(|e| refusal(seen, e))?;
-            Ok(FileKind::Object {
+            Ok(Some(FileKind::Object {
                 shmem_id: id,
                 pos: seen.pos,
-            })
+            }))
         })();
-        Some(got)
+        got.transpose()
     }
 
     fn owns(&self, kind: &FileKind) -> bool {

@@ -8,9 +8,11 @@
 //! image like memory (read through a descriptor of ours, [`super::object`]), and
 //! the restore makes the file again. A descriptor of the same file (the `shm_open`
 //! descriptor a program keeps) becomes a descriptor of the object
-//! ([`crate::fd`]'s `object` kind), so it reaches the same file as the mappings. A
-//! tmpfs file the tree only holds by a descriptor, unmapped, stays a regular file
-//! (reopened by path, checked).
+//! ([`crate::fd`]'s `object` kind), so it reaches the same file as the mappings.
+//! A file under `/dev/shm` is taken so even if no process maps it (Open MPI's
+//! probe `/dev/shm/open_mpi.0000` is held by a descriptor only); another tmpfs
+//! file that the tree only holds by a descriptor, unmapped, stays a regular file
+//! (reopened by path, checked: `/tmp` may be a tmpfs holding the job's output).
 //!
 //! # When the file is there at restore
 //!
@@ -53,12 +55,17 @@ pub fn classify(pid: pid_t, v: &proc::Vma, shmem: &mut ShmemPlan) -> Result<Opti
                 what: format!("a shared mapping of {}, not a regular file", v.name),
             });
         }
-        Ok(ShmBacking::Tmpfs {
-            path: v.name.clone(),
-            owner: super::deleted::owner_of(st),
-        })
+        Ok(backing(&v.name, st))
     })?;
     Ok(Some(id))
+}
+
+/// The backing of the tmpfs file `path` whose `fstat` is `st`.
+pub fn backing(path: &str, st: &libc::stat) -> ShmBacking {
+    ShmBacking::Tmpfs {
+        path: path.to_string(),
+        owner: super::deleted::owner_of(st),
+    }
 }
 
 /// The new file for `path`, under a temporary name in the same directory until
