@@ -468,6 +468,54 @@ pub(crate) mod tests {
         assert_eq!(decode_image(&bytes).unwrap(), img);
     }
 
+    /// Memory objects are untrusted input too: content past an object's end, a
+    /// mapping or descriptor of an object the image lacks, an id twice.
+    #[test]
+    fn images_with_bad_memory_objects_are_refused() {
+        use crate::image::{ChunkRef, Extent, FileKind, MappingKind};
+        let bad = |edit: &dyn Fn(&mut Image), needle: &str| {
+            let mut img = sample_image();
+            edit(&mut img);
+            match decode_image(&encode_image(&img).unwrap()) {
+                Err(CodecError::Invalid(m)) => assert!(m.contains(needle), "{m}"),
+                other => panic!("expected Invalid ({needle}), got {other:?}"),
+            }
+        };
+        let chunk = ChunkRef {
+            hash: [1; 32],
+            len: 4096,
+        };
+        bad(
+            &|img| img.shmem[0].data.push(Extent::whole(4096, chunk)),
+            "has content at",
+        );
+        bad(
+            &|img| {
+                img.processes[0].mappings[0].kind = MappingKind::Object {
+                    shmem_id: 9,
+                    offset: 0,
+                }
+            },
+            "lacks",
+        );
+        bad(
+            &|img| {
+                img.files[0].kind = FileKind::Object {
+                    shmem_id: 9,
+                    pos: 0,
+                }
+            },
+            "lacks",
+        );
+        bad(
+            &|img| {
+                let again = img.shmem[0].clone();
+                img.shmem.push(again)
+            },
+            "twice",
+        );
+    }
+
     #[test]
     fn payload_is_self_describing() {
         // Field names are present, so a future reader can pick fields by name.
