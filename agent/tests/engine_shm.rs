@@ -335,39 +335,52 @@ fn dev_shm_memory_of_a_running_dump_comes_back_as_it_was_at_the_dump() -> Result
     check_totals(&t.finish()?)
 }
 
-#[test]
-fn system_v_producer_and_consumer_continue_after_restore() -> Result<()> {
-    require_root!(Ok(()));
-    let key = SysvKey(0x7e50_0000 | (std::process::id() & 0xffff));
+/// `sysv_pc` dumped, killed and restored; `rmid`: its segment marked for removal
+/// while attached.
+fn sysv_round(low: u32, rmid: bool) -> Result<()> {
+    let key = SysvKey(0x7e50_0000 | (std::process::id() & 0xfff) << 4 | low);
     let key_arg = format!("{:#x}", key.0);
-    let mut t = Tree::start("sysv_pc", &[&key_arg])?;
+    let args: &[&str] = if rmid {
+        &[&key_arg, "rmid"]
+    } else {
+        &[&key_arg]
+    };
+    let mut t = Tree::start("sysv_pc", args)?;
     t.ready(2)?;
     t.dump_and_kill()?;
     let json = inspect_json(agent(), &t.image)?;
-    let objs = objects(&json)?;
-    ensure!(
-        objs.iter().any(|(k, what)| k == "sysv" && *what == key_arg),
-        "the image's objects {objs:?} lack segment {key_arg}"
+    let shm = json["shared_memory"].as_array().context("shared_memory")?;
+    let seg = shm
+        .iter()
+        .find(|s| s["backing"]["kind"] == "sysv")
+        .with_context(|| format!("the image has no System V segment: {shm:?}"))?;
+    let (want_key, shmid) = (
+        if rmid { 0 } else { key.0 as i64 },
+        &seg["backing"]["shmid"],
     );
+    ensure!(
+        seg["backing"]["key"].as_i64() == Some(want_key) && seg["backing"]["removed"] == rmid,
+        "the image's segment {seg}, expected key {want_key:#x} removed {rmid}"
+    );
+    let shmid = shmid.as_u64().context("shmid")?;
     let seq_at = |ticks: &[Tick]| ticks.last().and_then(|t| t.num("seq")).unwrap_or(0);
     let before = seq_at(&check_log(&t.log)?);
     t.restore()?;
-    // Both processes attach the one segment (the child twice).
-    let seg = |pid: i32| -> Result<Vec<(String, String)>> {
+    // Both processes attach the one segment, by its old id (the child twice).
+    let attached = |pid: i32| -> Result<Vec<String>> {
         let maps = fs::read_to_string(format!("/proc/{pid}/maps"))?;
         Ok(maps
             .lines()
-            .filter(|l| l.contains(&format!("/SYSV{:08x}", key.0)))
-            .map(|l| {
-                let f: Vec<&str> = l.split_whitespace().collect();
-                (f[3].to_owned(), f[4].to_owned())
-            })
+            .filter(|l| l.contains("/SYSV"))
+            .map(|l| l.split_whitespace().nth(4).unwrap_or("").to_owned())
             .collect())
     };
-    let (p, c) = (seg(t.pids[0])?, seg(t.pids[1])?);
+    let (p, c) = (attached(t.pids[0])?, attached(t.pids[1])?);
+    let id = shmid.to_string();
     ensure!(
-        p.len() == 1 && c.len() == 2 && c.iter().all(|x| *x == p[0]),
-        "the segment's attachments after the restore: parent {p:?}, child {c:?}"
+        p == [id.clone()] && c == [id.clone(), id.clone()],
+        "the segment's attachments after the restore: parent {p:?}, child {c:?}, expected \
+         segment {id}"
     );
     t.advance(MORE)?;
     let ticks = t.finish()?;
@@ -376,6 +389,20 @@ fn system_v_producer_and_consumer_continue_after_restore() -> Result<()> {
         "the consumer did not go past record {before}"
     );
     Ok(())
+}
+
+#[test]
+fn system_v_producer_and_consumer_continue_after_restore() -> Result<()> {
+    require_root!(Ok(()));
+    sysv_round(1, false)
+}
+
+/// A segment marked for removal (`IPC_RMID`) while attached: keyless, it comes
+/// back under its id and is marked again.
+#[test]
+fn system_v_segment_marked_for_removal_comes_back_marked() -> Result<()> {
+    require_root!(Ok(()));
+    sysv_round(2, true)
 }
 
 #[test]

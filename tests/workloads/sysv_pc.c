@@ -1,13 +1,15 @@
 /*
  * sysv_pc: a producer and a consumer over a System V shared memory segment.
  *
- * usage: sysv_pc KEY
+ * usage: sysv_pc KEY [rmid]
  *
  * The parent makes the segment (shmget KEY, 256 KiB, IPC_CREAT|IPC_EXCL) and
  * attaches it; the child, after the fork, looks the key up and attaches it
  * again at an address of its own (the inherited attachment stays too, so the
  * child maps the segment twice). The segment is a ring of 4096 records of 56
- * bytes; the producer (parent) writes record seq = 1, 2, ... (its sequence number
+ * bytes. With `rmid`, the parent marks the segment for removal (IPC_RMID) once
+ * the child has attached it: it lives on, keyless, while attached. The producer
+ * (parent) writes record seq = 1, 2, ... (its sequence number
  * and a checksum of it and of the record before) and advances `head`; the
  * consumer (child) reads each record through its own attachment, checks its
  * number and its checksum chain, checks the inherited attachment shows the same
@@ -15,7 +17,8 @@
  *   tick <n> <chain> seq <last seq> sum <running checksum>
  * A restore that lost the segment, its content, or its sharing breaks the chain
  * (FAIL) or stops the ticks. The parent also checks that the segment id it got is
- * still the one `shmget(KEY)` finds, and `shmctl(IPC_STAT)` works on it.
+ * still the one `shmget(KEY)` finds (with `rmid`: that the key finds none and
+ * the segment is still marked for removal), and `shmctl(IPC_STAT)` works on it.
  */
 #include "common.h"
 
@@ -36,7 +39,8 @@ struct rec {
 struct ring {
 	_Atomic uint64_t head; /* records written */
 	_Atomic uint64_t tail; /* records read */
-	uint64_t pad[6];
+	_Atomic uint64_t attached; /* the child has its own attachment */
+	uint64_t pad[5];
 	struct rec r[NREC];
 };
 
@@ -48,6 +52,7 @@ static uint64_t rec_sum(uint64_t prev, uint64_t seq)
 int main(int argc, char **argv)
 {
 	long key = arg_long(argc, argv, 1, 0);
+	int rmid = argc > 2 && strcmp(argv[2], "rmid") == 0;
 	if (key == 0) {
 		FAIL("usage: sysv_pc KEY");
 		return 2;
@@ -72,6 +77,7 @@ int main(int argc, char **argv)
 		}
 		emit("sysv_pc child %d segment %d at %p and %p", (int)getpid(), cid, (void *)g,
 		     (void *)inherited);
+		atomic_store(&g->attached, 1);
 		struct ticker t = { 0, 0 };
 		uint64_t seq = 0, sum = 0;
 		for (;;) {
@@ -98,6 +104,12 @@ int main(int argc, char **argv)
 	}
 	emit("sysv_pc producer %d segment %d key %lx at %p", (int)getpid(), id, key, (void *)inherited);
 	struct ring *g = inherited;
+	if (rmid) {
+		while (atomic_load(&g->attached) == 0)
+			sleep_us(100);
+		if (shmctl(id, IPC_RMID, NULL) < 0)
+			FAIL("IPC_RMID: %s", strerror(errno));
+	}
 	uint64_t seq = 0, sum = 0;
 	for (;;) {
 		while (seq - atomic_load_explicit(&g->tail, memory_order_acquire) >= NREC - 1)
@@ -110,10 +122,13 @@ int main(int argc, char **argv)
 		if (seq % 1000 == 0) {
 			int now = shmget((key_t)key, 0, 0);
 			struct shmid_ds ds;
-			if (now != id || shmctl(id, IPC_STAT, &ds) < 0)
+			int want = rmid ? -1 : id;
+			if (now != want || shmctl(id, IPC_STAT, &ds) < 0)
 				FAIL("segment id %d, shmget(key) finds %d (%s)", id, now, strerror(errno));
 			else if (ds.shm_segsz != SIZE)
 				FAIL("segment size %zu", (size_t)ds.shm_segsz);
+			else if (rmid && !(ds.shm_perm.mode & SHM_DEST))
+				FAIL("segment %d is no longer marked for removal", id);
 		}
 		sleep_us(20);
 	}

@@ -28,7 +28,7 @@ use crate::sys::{self, proc};
 pub fn backing(link: &str, st: &libc::stat) -> Result<ShmBacking, MemError> {
     if st.st_mode & libc::S_IFMT != libc::S_IFREG {
         return Err(MemError::Object(format!(
-            "unsupported: {link} is a deleted file that is not a regular file"
+            "a deleted file that is not a regular file: {link}"
         )));
     }
     Ok(ShmBacking::Deleted {

@@ -9,9 +9,8 @@
 //! only seal is `F_SEAL_SEAL` (what a memfd made without it has), filled, then
 //! sealed with the image's seals before any husk maps it. A memfd made with
 //! `MFD_NOEXEC_SEAL` has `F_SEAL_EXEC` among its seals and gets it back the same
-//! way. Not kept: `MFD_HUGETLB` (a hugetlbfs file is not a memfd here: refused as
-//! a mapping of another kind), the memfd's inode number, and its name's
-//! uniqueness (names are not unique anyway).
+//! way. Refused: `MFD_HUGETLB` memfds (their pages are huge pages, which this
+//! restore does not make). Not kept: the memfd's inode number.
 
 use std::os::fd::{BorrowedFd, OwnedFd};
 
@@ -34,6 +33,11 @@ pub fn name_of(link: &str) -> &str {
 /// The backing of the memfd behind `file`.
 pub fn backing(link: &str, file: &std::fs::File) -> Result<ShmBacking, MemError> {
     use std::os::fd::AsFd;
+    if sys::shm::on_hugetlbfs(file.as_fd(), link)? {
+        return Err(MemError::Object(format!(
+            "a memfd of huge pages (MFD_HUGETLB): {link}"
+        )));
+    }
     let seals = sys::shm::get_seals(file.as_fd(), link)?;
     Ok(ShmBacking::Memfd {
         name: name_of(link).to_string(),

@@ -171,16 +171,21 @@ pub fn classify(pid: pid_t, v: &proc::Vma, shmem: &mut ShmemPlan) -> Result<Mapp
         });
     }
     let object = if v.name.starts_with("/SYSV") {
-        Some(sysv::classify(pid, v, shmem)?)
+        sysv::classify(pid, v, shmem).map(Some)
     } else if v.name.starts_with("/memfd:") {
-        Some(memfd::classify(pid, v, shmem)?)
+        memfd::classify(pid, v, shmem).map(Some)
     } else if v.name.ends_with(" (deleted)") {
-        Some(deleted::classify(pid, v, shmem)?)
+        deleted::classify(pid, v, shmem).map(Some)
     } else if v.shared && v.name.starts_with('/') {
-        tmpfs::classify(pid, v, shmem)?
+        tmpfs::classify(pid, v, shmem)
     } else {
-        None
+        Ok(None)
     };
+    // What a kind refuses is refused for this mapping of this process.
+    let object = object.map_err(|e| match e {
+        MemError::Object(what) => unsupported(&what),
+        e => e,
+    })?;
     if let Some(shmem_id) = object {
         return Ok(MappingKind::Object {
             shmem_id,

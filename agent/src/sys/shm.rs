@@ -18,10 +18,22 @@ type Result<T> = std::result::Result<T, SysError>;
 /// `TMPFS_MAGIC` of statfs(2).
 const TMPFS_MAGIC: i64 = 0x0102_1994;
 
+/// `HUGETLBFS_MAGIC` of statfs(2).
+const HUGETLBFS_MAGIC: i64 = 0x9584_58f6;
+
+fn fs_magic(fd: BorrowedFd<'_>, what: &str) -> Result<i64> {
+    let st = nix::sys::statfs::fstatfs(fd).map_err(|e| SysError::nix("fstatfs", what, e))?;
+    Ok(st.filesystem_type().0 as i64)
+}
+
 /// Whether the file behind `fd` lives on a tmpfs.
 pub fn on_tmpfs(fd: BorrowedFd<'_>, what: &str) -> Result<bool> {
-    let st = nix::sys::statfs::fstatfs(fd).map_err(|e| SysError::nix("fstatfs", what, e))?;
-    Ok(st.filesystem_type().0 as i64 == TMPFS_MAGIC)
+    Ok(fs_magic(fd, what)? == TMPFS_MAGIC)
+}
+
+/// Whether the file behind `fd` lives on a hugetlbfs (a `MFD_HUGETLB` memfd).
+pub fn on_hugetlbfs(fd: BorrowedFd<'_>, what: &str) -> Result<bool> {
+    Ok(fs_magic(fd, what)? == HUGETLBFS_MAGIC)
 }
 
 /// fstat(2) of `fd`.
