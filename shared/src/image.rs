@@ -609,3 +609,107 @@ pub struct FileCheck {
     /// with the same content is accepted even if it was copied or touched).
     pub hash: Option<[u8; 32]>,
 }
+
+impl Image {
+    /// Every memory object's content lies inside it, and every mapping or descriptor
+    /// of an object names one the image has.
+    pub fn check_objects(&self) -> Result<(), String> {
+        let image = self;
+        let mut ids = std::collections::HashSet::new();
+        for s in &image.shmem {
+            if !ids.insert(s.id) {
+                return Err(format!("memory object {} appears twice", s.id));
+            }
+            let room = s.size.div_ceil(PAGE_SIZE) * PAGE_SIZE;
+            if let Some(e) = s.data.iter().find(|e| e.end() > room) {
+                return Err(format!(
+                    "memory object {} of {} bytes has content at {:#x}..{:#x}",
+                    s.id,
+                    s.size,
+                    e.addr,
+                    e.end()
+                ));
+            }
+        }
+        let known = |id: &u32, what: &str| {
+            if ids.contains(id) {
+                Ok(())
+            } else {
+                Err(format!(
+                    "{what} names memory object {id}, which the image lacks"
+                ))
+            }
+        };
+        for p in &image.processes {
+            for m in &p.mappings {
+                if let MappingKind::SharedAnon { shmem_id, .. }
+                | MappingKind::Object { shmem_id, .. } = &m.kind
+                {
+                    known(
+                        shmem_id,
+                        &format!("mapping {:#x} of PID {}", m.start, p.pid),
+                    )?;
+                }
+            }
+        }
+        for f in &image.files {
+            if let FileKind::Object { shmem_id, .. } = &f.kind {
+                known(shmem_id, &format!("open file {}", f.id))?;
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Memory objects are untrusted input too: content past an object's end, a
+    /// mapping or descriptor of an object the image lacks, an id twice.
+    #[test]
+    fn images_with_bad_memory_objects_are_refused() {
+        use crate::codec::{decode_image, encode_image, tests::sample_image, CodecError};
+        let bad = |edit: &dyn Fn(&mut Image), needle: &str| {
+            let mut img = sample_image();
+            edit(&mut img);
+            match decode_image(&encode_image(&img).unwrap()) {
+                Err(CodecError::Invalid(m)) => assert!(m.contains(needle), "{m}"),
+                other => panic!("expected Invalid ({needle}), got {other:?}"),
+            }
+        };
+        let chunk = ChunkRef {
+            hash: [1; 32],
+            len: 4096,
+        };
+        bad(
+            &|img| img.shmem[0].data.push(Extent::whole(4096, chunk)),
+            "has content at",
+        );
+        bad(
+            &|img| {
+                img.processes[0].mappings[0].kind = MappingKind::Object {
+                    shmem_id: 9,
+                    offset: 0,
+                }
+            },
+            "lacks",
+        );
+        bad(
+            &|img| {
+                img.files[0].kind = FileKind::Object {
+                    shmem_id: 9,
+                    pos: 0,
+                }
+            },
+            "lacks",
+        );
+        bad(
+            &|img| {
+                let again = img.shmem[0].clone();
+                img.shmem.push(again)
+            },
+            "twice",
+        );
+    }
+}
