@@ -42,6 +42,11 @@ use crate::sys::{self, proc};
 /// Shared mapping `v` of `pid` of a file: the object's id if the file is on a
 /// tmpfs (a regular file), `None` if it is a file like any other.
 pub fn classify(pid: pid_t, v: &proc::Vma, shmem: &mut ShmemPlan) -> Result<Option<u32>, MemError> {
+    // tmpfs has an anonymous device (major 0); a mapping of a file elsewhere (a
+    // disk, a device) is left alone without a look at the path.
+    if v.dev.0 != 0 || !sys::shm::path_on_tmpfs(&v.name).unwrap_or(false) {
+        return Ok(None);
+    }
     let file = object::open_mapped(pid, v)?;
     if !sys::shm::on_tmpfs(file.as_fd(), &v.name)? {
         return Ok(None);

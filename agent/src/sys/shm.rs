@@ -31,6 +31,17 @@ pub fn on_tmpfs(fd: BorrowedFd<'_>, what: &str) -> Result<bool> {
     Ok(fs_magic(fd, what)? == TMPFS_MAGIC)
 }
 
+/// Whether `path` is a regular file on a tmpfs (statfs and stat by path: nothing
+/// is opened, so a device behind the path is never touched).
+pub fn path_on_tmpfs(path: &str) -> Result<bool> {
+    let st = nix::sys::statfs::statfs(path).map_err(|e| SysError::nix("statfs", path, e))?;
+    if st.filesystem_type().0 as i64 != TMPFS_MAGIC {
+        return Ok(false);
+    }
+    let m = nix::sys::stat::stat(path).map_err(|e| SysError::nix("stat", path, e))?;
+    Ok(m.st_mode & libc::S_IFMT == libc::S_IFREG)
+}
+
 /// Whether the file behind `fd` lives on a hugetlbfs (a `MFD_HUGETLB` memfd).
 pub fn on_hugetlbfs(fd: BorrowedFd<'_>, what: &str) -> Result<bool> {
     Ok(fs_magic(fd, what)? == HUGETLBFS_MAGIC)
