@@ -21,8 +21,8 @@ use ckpt_tests::process::wait_gone;
 use ckpt_tests::ticks::{check_log, last_tick};
 use ckpt_tests::{
     ensure_untraced, expect_killed_by_dump, guard_restored, inspect_json, is_alive, last_line_pid,
-    require_root, run_dump, run_restore, spawn_workload, tree_pids, wait_for, wait_for_tick,
-    AgentRun, PidsGuard, ProcGuard, Tick,
+    require_root, run_dump, run_restore, send_signal, spawn_workload, tree_pids, wait_for,
+    wait_for_tick, AgentRun, PidsGuard, ProcGuard, Tick,
 };
 use tempfile::TempDir;
 
@@ -412,6 +412,55 @@ fn system_v_producer_and_consumer_continue_after_restore() -> Result<()> {
 fn system_v_segment_marked_for_removal_comes_back_marked() -> Result<()> {
     require_root!(Ok(()));
     sysv_round(2, true)
+}
+
+/// A segment with the image's key that some process still has attached (here:
+/// the original tree, left running) is not taken over: the restore is refused,
+/// naming the key, before any process exists, and the running tree is untouched.
+#[test]
+fn restore_refuses_a_system_v_segment_in_use() -> Result<()> {
+    require_root!(Ok(()));
+    let key = SysvKey(0x7e50_0000 | (std::process::id() & 0xfff) << 4 | 3);
+    let key_arg = format!("{:#x}", key.0);
+    let mut t = Tree::start("sysv_pc", &[&key_arg])?;
+    t.ready(2)?;
+    t.dump(&["--leave-running"])?.ok()?;
+    // Held still, with its log cut back to the dump's, so that the log's check
+    // is not what refuses the restore; in a new PID namespace, so that the PIDs
+    // are not either.
+    for &p in &t.pids {
+        send_signal(p, libc::SIGSTOP)?;
+    }
+    t.cut_log_to_dump()?;
+    let run = run_restore(agent(), &t.image, &["--new-pid-ns"], &[]);
+    for &p in &t.pids {
+        send_signal(p, libc::SIGCONT)?;
+    }
+    let run = run?;
+    ensure!(
+        !run.success(),
+        "a restore over a segment in use succeeded\n{}",
+        run.describe()
+    );
+    ensure!(
+        run.stderr.contains("in use") && run.stderr.contains(&key_arg),
+        "the refusal does not say the segment {key_arg} is in use\n{}",
+        run.describe()
+    );
+    for &p in &t.pids {
+        ensure!(is_alive(p), "process {p} of the running tree is gone");
+    }
+    // The tree goes on (its log has a gap where it was cut: no continuity check,
+    // but none of its own checks may fail).
+    t.advance(MORE)?;
+    t.descendants.kill_all();
+    t.root.kill();
+    let log = fs::read_to_string(&t.log)?;
+    ensure!(
+        !log.lines().any(|l| l.starts_with("FAIL")),
+        "the running tree failed its checks:\n{log}"
+    );
+    Ok(())
 }
 
 #[test]
