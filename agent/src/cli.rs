@@ -79,13 +79,14 @@ pub enum Command {
     /// committed: an image exists only once its manifest does, and the manifest is
     /// written last.
     ///
-    /// Supported: memory of all kinds but System V shm and memfd, threads with full
+    /// Supported: memory of all kinds (memfds, deleted files, POSIX and System V
+    /// shared memory included: their content is saved), threads with full
     /// register/FPU/AVX state, signal state, timers, regular files, directories,
     /// /dev/{null,zero,random,urandom}, pipes and FIFOs with their buffered data,
     /// TCP connections and listeners (IPv4, IPv6; held still by an nftables lock
     /// while they are read), UDP sockets, epoll instances and eventfds.
-    /// Other descriptors (UNIX sockets, timerfd, signalfd, memfd, deleted files...)
-    /// abort the dump with a message naming the fd and the PID.
+    /// Other descriptors (UNIX sockets, timerfd, signalfd...) abort the dump with
+    /// a message naming the fd and the PID.
     #[command(verbatim_doc_comment)]
     Dump {
         /// Root of the process tree to dump.

@@ -539,6 +539,8 @@ impl<'a> DumpSession<'a> {
             let fds = self.table.dump_process(pid)?;
             self.fds_of.insert(pid, fds);
         }
+        // The memory objects behind descriptors, for the mappings to join.
+        self.shmem = std::mem::take(&mut self.table.shm);
         self.phases.mark("fd-table");
         Ok(())
     }
@@ -567,6 +569,7 @@ impl<'a> DumpSession<'a> {
         for pi in 0..self.frozen().procs.len() {
             self.capture_process(pi)?;
         }
+        self.table.adopt_objects(&self.shmem);
         let host = self.host.as_mut().expect("a tree has a root");
         host.xsave_size = self.processes[0].threads[0].xsave.len() as u32;
         self.phases.mark("threads+process");
@@ -699,6 +702,8 @@ impl<'a> DumpSession<'a> {
                 }
             }
         }
+        // Memory objects with a descriptor of ours: read whole, once.
+        jobs.extend(self.shmem.reads(chunk_size)?);
         let mut groups = mem::one_group_per_job(&jobs);
         let first_written = jobs.len();
         groups.extend(
@@ -892,17 +897,7 @@ impl<'a> DumpSession<'a> {
                 }
             }
         }
-        let mut shm_objs: Vec<image::SharedMemory> = self
-            .shmem
-            .size
-            .iter()
-            .map(|(&id, &size)| image::SharedMemory {
-                id,
-                size,
-                data: extents.remove(&Target::Shmem { id }).unwrap_or_default(),
-            })
-            .collect();
-        shm_objs.sort_by_key(|s| s.id);
+        let shm_objs = std::mem::take(&mut self.shmem).into_image(&mut extents);
         let mut checks = std::mem::take(&mut self.files.checks);
         for c in &mut checks {
             c.hash = crate::host::hash_prefix(&c.path, c.size)?;

@@ -34,10 +34,34 @@ fn kind_str(k: &MappingKind) -> String {
     match k {
         MappingKind::Anon { name } => name.clone().unwrap_or_else(|| "[anon]".into()),
         MappingKind::SharedAnon { shmem_id, .. } => format!("[shared anon #{shmem_id}]"),
+        MappingKind::Object { shmem_id, .. } => format!("[object #{shmem_id}]"),
         MappingKind::File { path, .. } => path.clone(),
         MappingKind::Vdso => "[vdso]".into(),
         MappingKind::Vvar => "[vvar]".into(),
         MappingKind::Vsyscall => "[vsyscall]".into(),
+    }
+}
+
+/// What backs a memory object, for `inspect --json`.
+fn backing_json(b: &ckpt_shared::image::ShmBacking) -> Value {
+    use ckpt_shared::image::ShmBacking;
+    match b {
+        ShmBacking::Anon => json!({"kind": "anon"}),
+        ShmBacking::Memfd { name, seals } => json!({"kind": "memfd", "name": name, "seals": seals}),
+        ShmBacking::Deleted { path, owner } => {
+            json!({"kind": "deleted", "path": path, "mode": owner.mode})
+        }
+        ShmBacking::Tmpfs { path, owner } => {
+            json!({"kind": "tmpfs", "path": path, "mode": owner.mode})
+        }
+        ShmBacking::SysV {
+            key,
+            shmid,
+            owner,
+            removed,
+        } => {
+            json!({"kind": "sysv", "key": key, "shmid": shmid, "mode": owner.mode, "removed": removed})
+        }
     }
 }
 
@@ -104,7 +128,7 @@ pub fn to_json(img: &Image) -> Value {
         "root_pid": img.root_pid,
         "stats": stats_json(img),
         "processes": procs,
-        "shared_memory": img.shmem.iter().map(|s| json!({"id": s.id, "size": s.size, "stored_bytes": s.data.iter().map(|e| e.bytes()).sum::<u64>()})).collect::<Vec<_>>(),
+        "shared_memory": img.shmem.iter().map(|s| json!({"id": s.id, "size": s.size, "stored_bytes": s.data.iter().map(|e| e.bytes()).sum::<u64>(), "backing": backing_json(&s.backing)})).collect::<Vec<_>>(),
         "file_checks": img.file_checks.iter().map(|c| json!({"path": c.path, "size": c.size, "hashed": c.hash.is_some()})).collect::<Vec<_>>(),
     })
 }

@@ -110,7 +110,7 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use ckpt_shared::codec;
-use ckpt_shared::image::{ChunkRef, Image, MappingKind, Process, PAGE_SIZE};
+use ckpt_shared::image::{ChunkRef, Image, MappingKind, Process, ShmBacking, PAGE_SIZE};
 use ckpt_shared::location::{ImageStore, ImageStoreError, Location};
 use ckpt_shared::objstore::{Drive, StoreConfig};
 use libc::pid_t;
@@ -461,7 +461,9 @@ struct Resources {
     tcp: Vec<fd::tcp::Rebuilt>,
     /// Controlling terminals for session leaders, until their groups are set.
     ctty: Vec<fd::pty::Ctty>,
-    shm: HashMap<u32, OwnedFd>,
+    /// Memory objects (shared anonymous memory, memfds, deleted and tmpfs files,
+    /// System V segments), made again.
+    objects: mem::Objects,
     /// By path and whether they are opened for writing.
     map_files: HashMap<(String, bool), OwnedFd>,
 }
@@ -577,20 +579,18 @@ impl<'a> RestoreSession<'a> {
 
     /// Descriptions, shared memory and mapped files, opened in the restorer.
     pub fn open_resources(&mut self) -> Result<(), RestoreError> {
+        self.res.objects = mem::Objects::make(&self.img.shmem)?;
+        self.fill_objects()?;
         let fd::Opened {
             fds,
             holders,
             tcp,
             ctty,
-        } = fd::open_all(&self.img.files, &self.opts.moves)?;
+        } = fd::open_all(&self.img.files, &self.opts.moves, &self.res.objects.fds)?;
         self.res.fds = fds;
         self.res.ctty = ctty;
         self.res.fifo_holders = holders;
         self.res.tcp = tcp;
-        for s in &self.img.shmem {
-            let fd = sys::restorer::memfd_sized(&format!("ckpt-shmem-{}", s.id), s.size)?;
-            self.res.shm.insert(s.id, fd);
-        }
         // Files behind mappings, opened once per path and mode.
         for p in &self.img.processes {
             for m in &p.mappings {
@@ -602,6 +602,35 @@ impl<'a> RestoreSession<'a> {
             open_map_file(&mut self.res.map_files, &p.mm.exe, false)?;
         }
         self.phases.mark("open-files");
+        Ok(())
+    }
+
+    /// The memory objects that are files get their content and their seals now,
+    /// before any husk maps them (see [`mem::object`]); shared anonymous memory is
+    /// filled with the husks' memory.
+    fn fill_objects(&mut self) -> Result<(), RestoreError> {
+        let direct: Vec<(ChunkRef, mem::Piece)> = self
+            .img
+            .shmem
+            .iter()
+            .filter(|s| s.backing != ShmBacking::Anon)
+            .flat_map(|s| {
+                let fd = self.res.objects.fds[&s.id].as_raw_fd();
+                s.data
+                    .iter()
+                    .map(move |e| (e.chunk, mem::Piece::of(Dest::Fd(fd), e)))
+            })
+            .collect();
+        if !direct.is_empty() {
+            self.written += mem::fill_pipelined(
+                mem::by_chunk(direct),
+                Vec::new(),
+                &self.store,
+                self.opts.workers,
+                |_| Ok::<(), RestoreError>(()),
+            )?;
+        }
+        self.res.objects.finish(&self.img.shmem)?;
         Ok(())
     }
 
@@ -691,17 +720,23 @@ impl<'a> RestoreSession<'a> {
                 hi,
                 h.pidfd_slot,
                 &self.res.map_files,
-                &self.res.shm,
+                &self.res.objects,
                 uffd.as_ref().map(|f| f.as_fd()),
                 &mut direct,
                 &mut self.segs,
             )?;
             self.uffds.extend(uffd);
         }
-        // Shared memory objects are filled through our memfd: the pages are the
-        // same ones the husks mapped.
-        for s in &self.img.shmem {
-            let fd = self.res.shm[&s.id].as_raw_fd();
+        self.res.objects.attached(&self.img.shmem)?;
+        // Shared anonymous objects are filled through our memfd: the pages are
+        // the same ones the husks mapped.
+        for s in self
+            .img
+            .shmem
+            .iter()
+            .filter(|s| s.backing == ShmBacking::Anon)
+        {
+            let fd = self.res.objects.fds[&s.id].as_raw_fd();
             direct.extend(
                 s.data
                     .iter()
@@ -720,7 +755,7 @@ impl<'a> RestoreSession<'a> {
         let hooks = &self.opts.hooks;
         let mut populated = 0usize;
         let husks = &mut self.husks;
-        self.written = mem::fill_pipelined(
+        self.written += mem::fill_pipelined(
             std::mem::take(&mut self.direct),
             std::mem::take(&mut self.segs),
             &self.store,
@@ -902,6 +937,8 @@ impl<'a> RestoreSession<'a> {
                 what: format!("finishing a TCP connection: {e}"),
             })?);
         }
+        // The tmpfs files take their paths (the last thing undone by a failure).
+        self.res.objects.publish(&self.img.shmem)?;
         // 1. Stop. Every thread is in a ptrace stop, so the signal only waits,
         // shared, in each process; any failure from here to the commit still
         // kills every husk (the guard).
@@ -1124,7 +1161,7 @@ fn map_memory(
     husk: usize,
     slot: u64,
     map_files: &HashMap<(String, bool), OwnedFd>,
-    shm_fds: &HashMap<u32, OwnedFd>,
+    objects: &mem::Objects,
     uffd: Option<BorrowedFd<'_>>,
     direct: &mut Vec<(ChunkRef, mem::Piece)>,
     segs: &mut Vec<mem::Segment>,
@@ -1192,8 +1229,24 @@ fn map_memory(
                     libc::MAP_PRIVATE as u64 | libc::MAP_ANONYMOUS as u64 | fixed | growsdown;
                 r.syscall(nr::MMAP, [m.start, len, prot_now, flags, u64::MAX, 0])?
             }
+            MappingKind::Object { shmem_id, .. } if objects.segments.contains_key(shmem_id) => {
+                attach_segment(r, m, objects.segments[shmem_id])?
+            }
+            MappingKind::Object { shmem_id, offset } => {
+                let src = objects.fds[shmem_id].as_raw_fd();
+                let fd = r.syscall(nr::PIDFD_GETFD, [slot, src as u64, 0, 0, 0, 0])?;
+                let share = if m.shared {
+                    libc::MAP_SHARED
+                } else {
+                    libc::MAP_PRIVATE
+                } as u64;
+                let flags = share | fixed | growsdown;
+                let got = r.syscall(nr::MMAP, [m.start, len, prot_now, flags, fd, *offset])?;
+                r.syscall(nr::CLOSE, [fd, 0, 0, 0, 0, 0])?;
+                got
+            }
             MappingKind::SharedAnon { shmem_id, offset } => {
-                let src = shm_fds[shmem_id].as_raw_fd();
+                let src = objects.fds[shmem_id].as_raw_fd();
                 let fd = r.syscall(nr::PIDFD_GETFD, [slot, src as u64, 0, 0, 0, 0])?;
                 let flags = libc::MAP_SHARED as u64 | fixed;
                 let got = r.syscall(nr::MMAP, [m.start, len, m.prot as u64, flags, fd, *offset])?;
@@ -1251,6 +1304,33 @@ fn map_memory(
         mem::segments(husk, host_pid, &m.data, segs);
     }
     Ok(())
+}
+
+/// Attaches System V segment `shmid` at mapping `m`'s address (injected
+/// `shmat`), with the mapping's protection.
+fn attach_segment(
+    r: &mut Remote,
+    m: &ckpt_shared::image::Mapping,
+    shmid: i32,
+) -> Result<u64, RestoreError> {
+    use ckpt_shared::image::prot;
+    const SHM_RDONLY: u64 = 0o10000;
+    const SHM_EXEC: u64 = 0o100000;
+    let mut flags = 0;
+    if m.prot & prot::WRITE == 0 {
+        flags |= SHM_RDONLY;
+    }
+    if m.prot & prot::EXEC != 0 {
+        flags |= SHM_EXEC;
+    }
+    let got = r.syscall(nr::SHMAT, [shmid as u64, m.start, flags, 0, 0, 0])?;
+    if got == m.start && m.prot & prot::READ == 0 {
+        r.syscall(
+            nr::MPROTECT,
+            [m.start, m.end - m.start, m.prot as u64, 0, 0, 0],
+        )?;
+    }
+    Ok(got)
 }
 
 fn finish_memory(r: &mut Remote, p: &Process) -> Result<(), RestoreError> {

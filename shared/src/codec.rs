@@ -147,6 +147,7 @@ pub fn decode_image(bytes: &[u8]) -> Result<Image, CodecError> {
     for e in image.extents() {
         e.check().map_err(CodecError::Invalid)?;
     }
+    image.check_objects().map_err(CodecError::Invalid)?;
     Ok(image)
 }
 
@@ -385,6 +386,7 @@ pub(crate) mod tests {
                 id: 0,
                 size: 4096,
                 data: vec![],
+                backing: Default::default(),
             }],
             file_checks: vec![FileCheck {
                 path: "/bin/true".into(),

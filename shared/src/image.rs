@@ -276,6 +276,11 @@ pub enum MappingKind {
     /// A shared anonymous object, filled once from [`Image::shmem`] and mapped by
     /// every process that shares it.
     SharedAnon { shmem_id: u32, offset: u64 },
+    /// A file whose content the image holds ([`Image::shmem`], with its
+    /// [`ShmBacking`]: a memfd, a deleted file, a file on tmpfs, a System V
+    /// segment), mapped at `offset` of it. A shared mapping's pages are the
+    /// object's; a private one keeps only the process's own copies in `data`.
+    Object { shmem_id: u32, offset: u64 },
     /// A regular file. `check` indexes [`Image::file_checks`].
     File {
         path: String,
@@ -395,7 +400,8 @@ impl ChunkRef {
     }
 }
 
-/// A shared anonymous memory object.
+/// A memory object whose content the image holds: shared anonymous memory, or a
+/// file of one of the kinds of [`ShmBacking`].
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct SharedMemory {
     pub id: u32,
@@ -403,6 +409,43 @@ pub struct SharedMemory {
     pub size: u64,
     /// Contents; `Extent::addr` is an offset into the object.
     pub data: Vec<Extent>,
+    /// What the object is, and so how the restore makes it again.
+    #[serde(default)]
+    pub backing: ShmBacking,
+}
+
+/// What backs a memory object of [`Image::shmem`].
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub enum ShmBacking {
+    /// Shared anonymous memory (`MAP_SHARED | MAP_ANONYMOUS`, `/dev/zero`).
+    #[default]
+    Anon,
+    /// A memfd: its name (without `memfd:`) and its seals (`F_GET_SEALS`; a memfd
+    /// made without `MFD_ALLOW_SEALING` has `F_SEAL_SEAL`).
+    Memfd { name: String, seals: u32 },
+    /// A file unlinked while the tree held it: made again unlinked, in the
+    /// directory of `path` (the name it had).
+    Deleted { path: String, owner: FileOwner },
+    /// A file on a tmpfs (`/dev/shm`: POSIX shared memory) that the tree maps
+    /// shared: made again at `path` with the image's content.
+    Tmpfs { path: String, owner: FileOwner },
+    /// A System V shared memory segment.
+    SysV {
+        key: i32,
+        shmid: i32,
+        owner: FileOwner,
+        /// Marked for removal (`IPC_RMID`) while attached.
+        removed: bool,
+    },
+}
+
+/// Mode and owner of a file or segment.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct FileOwner {
+    /// Permission bits (`0o7777` at most).
+    pub mode: u32,
+    pub uid: u32,
+    pub gid: u32,
 }
 
 /// A descriptor slot.
@@ -482,6 +525,12 @@ pub enum FileKind {
     EventFd {
         count: u64,
         semaphore: bool,
+    },
+    /// A descriptor of a memory object of [`Image::shmem`] (a memfd, a deleted
+    /// file, a file on tmpfs that the tree maps shared), at position `pos`.
+    Object {
+        shmem_id: u32,
+        pos: u64,
     },
     /// An epoll instance and what it watches. The restore registers the targets
     /// again from inside the first process that holds it, once its descriptors
@@ -748,4 +797,108 @@ pub struct FileCheck {
     /// BLAKE3 of the content, for files small enough to hash at dump time (a file
     /// with the same content is accepted even if it was copied or touched).
     pub hash: Option<[u8; 32]>,
+}
+
+impl Image {
+    /// Every memory object's content lies inside it, and every mapping or descriptor
+    /// of an object names one the image has.
+    pub fn check_objects(&self) -> Result<(), String> {
+        let image = self;
+        let mut ids = std::collections::HashSet::new();
+        for s in &image.shmem {
+            if !ids.insert(s.id) {
+                return Err(format!("memory object {} appears twice", s.id));
+            }
+            let room = s.size.div_ceil(PAGE_SIZE) * PAGE_SIZE;
+            if let Some(e) = s.data.iter().find(|e| e.end() > room) {
+                return Err(format!(
+                    "memory object {} of {} bytes has content at {:#x}..{:#x}",
+                    s.id,
+                    s.size,
+                    e.addr,
+                    e.end()
+                ));
+            }
+        }
+        let known = |id: &u32, what: &str| {
+            if ids.contains(id) {
+                Ok(())
+            } else {
+                Err(format!(
+                    "{what} names memory object {id}, which the image lacks"
+                ))
+            }
+        };
+        for p in &image.processes {
+            for m in &p.mappings {
+                if let MappingKind::SharedAnon { shmem_id, .. }
+                | MappingKind::Object { shmem_id, .. } = &m.kind
+                {
+                    known(
+                        shmem_id,
+                        &format!("mapping {:#x} of PID {}", m.start, p.pid),
+                    )?;
+                }
+            }
+        }
+        for f in &image.files {
+            if let FileKind::Object { shmem_id, .. } = &f.kind {
+                known(shmem_id, &format!("open file {}", f.id))?;
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Memory objects are untrusted input too: content past an object's end, a
+    /// mapping or descriptor of an object the image lacks, an id twice.
+    #[test]
+    fn images_with_bad_memory_objects_are_refused() {
+        use crate::codec::{decode_image, encode_image, tests::sample_image, CodecError};
+        let bad = |edit: &dyn Fn(&mut Image), needle: &str| {
+            let mut img = sample_image();
+            edit(&mut img);
+            match decode_image(&encode_image(&img).unwrap()) {
+                Err(CodecError::Invalid(m)) => assert!(m.contains(needle), "{m}"),
+                other => panic!("expected Invalid ({needle}), got {other:?}"),
+            }
+        };
+        let chunk = ChunkRef {
+            hash: [1; 32],
+            len: 4096,
+        };
+        bad(
+            &|img| img.shmem[0].data.push(Extent::whole(4096, chunk)),
+            "has content at",
+        );
+        bad(
+            &|img| {
+                img.processes[0].mappings[0].kind = MappingKind::Object {
+                    shmem_id: 9,
+                    offset: 0,
+                }
+            },
+            "lacks",
+        );
+        bad(
+            &|img| {
+                img.files[0].kind = FileKind::Object {
+                    shmem_id: 9,
+                    pos: 0,
+                }
+            },
+            "lacks",
+        );
+        bad(
+            &|img| {
+                let again = img.shmem[0].clone();
+                img.shmem.push(again)
+            },
+            "twice",
+        );
+    }
 }

@@ -22,7 +22,8 @@ use libc::pid_t;
 use serde_json::Value;
 
 use super::{
-    chardev, dir, epoll, eventfd, file, inherited, pipe, pty, signalfd, tcp, timerfd, udp, unix,
+    chardev, dir, epoll, eventfd, file, inherited, object, pipe, pty, signalfd, tcp, timerfd,
+    udp, unix,
 };
 use super::{FdError, FdTable, Meta, Moves};
 
@@ -72,6 +73,8 @@ pub struct Opening<'a> {
     pub unix: unix::Opening,
     /// Rebuilt pseudo-terminal pairs, by their `N` at the dump.
     pub ptys: HashMap<u32, pty::Rebuilt>,
+    /// The restorer's descriptors of the image's memory objects, by id.
+    pub objects: &'a HashMap<u32, OwnedFd>,
 }
 
 /// Save and restore of one kind of open file description.
@@ -125,6 +128,7 @@ pub const STEPS: &[Step] = &[
     Step::Kind(&timerfd::TimerFd),
     Step::Kind(&signalfd::SignalFd),
     Step::Refuse(other_anon_inode),
+    Step::Kind(&object::Object),
     Step::Refuse(deleted),
     Step::Kind(&dir::Dir),
     Step::Kind(&file::File),
@@ -198,7 +202,8 @@ fn other_anon_inode(seen: &Seen<'_>) -> Option<FdError> {
     )))
 }
 
-/// A file deleted since it was opened: nothing to open again by path.
+/// A file deleted since it was opened that the object kind did not take (not a
+/// regular file): nothing to open again by path.
 fn deleted(seen: &Seen<'_>) -> Option<FdError> {
     seen.link
         .ends_with(" (deleted)")
@@ -283,6 +288,10 @@ mod tests {
                 sndbuf: 0,
                 rcvbuf: 0,
             })),
+            FileKind::Object {
+                shmem_id: 0,
+                pos: 0,
+            },
             FileKind::Epoll {
                 targets: vec![EpollTarget {
                     fd: 1,

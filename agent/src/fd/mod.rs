@@ -22,6 +22,8 @@
 //!   controlling terminal (`pty.rs`, queues in `ptyq.rs`);
 //! - timerfds, with their clock, time left, interval and the expirations not yet
 //!   read (`timerfd.rs`), and signalfds with their mask (`signalfd.rs`);
+//! - descriptors of memory objects (memfds, deleted files, tmpfs files the tree
+//!   maps shared), whose content the image holds ([`object`]);
 //! - established TCP connections, with their queues, read under the job's
 //!   network lock with `TCP_REPAIR`, and listening TCP sockets without pending
 //!   connections ([`tcp`]);
@@ -30,7 +32,7 @@
 //!
 //! Descriptors 0–2 that lead out of the tree (a terminal, a pipe or a socket to
 //! the shell) are inherited from the restore command (`inherited.rs`). Everything
-//! else (UNIX sockets, inotify, deleted files, other devices) is
+//! else (inotify, other devices) is
 //! refused at dump with a message naming the fd and the PID.
 
 mod chardev;
@@ -40,6 +42,7 @@ mod eventfd;
 mod file;
 mod inherited;
 pub mod kind;
+pub mod object;
 pub mod pipe;
 pub mod pty;
 mod ptyq;
@@ -163,6 +166,9 @@ pub struct FdTable {
     pub cloexec_later: Vec<(pid_t, RawFd)>,
     /// Our duplicates of the pty masters, read by [`FdTable::finish`].
     ptys: Vec<pty::HeldMaster>,
+    /// The memory objects found behind descriptors (memfds, deleted files); the
+    /// dump hands them on to the mappings' classification.
+    pub shm: crate::mem::ShmemPlan,
 }
 
 /// Our duplicate of an established TCP socket of the tree.
@@ -300,6 +306,19 @@ impl FdTable {
         Ok(())
     }
 
+    /// Once the mappings are classified: a regular file that the tree also maps
+    /// as a memory object (a tmpfs file mapped shared) is a descriptor of that
+    /// object, so that it reaches the file the restore makes, not the path.
+    pub fn adopt_objects(&mut self, objects: &crate::mem::ShmemPlan) {
+        for (f, &(_, _, dev, ino)) in self.files.iter_mut().zip(&self.reps) {
+            if let FileKind::Regular { pos, .. } = f.kind {
+                if let Some(id) = objects.known(dev, ino) {
+                    f.kind = FileKind::Object { shmem_id: id, pos };
+                }
+            }
+        }
+    }
+
     /// After every process: anonymous pipes and pty slaves with an end outside the
     /// tree can only be inherited stdio; epoll instances must watch descriptors
     /// still open where they are filled again; the pty pairs are read (still
@@ -435,9 +454,14 @@ pub fn trimmed(
 
 /// Open every description of the image in the restorer: first what needs the
 /// whole image (pipes, then TCP), then each description by its kind.
-pub fn open_all(files: &[OpenFile], moves: &Moves) -> Result<Opened, FdError> {
+pub fn open_all(
+    files: &[OpenFile],
+    moves: &Moves,
+    objects: &HashMap<u32, OwnedFd>,
+) -> Result<Opened, FdError> {
     let mut o = kind::Opening {
         moves,
+        objects,
         pipes: HashMap::new(),
         holders: Vec::new(),
         tcp: tcp::Opening::default(),

@@ -28,6 +28,7 @@ pub mod pidns;
 pub mod proc;
 pub mod ptrace;
 pub mod restorer;
+pub mod shm;
 pub mod signal;
 pub mod socket;
 pub mod spawn;
