@@ -268,3 +268,39 @@ fn named_and_abstract_datagram_sockets_are_bound_again_and_keep_their_queue() ->
     ensure!(text().contains("got m1 m22 m333"), "{}", text());
     Ok(())
 }
+
+#[test]
+fn a_unix_socket_connected_outside_the_tree_is_refused_and_the_tree_runs_on() -> Result<()> {
+    require_root!(Ok(()));
+    let dir = tempfile::tempdir()?;
+    let at = dir.path().join("outside.sock");
+    // The other end is held by this test, outside the dumped tree.
+    let listener = std::os::unix::net::UnixListener::bind(&at)?;
+    let log = dir.path().join("log");
+    let script = format!(
+        "import socket, time\n\
+         s = socket.socket(socket.AF_UNIX); s.connect('{}')\n\
+         print('ready', flush=True)\n\
+         time.sleep(600)\n",
+        at.display()
+    );
+    let child = program_command("python3", ["-c", &script], &log)?.spawn()?;
+    let pid = child.id() as i32;
+    let _guard = ProcGuard::new(child);
+    let (_outside_end, _) = listener.accept()?;
+    let text = || std::fs::read_to_string(&log).unwrap_or_default();
+    ensure!(wait_for(|| text().contains("ready"), WAIT), "{}", text());
+    let run = run_dump(agent(), pid, &dir.path().join("img"), &[], &[])?;
+    ensure!(!run.success(), "the dump succeeded: {}", run.stdout);
+    ensure!(
+        run.stderr.contains(&format!("of PID {pid}"))
+            && run.stderr.contains("which no process of the tree holds"),
+        "{}",
+        run.stderr
+    );
+    ensure!(
+        is_alive(pid) && !is_stopped(pid),
+        "the process does not run on"
+    );
+    Ok(())
+}
