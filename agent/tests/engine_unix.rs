@@ -304,3 +304,31 @@ fn a_unix_socket_connected_outside_the_tree_is_refused_and_the_tree_runs_on() ->
     );
     Ok(())
 }
+
+#[test]
+fn a_unix_socket_shut_down_is_refused_and_the_tree_runs_on() -> Result<()> {
+    require_root!(Ok(()));
+    let dir = tempfile::tempdir()?;
+    let log = dir.path().join("log");
+    let script = "import socket, time\n\
+                  a, b = socket.socketpair(); a.shutdown(socket.SHUT_WR)\n\
+                  print('ready', flush=True)\n\
+                  time.sleep(600)\n";
+    let child = program_command("python3", ["-c", script], &log)?.spawn()?;
+    let pid = child.id() as i32;
+    let _guard = ProcGuard::new(child);
+    let text = || std::fs::read_to_string(&log).unwrap_or_default();
+    ensure!(wait_for(|| text().contains("ready"), WAIT), "{}", text());
+    let run = run_dump(agent(), pid, &dir.path().join("img"), &[], &[])?;
+    ensure!(!run.success(), "the dump succeeded: {}", run.stdout);
+    ensure!(
+        run.stderr.contains("a shutdown is not saved"),
+        "{}",
+        run.stderr
+    );
+    ensure!(
+        is_alive(pid) && !is_stopped(pid),
+        "the process does not run on"
+    );
+    Ok(())
+}
