@@ -12,12 +12,12 @@
 //! when the test ends, even when it fails.
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::Duration;
 
 use anyhow::{ensure, Context, Result};
 use ckpt_tests::process::is_stopped;
 use ckpt_tests::ticks::{check_log, last_tick};
+use ckpt_tests::workload::program_command;
 use ckpt_tests::{
     expect_killed_by_dump, guard_restored, is_alive, last_line_pid, require_root, run_agent,
     run_dump, run_restore, spawn_workload, tree_pids, wait_for, wait_for_tick, PidsGuard,
@@ -189,15 +189,9 @@ fn descriptors_in_flight_are_refused_naming_the_process_and_the_tree_runs_on() -
                   print('ready', flush=True)\n\
                   n = 0\n\
                   while True:\n    n += 1\n    print('alive', n, flush=True)\n    time.sleep(0.05)\n";
-    let out = std::fs::File::create(&log)?;
-    let child = Command::new("python3")
-        .args(["-c", script])
-        .stdin(std::process::Stdio::null())
-        .stdout(out.try_clone()?)
-        .stderr(out)
-        .spawn()?;
+    let child = program_command("python3", ["-c", script], &log)?.spawn()?;
     let pid = child.id() as i32;
-    let _guard = PidsGuard::new([pid]);
+    let _guard = ProcGuard::new(child);
     ensure!(
         wait_for(
             || std::fs::read_to_string(&log).is_ok_and(|t| t.contains("ready")),
@@ -222,6 +216,118 @@ fn descriptors_in_flight_are_refused_naming_the_process_and_the_tree_runs_on() -
             || alive(&std::fs::read_to_string(&log).unwrap_or_default()) > before + 3,
             Duration::from_secs(10)
         ),
+        "the process does not run on"
+    );
+    Ok(())
+}
+
+#[test]
+fn named_and_abstract_datagram_sockets_are_bound_again_and_keep_their_queue() -> Result<()> {
+    require_root!(Ok(()));
+    let dir = tempfile::tempdir()?;
+    let d = dir.path().to_str().unwrap().to_string();
+    let log = dir.path().join("log");
+    let script = format!(
+        "import os, socket, time\n\
+         srv = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM); srv.bind('{d}/srv.sock')\n\
+         cli = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)\n\
+         cli.bind('\\0ckpt-test-{{}}'.format(os.getpid())); cli.connect('{d}/srv.sock')\n\
+         for m in (b'm1', b'm22', b'm333'): srv.sendto(m, cli.getsockname())\n\
+         print('ready', flush=True)\n\
+         while not os.path.exists('{d}/go'): time.sleep(0.02)\n\
+         print('got', *[cli.recv(100).decode() for _ in range(3)], flush=True)\n\
+         cli.send(b'ping'); m, a = srv.recvfrom(100)\n\
+         srv.sendto(b'pong', a); print('reply', cli.recv(100).decode(), flush=True)\n\
+         time.sleep(600)\n"
+    );
+    let child = program_command("python3", ["-c", &script], &log)?.spawn()?;
+    let pid = child.id() as i32;
+    let mut root = ProcGuard::new(child);
+    let text = || std::fs::read_to_string(&log).unwrap_or_default();
+    ensure!(wait_for(|| text().contains("ready"), WAIT), "{}", text());
+    let img = dir.path().join("img");
+    let run = run_dump(agent(), pid, &img, &[], &[])?.ok()?;
+    expect_killed_by_dump(&run, &mut root, &PidsGuard::default(), &img, WAIT)?;
+    let shown = run_agent(agent(), &["inspect", "--image", img.to_str().unwrap()])?
+        .ok()?
+        .stdout;
+    ensure!(shown.contains(&format!("at {d}/srv.sock")), "{shown}");
+    ensure!(shown.contains("at @ckpt-test-"), "{shown}");
+    ensure!(shown.contains("3 message(s) (9 bytes) queued"), "{shown}");
+    // The killed process left its socket file: the restore replaces it.
+    ensure!(Path::new(&format!("{d}/srv.sock")).exists());
+    let run = run_restore(agent(), &img, &[], &[])?;
+    guard_restored(&run, &mut root);
+    run.ok()?;
+    std::fs::write(format!("{d}/go"), b"")?;
+    ensure!(
+        wait_for(|| text().contains("reply pong"), WAIT),
+        "{}",
+        text()
+    );
+    ensure!(text().contains("got m1 m22 m333"), "{}", text());
+    Ok(())
+}
+
+#[test]
+fn a_unix_socket_connected_outside_the_tree_is_refused_and_the_tree_runs_on() -> Result<()> {
+    require_root!(Ok(()));
+    let dir = tempfile::tempdir()?;
+    let at = dir.path().join("outside.sock");
+    // The other end is held by this test, outside the dumped tree.
+    let listener = std::os::unix::net::UnixListener::bind(&at)?;
+    let log = dir.path().join("log");
+    let script = format!(
+        "import socket, time\n\
+         s = socket.socket(socket.AF_UNIX); s.connect('{}')\n\
+         print('ready', flush=True)\n\
+         time.sleep(600)\n",
+        at.display()
+    );
+    let child = program_command("python3", ["-c", &script], &log)?.spawn()?;
+    let pid = child.id() as i32;
+    let _guard = ProcGuard::new(child);
+    let (_outside_end, _) = listener.accept()?;
+    let text = || std::fs::read_to_string(&log).unwrap_or_default();
+    ensure!(wait_for(|| text().contains("ready"), WAIT), "{}", text());
+    let run = run_dump(agent(), pid, &dir.path().join("img"), &[], &[])?;
+    ensure!(!run.success(), "the dump succeeded: {}", run.stdout);
+    ensure!(
+        run.stderr.contains(&format!("of PID {pid}"))
+            && run.stderr.contains("which no process of the tree holds"),
+        "{}",
+        run.stderr
+    );
+    ensure!(
+        is_alive(pid) && !is_stopped(pid),
+        "the process does not run on"
+    );
+    Ok(())
+}
+
+#[test]
+fn a_unix_socket_shut_down_is_refused_and_the_tree_runs_on() -> Result<()> {
+    require_root!(Ok(()));
+    let dir = tempfile::tempdir()?;
+    let log = dir.path().join("log");
+    let script = "import socket, time\n\
+                  a, b = socket.socketpair(); a.shutdown(socket.SHUT_WR)\n\
+                  print('ready', flush=True)\n\
+                  time.sleep(600)\n";
+    let child = program_command("python3", ["-c", script], &log)?.spawn()?;
+    let pid = child.id() as i32;
+    let _guard = ProcGuard::new(child);
+    let text = || std::fs::read_to_string(&log).unwrap_or_default();
+    ensure!(wait_for(|| text().contains("ready"), WAIT), "{}", text());
+    let run = run_dump(agent(), pid, &dir.path().join("img"), &[], &[])?;
+    ensure!(!run.success(), "the dump succeeded: {}", run.stdout);
+    ensure!(
+        run.stderr.contains("a shutdown is not saved"),
+        "{}",
+        run.stderr
+    );
+    ensure!(
+        is_alive(pid) && !is_stopped(pid),
         "the process does not run on"
     );
     Ok(())

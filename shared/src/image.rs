@@ -901,4 +901,43 @@ mod tests {
             "twice",
         );
     }
+
+    /// The shapes of these kinds before their socket options were kept.
+    #[derive(Serialize)]
+    enum Old {
+        TcpListen { addr: SocketAddr, backlog: u32 },
+    }
+
+    #[derive(Serialize)]
+    struct OldUdp {
+        reuseaddr: bool,
+        reuseport: bool,
+        broadcast: bool,
+        sndbuf: u32,
+        rcvbuf: u32,
+    }
+
+    #[test]
+    fn images_written_before_the_socket_options_still_decode_with_the_defaults() {
+        let addr: SocketAddr = "[::]:7000".parse().unwrap();
+        let old = rmp_serde::to_vec_named(&Old::TcpListen { addr, backlog: 5 }).unwrap();
+        let k: FileKind = rmp_serde::from_slice(&old).unwrap();
+        assert_eq!(
+            k,
+            FileKind::TcpListen {
+                addr,
+                backlog: 5,
+                opts: SockOpts::default()
+            }
+        );
+        let udp = OldUdp {
+            reuseaddr: true,
+            reuseport: false,
+            broadcast: false,
+            sndbuf: 1,
+            rcvbuf: 2,
+        };
+        let u: UdpOpts = rmp_serde::from_slice(&rmp_serde::to_vec_named(&udp).unwrap()).unwrap();
+        assert!(u.reuseaddr && !u.v6only && u.rcvbuf == 2);
+    }
 }

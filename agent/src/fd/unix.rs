@@ -15,7 +15,8 @@
 //! in flight (`SCM_RIGHTS`: restoring them would need the whole descriptor table
 //! of a process that does not exist), a peer outside the tree or closed, a
 //! listener with connections not accepted yet, a datagram socket with messages
-//! queued and no peer to write them back from, a name bound at a relative path.
+//! queued and no peer to write them back from, a name bound at a relative path, a
+//! socket shut down (by `shutdown(2)`, or a stream whose peer has shut its side).
 //!
 //! The restore makes each connected pair again with `socketpair` (both ends of a
 //! pair are in the image): the ends are then unnamed, where an accepted end of a
@@ -164,6 +165,12 @@ fn capture(seen: &Seen<'_>, fd: BorrowedFd<'_>, ty: i32) -> Result<UnixSock, FdE
             "listening, with {} connection(s) not yet accepted; save again once the \
              application has accepted them",
             d.rqueue
+        )));
+    }
+    if d.shutdown != 0 {
+        return Err(err(format!(
+            "shut down {} (by shutdown(2), or its peer closed): a shutdown is not saved",
+            ["", "for reading", "for writing", "both ways"][(d.shutdown & 3) as usize]
         )));
     }
     if ty != libc::SOCK_DGRAM && d.state == TCP_ESTABLISHED && d.peer == 0 {

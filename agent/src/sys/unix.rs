@@ -19,6 +19,7 @@ const UDIAG_SHOW_PEER: u32 = 0x4;
 const UDIAG_SHOW_RQLEN: u32 = 0x10;
 const UNIX_DIAG_PEER: u16 = 2;
 const UNIX_DIAG_RQLEN: u16 = 4;
+const UNIX_DIAG_SHUTDOWN: u16 = 6;
 
 /// What the diagnostics say of one UNIX socket.
 #[derive(Debug, Clone, Copy, Default)]
@@ -31,6 +32,9 @@ pub struct Diag {
     /// others: bytes queued to read and bytes written not read by the peer.
     pub rqueue: u32,
     pub wqueue: u32,
+    /// `sk_shutdown`: 1 receive side shut, 2 send side (by shutdown(2) or the
+    /// peer's); always reported.
+    pub shutdown: u8,
 }
 
 /// The diagnostics of the UNIX socket of inode `ino`, in our network namespace.
@@ -103,6 +107,7 @@ fn parse(b: &[u8], ino: u64) -> io::Result<Diag> {
                 d.rqueue = u32_at(b, at + 4)?;
                 d.wqueue = u32_at(b, at + 8)?;
             }
+            UNIX_DIAG_SHUTDOWN => d.shutdown = *b.get(at + 4).unwrap_or(&0),
             _ => {}
         }
         at += (alen + 3) & !3;
