@@ -22,8 +22,8 @@ use libc::pid_t;
 use serde_json::Value;
 
 use super::{
-    chardev, dir, epoll, eventfd, file, inherited, object, pipe, pty, signalfd, tcp, timerfd,
-    udp, unix,
+    chardev, dir, epoll, eventfd, file, inherited, object, pipe, pty, signalfd, tcp, timerfd, udp,
+    unix,
 };
 use super::{FdError, FdTable, Meta, Moves};
 
