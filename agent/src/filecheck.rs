@@ -20,8 +20,10 @@
 //! After a `--leave-running` dump the tree goes on writing: by the time the job
 //! dies and is restarted from that checkpoint, its output holds what it wrote
 //! after the checkpoint, which the restored run writes again. So the dump hashes
-//! the bytes a written file held at the freeze while the tree is still frozen,
-//! and the restore, by default ([`ChangedFiles::Truncate`]):
+//! the bytes a written file held at the freeze while the tree is still frozen
+//! (files up to the hash limit, 64 MiB: reading them lengthens the freeze of a
+//! `--leave-running` dump by that much; without it the tree never runs again and
+//! they are hashed after), and the restore, by default ([`ChangedFiles::Truncate`]):
 //! - a file that **grew** and whose first `size` bytes are the ones hashed at the
 //!   freeze is truncated to `size`: the output ends where it ended at the
 //!   checkpoint, and the restored run continues it byte for byte as an
@@ -36,7 +38,9 @@
 //!   written are gone).
 //!
 //! With [`ChangedFiles::Keep`] (`--changed-files=keep`) a written file is left as
-//! it is, whatever happened to it, and the summary names it.
+//! it is, whatever happened to it, and the summary names it. A job restore (the
+//! agent daemon) always uses the default: the controller does not pass a policy
+//! down yet.
 //!
 //! The truncation is done at the release, after every process of the tree is
 //! rebuilt and before any of it runs (so a restore refused earlier, for any

@@ -61,7 +61,11 @@
 //!   are dead they are reparented to the nearest subreaper (or init), which
 //!   reaps them (the tests are a subreaper and reap them). The other husks are
 //!   children of husks, which die too, so they are reparented the same way.
-//!   While we live, `Husks`'s drop kills and waits for each one.
+//!   While we live, `Husks`'s drop kills and waits for each one, its threads
+//!   first; `ckpt-agent restore` is a subreaper, so the husks whose parent husk
+//!   died are its children then, and a refused restore returns with none of the
+//!   image's PIDs held, not even by a zombie (a daemon that is no subreaper
+//!   waits up to 2 s for an outside reaper).
 //!
 //! # The release
 //!
@@ -272,16 +276,25 @@ impl Drop for Husks {
         if self.released {
             return;
         }
+        // The threads too: each traced thread's exit waits for us, and a
+        // leader's is not reported before its other threads' are collected.
+        let tids: Vec<Vec<pid_t>> = self
+            .pids
+            .iter()
+            .map(|&p| sys::proc::tasks(p).unwrap_or_default())
+            .collect();
         for &p in &self.pids {
             let _ = sys::kill(p, libc::SIGKILL);
         }
         if let Some(p) = self.ns_init {
             let _ = sys::kill(p, libc::SIGKILL);
         }
-        for &p in &self.pids {
-            while let Ok(s) = ptrace::wait(p) {
-                if matches!(s, Stop::Exited(_) | Stop::Killed(_)) {
-                    break;
+        for (&p, tids) in self.pids.iter().zip(&tids) {
+            for &t in tids.iter().filter(|&&t| t != p).chain(std::iter::once(&p)) {
+                while let Ok(s) = ptrace::wait(t) {
+                    if matches!(s, Stop::Exited(_) | Stop::Killed(_)) {
+                        break;
+                    }
                 }
             }
         }
@@ -291,11 +304,12 @@ impl Drop for Husks {
 
 impl Husks {
     /// Waits, briefly, until no killed husk holds its PID, not even as a zombie.
-    /// The root husk and a namespace's init are our children; the other husks'
-    /// zombies pass, when their parent husk dies, to the nearest subreaper: this
-    /// process when it is one (`ckpt-agent restore` is, see
-    /// [`sys::spawn::become_subreaper`]), and we reap them here; else a reaper
-    /// outside, which we can only wait for.
+    /// The root husk and a namespace's init are our children; every other husk
+    /// passes, when its parent husk dies, to the nearest subreaper: this process
+    /// when it is one (`ckpt-agent restore` is, see
+    /// [`sys::spawn::become_subreaper`]), and then the wait above (parents
+    /// first) has reaped it already, or we reap it here; else to a reaper
+    /// outside (the agent daemon is none), which we can only wait for.
     fn reap(&self) {
         let mut left: Vec<pid_t> = self.pids.iter().copied().chain(self.ns_init).collect();
         let deadline = Instant::now() + std::time::Duration::from_secs(2);
