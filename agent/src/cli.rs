@@ -168,6 +168,12 @@ pub enum Command {
         /// one chunk (default 16: 64 MiB with the 4 MiB chunks of s3:// dumps).
         #[arg(long)]
         workers: Option<usize>,
+        /// Output the tree wrote (a file it held open for writing) that grew after a
+        /// --leave-running dump: `truncate` brings it back to its size at the
+        /// checkpoint, as an uninterrupted run would have it; `keep` leaves it as it
+        /// is. Files the tree only read or maps executable must be unchanged.
+        #[arg(long, value_name = "truncate|keep", default_value = "truncate")]
+        changed_files: crate::filecheck::ChangedFiles,
         /// Where the journals live that let a watchdog kill a half-restored tree
         /// if this process dies before the release (see `ckpt-agent rescue --help`).
         #[arg(long, env = "CKPT_RESCUE_DIR", default_value = crate::rescue::DEFAULT_DIR)]
@@ -744,8 +750,12 @@ pub fn run(cli: Cli) -> Result<()> {
             image,
             new_pid_ns,
             workers,
+            changed_files,
             rescue_dir,
         } => {
+            // The husks of a failed restore are reaped before we return (see
+            // `restore::Husks`).
+            crate::sys::spawn::become_subreaper().context("PR_SET_CHILD_SUBREAPER")?;
             let rescue = std::sync::Arc::new(crate::rescue::Watch::start(&rescue_dir)?);
             let opts = crate::restore::RestoreOptions {
                 image: image.clone(),
@@ -756,6 +766,7 @@ pub fn run(cli: Cli) -> Result<()> {
                 fill: fill(),
                 hooks: hooks(),
                 rescue: Some(rescue),
+                changed_files,
             };
             let rep = crate::restore::restore(&opts)
                 .with_context(|| format!("restore from {image} failed; no process was started"))?;
@@ -768,6 +779,9 @@ pub fn run(cli: Cli) -> Result<()> {
                 rep.uffd_processes,
                 rep.processes
             );
+            for c in &rep.changed_files {
+                eprintln!("{c}");
+            }
             outln!("{}", rep.root_pid);
         }
         Command::Images { op } => images(op)?,

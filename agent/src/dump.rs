@@ -749,12 +749,27 @@ impl<'a> DumpSession<'a> {
             for m in &mut p.mappings {
                 if let MappingKind::File { path, check, .. } = &mut m.kind {
                     *check = self.files.of(path)?;
+                    if m.prot & image::prot::EXEC != 0 {
+                        self.files.checks[*check as usize].mapped_exec = true;
+                    }
                 }
             }
         }
         for f in &mut self.table.files {
             if let FileKind::Regular { path, check, .. } = &mut f.kind {
                 *check = self.files.of(path)?;
+                let acc = f.flags & libc::O_ACCMODE as u32;
+                if acc == libc::O_WRONLY as u32 || acc == libc::O_RDWR as u32 {
+                    self.files.checks[*check as usize].written = true;
+                }
+            }
+        }
+        // A tree left running goes on writing its output: the bytes it had
+        // written at the freeze are hashed now, while it is still frozen (the
+        // other files after the thaw, in `image`).
+        if self.opts.leave_running {
+            for c in self.files.checks.iter_mut().filter(|c| c.written) {
+                c.hash = crate::host::hash_prefix(&c.path, c.size)?;
             }
         }
         Ok(())
@@ -899,8 +914,15 @@ impl<'a> DumpSession<'a> {
         }
         let shm_objs = std::mem::take(&mut self.shmem).into_image(&mut extents);
         let mut checks = std::mem::take(&mut self.files.checks);
-        for c in &mut checks {
+        for c in checks.iter_mut().filter(|c| c.hash.is_none() && !c.written) {
             c.hash = crate::host::hash_prefix(&c.path, c.size)?;
+        }
+        // Without --leave-running the tree never ran again: its output is still
+        // as it was at the freeze.
+        if !self.opts.leave_running {
+            for c in checks.iter_mut().filter(|c| c.written) {
+                c.hash = crate::host::hash_prefix(&c.path, c.size)?;
+            }
         }
         self.phases.mark("file-hashes");
         let parent = self

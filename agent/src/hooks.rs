@@ -12,7 +12,8 @@
 #[derive(Debug, Clone, Default)]
 pub struct Hooks {
     /// Stage at which a dump fails (`before-freeze`, `after-seize`, `after-regs`, `after-files`,
-    /// `after-memory`, `before-commit`).
+    /// `after-memory`, `before-commit`), or a restore (`restore:tree`: every husk
+    /// exists; `restore:threads`: every thread too).
     #[cfg(feature = "test-hooks")]
     pub fault: Option<String>,
     /// Point of a job's save or restore at which the daemon stops answering

@@ -4,7 +4,8 @@
 //! bytes and the vvar size); restore refuses, before anything is created, an image
 //! whose threads need CPU state this host lacks, whose vDSO differs (the tree comes
 //! back with its vDSO at the old address, and saved pointers into it must still
-//! point at the same code), whose PIDs are taken, or whose files changed.
+//! point at the same code), whose PIDs are taken, or whose files changed (see
+//! [`crate::filecheck`]).
 
 use std::path::Path;
 use std::time::Instant;
@@ -13,6 +14,7 @@ use ckpt_shared::image::{FileCheck, HostFingerprint, Image};
 use libc::pid_t;
 
 use crate::dump::DumpError;
+use crate::filecheck::{Changed, ChangedFiles};
 use crate::restore::RestoreError;
 use crate::sys::{self, proc};
 
@@ -67,6 +69,8 @@ pub fn stat_check(path: &str) -> Result<FileCheck, DumpError> {
         dev: m.dev(),
         ino: m.ino(),
         hash: None,
+        written: false,
+        mapped_exec: false,
     })
 }
 
@@ -76,25 +80,24 @@ pub fn hash_prefix(path: &str, size: u64) -> Result<Option<[u8; 32]>, DumpError>
     if size > HASH_LIMIT {
         return Ok(None);
     }
-    let err = |source| DumpError::FileCheck {
-        path: path.to_string(),
-        source,
-    };
-    let f = std::fs::File::open(path).map_err(err)?;
-    let mut h = blake3::Hasher::new();
-    let copied = std::io::copy(&mut std::io::Read::take(f, size), &mut h).map_err(err)?;
-    if copied != size {
-        return Err(err(std::io::Error::other(format!(
-            "the file shrank below {size} bytes while it was hashed"
-        ))));
-    }
-    Ok(Some(*h.finalize().as_bytes()))
+    prefix_hash(Path::new(path), size)
+        .map(Some)
+        .map_err(|source| DumpError::FileCheck {
+            path: path.to_string(),
+            source,
+        })
 }
 
-pub fn hash_file(path: &Path) -> std::io::Result<[u8; 32]> {
+/// BLAKE3 of the first `size` bytes of a file; an error if it has fewer.
+pub fn prefix_hash(path: &Path, size: u64) -> std::io::Result<[u8; 32]> {
+    let f = std::fs::File::open(path)?;
     let mut h = blake3::Hasher::new();
-    let mut f = std::fs::File::open(path)?;
-    std::io::copy(&mut f, &mut h)?;
+    let copied = std::io::copy(&mut std::io::Read::take(f, size), &mut h)?;
+    if copied != size {
+        return Err(std::io::Error::other(format!(
+            "the file shrank below {size} bytes while it was hashed"
+        )));
+    }
     Ok(*h.finalize().as_bytes())
 }
 
@@ -128,14 +131,19 @@ fn host_xsave_size() -> u32 {
     std::arch::x86_64::__cpuid_count(0xd, 0).ebx
 }
 
-/// Refuse an image this host cannot run, before anything is created.
-pub fn check(img: &Image, new_pid_ns: bool) -> Result<(), RestoreError> {
+/// Refuse an image this host cannot run, before anything is created; the output
+/// files that changed but may be restored against (see [`crate::filecheck`]).
+pub fn check(
+    img: &Image,
+    new_pid_ns: bool,
+    changed_files: ChangedFiles,
+) -> Result<Vec<Changed>, RestoreError> {
     check_cpu(img)?;
     check_vdso(img)?;
     if !new_pid_ns {
         check_pids(img)?;
     }
-    img.file_checks.iter().try_for_each(check_file)
+    crate::filecheck::check_all(&img.file_checks, changed_files)
 }
 
 fn check_cpu(img: &Image) -> Result<(), RestoreError> {
@@ -202,35 +210,6 @@ fn check_pids(img: &Image) -> Result<(), RestoreError> {
         }
     }
     Ok(())
-}
-
-fn check_file(c: &FileCheck) -> Result<(), RestoreError> {
-    use std::os::unix::fs::MetadataExt;
-    let changed = |what: String| RestoreError::FileChanged {
-        path: c.path.clone(),
-        what,
-    };
-    let m = std::fs::metadata(&c.path).map_err(|e| changed(format!("cannot stat it: {e}")))?;
-    let mtime = m.mtime() as i128 * 1_000_000_000 + m.mtime_nsec() as i128;
-    if m.len() == c.size && mtime == c.mtime_ns && m.ino() == c.ino && m.dev() == c.dev {
-        return Ok(());
-    }
-    if m.len() != c.size {
-        return Err(changed(format!("size {} now, {} then", m.len(), c.size)));
-    }
-    match c.hash {
-        Some(h) => {
-            let now = hash_file(Path::new(&c.path))
-                .map_err(|e| changed(format!("cannot read it: {e}")))?;
-            if now != h {
-                return Err(changed("its content differs".into()));
-            }
-            Ok(())
-        }
-        None => Err(changed(
-            "its inode or mtime differs and it is too large to compare by content".into(),
-        )),
-    }
 }
 
 /// Is `pid` taken? A zombie whose parent is about to reap it (the usual state

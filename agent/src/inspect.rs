@@ -129,7 +129,7 @@ pub fn to_json(img: &Image) -> Value {
         "stats": stats_json(img),
         "processes": procs,
         "shared_memory": img.shmem.iter().map(|s| json!({"id": s.id, "size": s.size, "stored_bytes": s.data.iter().map(|e| e.bytes()).sum::<u64>(), "backing": backing_json(&s.backing)})).collect::<Vec<_>>(),
-        "file_checks": img.file_checks.iter().map(|c| json!({"path": c.path, "size": c.size, "hashed": c.hash.is_some()})).collect::<Vec<_>>(),
+        "file_checks": img.file_checks.iter().map(|c| json!({"path": c.path, "size": c.size, "hashed": c.hash.is_some(), "written": c.written, "mapped_exec": c.mapped_exec})).collect::<Vec<_>>(),
     })
 }
 

@@ -16,6 +16,7 @@ pub mod cancel;
 pub mod cli;
 pub mod dump;
 pub mod fd;
+pub mod filecheck;
 pub mod freeze;
 pub mod gate;
 pub mod hooks;

@@ -61,7 +61,11 @@
 //!   are dead they are reparented to the nearest subreaper (or init), which
 //!   reaps them (the tests are a subreaper and reap them). The other husks are
 //!   children of husks, which die too, so they are reparented the same way.
-//!   While we live, `Husks`'s drop kills and waits for each one.
+//!   While we live, `Husks`'s drop kills and waits for each one, its threads
+//!   first; `ckpt-agent restore` is a subreaper, so the husks whose parent husk
+//!   died are its children then, and a refused restore returns with none of the
+//!   image's PIDs held, not even by a zombie (a daemon that is no subreaper
+//!   waits up to 2 s for an outside reaper).
 //!
 //! # The release
 //!
@@ -172,6 +176,8 @@ pub enum RestoreError {
     Aborted(String),
     #[error(transparent)]
     Rescue(#[from] crate::rescue::RescueError),
+    #[error("induced failure at stage {0} (test hook)")]
+    Fault(&'static str),
 }
 
 #[derive(Debug, Clone)]
@@ -190,6 +196,9 @@ pub struct RestoreOptions {
     /// release's commit, and continues them after it (see [`crate::rescue`]);
     /// `None` runs without one.
     pub rescue: Option<std::sync::Arc<crate::rescue::Watch>>,
+    /// What to do with output the tree wrote that changed since the dump (see
+    /// [`crate::filecheck`]).
+    pub changed_files: crate::filecheck::ChangedFiles,
 }
 
 /// The points at which a restore hangs when `CKPT_TEST_PAUSE` names one (a build
@@ -247,6 +256,8 @@ pub struct RestoreReport {
     /// (the others were populated and copied).
     pub uffd_processes: usize,
     pub processes: usize,
+    /// Output files truncated back to the checkpoint, or kept as they were.
+    pub changed_files: Vec<crate::filecheck::Changed>,
 }
 
 const TRAMP_LEN: u64 = 2 * PAGE_SIZE;
@@ -267,18 +278,55 @@ impl Drop for Husks {
         if self.released {
             return;
         }
+        // The threads too: each traced thread's exit waits for us, and a
+        // leader's is not reported before its other threads' are collected.
+        let tids: Vec<Vec<pid_t>> = self
+            .pids
+            .iter()
+            .map(|&p| sys::proc::tasks(p).unwrap_or_default())
+            .collect();
         for &p in &self.pids {
             let _ = sys::kill(p, libc::SIGKILL);
         }
         if let Some(p) = self.ns_init {
             let _ = sys::kill(p, libc::SIGKILL);
         }
-        for &p in &self.pids {
-            while let Ok(s) = ptrace::wait(p) {
-                if matches!(s, Stop::Exited(_) | Stop::Killed(_)) {
-                    break;
+        for (&p, tids) in self.pids.iter().zip(&tids) {
+            for &t in tids.iter().filter(|&&t| t != p).chain(std::iter::once(&p)) {
+                while let Ok(s) = ptrace::wait(t) {
+                    if matches!(s, Stop::Exited(_) | Stop::Killed(_)) {
+                        break;
+                    }
                 }
             }
+        }
+        self.reap();
+    }
+}
+
+impl Husks {
+    /// Waits, briefly, until no killed husk holds its PID, not even as a zombie.
+    /// The root husk and a namespace's init are our children; every other husk
+    /// passes, when its parent husk dies, to the nearest subreaper: this process
+    /// when it is one (`ckpt-agent restore` is, see
+    /// [`sys::spawn::become_subreaper`]), and then the wait above (parents
+    /// first) has reaped it already, or we reap it here; else to a reaper
+    /// outside (the agent daemon is none), which we can only wait for.
+    fn reap(&self) {
+        let mut left: Vec<pid_t> = self.pids.iter().copied().chain(self.ns_init).collect();
+        let deadline = Instant::now() + std::time::Duration::from_secs(2);
+        loop {
+            left.retain(|&p| !sys::spawn::reap_exited_any(p) && sys::proc::stat(p).is_ok());
+            if left.is_empty() || Instant::now() > deadline {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        if !left.is_empty() {
+            warn!(
+                ?left,
+                "killed husks still hold their PIDs (zombies of a reaper other than us)"
+            );
         }
     }
 }
@@ -494,6 +542,8 @@ pub struct RestoreSession<'a> {
     written: u64,
     fill_us: u64,
     uffd_processes: usize,
+    /// The output files to truncate at the release (see [`crate::filecheck`]).
+    changed_files: Vec<crate::filecheck::Changed>,
     /// Last, so that it goes after the husks are killed (on failure) or
     /// continued (see [`crate::rescue`]).
     journal: Option<std::sync::Arc<crate::rescue::Journal>>,
@@ -506,7 +556,7 @@ impl<'a> RestoreSession<'a> {
         let mut phases = crate::Phases::new("restore");
         let (store, img) = load(&opts.image, &opts.store)?;
         phases.mark("load");
-        crate::host::check(&img, opts.new_pid_ns)?;
+        let changed_files = crate::host::check(&img, opts.new_pid_ns, opts.changed_files)?;
         phases.mark("check");
         let journal = match &opts.rescue {
             Some(w) => Some(w.journal("restore")?),
@@ -536,8 +586,19 @@ impl<'a> RestoreSession<'a> {
             written: 0,
             fill_us: 0,
             uffd_processes: 0,
+            changed_files,
             journal,
         })
+    }
+
+    /// A test hook's point: hangs there (`CKPT_TEST_PAUSE`) or fails there
+    /// (`CKPT_FAULT`) when asked.
+    fn point(&self, point: &'static str) -> Result<(), RestoreError> {
+        self.opts.hooks.hang_at(point);
+        if self.opts.hooks.fails_at(point) {
+            return Err(RestoreError::Fault(point));
+        }
+        Ok(())
     }
 
     /// Notes `r` in the journal, if there is one.
@@ -692,8 +753,7 @@ impl<'a> RestoreSession<'a> {
         }
         self.husks.sort_by_key(|h| h.pi);
         self.phases.mark("fork-tree");
-        self.opts.hooks.hang_at("restore:tree");
-        Ok(())
+        self.point("restore:tree")
     }
 
     /// Memory layout of every husk: each mapping at its old address, and the plan
@@ -814,8 +874,7 @@ impl<'a> RestoreSession<'a> {
             }
         }
         self.phases.mark("mm+fds+threads");
-        self.opts.hooks.hang_at("restore:threads");
-        Ok(())
+        self.point("restore:threads")
     }
 
     /// Process groups: leaders first, then members (sessions were made at fork).
@@ -925,6 +984,9 @@ impl<'a> RestoreSession<'a> {
     /// returns to user space), the commit, then SIGCONT to every process that was
     /// not stopped at the dump.
     pub fn release(mut self) -> Result<RestoreReport, RestoreError> {
+        // Output that grew after the checkpoint goes back to it, before anything
+        // of the tree runs (a failure still kills every husk).
+        crate::filecheck::apply(&self.changed_files)?;
         if let Some(l) = self.net_lock.take() {
             let table = l.table().to_string();
             l.unlock()?;
@@ -1006,6 +1068,7 @@ impl<'a> RestoreSession<'a> {
             fill_us: self.fill_us,
             uffd_processes: self.uffd_processes,
             processes: self.img.processes.len(),
+            changed_files: std::mem::take(&mut self.changed_files),
         })
     }
 }

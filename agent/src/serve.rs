@@ -838,6 +838,10 @@ fn start_restore(
                         fill: Default::default(),
                         hooks: node.opts.hooks.clone(),
                         rescue: node.opts.rescue.clone(),
+                        // A job restore brings the output back to the
+                        // checkpoint; `keep` is not passed down from the
+                        // controller yet.
+                        changed_files: Default::default(),
                     };
                     match crate::restore::restore_gated(&opts, &gate) {
                         Ok(rep) => Ok(rep.root_pid),

@@ -723,3 +723,44 @@ fn restore_killed_anywhere_before_the_release_in_a_new_pid_namespace_leaves_noth
     report("tree in a new PID namespace", n);
     Ok(())
 }
+
+/// A restore refused after its husks exist (a failure injected at
+/// `restore:tree`, every process forked, and at `restore:threads`, every thread
+/// cloned too) leaves none of the image's PIDs in use, not even as a zombie, the
+/// moment the command returns: nothing is reaped here before the check. (This
+/// test is the subreaper of what it starts, so a husk's zombie passed up to it
+/// would stay until it reaped it; the zombies of the commands' rescue
+/// watchdogs, which come to it too, are not the image's.) The tree of four processes has husks whose
+/// parents are husks; the 61 threads have TIDs that must go with their process.
+#[test]
+fn a_refused_restore_leaves_no_husk_not_even_a_zombie() -> Result<()> {
+    require_root!(Ok(()));
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    for case in [TREE, THREADS] {
+        let d = Dumped::new(case)?;
+        let lines = d.lines();
+        for stage in ["restore:tree", "restore:threads"] {
+            let what = format!("{}, refused at {stage}", case.name);
+            let run = run_restore(agent(), &d.image, &[], &[("CKPT_FAULT", stage)])?;
+            ensure!(
+                !run.success() && run.stderr.contains("induced failure"),
+                "{what}: not refused by the test hook:\n{}",
+                run.describe()
+            );
+            let held: Vec<i32> = d
+                .pids
+                .iter()
+                .copied()
+                .filter(|&p| proc_state(p).is_some())
+                .collect();
+            ensure!(
+                held.is_empty(),
+                "{what}: processes left when the restore returned: {}",
+                describe(&held)
+            );
+            ensure!(d.lines() == lines, "{what}: the log grew: a husk ran");
+        }
+        retry(&d, &format!("{}, after the refused restores", case.name))?;
+    }
+    Ok(())
+}

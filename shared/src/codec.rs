@@ -395,6 +395,8 @@ pub(crate) mod tests {
                 dev: 2049,
                 ino: 77,
                 hash: Some([9; 32]),
+                written: true,
+                mapped_exec: false,
             }],
             stats: DumpStats::default(),
         }

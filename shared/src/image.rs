@@ -797,6 +797,14 @@ pub struct FileCheck {
     /// BLAKE3 of the content, for files small enough to hash at dump time (a file
     /// with the same content is accepted even if it was copied or touched).
     pub hash: Option<[u8; 32]>,
+    /// Open for writing (`O_WRONLY` or `O_RDWR`) by a descriptor of the tree: output
+    /// the tree writes, which may have grown after a `--leave-running` dump (see the
+    /// agent's `filecheck` module for what the restore does with it).
+    #[serde(default)]
+    pub written: bool,
+    /// Mapped with execute permission by a process of the tree (its code).
+    #[serde(default)]
+    pub mapped_exec: bool,
 }
 
 impl Image {

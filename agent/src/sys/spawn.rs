@@ -1,8 +1,9 @@
 //! Starting and watching our own helper processes: the write-tracking holder gets
-//! descriptors at fixed numbers in a session of its own, and waits on pidfds.
+//! descriptors at fixed numbers in a session of its own, and waits on pidfds; the
+//! restorer reaps the husks it killed.
 //!
 //! Kernel contract: `pidfd_open` and polling a pidfd for its exit (Linux ≥ 5.3);
-//! `dup2`, `setsid` and `waitpid` of our own child. No capability: the processes
+//! `dup2`, `setsid`, `prctl(PR_SET_CHILD_SUBREAPER)` and `waitpid` of our own child. No capability: the processes
 //! are our own.
 
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
@@ -70,4 +71,26 @@ pub fn reap_if_exited(pid: pid_t) -> bool {
     let mut status = 0;
     // SAFETY: waitpid on one PID with WNOHANG into a local int; no memory shared.
     unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) == pid }
+}
+
+/// Makes this process the reaper of its orphaned descendants
+/// (`prctl(PR_SET_CHILD_SUBREAPER)`, Linux ≥ 3.4, no capability): a restore that
+/// fails kills its husks, and the zombies of those whose parent husk died first
+/// come to us, to be reaped before the command returns, instead of to a reaper
+/// outside that may take its time.
+pub fn become_subreaper() -> std::io::Result<()> {
+    // SAFETY: prctl with integer arguments only; no memory is passed.
+    let r = unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) };
+    if r == -1 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Reaps `pid` if it is a child of ours (of any kind: `__WALL`) that has exited;
+/// whether it was reaped.
+pub fn reap_exited_any(pid: pid_t) -> bool {
+    let mut status = 0;
+    // SAFETY: waitpid on one PID with WNOHANG into a local int; no memory shared.
+    unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG | libc::__WALL) == pid }
 }
