@@ -190,6 +190,11 @@ fn run() -> Result<bool> {
         println!("!! freeze with and without the rescue: FAILED: {e:#}");
     }
     println!();
+    if let Err(e) = measure_many_fds(&ctx) {
+        all_ok = false;
+        println!("!! freeze of a process with {MANY_FDS} descriptors: FAILED: {e:#}");
+    }
+    println!();
     print_criu_reference();
 
     // The guards of every measurement have run by now; the directory goes last.
@@ -240,6 +245,64 @@ fn measure_rescue_cost(ctx: &Ctx) -> Result<()> {
         "ms",
     );
     row("ratio, same pass", &with.ratios(&without), "x");
+    Ok(())
+}
+
+/// Descriptors of mixed kinds held by the process of [`measure_many_fds`]
+/// (tests/workloads/many_fds.c: pipes, UNIX socketpairs, eventfds, timerfds,
+/// signalfds, epolls, /dev/null, a regular file).
+const MANY_FDS: usize = 10_000;
+
+/// The freeze of a process holding [`MANY_FDS`] descriptors against the same
+/// program holding 10, interleaved, `--leave-running`. Target (issue 14): under
+/// 100 ms more.
+fn measure_many_fds(ctx: &Ctx) -> Result<()> {
+    let mut procs = Vec::new();
+    for n in [10, MANY_FDS] {
+        let log = ctx.work.join(format!("many_fds-{n}.log"));
+        let guard = ckpt_tests::spawn_workload("many_fds", [n.to_string()], &log)?;
+        ckpt_tests::wait_for_tick(&log, 3, WAIT)?;
+        procs.push((n, guard, log));
+    }
+    let (mut few, mut many) = (Samples::new(), Samples::new());
+    for i in 0..ctx.reps.max(5) {
+        for (n, guard, _) in &procs {
+            let img = ctx.work.join(format!("fds-{i}-{n}"));
+            let pid = guard.id().to_string();
+            let args = [
+                "dump",
+                "--pid",
+                &pid,
+                "--image",
+                path_str(&img)?,
+                "--leave-running",
+                "--json",
+            ];
+            let run = agent(&args).context("dump of many_fds")?;
+            let v = if *n == MANY_FDS { &mut many } else { &mut few };
+            v.push(DumpStats::parse(&run.stdout)?.freeze_us as f64 / 1e3);
+            fs::remove_dir_all(&img).with_context(|| format!("remove {}", img.display()))?;
+        }
+    }
+    for (_, _, log) in &procs {
+        check_no_fail(&fs::read_to_string(log)?, log)?;
+    }
+    println!(
+        "freeze of a process by the descriptors it holds, --leave-running (median, min - max):"
+    );
+    row(
+        &format!("{MANY_FDS} descriptors of mixed kinds"),
+        &many,
+        "ms",
+    );
+    row("10 descriptors", &few, "ms");
+    let extra: Samples = many
+        .values()
+        .iter()
+        .zip(few.values())
+        .map(|(a, b)| a - b)
+        .collect();
+    row("difference, same pass (target: under 100 ms)", &extra, "ms");
     Ok(())
 }
 

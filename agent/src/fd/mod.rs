@@ -153,6 +153,11 @@ pub struct FdTable {
     pub files: Vec<OpenFile>,
     /// For each file: a representative (pid, fd) and its (dev, ino) for kcmp.
     reps: Vec<(pid_t, RawFd, u64, u64)>,
+    /// The files of each (dev, ino), in the kernel's order of their open file
+    /// descriptions (kcmp): every anonymous-inode descriptor (eventfd, epoll,
+    /// timerfd...) shares one inode, so finding a shared description must not
+    /// compare a descriptor with each of them.
+    by_inode: HashMap<(u64, u64), Vec<u32>>,
     /// Pipe inodes → (seen a read end, seen a write end, is a FIFO).
     pipes: HashMap<u64, (bool, bool)>,
     /// Regular files behind descriptors (for the restore check).
@@ -240,7 +245,7 @@ impl FdTable {
                         sock: &mut sock,
                     };
                     let kind = kind::dump(self, &mut seen)?;
-                    self.add(pid, fd, &meta, flags, kind)
+                    self.add(pid, fd, &meta, flags, kind)?
                 }
             };
             out.push(Fd { fd, cloexec, file });
@@ -251,21 +256,51 @@ impl FdTable {
     /// The file already found that descriptor `fd` of `pid` shares its
     /// description with, if any.
     fn shared_with(&self, pid: pid_t, fd: RawFd, meta: &Meta) -> Result<Option<u32>, FdError> {
-        for (i, &(rp, rfd, rdev, rino)) in self.reps.iter().enumerate() {
-            if rdev == meta.dev && rino == meta.ino && sys::same_file_description(rp, rfd, pid, fd)?
-            {
-                return Ok(Some(i as u32));
+        Ok(self.search(pid, fd, meta)?.ok())
+    }
+
+    /// Binary search of `fd` of `pid` among the files of its inode, in kcmp
+    /// order: the file it shares its description with, or where it goes.
+    fn search(&self, pid: pid_t, fd: RawFd, meta: &Meta) -> Result<Result<u32, usize>, FdError> {
+        let Some(ids) = self.by_inode.get(&(meta.dev, meta.ino)) else {
+            return Ok(Err(0));
+        };
+        let (mut lo, mut hi) = (0, ids.len());
+        while lo < hi {
+            let mid = (lo + hi) / 2;
+            let (rp, rfd, _, _) = self.reps[ids[mid] as usize];
+            match sys::file_description_order(pid, fd, rp, rfd)? {
+                std::cmp::Ordering::Equal => return Ok(Ok(ids[mid])),
+                std::cmp::Ordering::Less => hi = mid,
+                std::cmp::Ordering::Greater => lo = mid + 1,
             }
         }
-        Ok(None)
+        Ok(Err(lo))
     }
 
     /// A new file, with descriptor `fd` of `pid` as its representative.
-    fn add(&mut self, pid: pid_t, fd: RawFd, meta: &Meta, flags: u32, kind: FileKind) -> u32 {
+    fn add(
+        &mut self,
+        pid: pid_t,
+        fd: RawFd,
+        meta: &Meta,
+        flags: u32,
+        kind: FileKind,
+    ) -> Result<u32, FdError> {
+        let at = match self.search(pid, fd, meta)? {
+            Err(at) => at,
+            // Not found a moment ago, so not shared: only a kind that added
+            // this very descriptor already can get here.
+            Ok(id) => return Ok(id),
+        };
         let id = self.files.len() as u32;
         self.files.push(OpenFile { id, flags, kind });
         self.reps.push((pid, fd, meta.dev, meta.ino));
-        id
+        self.by_inode
+            .entry((meta.dev, meta.ino))
+            .or_default()
+            .insert(at, id);
+        Ok(id)
     }
 
     /// Each TCP socket found so far, as (process, descriptor).

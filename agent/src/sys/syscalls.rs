@@ -108,6 +108,19 @@ pub fn pidfd_getfd(pidfd: &OwnedFd, pid: pid_t, fd: RawFd) -> Result<OwnedFd> {
 
 /// kcmp(KCMP_FILE): do the two descriptors share one open file description?
 pub fn same_file_description(pid1: pid_t, fd1: RawFd, pid2: pid_t, fd2: RawFd) -> Result<bool> {
+    Ok(file_description_order(pid1, fd1, pid2, fd2)? == std::cmp::Ordering::Equal)
+}
+
+/// kcmp(KCMP_FILE) as an order: the kernel orders open file descriptions (by
+/// their obfuscated addresses, the same order for every caller while they live),
+/// so a table of them can be searched in O(log n) comparisons instead of
+/// compared with each one.
+pub fn file_description_order(
+    pid1: pid_t,
+    fd1: RawFd,
+    pid2: pid_t,
+    fd2: RawFd,
+) -> Result<std::cmp::Ordering> {
     const KCMP_FILE: i32 = 0;
     // SAFETY: no pointers.
     let r = unsafe {
@@ -126,7 +139,16 @@ pub fn same_file_description(pid1: pid_t, fd1: RawFd, pid2: pid_t, fd2: RawFd) -
             format!("fd {fd1} of {pid1} / fd {fd2} of {pid2}"),
         ));
     }
-    Ok(r == 0)
+    match r {
+        0 => Ok(std::cmp::Ordering::Equal),
+        1 => Ok(std::cmp::Ordering::Less),
+        2 => Ok(std::cmp::Ordering::Greater),
+        _ => Err(SysError {
+            op: "kcmp",
+            what: format!("fd {fd1} of {pid1} / fd {fd2} of {pid2}"),
+            source: io::Error::other(format!("returned {r}: unequal, but no order")),
+        }),
+    }
 }
 
 /// get_robust_list(2) of another thread: (head, len).
