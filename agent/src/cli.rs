@@ -83,10 +83,13 @@ pub enum Command {
     /// shared memory included: their content is saved), threads with full
     /// register/FPU/AVX state, signal state, timers, regular files, directories,
     /// /dev/{null,zero,random,urandom}, pipes and FIFOs with their buffered data,
-    /// TCP connections and listeners (IPv4, IPv6; held still by an nftables lock
-    /// while they are read), UDP sockets, epoll instances and eventfds.
-    /// Other descriptors (UNIX sockets, timerfd, signalfd...) abort the dump with
-    /// a message naming the fd and the PID.
+    /// TCP connections and listeners (IPv4, IPv6, with their socket options; held
+    /// still by an nftables lock while they are read), UDP sockets, UNIX sockets
+    /// whose peers are in the tree (with their queued data), pseudo-terminal pairs
+    /// inside the tree, epoll instances, eventfds, timerfds and signalfds.
+    /// Other descriptors (inotify, a UNIX socket or pty whose other end is outside
+    /// the tree beyond fds 0-2, SCM_RIGHTS in flight...) abort the dump with a
+    /// message naming the fd and the PID, and the tree runs on.
     #[command(verbatim_doc_comment)]
     Dump {
         /// Root of the process tree to dump.
