@@ -158,6 +158,12 @@ pub struct FdTable {
     /// timerfd...) shares one inode, so finding a shared description must not
     /// compare a descriptor with each of them.
     by_inode: HashMap<(u64, u64), Vec<u32>>,
+    /// What the socket diagnostics say of every UNIX socket, read once at the
+    /// first UNIX socket of the dump (the tree is frozen: its sockets hold still).
+    pub unix_diag: Option<HashMap<u64, crate::sys::unix::Diag>>,
+    /// Where [`FdTable::shared_with`] found the descriptor it was asked about
+    /// goes among its inode's files: (pid, fd, position).
+    place: Option<(pid_t, RawFd, usize)>,
     /// Pipe inodes → (seen a read end, seen a write end, is a FIFO).
     pipes: HashMap<u64, (bool, bool)>,
     /// Regular files behind descriptors (for the restore check).
@@ -255,8 +261,15 @@ impl FdTable {
 
     /// The file already found that descriptor `fd` of `pid` shares its
     /// description with, if any.
-    fn shared_with(&self, pid: pid_t, fd: RawFd, meta: &Meta) -> Result<Option<u32>, FdError> {
-        Ok(self.search(pid, fd, meta)?.ok())
+    fn shared_with(&mut self, pid: pid_t, fd: RawFd, meta: &Meta) -> Result<Option<u32>, FdError> {
+        match self.search(pid, fd, meta)? {
+            Ok(id) => Ok(Some(id)),
+            Err(at) => {
+                // Where it goes, for the `add` that follows (no second search).
+                self.place = Some((pid, fd, at));
+                Ok(None)
+            }
+        }
     }
 
     /// Binary search of `fd` of `pid` among the files of its inode, in kcmp
@@ -287,11 +300,12 @@ impl FdTable {
         flags: u32,
         kind: FileKind,
     ) -> Result<u32, FdError> {
-        let at = match self.search(pid, fd, meta)? {
-            Err(at) => at,
-            // Not found a moment ago, so not shared: only a kind that added
-            // this very descriptor already can get here.
-            Ok(id) => return Ok(id),
+        let at = match self.place.take() {
+            Some((p, f, at)) if (p, f) == (pid, fd) => at,
+            _ => match self.search(pid, fd, meta)? {
+                Err(at) => at,
+                Ok(id) => return Ok(id),
+            },
         };
         let id = self.files.len() as u32;
         self.files.push(OpenFile { id, flags, kind });

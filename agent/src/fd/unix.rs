@@ -60,14 +60,14 @@ fn type_name(ty: i32) -> &'static str {
 }
 
 impl Persist for Unix {
-    fn dump(&self, _: &mut FdTable, seen: &mut Seen<'_>) -> Option<Result<FileKind, FdError>> {
+    fn dump(&self, t: &mut FdTable, seen: &mut Seen<'_>) -> Option<Result<FileKind, FdError>> {
         let (dup, _) = seen.sock.as_ref()?;
         let ty = match crate::sys::socket_domain_type(dup.as_raw_fd()) {
             Ok((libc::AF_UNIX, ty)) => ty,
             Ok(_) => return None,
             Err(e) => return Some(Err(e.into())),
         };
-        Some(capture(seen, dup.as_fd(), ty).map(|s| FileKind::Unix(Box::new(s))))
+        Some(capture(seen, &mut t.unix_diag, dup.as_fd(), ty).map(|s| FileKind::Unix(Box::new(s))))
     }
 
     fn owns(&self, kind: &FileKind) -> bool {
@@ -142,6 +142,21 @@ impl Persist for Unix {
     }
 }
 
+/// The diagnostics of socket `ino`: from the dump of every socket (read at the
+/// first call), or asked alone for a socket the dump does not hold.
+fn diag_of(
+    diags: &mut Option<HashMap<u64, sys_unix::Diag>>,
+    ino: u64,
+) -> std::io::Result<sys_unix::Diag> {
+    if diags.is_none() {
+        *diags = Some(sys_unix::diag_all().unwrap_or_default());
+    }
+    match diags.as_ref().and_then(|m| m.get(&ino)) {
+        Some(d) => Ok(*d),
+        None => sys_unix::diag(ino),
+    }
+}
+
 fn name_text(n: &Option<UnixName>) -> Option<String> {
     match n {
         Some(UnixName::Path(p)) => Some(p.clone()),
@@ -151,13 +166,18 @@ fn name_text(n: &Option<UnixName>) -> Option<String> {
 }
 
 /// The UNIX socket `fd` (our duplicate of `seen`), of type `ty`.
-fn capture(seen: &Seen<'_>, fd: BorrowedFd<'_>, ty: i32) -> Result<UnixSock, FdError> {
+fn capture(
+    seen: &Seen<'_>,
+    diags: &mut Option<HashMap<u64, sys_unix::Diag>>,
+    fd: BorrowedFd<'_>,
+    ty: i32,
+) -> Result<UnixSock, FdError> {
     let err = |what: String| seen.unsupported(format!("a UNIX socket ({what})"));
     if ![libc::SOCK_STREAM, libc::SOCK_DGRAM, libc::SOCK_SEQPACKET].contains(&ty) {
         return Err(err(format!("of socket type {ty}")));
     }
     let ino = seen.meta.ino;
-    let d = sys_unix::diag(ino).map_err(|e| err(format!("its peer cannot be read: {e}")))?;
+    let d = diag_of(diags, ino).map_err(|e| err(format!("its peer cannot be read: {e}")))?;
     let name = name_of(fd).map_err(err)?;
     let listen = (d.state == TCP_LISTEN).then_some(d.wqueue);
     if listen.is_some() && d.rqueue > 0 {

@@ -15,6 +15,7 @@ use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 const NETLINK_SOCK_DIAG: i32 = 4;
 const SOCK_DIAG_BY_FAMILY: u16 = 20;
 const NLMSG_ERROR: u16 = 2;
+const NLMSG_DONE: u16 = 3;
 const UDIAG_SHOW_PEER: u32 = 0x4;
 const UDIAG_SHOW_RQLEN: u32 = 0x10;
 const UNIX_DIAG_PEER: u16 = 2;
@@ -37,6 +38,63 @@ pub struct Diag {
     pub shutdown: u8,
 }
 
+/// The diagnostics of every UNIX socket of our network namespace, by inode: one
+/// dump instead of one query per socket (the kernel finds a socket by inode by
+/// walking all of them, so a query each is quadratic in a tree of thousands).
+pub fn diag_all() -> io::Result<std::collections::HashMap<u64, Diag>> {
+    // SAFETY: socket(2) with plain arguments.
+    let raw = unsafe {
+        libc::socket(
+            libc::AF_NETLINK,
+            libc::SOCK_DGRAM | libc::SOCK_CLOEXEC,
+            NETLINK_SOCK_DIAG,
+        )
+    };
+    if raw < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: a fresh descriptor we own.
+    let nl = unsafe { OwnedFd::from_raw_fd(raw) };
+    let mut req = request(0);
+    let flags = (libc::NLM_F_REQUEST | libc::NLM_F_DUMP) as u16;
+    req[6..8].copy_from_slice(&flags.to_ne_bytes());
+    super::socket::send(nl.as_raw_fd(), &req, 0)?;
+    let mut all = std::collections::HashMap::new();
+    let mut buf = vec![0u8; 64 << 10];
+    loop {
+        let n = super::socket::recv(nl.as_raw_fd(), &mut buf, 0)?;
+        let mut at = 0;
+        while at + 16 <= n {
+            let len = u32_at(&buf, at)? as usize;
+            let ty = u32_at(&buf, at + 4)? as u16;
+            if len < 16 || at + len > n {
+                return Err(io::Error::other("a malformed sock_diag dump"));
+            }
+            if ty == NLMSG_DONE {
+                return Ok(all);
+            }
+            let msg = &buf[at..at + len];
+            let ino = u32_at(msg, 20)? as u64;
+            all.insert(ino, parse(msg, ino)?);
+            at += (len + 3) & !3;
+        }
+    }
+}
+
+/// `struct nlmsghdr` (16) + `struct unix_diag_req` (24) for socket `ino` (0: all).
+fn request(ino: u64) -> [u8; 40] {
+    let mut req = [0u8; 40];
+    req[0..4].copy_from_slice(&40u32.to_ne_bytes());
+    req[4..6].copy_from_slice(&SOCK_DIAG_BY_FAMILY.to_ne_bytes());
+    req[6..8].copy_from_slice(&(libc::NLM_F_REQUEST as u16).to_ne_bytes());
+    req[16] = libc::AF_UNIX as u8;
+    req[20..24].copy_from_slice(&u32::MAX.to_ne_bytes()); // every state
+    req[24..28].copy_from_slice(&(ino as u32).to_ne_bytes());
+    req[28..32].copy_from_slice(&(UDIAG_SHOW_PEER | UDIAG_SHOW_RQLEN).to_ne_bytes());
+    req[32..40].copy_from_slice(&[0xff; 8]); // INET_DIAG_NOCOOKIE
+    req
+}
+
 /// The diagnostics of the UNIX socket of inode `ino`, in our network namespace.
 pub fn diag(ino: u64) -> io::Result<Diag> {
     // SAFETY: socket(2) with plain arguments.
@@ -52,16 +110,7 @@ pub fn diag(ino: u64) -> io::Result<Diag> {
     }
     // SAFETY: a fresh descriptor we own.
     let nl = unsafe { OwnedFd::from_raw_fd(raw) };
-    // struct nlmsghdr (16) + struct unix_diag_req (24).
-    let mut req = [0u8; 40];
-    req[0..4].copy_from_slice(&40u32.to_ne_bytes());
-    req[4..6].copy_from_slice(&SOCK_DIAG_BY_FAMILY.to_ne_bytes());
-    req[6..8].copy_from_slice(&(libc::NLM_F_REQUEST as u16).to_ne_bytes());
-    req[16] = libc::AF_UNIX as u8;
-    req[20..24].copy_from_slice(&u32::MAX.to_ne_bytes()); // every state
-    req[24..28].copy_from_slice(&(ino as u32).to_ne_bytes());
-    req[28..32].copy_from_slice(&(UDIAG_SHOW_PEER | UDIAG_SHOW_RQLEN).to_ne_bytes());
-    req[32..40].copy_from_slice(&[0xff; 8]); // INET_DIAG_NOCOOKIE
+    let req = request(ino);
     super::socket::send(nl.as_raw_fd(), &req, 0)?;
     let mut buf = vec![0u8; 8192];
     let n = super::socket::recv(nl.as_raw_fd(), &mut buf, 0)?;
