@@ -364,3 +364,114 @@ fn write_all(slave: BorrowedFd<'_>, mut buf: &[u8]) -> Result<(), PtyError> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::fd::{AsFd, OwnedFd};
+    use std::os::unix::fs::OpenOptionsExt;
+
+    fn pair() -> (OwnedFd, OwnedFd) {
+        let m: OwnedFd = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(libc::O_NOCTTY | libc::O_NONBLOCK)
+            .open("/dev/ptmx")
+            .unwrap()
+            .into();
+        tty::set_pty_locked(m.as_fd(), false).unwrap();
+        let s = tty::open_peer(m.as_fd(), libc::O_RDWR | libc::O_NONBLOCK).unwrap();
+        (m, s)
+    }
+
+    fn write(fd: BorrowedFd<'_>, b: &[u8]) {
+        let mut done = 0;
+        while done < b.len() {
+            match sys::fd::write(fd, &b[done..], "test") {
+                Ok(n) => done += n,
+                Err(e) if e.errno() == Some(libc::EAGAIN) => {
+                    std::thread::sleep(std::time::Duration::from_millis(1))
+                }
+                Err(e) => panic!("{e}"),
+            }
+        }
+    }
+
+    /// Every read the descriptor gives now (in canonical mode, one per line).
+    fn reads(fd: BorrowedFd<'_>) -> Vec<Vec<u8>> {
+        let mut buf = vec![0u8; 1 << 16];
+        let mut out = Vec::new();
+        while tty::poll(fd, 100).unwrap().input {
+            match tty::read(fd, &mut buf).unwrap() {
+                Read::Bytes(n) => out.push(buf[..n].to_vec()),
+                _ => break,
+            }
+        }
+        out
+    }
+
+    /// A canonical input queue with a line ended by VEOF, one by VEOL, one with a
+    /// newline typed after VLNEXT and an unfinished line, and an output queue
+    /// larger than the master's line discipline holds: taken out and put back,
+    /// they read exactly as they would have.
+    #[test]
+    fn queues_are_put_back_exactly_both_ways() {
+        if !nix::unistd::geteuid().is_root() {
+            eprintln!("skipped: TIOCSTI on a terminal not ours needs CAP_SYS_ADMIN (run as root)");
+            return;
+        }
+        let (m, s) = pair();
+        let (m, s) = (m.as_fd(), s.as_fd());
+        let mut t = tty::get_termios(s).unwrap();
+        t.c_lflag = libc::ICANON | libc::IEXTEN | libc::ISIG;
+        t.c_oflag = libc::OPOST | libc::ONLCR;
+        t.c_cc[libc::VEOL] = b'#';
+        tty::set_termios(s, &t).unwrap();
+        write(m, b"abc\nde\x04f#\x16\nxy\npart");
+        let sent: Vec<u8> = (0..1500)
+            .flat_map(|i| format!("{i:04}\n").into_bytes())
+            .collect();
+        write(s, &sent);
+        let shown: Vec<u8> = sent
+            .iter()
+            .flat_map(|&c| {
+                if c == b'\n' {
+                    vec![b'\r', b'\n']
+                } else {
+                    vec![c]
+                }
+            })
+            .collect();
+        std::thread::sleep(std::time::Duration::from_millis(100));
+
+        let (input, err) = take_input(s, &t);
+        assert!(err.is_none(), "{err:?}");
+        let line = |b: &[u8], eof| PtyLine {
+            bytes: b.to_vec(),
+            eof,
+        };
+        assert_eq!(
+            input.lines,
+            vec![
+                line(b"abc\n", false),
+                line(b"de", true),
+                line(b"f#", false),
+                line(b"\nxy\n", false)
+            ]
+        );
+        assert_eq!(input.rest, b"part");
+        let mut output = Vec::new();
+        assert!(!take_output(m, false, &mut output).unwrap());
+        assert_eq!(output, shown);
+        assert!(output.len() > LDISC_ROOM);
+
+        put_back(m, Some(s), &t, &input, &output).unwrap();
+        assert_eq!(to_image(&tty::get_termios(s).unwrap()), to_image(&t));
+        let got = reads(s);
+        let want: Vec<&[u8]> = vec![b"abc\n", b"de", b"f#", b"\nxy\n"];
+        assert_eq!(got, want);
+        write(m, b"ial\n");
+        assert_eq!(reads(s), vec![b"partial\n".to_vec()]);
+        assert_eq!(reads(m).concat(), shown);
+    }
+}
