@@ -208,5 +208,41 @@ pub fn to_text(img: &Image) -> String {
             p.posix_timers.len()
         );
     }
+    if !img.shmem.is_empty() {
+        let _ = writeln!(o, "\nmemory objects:");
+        for m in &img.shmem {
+            let _ = writeln!(
+                o,
+                "  #{:<3} {:>10} {:>10} stored  {}",
+                m.id,
+                human(m.size),
+                human(m.data.iter().map(|e| e.bytes()).sum()),
+                backing_str(&m.backing)
+            );
+        }
+    }
     o
+}
+
+/// One line for what backs a memory object.
+fn backing_str(b: &ckpt_shared::image::ShmBacking) -> String {
+    use ckpt_shared::image::ShmBacking;
+    match b {
+        ShmBacking::Anon => "shared anonymous".into(),
+        ShmBacking::Memfd { name, seals } => format!("memfd {name} (seals {seals:#x})"),
+        ShmBacking::Deleted { path, owner } => {
+            format!("deleted file {path} (mode {:o})", owner.mode)
+        }
+        ShmBacking::Tmpfs { path, owner } => format!("tmpfs file {path} (mode {:o})", owner.mode),
+        ShmBacking::SysV {
+            key,
+            shmid,
+            owner,
+            removed,
+        } => format!(
+            "System V segment {shmid} key {key:#x} (mode {:o}){}",
+            owner.mode,
+            if *removed { " marked for removal" } else { "" }
+        ),
+    }
 }

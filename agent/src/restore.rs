@@ -1229,116 +1229,11 @@ fn map_memory(
     direct: &mut Vec<(ChunkRef, mem::Piece)>,
     segs: &mut Vec<mem::Segment>,
 ) -> Result<(), RestoreError> {
-    use ckpt_shared::image::prot;
     let host_pid = r.tid;
-    // The vDSO and vvar where they were.
-    if let Some(vv) = p
-        .mappings
-        .iter()
-        .find(|m| matches!(m.kind, MappingKind::Vvar))
-    {
-        r.syscall(nr::ARCH_PRCTL, [ARCH_MAP_VDSO_64, vv.start, 0, 0, 0, 0])?;
-    } else if let Some(vd) = p
-        .mappings
-        .iter()
-        .find(|m| matches!(m.kind, MappingKind::Vdso))
-    {
-        r.syscall(nr::ARCH_PRCTL, [ARCH_MAP_VDSO_64, vd.start, 0, 0, 0, 0])?;
-    }
-    // The kernel takes the address as a hint: make sure the vDSO is where the
-    // program's saved pointers into it expect it.
-    if let Some(vd) = p
-        .mappings
-        .iter()
-        .find(|m| matches!(m.kind, MappingKind::Vdso))
-    {
-        let now = sys::proc::smaps(host_pid).map_err(|e| RestoreError::Husk {
-            pid: host_pid,
-            what: e.to_string(),
-        })?;
-        match now.iter().find(|v| v.name == "[vdso]") {
-            Some(v) if v.start == vd.start && v.end == vd.end => {}
-            other => {
-                return Err(RestoreError::Husk {
-                    pid: host_pid,
-                    what: format!(
-                        "the vDSO could not be placed at {:#x} (it is at {})",
-                        vd.start,
-                        other.map_or("no address".to_string(), |v| format!("{:#x}", v.start))
-                    ),
-                })
-            }
-        }
-    }
+    place_vdso(r, p)?;
     for m in &p.mappings {
-        let len = m.end - m.start;
-        let want_write = !m.data.is_empty();
-        let prot_now = m.prot as u64
-            | if want_write {
-                prot::WRITE as u64 | prot::READ as u64
-            } else {
-                0
-            };
-        let growsdown = if m.vm_flags.iter().any(|f| f == "gd") {
-            libc::MAP_GROWSDOWN as u64
-        } else {
-            0
-        };
-        let fixed = libc::MAP_FIXED as u64;
-        let got = match &m.kind {
-            MappingKind::Vdso | MappingKind::Vvar | MappingKind::Vsyscall => continue,
-            MappingKind::Anon { .. } => {
-                let flags =
-                    libc::MAP_PRIVATE as u64 | libc::MAP_ANONYMOUS as u64 | fixed | growsdown;
-                r.syscall(nr::MMAP, [m.start, len, prot_now, flags, u64::MAX, 0])?
-            }
-            MappingKind::Object { shmem_id, .. } if objects.segments.contains_key(shmem_id) => {
-                attach_segment(r, m, objects.segments[shmem_id])?
-            }
-            MappingKind::Object { shmem_id, offset } => {
-                let src = objects.fds[shmem_id].as_raw_fd();
-                let fd = r.syscall(nr::PIDFD_GETFD, [slot, src as u64, 0, 0, 0, 0])?;
-                let share = if m.shared {
-                    libc::MAP_SHARED
-                } else {
-                    libc::MAP_PRIVATE
-                } as u64;
-                let flags = share | fixed | growsdown;
-                let got = r.syscall(nr::MMAP, [m.start, len, prot_now, flags, fd, *offset])?;
-                r.syscall(nr::CLOSE, [fd, 0, 0, 0, 0, 0])?;
-                got
-            }
-            MappingKind::SharedAnon { shmem_id, offset } => {
-                let src = objects.fds[shmem_id].as_raw_fd();
-                let fd = r.syscall(nr::PIDFD_GETFD, [slot, src as u64, 0, 0, 0, 0])?;
-                let flags = libc::MAP_SHARED as u64 | fixed;
-                let got = r.syscall(nr::MMAP, [m.start, len, m.prot as u64, flags, fd, *offset])?;
-                r.syscall(nr::CLOSE, [fd, 0, 0, 0, 0, 0])?;
-                got
-            }
-            MappingKind::File { path, offset, .. } => {
-                let write = m.shared && m.prot & prot::WRITE != 0;
-                let src: RawFd = map_files[&(path.clone(), write)].as_raw_fd();
-                let fd = r.syscall(nr::PIDFD_GETFD, [slot, src as u64, 0, 0, 0, 0])?;
-                let share = if m.shared {
-                    libc::MAP_SHARED
-                } else {
-                    libc::MAP_PRIVATE
-                } as u64;
-                let got = r.syscall(
-                    nr::MMAP,
-                    [
-                        m.start,
-                        len,
-                        prot_now,
-                        share | fixed | growsdown,
-                        fd,
-                        *offset,
-                    ],
-                )?;
-                r.syscall(nr::CLOSE, [fd, 0, 0, 0, 0, 0])?;
-                got
-            }
+        let Some(got) = map_one(r, m, slot, map_files, objects)? else {
+            continue;
         };
         if got != m.start {
             return Err(RestoreError::Husk {
@@ -1350,7 +1245,7 @@ fn map_memory(
             continue;
         }
         if let (MappingKind::Anon { .. }, Some(fd)) = (&m.kind, uffd) {
-            match sys::uffd::register(fd, m.start, len) {
+            match sys::uffd::register(fd, m.start, m.end - m.start) {
                 Ok(()) => {
                     let dest = Dest::Uffd {
                         uffd: fd.as_raw_fd(),
@@ -1367,6 +1262,100 @@ fn map_memory(
         mem::segments(husk, host_pid, &m.data, segs);
     }
     Ok(())
+}
+
+/// The vDSO and vvar where they were (`ARCH_MAP_VDSO_64`), checked: the kernel
+/// takes the address as a hint, and the program's saved pointers into the vDSO
+/// expect it there.
+fn place_vdso(r: &mut Remote, p: &Process) -> Result<(), RestoreError> {
+    let host_pid = r.tid;
+    let find = |k: fn(&MappingKind) -> bool| p.mappings.iter().find(|m| k(&m.kind));
+    let vvar = find(|k| matches!(k, MappingKind::Vvar));
+    let vdso = find(|k| matches!(k, MappingKind::Vdso));
+    if let Some(at) = vvar.or(vdso) {
+        r.syscall(nr::ARCH_PRCTL, [ARCH_MAP_VDSO_64, at.start, 0, 0, 0, 0])?;
+    }
+    let Some(vd) = vdso else {
+        return Ok(());
+    };
+    let now = sys::proc::smaps(host_pid).map_err(|e| RestoreError::Husk {
+        pid: host_pid,
+        what: e.to_string(),
+    })?;
+    match now.iter().find(|v| v.name == "[vdso]") {
+        Some(v) if v.start == vd.start && v.end == vd.end => Ok(()),
+        other => Err(RestoreError::Husk {
+            pid: host_pid,
+            what: format!(
+                "the vDSO could not be placed at {:#x} (it is at {})",
+                vd.start,
+                other.map_or("no address".to_string(), |v| format!("{:#x}", v.start))
+            ),
+        }),
+    }
+}
+
+/// Maps `m` in the husk at its address, with what backs it; `None` for what the
+/// kernel maps itself (vDSO, vvar, vsyscall). A mapping whose data is written
+/// next is writable until [`finish_memory`] puts its protection back.
+fn map_one(
+    r: &mut Remote,
+    m: &ckpt_shared::image::Mapping,
+    slot: u64,
+    map_files: &HashMap<(String, bool), OwnedFd>,
+    objects: &mem::Objects,
+) -> Result<Option<u64>, RestoreError> {
+    use ckpt_shared::image::prot;
+    let len = m.end - m.start;
+    let prot_now = m.prot as u64
+        | if m.data.is_empty() {
+            0
+        } else {
+            prot::WRITE as u64 | prot::READ as u64
+        };
+    let growsdown = if m.vm_flags.iter().any(|f| f == "gd") {
+        libc::MAP_GROWSDOWN as u64
+    } else {
+        0
+    };
+    let fixed = libc::MAP_FIXED as u64;
+    let share = if m.shared {
+        libc::MAP_SHARED
+    } else {
+        libc::MAP_PRIVATE
+    } as u64;
+    // An mmap of the restorer's descriptor `src`, taken by the husk for the call.
+    let of_fd = |r: &mut Remote, src: RawFd, prot: u64, flags: u64, offset: u64| {
+        let fd = r.syscall(nr::PIDFD_GETFD, [slot, src as u64, 0, 0, 0, 0])?;
+        let got = r.syscall(nr::MMAP, [m.start, len, prot, flags, fd, offset]);
+        r.syscall(nr::CLOSE, [fd, 0, 0, 0, 0, 0])?;
+        got
+    };
+    let got = match &m.kind {
+        MappingKind::Vdso | MappingKind::Vvar | MappingKind::Vsyscall => return Ok(None),
+        MappingKind::Anon { .. } => {
+            let flags = libc::MAP_PRIVATE as u64 | libc::MAP_ANONYMOUS as u64 | fixed | growsdown;
+            r.syscall(nr::MMAP, [m.start, len, prot_now, flags, u64::MAX, 0])?
+        }
+        MappingKind::Object { shmem_id, .. } if objects.segments.contains_key(shmem_id) => {
+            attach_segment(r, m, objects.segments[shmem_id])?
+        }
+        MappingKind::Object { shmem_id, offset } => {
+            let src = objects.fds[shmem_id].as_raw_fd();
+            of_fd(r, src, prot_now, share | fixed | growsdown, *offset)?
+        }
+        MappingKind::SharedAnon { shmem_id, offset } => {
+            let src = objects.fds[shmem_id].as_raw_fd();
+            let flags = libc::MAP_SHARED as u64 | fixed;
+            of_fd(r, src, m.prot as u64, flags, *offset)?
+        }
+        MappingKind::File { path, offset, .. } => {
+            let write = m.shared && m.prot & prot::WRITE != 0;
+            let src: RawFd = map_files[&(path.clone(), write)].as_raw_fd();
+            of_fd(r, src, prot_now, share | fixed | growsdown, *offset)?
+        }
+    };
+    Ok(Some(got))
 }
 
 /// Attaches System V segment `shmid` at mapping `m`'s address (injected
