@@ -84,6 +84,11 @@ enum When {
     Injecting,
 }
 
+/// Whether the dump `d` has exited (reaped if so).
+fn ended(d: &mut ProcGuard) -> bool {
+    matches!(d.wait_exit(Duration::ZERO), Ok(Some(_)))
+}
+
 /// Starts a dump of `pid`, kills it as `when` says; returns the phase seen at the
 /// kill, or `None` if the dump ended first.
 fn kill_dump(
@@ -105,7 +110,6 @@ fn kill_dump(
     }
     let mut dump = ProcGuard::new(cmd.spawn().context("starting ckpt-agent dump")?);
     let deadline = Instant::now() + WAIT;
-    let ended = |d: &mut ProcGuard| matches!(d.wait_exit(Duration::ZERO), Ok(Some(_)));
     // Watch closely: a busy loop, no sleep, so that short windows are hit.
     let hit = loop {
         if Instant::now() > deadline {
@@ -326,24 +330,38 @@ fn a_rank_whose_agent_and_watchdog_both_died_stays_stopped_until_ckpt_agent_resc
     let rank = Rank::start(dir.path(), 20, 0)?;
     let pid = rank.pid();
     let (_, usr1) = rank.last();
-    let mut cmd = Command::new(agent());
-    cmd.args([
-        "dump",
-        "--pid",
-        &pid.to_string(),
-        "--leave-running",
-        "--image",
-    ])
-    .arg(dir.path().join("img"))
-    .env("CKPT_RESCUE_DIR", &rescue_dir)
-    .stdin(Stdio::null())
-    .stdout(Stdio::null())
-    .stderr(Stdio::null());
-    let mut dump = ProcGuard::new(cmd.spawn()?);
-    ensure!(
-        wait_for(|| injecting(pid), WAIT),
-        "the dump never injected into the rank"
-    );
+    // The injection window of one dump can be shorter than any poll interval:
+    // watch it without sleeping, and start another dump if one ended unseen.
+    let mut seen = None;
+    for attempt in 0..50 {
+        let mut cmd = Command::new(agent());
+        cmd.args([
+            "dump",
+            "--pid",
+            &pid.to_string(),
+            "--leave-running",
+            "--image",
+        ])
+        .arg(dir.path().join(format!("img{attempt}")))
+        .env("CKPT_RESCUE_DIR", &rescue_dir)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+        let mut dump = ProcGuard::new(cmd.spawn()?);
+        let deadline = Instant::now() + WAIT;
+        while Instant::now() < deadline && !injecting(pid) && !ended(&mut dump) {}
+        if injecting(pid) {
+            seen = Some(dump);
+            break;
+        }
+        ensure!(
+            ended(&mut dump),
+            "a dump took over {WAIT:?} without injecting"
+        );
+    }
+    let Some(mut dump) = seen else {
+        anyhow::bail!("50 dumps ended without being seen inside an injection");
+    };
     // The watchdog first, then the agent, inside the injection window.
     let dogs = watchdogs(&rescue_dir);
     ensure!(dogs.len() == 1, "one watchdog expected: {dogs:?}");
