@@ -28,7 +28,10 @@ fn a_python_multiprocessing_pool_is_dumped_killed_restored_and_computes_on() -> 
     wait_for_tick(&log, 10, WAIT)?;
     let tree = tree_pids(pid);
     ensure!(tree.len() > WORKERS, "the pool is {tree:?}");
-    let descendants = PidsGuard::new(tree[1..].iter().copied());
+    // The root last in the guard, so that it is killed first: a pool whose
+    // workers die while it lives forks new ones, which would outlive the test.
+    let mut descendants = PidsGuard::new(tree[1..].iter().copied());
+    descendants.push(pid);
 
     let img1 = dir.path().join("img1");
     run_dump(agent(), pid, &img1, &["--leave-running"], &[])?.ok()?;
@@ -49,6 +52,7 @@ fn a_python_multiprocessing_pool_is_dumped_killed_restored_and_computes_on() -> 
     guard_restored(&run, &mut root);
     let run = run.ok()?;
     let mut restored = PidsGuard::new(tree[1..].iter().copied());
+    restored.push(pid);
     ensure!(
         tree_pids(pid).len() == tree.len(),
         "restored {:?}, dumped {tree:?}\n{}",
