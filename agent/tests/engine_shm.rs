@@ -12,154 +12,19 @@
 use std::fs;
 use std::path::PathBuf;
 use std::process::Command;
-use std::time::Duration;
 
 use anyhow::{bail, ensure, Context, Result};
-use ckpt_shared::codec;
-use ckpt_shared::image::Image;
-use ckpt_tests::process::wait_gone;
-use ckpt_tests::ticks::{check_log, last_tick};
-use ckpt_tests::{
-    ensure_untraced, expect_killed_by_dump, guard_restored, inspect_json, is_alive, last_line_pid,
-    require_root, run_dump, run_restore, send_signal, spawn_workload, tree_pids, wait_for,
-    wait_for_tick, AgentRun, PidsGuard, ProcGuard, Tick,
-};
-use tempfile::TempDir;
+use ckpt_tests::ticks::check_log;
+use ckpt_tests::{inspect_json, is_alive, require_root, run_restore, send_signal, Tick};
 
 mod common;
-use common::{agent, WAIT};
+use common::agent;
+#[path = "common/tree.rs"]
+mod tree;
+use tree::Tree;
 
 /// How many ticks a workload must make after a dump or a restore.
 const MORE: u64 = 20;
-
-/// A workload tree under test. Field order is drop order: descendants, root, then
-/// the directory.
-struct Tree {
-    descendants: PidsGuard,
-    root: ProcGuard,
-    /// Holds the log and the image; removed last.
-    _dir: TempDir,
-    log: PathBuf,
-    image: PathBuf,
-    pid: i32,
-    pids: Vec<i32>,
-}
-
-impl Tree {
-    fn start(name: &str, args: &[&str]) -> Result<Tree> {
-        let dir = tempfile::Builder::new()
-            .prefix(&format!("ckpt-shm-{name}-"))
-            .tempdir()?;
-        let log = dir.path().join("log");
-        let root = spawn_workload(name, args, &log)?;
-        let pid = root.id();
-        Ok(Tree {
-            descendants: PidsGuard::default(),
-            root,
-            image: dir.path().join("img"),
-            log,
-            _dir: dir,
-            pid,
-            pids: vec![pid],
-        })
-    }
-
-    fn last_tick(&self) -> u64 {
-        last_tick(&self.log).unwrap_or(0)
-    }
-
-    /// Waits for tick 5 and for `procs` processes; guards them.
-    fn ready(&mut self, procs: usize) -> Result<()> {
-        wait_for_tick(&self.log, 5, WAIT)?;
-        ensure!(
-            wait_for(|| tree_pids(self.pid).len() == procs, WAIT),
-            "the tree of {} should have {procs} processes, it has {:?}",
-            self.pid,
-            tree_pids(self.pid)
-        );
-        self.pids = tree_pids(self.pid);
-        self.descendants.forget();
-        self.descendants = PidsGuard::new(self.pids.iter().copied().skip(1));
-        Ok(())
-    }
-
-    fn dump(&self, extra: &[&str]) -> Result<AgentRun> {
-        run_dump(agent(), self.pid, &self.image, extra, &[])
-    }
-
-    fn dump_and_kill(&mut self) -> Result<()> {
-        let run = self.dump(&[])?.ok()?;
-        expect_killed_by_dump(&run, &mut self.root, &self.descendants, &self.image, WAIT)
-    }
-
-    /// Kills the tree (after a `--leave-running` dump) and waits for its PIDs to
-    /// be free.
-    fn kill(&mut self) -> Result<()> {
-        self.descendants.kill_all();
-        self.root.kill();
-        // The children, reparented to us (a subreaper), are reaped here.
-        for &p in &self.pids {
-            ensure!(
-                wait_gone(p, WAIT),
-                "process {p} of the tree outlived its SIGKILL"
-            );
-        }
-        Ok(())
-    }
-
-    /// Restores with the original PIDs; checks the tree is back and untraced.
-    fn restore(&mut self) -> Result<()> {
-        let run = run_restore(agent(), &self.image, &[], &[])?;
-        if run.success() {
-            guard_restored(&run, &mut self.root);
-            self.descendants.rearm();
-        }
-        let run = run.ok()?;
-        let pid = last_line_pid(&run)?;
-        ensure!(
-            pid == self.pid,
-            "restore printed PID {pid}, not {}",
-            self.pid
-        );
-        for &p in &self.pids {
-            ensure!(is_alive(p), "process {p} is not running after the restore");
-            ensure_untraced(p, Duration::from_secs(5))?;
-        }
-        Ok(())
-    }
-
-    fn advance(&self, more: u64) -> Result<u64> {
-        wait_for_tick(&self.log, self.last_tick() + more, WAIT)
-    }
-
-    fn finish(&mut self) -> Result<Vec<Tick>> {
-        self.descendants.kill_all();
-        self.root.kill();
-        check_log(&self.log)
-    }
-
-    fn manifest(&self) -> Result<Image> {
-        Ok(codec::decode_image(&fs::read(
-            self.image.join("manifest.ckpt"),
-        )?)?)
-    }
-
-    /// After a `--leave-running` dump and a kill: the log cut back to what it held
-    /// at the freeze, as the image's check of it records (the tree wrote on
-    /// after the dump; the restored tree writes those ticks again).
-    fn cut_log_to_dump(&self) -> Result<()> {
-        let img = self.manifest()?;
-        let log = self.log.to_str().context("log path")?;
-        let check = img
-            .file_checks
-            .iter()
-            .find(|c| c.path == log)
-            .context("no file check of the log")?;
-        let f = fs::OpenOptions::new().write(true).open(&self.log)?;
-        f.set_len(check.size)?;
-        Ok(())
-    }
-}
 
 /// A name of our own under `/dev/shm`, removed when dropped.
 struct DevShm {
@@ -288,12 +153,12 @@ fn check_shm_mutex_restored(t: &Tree, shm: &DevShm) -> Result<()> {
 fn anonymous_and_dev_shm_memory_under_a_shared_mutex_come_back_shared() -> Result<()> {
     require_root!(Ok(()));
     let shm = DevShm::new("mutex");
-    let mut t = Tree::start("shm_mutex", &[&shm.name])?;
-    t.ready(2)?;
+    let mut t = Tree::start("shm", "shm_mutex", &[&shm.name])?;
+    t.ready(5, 2)?;
     t.dump_and_kill()?;
     check_shm_mutex_image(&t, &shm)?;
     let at_dump = t.last_tick();
-    t.restore()?;
+    t.restore_untraced()?;
     check_shm_mutex_restored(&t, &shm)?;
     t.advance(MORE)?;
     let ticks = t.finish()?;
@@ -306,11 +171,11 @@ fn anonymous_and_dev_shm_memory_under_a_shared_mutex_come_back_shared() -> Resul
 fn dev_shm_memory_is_made_again_when_its_file_is_gone() -> Result<()> {
     require_root!(Ok(()));
     let shm = DevShm::new("gone");
-    let mut t = Tree::start("shm_mutex", &[&shm.name])?;
-    t.ready(2)?;
+    let mut t = Tree::start("shm", "shm_mutex", &[&shm.name])?;
+    t.ready(5, 2)?;
     t.dump_and_kill()?;
     fs::remove_file(shm.path())?;
-    t.restore()?;
+    t.restore_untraced()?;
     check_shm_mutex_restored(&t, &shm)?;
     t.advance(MORE)?;
     check_totals(&t.finish()?)
@@ -323,14 +188,13 @@ fn dev_shm_memory_is_made_again_when_its_file_is_gone() -> Result<()> {
 fn dev_shm_memory_of_a_running_dump_comes_back_as_it_was_at_the_dump() -> Result<()> {
     require_root!(Ok(()));
     let shm = DevShm::new("running");
-    let mut t = Tree::start("shm_mutex", &[&shm.name])?;
-    t.ready(2)?;
+    let mut t = Tree::start("shm", "shm_mutex", &[&shm.name])?;
+    t.ready(5, 2)?;
     t.dump(&["--leave-running"])?.ok()?;
     t.advance(MORE)?;
     t.kill()?;
     let changed = fs::metadata(shm.path())?;
-    t.cut_log_to_dump()?;
-    t.restore()?;
+    t.restore_untraced()?;
     check_shm_mutex_restored(&t, &shm)?;
     {
         use std::os::unix::fs::MetadataExt;
@@ -354,8 +218,8 @@ fn sysv_round(low: u32, rmid: bool) -> Result<()> {
     } else {
         &[&key_arg]
     };
-    let mut t = Tree::start("sysv_pc", args)?;
-    t.ready(2)?;
+    let mut t = Tree::start("shm", "sysv_pc", args)?;
+    t.ready(5, 2)?;
     t.dump_and_kill()?;
     let json = inspect_json(agent(), &t.image)?;
     let shm = json["shared_memory"].as_array().context("shared_memory")?;
@@ -374,7 +238,7 @@ fn sysv_round(low: u32, rmid: bool) -> Result<()> {
     let shmid = shmid.as_u64().context("shmid")?;
     let seq_at = |ticks: &[Tick]| ticks.last().and_then(|t| t.num("seq")).unwrap_or(0);
     let before = seq_at(&check_log(&t.log)?);
-    t.restore()?;
+    t.restore_untraced()?;
     // Both processes attach the one segment, by its old id (the child twice).
     let attached = |pid: i32| -> Result<Vec<String>> {
         let maps = fs::read_to_string(format!("/proc/{pid}/maps"))?;
@@ -422,16 +286,15 @@ fn restore_refuses_a_system_v_segment_in_use() -> Result<()> {
     require_root!(Ok(()));
     let key = SysvKey(0x7e50_0000 | (std::process::id() & 0xfff) << 4 | 3);
     let key_arg = format!("{:#x}", key.0);
-    let mut t = Tree::start("sysv_pc", &[&key_arg])?;
-    t.ready(2)?;
+    let mut t = Tree::start("shm", "sysv_pc", &[&key_arg])?;
+    t.ready(5, 2)?;
     t.dump(&["--leave-running"])?.ok()?;
-    // Held still, with its log cut back to the dump's, so that the log's check
-    // is not what refuses the restore; in a new PID namespace, so that the PIDs
-    // are not either.
+    // Held still (the restore cuts its grown log back at the release, so the
+    // log's check does not refuse it); in a new PID namespace, so that the PIDs
+    // do not either.
     for &p in &t.pids {
         send_signal(p, libc::SIGSTOP)?;
     }
-    t.cut_log_to_dump()?;
     let run = run_restore(agent(), &t.image, &["--new-pid-ns"], &[]);
     for &p in &t.pids {
         send_signal(p, libc::SIGCONT)?;
@@ -468,8 +331,8 @@ fn deleted_files_and_sealed_memfds_come_back_with_their_content() -> Result<()> 
     require_root!(Ok(()));
     let work = tempfile::Builder::new().prefix("ckpt-deleted-").tempdir()?;
     let dir = work.path().to_str().context("dir")?.to_owned();
-    let mut t = Tree::start("memfd_deleted", &[&dir])?;
-    t.ready(1)?;
+    let mut t = Tree::start("shm", "memfd_deleted", &[&dir])?;
+    t.ready(5, 1)?;
     t.dump_and_kill()?;
     let json = inspect_json(agent(), &t.image)?;
     let objs = objects(&json)?;
@@ -486,7 +349,7 @@ fn deleted_files_and_sealed_memfds_come_back_with_their_content() -> Result<()> 
         );
     }
     let at_dump = t.last_tick();
-    t.restore()?;
+    t.restore_untraced()?;
     // The deleted files are deleted again, in the same directory, and nothing was
     // left there under a name.
     let left: Vec<_> = fs::read_dir(work.path())?.collect();

@@ -6,103 +6,17 @@
 //! Every test owns a temporary directory and guards that SIGKILL, by PID, every
 //! process it started or restored, even when it panics.
 
-use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context, Result};
-use ckpt_shared::codec;
 use ckpt_shared::image::{FileKind, Image};
-use ckpt_tests::ticks::check_log;
-use ckpt_tests::{
-    expect_killed_by_dump, guard_restored, is_alive, last_line_pid, last_tick, require_root,
-    run_dump, run_restore, send_signal, spawn_workload, tree_pids, wait_for, wait_for_tick,
-    PidsGuard, ProcGuard, Tick,
-};
-use tempfile::TempDir;
+use ckpt_tests::{is_alive, require_root, run_dump, send_signal, wait_for, wait_for_tick, Tick};
 
 mod common;
 use common::{agent, WAIT};
-
-/// A workload tree under test. Field order is drop order.
-struct Tree {
-    descendants: PidsGuard,
-    root: ProcGuard,
-    _dir: TempDir,
-    log: PathBuf,
-    image: PathBuf,
-    pid: i32,
-    pids: Vec<i32>,
-}
-
-impl Tree {
-    fn start(name: &str, args: &[&str]) -> Result<Tree> {
-        let dir = tempfile::Builder::new()
-            .prefix(&format!("ckpt-tty-{name}-"))
-            .tempdir()?;
-        let log = dir.path().join("log");
-        let root = spawn_workload(name, args, &log)?;
-        let pid = root.id();
-        Ok(Tree {
-            descendants: PidsGuard::default(),
-            root,
-            image: dir.path().join("img"),
-            log,
-            _dir: dir,
-            pid,
-            pids: vec![pid],
-        })
-    }
-
-    /// Waits for tick `n` and `procs` processes; guards them.
-    fn ready(&mut self, n: u64, procs: usize) -> Result<()> {
-        wait_for_tick(&self.log, n, WAIT)?;
-        ensure!(
-            wait_for(|| tree_pids(self.pid).len() == procs, WAIT),
-            "the tree of {} should have {procs} processes, it has {:?}",
-            self.pid,
-            tree_pids(self.pid)
-        );
-        self.pids = tree_pids(self.pid);
-        self.descendants.forget();
-        self.descendants = PidsGuard::new(self.pids.iter().copied().skip(1));
-        Ok(())
-    }
-
-    fn dump_and_kill(&mut self) -> Result<()> {
-        let run = run_dump(agent(), self.pid, &self.image, &[], &[])?.ok()?;
-        expect_killed_by_dump(&run, &mut self.root, &self.descendants, &self.image, WAIT)
-    }
-
-    fn restore(&mut self) -> Result<()> {
-        let run = run_restore(agent(), &self.image, &[], &[])?;
-        if run.success() {
-            guard_restored(&run, &mut self.root);
-            self.descendants.rearm();
-        }
-        let run = run.ok()?;
-        let pid = last_line_pid(&run)?;
-        ensure!(pid == self.pid, "restored root {pid}, dumped {}", self.pid);
-        for &p in &self.pids {
-            ensure!(is_alive(p), "process {p} is not running after the restore");
-        }
-        Ok(())
-    }
-
-    fn manifest(&self) -> Result<Image> {
-        let bytes = std::fs::read(self.image.join("manifest.ckpt"))?;
-        Ok(codec::decode_image(&bytes)?)
-    }
-
-    fn last_tick(&self) -> u64 {
-        last_tick(&self.log).unwrap_or(0)
-    }
-
-    fn finish(&mut self) -> Result<Vec<Tick>> {
-        self.descendants.kill_all();
-        self.root.kill();
-        check_log(&self.log)
-    }
-}
+#[path = "common/tree.rs"]
+mod tree;
+use tree::Tree;
 
 fn num(t: &Tick, key: &str) -> Result<u64> {
     t.num(key)
@@ -117,7 +31,7 @@ fn num(t: &Tick, key: &str) -> Result<u64> {
 fn eventfd_timerfd_and_signalfd_under_epoll_keep_counting_after_a_restore() -> Result<()> {
     require_root!(Ok(()));
     const INTERVAL_MS: u64 = 10;
-    let mut t = Tree::start("anon_fds", &["10"])?;
+    let mut t = Tree::start("tty", "anon_fds", &["10"])?;
     t.ready(5, 1)?;
     let away = Instant::now();
     t.dump_and_kill()?;
@@ -284,7 +198,7 @@ fn check_pty_image(img: &Image, child: i32) -> Result<(usize, usize)> {
 #[test]
 fn a_pty_pair_with_data_queued_both_ways_survives_a_running_dump_and_a_restore() -> Result<()> {
     require_root!(Ok(()));
-    let mut t = Tree::start("pty_pair", &[])?;
+    let mut t = Tree::start("tty", "pty_pair", &[])?;
     t.ready(3, 2)?;
     let child = t.pids[1];
     // Each side reads once a second, and a tick is printed right after the
@@ -373,5 +287,27 @@ fn a_terminal_whose_master_is_outside_the_tree_is_refused_beyond_stdio() -> Resu
         "a refused dump left a manifest"
     );
     root.kill();
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------
+// Shared descriptions among many descriptors of one inode.
+// ---------------------------------------------------------------------------
+
+/// Every eventfd, epoll, timerfd and signalfd shares one anonymous inode, so the
+/// dump finds a duplicate's description by a search among all of them (in the
+/// kernel's kcmp order): 64 eventfds, every 3rd one duplicated, must come back
+/// with each duplicate still the same description as its original.
+#[test]
+fn duplicates_among_many_eventfds_stay_one_description() -> Result<()> {
+    require_root!(Ok(()));
+    let mut t = Tree::start("tty", "eventfd_dups.py", &["64"])?;
+    t.ready(5, 1)?;
+    t.dump_and_kill()?;
+    let before = t.last_tick();
+    t.restore()?;
+    t.advance(20)?;
+    let ticks = t.finish()?;
+    ensure!(ticks.len() as u64 >= before + 20, "{} ticks", ticks.len());
     Ok(())
 }

@@ -161,9 +161,6 @@ pub struct FdTable {
     /// What the socket diagnostics say of every UNIX socket, read once at the
     /// first UNIX socket of the dump (the tree is frozen: its sockets hold still).
     pub unix_diag: Option<HashMap<u64, crate::sys::unix::Diag>>,
-    /// Where [`FdTable::shared_with`] found the descriptor it was asked about
-    /// goes among its inode's files: (pid, fd, position).
-    place: Option<(pid_t, RawFd, usize)>,
     /// Pipe inodes → (seen a read end, seen a write end, is a FIFO).
     pipes: HashMap<u64, (bool, bool)>,
     /// Regular files behind descriptors (for the restore check).
@@ -237,9 +234,9 @@ impl FdTable {
             let cloexec = flags & libc::O_CLOEXEC as u32 != 0;
             let flags = flags & !(libc::O_CLOEXEC as u32);
             // Already seen this description (dup, fork)?
-            let file = match self.shared_with(pid, fd, &meta)? {
-                Some(i) => i,
-                None => {
+            let file = match self.search(pid, fd, &meta)? {
+                Ok(i) => i,
+                Err(at) => {
                     let mut seen = kind::Seen {
                         pid,
                         fd,
@@ -251,25 +248,12 @@ impl FdTable {
                         sock: &mut sock,
                     };
                     let kind = kind::dump(self, &mut seen)?;
-                    self.add(pid, fd, &meta, flags, kind)?
+                    self.add(at, pid, fd, &meta, flags, kind)
                 }
             };
             out.push(Fd { fd, cloexec, file });
         }
         Ok(out)
-    }
-
-    /// The file already found that descriptor `fd` of `pid` shares its
-    /// description with, if any.
-    fn shared_with(&mut self, pid: pid_t, fd: RawFd, meta: &Meta) -> Result<Option<u32>, FdError> {
-        match self.search(pid, fd, meta)? {
-            Ok(id) => Ok(Some(id)),
-            Err(at) => {
-                // Where it goes, for the `add` that follows (no second search).
-                self.place = Some((pid, fd, at));
-                Ok(None)
-            }
-        }
     }
 
     /// Binary search of `fd` of `pid` among the files of its inode, in kcmp
@@ -291,22 +275,18 @@ impl FdTable {
         Ok(Err(lo))
     }
 
-    /// A new file, with descriptor `fd` of `pid` as its representative.
+    /// A new file, with descriptor `fd` of `pid` as its representative, at
+    /// place `at` among its inode's files (from [`FdTable::search`]: no kind adds
+    /// a file while the descriptor is classified, so the place still holds).
     fn add(
         &mut self,
+        at: usize,
         pid: pid_t,
         fd: RawFd,
         meta: &Meta,
         flags: u32,
         kind: FileKind,
-    ) -> Result<u32, FdError> {
-        let at = match self.place.take() {
-            Some((p, f, at)) if (p, f) == (pid, fd) => at,
-            _ => match self.search(pid, fd, meta)? {
-                Err(at) => at,
-                Ok(id) => return Ok(id),
-            },
-        };
+    ) -> u32 {
         let id = self.files.len() as u32;
         self.files.push(OpenFile { id, flags, kind });
         self.reps.push((pid, fd, meta.dev, meta.ino));
@@ -314,7 +294,7 @@ impl FdTable {
             .entry((meta.dev, meta.ino))
             .or_default()
             .insert(at, id);
-        Ok(id)
+        id
     }
 
     /// Each TCP socket found so far, as (process, descriptor).

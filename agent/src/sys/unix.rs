@@ -42,19 +42,7 @@ pub struct Diag {
 /// dump instead of one query per socket (the kernel finds a socket by inode by
 /// walking all of them, so a query each is quadratic in a tree of thousands).
 pub fn diag_all() -> io::Result<std::collections::HashMap<u64, Diag>> {
-    // SAFETY: socket(2) with plain arguments.
-    let raw = unsafe {
-        libc::socket(
-            libc::AF_NETLINK,
-            libc::SOCK_DGRAM | libc::SOCK_CLOEXEC,
-            NETLINK_SOCK_DIAG,
-        )
-    };
-    if raw < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: a fresh descriptor we own.
-    let nl = unsafe { OwnedFd::from_raw_fd(raw) };
+    let nl = diag_socket()?;
     let mut req = request(0);
     let flags = (libc::NLM_F_REQUEST | libc::NLM_F_DUMP) as u16;
     req[6..8].copy_from_slice(&flags.to_ne_bytes());
@@ -81,6 +69,24 @@ pub fn diag_all() -> io::Result<std::collections::HashMap<u64, Diag>> {
     }
 }
 
+/// A `NETLINK_SOCK_DIAG` socket.
+fn diag_socket() -> io::Result<OwnedFd> {
+    // SAFETY: socket(2) with plain arguments.
+    let raw = unsafe {
+        libc::socket(
+            libc::AF_NETLINK,
+            libc::SOCK_DGRAM | libc::SOCK_CLOEXEC,
+            NETLINK_SOCK_DIAG,
+        )
+    };
+    if raw < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: a fresh descriptor we own.
+    let nl = unsafe { OwnedFd::from_raw_fd(raw) };
+    Ok(nl)
+}
+
 /// `struct nlmsghdr` (16) + `struct unix_diag_req` (24) for socket `ino` (0: all).
 fn request(ino: u64) -> [u8; 40] {
     let mut req = [0u8; 40];
@@ -97,19 +103,7 @@ fn request(ino: u64) -> [u8; 40] {
 
 /// The diagnostics of the UNIX socket of inode `ino`, in our network namespace.
 pub fn diag(ino: u64) -> io::Result<Diag> {
-    // SAFETY: socket(2) with plain arguments.
-    let raw = unsafe {
-        libc::socket(
-            libc::AF_NETLINK,
-            libc::SOCK_DGRAM | libc::SOCK_CLOEXEC,
-            NETLINK_SOCK_DIAG,
-        )
-    };
-    if raw < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: a fresh descriptor we own.
-    let nl = unsafe { OwnedFd::from_raw_fd(raw) };
+    let nl = diag_socket()?;
     let req = request(ino);
     super::socket::send(nl.as_raw_fd(), &req, 0)?;
     let mut buf = vec![0u8; 8192];
